@@ -11,12 +11,12 @@ from jax.experimental.pallas import triton as plgpu
 
 
 def compiler_params(num_warps: int, num_stages: int):
-  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 @contextlib.contextmanager
 def quiet():
-  """Ignore the Pallas-Triton deprecation warnings raised while tracing or lowering our kernels."""
-  with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*[Tt]riton.*")
-    yield
+    """Ignore the Pallas-Triton deprecation warnings raised while tracing or lowering our kernels."""
+        with warnings.catch_warnings():
+      warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*[Tt]riton.*")
+      yield
