@@ -17,6 +17,6 @@ def compiler_params(num_warps: int, num_stages: int):
 @contextlib.contextmanager
 def quiet():
     """Ignore the Pallas-Triton deprecation warnings raised while tracing or lowering our kernels."""
-        with warnings.catch_warnings():
-      warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*[Tt]riton.*")
-      yield
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*[Tt]riton.*")
+        yield
