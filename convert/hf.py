@@ -1,0 +1,224 @@
+"""Hugging Face Llama directory -> jllm params (and our checkpoint on disk).
+
+Reads `config.json` and `model.safetensors`, sharded `*.safetensors` with
+`model.safetensors.index.json`, or `pytorch_model*.bin` (needs torch). Every tensor is mapped
+through one key table, its shape checked against the model's declaration, and nothing unknown,
+missing or duplicated passes silently.
+"""
+import json
+import os
+import re
+import sys
+import warnings
+
+import ml_dtypes
+import numpy as np
+
+from jllm import checkpoint
+from jllm.config import LlamaConfig
+from jllm.model import param_infos
+
+# Our name -> (HF name, transpose). HF stores linear weights as [out, in]; ours are [in, out] so
+# every matmul is `x @ w`. Layer weights sit under "model.layers.{i}.".
+LAYER_KEYS: dict[str, tuple[str, bool]] = {
+    "attention_norm": ("input_layernorm.weight", False),
+    "wq": ("self_attn.q_proj.weight", True),
+    "wk": ("self_attn.k_proj.weight", True),
+    "wv": ("self_attn.v_proj.weight", True),
+    "wo": ("self_attn.o_proj.weight", True),
+    "ffn_norm": ("post_attention_layernorm.weight", False),
+    "w1": ("mlp.gate_proj.weight", True),
+    "w3": ("mlp.up_proj.weight", True),
+    "w2": ("mlp.down_proj.weight", True),
+}
+TOP_KEYS: dict[str, tuple[str, bool]] = {
+    "tok_embeddings": ("model.embed_tokens.weight", False),
+    "norm": ("model.norm.weight", False),
+    "output": ("lm_head.weight", True),
+}
+# Buffers some checkpoints carry that hold nothing we need.
+IGNORED = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
+
+
+def hf_key(name: str) -> tuple[str, bool]:
+    """Our flat name -> (the HF tensor name, whether HF stores it transposed)."""
+    if name.startswith("layers."):
+        _, i, short = name.split(".")
+        key, transpose = LAYER_KEYS[short]
+        return f"model.layers.{i}.{key}", transpose
+    return TOP_KEYS[name]
+
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
+
+
+def hf_rope_to_jllm(w: np.ndarray) -> np.ndarray:
+    """HF q/k projections already use the rotate-half RoPE layout that jllm uses, so this is the
+    identity. (Meta's original checkpoints interleave pairs; HF's converter permuted them once.)"""
+    return w
+
+
+def key_map(cfg: LlamaConfig) -> dict[str, tuple[str, bool]]:
+    """HF name -> (our name, transpose) for every weight of this config."""
+    return {hf_key(name)[0]: (name, hf_key(name)[1]) for name in param_infos(cfg)}
+
+
+def jllm_name(key: str, cfg: LlamaConfig, keys: dict | None = None) -> tuple[str | None, bool]:
+    """Our name for an HF key and whether to transpose; (None, False) for keys we skip."""
+    keys = keys or key_map(cfg)
+    if key in keys:
+        return keys[key]
+    if key == TOP_KEYS["output"][0] and cfg.tie_embeddings:
+        return None, False  # tied: lm_head repeats embed_tokens
+    if any(re.fullmatch(p, key) for p in IGNORED):
+        return None, False
+    raise ValueError(f"unexpected tensor {key!r} in the checkpoint: not a weight of {cfg}")
+
+
+def convert_weight(key: str, value: np.ndarray, cfg: LlamaConfig, dtype,
+                   keys: dict | None = None) -> tuple[str, np.ndarray] | None:
+    """One HF tensor -> (our name, array in `dtype` and our layout), checking its shape."""
+    name, transpose = jllm_name(key, cfg, keys)
+    if name is None:
+        return None
+    infos = param_infos(cfg)
+    w = value.T if transpose else value
+    if name.endswith((".wq", ".wk")):
+        w = hf_rope_to_jllm(w)
+    if tuple(w.shape) != infos[name].shape:
+        raise ValueError(f"tensor {key!r} has shape {tuple(value.shape)}; expected "
+                         f"{infos[name].shape[::-1] if transpose else infos[name].shape} for {cfg}")
+    return name, np.ascontiguousarray(w.astype(dtype))
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Memory-map a .safetensors file (header: 8-byte length, JSON; then raw little-endian data)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+        out = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            if info["dtype"] not in _ST_DTYPES:
+                raise ValueError(f"tensor {key!r} has dtype {info['dtype']}; expected one of {sorted(_ST_DTYPES)}")
+            start, end = info["data_offsets"]
+            out[key] = data[start:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+        return out
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read safetensors file {path!r}: {e}") from None
+
+
+def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(f"{path!r} is a PyTorch checkpoint; install torch to convert it") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file
+        raise ValueError(f"cannot read PyTorch checkpoint {path!r}: {e}") from None
+    out = {}
+    for key, t in state.items():
+        if t.dtype == torch.bfloat16:
+            out[key] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        else:
+            out[key] = t.float().numpy() if t.dtype not in (torch.float16, torch.float32) else t.numpy()
+    return out
+
+
+def weight_files(hf_dir: str) -> list[str]:
+    """The checkpoint's weight files, in the order the index or the directory gives them."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index_path = os.path.join(hf_dir, index)
+        if os.path.isfile(index_path):
+            try:
+                with open(index_path) as f:
+                    files = sorted(set(json.load(f)["weight_map"].values()))
+            except (OSError, KeyError, json.JSONDecodeError) as e:
+                raise ValueError(f"cannot read {index_path!r}: {e}") from None
+            missing = [p for p in files if not os.path.isfile(os.path.join(hf_dir, p))]
+            if missing:
+                raise ValueError(f"{index_path!r} lists weight files that are missing: {missing}")
+            return [os.path.join(hf_dir, p) for p in files]
+        if os.path.isfile(os.path.join(hf_dir, single)):
+            return [os.path.join(hf_dir, single)]
+    raise ValueError(f"no weights in {hf_dir!r}: expected model.safetensors, sharded *.safetensors "
+                     f"with model.safetensors.index.json, or pytorch_model*.bin")
+
+
+def read_config(hf_dir: str) -> LlamaConfig:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isdir(hf_dir):
+        raise FileNotFoundError(f"Hugging Face directory {hf_dir!r} does not exist")
+    try:
+        with open(path) as f:
+            return LlamaConfig.from_hf(json.load(f))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path!r}: {e}") from None
+
+
+class Progress:
+    """A one-line counter on a terminal; a line per tenth of the work when stderr is a file."""
+
+    def __init__(self, total: int, what: str):
+        self.total, self.what, self.tty, self.shown = total, what, sys.stderr.isatty(), -1
+
+    def __call__(self, done: int, note: str = "") -> None:
+        tenth = 10 * done // max(self.total, 1)
+        if self.tty:
+            print(f"\r{self.what}: {done}/{self.total} {note}\033[K", end="", file=sys.stderr, flush=True)
+        elif tenth > self.shown:
+            print(f"{self.what}: {done}/{self.total} {note}", file=sys.stderr, flush=True)
+        self.shown = tenth
+        if done == self.total and self.tty:
+            print(file=sys.stderr)
+
+
+def load_hf(hf_dir: str | os.PathLike, dtype="bfloat16", progress: bool = True,
+            ) -> tuple[LlamaConfig, dict[str, np.ndarray], str | None]:
+    """Read an HF Llama directory -> (config, flat params as numpy, tokenizer.model path or None)."""
+    hf_dir = os.fspath(hf_dir)
+    cfg = read_config(hf_dir)
+    dtype = checkpoint.parse_dtype(dtype)
+    infos, keys = param_infos(cfg), key_map(cfg)
+    flat: dict[str, np.ndarray] = {}
+    files = weight_files(hf_dir)
+    show = Progress(len(infos), "converting tensors") if progress else None
+    for n_file, path in enumerate(files):
+        tensors = _read_safetensors(path) if path.endswith(".safetensors") else _read_torch_bin(path)
+        for key, value in tensors.items():
+            converted = convert_weight(key, value, cfg, dtype, keys)
+            if converted is None:
+                continue
+            name, w = converted
+            if name in flat:
+                raise ValueError(f"tensor {key!r} appears twice (again in {os.path.basename(path)})")
+            flat[name] = w
+            if show:
+                show(len(flat), f"({os.path.basename(path)}, file {n_file + 1}/{len(files)})")
+    missing = [k for k in infos if k not in flat]
+    if missing:
+        raise ValueError(f"the checkpoint lacks {len(missing)} tensors jllm needs, e.g. {missing[:5]}")
+    tok = os.path.join(hf_dir, "tokenizer.model")
+    if not os.path.isfile(tok):
+        warnings.warn(f"{hf_dir!r} has no tokenizer.model: the model will take and return token ids")
+        tok = None
+    return cfg, {k: flat[k] for k in infos}, tok
+
+
+def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "bfloat16",
+            overwrite: bool = False, progress: bool = True) -> LlamaConfig:
+    """Convert an HF Llama directory into a jllm checkpoint at out_dir (written atomically)."""
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; choose a new directory or pass --overwrite")
+    cfg, flat, tok = load_hf(hf_dir, dtype, progress=progress)
+    if progress:
+        print(f"writing {out_dir}", file=sys.stderr)
+    checkpoint.save(out_dir, flat, cfg, dtype=checkpoint.dtype_name(checkpoint.parse_dtype(dtype)),
+                    tokenizer=tok, overwrite=overwrite)
+    return cfg

@@ -1,0 +1,53 @@
+"""jllm: Llama-2 inference in JAX.
+
+    model = jllm.load("path/to/checkpoint")          # ours, or a Hugging Face Llama directory
+    [result] = jllm.generate(model, "Once upon a time", max_new_tokens=64)
+"""
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from jllm import checkpoint, runtime
+from jllm.config import CONFIGS, LlamaConfig
+from jllm.generate import Completion, Model, generate
+from jllm.model import from_flat, param_infos
+from jllm.tokenizer import Tokenizer
+
+__all__ = ["CONFIGS", "Completion", "LlamaConfig", "Model", "generate", "load"]
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load(path: str | os.PathLike, dtype: str | None = None, *, attn_impl: str | None = None,
+         matmul_impl: str | None = None, progress: bool = True) -> Model:
+    """Load a jllm checkpoint, or convert a Hugging Face Llama directory in memory.
+
+    dtype: "bfloat16" | "float16" | "float32" (default: the checkpoint's). attn_impl/matmul_impl:
+    "xla" | "pallas" (default: pallas on GPU, xla elsewhere).
+    """
+    runtime.enable_compilation_cache()
+    path = os.fspath(path)
+    say = _say if progress else None
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    tok_path = os.path.join(path, "tokenizer.model")
+    if not os.path.isfile(os.path.join(path, checkpoint.META)) and os.path.isfile(os.path.join(path, "config.json")):
+        from convert import hf  # the converter depends on jllm; imported only for HF directories
+        cfg, flat, tok_path = hf.load_hf(path, dtype or "bfloat16", progress=progress)
+        params = from_flat({k: jnp.asarray(v) for k, v in flat.items()}, cfg)
+    else:
+        cfg, meta = checkpoint.read_meta(path)
+        dt = checkpoint.parse_dtype(dtype, default=meta["dtype"])
+        target = {name: jax.ShapeDtypeStruct(info.shape, dt) for name, info in param_infos(cfg).items()}
+        params = from_flat(checkpoint.restore(path, target, progress=say), cfg)
+    tokenizer = Tokenizer(tok_path) if tok_path and os.path.isfile(tok_path) else None
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer.model has {tokenizer.vocab_size} pieces but the model's "
+                         f"vocab_size is {cfg.vocab_size}")
+    return Model(params=params, cfg=cfg, tokenizer=tokenizer,
+                 attn_impl=attn_impl or runtime.default_attn_impl(),
+                 matmul_impl=matmul_impl or runtime.default_matmul_impl())

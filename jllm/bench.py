@@ -1,0 +1,217 @@
+"""Benchmark with random weights of any named config: compile time, TTFT, TPOT, tokens/s, MBU, MFU.
+
+Decode is timed as one on-device loop of `new_tokens` steps (the `decode` op `generate` uses), so
+the figure is the engine's, not Python's. MBU counts the bytes a step must read: every weight but
+the embedding table (one row of it), the output projection whole, and the KV cache up to the
+average context; MFU counts 2 FLOPs per weight per token plus causal attention.
+"""
+import dataclasses
+import functools
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jllm import runtime
+from jllm.config import LlamaConfig
+from jllm.generate import bucket, decode, prefill
+from jllm.model import init_cache, init_params, param_infos
+from jllm.sampling import Sampling
+
+
+@dataclasses.dataclass
+class BenchResult:
+    config: str
+    device: str
+    jax_version: str
+    dtype: str
+    attn_impl: str
+    matmul_impl: str
+    batch: int
+    prompt_len: int
+    new_tokens: int
+    cache_len: int
+    compile_cold_s: float
+    compile_warm_s: float
+    ttft_ms: float
+    tpot_ms: float
+    decode_tok_s_per_seq: float
+    decode_tok_s_total: float
+    prefill_tok_s: float
+    mbu: float
+    mfu_prefill: float
+    bandwidth_tb_s: float
+    peak_tflops: float
+    weight_gb: float
+    peak_memory_gb: float | None
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure_bandwidth() -> float:
+    """Read bandwidth in TB/s: a sum over a buffer well past the caches (2 GiB on GPU)."""
+    n = (1 << 30) if jax.default_backend() == "gpu" else (1 << 26)
+    x = jnp.ones((n,), jnp.bfloat16)
+    f = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+    f(x).block_until_ready()
+    t = _median_time(lambda: f(x), 20)
+    return x.nbytes / t / 1e12
+
+
+def measure_peak_tflops() -> float:
+    n = 8192 if jax.default_backend() == "gpu" else 1024
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    return 2 * n ** 3 / _median_time(lambda: f(a), 10) / 1e12
+
+
+def step_bytes(cfg: LlamaConfig, itemsize: int, batch: int, context: float) -> float:
+    """Bytes one decode step must read: weights (one embedding row each) plus the KV cache."""
+    infos = param_infos(cfg)
+    weights = sum(np.prod(i.shape) for n, i in infos.items() if n != "tok_embeddings") * itemsize
+    weights += batch * cfg.dim * itemsize
+    if cfg.tie_embeddings:  # the output projection reads the embedding table whole
+        weights += cfg.vocab_size * cfg.dim * itemsize
+    kv = 2 * cfg.n_layers * batch * context * cfg.n_kv_heads * cfg.head_dim * itemsize
+    return weights + kv
+
+
+def prefill_flops(cfg: LlamaConfig, batch: int, prompt_len: int) -> float:
+    infos = param_infos(cfg)
+    matmul = sum(np.prod(i.shape) for n, i in infos.items() if len(i.shape) == 2 and n != "tok_embeddings")
+    if cfg.tie_embeddings:
+        matmul += cfg.vocab_size * cfg.dim
+    # The output projection runs for one position per row; causal attention is half of T x T.
+    matmul_flops = 2 * (matmul - cfg.dim * cfg.vocab_size) * batch * prompt_len + 2 * cfg.dim * cfg.vocab_size * batch
+    attn_flops = 2 * 2 * batch * cfg.n_layers * cfg.n_heads * cfg.head_dim * prompt_len ** 2 / 2
+    return matmul_flops + attn_flops
+
+
+def random_params(cfg: LlamaConfig, name: str, dtype: str = "bfloat16", seed: int = 0):
+    """Random weights made on the device (no host copy), for benchmarks."""
+    _say(f"initializing random {name} weights ({dtype}) on {jax.devices()[0].device_kind}")
+    params = jax.jit(init_params, static_argnums=(0, 2))(cfg, jax.random.key(seed), jnp.dtype(dtype))
+    return jax.block_until_ready(params)
+
+
+def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1, prompt_len: int = 128,
+        new_tokens: int = 128, attn_impl: str | None = None, matmul_impl: str | None = None,
+        bandwidth: float | None = None, peak_tflops: float | None = None, params=None,
+        seed: int = 0, warm_compile: bool = True) -> BenchResult:
+    """Benchmark prefill and decode of `cfg` (random weights unless `params` is given)."""
+    attn_impl = attn_impl or runtime.default_attn_impl()
+    matmul_impl = matmul_impl or runtime.default_matmul_impl()
+    dt = jnp.dtype(dtype)
+    if params is None:
+        params = random_params(cfg, name, dtype, seed)
+    T = min(bucket(prompt_len), cfg.max_seq_len)
+    S = min(bucket(T + new_tokens), cfg.max_seq_len)
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (batch, T)), jnp.int32)
+    n_tokens = jnp.full((batch,), prompt_len, jnp.int32)
+    sampling = Sampling.make(batch)
+    kw = dict(cfg=cfg, attn_impl=attn_impl, matmul_impl=matmul_impl)
+    new_cache = functools.partial(init_cache, cfg, batch, S, dt)
+    key = jax.random.key(seed)
+    token0 = jnp.zeros((batch,), jnp.int32)
+
+    def compile_all():
+        t = time.perf_counter()
+        p = prefill.lower(params, tokens, n_tokens, jax.eval_shape(new_cache), sampling, key, **kw).compile()
+        d = decode.lower(params, token0, jax.eval_shape(new_cache), sampling, key,
+                         n_steps=new_tokens, **kw).compile()
+        return p, d, time.perf_counter() - t
+
+    _say(f"compiling prefill [{batch}, {T}] and decode ({new_tokens} steps, cache {S})")
+    p_fn, d_fn, cold = compile_all()
+    warm = float("nan")
+    if warm_compile:
+        jax.clear_caches()  # the second compile is served by the persistent compilation cache
+        p_fn, d_fn, warm = compile_all()
+    _say(f"compile: cold {cold:.1f} s, warm {warm:.1f} s")
+
+    def run_prefill():
+        return p_fn(params, tokens, n_tokens, new_cache(), sampling, key)
+
+    jax.block_until_ready(run_prefill())
+    ttft = _median_time(run_prefill, 10 if jax.default_backend() == "gpu" else 3)
+    token, cache, key2 = run_prefill()
+    jax.block_until_ready(cache)
+    # Time decode from the same prefilled state each time (the cache is donated: copy it first).
+    decode_times = []
+    for _ in range(3):
+        c = jax.tree.map(jnp.copy, cache)
+        jax.block_until_ready(c)
+        t = time.perf_counter()
+        out, c, _ = d_fn(params, token, c, sampling, key2)
+        jax.block_until_ready(out)
+        decode_times.append(time.perf_counter() - t)
+        del c
+    tpot = min(decode_times) / new_tokens
+    bw = bandwidth or measure_bandwidth()
+    peak = peak_tflops or measure_peak_tflops()
+    item = dt.itemsize
+    mbu = step_bytes(cfg, item, batch, prompt_len + new_tokens / 2) / tpot / (bw * 1e12)
+    mfu = prefill_flops(cfg, batch, prompt_len) / ttft / (peak * 1e12)
+    stats = jax.devices()[0].memory_stats() or {}
+    weight_gb = sum(x.nbytes for x in jax.tree.leaves(params)) / 1e9
+    return BenchResult(
+        config=name, device=jax.devices()[0].device_kind, jax_version=jax.__version__, dtype=dtype,
+        attn_impl=attn_impl, matmul_impl=matmul_impl, batch=batch, prompt_len=prompt_len,
+        new_tokens=new_tokens, cache_len=S, compile_cold_s=cold, compile_warm_s=warm,
+        ttft_ms=ttft * 1e3, tpot_ms=tpot * 1e3, decode_tok_s_per_seq=1 / tpot,
+        decode_tok_s_total=batch / tpot, prefill_tok_s=batch * prompt_len / ttft, mbu=mbu,
+        mfu_prefill=mfu, bandwidth_tb_s=bw, peak_tflops=peak, weight_gb=weight_gb,
+        peak_memory_gb=stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats else None)
+
+
+def format_table(results: list[BenchResult]) -> str:
+    head = (f"{'config':<12} {'dtype':<8} {'attn':<6} {'B':>3} {'P':>5} {'N':>4} {'TTFT ms':>8} "
+            f"{'TPOT ms':>8} {'tok/s/seq':>9} {'tok/s':>8} {'MBU':>5} {'MFU':>5} {'compile s':>11}")
+    lines = [head]
+    for r in results:
+        lines.append(f"{r.config:<12} {r.dtype:<8} {r.attn_impl:<6} {r.batch:>3} {r.prompt_len:>5} "
+                     f"{r.new_tokens:>4} {r.ttft_ms:>8.2f} {r.tpot_ms:>8.3f} {r.decode_tok_s_per_seq:>9.1f} "
+                     f"{r.decode_tok_s_total:>8.1f} {r.mbu:>5.0%} {r.mfu_prefill:>5.0%} "
+                     f"{r.compile_cold_s:>5.1f}/{r.compile_warm_s:<5.1f}")
+    return "\n".join(lines)
+
+
+def plot(results: list[BenchResult], path: str) -> None:
+    """Decode tokens/s (aggregate and per sequence) against batch size, one line per setting."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    groups: dict[str, list[BenchResult]] = {}
+    for r in results:
+        groups.setdefault(f"{r.config} {r.dtype} {r.attn_impl} P={r.prompt_len}", []).append(r)
+    for label, rs in groups.items():
+        rs.sort(key=lambda r: r.batch)
+        axes[0].plot([r.batch for r in rs], [r.decode_tok_s_total for r in rs], "o-", label=label)
+        axes[1].plot([r.batch for r in rs], [r.decode_tok_s_per_seq for r in rs], "o-", label=label)
+    for ax, title in zip(axes, ("aggregate decode tokens/s", "decode tokens/s per sequence")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"jllm decode on {results[0].device} (jax {results[0].jax_version})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -1,0 +1,241 @@
+"""Llama-2 as pure functions over a params pytree.
+
+Dimension key: B batch, T new tokens, S cache length, D dim, H query heads, G kv heads,
+R = H // G query heads per kv head, K head dim, F ffn dim, V vocab, L layers.
+
+Layers are a Python list (as in gemma v1), not a stack run by `lax.scan`: each layer's weights and
+KV cache are then separate buffers that the decode step reads and updates in place, where a scanned
+stack slices them per layer and XLA may copy the slice. Compile time grows with depth (about linearly);
+the persistent compilation cache makes the second start fast.
+
+RoPE uses the Hugging Face "rotate half" layout (the two halves of each head are the real and
+imaginary parts), so HF checkpoints load without permuting wq/wk; Meta's original checkpoints use
+interleaved pairs and would need the permutation instead.
+"""
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from jllm import quant
+from jllm.config import LlamaConfig
+
+AttnImpl = Literal["xla", "pallas"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+    """One weight's declaration: init, sharding and the converter's shape checks all read this."""
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]  # logical axis names, mapped to a mesh by sharding/rules.py
+    init: Literal["normal", "ones"] = "normal"
+
+
+def layer_infos(cfg: LlamaConfig) -> dict[str, ParamInfo]:
+    D, H, G, K, F = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+    return {
+        "attention_norm": ParamInfo((D,), ("embed",), "ones"),
+        "wq": ParamInfo((D, H * K), ("embed", "heads")),
+        "wk": ParamInfo((D, G * K), ("embed", "kv_heads")),
+        "wv": ParamInfo((D, G * K), ("embed", "kv_heads")),
+        "wo": ParamInfo((H * K, D), ("heads", "embed")),
+        "ffn_norm": ParamInfo((D,), ("embed",), "ones"),
+        "w1": ParamInfo((D, F), ("embed", "ffn")),  # gate
+        "w3": ParamInfo((D, F), ("embed", "ffn")),  # up
+        "w2": ParamInfo((F, D), ("ffn", "embed")),  # down
+    }
+
+
+def param_infos(cfg: LlamaConfig) -> dict[str, ParamInfo]:
+    """Every weight by its flat name ("layers.3.wq"), in checkpoint order."""
+    infos = {"tok_embeddings": ParamInfo((cfg.vocab_size, cfg.dim), ("vocab", "embed"))}
+    for i in range(cfg.n_layers):
+        infos.update({f"layers.{i}.{k}": v for k, v in layer_infos(cfg).items()})
+    infos["norm"] = ParamInfo((cfg.dim,), ("embed",), "ones")
+    if not cfg.tie_embeddings:
+        infos["output"] = ParamInfo((cfg.dim, cfg.vocab_size), ("embed", "vocab"))
+    return infos
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Layer:
+    attention_norm: jax.Array  # [D]
+    wq: jax.Array              # [D, H*K]
+    wk: jax.Array              # [D, G*K]
+    wv: jax.Array              # [D, G*K]
+    wo: jax.Array              # [H*K, D]
+    ffn_norm: jax.Array        # [D]
+    w1: jax.Array              # [D, F]
+    w2: jax.Array              # [F, D]
+    w3: jax.Array              # [D, F]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Params:
+    tok_embeddings: jax.Array   # [V, D]
+    layers: list[Layer]
+    norm: jax.Array             # [D]
+    output: jax.Array | None    # [D, V]; None when tied to tok_embeddings
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Static KV cache. One buffer per layer so each is updated in place by the donated step."""
+    k: list[jax.Array]   # L x [B, S, G, K]
+    v: list[jax.Array]   # L x [B, S, G, K]
+    lengths: jax.Array   # [B] int32, tokens already cached per row
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
+    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return KVCache(k=[jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
+                   v=[jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
+                   lengths=jnp.zeros((batch,), jnp.int32))
+
+
+def to_flat(params: Params) -> dict[str, jax.Array]:
+    flat = {"tok_embeddings": params.tok_embeddings}
+    for i, layer in enumerate(params.layers):
+        flat.update({f"layers.{i}.{f.name}": getattr(layer, f.name)
+                     for f in dataclasses.fields(Layer)})
+    flat["norm"] = params.norm
+    if params.output is not None:
+        flat["output"] = params.output
+    return flat
+
+
+def from_flat(flat: dict[str, jax.Array], cfg: LlamaConfig) -> Params:
+    layers = [Layer(**{f.name: flat[f"layers.{i}.{f.name}"] for f in dataclasses.fields(Layer)})
+              for i in range(cfg.n_layers)]
+    return Params(tok_embeddings=flat["tok_embeddings"], layers=layers, norm=flat["norm"],
+                  output=None if cfg.tie_embeddings else flat["output"])
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.bfloat16) -> Params:
+    """Random weights (normal, std 0.02; norms at one): for tests and benchmarks."""
+    infos = param_infos(cfg)
+    keys = jax.random.split(key, len(infos))
+    flat = {name: (jnp.ones(info.shape, dtype) if info.init == "ones"
+                   else (0.02 * jax.random.normal(k, info.shape, jnp.float32)).astype(dtype))
+            for k, (name, info) in zip(keys, infos.items())}
+    return from_flat(flat, cfg)
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)  # [B, T, D]
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return y.astype(x.dtype) * w
+
+
+def rope(x: jax.Array, pos: jax.Array, theta: float) -> jax.Array:
+    """Rotate-half RoPE. x [B, T, N, K], pos [B, T] -> [B, T, N, K]; angles in float32."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / theta ** (jnp.arange(0, half, dtype=jnp.float32) / half)  # [K/2]
+    angles = pos.astype(jnp.float32)[..., None] * inv_freq                      # [B, T, K/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]  # [B, T, 1, K/2]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)                      # [B, T, N, K/2]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array,
+                  kv_len: jax.Array) -> jax.Array:
+    """Causal GQA attention in plain XLA.
+
+    q [B, T, H, K]; k, v [B, S, G, K]; query t of row b sits at position q_offset[b] + t and sees
+    keys s <= its position with s < kv_len[b]. -> [B, T, H, K]
+    """
+    B, T, H, K = q.shape
+    S, G = k.shape[1], k.shape[2]
+    qg = q.reshape(B, T, G, H // G, K)                                            # [B, T, G, R, K]
+    scores = jnp.einsum("BTGRK,BSGK->BGRTS", qg, k,
+                        preferred_element_type=jnp.float32) * K ** -0.5           # [B, G, R, T, S]
+    q_pos = q_offset[:, None] + jnp.arange(T)                                     # [B, T]
+    s_pos = jnp.arange(S)
+    mask = (s_pos[None, None, :] <= q_pos[:, :, None]) & (s_pos < kv_len[:, None, None])  # [B, T, S]
+    # A finite fill (not -inf) keeps fully masked padding rows finite.
+    scores = jnp.where(mask[:, None, None], scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BGRTS,BSGK->BTGRK", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, H, K).astype(q.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array, kv_len: jax.Array,
+              impl: AttnImpl) -> jax.Array:
+    """The one attention entry point. Shapes as in `attention_xla`."""
+    if impl == "xla":
+        return attention_xla(q, k, v, q_offset, kv_len)
+    if impl == "pallas":
+        from jllm import kernels
+        return kernels.attention(q, k, v, q_offset, kv_len)
+    raise ValueError(f"attn_impl={impl!r}; expected 'xla' or 'pallas'")
+
+
+def _write(buf: jax.Array, new: jax.Array, start: jax.Array, fresh: bool) -> jax.Array:
+    """Write new [B, T, G, K] into buf [B, S, G, K] at row offsets start [B]."""
+    if fresh:  # every row starts at 0: one contiguous in-place update
+        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, 0, 0, 0))
+    B, T = new.shape[:2]
+    pos = start[:, None] + jnp.arange(T)                                          # [B, T]
+    return buf.at[jnp.arange(B)[:, None], pos].set(new.astype(buf.dtype), mode="drop")
+
+
+def transformer(params: Params, tokens: jax.Array, cache: KVCache, cfg: LlamaConfig, *,
+                n_tokens: jax.Array | None = None, fresh: bool = False,
+                attn_impl: AttnImpl = "xla", matmul_impl: str = "xla",
+                ) -> tuple[jax.Array, KVCache]:
+    """tokens [B, T] written at cache.lengths -> final-normed hidden [B, T, D] and the new cache.
+
+    n_tokens [B]: real tokens per row (the rest of T is padding); default T. fresh=True promises
+    every row starts empty, so attention reads only the new keys instead of the whole cache.
+    """
+    B, T = tokens.shape
+    H, G, K = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    if n_tokens is None:
+        n_tokens = jnp.full((B,), T, jnp.int32)
+    start = cache.lengths                                                         # [B]
+    pos = start[:, None] + jnp.arange(T)                                          # [B, T]
+    kv_len = start + n_tokens                                                     # [B]
+    linear = lambda x, w: quant.linear(x, w, impl=matmul_impl)  # noqa: E731
+    x = params.tok_embeddings[tokens]                                             # [B, T, D]
+    new_k, new_v = [], []
+    for i, layer in enumerate(params.layers):
+        # Attention block: norm, project, rotate, write the cache, attend, project back.
+        h = rms_norm(x, layer.attention_norm, cfg.norm_eps)
+        q = rope(linear(h, layer.wq).reshape(B, T, H, K), pos, cfg.rope_theta)    # [B, T, H, K]
+        k = rope(linear(h, layer.wk).reshape(B, T, G, K), pos, cfg.rope_theta)    # [B, T, G, K]
+        v = linear(h, layer.wv).reshape(B, T, G, K)                               # [B, T, G, K]
+        ck, cv = _write(cache.k[i], k, start, fresh), _write(cache.v[i], v, start, fresh)
+        new_k.append(ck)
+        new_v.append(cv)
+        if fresh:
+            o = attention(q, k.astype(ck.dtype), v.astype(cv.dtype), start, n_tokens, attn_impl)
+        else:
+            o = attention(q, ck, cv, start, kv_len, attn_impl)                    # [B, T, H, K]
+        x = x + linear(o.reshape(B, T, H * K), layer.wo)
+        # Feed-forward block: SwiGLU.
+        h = rms_norm(x, layer.ffn_norm, cfg.norm_eps)
+        x = x + linear(jax.nn.silu(linear(h, layer.w1)) * linear(h, layer.w3), layer.w2)
+    x = rms_norm(x, params.norm, cfg.norm_eps)                                    # [B, T, D]
+    return x, KVCache(k=new_k, v=new_v, lengths=kv_len)
+
+
+def logits(params: Params, h: jax.Array, matmul_impl: str = "xla") -> jax.Array:
+    """h [..., D] -> float32 logits [..., V]."""
+    w = params.tok_embeddings.T if params.output is None else params.output       # [D, V]
+    return quant.linear(h, w, impl=matmul_impl).astype(jnp.float32)
+
+
+def forward(params: Params, tokens: jax.Array, cache: KVCache, cfg: LlamaConfig, *,
+            attn_impl: AttnImpl = "xla", matmul_impl: str = "xla",
+            ) -> tuple[jax.Array, KVCache]:
+    """tokens [B, T] written at cache.lengths -> logits [B, T, V] (float32) and the updated cache."""
+    h, cache = transformer(params, tokens, cache, cfg, attn_impl=attn_impl, matmul_impl=matmul_impl)
+    return logits(params, h, matmul_impl), cache

@@ -1,0 +1,53 @@
+"""Token sampling: greedy, temperature, top-k, top-p, with per-row values as traced arrays."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Sampling:
+    """Per-row sampling values. They are data, not static arguments: changing them never recompiles."""
+    temperature: jax.Array  # [B] float32; 0 means greedy (argmax)
+    top_k: jax.Array        # [B] int32; 0 means no top-k cut
+    top_p: jax.Array        # [B] float32; 1 means no nucleus cut
+
+    @classmethod
+    def make(cls, batch: int, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None) -> "Sampling":
+        return cls(temperature=jnp.full((batch,), temperature, jnp.float32),
+                   top_k=jnp.full((batch,), top_k or 0, jnp.int32),
+                   top_p=jnp.full((batch,), 1.0 if top_p is None else top_p, jnp.float32))
+
+
+def _filtered_logits(logits: jax.Array, s: Sampling) -> jax.Array:
+    """logits [B, V] float32 -> tempered logits with everything outside top-k / top-p at -inf."""
+    V = logits.shape[-1]
+    x = logits / jnp.maximum(s.temperature, 1e-6)[:, None]                    # [B, V]
+    sorted_x = -jnp.sort(-x, axis=-1)                                          # [B, V] descending
+    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)                     # [B]
+    kth = jnp.take_along_axis(sorted_x, (k - 1)[:, None], axis=-1)             # [B, 1]
+    sorted_x = jnp.where(jnp.arange(V) < k[:, None], sorted_x, -jnp.inf)
+    # Nucleus: keep the smallest prefix of the sorted tokens whose mass reaches top_p; a token is
+    # kept when the mass strictly before it is below top_p, so the first token always survives.
+    probs = jax.nn.softmax(sorted_x, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < s.top_p[:, None]
+    n_keep = jnp.sum(keep, axis=-1)                                            # [B] >= 1
+    pth = jnp.take_along_axis(sorted_x, (n_keep - 1)[:, None], axis=-1)        # [B, 1]
+    cut = jnp.maximum(kth, pth)
+    return jnp.where(x >= cut, x, -jnp.inf)
+
+
+def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
+    """logits [B, V] -> tokens [B] int32. Rows with temperature 0 take the argmax."""
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def stochastic():
+        drawn = jax.random.categorical(key, _filtered_logits(logits, s), axis=-1)
+        return jnp.where(s.temperature > 0, drawn.astype(jnp.int32), greedy)
+
+    # The sort behind top-k/top-p runs only when some row samples.
+    return jax.lax.cond(jnp.any(s.temperature > 0), stochastic, lambda: greedy)

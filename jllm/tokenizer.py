@@ -1,0 +1,83 @@
+"""SentencePiece tokenizer, incremental detokenization for streaming, and the Llama-2 chat format."""
+import os
+
+import sentencepiece as spm
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+
+class Tokenizer:
+    """A Llama-2 `tokenizer.model`: BOS added to prompts, byte-fallback pieces decoded as bytes."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=self.path)
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"cannot read the SentencePiece model {self.path!r}: {e}") from None
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.vocab_size()
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+    def decode_after(self, context: int | None, ids: list[int]) -> str:
+        """Text of `ids` as it reads after the token `context`: SentencePiece drops the leading
+        space of the first piece of a sequence, which would glue a continuation to its prompt."""
+        if context is None or self.sp.is_byte(context) or self.sp.is_control(context):
+            return self.sp.decode(ids)
+        anchor = self.sp.decode([context])
+        return self.sp.decode([context] + ids)[len(anchor):]
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text deltas that never split a UTF-8 character
+    (a run of byte-fallback pieces decodes to U+FFFD until its last byte arrives)."""
+
+    def __init__(self, tokenizer: Tokenizer | None, context: int | None = None):
+        self.tokenizer, self.context = tokenizer, context
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of text already handed out
+
+    def text(self) -> str:
+        return "" if self.tokenizer is None else self.tokenizer.decode_after(self.context, self.ids)
+
+    def push(self, ids: list[int], final: bool = False) -> str:
+        self.ids.extend(ids)
+        text = self.text()
+        stable = len(text) if final else len(text.rstrip("\ufffd"))
+        delta = text[self.emitted:stable]
+        self.emitted = max(self.emitted, stable)
+        return delta
+
+
+def format_chat(messages: list[dict], tokenizer: Tokenizer) -> list[int]:
+    """Llama-2 chat prompt: [{"role": "system"|"user"|"assistant", "content": str}, ...] -> ids.
+
+    Each finished turn is `<s>[INST] user [/INST] answer </s>`; the system prompt sits inside the
+    first user turn between <<SYS>> markers; the prompt ends with the open last user turn.
+    """
+    if not messages:
+        raise ValueError("format_chat needs at least one message")
+    msgs = list(messages)
+    if msgs[0]["role"] == "system":
+        if len(msgs) < 2:
+            raise ValueError("a system message must be followed by a user message")
+        msgs = [{"role": "user", "content": B_SYS + msgs[0]["content"] + E_SYS + msgs[1]["content"]}
+                ] + msgs[2:]
+    roles = [m["role"] for m in msgs]
+    expected = ["user", "assistant"] * (len(msgs) // 2) + ["user"] * (len(msgs) % 2)
+    if roles != expected or roles[-1] != "user":
+        raise ValueError(f"chat roles must alternate user/assistant and end with user; got {roles}")
+    ids: list[int] = []
+    for user, answer in zip(msgs[:-1:2], msgs[1::2]):
+        ids += tokenizer.encode(f"{B_INST} {user['content'].strip()} {E_INST} "
+                                f"{answer['content'].strip()} ", bos=True, eos=True)
+    return ids + tokenizer.encode(f"{B_INST} {msgs[-1]['content'].strip()} {E_INST}", bos=True)

@@ -1,0 +1,198 @@
+"""The `jllm` command: generate | chat | convert | bench."""
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="jllm checkpoint or Hugging Face Llama directory")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
+    p.add_argument("--attn-impl", choices=["xla", "pallas"], default=None)
+
+
+def _load(args):
+    import jllm
+    return jllm.load(args.model, args.dtype, attn_impl=args.attn_impl)
+
+
+def _print_stats(results) -> None:
+    for i, r in enumerate(results):
+        s = r.stats
+        print(f"[{i}] prompt {s.prompt_tokens} tokens, generated {s.generated_tokens} "
+              f"({r.finish_reason}), TTFT {s.ttft_s * 1e3:.1f} ms, decode {s.decode_tokens_per_s:.1f} tokens/s",
+              file=sys.stderr)
+
+
+def cmd_generate(args) -> int:
+    import jllm
+    model = _load(args)
+    prompt = args.prompt
+    if model.tokenizer is None:
+        try:
+            prompt = [int(t) for t in args.prompt.split()]
+        except ValueError:
+            sys.exit("this model has no tokenizer: pass --prompt as space-separated token ids")
+
+    def stream(delta):
+        sys.stdout.write(delta.text if model.tokenizer is not None
+                         else "".join(f" {t}" for t in delta.token_ids))
+        sys.stdout.flush()
+
+    sys.stdout.write(args.prompt if model.tokenizer is not None else "")
+    results = jllm.generate(model, [prompt], max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            seed=args.seed, stop=args.stop, stream=stream)
+    print()
+    _print_stats(results)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    import jllm
+    from jllm.tokenizer import format_chat
+    model = _load(args)
+    if model.tokenizer is None:
+        sys.exit("chat needs a model with a tokenizer.model")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    last = None
+    print("jllm chat: /stats, /reset, /exit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            messages = messages[:1] if args.system else []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if line == "/stats":
+            if last is None:
+                print("(no reply yet)", file=sys.stderr)
+            else:
+                s = last.stats
+                print(f"prefill: {s.prompt_tokens} tokens in {s.ttft_s * 1e3:.1f} ms "
+                      f"({s.prompt_tokens / max(s.ttft_s, 1e-9):.1f} tokens/s); decode: "
+                      f"{s.generated_tokens} tokens at {s.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr)
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = format_chat(messages, model.tokenizer)
+        room = model.cfg.max_seq_len - len(ids)
+        if room < 1:
+            messages.pop()
+            print(f"(the conversation has {len(ids)} tokens, the model's context is "
+                  f"{model.cfg.max_seq_len}: /reset to start over)", file=sys.stderr)
+            continue
+        [last] = jllm.generate(model, [ids], max_new_tokens=min(args.max_new_tokens, room),
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               seed=args.seed, stop=args.stop,
+                               stream=lambda d: (sys.stdout.write(d.text), sys.stdout.flush()))
+        print()
+        messages.append({"role": "assistant", "content": last.text})
+
+
+def cmd_convert(args) -> int:
+    from convert import hf
+    hf.convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {args.out_dir}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from jllm import bench, runtime
+    from jllm.config import LlamaConfig
+    if not args.random_weights:
+        sys.exit("jllm bench needs --random-weights (benchmarks run on random weights of a named config)")
+    cfg = LlamaConfig.from_name(args.config)
+    # A fresh cache directory, so "cold" is a real first compile and "warm" a persistent-cache hit.
+    with tempfile.TemporaryDirectory() as cache_dir:
+        runtime.enable_compilation_cache(args.cache_dir or cache_dir)
+        results = []
+        params = bench.random_params(cfg, args.config, args.dtype)
+        runs = [(a, p, b) for a in args.attn_impl for p in args.prompt_len for b in args.batch]
+        for attn_impl, prompt_len, batch in runs:
+            r = bench.run(cfg, args.config, dtype=args.dtype, batch=batch, prompt_len=prompt_len,
+                          new_tokens=args.new_tokens, attn_impl=attn_impl, warm_compile=not results,
+                          bandwidth=args.bandwidth, peak_tflops=args.peak_tflops, params=params)
+            args.bandwidth, args.peak_tflops = r.bandwidth_tb_s, r.peak_tflops  # measure once
+            results.append(r)
+            print(bench.format_table([r]).splitlines()[-1], file=sys.stderr)
+    print(bench.format_table(results))
+    print(f"device {results[0].device}, jax {results[0].jax_version}, bandwidth "
+          f"{results[0].bandwidth_tb_s:.2f} TB/s, peak {results[0].peak_tflops:.1f} TFLOP/s, weights "
+          f"{results[0].weight_gb:.2f} GB, peak memory {results[-1].peak_memory_gb or 0:.2f} GB")
+    if args.json:
+        _write_atomic(args.json, json.dumps([r.__dict__ for r in results], indent=2))
+    if args.plot:
+        bench.plot(results, args.plot)
+    return 0
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="jllm", description="Llama-2 inference in JAX")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
+    _add_model(p)
+    p.add_argument("--prompt", required=True)
+    _add_sampling(p)
+    p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser("chat", help="interactive Llama-2 chat")
+    _add_model(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_sampling(p)
+    p.set_defaults(fn=cmd_chat)
+    p = sub.add_parser("convert", help="Hugging Face Llama directory -> jllm checkpoint")
+    p.add_argument("hf_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_convert)
+    p = sub.add_parser("bench", help="benchmark a named config with random weights")
+    p.add_argument("--config", default="llama-2-7b")
+    p.add_argument("--random-weights", action="store_true")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--prompt-len", type=int, nargs="+", default=[128])
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--attn-impl", choices=["xla", "pallas"], nargs="+", default=[None])
+    p.add_argument("--bandwidth", type=float, default=None, help="TB/s for MBU (default: measured)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: measured)")
+    p.add_argument("--cache-dir", default=None, help="persistent compilation cache (default: a fresh temporary one)")
+    p.add_argument("--json", default=None, help="write results to this file")
+    p.add_argument("--plot", default=None, help="write a PNG of tokens/s against batch")
+    p.set_defaults(fn=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+        print(f"jllm {args.command}: error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Tensor parallelism over jax.sharding meshes: logical axis rules and mesh construction."""
