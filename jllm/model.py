@@ -13,6 +13,7 @@ imaginary parts), so HF checkpoints load without permuting wq/wk; Meta's origina
 interleaved pairs and would need the permutation instead.
 """
 import dataclasses
+import functools
 from typing import Literal
 
 import jax
@@ -94,7 +95,9 @@ class KVCache:
         return self.k[0].shape[1]
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
+    """An empty cache: one jitted call (eager zeros would be one dispatch per layer buffer)."""
     shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
     return KVCache(k=[jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
                    v=[jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
