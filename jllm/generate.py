@@ -1,4 +1,5 @@
 """Prefill, decode and the host-side `generate` loop with streaming and stop handling."""
+import contextlib
 import dataclasses
 import functools
 import math
@@ -214,6 +215,9 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
         stop_token_ids = [model.tokenizer.eos_id] if model.tokenizer is not None else []
     cfg, n = model.cfg, len(ids)
     B = bucket(n, minimum=1)
+    if model.mesh is not None:  # the batch is split over the mesh's data axis
+        from jllm import parallel
+        B = max(B, parallel.data_size(model.mesh))
     S = min(bucket(bucket(max(map(len, ids))) + max_new_tokens + DECODE_CHUNK), cfg.max_seq_len)
     T = min(bucket(max(map(len, ids))), S)
     tokens = np.zeros((B, T), np.int32)
@@ -221,8 +225,23 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     for i, p in enumerate(ids):
         tokens[i, :len(p)], n_tokens[i] = p, len(p)
     sampling = Sampling.make(B, temperature, top_k, top_p)
-    kw = dict(cfg=cfg, attn_impl=model.attn_impl, matmul_impl=model.matmul_impl)
     rows = [_Row(i, p, model, stop, set(stop_token_ids), max_new_tokens) for i, p in enumerate(ids)]
+    with _on_mesh(model.mesh):
+        return _run(model, rows, tokens, n_tokens, S, sampling, seed, max_new_tokens, stream, t_call)
+
+
+def _on_mesh(mesh):
+    if mesh is None:
+        return contextlib.nullcontext()
+    from jllm import parallel  # sharded runs only
+    return parallel.mesh_context(mesh)
+
+
+def _run(model: Model, rows: list[_Row], tokens: np.ndarray, n_tokens: np.ndarray, S: int,
+         sampling: Sampling, seed: int, max_new_tokens: int, stream, t_call: float) -> list[Completion]:
+    """The device part of `generate`: prefill, then decode chunks until every row is finished."""
+    cfg, B = model.cfg, tokens.shape[0]
+    kw = dict(cfg=cfg, attn_impl=model.attn_impl, matmul_impl=model.matmul_impl)
 
     def take(new_tokens: np.ndarray) -> None:
         now = time.perf_counter()
@@ -232,7 +251,11 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
                 if delta is not None and stream is not None:
                     stream(delta)
 
-    cache = init_cache(cfg, B, S, model.dtype)
+    if model.mesh is not None:
+        from jllm import parallel
+        cache = parallel.init_cache(cfg, B, S, model.dtype, model.mesh)
+    else:
+        cache = init_cache(cfg, B, S, model.dtype)
     token, cache, key = prefill(model.params, jnp.asarray(tokens), jnp.asarray(n_tokens), cache,
                                 sampling, jax.random.key(seed), **kw)
     take(np.asarray(token)[:, None])
