@@ -14,7 +14,7 @@ import warnings
 import ml_dtypes
 import numpy as np
 
-from jllm import checkpoint
+from jllm import checkpoint, quant
 from jllm.config import LlamaConfig
 from jllm.model import param_infos
 
@@ -211,14 +211,26 @@ def load_hf(hf_dir: str | os.PathLike, dtype="bfloat16", progress: bool = True,
 
 
 def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "bfloat16",
-            overwrite: bool = False, progress: bool = True) -> LlamaConfig:
-    """Convert an HF Llama directory into a jllm checkpoint at out_dir (written atomically)."""
+            overwrite: bool = False, progress: bool = True, quantize: str | None = None,
+            group_size: int | None = None) -> LlamaConfig:
+    """Convert an HF Llama directory into a jllm checkpoint at out_dir (written atomically).
+
+    quantize="int8" | "int4" stores the linear weights quantized (the mode goes in the metadata).
+    """
     out_dir = os.fspath(out_dir)
+    quant.check_mode(quantize, group_size)
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; choose a new directory or pass --overwrite")
     cfg, flat, tok = load_hf(hf_dir, dtype, progress=progress)
+    meta = None
+    if quantize is not None:
+        flat, err = quant.quantize_flat(flat, quantize, group_size)
+        meta = {"mode": quantize, "group_size": group_size, "max_abs_error": err}
+        if progress:
+            print(f"quantized linear weights to {quantize}; largest absolute error {err:.3g}",
+                  file=sys.stderr)
     if progress:
         print(f"writing {out_dir}", file=sys.stderr)
     checkpoint.save(out_dir, flat, cfg, dtype=checkpoint.dtype_name(checkpoint.parse_dtype(dtype)),
-                    tokenizer=tok, overwrite=overwrite)
+                    tokenizer=tok, overwrite=overwrite, quant=meta)
     return cfg

@@ -9,7 +9,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from jllm import checkpoint, runtime
+from jllm import checkpoint, quant, runtime
 from jllm.config import CONFIGS, LlamaConfig
 from jllm.generate import Completion, Model, generate
 from jllm.model import from_flat, param_infos
@@ -23,11 +23,14 @@ def _say(msg: str) -> None:
 
 
 def load(path: str | os.PathLike, dtype: str | None = None, *, attn_impl: str | None = None,
-         matmul_impl: str | None = None, progress: bool = True) -> Model:
+         matmul_impl: str | None = None, progress: bool = True,
+         mesh: jax.sharding.Mesh | None = None) -> Model:
     """Load a jllm checkpoint, or convert a Hugging Face Llama directory in memory.
 
     dtype: "bfloat16" | "float16" | "float32" (default: the checkpoint's). attn_impl/matmul_impl:
-    "xla" | "pallas" (default: pallas on GPU, xla elsewhere).
+    "xla" | "pallas" (default: pallas on GPU, xla elsewhere). mesh (sharding.rules.make_mesh):
+    each weight is restored straight into its shards on the mesh, each process reading only the
+    shards of its own devices.
     """
     runtime.enable_compilation_cache()
     path = os.fspath(path)
@@ -38,11 +41,26 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, attn_impl: str | 
     if not os.path.isfile(os.path.join(path, checkpoint.META)) and os.path.isfile(os.path.join(path, "config.json")):
         from convert import hf  # the converter depends on jllm; imported only for HF directories
         cfg, flat, tok_path = hf.load_hf(path, dtype or "bfloat16", progress=progress)
-        params = from_flat({k: jnp.asarray(v) for k, v in flat.items()}, cfg)
+        if mesh is None:
+            params = from_flat({k: jnp.asarray(v) for k, v in flat.items()}, cfg)
+        else:
+            from jllm import parallel
+            shardings = parallel.param_shardings(cfg, mesh)
+            arrays = {}
+            for name in list(flat):  # each array goes to its shards and its host copy is dropped
+                w = flat.pop(name)
+                arrays[name] = jax.make_array_from_callback(w.shape, shardings[name], lambda idx, w=w: w[idx])
+            params = from_flat(arrays, cfg)
     else:
         cfg, meta = checkpoint.read_meta(path)
         dt = checkpoint.parse_dtype(dtype, default=meta["dtype"])
-        target = {name: jax.ShapeDtypeStruct(info.shape, dt) for name, info in param_infos(cfg).items()}
+        if mesh is None:
+            shardings = {name: None for name in param_infos(cfg)}
+        else:
+            from jllm import parallel
+            shardings = parallel.param_shardings(cfg, mesh)
+        target = {name: jax.ShapeDtypeStruct(info.shape, dt, sharding=shardings[name])
+                  for name, info in param_infos(cfg).items()}
         params = from_flat(checkpoint.restore(path, target, progress=say), cfg)
     tokenizer = Tokenizer(tok_path) if tok_path and os.path.isfile(tok_path) else None
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
@@ -50,4 +68,4 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, attn_impl: str | 
                          f"vocab_size is {cfg.vocab_size}")
     return Model(params=params, cfg=cfg, tokenizer=tokenizer,
                  attn_impl=attn_impl or runtime.default_attn_impl(),
-                 matmul_impl=matmul_impl or runtime.default_matmul_impl())
+                 matmul_impl=matmul_impl or runtime.default_matmul_impl(), mesh=mesh)

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jllm import runtime
+from jllm import quant, runtime
 from jllm.config import LlamaConfig
 from jllm.generate import bucket, decode, prefill
-from jllm.model import init_cache, init_params, param_infos
+from jllm.model import from_flat, init_cache, init_params, param_infos, to_flat
 from jllm.sampling import Sampling
 
 
@@ -28,6 +28,7 @@ class BenchResult:
     device: str
     jax_version: str
     dtype: str
+    quant: str | None
     attn_impl: str
     matmul_impl: str
     batch: int
@@ -87,14 +88,16 @@ def measure_peak_tflops() -> float:
     return 2 * n ** 3 / _device_time(lambda: f(a), 10) / 1e12
 
 
-def step_bytes(cfg: LlamaConfig, itemsize: int, batch: int, context: float) -> float:
-    """Bytes one decode step must read: weights (one embedding row each) plus the KV cache."""
-    infos = param_infos(cfg)
-    weights = sum(np.prod(i.shape) for n, i in infos.items() if n != "tok_embeddings") * itemsize
-    weights += batch * cfg.dim * itemsize
+def step_bytes(params, cfg: LlamaConfig, kv_itemsize: int, batch: int, context: float) -> float:
+    """Bytes one decode step must read: the weights as stored (quantized or not; one embedding row
+    per sequence) plus the KV cache up to `context`."""
+    flat = to_flat(params)
+    emb = flat.pop("tok_embeddings")
+    weights = sum(x.nbytes for x in jax.tree.leaves(flat))
+    weights += batch * emb.nbytes // emb.shape[0]
     if cfg.tie_embeddings:  # the output projection reads the embedding table whole
-        weights += cfg.vocab_size * cfg.dim * itemsize
-    kv = 2 * cfg.n_layers * batch * context * cfg.n_kv_heads * cfg.head_dim * itemsize
+        weights += emb.nbytes
+    kv = 2 * cfg.n_layers * batch * context * cfg.n_kv_heads * cfg.head_dim * kv_itemsize
     return weights + kv
 
 
@@ -109,10 +112,15 @@ def prefill_flops(cfg: LlamaConfig, batch: int, prompt_len: int) -> float:
     return matmul_flops + attn_flops
 
 
-def random_params(cfg: LlamaConfig, name: str, dtype: str = "bfloat16", seed: int = 0):
-    """Random weights made on the device (no host copy), for benchmarks."""
+def random_params(cfg: LlamaConfig, name: str, dtype: str = "bfloat16", seed: int = 0,
+                  quantize: str | None = None, group_size: int | None = None):
+    """Random weights made on the device (no host copy), quantized if asked, for benchmarks."""
     _say(f"initializing random {name} weights ({dtype}) on {jax.devices()[0].device_kind}")
     params = jax.jit(init_params, static_argnums=(0, 2))(cfg, jax.random.key(seed), jnp.dtype(dtype))
+    if quantize is not None:
+        _say(f"quantizing to {quantize}")
+        flat, _ = quant.quantize_flat(to_flat(params), quantize, group_size)
+        params = from_flat(flat, cfg)
     return jax.block_until_ready(params)
 
 
@@ -173,12 +181,13 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
     bw = bandwidth or measure_bandwidth()
     peak = peak_tflops or measure_peak_tflops()
     item = dt.itemsize
-    mbu = step_bytes(cfg, item, batch, prompt_len + new_tokens / 2) / tpot / (bw * 1e12)
+    mbu = step_bytes(params, cfg, item, batch, prompt_len + new_tokens / 2) / tpot / (bw * 1e12)
     mfu = prefill_flops(cfg, batch, prompt_len) / ttft / (peak * 1e12)
     stats = jax.devices()[0].memory_stats() or {}
     weight_gb = sum(x.nbytes for x in jax.tree.leaves(params)) / 1e9
     return BenchResult(
         config=name, device=jax.devices()[0].device_kind, jax_version=jax.__version__, dtype=dtype,
+        quant=_quant_mode(params),
         attn_impl=attn_impl, matmul_impl=matmul_impl, batch=batch, prompt_len=prompt_len,
         new_tokens=new_tokens, cache_len=S, compile_cold_s=cold, compile_warm_s=warm,
         ttft_ms=ttft * 1e3, tpot_ms=tpot * 1e3, decode_tok_s_per_seq=1 / tpot,
@@ -187,12 +196,17 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
         peak_memory_gb=stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats else None)
 
 
+def _quant_mode(params) -> str | None:
+    w = params.layers[0].wq
+    return f"int{w.bits}" if isinstance(w, quant.QArray) else None
+
+
 def format_table(results: list[BenchResult]) -> str:
-    head = (f"{'config':<12} {'dtype':<8} {'attn':<6} {'B':>3} {'P':>5} {'N':>4} {'TTFT ms':>8} "
+    head = (f"{'config':<12} {'weights':<8} {'attn':<6} {'B':>3} {'P':>5} {'N':>4} {'TTFT ms':>8} "
             f"{'TPOT ms':>8} {'tok/s/seq':>9} {'tok/s':>8} {'MBU':>5} {'MFU':>5} {'compile s':>11}")
     lines = [head]
     for r in results:
-        lines.append(f"{r.config:<12} {r.dtype:<8} {r.attn_impl:<6} {r.batch:>3} {r.prompt_len:>5} "
+        lines.append(f"{r.config:<12} {r.quant or r.dtype:<8} {r.attn_impl:<6} {r.batch:>3} {r.prompt_len:>5} "
                      f"{r.new_tokens:>4} {r.ttft_ms:>8.2f} {r.tpot_ms:>8.3f} {r.decode_tok_s_per_seq:>9.1f} "
                      f"{r.decode_tok_s_total:>8.1f} {r.mbu:>5.0%} {r.mfu_prefill:>5.0%} "
                      f"{r.compile_cold_s:>5.1f}/{r.compile_warm_s:<5.1f}")
@@ -208,7 +222,7 @@ def plot(results: list[BenchResult], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     groups: dict[str, list[BenchResult]] = {}
     for r in results:
-        groups.setdefault(f"{r.config} {r.dtype} {r.attn_impl} P={r.prompt_len}", []).append(r)
+        groups.setdefault(f"{r.config} {r.quant or r.dtype} {r.attn_impl} P={r.prompt_len}", []).append(r)
     for label, rs in groups.items():
         rs.sort(key=lambda r: r.batch)
         axes[0].plot([r.batch for r in rs], [r.decode_tok_s_total for r in rs], "o-", label=label)

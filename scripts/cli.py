@@ -19,11 +19,19 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="jllm checkpoint or Hugging Face Llama directory")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     p.add_argument("--attn-impl", choices=["xla", "pallas"], default=None)
+    _add_quant(p)
+
+
+def _add_quant(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="weight-only quantization of the linear layers")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size (default 128)")
 
 
 def _load(args):
     import jllm
-    return jllm.load(args.model, args.dtype, attn_impl=args.attn_impl)
+    return jllm.load(args.model, args.dtype, quantize=args.quantize, group_size=args.group_size,
+                     attn_impl=args.attn_impl)
 
 
 def _print_stats(results) -> None:
@@ -107,7 +115,8 @@ def cmd_chat(args) -> int:
 
 def cmd_convert(args) -> int:
     from convert import hf
-    hf.convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+    hf.convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
+               quantize=args.quantize, group_size=args.group_size)
     print(f"wrote {args.out_dir}", file=sys.stderr)
     return 0
 
@@ -122,7 +131,8 @@ def cmd_bench(args) -> int:
     with tempfile.TemporaryDirectory() as cache_dir:
         runtime.enable_compilation_cache(args.cache_dir or cache_dir)
         results = []
-        params = bench.random_params(cfg, args.config, args.dtype)
+        params = bench.random_params(cfg, args.config, args.dtype, quantize=args.quantize,
+                                     group_size=args.group_size)
         runs = [(a, p, b) for a in args.attn_impl for p in args.prompt_len for b in args.batch]
         for attn_impl, prompt_len, batch in runs:
             r = bench.run(cfg, args.config, dtype=args.dtype, batch=batch, prompt_len=prompt_len,
@@ -167,11 +177,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--overwrite", action="store_true")
+    _add_quant(p)
     p.set_defaults(fn=cmd_convert)
     p = sub.add_parser("bench", help="benchmark a named config with random weights")
     p.add_argument("--config", default="llama-2-7b")
     p.add_argument("--random-weights", action="store_true")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    _add_quant(p)
     p.add_argument("--batch", type=int, nargs="+", default=[1])
     p.add_argument("--prompt-len", type=int, nargs="+", default=[128])
     p.add_argument("--new-tokens", type=int, default=128)

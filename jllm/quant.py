@@ -1,0 +1,195 @@
+"""Weight-only quantization: QArray, quantize / dequantize, and `linear`, the model's one matmul.
+
+Layouts (the int4 nibble order is documented in pallas_kernels/quant_matmul.py, which reads it):
+  int8: q int8 [in, out], symmetric absmax per output channel: scale [1, out] and group_size = in.
+        An explicit group_size gives per-group int8 instead (scale [in // group_size, out]).
+  int4: q int8 [in // 2, out], two's-complement nibbles, two input rows per byte; symmetric absmax
+        per group of `group_size` input rows (128 by default; 32, 64, 128 or 256): scale
+        [in // group_size, out].
+In both, scale has shape [in // group_size, out] and the weight's float dtype, which is also the
+QArray's `dtype`. Codes are clipped to +-127 (int8) or +-7 (int4), so every element is within
+scale / 2 of the original weight.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import quant_matmul as qmm
+
+# Up to this many rows of x (batch x new tokens) the Pallas kernel, which streams the packed weight
+# once, beats XLA's dequantize-then-matmul; above it (prefill) the matmul is compute-bound.
+MAX_PALLAS_M = 64
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+# Plain (unquantized) weights use XLA's GEMV: our bf16 Pallas GEMV did not beat it on an H100
+# (docs/perf_quant.md).
+PALLAS_BF16_GEMV = False
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["q", "scale"],
+                   meta_fields=["bits", "group_size"])
+@dataclasses.dataclass(frozen=True)
+class QArray:
+    """A quantized [in, out] weight; `linear(x, w)` computes x @ w."""
+    q: jax.Array  # int8 [in, out] (bits=8) or int8 [in // 2, out] (bits=4, two rows per byte)
+    scale: jax.Array  # [in // group_size, out], the compute dtype
+    bits: int  # 8 or 4
+    group_size: int  # input rows per scale; == in for per-output-channel int8
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Logical [in, out] shape of the weight."""
+        rows, out = self.q.shape
+        return (rows * 2 if self.bits == 4 else rows, out)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.scale.dtype
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+
+def quantize(w: jax.Array, bits: int = 8, group_size: int | None = None,
+             ) -> tuple[QArray, jax.Array]:
+    """w [in, out] float -> (QArray, max |dequantize(qa) - w| as a float32 device scalar).
+
+    group_size=None means per output channel for int8 and 128 for int4.
+    """
+    if w.ndim != 2 or not jnp.issubdtype(w.dtype, jnp.floating):
+        raise ValueError(f"quantize takes a 2-D float [in, out] weight, got {w.shape=} {w.dtype=}")
+    if bits not in (8, 4):
+        raise ValueError(f"{bits=} must be 8 or 4")
+    k, _ = w.shape
+    if group_size is None:
+        group_size = k if bits == 8 else 128
+    if bits == 4 and group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 {group_size=} must be one of {INT4_GROUP_SIZES}")
+    if group_size < 1 or k % group_size:
+        raise ValueError(f"weight shape {w.shape}: in={k} is not a multiple of {group_size=}")
+    return _quantize(w, bits=bits, group_size=group_size)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size"))
+def _quantize(w: jax.Array, *, bits: int, group_size: int) -> tuple[QArray, jax.Array]:
+    k, n = w.shape
+    qmax = 127 if bits == 8 else 7
+    wg = w.astype(jnp.float32).reshape(k // group_size, group_size, n)  # [in/G, G, out]
+    absmax = jnp.max(jnp.abs(wg), axis=1)  # [in/G, out]
+    scale = (absmax / qmax).astype(w.dtype)
+    # Round with the stored scale, so the bound scale/2 holds for what dequantize computes; an
+    # all-zero group (or a scale that underflows the dtype) gets scale 1 and codes 0.
+    scale = jnp.where(scale == 0, jnp.ones_like(scale), scale)
+    s32 = scale.astype(jnp.float32)[:, None, :]  # [in/G, 1, out]
+    q = jnp.clip(jnp.round(wg / s32), -qmax, qmax).astype(jnp.int8)  # [in/G, G, out]
+    err = jnp.max(jnp.abs(q.astype(jnp.float32) * s32 - wg))
+    q = q.reshape(k, n)
+    if bits == 4:
+        q = qmm.pack_int4(q, group_size)  # [in/2, out]
+    return QArray(q=q, scale=scale, bits=bits, group_size=group_size), err
+
+
+def dequantize(qa: QArray, dtype: jnp.dtype = jnp.bfloat16) -> jax.Array:
+    """QArray -> [in, out] weight in `dtype` (float32 product, rounded once)."""
+    q = qmm.unpack_int4(qa.q, qa.group_size) if qa.bits == 4 else qa.q  # int8 [in, out]
+    k, n = q.shape
+    w = q.reshape(k // qa.group_size, qa.group_size, n).astype(jnp.float32)  # [in/G, G, out]
+    w = w * qa.scale.astype(jnp.float32)[:, None, :]
+    return w.reshape(k, n).astype(dtype)
+
+
+def _xla_qmatmul(x: jax.Array, w: QArray) -> jax.Array:
+    """x [M, in] @ w -> [M, out] float32, in plain XLA."""
+    if w.bits == 8 and w.group_size == w.q.shape[0]:
+        # Per-channel scales commute with the matmul: scale the [M, out] output, not the weight.
+        y = jnp.dot(x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)
+        return y * w.scale.astype(jnp.float32)
+    return jnp.dot(x, dequantize(w, x.dtype), preferred_element_type=jnp.float32)
+
+
+def linear(x: jax.Array, w: jax.Array | QArray, *, impl: str = "xla") -> jax.Array:
+    """x [..., in] @ w [in, out] -> [..., out] in x's dtype; w is an Array or a QArray.
+
+    impl="xla" is plain jnp. impl="pallas" runs QArrays through the Pallas kernel when the
+    flattened batch M <= MAX_PALLAS_M (decode) and through XLA above it (prefill). On CPU the kernel
+    runs in interpret mode, so impl="pallas" works everywhere.
+    """
+    if impl not in ("xla", "pallas"):
+        raise ValueError(f"{impl=} must be 'xla' or 'pallas'")
+    *lead, k = x.shape
+    if len(w.shape) != 2 or w.shape[0] != k:
+        raise ValueError(f"linear: {x.shape=} does not match weight shape {w.shape}")
+    n = w.shape[1]
+    x2 = x.reshape(-1, k)  # [M, in]
+    m = x2.shape[0]
+    on_cpu = jax.default_backend() == "cpu"
+    if not isinstance(w, QArray):
+        if impl == "pallas" and PALLAS_BF16_GEMV and m == 1 and not on_cpu:
+            y = qmm.quant_matmul(x2, w, None, bits=16, group_size=0)
+        else:
+            y = jnp.matmul(x2, w).astype(x.dtype)
+    elif impl == "pallas" and m <= MAX_PALLAS_M:
+        y = qmm.quant_matmul(x2, w.q, w.scale, bits=w.bits, group_size=w.group_size,
+                             interpret=on_cpu)
+    else:
+        y = _xla_qmatmul(x2, w).astype(x.dtype)
+    return y.reshape(*lead, n)  # [..., out]
+
+
+# --- Whole-model quantization -------------------------------------------------------------------
+
+MODES = {"int8": 8, "int4": 4}
+# Every matmul weight of the model; the embedding table stays in float (it is gathered, not
+# multiplied, and reading one row per token costs nothing).
+LINEAR = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+def is_linear(name: str) -> bool:
+    """Flat param names ("layers.3.wq", "output") that `quantize_flat` quantizes."""
+    return name == "output" or name.rsplit(".", 1)[-1] in LINEAR
+
+
+def check_mode(mode: str | None, group_size: int | None = None) -> None:
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"quantize={mode!r}; expected one of {sorted(MODES)} or None")
+    if group_size is not None and (mode != "int4" or group_size not in INT4_GROUP_SIZES):
+        raise ValueError(f"group_size={group_size!r} applies to int4 only and must be one of "
+                         f"{INT4_GROUP_SIZES}")
+
+
+def quantize_flat(flat: dict[str, jax.Array], mode: str, group_size: int | None = None,
+                  ) -> tuple[dict[str, jax.Array | QArray], float]:
+    """Quantize every linear weight of flat params; return them and the largest abs error.
+
+    Originals are dropped as they are replaced, so peak memory stays near the float model's.
+    """
+    check_mode(mode, group_size)
+    out, max_err = {}, 0.0
+    for name in list(flat):
+        w = flat.pop(name)
+        if is_linear(name):
+            try:
+                w, err = quantize(jnp.asarray(w), MODES[mode], group_size)
+            except ValueError as e:
+                raise ValueError(f"cannot quantize {name} to {mode}: {e}") from None
+            max_err = max(max_err, float(err))
+        out[name] = w
+    return out, max_err
+
+
+def abstract_flat(shapes: dict[str, tuple[int, ...]], dtype, mode: str | None,
+                  group_size: int | None = None) -> dict[str, object]:
+    """Restore targets (ShapeDtypeStructs, QArrays of them) for flat params stored in `mode`."""
+    out = {}
+    for name, shape in shapes.items():
+        if mode is None or not is_linear(name):
+            out[name] = jax.ShapeDtypeStruct(shape, dtype)
+            continue
+        bits = MODES[mode]
+        k, n = shape
+        gs = group_size or (k if bits == 8 else 128)
+        out[name] = QArray(q=jax.ShapeDtypeStruct((k // 2 if bits == 4 else k, n), jnp.int8),
+                           scale=jax.ShapeDtypeStruct((k // gs, n), dtype), bits=bits, group_size=gs)
+    return out
