@@ -1,0 +1,497 @@
+"""Weight-only quantized matmul for skinny batches (decode): y = x @ dequantize(q, scale).
+
+Backend: Pallas-Triton (CUDA and ROCm). The weight is dequantized in registers, so HBM traffic is the
+packed weight plus its scales; x and y are tiny next to it. Accumulation is float32.
+
+Weight layouts (`jllm/quant.py` quantizes into them; K = in, N = out, G = group_size):
+  bits=8:  q int8 [K, N]; scale [K // G, N]. Per-output-channel int8 is G = K (scale [1, N]).
+  bits=4:  q int8 [K // 2, N], two's-complement nibbles. Within group g, packed row g*G/2 + j holds
+           row g*G + j in its low nibble and row g*G + G/2 + j in its high nibble, so a tile of packed
+           rows reads two contiguous runs of x. scale [K // G, N].
+  bits=16: q is a plain float weight [K, N] and scale is None (an unquantized GEMV).
+
+Grid: (N blocks, K splits, M blocks). Each program walks its share of K in tiles of `block_k` rows;
+a tile never straddles a scale group, so grouped scales apply once per tile. With k_splits > 1 the
+programs write float32 partials [S, M, N] that the wrapper sums (batch-1 GEMV over N = 4096 has too
+few N blocks to fill 132 SMs otherwise). M == 1 uses a register FMA reduction; larger M a tensor-core
+dot with M padded to 16.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import statistics
+import time
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import _triton
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiling of one program. block_k counts logical input rows (two per byte for int4).
+
+    k_splits=None picks enough splits to give the GPU about `target_programs` programs. fma=True
+    runs M == 1 as a register FMA reduction instead of a padded tensor-core dot. prefetch=True
+    issues the next tile's loads before this tile's math (register double buffering). tf32_dot=True
+    feeds the dot float32 tiles (tf32 is exact for the integer codes and for bf16 x) instead of
+    casting them to x's dtype.
+    """
+    block_n: int = 128
+    block_k: int = 128
+    block_m: int = 16
+    k_splits: int | None = None
+    num_warps: int = 4
+    num_stages: int = 3
+    fma: bool = True
+    target_programs: int = 528
+    prefetch: bool = True
+    tf32_dot: bool = True
+
+    def __post_init__(self):
+        for name in ("block_n", "block_k", "block_m"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name}={v} must be a power of two >= 16")
+        if self.block_m > 64:
+            raise ValueError(f"{self.block_m=} must be <= 64")
+        if self.k_splits is not None and self.k_splits < 1:
+            raise ValueError(f"{self.k_splits=} must be >= 1 or None")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"{self.num_warps=} must be one of 1, 2, 4, 8, 16")
+        if self.num_stages < 1:
+            raise ValueError(f"{self.num_stages=} must be >= 1")
+        if self.target_programs < 1:
+            raise ValueError(f"{self.target_programs=} must be >= 1")
+
+
+def default_block_sizes(m: int, k: int, n: int, bits: int) -> BlockSizes:
+    """Tiling measured best on an H100 for this problem (see docs/perf_quant.md)."""
+    del k, n
+    if m == 1:
+        return BlockSizes(block_n=128, block_k=128 if bits == 4 else 64, num_warps=4, num_stages=3)
+    return BlockSizes(block_n=128, block_k=128, block_m=16 if m <= 16 else 64, num_warps=4,
+                      num_stages=3, fma=False)
+
+
+def pack_int4(q: jax.Array, group_size: int) -> jax.Array:
+    """int8 values in [-8, 7], [K, N] -> packed int8 [K // 2, N] in the layout of the module docstring."""
+    k, n = q.shape
+    g = q.reshape(k // group_size, 2, group_size // 2, n)  # [K/G, 2, G/2, N]: halves of each group
+    lo, hi = g[:, 0], g[:, 1]
+    packed = (lo & 0x0F) | (hi << 4)  # int8 arithmetic: hi's sign lands in bit 7
+    return packed.reshape(k // 2, n)
+
+
+def unpack_int4(q: jax.Array, group_size: int) -> jax.Array:
+    """Packed int8 [K // 2, N] -> int8 values [K, N] (inverse of `pack_int4`)."""
+    kh, n = q.shape
+    g = q.reshape(kh * 2 // group_size, 1, group_size // 2, n)  # [K/G, 1, G/2, N]
+    lo = (g << 4) >> 4  # arithmetic shift sign-extends the low nibble
+    hi = g >> 4
+    return jnp.concatenate([lo, hi], axis=1).reshape(kh * 2, n)
+
+
+# float32 with bits 0x4B000000 is 2**23, whose mantissa ulp is 1: OR-ing a biased code u < 2**23 into
+# it gives exactly 2**23 + u, and one subtraction recovers the code. Integer ops plus one FADD per
+# element, where a direct int -> float conversion runs on the slower conversion unit.
+_F32_TWO_23 = 0x4B000000
+
+
+def _dequant_f32(w, bits: int) -> list:
+    """Raw weight tile [bkq, bn] -> float32 tiles of codes: [w] for int8/bf16, [low, high] for int4."""
+    if bits == 16:
+        return [w.astype(jnp.float32)]
+    wi = w.astype(jnp.int32)  # sign-extended bytes
+    if bits == 8:
+        u = (wi & 0xFF) ^ (_F32_TWO_23 | 0x80)  # two's complement byte + 128, in the mantissa
+        return [lax.bitcast_convert_type(u, jnp.float32) - float(2**23 + 128)]
+    lo = (wi & 0x0F) ^ (_F32_TWO_23 | 0x08)  # nibble + 8 (flipping a nibble's sign bit adds 8)
+    hi = ((wi >> 4) & 0x0F) ^ (_F32_TWO_23 | 0x08)
+    return [lax.bitcast_convert_type(v, jnp.float32) - float(2**23 + 8) for v in (lo, hi)]
+
+
+def _quant_matmul_kernel(
+    x_ref,  # [M, K]
+    q_ref,  # [Kq, N]: Kq = K // 2 for int4, else K
+    s_ref,  # [K // G, N], or None for bits=16
+    o_ref,  # [M, N] in x's dtype, or [S, M, N] float32 partials when split
+    *,
+    bits: int,
+    group_size: int,
+    block_m: int,
+    block_n: int,
+    block_kq: int,
+    tiles_per_split: int,
+    fma: bool,
+    split: bool,
+    prefetch: bool,
+    tf32_dot: bool,
+):
+    m_size, k_size = x_ref.shape
+    kq_size, n_size = q_ref.shape
+    pid_n, pid_s, pid_m = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    n0 = pl.multiple_of(pid_n * block_n, block_n)
+    n_mask = (n0 + jnp.arange(block_n)) < n_size  # [bn]
+    n_ragged = n_size % block_n != 0  # masks only where a block can run past N or K
+    gq = group_size // 2 if bits == 4 else group_size  # packed rows per scale group
+    per_group = bits != 16 and group_size < k_size  # else one scale row, applied at the end
+    k_ragged = kq_size % block_kq != 0  # never when per_group: K % G == 0 and block_kq | gq
+    n_tiles = pl.cdiv(kq_size, block_kq)
+    t_start = pid_s * tiles_per_split
+    t_count = jnp.minimum(tiles_per_split, n_tiles - t_start)
+    m0 = pid_m * block_m
+    m_mask = (m0 + jnp.arange(block_m)) < m_size  # [bm]
+    if fma or tf32_dot:
+        cdtype = jnp.float32
+    else:
+        cdtype = x_ref.dtype  # codes are exact in bf16 and f16
+
+    def and_(a, b):
+        return b if a is None else (a if b is None else a & b)
+
+    def load_tile(t, valid):
+        """Tile t: ([weight tiles], [x tiles], scale row or None), all raw; `valid` masks it off."""
+        p0 = pl.multiple_of(t * block_kq, block_kq)
+        rows = (p0 + jnp.arange(block_kq)) < kq_size if k_ragged else None  # [bkq]
+        w_mask = and_(n_mask[None, :] if n_ragged else None, None if rows is None else rows[:, None])
+        w_mask = and_(w_mask, valid)
+        w = plgpu.load(q_ref.at[pl.ds(p0, block_kq), pl.ds(n0, block_n)],
+                       **({} if w_mask is None else dict(mask=w_mask, other=0)),
+                       eviction_policy="evict_first")  # [bkq, bn]
+        k_offsets = [p0] if bits != 4 else [p0 + (p0 // gq) * gq, p0 + (p0 // gq) * gq + gq]
+        xs = []
+        for k0 in k_offsets:  # int4: the group's first and second half of x
+            if fma:
+                mask = and_(rows, valid)
+                ref = x_ref.at[m0, pl.ds(k0, block_kq)]  # [bkq]
+            else:
+                mask = and_(and_(m_mask[:, None], None if rows is None else rows[None, :]), valid)
+                ref = x_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_kq)]  # [bm, bkq]
+            xs.append(plgpu.load(ref, **({} if mask is None else dict(mask=mask, other=0))))
+        scale = None
+        if per_group:
+            scale = load_scale(p0 // gq, valid)
+        return [w], xs, scale
+
+    def load_scale(row, valid=None):
+        mask = and_(n_mask if n_ragged else None, valid)
+        s = plgpu.load(s_ref.at[row, pl.ds(n0, block_n)],
+                       **({} if mask is None else dict(mask=mask, other=0)))
+        return s  # [bn]
+
+    def compute(acc, tile):
+        (w,), xs, scale = tile
+        t = None
+        for xk, wk in zip(xs, _dequant_f32(w, bits)):
+            if fma:
+                part = xk.astype(jnp.float32)[:, None] * wk  # [bkq, bn]
+            else:
+                part = jnp.dot(xk.astype(cdtype), wk.astype(cdtype),
+                               preferred_element_type=jnp.float32)  # [bm, bn]
+            t = part if t is None else t + part
+        if scale is not None:
+            t = t * scale.astype(jnp.float32)[None, :]
+        return acc + t
+
+    acc_shape = (block_kq, block_n) if fma else (block_m, block_n)
+    acc = jnp.zeros(acc_shape, jnp.float32)
+    if prefetch:
+        def body(i, carry):
+            acc, tile = carry
+            nxt = load_tile(t_start + i + 1, jnp.full((), True) & (i + 1 < t_count))
+            return compute(acc, tile), nxt
+
+        first = load_tile(t_start, jnp.full((), True) & (t_count > 0))
+        acc, _ = lax.fori_loop(0, t_count, body, (acc, first))
+    else:
+        acc = lax.fori_loop(0, t_count, lambda i, acc: compute(acc, load_tile(t_start + i, None)),
+                            acc)
+    if fma:
+        acc = acc.sum(axis=0, keepdims=True)  # [1, bn]: the one cross-thread reduction
+    if bits != 16 and not per_group:
+        acc = acc * load_scale(jnp.int32(0)).astype(jnp.float32)[None, :]
+    if fma:
+        idx = (pid_s, m0, pl.ds(n0, block_n)) if split else (m0, pl.ds(n0, block_n))
+        plgpu.store(o_ref.at[idx], acc[0].astype(o_ref.dtype),
+                    **(dict(mask=n_mask) if n_ragged else {}))
+    else:
+        idx = (pl.ds(m0, block_m), pl.ds(n0, block_n))
+        plgpu.store(o_ref.at[(pid_s, *idx) if split else idx], acc.astype(o_ref.dtype),
+                    mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _check_args(x, q, scale, bits, group_size):
+    if x.ndim != 2 or q.ndim != 2:
+        raise ValueError(f"x [M, K] and q [Kq, N] must be 2-D, got {x.shape=} {q.shape=}")
+    m, k = x.shape
+    if bits not in (4, 8, 16):
+        raise ValueError(f"{bits=} must be 4, 8 or 16")
+    kq = k // 2 if bits == 4 else k
+    if q.shape[0] != kq or (bits == 4 and k % 2):
+        raise ValueError(f"{q.shape=} does not match {x.shape=} for {bits=}")
+    if bits == 16:
+        if scale is not None:
+            raise ValueError("bits=16 takes scale=None")
+        return
+    if group_size < 1 or k % group_size or (bits == 4 and group_size % 2):
+        raise ValueError(f"{group_size=} must divide {k=} (and be even for int4)")
+    if scale is None or scale.shape != (k // group_size, q.shape[1]):
+        raise ValueError(f"scale must be [{k // group_size}, {q.shape[1]}], got "
+                         f"{None if scale is None else scale.shape}")
+
+
+def _quant_matmul(x, q, scale, *, bits, group_size, block_sizes, interpret):
+    m, k = x.shape
+    kq, n = q.shape
+    bs = block_sizes or default_block_sizes(m, k, n, bits)
+    fma = bs.fma and m == 1
+    block_k = bs.block_k
+    if bits != 16 and group_size < k:
+        block_k = min(block_k, group_size)  # a tile stays inside one scale group
+    block_kq = block_k // 2 if bits == 4 else block_k
+    if not fma and block_kq < 16:
+        raise ValueError(f"{block_k=} gives {block_kq} packed rows; the dot path needs >= 16")
+    block_m = 1 if fma else max(16, min(bs.block_m, pl.next_power_of_2(m)))
+    grid_n, grid_m = pl.cdiv(n, bs.block_n), pl.cdiv(m, block_m)
+    n_tiles = pl.cdiv(kq, block_kq)
+    splits = bs.k_splits or max(1, min(pl.cdiv(bs.target_programs, grid_n * grid_m), n_tiles // 4))
+    tiles_per_split = pl.cdiv(n_tiles, min(splits, n_tiles))
+    splits = pl.cdiv(n_tiles, tiles_per_split)  # no empty splits
+    split = splits > 1
+    kernel = functools.partial(
+        _quant_matmul_kernel, bits=bits, group_size=group_size, block_m=block_m,
+        block_n=bs.block_n, block_kq=block_kq, tiles_per_split=tiles_per_split, fma=fma,
+        split=split, prefetch=bs.prefetch, tf32_dot=bs.tf32_dot and bits != 16)
+    if scale is None:
+        kernel = functools.partial(lambda x_ref, q_ref, o_ref, f: f(x_ref, q_ref, None, o_ref),
+                                   f=kernel)
+    out_shape = (jax.ShapeDtypeStruct((splits, m, n), jnp.float32) if split
+                 else jax.ShapeDtypeStruct((m, n), x.dtype))
+    args = (x, q) if scale is None else (x, q, scale)
+    with _triton.quiet():
+        out = pl.pallas_call(
+            kernel,
+            grid=(grid_n, splits, grid_m),
+            out_shape=out_shape,
+            compiler_params=_triton.compiler_params(bs.num_warps, bs.num_stages),
+            interpret=interpret,
+            name=f"quant_matmul_int{bits}",
+        )(*args)
+    if split:
+        out = out.sum(axis=0).astype(x.dtype)  # [M, N]
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "block_sizes", "interpret"))
+def quant_matmul(
+    x: jax.Array,
+    q: jax.Array,
+    scale: jax.Array | None,
+    *,
+    bits: int,
+    group_size: int,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """x [M, K] @ dequantize(q [Kq, N], scale [K // G, N]) -> [M, N] in x's dtype."""
+    _check_args(x, q, scale, bits, group_size)
+    return _quant_matmul(x, q, scale, bits=bits, group_size=group_size, block_sizes=block_sizes,
+                         interpret=interpret)
+
+
+def quant_matmul_ref(
+    x: jax.Array,
+    q: jax.Array,
+    scale: jax.Array | None,
+    *,
+    bits: int,
+    group_size: int,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Pure-jnp float32 reference: x [M, K] @ dequantize(q, scale) -> [M, N] in x's dtype."""
+    del block_sizes, interpret
+    _check_args(x, q, scale, bits, group_size)
+    w = (unpack_int4(q, group_size) if bits == 4 else q).astype(jnp.float32)  # [K, N]
+    if scale is not None:
+        k, n = w.shape
+        w = (w.reshape(k // group_size, group_size, n) * scale.astype(jnp.float32)[:, None]
+             ).reshape(k, n)
+    y = jnp.dot(x.astype(jnp.float32), w, precision=lax.Precision.HIGHEST)
+    return y.astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark: python -m pallas_kernels.quant_matmul (GPU)
+
+PEAK_TBS = 3.13  # measured H100 read bandwidth, /work/shared/ANCHORS.md
+SHAPES = ((4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096))  # K x N, one Llama-2-7B layer
+
+
+def _random_weight(key, k, n, bits, group_size):
+    """Random quantized weight: values in the full code range, scales near 1/qmax."""
+    kq, ks = jax.random.split(key)
+    if bits == 16:
+        return jax.random.normal(kq, (k, n), jnp.bfloat16) * 0.02, None
+    lim = 8 if bits == 4 else 128
+    q = jax.random.randint(kq, (k, n), -lim + 1, lim, jnp.int8)
+    if bits == 4:
+        q = pack_int4(q, group_size)
+    scale = (jax.random.uniform(ks, (k // group_size, n), jnp.float32, 0.5, 1.5) / lim)
+    return q, scale.astype(jnp.bfloat16)
+
+
+def _weight_bytes(q, scale) -> int:
+    return q.size * q.dtype.itemsize + (0 if scale is None else scale.size * scale.dtype.itemsize)
+
+
+def _bench(op, x, weights, reps: int = 15, calls: int = 5) -> float:
+    """Median microseconds per weight set; each rep queues `calls` calls over all weight sets."""
+    f = jax.jit(lambda x, ws: [op(x, q, s) for q, s in ws])
+    jax.block_until_ready(f(x, weights))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            out = f(x, weights)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / (calls * len(weights)))
+    return statistics.median(times) * 1e6
+
+
+def _weight_sets(key, k, n, bits, group_size, min_bytes=160e6):
+    """Enough weight sets that one pass reads >= 3x the 50 MB L2."""
+    q, s = _random_weight(key, k, n, bits, group_size)
+    count = max(2, min(32, math.ceil(min_bytes / _weight_bytes(q, s))))
+    keys = jax.random.split(key, count)
+    return [(q, s)] + [_random_weight(kk, k, n, bits, group_size) for kk in keys[1:]]
+
+
+def _rel_err(y, ref) -> float:
+    y, ref = y.astype(jnp.float32), ref.astype(jnp.float32)
+    return float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
+
+
+def _check(x, q, s, bits, group_size, block_sizes=None) -> float:
+    y = quant_matmul(x, q, s, bits=bits, group_size=group_size, block_sizes=block_sizes)
+    ref = quant_matmul_ref(x, q, s, bits=bits, group_size=group_size)
+    err = _rel_err(y, ref)
+    if not (err < 2e-2) or bool(jnp.isnan(y).any()):
+        raise AssertionError(f"kernel mismatch {x.shape=} {q.shape=} {bits=} {group_size=}: {err=}")
+    return err
+
+
+def _xla_ops():
+    def bf16(x, w, s):
+        return x @ w
+
+    def int8(x, q, s):
+        return (x @ q.astype(jnp.bfloat16)) * s
+
+    return bf16, int8
+
+
+def sweep(configs: dict[str, BlockSizes], shapes=SHAPES, batches=(1, 8), bits_list=(8, 4),
+          group_size: int = 128, baselines: bool = True, budget_s: float = 1e9):
+    """Print us and TB/s for each named BlockSizes over shapes x batches x bits (tuning aid)."""
+    t_end = time.perf_counter() + budget_s
+    key = jax.random.key(1)
+    xla_bf16, xla_int8 = _xla_ops()
+    for bits in bits_list:
+        for k, n in shapes:
+            g = k if bits == 8 else group_size
+            ws = _weight_sets(key, k, n, bits, g)
+            nbytes = _weight_bytes(*ws[0])
+            for m in batches:
+                if time.perf_counter() > t_end:
+                    print("sweep: out of time", flush=True)
+                    return
+                x = jax.random.normal(key, (m, k), jnp.bfloat16)
+                row = []
+                if baselines and bits == 8:
+                    us = _bench(xla_int8, x, ws, reps=7, calls=3)
+                    row.append(f"xla_int8={us:.1f}us/{nbytes / us / 1e6:.2f}")
+                for name, bs in configs.items():
+                    try:
+                        _check(x, *ws[0], bits, g, bs)
+                        op = functools.partial(_kernel_op, bits=bits, group_size=g, block_sizes=bs)
+                        us = _bench(op, x, ws, reps=7, calls=3)
+                        row.append(f"{name}={us:.1f}us/{nbytes / us / 1e6:.2f}")
+                    except Exception as e:  # a config that fails to compile is reported, not fatal
+                        row.append(f"{name}=ERR({type(e).__name__}: {str(e)[:200]})")
+                print(f"sweep int{bits} K={k} N={n} M={m}: " + "  ".join(row), flush=True)
+
+
+def _kernel_op(x, q, s, *, bits, group_size, block_sizes=None):
+    return quant_matmul(x, q, s, bits=bits, group_size=group_size, block_sizes=block_sizes)
+
+
+def check_all():
+    """Kernel vs ref on GPU over ragged shapes, every mode and both M paths."""
+    key = jax.random.key(0)
+    failed = []
+    for (m, k, n), bits, g in [((1, 4096 + 64, 4096 + 48), 8, 4096 + 64), ((3, 1000, 300), 8, 1000),
+                               ((5, 4096, 4128), 4, 128), ((16, 4096, 4096), 4, 32),
+                               ((64, 2048, 1000), 4, 64), ((1, 4096, 4096), 4, 64),
+                               ((1, 300, 200), 16, 0), ((8, 4096, 4096), 16, 0),
+                               ((2, 4096, 4096), 8, 128)]:
+        x = jax.random.normal(jax.random.fold_in(key, m * k), (m, k), jnp.bfloat16)
+        q, s = _random_weight(jax.random.fold_in(key, n), k, n, bits, g)
+        try:
+            err = f"rel err {_check(x, q, s, bits, g):.2e}"
+        except Exception as e:  # report every failing case, then raise once
+            err = f"FAILED {type(e).__name__}: {str(e)[:300]}"
+            failed.append(err)
+        print(f"check M={m} K={k} N={n} int{bits} g={g}: {err}", flush=True)
+    if failed:
+        raise AssertionError(f"{len(failed)} kernel checks failed")
+
+
+def main(batches=(1, 8, 64)):
+    """Correctness on ragged shapes, then µs and TB/s over the bytes read for one Llama-2-7B layer."""
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
+    check_all()
+    key = jax.random.key(0)
+    xla_bf16, xla_int8 = _xla_ops()
+    rows = []
+    for k, n in SHAPES:
+        w16, w8, w4 = (_weight_sets(key, k, n, 16, 0), _weight_sets(key, k, n, 8, k),
+                       _weight_sets(key, k, n, 4, 128))
+        methods = {"bf16 xla": (w16, xla_bf16, 16),
+                   "int8 xla": (w8, xla_int8, 8),
+                   "int8 pallas": (w8, functools.partial(_kernel_op, bits=8, group_size=k), 8),
+                   "int4 pallas": (w4, functools.partial(_kernel_op, bits=4, group_size=128), 4),
+                   "bf16 pallas": (w16, functools.partial(_kernel_op, bits=16, group_size=0), 16)}
+        for m in batches:
+            x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
+            for name, (ws, op, bits) in methods.items():
+                if name == "bf16 pallas" and m > 8:
+                    continue
+                if "pallas" in name:
+                    _check(x, *ws[0], bits, k if bits == 8 else 128)
+                nbytes = _weight_bytes(*ws[0])
+                us = _bench(op, x, ws)
+                tbs = nbytes / us / 1e6
+                rows.append((k, n, m, name, us, tbs))
+                print(f"K={k:6d} N={n:6d} M={m:3d} {name:12s} {us:8.1f} us {tbs:5.2f} TB/s "
+                      f"({100 * tbs / PEAK_TBS:3.0f}% of {PEAK_TBS})", flush=True)
+    print("\nper layer (sum of the four shapes), us and TB/s over bytes read:")
+    for m in batches:
+        for name in ("bf16 xla", "int8 xla", "int8 pallas", "int4 pallas", "bf16 pallas"):
+            sel = [r for r in rows if r[2] == m and r[3] == name]
+            if len(sel) == len(SHAPES):
+                us = sum(r[4] for r in sel)
+                tb = sum(r[4] * r[5] for r in sel) / us
+                print(f"M={m:3d} {name:12s} {us:8.1f} us/layer {tb:5.2f} TB/s "
+                      f"({100 * tb / PEAK_TBS:3.0f}%)")
+
+
+if __name__ == "__main__":
+    main()
