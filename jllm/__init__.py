@@ -22,17 +22,21 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def load(path: str | os.PathLike, dtype: str | None = None, *, attn_impl: str | None = None,
+def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | None = None,
+         group_size: int | None = None, attn_impl: str | None = None,
          matmul_impl: str | None = None, progress: bool = True,
          mesh: jax.sharding.Mesh | None = None) -> Model:
     """Load a jllm checkpoint, or convert a Hugging Face Llama directory in memory.
 
-    dtype: "bfloat16" | "float16" | "float32" (default: the checkpoint's). attn_impl/matmul_impl:
-    "xla" | "pallas" (default: pallas on GPU, xla elsewhere). mesh (sharding.rules.make_mesh):
-    each weight is restored straight into its shards on the mesh, each process reading only the
-    shards of its own devices.
+    dtype: "bfloat16" | "float16" | "float32" (default: the checkpoint's). quantize: "int8" |
+    "int4" quantizes the linear weights after loading (group_size for int4, default 128); a
+    checkpoint converted with --quantize is already quantized. attn_impl/matmul_impl: "xla" |
+    "pallas" (default: pallas on GPU, xla elsewhere). mesh (sharding.rules.make_mesh): each weight
+    is restored straight into its shards on the mesh, each process reading only the shards of its
+    own devices.
     """
     runtime.enable_compilation_cache()
+    quant.check_mode(quantize, group_size)
     path = os.fspath(path)
     say = _say if progress else None
     if not os.path.isdir(path):
@@ -41,31 +45,44 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, attn_impl: str | 
     if not os.path.isfile(os.path.join(path, checkpoint.META)) and os.path.isfile(os.path.join(path, "config.json")):
         from convert import hf  # the converter depends on jllm; imported only for HF directories
         cfg, flat, tok_path = hf.load_hf(path, dtype or "bfloat16", progress=progress)
+        stored = None
         if mesh is None:
-            params = from_flat({k: jnp.asarray(v) for k, v in flat.items()}, cfg)
+            flat = {k: jnp.asarray(v) for k, v in flat.items()}
         else:
             from jllm import parallel
             shardings = parallel.param_shardings(cfg, mesh)
-            arrays = {}
             for name in list(flat):  # each array goes to its shards and its host copy is dropped
                 w = flat.pop(name)
-                arrays[name] = jax.make_array_from_callback(w.shape, shardings[name], lambda idx, w=w: w[idx])
-            params = from_flat(arrays, cfg)
+                flat[name] = jax.make_array_from_callback(w.shape, shardings[name], lambda idx, w=w: w[idx])
     else:
         cfg, meta = checkpoint.read_meta(path)
         dt = checkpoint.parse_dtype(dtype, default=meta["dtype"])
-        if mesh is None:
-            shardings = {name: None for name in param_infos(cfg)}
-        else:
+        stored = meta.get("quant") or None
+        mode, gs = (stored["mode"], stored.get("group_size")) if stored else (None, None)
+        shardings = None
+        if mesh is not None:
             from jllm import parallel
-            shardings = parallel.param_shardings(cfg, mesh)
-        target = {name: jax.ShapeDtypeStruct(info.shape, dt, sharding=shardings[name])
-                  for name, info in param_infos(cfg).items()}
-        params = from_flat(checkpoint.restore(path, target, progress=say), cfg)
+            shardings = parallel.param_shardings(cfg, mesh, quant=mode)
+        shapes = {name: info.shape for name, info in param_infos(cfg).items()}
+        target = quant.abstract_flat(shapes, dt, mode, gs, shardings)
+        flat = checkpoint.restore(path, target, progress=say)
+    if quantize is not None and stored is not None and stored["mode"] != quantize:
+        raise ValueError(f"{path!r} is stored as {stored['mode']}; cannot load it as {quantize}")
+    if quantize is not None and stored is None:
+        if say:
+            say(f"quantizing linear weights to {quantize}")
+        flat, err = quant.quantize_flat(flat, quantize, group_size)
+        if say:
+            say(f"largest absolute weight error {err:.3g}")
+        stored = {"mode": quantize, "group_size": group_size}
+        if mesh is not None:
+            from jllm import parallel
+            flat = parallel.shard_flat(flat, cfg, mesh, quant=quantize)
+    params = from_flat(flat, cfg)
     tokenizer = Tokenizer(tok_path) if tok_path and os.path.isfile(tok_path) else None
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer.model has {tokenizer.vocab_size} pieces but the model's "
                          f"vocab_size is {cfg.vocab_size}")
-    return Model(params=params, cfg=cfg, tokenizer=tokenizer,
+    return Model(params=params, cfg=cfg, tokenizer=tokenizer, quant=stored and stored["mode"],
                  attn_impl=attn_impl or runtime.default_attn_impl(),
                  matmul_impl=matmul_impl or runtime.default_matmul_impl(), mesh=mesh)

@@ -180,16 +180,22 @@ def quantize_flat(flat: dict[str, jax.Array], mode: str, group_size: int | None 
 
 
 def abstract_flat(shapes: dict[str, tuple[int, ...]], dtype, mode: str | None,
-                  group_size: int | None = None) -> dict[str, object]:
-    """Restore targets (ShapeDtypeStructs, QArrays of them) for flat params stored in `mode`."""
+                  group_size: int | None = None, shardings: dict | None = None) -> dict[str, object]:
+    """Restore targets (ShapeDtypeStructs, QArrays of them) for flat params stored in `mode`.
+
+    shardings: {name: sharding} (a QArray of shardings for quantized weights) to restore into.
+    """
     out = {}
     for name, shape in shapes.items():
+        sh = shardings[name] if shardings is not None else None
         if mode is None or not is_linear(name):
-            out[name] = jax.ShapeDtypeStruct(shape, dtype)
+            out[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
             continue
         bits = MODES[mode]
         k, n = shape
         gs = group_size or (k if bits == 8 else 128)
-        out[name] = QArray(q=jax.ShapeDtypeStruct((k // 2 if bits == 4 else k, n), jnp.int8),
-                           scale=jax.ShapeDtypeStruct((k // gs, n), dtype), bits=bits, group_size=gs)
+        out[name] = QArray(q=jax.ShapeDtypeStruct((k // 2 if bits == 4 else k, n), jnp.int8,
+                                                  sharding=sh and sh.q),
+                           scale=jax.ShapeDtypeStruct((k // gs, n), dtype, sharding=sh and sh.scale),
+                           bits=bits, group_size=gs)
     return out
