@@ -160,39 +160,44 @@ class _Row:
         return self.tok.decode_after(self.prompt[-1], self.tokens)
 
     def push(self, new: list[int], now: float) -> Delta | None:
-        """Take new token ids; return what to stream (or None), marking the row finished."""
+        """Take new token ids; return what to stream (or None), marking the row finished.
+
+        With stop strings the text is checked after every token, so `.tokens` ends at the token
+        that completed the stop string and nothing generated after it is kept.
+        """
         start = len(self.tokens)
+        text = None
         for t in new:
             if t in self.stop_ids:
                 self.finish = "stop"
                 break
             self.tokens.append(t)
+            if self.stop:
+                text = self._decoded()
+                cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    text, self.finish = text[:cut], "stop"
+                    break
             if len(self.tokens) >= self.max_new:
                 self.finish = "length"
                 break
+        if self.finish:
+            self.t_done = now
+        fresh = self.tokens[start:]
         if self.tok is None:
-            if self.finish:
-                self.t_done = now
-            fresh = self.tokens[start:]
             return Delta(self.index, "", fresh) if fresh else None
-        text = self._decoded()
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            text, self.finish = text[:cut], "stop"
+        if text is None:
+            text = self._decoded()
         if self.finish:
             stable = len(text)
-            self.t_done = now
         else:  # hold back a split character and anything that may begin a stop string
             stable = len(text.rstrip("\ufffd"))
-            for s in self.stop:
-                for n in range(min(len(s) - 1, stable), 0, -1):
-                    if text[:stable].endswith(s[:n]):
-                        stable -= n
-                        break
+            hold = max((n for s in self.stop for n in range(1, min(len(s), stable + 1))
+                        if text[:stable].endswith(s[:n])), default=0)
+            stable -= hold
         self.text = text
         delta = text[self.emitted:stable]
         self.emitted = max(self.emitted, stable)
-        fresh = self.tokens[start:]
         return Delta(self.index, delta, fresh) if (delta or fresh) else None
 
 
@@ -251,14 +256,20 @@ def _run(model: Model, rows: list[_Row], tokens: np.ndarray, n_tokens: np.ndarra
                 if delta is not None and stream is not None:
                     stream(delta)
 
-    if model.mesh is not None:
+    key = jax.random.key(seed)
+    if model.mesh is None:
+        cache = init_cache(cfg, B, S, model.dtype)
+        tokens_d, n_tokens_d, host = jnp.asarray(tokens), jnp.asarray(n_tokens), np.asarray
+    else:
         from jllm import parallel
         cache = parallel.init_cache(cfg, B, S, model.dtype, model.mesh)
-    else:
-        cache = init_cache(cfg, B, S, model.dtype)
-    token, cache, key = prefill(model.params, jnp.asarray(tokens), jnp.asarray(n_tokens), cache,
-                                sampling, jax.random.key(seed), **kw)
-    take(np.asarray(token)[:, None])
+        # Global arrays with the batch over the data axis: in a multi-process run every process
+        # holds the same host inputs and contributes its devices' part; results come back whole.
+        tokens_d, n_tokens_d, sampling, key = parallel.put_batch(
+            (tokens, n_tokens, sampling, key), model.mesh)
+        host = parallel.to_host
+    token, cache, key = prefill(model.params, tokens_d, n_tokens_d, cache, sampling, key, **kw)
+    take(host(token)[:, None])
     t_first = time.perf_counter()
     # Keep one decode chunk in flight: the next is dispatched before the last one is read back.
     pending, steps = None, 1
@@ -266,10 +277,10 @@ def _run(model: Model, rows: list[_Row], tokens: np.ndarray, n_tokens: np.ndarra
         out, cache, key = decode(model.params, token, cache, sampling, key, n_steps=DECODE_CHUNK, **kw)
         token, steps = out[:, -1], steps + DECODE_CHUNK
         if pending is not None:
-            take(np.asarray(pending))
+            take(host(pending))
         pending = out
     if pending is not None and any(r.finish is None for r in rows):
-        take(np.asarray(pending))
+        take(host(pending))
     results = []
     for row in rows:
         if row.finish is None:  # cannot happen: max_new_tokens steps always ran

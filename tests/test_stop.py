@@ -1,0 +1,39 @@
+"""Stop strings cut both the text and the tokens at the token that completed them."""
+import jllm
+
+
+def _word_pieces(tokenizer, n):
+    """n distinct ordinary pieces that start with a space marker and are plain letters."""
+    sp = tokenizer.sp
+    out = []
+    for i in range(3, tokenizer.vocab_size):
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581") and piece[1:].isalpha() and len(piece) >= 3:
+            out.append(i)
+        if len(out) == n:
+            return out
+    raise AssertionError("tokenizer has too few word pieces")
+
+
+def test_stop_string_inside_a_decode_chunk_ends_tokens_at_the_stop(scripted_model, tokenizer):
+    a, b, c, d, e = _word_pieces(tokenizer, 5)
+    model = scripted_model({a: b, b: c, c: d, d: e, e: a})
+    stop = tokenizer.decode([d]).strip()
+    [out] = jllm.generate(model, [[1, a]], max_new_tokens=40, stop=[stop], stop_token_ids=[])
+    assert out.finish_reason == "stop"
+    assert out.tokens == [b, c, d]
+    assert out.text == tokenizer.decode_after(a, [b, c, d]).split(stop)[0]
+    assert stop not in out.text
+
+
+def test_streamed_text_never_shows_a_stop_string_prefix_that_completes(scripted_model, tokenizer):
+    a, b, c, d, e = _word_pieces(tokenizer, 5)
+    model = scripted_model({a: b, b: c, c: d, d: e, e: a})
+    # The stop string spans two tokens: text of c followed by text of d.
+    stop = tokenizer.decode_after(b, [c, d])
+    seen = []
+    [out] = jllm.generate(model, [[1, a]], max_new_tokens=40, stop=[stop], stop_token_ids=[],
+                          stream=lambda delta: seen.append(delta.text))
+    assert out.finish_reason == "stop" and out.tokens == [b, c, d]
+    assert "".join(seen) == out.text
+    assert stop.strip() not in "".join(seen)
