@@ -202,7 +202,8 @@ def load_hf(hf_dir: str | os.PathLike, dtype="bfloat16", progress: bool = True,
                 show(len(flat), f"({os.path.basename(path)}, file {n_file + 1}/{len(files)})")
     missing = [k for k in infos if k not in flat]
     if missing:
-        raise ValueError(f"the checkpoint lacks {len(missing)} tensors jllm needs, e.g. {missing[:5]}")
+        raise ValueError(f"the checkpoint lacks {len(missing)} tensors jllm needs, e.g. "
+                         f"{[hf_key(k)[0] for k in missing[:5]]}")
     tok = os.path.join(hf_dir, "tokenizer.model")
     if not os.path.isfile(tok):
         warnings.warn(f"{hf_dir!r} has no tokenizer.model: the model will take and return token ids")

@@ -63,7 +63,7 @@ def read_meta(path: str | os.PathLike) -> tuple[LlamaConfig, dict]:
         with open(meta_path) as f:
             meta = json.load(f)
         cfg = LlamaConfig(**meta["config"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"corrupt checkpoint metadata {meta_path!r}: {e!r}") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path!r} has format {meta.get('format')!r}; this jllm reads {FORMAT}")

@@ -31,10 +31,11 @@ class Tokenizer:
     def decode_after(self, context: int | None, ids: list[int]) -> str:
         """Text of `ids` as it reads after the token `context`: SentencePiece drops the leading
         space of the first piece of a sequence, which would glue a continuation to its prompt."""
-        if context is None or self.sp.is_byte(context) or self.sp.is_control(context):
+        if context is None or self.sp.is_control(context):
             return self.sp.decode(ids)
-        anchor = self.sp.decode([context])
-        return self.sp.decode([context] + ids)[len(anchor):]
+        anchor, text = self.sp.decode([context]), self.sp.decode([context] + ids)
+        # A byte piece alone reads as U+FFFD; if `ids` complete its character the anchor is gone.
+        return text[len(anchor):] if text.startswith(anchor) else self.sp.decode(ids)
 
 
 class StreamDecoder:

@@ -1,0 +1,112 @@
+import dataclasses
+
+import pytest
+import transformers
+
+from jllm.config import CONFIGS, LlamaConfig
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_named_config_builds_and_divides(name):
+    cfg = LlamaConfig.from_name(name)
+    assert cfg.head_dim * cfg.n_heads == cfg.dim
+    assert cfg.n_heads % cfg.n_kv_heads == 0
+
+
+def test_llama2_sizes_match_the_paper():
+    small = LlamaConfig.from_name("llama-2-7b")
+    assert (small.dim, small.n_layers, small.n_heads, small.ffn_dim) == (4096, 32, 32, 11008)
+    assert LlamaConfig.from_name("llama-2-13b").n_layers == 40
+    big = LlamaConfig.from_name("llama-2-70b")
+    assert (big.dim, big.n_heads, big.n_kv_heads, big.head_dim) == (8192, 64, 8, 128)
+
+
+def test_from_name_applies_overrides():
+    cfg = LlamaConfig.from_name("tiny", n_layers=3, rope_theta=1e6)
+    assert (cfg.n_layers, cfg.rope_theta, cfg.dim) == (3, 1e6, CONFIGS["tiny"]["dim"])
+
+
+def test_unknown_config_name_is_key_error_listing_names():
+    with pytest.raises(KeyError, match="llama-3-8b") as e:
+        LlamaConfig.from_name("llama-3-8b")
+    for name in CONFIGS:
+        assert name in str(e.value)
+
+
+def test_config_is_frozen_and_hashable():
+    a, b = LlamaConfig.from_name("tiny"), LlamaConfig.from_name("tiny")
+    assert a == b and hash(a) == hash(b)
+    assert a != LlamaConfig.from_name("tiny", n_layers=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.dim = 128
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(dim=65, n_heads=4, n_kv_heads=4), "dim=65"),
+    (dict(dim=64, n_heads=4, n_kv_heads=3), "n_kv_heads=3"),
+    (dict(dim=12, n_heads=4, n_kv_heads=4), "head_dim=3"),
+    (dict(n_layers=0), "n_layers=0"),
+    (dict(vocab_size=-1), "vocab_size=-1"),
+    (dict(n_layers=True), "n_layers=True"),
+    (dict(dim=64.0, n_heads=4, n_kv_heads=4), "dim=64.0"),
+    (dict(norm_eps=0.0), "norm_eps=0.0"),
+    (dict(rope_theta=-1.0), "rope_theta=-1.0"),
+], ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()))
+def test_invalid_config_raises_value_error_with_the_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        LlamaConfig(**kw)
+
+
+def test_json_round_trip(tmp_path):
+    cfg = LlamaConfig.from_name("tiny", tie_embeddings=True, rope_theta=1e6)
+    path = tmp_path / "cfg.json"
+    path.write_text(cfg.to_json())
+    assert LlamaConfig.from_json_file(path) == cfg
+
+
+def _hf_dict(**kw) -> dict:
+    base = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, rms_norm_eps=1e-6)
+    return transformers.LlamaConfig(**{**base, **kw}).to_dict()
+
+
+@pytest.mark.parametrize("rope_theta", [10000.0, 1e6])
+@pytest.mark.parametrize("tie", [False, True])
+def test_from_hf_reads_transformers_own_config(rope_theta, tie):
+    hf = _hf_dict(rope_theta=rope_theta, tie_word_embeddings=tie)
+    assert "rope_parameters" in hf  # new transformers nest rope_theta here
+    cfg = LlamaConfig.from_hf(hf)
+    assert cfg == LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176,
+                              vocab_size=512, norm_eps=1e-6, rope_theta=rope_theta,
+                              tie_embeddings=tie, max_seq_len=256)
+
+
+def test_from_hf_reads_flat_rope_theta_and_missing_kv_heads():
+    hf = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "vocab_size": 512, "rope_theta": 5e5, "rms_norm_eps": 1e-5,
+          "max_position_embeddings": 128}
+    cfg = LlamaConfig.from_hf(hf)
+    assert (cfg.n_kv_heads, cfg.rope_theta, cfg.max_seq_len) == (4, 5e5, 128)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(model_type="mistral"), "model_type='mistral'"),
+    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), "rope_parameters"),
+    (dict(attention_bias=True), "attention_bias"),
+    (dict(mlp_bias=True), "mlp_bias"),
+    (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    (dict(sliding_window=4096), "sliding_window"),
+    (dict(head_dim=32), "head_dim=32"),
+], ids=lambda v: v if isinstance(v, str) else "-".join(v))
+def test_from_hf_refuses_what_it_cannot_run(change, match):
+    hf = {**_hf_dict(), **change}
+    with pytest.raises(ValueError, match=match):
+        LlamaConfig.from_hf(hf)
+
+
+def test_from_hf_names_a_missing_field():
+    hf = _hf_dict()
+    del hf["intermediate_size"]
+    with pytest.raises(ValueError, match="intermediate_size"):
+        LlamaConfig.from_hf(hf)

@@ -1,0 +1,114 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jllm.sampling import Sampling, sample
+
+V = 64
+DRAWS = 4096
+sample_jit = jax.jit(sample)
+
+
+def _logits(seed: int = 0, rows: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 2, (rows, V)).astype(np.float32)
+
+
+def _draw(row: np.ndarray, s: Sampling, seed: int = 0) -> np.ndarray:
+    """DRAWS samples from one row of logits, as one batch (each row draws independently)."""
+    batch = jnp.asarray(np.repeat(row[None], DRAWS, 0))
+    return np.asarray(sample_jit(batch, jax.random.key(seed), s))
+
+
+def _rows(temperature, top_k=None, top_p=None) -> Sampling:
+    return Sampling.make(DRAWS, temperature, top_k, top_p)
+
+
+def test_sampling_make_defaults_mean_no_cut():
+    s = Sampling.make(3)
+    assert np.asarray(s.temperature).tolist() == [0, 0, 0]
+    assert np.asarray(s.top_k).tolist() == [0, 0, 0]
+    assert np.asarray(s.top_p).tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("top_k, top_p", [(None, None), (3, 0.5)], ids=["plain", "with_cuts"])
+def test_temperature_zero_is_argmax(top_k, top_p):
+    logits = _logits(1, rows=16)
+    got = sample_jit(jnp.asarray(logits), jax.random.key(0), Sampling.make(16, 0.0, top_k, top_p))
+    assert np.asarray(got).tolist() == np.argmax(logits, -1).tolist()
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_top_k_never_samples_outside_the_k_best(k):
+    row = _logits(2)[0]
+    got = _draw(row, _rows(1.5, top_k=k))
+    best = set(np.argsort(-row)[:k].tolist())
+    assert set(got.tolist()) <= best
+    if k > 1:  # and it does sample, not just take the argmax
+        assert len(set(got.tolist())) > 1
+
+
+@pytest.mark.parametrize("p", [0.3, 0.6, 0.9])
+def test_top_p_samples_only_the_smallest_prefix_reaching_p(p):
+    row = _logits(3)[0]
+    probs = np.exp(row - row.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    n = int(np.searchsorted(np.cumsum(probs[order]), p) + 1)   # smallest prefix with mass >= p
+    assert abs(np.cumsum(probs[order])[n - 1] - p) > 1e-3       # not on a float boundary
+    allowed = set(order[:n].tolist())
+    got = _draw(row, _rows(1.0, top_p=p))
+    assert set(got.tolist()) <= allowed
+    if n > 1:
+        assert len(set(got.tolist())) > 1
+
+
+def test_top_k_and_top_p_together_keep_the_smaller_set():
+    row = _logits(4)[0]
+    got = set(_draw(row, _rows(1.0, top_k=2, top_p=0.99)).tolist())
+    assert got == set(np.argsort(-row)[:2].tolist())
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 2), (2.0, None)], ids=lambda v: f"{v}")
+def test_frequencies_match_the_renormalized_distribution(temperature, top_k):
+    """A known answer: probabilities (0.5, 0.3, 0.2, tiny...) at temperature T with a top-k cut."""
+    p = np.full(V, 1e-9)
+    p[[7, 3, 40]] = [0.5, 0.3, 0.2]
+    row = np.log(p).astype(np.float32)
+    want = p ** (1 / temperature)
+    if top_k:
+        want[np.argsort(-want)[top_k:]] = 0
+    want /= want.sum()
+    got = np.bincount(_draw(row, _rows(temperature, top_k=top_k)), minlength=V) / DRAWS
+    np.testing.assert_allclose(got, want, atol=0.03)
+
+
+def test_same_seed_same_tokens_different_seed_differs():
+    row = _logits(5)[0]
+    s = _rows(1.0)
+    a, b, c = _draw(row, s, seed=0), _draw(row, s, seed=0), _draw(row, s, seed=1)
+    assert a.tolist() == b.tolist()
+    # 4096 independent draws from a spread distribution: two seeds agree on far fewer than all.
+    assert np.mean(a == c) < 0.5
+
+
+def test_each_row_uses_its_own_values():
+    """One batch: greedy rows, top_k=1 rows, tiny top_p rows and free rows side by side."""
+    row = _logits(6)[0]
+    n = DRAWS // 4
+    s = Sampling(temperature=jnp.asarray([0.0] * n + [1.0] * 3 * n, jnp.float32),
+                 top_k=jnp.asarray([0] * n + [1] * n + [0] * 2 * n, jnp.int32),
+                 top_p=jnp.asarray([1.0] * 2 * n + [1e-3] * n + [1.0] * n, jnp.float32))
+    got = _draw(row, s)
+    best = int(np.argmax(row))
+    assert set(got[:3 * n].tolist()) == {best}
+    assert len(set(got[3 * n:].tolist())) > 3
+
+
+def test_new_sampling_values_do_not_recompile():
+    logits = jnp.asarray(_logits(7, rows=5))  # a batch size no other test uses
+    sample_jit(logits, jax.random.key(0), Sampling.make(5)).block_until_ready()
+    compiled = sample_jit._cache_size()
+    for values in [(0.7, 5, None), (1.3, None, 0.8), (2.0, 40, 0.3), (0.0, 1, 1.0)]:
+        sample_jit(logits, jax.random.key(values[1] or 1), Sampling.make(5, *values)).block_until_ready()
+    assert sample_jit._cache_size() == compiled

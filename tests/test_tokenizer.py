@@ -1,0 +1,110 @@
+import pytest
+
+from jllm.tokenizer import StreamDecoder, Tokenizer, format_chat
+
+TEXTS = ["Hello world", "Grüße aus Köln, déjà vu.", "日本語のテキスト", "Emoji: 🙂🚀✨",
+         "x = f(a, b) + 42"]
+
+
+def _bytes(tok: Tokenizer, text: str) -> list[int]:
+    return [tok.sp.piece_to_id(f"<0x{b:02X}>") for b in text.encode()]
+
+
+def test_special_ids_are_llama_layout(tokenizer):
+    assert (tokenizer.sp.unk_id(), tokenizer.bos_id, tokenizer.eos_id) == (0, 1, 2)
+    assert tokenizer.vocab_size == 512
+
+
+def test_encode_adds_bos_and_optional_eos(tokenizer):
+    plain = tokenizer.sp.encode("Hello world")
+    assert tokenizer.encode("Hello world") == [tokenizer.bos_id] + plain
+    assert tokenizer.encode("Hello world", bos=False) == plain
+    assert tokenizer.encode("Hello world", eos=True)[-1] == tokenizer.eos_id
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_decode_round_trip(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert tokenizer.decode(tokenizer.encode(text, bos=False, eos=True)) == text
+
+
+@pytest.mark.parametrize("char", ["\u00e9", "\u65e5", "\U0001F642"], ids=["2_bytes", "3_bytes", "4_bytes"])
+def test_byte_fallback_pieces_decode_to_utf8(tokenizer, char):
+    ids = _bytes(tokenizer, char)
+    assert all(tokenizer.sp.is_byte(i) for i in ids)
+    assert tokenizer.decode(ids) == char
+    assert tokenizer.decode(ids[:-1]) and char not in tokenizer.decode(ids[:-1])   # incomplete
+
+
+def test_unseen_character_encodes_as_byte_pieces(tokenizer):
+    ids = tokenizer.encode("\U0001F642", bos=False)
+    assert any(tokenizer.sp.is_byte(i) for i in ids)
+    assert tokenizer.decode(ids) == "\U0001F642"
+
+
+def test_decode_after_keeps_the_space_between_prompt_and_continuation(tokenizer):
+    prompt = tokenizer.encode("Hello", bos=True)
+    cont = tokenizer.encode(" world", bos=False)
+    assert tokenizer.decode(prompt + cont) == "Hello world"
+    assert tokenizer.decode_after(prompt[-1], cont) == " world"
+    assert tokenizer.decode_after(prompt[-1], []) == ""
+    after_bytes = _bytes(tokenizer, "\U0001F642")
+    assert tokenizer.decode_after(after_bytes[-1], cont) == " world"
+
+
+def test_stream_decoder_never_emits_a_split_character(tokenizer):
+    sp = tokenizer.sp
+    ids = (sp.encode("naïve") + [sp.piece_to_id("\u2581")] + _bytes(tokenizer, "\U0001F642\u65e5")
+           + sp.encode(" end"))
+    dec = StreamDecoder(tokenizer, context=tokenizer.bos_id)
+    deltas = [dec.push([i]) for i in ids] + [dec.push([], final=True)]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == "naïve \U0001F642\u65e5 end"
+
+
+def test_bad_tokenizer_file_is_value_error(tmp_path):
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(b"not a sentencepiece model")
+    with pytest.raises(ValueError, match="tokenizer.model"):
+        Tokenizer(path)
+
+
+# --- Llama-2 chat format ------------------------------------------------------------------------
+
+def test_chat_single_user_turn(tokenizer):
+    ids = format_chat([{"role": "user", "content": " Hi there "}], tokenizer)
+    assert ids == [tokenizer.bos_id] + tokenizer.sp.encode("[INST] Hi there [/INST]")
+
+
+def test_chat_system_prompt_goes_inside_the_first_user_turn(tokenizer):
+    ids = format_chat([{"role": "system", "content": "Be brief."},
+                       {"role": "user", "content": "Hi"}], tokenizer)
+    assert ids == [tokenizer.bos_id] + tokenizer.sp.encode(
+        "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]")
+
+
+def test_chat_each_finished_turn_has_bos_and_eos(tokenizer):
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "u1"},
+            {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"},
+            {"role": "assistant", "content": "a2"}, {"role": "user", "content": "u3"}]
+    ids = format_chat(msgs, tokenizer)
+    bos, eos, enc = tokenizer.bos_id, tokenizer.eos_id, tokenizer.sp.encode
+    assert ids == ([bos] + enc("[INST] <<SYS>>\nS\n<</SYS>>\n\nu1 [/INST] a1 ") + [eos]
+                   + [bos] + enc("[INST] u2 [/INST] a2 ") + [eos]
+                   + [bos] + enc("[INST] u3 [/INST]"))
+    assert ids.count(bos) == 3 and ids.count(eos) == 2 and ids[-1] != eos
+
+
+@pytest.mark.parametrize("roles", [
+    [],
+    ["assistant"],
+    ["system"],
+    ["user", "user"],
+    ["user", "assistant"],
+    ["system", "assistant", "user"],
+    ["user", "system"],
+    ["user", "assistant", "assistant", "user"],
+], ids=lambda r: "-".join(r) or "empty")
+def test_chat_refuses_bad_role_order(tokenizer, roles):
+    with pytest.raises(ValueError):
+        format_chat([{"role": r, "content": "x"} for r in roles], tokenizer)
