@@ -38,8 +38,10 @@ class BlockSizes:
     """Tiling of one program. block_k counts logical input rows (two per byte for int4).
 
     k_splits=None picks enough splits to give the GPU about `target_programs` programs. fma=True
-    runs M == 1 as a register FMA reduction instead of a padded tensor-core dot. prefetch=True
-    issues the next tile's loads before this tile's math (register double buffering). tf32_dot=True
+    runs M == 1 as a register FMA reduction instead of a padded tensor-core dot. `prefetch` tiles are
+    in flight per program: the loads of tile i + prefetch - 1 are issued before tile i's math
+    (register buffering; a GEMV is latency-bound without it). prefetch=1 leaves pipelining to
+    Triton's `num_stages`, which only applies to loads that feed a dot. tf32_dot=True
     feeds the dot float32 tiles (tf32 is exact for the integer codes and for bf16 x) instead of
     casting them to x's dtype.
     """
@@ -51,7 +53,7 @@ class BlockSizes:
     num_stages: int = 3
     fma: bool = True
     target_programs: int = 528
-    prefetch: bool = True
+    prefetch: int = 2
     tf32_dot: bool = True
 
     def __post_init__(self):
@@ -67,6 +69,8 @@ class BlockSizes:
             raise ValueError(f"{self.num_warps=} must be one of 1, 2, 4, 8, 16")
         if self.num_stages < 1:
             raise ValueError(f"{self.num_stages=} must be >= 1")
+        if not 1 <= self.prefetch <= 4:
+            raise ValueError(f"{self.prefetch=} must be 1 to 4")
         if self.target_programs < 1:
             raise ValueError(f"{self.target_programs=} must be >= 1")
 
@@ -74,10 +78,10 @@ class BlockSizes:
 def default_block_sizes(m: int, k: int, n: int, bits: int) -> BlockSizes:
     """Tiling measured best on an H100 for this problem (see docs/perf_quant.md)."""
     del k, n
-    if m == 1:
-        return BlockSizes(block_n=128, block_k=128 if bits == 4 else 64, num_warps=4, num_stages=3)
-    return BlockSizes(block_n=128, block_k=128, block_m=16 if m <= 16 else 64, num_warps=4,
-                      num_stages=3, fma=False)
+    if m == 1:  # 32 packed rows x 128 columns per tile, 3 tiles in flight per program
+        return BlockSizes(block_n=128, block_k=64 if bits == 4 else 32, prefetch=3)
+    return BlockSizes(block_n=128, block_k=128, block_m=16 if m <= 16 else 64, fma=False,
+                      prefetch=1, num_stages=4, tf32_dot=False)
 
 
 def pack_int4(q: jax.Array, group_size: int) -> jax.Array:
@@ -131,7 +135,7 @@ def _quant_matmul_kernel(
     tiles_per_split: int,
     fma: bool,
     split: bool,
-    prefetch: bool,
+    prefetch: int,
     tf32_dot: bool,
 ):
     m_size, k_size = x_ref.shape
@@ -202,14 +206,16 @@ def _quant_matmul_kernel(
 
     acc_shape = (block_kq, block_n) if fma else (block_m, block_n)
     acc = jnp.zeros(acc_shape, jnp.float32)
-    if prefetch:
+    if prefetch > 1:
         def body(i, carry):
-            acc, tile = carry
-            nxt = load_tile(t_start + i + 1, jnp.full((), True) & (i + 1 < t_count))
-            return compute(acc, tile), nxt
+            acc, tiles = carry
+            ahead = i + prefetch - 1
+            nxt = load_tile(t_start + ahead, jnp.full((), True) & (ahead < t_count))
+            return compute(acc, tiles[0]), (*tiles[1:], nxt)
 
-        first = load_tile(t_start, jnp.full((), True) & (t_count > 0))
-        acc, _ = lax.fori_loop(0, t_count, body, (acc, first))
+        tiles = tuple(load_tile(t_start + j, jnp.full((), True) & (j < t_count))
+                      for j in range(prefetch - 1))
+        acc, _ = lax.fori_loop(0, t_count, body, (acc, tiles))
     else:
         acc = lax.fori_loop(0, t_count, lambda i, acc: compute(acc, load_tile(t_start + i, None)),
                             acc)
@@ -406,7 +412,7 @@ def sweep(configs: dict[str, BlockSizes], shapes=SHAPES, batches=(1, 8), bits_li
     xla_bf16, xla_int8 = _xla_ops()
     for bits in bits_list:
         for k, n in shapes:
-            g = k if bits == 8 else group_size
+            g = {8: k, 4: group_size, 16: 0}[bits]
             ws = _weight_sets(key, k, n, bits, g)
             nbytes = _weight_bytes(*ws[0])
             for m in batches:
@@ -415,9 +421,9 @@ def sweep(configs: dict[str, BlockSizes], shapes=SHAPES, batches=(1, 8), bits_li
                     return
                 x = jax.random.normal(key, (m, k), jnp.bfloat16)
                 row = []
-                if baselines and bits == 8:
-                    us = _bench(xla_int8, x, ws, reps=7, calls=3)
-                    row.append(f"xla_int8={us:.1f}us/{nbytes / us / 1e6:.2f}")
+                if baselines and bits != 4:
+                    us = _bench(xla_int8 if bits == 8 else xla_bf16, x, ws, reps=7, calls=3)
+                    row.append(f"xla={us:.1f}us/{nbytes / us / 1e6:.2f}")
                 for name, bs in configs.items():
                     try:
                         _check(x, *ws[0], bits, g, bs)

@@ -1,5 +1,6 @@
 """The `jllm` command: generate | chat | convert | bench."""
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -28,13 +29,59 @@ def _add_quant(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=None, help="int4 group size (default 128)")
 
 
+def _env_int(name: str) -> int | None:
+    return int(os.environ[name]) if os.environ.get(name) else None
+
+
+def _add_parallel(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism", "a mesh of tp x dp devices; several processes (one per "
+                             "host) join through jax.distributed")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel ways: heads and ffn split over devices")
+    g.add_argument("--dp", type=int, default=1, help="data-parallel ways: the batch split over devices")
+    g.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                   help="host:port of process 0 in a multi-process run (default $JAX_COORDINATOR_ADDRESS)")
+    g.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"),
+                   help="processes in the run (default $JAX_NUM_PROCESSES, or detected)")
+    g.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"),
+                   help="this process's index (default $JAX_PROCESS_ID, or detected)")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run that jax detects (SLURM, Open MPI, Kubernetes)")
+
+
+def _mesh(args):
+    """Join the multi-process run if asked; the (dp, tp) mesh, or None for one device."""
+    import jax
+    from jllm import parallel
+    from sharding import rules
+    if args.distributed or args.coordinator or args.num_processes or args.process_id is not None:
+        parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    if args.tp * args.dp == 1 and jax.process_count() == 1:
+        return None
+    mesh = rules.make_mesh(args.tp, args.dp)
+    _say(f"mesh {rules.describe(mesh)}")
+    return mesh
+
+
+def _main_process() -> bool:
+    """Only process 0 prints; the others run the same program silently."""
+    import jax
+    return jax.process_index() == 0
+
+
+def _say(msg: str) -> None:
+    if _main_process():
+        print(msg, file=sys.stderr, flush=True)
+
+
 def _load(args):
     import jllm
     return jllm.load(args.model, args.dtype, quantize=args.quantize, group_size=args.group_size,
-                     attn_impl=args.attn_impl)
+                     attn_impl=args.attn_impl, mesh=_mesh(args), progress=_main_process())
 
 
 def _print_stats(results) -> None:
+    if not _main_process():
+        return
     for i, r in enumerate(results):
         s = r.stats
         print(f"[{i}] prompt {s.prompt_tokens} tokens, generated {s.generated_tokens} "
@@ -57,13 +104,31 @@ def cmd_generate(args) -> int:
                          else "".join(f" {t}" for t in delta.token_ids))
         sys.stdout.flush()
 
-    sys.stdout.write(args.prompt if model.tokenizer is not None else "")
+    main = _main_process()
+    if main:
+        sys.stdout.write(args.prompt if model.tokenizer is not None else "")
     results = jllm.generate(model, [prompt], max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            seed=args.seed, stop=args.stop, stream=stream)
-    print()
+                            seed=args.seed, stop=args.stop, stream=stream if main else None)
+    if main:
+        print()
     _print_stats(results)
     return 0
+
+
+def _read_line() -> str:
+    """The next user line; in a multi-process run process 0 reads it and sends it to the others."""
+    import jax
+    line = None
+    if _main_process():
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            line = "/exit"
+    if jax.process_count() > 1:
+        from jllm import parallel
+        line = parallel.broadcast_text(line)
+    return line
 
 
 def cmd_chat(args) -> int:
@@ -74,26 +139,24 @@ def cmd_chat(args) -> int:
         sys.exit("chat needs a model with a tokenizer.model")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     last = None
-    print("jllm chat: /stats, /reset, /exit", file=sys.stderr)
+    main = _main_process()
+    _say("jllm chat: /stats, /reset, /exit")
     while True:
-        try:
-            line = input("> ").strip()
-        except EOFError:
-            return 0
+        line = _read_line()
         if line in ("/exit", "/quit"):
             return 0
         if line == "/reset":
             messages = messages[:1] if args.system else []
-            print("(conversation cleared)", file=sys.stderr)
+            _say("(conversation cleared)")
             continue
         if line == "/stats":
             if last is None:
-                print("(no reply yet)", file=sys.stderr)
+                _say("(no reply yet)")
             else:
                 s = last.stats
-                print(f"prefill: {s.prompt_tokens} tokens in {s.ttft_s * 1e3:.1f} ms "
-                      f"({s.prompt_tokens / max(s.ttft_s, 1e-9):.1f} tokens/s); decode: "
-                      f"{s.generated_tokens} tokens at {s.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr)
+                _say(f"prefill: {s.prompt_tokens} tokens in {s.ttft_s * 1e3:.1f} ms "
+                     f"({s.prompt_tokens / max(s.ttft_s, 1e-9):.1f} tokens/s); decode: "
+                     f"{s.generated_tokens} tokens at {s.decode_tokens_per_s:.1f} tokens/s")
             continue
         if not line:
             continue
@@ -102,14 +165,16 @@ def cmd_chat(args) -> int:
         room = model.cfg.max_seq_len - len(ids)
         if room < 1:
             messages.pop()
-            print(f"(the conversation has {len(ids)} tokens, the model's context is "
-                  f"{model.cfg.max_seq_len}: /reset to start over)", file=sys.stderr)
+            _say(f"(the conversation has {len(ids)} tokens, the model's context is "
+                 f"{model.cfg.max_seq_len}: /reset to start over)")
             continue
         [last] = jllm.generate(model, [ids], max_new_tokens=min(args.max_new_tokens, room),
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                seed=args.seed, stop=args.stop,
-                               stream=lambda d: (sys.stdout.write(d.text), sys.stdout.flush()))
-        print()
+                               stream=(lambda d: (sys.stdout.write(d.text), sys.stdout.flush()))
+                               if main else None)
+        if main:
+            print()
         messages.append({"role": "assistant", "content": last.text})
 
 
@@ -122,22 +187,35 @@ def cmd_convert(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from jllm import bench, runtime
+    import jax
+    from jllm import bench, parallel, runtime
     from jllm.config import LlamaConfig
     if not args.random_weights:
         sys.exit("jllm bench needs --random-weights (benchmarks run on random weights of a named config)")
     cfg = LlamaConfig.from_name(args.config)
+    mesh = _mesh(args)
+    if mesh is not None and jax.process_count() > 1:
+        sys.exit("jllm bench runs in one process (one host); use generate or chat across hosts")
     # A fresh cache directory, so "cold" is a real first compile and "warm" a persistent-cache hit.
     with tempfile.TemporaryDirectory() as cache_dir:
         runtime.enable_compilation_cache(args.cache_dir or cache_dir)
         results = []
-        params = bench.random_params(cfg, args.config, args.dtype, quantize=args.quantize,
-                                     group_size=args.group_size)
+        if mesh is None:
+            params = bench.random_params(cfg, args.config, args.dtype, quantize=args.quantize,
+                                         group_size=args.group_size)
+            sharded = {}
+        else:  # weights are made in their shards: a 70B model never sits on one device
+            print(f"initializing random {args.config} weights ({args.dtype}) in shards", file=sys.stderr)
+            params = parallel.random_params(cfg, mesh, jax.random.key(0), args.dtype,
+                                            quantize=args.quantize, group_size=args.group_size)
+            sharded = {"mesh": mesh}
         runs = [(a, p, b) for a in args.attn_impl for p in args.prompt_len for b in args.batch]
         for attn_impl, prompt_len, batch in runs:
-            r = bench.run(cfg, args.config, dtype=args.dtype, batch=batch, prompt_len=prompt_len,
-                          new_tokens=args.new_tokens, attn_impl=attn_impl, warm_compile=not results,
-                          bandwidth=args.bandwidth, peak_tflops=args.peak_tflops, params=params)
+            with parallel.mesh_context(mesh) if mesh is not None else contextlib.nullcontext():
+                r = bench.run(cfg, args.config, dtype=args.dtype, batch=batch, prompt_len=prompt_len,
+                              new_tokens=args.new_tokens, attn_impl=attn_impl, warm_compile=not results,
+                              bandwidth=args.bandwidth, peak_tflops=args.peak_tflops, params=params,
+                              **sharded)
             args.bandwidth, args.peak_tflops = r.bandwidth_tb_s, r.peak_tflops  # measure once
             results.append(r)
             print(bench.format_table([r]).splitlines()[-1], file=sys.stderr)
@@ -166,11 +244,13 @@ def parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--prompt", required=True)
     _add_sampling(p)
+    _add_parallel(p)
     p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("chat", help="interactive Llama-2 chat")
     _add_model(p)
     p.add_argument("--system", default=None, help="system prompt")
     _add_sampling(p)
+    _add_parallel(p)
     p.set_defaults(fn=cmd_chat)
     p = sub.add_parser("convert", help="Hugging Face Llama directory -> jllm checkpoint")
     p.add_argument("hf_dir")
@@ -193,6 +273,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="persistent compilation cache (default: a fresh temporary one)")
     p.add_argument("--json", default=None, help="write results to this file")
     p.add_argument("--plot", default=None, help="write a PNG of tokens/s against batch")
+    _add_parallel(p)
     p.set_defaults(fn=cmd_bench)
     return ap
 
