@@ -18,12 +18,16 @@ import jax.numpy as jnp
 
 from pallas_kernels import quant_matmul as qmm
 
-# Up to this many rows of x (batch x new tokens) the Pallas kernel, which streams the packed weight
-# once, beats XLA's dequantize-then-matmul; above it (prefill) the matmul is compute-bound.
-MAX_PALLAS_M = 64
+# impl="pallas" runs a QArray through the Pallas kernel up to this many rows of x (batch x new
+# tokens), per scale layout; above it, XLA. For int4 and grouped int8 the kernel reads the packed
+# weight once, where XLA first writes a bf16 copy of it (4x the int4 bytes; not timed). For
+# per-channel int8, XLA's `(x @ q.astype(bf16)) * scale` tied the kernel at M = 1 on an H100 (173
+# vs 176 us per layer) and beat it at M = 8 and 64 (docs/perf_quant.md).
+MAX_PALLAS_M_GROUPED = 64
+MAX_PALLAS_M_PER_CHANNEL = 1
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-# Plain (unquantized) weights use XLA's GEMV: our bf16 Pallas GEMV did not beat it on an H100
-# (docs/perf_quant.md).
+# Plain (unquantized) weights use XLA's GEMV: our bf16 Pallas GEMV measured 259 us per layer at
+# M = 1 against XLA's 213 (docs/perf_quant.md).
 PALLAS_BF16_GEMV = False
 
 
@@ -100,6 +104,11 @@ def dequantize(qa: QArray, dtype: jnp.dtype = jnp.bfloat16) -> jax.Array:
     return w.reshape(k, n).astype(dtype)
 
 
+def _max_pallas_m(w: QArray) -> int:
+    per_channel = w.bits == 8 and w.group_size == w.q.shape[0]
+    return MAX_PALLAS_M_PER_CHANNEL if per_channel else MAX_PALLAS_M_GROUPED
+
+
 def _xla_qmatmul(x: jax.Array, w: QArray) -> jax.Array:
     """x [M, in] @ w -> [M, out] float32, in plain XLA."""
     if w.bits == 8 and w.group_size == w.q.shape[0]:
@@ -113,8 +122,8 @@ def linear(x: jax.Array, w: jax.Array | QArray, *, impl: str = "xla") -> jax.Arr
     """x [..., in] @ w [in, out] -> [..., out] in x's dtype; w is an Array or a QArray.
 
     impl="xla" is plain jnp. impl="pallas" runs QArrays through the Pallas kernel when the
-    flattened batch M <= MAX_PALLAS_M (decode) and through XLA above it (prefill). On CPU the kernel
-    runs in interpret mode, so impl="pallas" works everywhere.
+    flattened batch M is small (decode; see MAX_PALLAS_M_*) and through XLA above it (prefill). On
+    CPU the kernel runs in interpret mode, so impl="pallas" works everywhere.
     """
     if impl not in ("xla", "pallas"):
         raise ValueError(f"{impl=} must be 'xla' or 'pallas'")
@@ -130,7 +139,7 @@ def linear(x: jax.Array, w: jax.Array | QArray, *, impl: str = "xla") -> jax.Arr
             y = qmm.quant_matmul(x2, w, None, bits=16, group_size=0)
         else:
             y = jnp.matmul(x2, w).astype(x.dtype)
-    elif impl == "pallas" and m <= MAX_PALLAS_M:
+    elif impl == "pallas" and m <= _max_pallas_m(w):
         y = qmm.quant_matmul(x2, w.q, w.scale, bits=w.bits, group_size=w.group_size,
                              interpret=on_cpu)
     else:

@@ -1,20 +1,20 @@
 """Weight-only quantized matmul for skinny batches (decode): y = x @ dequantize(q, scale).
 
-Backend: Pallas-Triton (CUDA and ROCm). The weight is dequantized in registers, so HBM traffic is the
-packed weight plus its scales; x and y are tiny next to it. Accumulation is float32.
+Backend: Pallas-Triton (CUDA and ROCm). The weight is dequantized in registers, so HBM traffic is
+the packed weight plus its scales; x and y are tiny next to it. Accumulation is float32.
 
 Weight layouts (`jllm/quant.py` quantizes into them; K = in, N = out, G = group_size):
   bits=8:  q int8 [K, N]; scale [K // G, N]. Per-output-channel int8 is G = K (scale [1, N]).
-  bits=4:  q int8 [K // 2, N], two's-complement nibbles. Within group g, packed row g*G/2 + j holds
-           row g*G + j in its low nibble and row g*G + G/2 + j in its high nibble, so a tile of packed
-           rows reads two contiguous runs of x. scale [K // G, N].
+  bits=4:  q int8 [K // 2, N], two's-complement nibbles. Within group g, packed row g*G/2 + j
+           holds row g*G + j in its low nibble and row g*G + G/2 + j in its high nibble, so a tile
+           of packed rows reads two contiguous runs of x. scale [K // G, N].
   bits=16: q is a plain float weight [K, N] and scale is None (an unquantized GEMV).
 
 Grid: (N blocks, K splits, M blocks). Each program walks its share of K in tiles of `block_k` rows;
 a tile never straddles a scale group, so grouped scales apply once per tile. With k_splits > 1 the
 programs write float32 partials [S, M, N] that the wrapper sums (batch-1 GEMV over N = 4096 has too
-few N blocks to fill 132 SMs otherwise). M == 1 uses a register FMA reduction; larger M a tensor-core
-dot with M padded to 16.
+few N blocks to fill 132 SMs otherwise). M == 1 uses a register FMA reduction; larger M a
+tensor-core dot with M padded to 16.
 """
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ class BlockSizes:
     """Tiling of one program. block_k counts logical input rows (two per byte for int4).
 
     k_splits=None picks enough splits to give the GPU about `target_programs` programs. fma=True
-    runs M == 1 as a register FMA reduction instead of a padded tensor-core dot. `prefetch` tiles are
-    in flight per program: the loads of tile i + prefetch - 1 are issued before tile i's math
+    runs M == 1 as a register FMA reduction instead of a padded tensor-core dot. `prefetch` tiles
+    are in flight per program: the loads of tile i + prefetch - 1 are issued before tile i's math
     (register buffering; a GEMV is latency-bound without it). prefetch=1 leaves pipelining to
     Triton's `num_stages`, which only applies to loads that feed a dot. tf32_dot=True
     feeds the dot float32 tiles (tf32 is exact for the integer codes and for bf16 x) instead of
@@ -76,16 +76,19 @@ class BlockSizes:
 
 
 def default_block_sizes(m: int, k: int, n: int, bits: int) -> BlockSizes:
-    """Tiling measured best on an H100 for this problem (see docs/perf_quant.md)."""
+    """The tiling that measured best on an H100 in our sweeps (docs/perf_quant.md)."""
     del k, n
-    if m == 1:  # 32 packed rows x 128 columns per tile, 3 tiles in flight per program
-        return BlockSizes(block_n=128, block_k=64 if bits == 4 else 32, prefetch=3)
+    if m == 1 and bits == 4:  # 64 packed rows x 128 columns per tile, 2 tiles in flight
+        return BlockSizes(block_n=128, block_k=128, prefetch=2)
+    if m == 1:  # 32 rows x 128 columns per tile, 3 tiles in flight
+        return BlockSizes(block_n=128, block_k=32, prefetch=3)
+    # Skinny GEMM: a bf16 tensor-core dot, pipelined by Triton (num_stages) rather than by hand.
     return BlockSizes(block_n=128, block_k=128, block_m=16 if m <= 16 else 64, fma=False,
                       prefetch=1, num_stages=4, tf32_dot=False)
 
 
 def pack_int4(q: jax.Array, group_size: int) -> jax.Array:
-    """int8 values in [-8, 7], [K, N] -> packed int8 [K // 2, N] in the layout of the module docstring."""
+    """int8 codes in [-8, 7], [K, N] -> packed int8 [K // 2, N] (layout: module docstring)."""
     k, n = q.shape
     g = q.reshape(k // group_size, 2, group_size // 2, n)  # [K/G, 2, G/2, N]: halves of each group
     lo, hi = g[:, 0], g[:, 1]
@@ -102,14 +105,14 @@ def unpack_int4(q: jax.Array, group_size: int) -> jax.Array:
     return jnp.concatenate([lo, hi], axis=1).reshape(kh * 2, n)
 
 
-# float32 with bits 0x4B000000 is 2**23, whose mantissa ulp is 1: OR-ing a biased code u < 2**23 into
-# it gives exactly 2**23 + u, and one subtraction recovers the code. Integer ops plus one FADD per
-# element, where a direct int -> float conversion runs on the slower conversion unit.
+# float32 with bits 0x4B000000 is 2**23, whose mantissa ulp is 1: OR-ing a biased code u < 2**23
+# into it gives exactly 2**23 + u, and one subtraction recovers the code: integer ops plus one FADD
+# per element instead of an int -> float conversion instruction.
 _F32_TWO_23 = 0x4B000000
 
 
 def _dequant_f32(w, bits: int) -> list:
-    """Raw weight tile [bkq, bn] -> float32 tiles of codes: [w] for int8/bf16, [low, high] for int4."""
+    """Raw tile [bkq, bn] -> float32 tiles of codes: [w] for int8 and bf16, [low, high] for int4."""
     if bits == 16:
         return [w.astype(jnp.float32)]
     wi = w.astype(jnp.int32)  # sign-extended bytes
@@ -152,10 +155,7 @@ def _quant_matmul_kernel(
     t_count = jnp.minimum(tiles_per_split, n_tiles - t_start)
     m0 = pid_m * block_m
     m_mask = (m0 + jnp.arange(block_m)) < m_size  # [bm]
-    if fma or tf32_dot:
-        cdtype = jnp.float32
-    else:
-        cdtype = x_ref.dtype  # codes are exact in bf16 and f16
+    cdtype = jnp.float32 if fma or tf32_dot else x_ref.dtype  # codes are exact in bf16 and f16
 
     def and_(a, b):
         return b if a is None else (a if b is None else a & b)
@@ -164,7 +164,8 @@ def _quant_matmul_kernel(
         """Tile t: ([weight tiles], [x tiles], scale row or None), all raw; `valid` masks it off."""
         p0 = pl.multiple_of(t * block_kq, block_kq)
         rows = (p0 + jnp.arange(block_kq)) < kq_size if k_ragged else None  # [bkq]
-        w_mask = and_(n_mask[None, :] if n_ragged else None, None if rows is None else rows[:, None])
+        w_mask = and_(n_mask[None, :] if n_ragged else None,
+                      None if rows is None else rows[:, None])
         w_mask = and_(w_mask, valid)
         w = plgpu.load(q_ref.at[pl.ds(p0, block_kq), pl.ds(n0, block_n)],
                        **({} if w_mask is None else dict(mask=w_mask, other=0)),
@@ -179,16 +180,12 @@ def _quant_matmul_kernel(
                 mask = and_(and_(m_mask[:, None], None if rows is None else rows[None, :]), valid)
                 ref = x_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_kq)]  # [bm, bkq]
             xs.append(plgpu.load(ref, **({} if mask is None else dict(mask=mask, other=0))))
-        scale = None
-        if per_group:
-            scale = load_scale(p0 // gq, valid)
-        return [w], xs, scale
+        return [w], xs, (load_scale(p0 // gq, valid) if per_group else None)
 
     def load_scale(row, valid=None):
         mask = and_(n_mask if n_ragged else None, valid)
-        s = plgpu.load(s_ref.at[row, pl.ds(n0, block_n)],
-                       **({} if mask is None else dict(mask=mask, other=0)))
-        return s  # [bn]
+        return plgpu.load(s_ref.at[row, pl.ds(n0, block_n)],
+                          **({} if mask is None else dict(mask=mask, other=0)))  # [bn]
 
     def compute(acc, tile):
         (w,), xs, scale = tile
@@ -210,11 +207,10 @@ def _quant_matmul_kernel(
         def body(i, carry):
             acc, tiles = carry
             ahead = i + prefetch - 1
-            nxt = load_tile(t_start + ahead, jnp.full((), True) & (ahead < t_count))
+            nxt = load_tile(t_start + ahead, ahead < t_count)
             return compute(acc, tiles[0]), (*tiles[1:], nxt)
 
-        tiles = tuple(load_tile(t_start + j, jnp.full((), True) & (j < t_count))
-                      for j in range(prefetch - 1))
+        tiles = tuple(load_tile(t_start + j, j < t_count) for j in range(prefetch - 1))
         acc, _ = lax.fori_loop(0, t_count, body, (acc, tiles))
     else:
         acc = lax.fori_loop(0, t_count, lambda i, acc: compute(acc, load_tile(t_start + i, None)),
@@ -359,7 +355,12 @@ def _weight_bytes(q, scale) -> int:
 
 
 def _bench(op, x, weights, reps: int = 15, calls: int = 5) -> float:
-    """Median microseconds per weight set; each rep queues `calls` calls over all weight sets."""
+    """Median microseconds per weight set; each rep queues `calls` calls over all weight sets.
+
+    One jitted call runs `op` once per weight set, so the weights stream from HBM rather than L2.
+    The time includes the launch gap between kernels: on the H100 we used, a 256 x 256 kernel and
+    a tiny XLA dot both measured 11-13 us per op this way, a floor for the small shapes.
+    """
     f = jax.jit(lambda x, ws: [op(x, q, s) for q, s in ws])
     jax.block_until_ready(f(x, weights))
     times = []
@@ -380,28 +381,21 @@ def _weight_sets(key, k, n, bits, group_size, min_bytes=160e6):
     return [(q, s)] + [_random_weight(kk, k, n, bits, group_size) for kk in keys[1:]]
 
 
-def _rel_err(y, ref) -> float:
-    y, ref = y.astype(jnp.float32), ref.astype(jnp.float32)
-    return float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
-
-
 def _check(x, q, s, bits, group_size, block_sizes=None) -> float:
     y = quant_matmul(x, q, s, bits=bits, group_size=group_size, block_sizes=block_sizes)
-    ref = quant_matmul_ref(x, q, s, bits=bits, group_size=group_size)
-    err = _rel_err(y, ref)
+    ref = quant_matmul_ref(x, q, s, bits=bits, group_size=group_size).astype(jnp.float32)
+    err = float(jnp.linalg.norm(y.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
     if not (err < 2e-2) or bool(jnp.isnan(y).any()):
         raise AssertionError(f"kernel mismatch {x.shape=} {q.shape=} {bits=} {group_size=}: {err=}")
     return err
 
 
-def _xla_ops():
-    def bf16(x, w, s):
-        return x @ w
+def _xla_bf16(x, w, s):
+    return x @ w
 
-    def int8(x, q, s):
-        return (x @ q.astype(jnp.bfloat16)) * s
 
-    return bf16, int8
+def _xla_int8(x, q, s):
+    return (x @ q.astype(jnp.bfloat16)) * s
 
 
 def sweep(configs: dict[str, BlockSizes], shapes=SHAPES, batches=(1, 8), bits_list=(8, 4),
@@ -409,7 +403,6 @@ def sweep(configs: dict[str, BlockSizes], shapes=SHAPES, batches=(1, 8), bits_li
     """Print us and TB/s for each named BlockSizes over shapes x batches x bits (tuning aid)."""
     t_end = time.perf_counter() + budget_s
     key = jax.random.key(1)
-    xla_bf16, xla_int8 = _xla_ops()
     for bits in bits_list:
         for k, n in shapes:
             g = {8: k, 4: group_size, 16: 0}[bits]
@@ -422,7 +415,7 @@ def sweep(configs: dict[str, BlockSizes], shapes=SHAPES, batches=(1, 8), bits_li
                 x = jax.random.normal(key, (m, k), jnp.bfloat16)
                 row = []
                 if baselines and bits != 4:
-                    us = _bench(xla_int8 if bits == 8 else xla_bf16, x, ws, reps=7, calls=3)
+                    us = _bench(_xla_int8 if bits == 8 else _xla_bf16, x, ws, reps=7, calls=3)
                     row.append(f"xla={us:.1f}us/{nbytes / us / 1e6:.2f}")
                 for name, bs in configs.items():
                     try:
@@ -461,17 +454,16 @@ def check_all():
 
 
 def main(batches=(1, 8, 64)):
-    """Correctness on ragged shapes, then µs and TB/s over the bytes read for one Llama-2-7B layer."""
+    """Checks against the ref, then µs and TB/s over the bytes read for one Llama-2-7B layer."""
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
     check_all()
     key = jax.random.key(0)
-    xla_bf16, xla_int8 = _xla_ops()
     rows = []
     for k, n in SHAPES:
         w16, w8, w4 = (_weight_sets(key, k, n, 16, 0), _weight_sets(key, k, n, 8, k),
                        _weight_sets(key, k, n, 4, 128))
-        methods = {"bf16 xla": (w16, xla_bf16, 16),
-                   "int8 xla": (w8, xla_int8, 8),
+        methods = {"bf16 xla": (w16, _xla_bf16, 16),
+                   "int8 xla": (w8, _xla_int8, 8),
                    "int8 pallas": (w8, functools.partial(_kernel_op, bits=8, group_size=k), 8),
                    "int4 pallas": (w4, functools.partial(_kernel_op, bits=4, group_size=128), 4),
                    "bf16 pallas": (w16, functools.partial(_kernel_op, bits=16, group_size=0), 16)}

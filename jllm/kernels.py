@@ -1,0 +1,56 @@
+"""The model's door to the Pallas kernels: picks the kernel for the call and hides the backend.
+
+On a machine without a GPU the same kernels run in Pallas interpret mode (slow, but exact), which
+is how the CPU tests check the wiring. Under a mesh (jax.set_mesh) the kernels run per shard in
+shard_map: XLA cannot partition a custom call and would otherwise gather every head onto every
+device.
+"""
+import jax
+
+from pallas_kernels import _triton
+from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.flash_attention import flash_attention
+from sharding import rules
+
+
+def _interpret() -> bool:
+    return jax.default_backend() != "gpu"
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array,
+               kv_len: jax.Array) -> jax.Array:
+    with _triton.quiet():
+        if q.shape[1] == 1:  # decode: the one query sits at kv_len - 1 and sees every cached key
+            return decode_attention(q[:, 0], k, v, kv_len, interpret=_interpret())[:, None]
+        return flash_attention(q, k, v, q_offset, kv_len, interpret=_interpret())
+
+
+def _sharded_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array,
+                       kv_len: jax.Array, mesh: jax.sharding.AbstractMesh) -> jax.Array:
+    """`_attention` per shard: batch over data, query heads over model, KV heads per the rule."""
+    H, G = q.shape[2], k.shape[2]
+    tp = rules.axis_size(mesh, "heads")
+    rl = rules.kv_heads_rule(H, G, tp)
+    q_spec = rules.logical_to_spec(("batch", "seq", "heads", "head_dim"), rl)
+    kv_spec = rules.logical_to_spec(("batch", "seq", "kv_heads", "head_dim"), rl)
+    row_spec = rules.logical_to_spec(("batch",), rl)
+    kv_replicated = tp > 1 and rl["kv_heads"] is None
+
+    def local(q, k, v, q_offset, kv_len):  # q [B/dp, T, H/tp, K]; k, v [B/dp, S, G or G/tp, K]
+        if kv_replicated:  # this shard's query heads all read one KV head (rules.kv_heads_rule)
+            g = jax.lax.axis_index(rl["heads"]) * G // tp
+            k = jax.lax.dynamic_slice_in_dim(k, g, 1, axis=2)                     # [B/dp, S, 1, K]
+            v = jax.lax.dynamic_slice_in_dim(v, g, 1, axis=2)
+        return _attention(q, k, v, q_offset, kv_len)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec),
+                         out_specs=q_spec, check_vma=False)(q, k, v, q_offset, kv_len)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array,
+              kv_len: jax.Array) -> jax.Array:
+    """Same contract as model.attention_xla: q [B, T, H, K]; k, v [B, S, G, K] -> [B, T, H, K]."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        return _sharded_attention(q, k, v, q_offset, kv_len, mesh)
+    return _attention(q, k, v, q_offset, kv_len)
