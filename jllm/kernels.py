@@ -17,8 +17,17 @@ def _interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
+def supported(q: jax.Array, k: jax.Array) -> bool:
+    """Shapes the Triton kernels tile: head_dim a power of two >= 16, a power-of-two GQA ratio."""
+    K, R = q.shape[-1], q.shape[2] // k.shape[2]
+    return K >= 16 and K & (K - 1) == 0 and R & (R - 1) == 0
+
+
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array,
                kv_len: jax.Array) -> jax.Array:
+    if not supported(q, k):  # any other shape still runs, through the XLA path
+        from jllm.model import attention_xla
+        return attention_xla(q, k, v, q_offset, kv_len)
     with _triton.quiet():
         if q.shape[1] == 1:  # decode: the one query sits at kv_len - 1 and sees every cached key
             return decode_attention(q[:, 0], k, v, kv_len, interpret=_interpret())[:, None]

@@ -99,3 +99,12 @@ def test_quantized_model_runs_the_pallas_matmul_in_generate(tiny_model):
 def test_load_refuses_a_quant_mode_other_than_the_stored_one(tmp_path, tiny_checkpoint):
     with pytest.raises(ValueError, match="quantize='int2'"):
         jllm.load(tiny_checkpoint, quantize="int2", progress=False)
+
+
+def test_pallas_attention_falls_back_to_xla_for_shapes_the_kernels_do_not_tile(tokenizer):
+    # head_dim 24 is not a power of two: the model must still run with attn_impl="pallas".
+    cfg = LlamaConfig(dim=72, n_layers=1, n_heads=3, n_kv_heads=3, ffn_dim=96, vocab_size=512,
+                      max_seq_len=128)
+    model = make_model(cfg, tokenizer)
+    assert _greedy(dataclasses.replace(model, attn_impl="pallas"), [[1, 5, 9]], n=5) == \
+        _greedy(model, [[1, 5, 9]], n=5)
