@@ -1,0 +1,213 @@
+"""Tensor and data parallelism: shardings for the params and the KV cache, and multi-process setup.
+
+Every weight's sharding comes from its logical axes in jllm/model.py through sharding/rules.py, so
+wq/wk/wv/w1/w3 and the output projection are column-parallel, wo/w2 row-parallel (XLA inserts one
+all-reduce per attention and per MLP block), norms are replicated and the batch is split over the
+data axis. The model code carries no sharding: jit propagates it from the committed params and
+cache, and the jitted prefill/decode keep the cache's sharding (its buffers are donated in place).
+
+Multi-process runs (one process per host, or per GPU): call `initialize_distributed` first, build
+the mesh over `jax.devices()` (every process's devices), then `jllm.load(path, mesh=mesh)`. Each
+process restores only the shards of its own devices, and `generate` runs the same program in every
+process.
+"""
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jllm import model
+from jllm import quant as _quant  # `quant` is param_shardings' argument, the mode
+from jllm.config import LlamaConfig
+from jllm.model import KVCache, Params
+from jllm.quant import QArray
+from sharding import rules
+
+
+def named(mesh: Mesh, spec: PartitionSpec) -> NamedSharding:
+    """NamedSharding in the canonical form jit gives its outputs (mesh axes of size 1 and trailing
+    Nones dropped), so a donated cache comes back with an equal sharding and decode compiles once."""
+    axes = [a if a is not None and mesh.shape[a] > 1 else None for a in spec]
+    while axes and axes[-1] is None:
+        axes.pop()
+    return NamedSharding(mesh, PartitionSpec(*axes))
+
+
+def model_rules(cfg: LlamaConfig, mesh: Mesh) -> dict[str, str | None]:
+    """RULES for this config on this mesh (KV heads split or replicated: rules.kv_heads_rule)."""
+    return rules.kv_heads_rule(cfg.n_heads, cfg.n_kv_heads, rules.axis_size(mesh, "heads"))
+
+
+def _qarray_sharding(qa: QArray, spec: PartitionSpec, mesh: Mesh) -> QArray:
+    """Shardings for a quantized [in, out] weight whose float version has `spec`.
+
+    q follows the weight. Scales [in // group_size, out] follow the output axis, and the input
+    axis only where every shard holds whole groups; per-output-channel scales [1, out] apply to
+    every input row, so a row-parallel q is split while its scale row is replicated.
+    """
+    in_axis, out_axis = spec
+    n_groups = qa.scale.shape[0]
+    ways = 1 if in_axis is None else mesh.shape[in_axis]
+    groups_axis = in_axis if n_groups % ways == 0 else None
+    per_channel = qa.bits == 8 and n_groups == 1
+    # int4 packs two rows of one group into a byte, so its packed rows split only with the groups.
+    q_axis = in_axis if per_channel else groups_axis
+    return QArray(q=named(mesh, PartitionSpec(q_axis, out_axis)),
+                  scale=named(mesh, PartitionSpec(None if per_channel else groups_axis, out_axis)),
+                  bits=qa.bits, group_size=qa.group_size)
+
+
+def _abstract_qarray(shape: tuple[int, int], mode: str, group_size: int | None) -> QArray:
+    """The QArray (shapes only) that `quant.quantize` makes of a [in, out] weight."""
+    w = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    return jax.eval_shape(lambda w: _quant.quantize(w, _quant.MODES[mode], group_size)[0], w)
+
+
+def _spec(name: str, shape: tuple[int, ...], axes, rl: dict, mesh: Mesh) -> PartitionSpec:
+    spec = rules.logical_to_spec(axes, rl)
+    rules.check_divisible(name, shape, spec, mesh)
+    return spec
+
+
+def param_shardings(cfg: LlamaConfig, mesh: Mesh, quant: str | None = None,
+                    group_size: int | None = None) -> dict[str, NamedSharding | QArray]:
+    """{flat name: NamedSharding}, keyed like model.param_infos.
+
+    quant ("int8" | "int4", with the int4 group_size): the linear weights (quant.is_linear) are
+    QArrays as `quant.quantize` lays them out, and their entries are QArrays of shardings.
+    """
+    _quant.check_mode(quant, group_size)
+    rl = model_rules(cfg, mesh)
+    out = {}
+    for name, info in model.param_infos(cfg).items():
+        spec = _spec(name, info.shape, info.axes, rl, mesh)
+        if quant is not None and _quant.is_linear(name):
+            out[name] = _qarray_sharding(_abstract_qarray(info.shape, quant, group_size), spec, mesh)
+        else:
+            out[name] = named(mesh, spec)
+    return out
+
+
+def flat_shardings(flat: dict, cfg: LlamaConfig, mesh: Mesh) -> dict[str, NamedSharding | QArray]:
+    """Shardings for flat params as they are (a QArray of shardings where they hold a QArray)."""
+    rl = model_rules(cfg, mesh)
+    infos = model.param_infos(cfg)
+    out = {}
+    for name, value in flat.items():
+        spec = _spec(name, infos[name].shape, infos[name].axes, rl, mesh)
+        out[name] = (_qarray_sharding(value, spec, mesh) if isinstance(value, QArray)
+                     else named(mesh, spec))
+    return out
+
+
+def shard_flat(flat: dict, cfg: LlamaConfig, mesh: Mesh, quant: str | None = None) -> dict:
+    """Place flat params (arrays or QArrays, anywhere) onto the mesh, one array at a time."""
+    del quant  # each QArray carries its own layout (bits, group_size)
+    shardings = flat_shardings(flat, cfg, mesh)
+    return {name: jax.device_put(value, shardings[name]) for name, value in flat.items()}
+
+
+def shard_params(params: Params, cfg: LlamaConfig, mesh: Mesh) -> Params:
+    """Place params (arrays or QArrays, on one device or on the host) onto the mesh."""
+    return model.from_flat(shard_flat(model.to_flat(params), cfg, mesh), cfg)
+
+
+def random_params(cfg: LlamaConfig, mesh: Mesh, key: jax.Array, dtype=jnp.bfloat16,
+                  quantize: str | None = None, group_size: int | None = None) -> Params:
+    """model.init_params made directly in its shards (70B never sits on one device), quantized
+    if asked: for benchmarks."""
+    out = model.from_flat(param_shardings(cfg, mesh), cfg)
+    params = jax.jit(model.init_params, static_argnums=(0, 2), out_shardings=out)(cfg, key, jnp.dtype(dtype))
+    if quantize is None:
+        return params
+    flat, _ = _quant.quantize_flat(model.to_flat(params), quantize, group_size)
+    return model.from_flat(shard_flat(flat, cfg, mesh), cfg)
+
+
+def cache_shardings(cfg: LlamaConfig, mesh: Mesh) -> KVCache:
+    """KVCache of shardings: k, v [B, S, G, K] with B over data and G per kv_heads_rule."""
+    rl = model_rules(cfg, mesh)
+    kv = named(mesh, rules.logical_to_spec(("batch", "seq", "kv_heads", "head_dim"), rl))
+    return KVCache(k=[kv] * cfg.n_layers, v=[kv] * cfg.n_layers,
+                   lengths=named(mesh, rules.logical_to_spec(("batch",), rl)))
+
+
+@functools.cache
+def _cache_initializer(cfg: LlamaConfig, mesh: Mesh):
+    return jax.jit(model.init_cache, static_argnums=(0, 1, 2, 3),
+                   out_shardings=cache_shardings(cfg, mesh))
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype, mesh: Mesh) -> KVCache:
+    """An empty cache created in its shards (no device ever holds the whole cache)."""
+    dp = data_size(mesh)
+    if batch % dp:
+        raise ValueError(f"{batch=} must be a multiple of the data axis size {dp}")
+    return _cache_initializer(cfg, mesh)(cfg, batch, max_len, jnp.dtype(dtype))
+
+
+def data_size(mesh: Mesh) -> int:
+    """How many ways the batch is split."""
+    return rules.axis_size(mesh, "batch")
+
+
+def mesh_context(mesh: Mesh):
+    """Make `mesh` the current mesh (jax.set_mesh; jax.sharding.use_mesh on jax without it)."""
+    set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+    return set_mesh(mesh)
+
+
+def put_batch(tree, mesh: Mesh):
+    """Host values that every process holds whole -> global arrays on `mesh`: the leading axis of
+    each leaf is the batch (split over data); scalars, PRNG keys included, are replicated."""
+    def put_array(x, batched: bool) -> jax.Array:
+        x = np.asarray(x)
+        axes = (("batch",) + (None,) * (x.ndim - 1)) if batched else (None,) * x.ndim
+        sharding = named(mesh, rules.logical_to_spec(axes))
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    def put(x):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):  # move the key's raw data
+            data = put_array(jax.random.key_data(x), x.ndim > 0)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return put_array(x, np.ndim(x) > 0)
+
+    return jax.tree.map(put, tree)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array -> numpy in every process (gathered across processes when split over them)."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def broadcast_text(text: str | None) -> str:
+    """Process 0's `text` in every process (the others pass None): chat input in multi-process runs."""
+    from jax.experimental import multihost_utils
+    data = np.frombuffer((text or "").encode(), np.uint8) if jax.process_index() == 0 else None
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(0 if data is None else data.size)))
+    buf = np.zeros(max(n, 1), np.uint8)  # the same shape everywhere; only process 0's is sent
+    if data is not None:
+        buf[:n] = data
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))[:n]).decode()
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> tuple[int, int]:
+    """Join a multi-process run (jax.distributed) -> (this process's index, process count).
+
+    With no arguments jax detects the cluster (SLURM, Open MPI, Kubernetes, Cloud TPU) or reads
+    JAX_COORDINATOR_ADDRESS. Call it before anything touches a device. CPU processes exchange data
+    over gloo.
+    """
+    if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+    return jax.process_index(), jax.process_count()
