@@ -127,10 +127,15 @@ def random_params(cfg: LlamaConfig, name: str, dtype: str = "bfloat16", seed: in
 def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1, prompt_len: int = 128,
         new_tokens: int = 128, attn_impl: str | None = None, matmul_impl: str | None = None,
         bandwidth: float | None = None, peak_tflops: float | None = None, params=None,
-        seed: int = 0, warm_compile: bool = True) -> BenchResult:
-    """Benchmark prefill and decode of `cfg` (random weights unless `params` is given)."""
+        seed: int = 0, warm_compile: bool = True, mesh=None) -> BenchResult:
+    """Benchmark prefill and decode of `cfg` (random weights unless `params` is given).
+
+    mesh: params already sharded on it (parallel.random_params); call inside its mesh_context.
+    MBU and MFU then count the bandwidth and peak of all the mesh's devices.
+    """
     attn_impl = attn_impl or runtime.default_attn_impl()
-    matmul_impl = matmul_impl or runtime.default_matmul_impl()
+    # On a mesh the quantized Pallas matmul would gather weights (XLA cannot split a custom call).
+    matmul_impl = matmul_impl or ("xla" if mesh is not None else runtime.default_matmul_impl())
     dt = jnp.dtype(dtype)
     if params is None:
         params = random_params(cfg, name, dtype, seed)
@@ -142,14 +147,20 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
     sampling = Sampling.make(batch)
     kw = dict(cfg=cfg, attn_impl=attn_impl, matmul_impl=matmul_impl)
     new_cache = functools.partial(init_cache, cfg, batch, S, dt)
+    if mesh is not None:
+        from jllm import parallel
+        new_cache = functools.partial(parallel.init_cache, cfg, batch, S, dt, mesh)
     key = jax.random.key(seed)
     token0 = jnp.zeros((batch,), jnp.int32)
 
+    # The cache's shapes and shardings, to compile against (a sharded cache must match exactly).
+    abstract_cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                  new_cache())
+
     def compile_all():
         t = time.perf_counter()
-        p = prefill.lower(params, tokens, n_tokens, jax.eval_shape(new_cache), sampling, key, **kw).compile()
-        d = decode.lower(params, token0, jax.eval_shape(new_cache), sampling, key,
-                         n_steps=new_tokens, **kw).compile()
+        p = prefill.lower(params, tokens, n_tokens, abstract_cache, sampling, key, **kw).compile()
+        d = decode.lower(params, token0, abstract_cache, sampling, key, n_steps=new_tokens, **kw).compile()
         return p, d, time.perf_counter() - t
 
     _say(f"compiling prefill [{batch}, {T}] and decode ({new_tokens} steps, cache {S})")
@@ -181,8 +192,9 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
     bw = bandwidth or measure_bandwidth()
     peak = peak_tflops or measure_peak_tflops()
     item = dt.itemsize
-    mbu = step_bytes(params, cfg, item, batch, prompt_len + new_tokens / 2) / tpot / (bw * 1e12)
-    mfu = prefill_flops(cfg, batch, prompt_len) / ttft / (peak * 1e12)
+    n_dev = 1 if mesh is None else mesh.size
+    mbu = step_bytes(params, cfg, item, batch, prompt_len + new_tokens / 2) / tpot / (n_dev * bw * 1e12)
+    mfu = prefill_flops(cfg, batch, prompt_len) / ttft / (n_dev * peak * 1e12)
     stats = jax.devices()[0].memory_stats() or {}
     weight_gb = sum(x.nbytes for x in jax.tree.leaves(params)) / 1e9
     return BenchResult(

@@ -222,7 +222,8 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     B = bucket(n, minimum=1)
     if model.mesh is not None:  # the batch is split over the mesh's data axis
         from jllm import parallel
-        B = max(B, parallel.data_size(model.mesh))
+        dp = parallel.data_size(model.mesh)
+        B = -(-B // dp) * dp
     S = min(bucket(bucket(max(map(len, ids))) + max_new_tokens + DECODE_CHUNK), cfg.max_seq_len)
     T = min(bucket(max(map(len, ids))), S)
     tokens = np.zeros((B, T), np.int32)

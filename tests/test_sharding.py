@@ -1,0 +1,167 @@
+"""Sharding: the rules table, the KV-head decision, and sharded runs equal to unsharded ones.
+
+The sharded runs need 8 CPU devices, which must be set before jax starts; this process has already
+started it with one. So one subprocess (tests/sharding_worker.py) runs every sharded case, on
+meshes 1x8, 2x4 and 8x1 (dp x tp), and pickles what it saw; the tests below assert on it.
+"""
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
+
+from jllm import parallel
+from jllm.config import LlamaConfig
+from jllm.quant import QArray
+from sharding import rules
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharding_worker.py")
+LOGIT_ATOL = {"float32": 1e-4, "bfloat16": 0.1, "int8": 0.1, "int4": 0.1}
+
+
+def _abstract_mesh(dp: int, tp: int) -> AbstractMesh:
+    return AbstractMesh((dp, tp), rules.MESH_AXES, axis_types=(AxisType.Auto,) * 2)
+
+
+# --- rules (no devices needed) -------------------------------------------------------------------
+
+def test_logical_axes_map_through_the_rules():
+    assert rules.logical_to_spec(("embed", "heads")) == P(None, "model")
+    assert rules.logical_to_spec(("ffn", "embed")) == P("model", None)
+    assert rules.logical_to_spec(("batch", "seq", "kv_heads", "head_dim")) == P("data", None, "model", None)
+    assert rules.logical_to_spec(("vocab", "embed")) == P("model", None)
+
+
+def test_two_logical_axes_on_one_mesh_axis_are_refused():
+    with pytest.raises(ValueError, match="two dimensions on one mesh axis"):
+        rules.logical_to_spec(("heads", "ffn"))
+
+
+def test_unknown_logical_axis_is_refused():
+    with pytest.raises(ValueError, match="'experts' has no rule"):
+        rules.logical_to_spec(("embed", "experts"))
+
+
+@pytest.mark.parametrize("tp, dp", [(2, 1), (1, 2), (0, 1), (1, -1)])
+def test_make_mesh_refuses_sizes_that_do_not_match_the_devices(tp, dp):
+    with pytest.raises(ValueError, match=r"tp \* dp|must be a positive int"):
+        rules.make_mesh(tp, dp)  # this process has one device
+
+
+def test_make_mesh_of_one_device_has_both_axes():
+    mesh = rules.make_mesh(1)
+    assert mesh.axis_names == rules.MESH_AXES and mesh.size == 1
+
+
+@pytest.mark.parametrize("n_kv_heads, tp, split", [(8, 8, True), (8, 2, True), (8, 16, False),
+                                                   (2, 4, False), (1, 8, False)])
+def test_kv_heads_split_when_there_are_enough_and_replicate_otherwise(n_kv_heads, tp, split):
+    rl = rules.kv_heads_rule(64, n_kv_heads, tp)
+    assert (rl["kv_heads"] == "model") == split
+    assert rl["heads"] == "model"  # query heads always split
+
+
+@pytest.mark.parametrize("n_heads, n_kv_heads, tp, match", [
+    (8, 8, 3, "n_heads=8 is not divisible by tp=3"),
+    (24, 6, 4, "n_kv_heads=6 is not divisible by tp=4"),
+    (24, 3, 8, "tp=8 is not a multiple of n_kv_heads=3")])
+def test_kv_heads_rule_refuses_uneven_splits(n_heads, n_kv_heads, tp, match):
+    with pytest.raises(ValueError, match=match):
+        rules.kv_heads_rule(n_heads, n_kv_heads, tp)
+
+
+def test_llama_2_70b_is_megatron_sharded():
+    cfg = LlamaConfig.from_name("llama-2-70b")
+    specs = {n: s.spec for n, s in parallel.param_shardings(cfg, _abstract_mesh(1, 8)).items()}
+    assert specs["layers.0.wq"] == specs["layers.0.w1"] == specs["layers.0.w3"] == P(None, "model")
+    assert specs["layers.0.wk"] == specs["layers.0.wv"] == P(None, "model")  # 8 KV heads on tp=8
+    assert specs["layers.0.wo"] == specs["layers.0.w2"] == P("model")       # row-parallel
+    assert specs["tok_embeddings"] == P("model") and specs["output"] == P(None, "model")
+    assert specs["norm"] == specs["layers.0.attention_norm"] == P()
+    on_16 = parallel.param_shardings(cfg, _abstract_mesh(1, 16))
+    assert on_16["layers.0.wk"].spec == P() and on_16["layers.0.wq"].spec == P(None, "model")
+    cache = parallel.cache_shardings(cfg, _abstract_mesh(2, 16))
+    assert cache.k[0].spec == P("data") and cache.lengths.spec == P("data")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_weights_shard_like_the_weight_they_replace(mode):
+    cfg = LlamaConfig.from_name("llama-2-70b")
+    sh = parallel.param_shardings(cfg, _abstract_mesh(1, 8), quant=mode)
+    wq, wo = sh["layers.0.wq"], sh["layers.0.wo"]
+    assert isinstance(wq, QArray) and wq.bits == int(mode[3:])
+    assert wq.q.spec == wq.scale.spec == P(None, "model")  # column-parallel: scales follow the output
+    assert wo.q.spec == P("model")  # row-parallel
+    # Per-channel int8 has one scale row for all inputs; int4 groups (64 of 128 rows) split with q.
+    assert wo.scale.spec == (P() if mode == "int8" else P("model"))
+    assert not isinstance(sh["tok_embeddings"], QArray)
+
+
+def test_split_dimensions_must_divide():
+    cfg = LlamaConfig.from_name("tiny", ffn_dim=178)  # 178 ffn units do not split 4 ways
+    with pytest.raises(ValueError, match="layers.0.w1: dimension 178"):
+        parallel.param_shardings(cfg, _abstract_mesh(1, 4))
+
+
+# --- sharded runs on 8 CPU devices ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharded") / "results.pkl"
+    env = {**os.environ, "JLLM_CACHE_DIR": "off", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, WORKER, "sharded", str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode:
+        pytest.fail(f"{WORKER} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    with open(out, "rb") as f:
+        return pickle.load(f)
+
+
+CASES = ["float32_dp=1_tp=8", "float32_dp=2_tp=4", "float32_dp=8_tp=1", "float32_gqa_kv2_dp=2_tp=4",
+         "bfloat16_dp=1_tp=8", "int8_dp=2_tp=4", "int4_dp=2_tp=4"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sharded_model_matches_unsharded(sharded, case):
+    ref, got = sharded["models"][case]["ref"], sharded["models"][case]["sharded"]
+    assert got["tokens"] == ref["tokens"]  # greedy generate; None where only logits were compared
+    want = ref["logits"].astype(np.float32)
+    np.testing.assert_allclose(got["logits"].astype(np.float32), want, rtol=0,
+                               atol=LOGIT_ATOL[case.split("_")[0]])
+
+
+@pytest.mark.parametrize("case", ["decode_kv_split_dp=2_tp=4", "prefill_kv_replicated_dp=1_tp=4"])
+def test_pallas_attention_per_shard_matches_xla(sharded, case):
+    r = sharded["pallas"][case]
+    np.testing.assert_allclose(r["got"], r["want"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "hf"])
+def test_sharded_load_puts_only_its_shard_on_each_device(sharded, source):
+    arrays = sharded["restore"][source]
+    assert len(arrays) == 2 * 9 + 3
+    for name, a in arrays.items():
+        assert a["sharding_equal"], name
+        assert a["devices"] == 8 and a["shard_shapes"] == [a["expected_shape"]], (name, a)
+        assert a["value_equal"], name
+    # GQA 2 KV heads on tp=4: wk is replicated over model, wq split 4 ways.
+    assert arrays["layers.0.wq"]["expected_shape"] == (128, 32)
+    assert arrays["layers.0.wk"]["expected_shape"] == (128, 32)  # G * K = 32: whole
+    assert arrays["layers.0.wo"]["expected_shape"] == (32, 128)
+
+
+@pytest.mark.parametrize("step", ["prefill", "decode"])
+def test_compiled_step_all_reduces_activations_and_gathers_no_weight(sharded, step):
+    hlo = sharded["hlo"]
+    ops = hlo[step]["collectives"]
+    gathered = [n for op, n in ops if op == "all-gather"]
+    assert max(gathered, default=0) < hlo["weight_elements"], ops  # logits and top-k rows only
+    assert sum(op == "all-reduce" for op, _ in ops) >= 2 * 2, ops  # wo and w2 of each layer
+
+
+@pytest.mark.parametrize("step", ["prefill", "decode"])
+def test_donated_cache_keeps_its_sharding(sharded, step):
+    assert sharded["hlo"][step]["cache_sharding_kept"]
