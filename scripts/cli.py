@@ -198,7 +198,8 @@ def cmd_bench(args) -> int:
         sys.exit("jllm bench runs in one process (one host); use generate or chat across hosts")
     # A fresh cache directory, so "cold" is a real first compile and "warm" a persistent-cache hit.
     with tempfile.TemporaryDirectory() as cache_dir:
-        runtime.enable_compilation_cache(args.cache_dir or cache_dir)
+        if os.environ.get("JLLM_CACHE_DIR") != "off":
+            runtime.enable_compilation_cache(args.cache_dir or cache_dir)
         results = []
         if mesh is None:
             params = bench.random_params(cfg, args.config, args.dtype, quantize=args.quantize,

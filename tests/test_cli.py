@@ -1,0 +1,92 @@
+"""The `jllm` command line: generate, chat, convert, bench (in process, tiny models)."""
+import io
+import json
+import os
+
+import pytest
+
+from convert import tiny
+from scripts import cli
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    hf_dir = tiny.make_tiny_hf(str(root / "hf"))
+    out = str(root / "jllm")
+    assert cli.main(["convert", hf_dir, out, "--dtype", "float32"]) == 0
+    return hf_dir, out
+
+
+def test_convert_writes_a_loadable_checkpoint_and_refuses_an_existing_dir(tiny_dirs, capsys):
+    hf_dir, out = tiny_dirs
+    assert os.path.isfile(os.path.join(out, "jllm.json"))
+    assert cli.main(["convert", hf_dir, out]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_convert_with_quantize_stores_the_mode(tiny_dirs, tmp_path):
+    hf_dir, _ = tiny_dirs
+    out = str(tmp_path / "q8")
+    assert cli.main(["convert", hf_dir, out, "--quantize", "int8"]) == 0
+    with open(os.path.join(out, "jllm.json")) as f:
+        assert json.load(f)["quant"]["mode"] == "int8"
+
+
+def test_generate_streams_the_completion_then_stats(tiny_dirs, capsys):
+    _, ck = tiny_dirs
+    assert cli.main(["generate", "--model", ck, "--prompt", "The library", "--max-new-tokens", "6",
+                     "--attn-impl", "xla"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("The library")
+    assert len(captured.out.strip()) > len("The library")
+    assert "generated 6 (length)" in captured.err or "(stop)" in captured.err
+
+
+def test_generate_on_an_int8_model(tiny_dirs, capsys):
+    _, ck = tiny_dirs
+    assert cli.main(["generate", "--model", ck, "--prompt", "Hi", "--max-new-tokens", "4",
+                     "--quantize", "int8", "--attn-impl", "xla"]) == 0
+    assert "prompt" in capsys.readouterr().err
+
+
+def test_generate_reports_bad_sampling_values_as_an_error(tiny_dirs, capsys):
+    _, ck = tiny_dirs
+    assert cli.main(["generate", "--model", ck, "--prompt", "Hi", "--top-p", "1.5"]) == 2
+    assert "top_p=1.5" in capsys.readouterr().err
+
+
+def test_chat_answers_reports_stats_resets_and_exits(tiny_dirs, capsys, monkeypatch):
+    _, ck = tiny_dirs
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n/stats\n/reset\n/stats\n/exit\n"))
+    assert cli.main(["chat", "--model", ck, "--max-new-tokens", "5", "--attn-impl", "xla"]) == 0
+    err = capsys.readouterr().err
+    assert "prefill:" in err and "decode:" in err
+    assert "(conversation cleared)" in err
+
+
+def test_bench_writes_json_with_every_metric(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    plot = tmp_path / "bench.png"
+    assert cli.main(["bench", "--config", "tiny", "--random-weights", "--batch", "1", "2",
+                     "--prompt-len", "20", "--new-tokens", "4", "--json", str(out),
+                     "--plot", str(plot)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["batch"] for r in rows] == [1, 2]
+    for r in rows:
+        for field in ("ttft_ms", "tpot_ms", "decode_tok_s_per_seq", "decode_tok_s_total", "mbu",
+                      "mfu_prefill", "compile_cold_s"):
+            assert r[field] > 0, field
+        assert r["decode_tok_s_total"] == pytest.approx(r["batch"] * r["decode_tok_s_per_seq"])
+    assert plot.stat().st_size > 1000
+    assert "tok/s" in capsys.readouterr().out
+
+
+def test_bench_needs_random_weights():
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--config", "tiny"])
+
+
+def test_bench_unknown_config_names_the_known_ones(capsys):
+    assert cli.main(["bench", "--config", "llama-9", "--random-weights"]) == 2
+    assert "llama-2-7b" in capsys.readouterr().err
