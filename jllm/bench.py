@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jllm import quant, runtime
+from pallas_kernels._triton import quiet
 from jllm.config import LlamaConfig
 from jllm.generate import bucket, decode, prefill
 from jllm.model import from_flat, init_cache, init_params, param_infos, to_flat
@@ -159,8 +160,10 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
 
     def compile_all():
         t = time.perf_counter()
-        p = prefill.lower(params, tokens, n_tokens, abstract_cache, sampling, key, **kw).compile()
-        d = decode.lower(params, token0, abstract_cache, sampling, key, n_steps=new_tokens, **kw).compile()
+        with quiet():  # jax 0.11 warns at every Pallas-Triton lowering
+            p = prefill.lower(params, tokens, n_tokens, abstract_cache, sampling, key, **kw).compile()
+            d = decode.lower(params, token0, abstract_cache, sampling, key, n_steps=new_tokens,
+                             **kw).compile()
         return p, d, time.perf_counter() - t
 
     _say(f"compiling prefill [{batch}, {T}] and decode ({new_tokens} steps, cache {S})")

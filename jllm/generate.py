@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jllm.config import LlamaConfig
+from pallas_kernels._triton import quiet
 from jllm.model import KVCache, Params, init_cache, logits, transformer
 from jllm.sampling import Sampling, sample
 from jllm.tokenizer import Tokenizer
@@ -269,13 +270,15 @@ def _run(model: Model, rows: list[_Row], tokens: np.ndarray, n_tokens: np.ndarra
         tokens_d, n_tokens_d, sampling, key = parallel.put_batch(
             (tokens, n_tokens, sampling, key), model.mesh)
         host = parallel.to_host
-    token, cache, key = prefill(model.params, tokens_d, n_tokens_d, cache, sampling, key, **kw)
+    with quiet():  # the first call lowers the Pallas-Triton kernels, which jax 0.11 warns about
+        token, cache, key = prefill(model.params, tokens_d, n_tokens_d, cache, sampling, key, **kw)
     take(host(token)[:, None])
     t_first = time.perf_counter()
     # Keep one decode chunk in flight: the next is dispatched before the last one is read back.
     pending, steps = None, 1
     while steps < max_new_tokens and any(r.finish is None for r in rows):
-        out, cache, key = decode(model.params, token, cache, sampling, key, n_steps=DECODE_CHUNK, **kw)
+        with quiet():
+            out, cache, key = decode(model.params, token, cache, sampling, key, n_steps=DECODE_CHUNK, **kw)
         token, steps = out[:, -1], steps + DECODE_CHUNK
         if pending is not None:
             take(host(pending))
