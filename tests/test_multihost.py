@@ -4,6 +4,7 @@ processes) and generate greedily; the tokens equal a single-process run's.
 """
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -51,9 +52,9 @@ def _run_two(args_of, timeout: int = TIMEOUT_S) -> list[str]:
         outs = [p.communicate(timeout=timeout) for p in procs]
         for pid, (p, (out, err)) in enumerate(zip(procs, outs)):
             assert p.returncode == 0, f"process {pid} exited {p.returncode}:\n{err[-4000:]}"
-        # Gloo's connection notices go to stdout from C++; everything else is ours.
-        return ["".join(line for line in out.splitlines(keepends=True) if not line.startswith("[Gloo]"))
-                for out, _ in outs]
+        # Gloo's connection notices go to stdout from C++, possibly in the middle of one of our
+        # unterminated lines; everything else is ours.
+        return [re.sub(r"\[Gloo\][^\n]*\n?", "", out) for out, _ in outs]
     finally:
         for p in procs:  # only the processes this test started, by handle
             if p.poll() is None:
