@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call: environment facts, a GPU smoke run of the whole pipeline, then benchmarks.
-# Usage (on the GPU machine, from the repo root): bash scripts/gpu_session.sh OUTDIR [bench args...]
+# On a GPU machine: environment facts, then a smoke run of the whole pipeline.
+# Usage (from the repository root): bash scripts/gpu_smoke.sh OUTDIR
 set -u
 out=${1:-/tmp/out}; shift || true
 mkdir -p "$out"
