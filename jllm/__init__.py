@@ -25,13 +25,15 @@ def _say(msg: str) -> None:
 def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | None = None,
          group_size: int | None = None, attn_impl: str | None = None,
          matmul_impl: str | None = None, progress: bool = True,
-         mesh: jax.sharding.Mesh | None = None) -> Model:
+         mesh: jax.sharding.Mesh | None = None,
+         prompt_buckets: tuple[int, ...] | None = None) -> Model:
     """Load a jllm checkpoint, or convert a Hugging Face Llama directory in memory.
 
     dtype: "bfloat16" | "float16" | "float32" (default: the checkpoint's). quantize: "int8" |
     "int4" quantizes the linear weights after loading (group_size for int4, default 128); a
     checkpoint converted with --quantize is already quantized. attn_impl/matmul_impl: "xla" |
-    "pallas" (default: pallas on GPU, xla elsewhere). mesh (sharding.rules.make_mesh): each weight
+    "pallas" (default: pallas on GPU, xla elsewhere). prompt_buckets: padded prompt lengths
+    (default: powers of two), each compiled once. mesh (sharding.rules.make_mesh): each weight
     is restored straight into its shards on the mesh, each process reading only the shards of its
     own devices.
     """
@@ -89,4 +91,5 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
                          f"vocab_size is {cfg.vocab_size}")
     return Model(params=params, cfg=cfg, tokenizer=tokenizer, quant=stored and stored["mode"],
                  attn_impl=attn_impl or runtime.default_attn_impl(),
-                 matmul_impl=matmul_impl or runtime.default_matmul_impl(), mesh=mesh)
+                 matmul_impl=matmul_impl or runtime.default_matmul_impl(), mesh=mesh,
+                 prompt_buckets=None if prompt_buckets is None else tuple(prompt_buckets))

@@ -30,6 +30,14 @@ class Model:
     matmul_impl: str = "xla"
     quant: str | None = None  # "int8" | "int4" | None, as stored in the checkpoint
     mesh: jax.sharding.Mesh | None = None
+    # Padded prompt lengths; None means powers of two from MIN_BUCKET. Each bucket compiles once.
+    prompt_buckets: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.prompt_buckets is not None:
+            b = self.prompt_buckets
+            if not b or any(not isinstance(x, int) or x < 1 for x in b) or list(b) != sorted(set(b)):
+                raise ValueError(f"prompt_buckets={b!r} must be increasing positive ints")
 
     @property
     def dtype(self):
@@ -60,8 +68,12 @@ class Delta:
     token_ids: list[int]
 
 
-def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
-    """The power of two >= n (at least `minimum`): padded lengths, so shapes repeat."""
+def bucket(n: int, minimum: int = MIN_BUCKET, buckets: Sequence[int] | None = None) -> int:
+    """The padded length for n: the smallest of `buckets` that holds it, else the power of two
+    >= n (at least `minimum`). Padding makes shapes repeat, so a new length rarely recompiles."""
+    for b in buckets or ():
+        if b >= n:
+            return b
     return max(minimum, 1 << math.ceil(math.log2(max(n, 1))))
 
 
@@ -225,8 +237,9 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
         from jllm import parallel
         dp = parallel.data_size(model.mesh)
         B = -(-B // dp) * dp
-    S = min(bucket(bucket(max(map(len, ids))) + max_new_tokens + DECODE_CHUNK), cfg.max_seq_len)
-    T = min(bucket(max(map(len, ids))), S)
+    T = bucket(max(map(len, ids)), buckets=model.prompt_buckets)
+    S = min(bucket(T + max_new_tokens + DECODE_CHUNK), cfg.max_seq_len)
+    T = min(T, S)
     tokens = np.zeros((B, T), np.int32)
     n_tokens = np.ones((B,), np.int32)  # padding rows hold one token and are ignored
     for i, p in enumerate(ids):

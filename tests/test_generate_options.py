@@ -1,4 +1,4 @@
-"""Stop strings cut both the text and the tokens at the token that completed them."""
+"""generate options: stop strings cut text and tokens at the stop; configured prompt buckets."""
 import jllm
 
 
@@ -37,3 +37,24 @@ def test_streamed_text_never_shows_a_stop_string_prefix_that_completes(scripted_
     assert out.finish_reason == "stop" and out.tokens == [b, c, d]
     assert "".join(seen) == out.text
     assert stop.strip() not in "".join(seen)
+
+
+def test_configured_prompt_buckets_pad_to_the_next_listed_length(tiny_model):
+    import dataclasses
+
+    from jllm.generate import prefill
+    model = dataclasses.replace(tiny_model, prompt_buckets=(24, 48))
+    jllm.generate(model, [list(range(3, 23))], max_new_tokens=2)       # 20 tokens -> 24
+    before = prefill._cache_size()
+    jllm.generate(model, [list(range(3, 26))], max_new_tokens=2)       # 23 tokens -> 24 again
+    assert prefill._cache_size() == before
+    jllm.generate(model, [list(range(3, 33))], max_new_tokens=2)       # 30 tokens -> 48: new shape
+    assert prefill._cache_size() == before + 1
+
+
+def test_prompt_buckets_must_be_increasing(tiny_model):
+    import dataclasses
+
+    import pytest
+    with pytest.raises(ValueError, match="prompt_buckets"):
+        dataclasses.replace(tiny_model, prompt_buckets=(48, 24))
