@@ -106,7 +106,7 @@ def cmd_generate(args) -> int:
 
     main = _main_process()
     if main:
-        _say("compiling prefill and decode for these shapes (cached on disk for the next start)")
+        _say("preparing prefill and decode (compiled on first use of a shape, then cached on disk)")
         sys.stdout.write(args.prompt if model.tokenizer is not None else "")
     results = jllm.generate(model, [prompt], max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
