@@ -34,9 +34,12 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array,
         return flash_attention(q, k, v, q_offset, kv_len, interpret=_interpret())
 
 
-def _sharded_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array,
-                       kv_len: jax.Array, mesh: jax.sharding.AbstractMesh) -> jax.Array:
-    """`_attention` per shard: batch over data, query heads over model, KV heads per the rule."""
+def sharded_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array,
+                      kv_len: jax.Array, mesh: jax.sharding.AbstractMesh, local_attention=None,
+                      ) -> jax.Array:
+    """Attention per shard (the Pallas kernels, or `local_attention`): batch over data, query
+    heads over model, KV heads per the rule."""
+    local_attention = local_attention or _attention
     H, G = q.shape[2], k.shape[2]
     tp = rules.axis_size(mesh, "heads")
     rl = rules.kv_heads_rule(H, G, tp)
@@ -50,7 +53,7 @@ def _sharded_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.A
             g = jax.lax.axis_index(rl["heads"]) * G // tp
             k = jax.lax.dynamic_slice_in_dim(k, g, 1, axis=2)                     # [B/dp, S, 1, K]
             v = jax.lax.dynamic_slice_in_dim(v, g, 1, axis=2)
-        return _attention(q, k, v, q_offset, kv_len)
+        return local_attention(q, k, v, q_offset, kv_len)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec),
                          out_specs=q_spec, check_vma=False)(q, k, v, q_offset, kv_len)
@@ -61,5 +64,5 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array,
     """Same contract as model.attention_xla: q [B, T, H, K]; k, v [B, S, G, K] -> [B, T, H, K]."""
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and mesh.size > 1:
-        return _sharded_attention(q, k, v, q_offset, kv_len, mesh)
+        return sharded_attention(q, k, v, q_offset, kv_len, mesh)
     return _attention(q, k, v, q_offset, kv_len)

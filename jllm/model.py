@@ -174,11 +174,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array, kv_
               impl: AttnImpl) -> jax.Array:
     """The one attention entry point. Shapes as in `attention_xla`."""
     if impl == "xla":
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty and mesh.size > 1 and _kv_replicated(q, k, mesh):
+            # KV heads replicated over the model axis: left to itself XLA splits the cache's head
+            # axis to match the query heads and gathers the cache back every step; per shard,
+            # each device reads the one KV head its query heads use.
+            from jllm import kernels
+            return kernels.sharded_attention(q, k, v, q_offset, kv_len, mesh, attention_xla)
         return attention_xla(q, k, v, q_offset, kv_len)
     if impl == "pallas":
         from jllm import kernels
         return kernels.attention(q, k, v, q_offset, kv_len)
     raise ValueError(f"attn_impl={impl!r}; expected 'xla' or 'pallas'")
+
+
+def _kv_replicated(q: jax.Array, k: jax.Array, mesh) -> bool:
+    from sharding import rules
+    tp = rules.axis_size(mesh, "heads")
+    return tp > 1 and rules.kv_heads_rule(q.shape[2], k.shape[2], tp)["kv_heads"] is None
 
 
 def _write(buf: jax.Array, new: jax.Array, start: jax.Array, fresh: bool) -> jax.Array:

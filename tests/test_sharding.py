@@ -165,3 +165,37 @@ def test_compiled_step_all_reduces_activations_and_gathers_no_weight(sharded, st
 @pytest.mark.parametrize("step", ["prefill", "decode"])
 def test_donated_cache_keeps_its_sharding(sharded, step):
     assert sharded["hlo"][step]["cache_sharding_kept"]
+
+
+_NO_CACHE_GATHER = r'''
+import os, sys
+sys.path.insert(0, os.getcwd())
+import jax, jax.numpy as jnp
+from jllm import parallel
+from jllm.config import LlamaConfig
+from jllm.generate import decode
+from jllm.sampling import Sampling
+from sharding import rules
+cfg = LlamaConfig(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=256, vocab_size=512,
+                  max_seq_len=256)
+mesh = rules.make_mesh(4, 2)
+params = parallel.random_params(cfg, mesh, jax.random.key(0), "float32")
+with parallel.mesh_context(mesh):
+    cache = parallel.init_cache(cfg, 2, 128, jnp.float32, mesh)
+    tok, samp, key = parallel.put_batch(
+        (jnp.zeros((2,), jnp.int32), Sampling.make(2), jax.random.key(0)), mesh)
+    text = decode.lower(params, tok, cache, samp, key, cfg=cfg, n_steps=4, attn_impl="xla",
+                        matmul_impl="xla").compile().as_text()
+print(sum("all-gather(" in line and "128," in line.split("=")[1].split("(")[0]
+          for line in text.splitlines() if "=" in line))
+'''
+
+
+def test_xla_attention_with_replicated_kv_heads_never_gathers_the_cache():
+    # GQA with 2 KV heads on tp=4 replicates the cache; attention must read it where it lies.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JLLM_CACHE_DIR": "off",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    out = subprocess.run([sys.executable, "-c", _NO_CACHE_GATHER], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "0"
