@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Callable
 
 import ml_dtypes
 import numpy as np
@@ -179,8 +180,13 @@ class Progress:
 
 
 def load_hf(hf_dir: str | os.PathLike, dtype="bfloat16", progress: bool = True,
-            ) -> tuple[LlamaConfig, dict[str, np.ndarray], str | None]:
-    """Read an HF Llama directory -> (config, flat params as numpy, tokenizer.model path or None)."""
+            place: Callable[[str, np.ndarray], object] | None = None,
+            ) -> tuple[LlamaConfig, dict[str, object], str | None]:
+    """Read an HF Llama directory -> (config, flat params, tokenizer.model path or None).
+
+    Params are numpy arrays, or whatever `place(name, array)` makes of each tensor as soon as it
+    is converted (e.g. a device array in its shards), so host memory holds one tensor at a time.
+    """
     hf_dir = os.fspath(hf_dir)
     cfg = read_config(hf_dir)
     dtype = checkpoint.parse_dtype(dtype)
@@ -197,7 +203,8 @@ def load_hf(hf_dir: str | os.PathLike, dtype="bfloat16", progress: bool = True,
             name, w = converted
             if name in flat:
                 raise ValueError(f"tensor {key!r} appears twice (again in {os.path.basename(path)})")
-            flat[name] = w
+            flat[name] = place(name, w) if place is not None else w
+            del w
             if show:
                 show(len(flat), f"({os.path.basename(path)}, file {n_file + 1}/{len(files)})")
     missing = [k for k in infos if k not in flat]

@@ -46,16 +46,19 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
     tok_path = os.path.join(path, "tokenizer.model")
     if not os.path.isfile(os.path.join(path, checkpoint.META)) and os.path.isfile(os.path.join(path, "config.json")):
         from convert import hf  # the converter depends on jllm; imported only for HF directories
-        cfg, flat, tok_path = hf.load_hf(path, dtype or "bfloat16", progress=progress)
-        stored = None
+        cfg = hf.read_config(path)
         if mesh is None:
-            flat = {k: jnp.asarray(v) for k, v in flat.items()}
+            def place(name, w):
+                return jnp.asarray(w)
         else:
             from jllm import parallel
             shardings = parallel.param_shardings(cfg, mesh)
-            for name in list(flat):  # each array goes to its shards and its host copy is dropped
-                w = flat.pop(name)
-                flat[name] = jax.make_array_from_callback(w.shape, shardings[name], lambda idx, w=w: w[idx])
+
+            def place(name, w):  # each process puts only its devices' slices
+                return jax.make_array_from_callback(w.shape, shardings[name], lambda idx: w[idx])
+        # Each tensor goes to the device as soon as it is converted: host memory holds one at a time.
+        cfg, flat, tok_path = hf.load_hf(path, dtype or "bfloat16", progress=progress, place=place)
+        stored = None
     else:
         cfg, meta = checkpoint.read_meta(path)
         dt = checkpoint.parse_dtype(dtype, default=meta["dtype"])
