@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from pallas_kernels.decode_attention import BlockSizes, decode_attention, decode_attention_ref
+from kernel_checks import assert_close
 
 # Relative L2 error and max abs error bounds per dtype (float32: reordering only; bf16: the
 # probabilities are rounded before the PV dot and the output is rounded).
-TOL = {jnp.float32: (1e-5, 1e-4), jnp.bfloat16: (1e-2, 3e-2)}
 
 # (B, S, H, G, K, dtype, lengths, num_splits); block_k = 16 throughout.
 CASES = [
@@ -42,29 +42,19 @@ def _inputs(case, case_id: str):
     return q, k, v, jnp.array(lengths, jnp.int32)
 
 
-def _assert_close(out, ref, dtype):
-    out = np.asarray(out.astype(jnp.float32))
-    ref = np.asarray(ref.astype(jnp.float32))
-    assert not np.isnan(out[np.isfinite(ref)]).any(), "unwritten or NaN-contaminated output"
-    rel_tol, abs_tol = TOL[dtype]
-    rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
-    assert rel <= rel_tol, f"{rel=}"
-    np.testing.assert_allclose(out, ref, atol=abs_tol, rtol=0)
-
-
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_decode_matches_ref(case):
     q, k, v, lengths = _inputs(case, _case_id(case))
     block_sizes = BlockSizes(block_k=16, num_splits=case[7], num_warps=4, num_stages=2)
     out = decode_attention(q, k, v, lengths, block_sizes=block_sizes, interpret=True)
     assert out.shape == q.shape and out.dtype == q.dtype
-    _assert_close(out, decode_attention_ref(q, k, v, lengths), case[5])
+    assert_close(out, decode_attention_ref(q, k, v, lengths), case[5])
 
 
 def test_decode_default_blocks_matches_ref():
     case = (2, 200, 8, 2, 128, jnp.float32, [200, 65], None)
     q, k, v, lengths = _inputs(case, "default_blocks")
-    _assert_close(decode_attention(q, k, v, lengths, interpret=True), decode_attention_ref(q, k, v, lengths),
+    assert_close(decode_attention(q, k, v, lengths, interpret=True), decode_attention_ref(q, k, v, lengths),
                   jnp.float32)
 
 
@@ -78,7 +68,7 @@ def test_decode_never_reads_past_length():
     block_sizes = BlockSizes(block_k=16, num_splits=2)
     out = decode_attention(q, k_bad, v_bad, lengths, block_sizes=block_sizes, interpret=True)
     assert np.isfinite(np.asarray(out)).all()
-    _assert_close(out, ref, jnp.float32)
+    assert_close(out, ref, jnp.float32)
 
 
 @pytest.mark.parametrize("field,kwargs", [

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from pallas_kernels.flash_attention import BlockSizes, flash_attention, flash_attention_ref
+from kernel_checks import assert_close
 
 # Relative L2 error and max abs error bounds per dtype: float32 runs the same math in a different
 # order; bf16 also rounds the probabilities before the PV dot and the output.
-TOL = {jnp.float32: (1e-5, 1e-4), jnp.bfloat16: (1e-2, 3e-2)}
 SMALL = BlockSizes(block_q=32, block_k=16, num_warps=4, num_stages=2)
 
 # (B, T, S, H, G, K, dtype, q_offset, kv_len)
@@ -45,29 +45,19 @@ def _inputs(case, case_id: str):
     return q, k, v, jnp.array(q_offset, jnp.int32), jnp.array(kv_len, jnp.int32)
 
 
-def _assert_close(out, ref, dtype):
-    out = np.asarray(out.astype(jnp.float32))
-    ref = np.asarray(ref.astype(jnp.float32))
-    assert not np.isnan(out[np.isfinite(ref)]).any(), "unwritten or NaN-contaminated output"
-    rel_tol, abs_tol = TOL[dtype]
-    rel = np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30)
-    assert rel <= rel_tol, f"{rel=}"
-    np.testing.assert_allclose(out, ref, atol=abs_tol, rtol=0)
-
-
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_flash_matches_ref(case):
     q, k, v, q_offset, kv_len = _inputs(case, _case_id(case))
     ref = flash_attention_ref(q, k, v, q_offset, kv_len)
     out = flash_attention(q, k, v, q_offset, kv_len, block_sizes=SMALL, interpret=True)
     assert out.shape == q.shape and out.dtype == q.dtype
-    _assert_close(out, ref, case[6])
+    assert_close(out, ref, case[6])
 
 
 def test_flash_default_blocks_gqa_matches_ref():
     case = (1, 70, 70, 16, 2, 128, jnp.float32, [0], [70])  # default tiles fold 8 heads x 16 tokens
     q, k, v, q_offset, kv_len = _inputs(case, "default_blocks")
-    _assert_close(flash_attention(q, k, v, q_offset, kv_len, interpret=True),
+    assert_close(flash_attention(q, k, v, q_offset, kv_len, interpret=True),
                   flash_attention_ref(q, k, v, q_offset, kv_len), jnp.float32)
 
 
@@ -82,7 +72,7 @@ def test_flash_padding_rows_are_zero_and_cache_tail_never_read():
     assert np.isfinite(np.asarray(out)).all()
     pos = q_offset[:, None] + jnp.arange(24)[None, :]  # [B, T]
     assert (np.asarray(out)[np.asarray(pos >= kv_len[:, None])] == 0).all()
-    _assert_close(out, ref, jnp.float32)
+    assert_close(out, ref, jnp.float32)
 
 
 @pytest.mark.parametrize("field,kwargs", [

@@ -11,25 +11,15 @@ import numpy as np
 import pytest
 
 from pallas_kernels import paged_attention as pa
+from kernel_checks import assert_close
 from pallas_kernels.decode_attention import BlockSizes, decode_attention_ref
 
 # Relative L2 error and max abs error bounds per dtype (see test_decode_attention.py).
-TOL = {jnp.float32: (1e-5, 1e-4), jnp.bfloat16: (1e-2, 3e-2)}
 
 append = jax.jit(pa.append)
 extend = jax.jit(pa.extend)
 allocate = jax.jit(pa.allocate)
 release = jax.jit(pa.release)
-
-
-def _assert_close(out, ref, dtype):
-    out = np.asarray(out.astype(jnp.float32))
-    ref = np.asarray(ref.astype(jnp.float32))
-    assert not np.isnan(out[np.isfinite(ref)]).any(), "unwritten or NaN-contaminated output"
-    rel_tol, abs_tol = TOL[dtype]
-    rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
-    assert rel <= rel_tol, f"{rel=}"
-    np.testing.assert_allclose(out, ref, atol=abs_tol, rtol=0)
 
 
 def _filled_pool(key, batch, max_len, page_size, max_pages, kv_heads, head_dim, dtype, num_pages):
@@ -116,7 +106,7 @@ def test_paged_matches_decode_ref_on_gathered_cache(case):
                              block_sizes=block_sizes, interpret=True)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert np.isfinite(np.asarray(out.astype(jnp.float32))).all()
-    _assert_close(out, decode_attention_ref(q, k_dense, v_dense, lengths), dtype)
+    assert_close(out, decode_attention_ref(q, k_dense, v_dense, lengths), dtype)
 
 
 def test_paged_default_blocks_match_paged_ref():
@@ -125,4 +115,4 @@ def test_paged_default_blocks_match_paged_ref():
                        pool.block_tables, pool.lengths)  # the ref gathers whole pages
     q = jax.random.normal(jax.random.key(8), (2, 8, 64))
     args = (q, pool.k_pages, pool.v_pages, pool.block_tables, jnp.array([100, 37], jnp.int32))
-    _assert_close(pa.paged_attention(*args, interpret=True), pa.paged_attention_ref(*args), jnp.float32)
+    assert_close(pa.paged_attention(*args, interpret=True), pa.paged_attention_ref(*args), jnp.float32)
