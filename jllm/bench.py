@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jllm import quant, runtime
-from pallas_kernels._triton import quiet
 from jllm.config import LlamaConfig
 from jllm.generate import bucket, decode, prefill
 from jllm.model import from_flat, init_cache, init_params, param_infos, to_flat
 from jllm.sampling import Sampling
+from pallas_kernels._triton import quiet
 
 
 @dataclasses.dataclass
