@@ -117,7 +117,7 @@ def random_params(cfg: LlamaConfig, name: str, dtype: str = "bfloat16", seed: in
                   quantize: str | None = None, group_size: int | None = None):
     """Random weights made on the device (no host copy), quantized if asked, for benchmarks."""
     _say(f"initializing random {name} weights ({dtype}) on {jax.devices()[0].device_kind}")
-    params = jax.jit(init_params, static_argnums=(0, 2))(cfg, jax.random.key(seed), jnp.dtype(dtype))
+    params = init_params(cfg, jax.random.key(seed), dtype)
     if quantize is not None:
         _say(f"quantizing to {quantize}")
         flat, _ = quant.quantize_flat(to_flat(params), quantize, group_size)
@@ -217,11 +217,11 @@ def _quant_mode(params) -> str | None:
 
 
 def format_table(results: list[BenchResult]) -> str:
-    head = (f"{'config':<12} {'weights':<8} {'attn':<6} {'B':>3} {'P':>5} {'N':>4} {'TTFT ms':>8} "
+    head = (f"{'config':<12} {'weights':<8} {'attn':<6} {'matmul':<6} {'B':>3} {'P':>5} {'N':>4} {'TTFT ms':>8} "
             f"{'TPOT ms':>8} {'tok/s/seq':>9} {'tok/s':>8} {'MBU':>5} {'MFU':>5} {'compile s':>11}")
     lines = [head]
     for r in results:
-        lines.append(f"{r.config:<12} {r.quant or r.dtype:<8} {r.attn_impl:<6} {r.batch:>3} {r.prompt_len:>5} "
+        lines.append(f"{r.config:<12} {r.quant or r.dtype:<8} {r.attn_impl:<6} {r.matmul_impl:<6} {r.batch:>3} {r.prompt_len:>5} "
                      f"{r.new_tokens:>4} {r.ttft_ms:>8.2f} {r.tpot_ms:>8.3f} {r.decode_tok_s_per_seq:>9.1f} "
                      f"{r.decode_tok_s_total:>8.1f} {r.mbu:>5.0%} {r.mfu_prefill:>5.0%} "
                      f"{r.compile_cold_s:>5.1f}/{r.compile_warm_s:<5.1f}")
@@ -237,7 +237,7 @@ def plot(results: list[BenchResult], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     groups: dict[str, list[BenchResult]] = {}
     for r in results:
-        groups.setdefault(f"{r.config} {r.quant or r.dtype} {r.attn_impl} P={r.prompt_len}", []).append(r)
+        groups.setdefault(f"{r.config} {r.quant or r.dtype} {r.attn_impl}/{r.matmul_impl} P={r.prompt_len}", []).append(r)
     for label, rs in groups.items():
         rs.sort(key=lambda r: r.batch)
         axes[0].plot([r.batch for r in rs], [r.decode_tok_s_total for r in rs], "o-", label=label)

@@ -119,8 +119,7 @@ def random_params(cfg: LlamaConfig, mesh: Mesh, key: jax.Array, dtype=jnp.bfloat
                   quantize: str | None = None, group_size: int | None = None) -> Params:
     """model.init_params made directly in its shards (70B never sits on one device), quantized
     if asked: for benchmarks."""
-    out = model.from_flat(param_shardings(cfg, mesh), cfg)
-    params = jax.jit(model.init_params, static_argnums=(0, 2), out_shardings=out)(cfg, key, jnp.dtype(dtype))
+    params = model.init_params(cfg, key, dtype, shardings=param_shardings(cfg, mesh))
     if quantize is None:
         return params
     flat, _ = _quant.quantize_flat(model.to_flat(params), quantize, group_size)

@@ -7,11 +7,18 @@ our own calls and nothing else.
 import contextlib
 import warnings
 
+import jax.numpy as jnp
 from jax.experimental.pallas import triton as plgpu
 
 
 def compiler_params(num_warps: int, num_stages: int):
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def tf32_ok(x) -> bool:
+    """Whether a dot on x may round its inputs to tf32: yes for bf16/f16 (exact in tf32), no for
+    float32, where a float32 model must match XLA's float32 attention to ~1e-6, not ~1e-3."""
+    return x.dtype != jnp.float32
 
 
 @contextlib.contextmanager

@@ -89,13 +89,13 @@ def online_softmax_step(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One flash step: q [rows, K], k, v [block_k, K], key_ok [block_k] -> updated (acc, m, l)."""
     acc, m, l = carry  # [rows, K] f32, [rows] f32, [rows] f32 (m in log2 units)
-    s = plgpu.dot(q, k, trans_b=True) * qk_scale  # [rows, block_k]
+    s = plgpu.dot(q, k, trans_b=True, allow_tf32=_triton.tf32_ok(q)) * qk_scale  # [rows, block_k]
     s = jnp.where(key_ok[None, :], s, _MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp2(m - m_new)  # [rows] rescales the old sums
     p = jnp.exp2(s - m_new[:, None])  # [rows, block_k]
     l = l * alpha + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+    acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, allow_tf32=_triton.tf32_ok(v))
     return acc, m_new, l
 
 

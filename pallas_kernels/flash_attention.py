@@ -116,7 +116,8 @@ def _flash_kernel(
         else:
             k = plgpu.load(k_ref.at[kv_slice, :])  # [block_k, K]
             v = plgpu.load(v_ref.at[kv_slice, :])  # [block_k, K]
-        s = plgpu.dot(q, k, trans_b=True) * qk_scale  # [rows, block_k] f32, log2 units
+        # [rows, block_k] f32, log2 units
+        s = plgpu.dot(q, k, trans_b=True, allow_tf32=_triton.tf32_ok(q)) * qk_scale
         if masked:
             visible = (key_pos[None, :] <= row_pos[:, None]) & key_ok[None, :]
             s = jnp.where(visible, s, _MASK_VALUE)
@@ -124,7 +125,7 @@ def _flash_kernel(
         alpha = jnp.exp2(m - m_new)  # [rows] rescales the old sums
         p = jnp.exp2(s - m_new[:, None])  # [rows, block_k]
         l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, allow_tf32=_triton.tf32_ok(v))
         return acc, m_new, l
 
     carry = (

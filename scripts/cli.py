@@ -211,11 +211,13 @@ def cmd_bench(args) -> int:
             params = parallel.random_params(cfg, mesh, jax.random.key(0), args.dtype,
                                             quantize=args.quantize, group_size=args.group_size)
             sharded = {"mesh": mesh}
-        runs = [(a, p, b) for a in args.attn_impl for p in args.prompt_len for b in args.batch]
-        for attn_impl, prompt_len, batch in runs:
+        runs = [(a, m, p, b) for a in args.attn_impl for m in args.matmul_impl
+                for p in args.prompt_len for b in args.batch]
+        for attn_impl, matmul_impl, prompt_len, batch in runs:
             with parallel.mesh_context(mesh) if mesh is not None else contextlib.nullcontext():
                 r = bench.run(cfg, args.config, dtype=args.dtype, batch=batch, prompt_len=prompt_len,
-                              new_tokens=args.new_tokens, attn_impl=attn_impl, warm_compile=not results,
+                              new_tokens=args.new_tokens, attn_impl=attn_impl,
+                              matmul_impl=matmul_impl, warm_compile=args.warm_compile and not results,
                               bandwidth=args.bandwidth, peak_tflops=args.peak_tflops, params=params,
                               **sharded)
             args.bandwidth, args.peak_tflops = r.bandwidth_tb_s, r.peak_tflops  # measure once
@@ -270,9 +272,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, nargs="+", default=[128])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--attn-impl", choices=["xla", "pallas"], nargs="+", default=[None])
+    p.add_argument("--matmul-impl", choices=["xla", "pallas"], nargs="+", default=[None],
+                   help="quantized matmul: the Pallas kernel or XLA (default: pallas on GPU)")
     p.add_argument("--bandwidth", type=float, default=None, help="TB/s for MBU (default: measured)")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: measured)")
     p.add_argument("--cache-dir", default=None, help="persistent compilation cache (default: a fresh temporary one)")
+    p.add_argument("--warm-compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time a second compile served by the persistent cache (first run only)")
     p.add_argument("--json", default=None, help="write results to this file")
     p.add_argument("--plot", default=None, help="write a PNG of tokens/s against batch")
     _add_parallel(p)

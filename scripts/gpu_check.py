@@ -22,6 +22,8 @@ def main() -> int:
     from jllm.config import LlamaConfig
     from jllm.model import forward, from_flat, init_cache, param_infos, to_flat
 
+    # XLA's float32 dots on GPU round to tf32 by default; the float32 reference must not.
+    jax.config.update("jax_default_matmul_precision", "highest")
     failures = 0
 
     @functools.partial(jax.jit, static_argnames=("cfg", "attn", "mm"), donate_argnames=("cache",))

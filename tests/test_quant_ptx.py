@@ -1,0 +1,97 @@
+"""The inline PTX of the quantized matmul's M == 1 step, executed by a small PTX interpreter.
+
+Interpret mode cannot run PTX, so the kernel's GPU-only inner step is checked here instruction by
+instruction (numpy semantics of each opcode) against the plain arithmetic it replaces.
+"""
+import re
+
+import numpy as np
+import pytest
+
+from pallas_kernels.quant_matmul import _ptx_dequant_fma, pack_int4
+
+
+def _run_ptx(code: str, operands: list[np.ndarray]) -> list[np.ndarray]:
+    """Execute `code` elementwise over uint32 operand arrays; returns outputs $0..$3 (uint32)."""
+    regs = {f"${i}": v.astype(np.uint32) for i, v in enumerate(operands, start=4)}
+    f32 = lambda a: a.view(np.float32)  # noqa: E731
+    u32 = lambda a: np.asarray(a, np.float32).view(np.uint32)  # noqa: E731
+
+    def val(tok):
+        if tok.startswith("0f"):
+            return np.full_like(operands[0], int(tok[2:], 16), dtype=np.uint32)
+        if tok.startswith("0x") or tok.isdigit():
+            return np.full_like(operands[0], int(tok, 0), dtype=np.uint32)
+        return regs[tok]
+
+    def prmt(a, b, sel):
+        src = [(a >> (8 * k)) & 0xFF for k in range(4)] + [(b >> (8 * k)) & 0xFF for k in range(4)]
+        out = np.zeros_like(a)
+        for byte in range(4):
+            out |= src[(sel >> (4 * byte)) & 0x7] << (8 * byte)
+        return out
+
+    for line in code.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        d, *srcs = [t.strip() for t in rest.split(",")]
+        a = [val(t) for t in srcs]
+        if op == "mov.b32":
+            r = a[0]
+        elif op == "xor.b32":
+            r = a[0] ^ a[1]
+        elif op == "and.b32":
+            r = a[0] & a[1]
+        elif op == "shr.u32":
+            r = a[0] >> a[1]
+        elif op == "prmt.b32":
+            r = prmt(a[0], a[1], int(srcs[2], 16))
+        elif op == "sub.f32":
+            r = u32(f32(a[0]) - f32(a[1]))
+        elif op == "add.f32":
+            r = u32(f32(a[0]) + f32(a[1]))
+        elif op == "mul.f32":
+            r = u32(f32(a[0]) * f32(a[1]))
+        elif op == "fma.rn.f32":
+            r = u32(f32(a[0]).astype(np.float64) * f32(a[1]) + f32(a[2]))  # one rounding
+        else:
+            raise AssertionError(f"opcode {op} has no interpreter rule")
+        assert re.fullmatch(r"\$\d+|[a-z]+\d*", d), d
+        regs[d] = np.asarray(r, np.uint32)
+    return [regs[f"${i}"] for i in range(4)]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_ptx_step_matches_arithmetic(bits, scaled):
+    rng = np.random.default_rng(bits * 2 + scaled)
+    n = 256  # asm instances, each over 4 adjacent columns
+    code, constraints = _ptx_dequant_fma(bits, scaled)
+    halves = 1 if bits == 8 else 2
+    assert constraints.count("=r") == 4
+    assert constraints.count(",") + 1 == 4 + 1 + 4 * halves + 4 * scaled + 4
+    lim = 128 if bits == 8 else 8
+    codes = rng.integers(-lim, lim, (halves, n, 4)).astype(np.int8)  # full range, both ends
+    codes[:, 0] = [-lim, lim - 1, 0, -1]
+    if bits == 8:
+        packed = codes[0]
+    else:  # the layout pack_int4 makes: low nibble = first half of a group, high = second
+        packed = np.asarray(pack_int4(codes.reshape(2, n * 4), 2)).reshape(n, 4)
+    words = packed.view(np.uint8).astype(np.uint32)
+    word = words[:, 0] | words[:, 1] << 8 | words[:, 2] << 16 | words[:, 3] << 24
+    xs = rng.normal(size=(halves, n)).astype(np.float32)  # one x per row, the same for 4 columns
+    scale = rng.uniform(0.5, 2, (n, 4)).astype(np.float32)
+    acc = rng.normal(size=(n, 4)).astype(np.float32)
+    operands = [word]
+    for h in range(halves):
+        operands += [xs[h].view(np.uint32)] * 4
+    if scaled:
+        operands += [scale[:, i].view(np.uint32) for i in range(4)]
+    operands += [acc[:, i].view(np.uint32) for i in range(4)]
+
+    out = np.stack([o.view(np.float32) for o in _run_ptx(code, operands)], axis=1)  # [n, 4]
+    t = sum(xs[h][:, None].astype(np.float64) * codes[h] for h in range(halves))
+    want = acc + t * (scale if scaled else 1)
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-5)
