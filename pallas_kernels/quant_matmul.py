@@ -85,8 +85,8 @@ def default_block_sizes(m: int, k: int, n: int, bits: int) -> BlockSizes:
     del k, n
     if m == 1 and bits == 4:  # 64 packed rows x 128 columns per tile, 2 tiles in flight
         return BlockSizes(block_n=128, block_k=128, prefetch=2)
-    if m == 1:  # 32 rows x 128 columns per tile, 3 tiles in flight
-        return BlockSizes(block_n=128, block_k=32, prefetch=3)
+    if m == 1:  # 32 rows x 256 columns per tile, 2 tiles in flight
+        return BlockSizes(block_n=256, block_k=32, prefetch=2)
     # Skinny GEMM: a bf16 tensor-core dot, pipelined by Triton (num_stages) rather than by hand.
     return BlockSizes(block_n=128, block_k=128, block_m=16 if m <= 16 else 64, fma=False,
                       prefetch=1, num_stages=4, tf32_dot=False)
