@@ -52,7 +52,8 @@ class BenchResult:
 
 
 def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if jax.process_index() == 0:  # several processes run one benchmark; one of them reports
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -146,13 +147,17 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
     tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (batch, T)), jnp.int32)
     n_tokens = jnp.full((batch,), prompt_len, jnp.int32)
     sampling = Sampling.make(batch)
+    key = jax.random.key(seed)
+    token0 = jnp.zeros((batch,), jnp.int32)
+    if mesh is not None:  # global arrays, so several processes can run one program
+        from jllm import parallel
+        tokens, n_tokens, sampling, key, token0 = parallel.put_batch(
+            (tokens, n_tokens, sampling, key, token0), mesh)
     kw = dict(cfg=cfg, attn_impl=attn_impl, matmul_impl=matmul_impl)
     new_cache = functools.partial(init_cache, cfg, batch, S, dt)
     if mesh is not None:
         from jllm import parallel
         new_cache = functools.partial(parallel.init_cache, cfg, batch, S, dt, mesh)
-    key = jax.random.key(seed)
-    token0 = jnp.zeros((batch,), jnp.int32)
 
     # The cache's shapes and shardings, to compile against (a sharded cache must match exactly).
     abstract_cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -198,7 +203,7 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
     n_dev = 1 if mesh is None else mesh.size
     mbu = step_bytes(params, cfg, item, batch, prompt_len + new_tokens / 2) / tpot / (n_dev * bw * 1e12)
     mfu = prefill_flops(cfg, batch, prompt_len) / ttft / (n_dev * peak * 1e12)
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     weight_gb = sum(x.nbytes for x in jax.tree.leaves(params)) / 1e9
     return BenchResult(
         config=name, device=jax.devices()[0].device_kind, jax_version=jax.__version__, dtype=dtype,

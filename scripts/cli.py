@@ -194,9 +194,7 @@ def cmd_bench(args) -> int:
     if not args.random_weights:
         sys.exit("jllm bench needs --random-weights (benchmarks run on random weights of a named config)")
     cfg = LlamaConfig.from_name(args.config)
-    mesh = _mesh(args)
-    if mesh is not None and jax.process_count() > 1:
-        sys.exit("jllm bench runs in one process (one host); use generate or chat across hosts")
+    mesh = _mesh(args)  # with several processes, each runs the same benchmark on its devices
     # A fresh cache directory, so "cold" is a real first compile and "warm" a persistent-cache hit.
     with tempfile.TemporaryDirectory() as cache_dir:
         if os.environ.get("JLLM_CACHE_DIR") != "off":
@@ -207,7 +205,7 @@ def cmd_bench(args) -> int:
                                          group_size=args.group_size)
             sharded = {}
         else:  # weights are made in their shards: a 70B model never sits on one device
-            print(f"initializing random {args.config} weights ({args.dtype}) in shards", file=sys.stderr)
+            _say(f"initializing random {args.config} weights ({args.dtype}) in shards")
             params = parallel.random_params(cfg, mesh, jax.random.key(0), args.dtype,
                                             quantize=args.quantize, group_size=args.group_size)
             sharded = {"mesh": mesh}
@@ -222,7 +220,9 @@ def cmd_bench(args) -> int:
                               **sharded)
             args.bandwidth, args.peak_tflops = r.bandwidth_tb_s, r.peak_tflops  # measure once
             results.append(r)
-            print(bench.format_table([r]).splitlines()[-1], file=sys.stderr)
+            _say(bench.format_table([r]).splitlines()[-1])
+    if not _main_process():
+        return 0
     print(bench.format_table(results))
     print(f"device {results[0].device}, jax {results[0].jax_version}, bandwidth "
           f"{results[0].bandwidth_tb_s:.2f} TB/s, peak {results[0].peak_tflops:.1f} TFLOP/s, weights "

@@ -91,3 +91,15 @@ def test_cli_across_two_processes_prints_once(checkpoint):
     assert all(t.isdigit() for t in got), f"unexpected output of process 0: {outs[0]!r}"
     assert [int(t) for t in got] == want  # process 0 streams the generated ids
     assert outs[1] == "", f"process 1 printed {outs[1]!r}"  # the other process prints nothing
+
+
+def test_bench_runs_across_two_processes():
+    """`jllm bench --tp 4` as two processes of two devices each: one program, one report."""
+    coordinator = f"127.0.0.1:{_free_port()}"
+    outs = _run_two(lambda pid: [
+        sys.executable, "-m", "scripts.cli", "bench", "--config", "tiny", "--random-weights",
+        "--tp", "4", "--prompt-len", "16", "--new-tokens", "4", "--no-warm-compile",
+        "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(pid)])
+    rows = [line for line in outs[0].splitlines() if line.startswith("tiny ")]
+    assert len(rows) == 1 and float(rows[0].split()[9]) > 0  # decode tokens/s per sequence
+    assert "tiny " not in outs[1]  # process 1 runs silently
