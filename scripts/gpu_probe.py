@@ -40,6 +40,9 @@ VARIANTS = {  # name -> BlockSizes (None: the default for the shape)
                                       target_programs=1056),
     "n128k128p2t1056w8": qmm.BlockSizes(block_n=128, block_k=128, prefetch=2, num_warps=8,
                                         target_programs=1056),
+    "n64k32p3": qmm.BlockSizes(block_n=64, block_k=32, prefetch=3),
+    "n128k16p3": qmm.BlockSizes(block_n=128, block_k=16, prefetch=3),
+    "n64k64p2w2": qmm.BlockSizes(block_n=64, block_k=64, prefetch=2, num_warps=2),
 }
 
 
@@ -92,13 +95,15 @@ def cmd_gemv(args) -> None:
     rows = []
     for bits in args.bits:
         for k, n in qmm.SHAPES:
-            g = k if bits == 8 else 128
+            g = {8: k, 4: 128, 16: 0}[bits]
             ws = weight_sets(key, k, n, bits, g)
             nbytes = qmm._weight_bytes(*ws[0])
             w16 = weight_sets(key, k, n, 16, 0) if bits == 8 else None
             for m in args.m:
                 x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
                 ops = {}
+                if bits == 16:
+                    ops["xla-bf16"] = (_xla_bf16, ws)
                 if w16 is not None:
                     ops["xla-bf16"] = (_xla_bf16, w16)
                     ops["xla-int8"] = (_xla_int8, ws)
@@ -135,7 +140,7 @@ def cmd_gemv(args) -> None:
 
 def cmd_gemv_one(args) -> None:
     bits, k, n, m = args.bits[0], args.k, args.n, args.m[0]
-    g = k if bits == 8 else 128
+    g = {8: k, 4: 128, 16: 0}[bits]
     key = jax.random.key(0)
     q, s = qmm._random_weight(key, k, n, bits, g)
     x = jax.random.normal(key, (m, k), jnp.bfloat16)
@@ -176,6 +181,28 @@ def cmd_prefill(args) -> None:
     print(f"profiled prefill {args.config} T={T} attn={args.attn_impl}")
 
 
+def cmd_bf16_e2e(args) -> None:
+    """Llama-2-7B bf16 batch-1 decode with the Pallas bf16 GEMV (tiling `--variant`) vs XLA's."""
+    from jllm import bench, quant
+    from jllm.config import LlamaConfig
+    cfg = LlamaConfig.from_name("llama-2-7b")
+    params = bench.random_params(cfg, "llama-2-7b")
+    if args.variant != "default":
+        bs = VARIANTS[args.variant]
+        qmm.default_block_sizes = lambda m, k, n, bits, _d=qmm.default_block_sizes: (
+            bs if bits == 16 and m == 1 else _d(m, k, n, bits))
+    rows = []
+    for on in (False, True):
+        quant.PALLAS_BF16_GEMV = on
+        jax.clear_caches()
+        r = bench.run(cfg, "llama-2-7b", params=params, warm_compile=False, bandwidth=3.13,
+                      peak_tflops=790, new_tokens=128)
+        rows.append(r)
+        print(f"bf16 Pallas GEMV {on} ({args.variant}): {r.decode_tok_s_per_seq:.1f} tok/s, "
+              f"TPOT {r.tpot_ms:.3f} ms", flush=True)
+    print(bench.format_table(rows))
+
+
 def cmd_ncu_summary(args) -> None:
     """Total time per kernel name from `ncu --csv --page raw --metrics gpu__time_duration.sum`."""
     import csv
@@ -196,7 +223,8 @@ def cmd_ncu_summary(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["gemv", "gemv-one", "gemv-check", "prefill", "ncu-summary"])
+    ap.add_argument("what", choices=["gemv", "gemv-one", "gemv-check", "bf16-e2e", "prefill",
+                                           "ncu-summary"])
     ap.add_argument("--file", help="ncu-summary: the ncu CSV")
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     ap.add_argument("--m", type=int, nargs="+", default=[1, 8])
@@ -211,6 +239,7 @@ def main() -> None:
         return cmd_ncu_summary(args)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
     {"gemv": cmd_gemv, "gemv-one": cmd_gemv_one, "gemv-check": lambda a: qmm.check_all(),
+     "bf16-e2e": cmd_bf16_e2e,
      "prefill": cmd_prefill}[args.what](args)
 
 
