@@ -12,8 +12,9 @@ Weight layouts (`jllm/quant.py` quantizes into them; K = in, N = out, G = group_
 
 Grid: (N blocks, K splits, M blocks). Each program walks its share of K in tiles of `block_k` rows;
 a tile never straddles a scale group, so grouped scales apply once per tile. With k_splits > 1 the
-programs write float32 partials [S, M, N] that the wrapper sums (batch-1 GEMV over N = 4096 has too
-few N blocks to fill 132 SMs otherwise). M == 1 uses a register FMA reduction; larger M a
+programs write float32 partials [S, M, N] that XLA sums (or, with fused_reduce, the last split of
+each output block to arrive sums them in split order); batch-1 GEMV over N = 4096 has too few N
+blocks to fill 132 SMs otherwise. M == 1 uses a register FMA reduction; larger M a
 tensor-core dot with M padded to 16.
 """
 from __future__ import annotations
@@ -47,7 +48,10 @@ class BlockSizes:
     (`_ptx_dequant_fma`): about 3 instructions per weight instead of 7 (interpret mode, which
     cannot run PTX, uses the jnp formulation of the same arithmetic). Programs number
     floor(target_programs / N blocks) * N blocks, so a grid never spills into a second, mostly
-    empty wave.
+    empty wave. fused_reduce=True sums the K splits inside the kernel: the last split of each
+    output block to finish (counted by an atomic) adds all partials in split order, deterministic
+    and without a separate reduction kernel. It measured slower on the H100 (105.9 vs 98.7 us per
+    int8 layer, 224.6 vs 260.4 tokens/s end to end: docs/perf_quant.md), so XLA sums by default.
     """
     block_n: int = 128
     block_k: int = 128
@@ -60,6 +64,7 @@ class BlockSizes:
     prefetch: int = 2
     tf32_dot: bool = True
     asm: bool = True
+    fused_reduce: bool = False
 
     def __post_init__(self):
         for name in ("block_n", "block_k", "block_m"):
@@ -174,7 +179,9 @@ def _quant_matmul_kernel(
     x_ref,  # [M, K]
     q_ref,  # [Kq, N]: Kq = K // 2 for int4, else K
     s_ref,  # [K // G, N], or None for bits=16
-    o_ref,  # [M, N] in x's dtype, or [S, M, N] float32 partials when split
+    o_ref,  # [M, N] in x's dtype, or [S, M, N] float32 partials when split and not fused
+    p_ref,  # fused split: [S, M, N] float32 partials, else None
+    c_ref,  # fused split: [N blocks * M blocks] int32 arrival counts, zero on entry, else None
     *,
     bits: int,
     group_size: int,
@@ -184,9 +191,11 @@ def _quant_matmul_kernel(
     tiles_per_split: int,
     fma: bool,
     split: bool,
+    num_splits: int,
     prefetch: int,
     tf32_dot: bool,
     asm: bool,
+    barrier: bool,
 ):
     m_size, k_size = x_ref.shape
     kq_size, n_size = q_ref.shape
@@ -276,13 +285,30 @@ def _quant_matmul_kernel(
     if bits != 16 and not per_group:
         acc = acc * load_scale(jnp.int32(0)).astype(jnp.float32)[None, :]
     if fma:
-        idx = (pid_s, m0, pl.ds(n0, block_n)) if split else (m0, pl.ds(n0, block_n))
-        plgpu.store(o_ref.at[idx], acc[0].astype(o_ref.dtype),
-                    **(dict(mask=n_mask) if n_ragged else {}))
+        idx, val = (m0, pl.ds(n0, block_n)), acc[0]
+        mask = dict(mask=n_mask) if n_ragged else {}
     else:
-        idx = (pl.ds(m0, block_m), pl.ds(n0, block_n))
-        plgpu.store(o_ref.at[(pid_s, *idx) if split else idx], acc.astype(o_ref.dtype),
-                    mask=m_mask[:, None] & n_mask[None, :])
+        idx, val = (pl.ds(m0, block_m), pl.ds(n0, block_n)), acc
+        mask = dict(mask=m_mask[:, None] & n_mask[None, :])
+    if not split:
+        plgpu.store(o_ref.at[idx], val.astype(o_ref.dtype), **mask)
+    elif p_ref is None:  # XLA sums the partials
+        plgpu.store(o_ref.at[(pid_s, *idx)], val, **mask)
+    else:
+        plgpu.store(p_ref.at[(pid_s, *idx)], val, **mask)
+        if barrier:  # every thread's partial is stored before the count is released
+            plgpu.debug_barrier()
+        # acquire-release at GPU scope: the last to arrive sees every other split's partial
+        arrived = plgpu.atomic_add(c_ref, (pid_n * pl.num_programs(2) + pid_m,), jnp.int32(1))
+
+        @pl.when(arrived == num_splits - 1)
+        def _():  # the last split of this block: add every split's partial, in split order
+            total = lax.fori_loop(
+                0, num_splits,
+                lambda j, t: t + plgpu.load(p_ref.at[(j, *idx)], **mask, **(
+                    dict(other=0.0) if mask else {})),
+                jnp.zeros(val.shape, jnp.float32))
+            plgpu.store(o_ref.at[idx], total.astype(o_ref.dtype), **mask)
 
 
 def _check_args(x, q, scale, bits, group_size):
@@ -323,27 +349,44 @@ def _quant_matmul(x, q, scale, *, bits, group_size, block_sizes, interpret):
     tiles_per_split = pl.cdiv(n_tiles, min(splits, n_tiles))
     splits = pl.cdiv(n_tiles, tiles_per_split)  # no empty splits
     split = splits > 1
+    fused = split and bs.fused_reduce
     kernel = functools.partial(
         _quant_matmul_kernel, bits=bits, group_size=group_size, block_m=block_m,
         block_n=bs.block_n, block_kq=block_kq, tiles_per_split=tiles_per_split, fma=fma,
-        split=split, prefetch=bs.prefetch, tf32_dot=bs.tf32_dot and bits != 16,
-        asm=bs.asm and fma and bits in (4, 8) and not interpret and bs.block_n % 4 == 0)
-    if scale is None:
-        kernel = functools.partial(lambda x_ref, q_ref, o_ref, f: f(x_ref, q_ref, None, o_ref),
-                                   f=kernel)
-    out_shape = (jax.ShapeDtypeStruct((splits, m, n), jnp.float32) if split
-                 else jax.ShapeDtypeStruct((m, n), x.dtype))
-    args = (x, q) if scale is None else (x, q, scale)
+        split=split, num_splits=splits, prefetch=bs.prefetch,
+        tf32_dot=bs.tf32_dot and bits != 16,
+        asm=bs.asm and fma and bits in (4, 8) and not interpret and bs.block_n % 4 == 0,
+        barrier=not interpret)
+    args = [x, q] + ([] if scale is None else [scale])
+    out_shape = [jax.ShapeDtypeStruct((splits, m, n), jnp.float32) if split and not fused
+                 else jax.ShapeDtypeStruct((m, n), x.dtype)]
+    aliases = {}
+    if fused:
+        out_shape += [jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
+                      jax.ShapeDtypeStruct((grid_n * grid_m,), jnp.int32)]
+        aliases = {len(args): 2}  # the counts start at zero (a memset) and are updated in place
+        args.append(jnp.zeros((grid_n * grid_m,), jnp.int32))
+
+    def body(*refs):
+        refs = list(refs)
+        s_ref = refs.pop(2) if scale is not None else None
+        if fused:
+            x_ref, q_ref, _, o_ref, p_ref, c_ref = refs
+        else:
+            (x_ref, q_ref, o_ref), p_ref, c_ref = refs, None, None
+        kernel(x_ref, q_ref, s_ref, o_ref, p_ref, c_ref)
+
     with _triton.quiet():
         out = pl.pallas_call(
-            kernel,
+            body,
             grid=(grid_n, splits, grid_m),
             out_shape=out_shape,
+            input_output_aliases=aliases,
             compiler_params=_triton.compiler_params(bs.num_warps, bs.num_stages),
             interpret=interpret,
             name=f"quant_matmul_int{bits}",
-        )(*args)
-    if split:
+        )(*args)[0]
+    if split and not fused:
         out = out.sum(axis=0).astype(x.dtype)  # [M, N]
     return out
 

@@ -40,6 +40,8 @@ VARIANTS = {  # name -> BlockSizes (None: the default for the shape)
                                       target_programs=1056),
     "n128k128p2t1056w8": qmm.BlockSizes(block_n=128, block_k=128, prefetch=2, num_warps=8,
                                         target_programs=1056),
+    "int8-fused-sum": qmm.BlockSizes(block_n=256, block_k=32, prefetch=2, fused_reduce=True),
+    "int4-fused-sum": qmm.BlockSizes(block_n=128, block_k=128, prefetch=2, fused_reduce=True),
     "n64k32p3": qmm.BlockSizes(block_n=64, block_k=32, prefetch=3),
     "n128k16p3": qmm.BlockSizes(block_n=128, block_k=16, prefetch=3),
     "n64k64p2w2": qmm.BlockSizes(block_n=64, block_k=64, prefetch=2, num_warps=2),
@@ -108,7 +110,7 @@ def cmd_gemv(args) -> None:
                     ops["xla-bf16"] = (_xla_bf16, w16)
                     ops["xla-int8"] = (_xla_int8, ws)
                 for name, bs in VARIANTS.items():
-                    if m > 1 and name != "default":
+                    if (m > 1 and name != "default") or (args.variants and name not in args.variants):
                         continue
                     ops[name] = (functools.partial(_pallas, bits=bits, group_size=g, block_sizes=bs), ws)
                 for name, (op, w) in ops.items():
@@ -231,6 +233,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--n", type=int, default=22016)
     ap.add_argument("--variant", default="default", choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="gemv: only these")
     ap.add_argument("--config", default="llama-2-7b")
     ap.add_argument("--prompt-len", type=int, default=2048)
     ap.add_argument("--attn-impl", default="pallas")

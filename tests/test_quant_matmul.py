@@ -39,6 +39,8 @@ CASES = [
     (1, 512, 100, 4, 32, BlockSizes(prefetch=4)),
     (3, 256, 384, 4, 32, BlockSizes(block_n=64)),
     (16, 512, 200, 4, 64, BlockSizes(k_splits=4, prefetch=3)),
+    (1, 512, 200, 8, 512, BlockSizes(k_splits=4, fused_reduce=True)),  # in-kernel split sum
+    (5, 512, 200, 4, 64, BlockSizes(k_splits=3, fused_reduce=True)),
     (1, 256, 200, 4, 64, BlockSizes(fma=False, prefetch=1)),
     (20, 256, 96, 4, 64, BlockSizes(block_m=16)),
     (1, 300, 130, 16, 0, None),
