@@ -84,10 +84,6 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
             from jllm import parallel
             flat = parallel.shard_flat(flat, cfg, mesh, quant=quantize)
     params = from_flat(flat, cfg)
-    if matmul_impl is None and mesh is not None and mesh.size > 1:
-        # quant.linear's Pallas kernel is a custom call that XLA cannot split: on a mesh it would
-        # gather every quantized weight onto every device. XLA's matmul splits like the weight.
-        matmul_impl = "xla"
     tokenizer = Tokenizer(tok_path) if tok_path and os.path.isfile(tok_path) else None
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer.model has {tokenizer.vocab_size} pieces but the model's "

@@ -136,8 +136,7 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
     MBU and MFU then count the bandwidth and peak of all the mesh's devices.
     """
     attn_impl = attn_impl or runtime.default_attn_impl()
-    # On a mesh the quantized Pallas matmul would gather weights (XLA cannot split a custom call).
-    matmul_impl = matmul_impl or ("xla" if mesh is not None else runtime.default_matmul_impl())
+    matmul_impl = matmul_impl or runtime.default_matmul_impl()  # per shard on a mesh
     dt = jnp.dtype(dtype)
     if params is None:
         params = random_params(cfg, name, dtype, seed)

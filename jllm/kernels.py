@@ -6,10 +6,13 @@ shard_map: XLA cannot partition a custom call and would otherwise gather every h
 device.
 """
 import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from pallas_kernels import _triton
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.quant_matmul import quant_matmul
 from sharding import rules
 
 
@@ -66,3 +69,36 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array,
     if not mesh.empty and mesh.size > 1:
         return sharded_attention(q, k, v, q_offset, kv_len, mesh)
     return _attention(q, k, v, q_offset, kv_len)
+
+
+def sharded_quant_matmul(x: jax.Array, w, spec: PartitionSpec, mesh: jax.sharding.AbstractMesh,
+                         ) -> jax.Array | None:
+    """x [M, K] @ QArray w whose float weight has `spec` (mesh axes of in, out), run per shard.
+
+    Column-parallel weights (out split) give each device its output columns; row-parallel ones
+    (in split, x split the same way) give partial sums, all-reduced here in float32. Rows of x
+    split over the data axis. Returns None where the quantized layout does not split like x
+    (int4 groups that do not divide over the input axis): the caller then uses XLA.
+    """
+    from jllm import parallel  # parallel imports the model, which imports this module
+    in_axis, out_axis = spec
+    shardings = parallel._qarray_sharding(w, spec, mesh)
+    q_spec, s_spec = shardings.q.spec, shardings.scale.spec
+    if (q_spec[0] if len(q_spec) else None) != (in_axis if in_axis and mesh.shape[in_axis] > 1
+                                                 else None):
+        return None
+    rows = rules.logical_to_spec(("batch",))[0]
+    per_channel = w.bits == 8 and w.scale.shape[0] == 1
+
+    def local(x, q, scale):  # x [M/dp, K/tp or K]; q, scale: this device's part
+        k = x.shape[1]
+        y = quant_matmul(x, q, scale, bits=w.bits, group_size=k if per_channel else w.group_size,
+                         interpret=_interpret())
+        if in_axis is not None:
+            y = jax.lax.psum(y.astype(jnp.float32), in_axis).astype(x.dtype)
+        return y
+
+    with _triton.quiet():
+        return jax.shard_map(local, mesh=mesh,
+                             in_specs=(PartitionSpec(rows, in_axis), q_spec, s_spec),
+                             out_specs=PartitionSpec(rows, out_axis), check_vma=False)(x, w.q, w.scale)

@@ -234,15 +234,19 @@ def transformer(params: Params, tokens: jax.Array, cache: KVCache, cfg: LlamaCon
     start = cache.lengths                                                         # [B]
     pos = start[:, None] + jnp.arange(T)                                          # [B, T]
     kv_len = start + n_tokens                                                     # [B]
-    linear = lambda x, w: quant.linear(x, w, impl=matmul_impl)  # noqa: E731
+    specs = _linear_specs(cfg)
+
+    def linear(x, w, name):
+        return quant.linear(x, w, impl=matmul_impl, spec=specs.get(name))
+
     x = params.tok_embeddings[tokens]                                             # [B, T, D]
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
         # Attention block: norm, project, rotate, write the cache, attend, project back.
         h = rms_norm(x, layer.attention_norm, cfg.norm_eps)
-        q = rope(linear(h, layer.wq).reshape(B, T, H, K), pos, cfg.rope_theta)    # [B, T, H, K]
-        k = rope(linear(h, layer.wk).reshape(B, T, G, K), pos, cfg.rope_theta)    # [B, T, G, K]
-        v = linear(h, layer.wv).reshape(B, T, G, K)                               # [B, T, G, K]
+        q = rope(linear(h, layer.wq, "wq").reshape(B, T, H, K), pos, cfg.rope_theta)    # [B, T, H, K]
+        k = rope(linear(h, layer.wk, "wk").reshape(B, T, G, K), pos, cfg.rope_theta)    # [B, T, G, K]
+        v = linear(h, layer.wv, "wv").reshape(B, T, G, K)                               # [B, T, G, K]
         ck, cv = _write(cache.k[i], k, start, fresh), _write(cache.v[i], v, start, fresh)
         new_k.append(ck)
         new_v.append(cv)
@@ -250,10 +254,11 @@ def transformer(params: Params, tokens: jax.Array, cache: KVCache, cfg: LlamaCon
             o = attention(q, k.astype(ck.dtype), v.astype(cv.dtype), start, n_tokens, attn_impl)
         else:
             o = attention(q, ck, cv, start, kv_len, attn_impl)                    # [B, T, H, K]
-        x = x + linear(o.reshape(B, T, H * K), layer.wo)
+        x = x + linear(o.reshape(B, T, H * K), layer.wo, "wo")
         # Feed-forward block: SwiGLU.
         h = rms_norm(x, layer.ffn_norm, cfg.norm_eps)
-        x = x + linear(jax.nn.silu(linear(h, layer.w1)) * linear(h, layer.w3), layer.w2)
+        x = x + linear(jax.nn.silu(linear(h, layer.w1, "w1")) * linear(h, layer.w3, "w3"),
+                   layer.w2, "w2")
     x = rms_norm(x, params.norm, cfg.norm_eps)                                    # [B, T, D]
     return x, KVCache(k=new_k, v=new_v, lengths=kv_len)
 
@@ -261,7 +266,23 @@ def transformer(params: Params, tokens: jax.Array, cache: KVCache, cfg: LlamaCon
 def logits(params: Params, h: jax.Array, matmul_impl: str = "xla") -> jax.Array:
     """h [..., D] -> float32 logits [..., V]."""
     w = params.tok_embeddings.T if params.output is None else params.output       # [D, V]
-    return quant.linear(h, w, impl=matmul_impl).astype(jnp.float32)
+    spec = _linear_specs(None).get("output")
+    return quant.linear(h, w, impl=matmul_impl, spec=spec).astype(jnp.float32)
+
+
+def _linear_specs(cfg: LlamaConfig | None) -> dict:
+    """{"wq": PartitionSpec, ..., "output": ...} of the float weights on the current mesh (empty
+    without one): quant.linear runs the quantized kernel per shard with them."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return {}
+    from sharding import rules
+    specs = {"output": rules.logical_to_spec(("embed", "vocab"))}
+    if cfg is not None:
+        rl = rules.kv_heads_rule(cfg.n_heads, cfg.n_kv_heads, rules.axis_size(mesh, "heads"))
+        specs.update({name: rules.logical_to_spec(info.axes, rl)
+                      for name, info in layer_infos(cfg).items() if len(info.shape) == 2})
+    return specs
 
 
 def forward(params: Params, tokens: jax.Array, cache: KVCache, cfg: LlamaConfig, *,

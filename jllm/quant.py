@@ -118,12 +118,14 @@ def _xla_qmatmul(x: jax.Array, w: QArray) -> jax.Array:
     return jnp.dot(x, dequantize(w, x.dtype), preferred_element_type=jnp.float32)
 
 
-def linear(x: jax.Array, w: jax.Array | QArray, *, impl: str = "xla") -> jax.Array:
+def linear(x: jax.Array, w: jax.Array | QArray, *, impl: str = "xla", spec=None) -> jax.Array:
     """x [..., in] @ w [in, out] -> [..., out] in x's dtype; w is an Array or a QArray.
 
     impl="xla" is plain jnp. impl="pallas" runs QArrays through the Pallas kernel when the
     flattened batch M is small (decode; see MAX_PALLAS_M_*) and through XLA above it (prefill). On
-    CPU the kernel runs in interpret mode, so impl="pallas" works everywhere.
+    CPU the kernel runs in interpret mode, so impl="pallas" works everywhere. Under a mesh the
+    kernel runs per shard when `spec` (the float weight's PartitionSpec) is given; XLA otherwise,
+    since it cannot split a custom call and would gather the weight.
     """
     if impl not in ("xla", "pallas"):
         raise ValueError(f"{impl=} must be 'xla' or 'pallas'")
@@ -140,8 +142,15 @@ def linear(x: jax.Array, w: jax.Array | QArray, *, impl: str = "xla") -> jax.Arr
         else:
             y = jnp.matmul(x2, w).astype(x.dtype)
     elif impl == "pallas" and m <= _max_pallas_m(w):
-        y = qmm.quant_matmul(x2, w.q, w.scale, bits=w.bits, group_size=w.group_size,
-                             interpret=on_cpu)
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or mesh.size == 1:
+            y = qmm.quant_matmul(x2, w.q, w.scale, bits=w.bits, group_size=w.group_size,
+                                 interpret=on_cpu)
+        else:
+            from jllm import kernels  # kernels -> parallel -> model -> quant
+            y = None if spec is None else kernels.sharded_quant_matmul(x2, w, spec, mesh)
+            if y is None:
+                y = _xla_qmatmul(x2, w).astype(x.dtype)
     else:
         y = _xla_qmatmul(x2, w).astype(x.dtype)
     return y.reshape(*lead, n)  # [..., out]

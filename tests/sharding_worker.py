@@ -132,6 +132,34 @@ def case_pallas() -> dict:
     return out
 
 
+def case_pallas_matmul() -> dict:
+    """The quantized Pallas matmul (interpret mode) per shard on 1 x 4 vs one device: batch-1
+    greedy decode (M = 1 takes the kernel for int8 too), and what the compiled decode step does."""
+    out = {}
+    mesh = mesh_of(1, 4)
+    for mode, group_size in (("int8", None), ("int4", 32)):
+        for name, cfg in (("mha", MHA), ("gqa_kv2", GQA)):
+            bf16 = {n: jnp.asarray(w, jnp.bfloat16) for n, w in random_flat(cfg, 3).items()}
+            params = from_flat(quant.quantize_flat(dict(bf16), mode, group_size)[0], cfg)
+            models = {"ref": Model(params=params, cfg=cfg, attn_impl="xla", matmul_impl="pallas"),
+                      "sharded": Model(params=parallel.shard_params(params, cfg, mesh), cfg=cfg,
+                                       attn_impl="xla", matmul_impl="pallas", mesh=mesh)}
+            r = {k: [t.tokens for t in jllm.generate(m, PROMPTS[:1], max_new_tokens=MAX_NEW,
+                                                     stop_token_ids=[])] for k, m in models.items()}
+            m = models["sharded"]
+            with parallel.mesh_context(mesh):
+                cache = parallel.init_cache(cfg, 1, 64, jnp.bfloat16, mesh)
+                tok, samp, key = parallel.put_batch(
+                    (np.zeros((1,), np.int32), Sampling.make(1), jax.random.key(0)), mesh)
+                hlo = decode.lower(m.params, tok, cache, samp, key, cfg=cfg, n_steps=2,
+                                   attn_impl="xla", matmul_impl="pallas").compile().as_text()
+            r["collectives"] = _collectives(hlo)
+            r["kernel_in_hlo"] = "quant_matmul" in hlo
+            r["weight_elements"] = min(int(np.prod(w.shape)) for w in bf16.values() if w.ndim == 2)
+            out[f"{mode}_{name}"] = r
+    return out
+
+
 def case_restore(tmp: str) -> dict:
     """jllm.load(mesh=...) of a jllm checkpoint and of an HF directory: shard shapes and values."""
     from convert import hf
@@ -196,7 +224,8 @@ def sharded(out_path: str) -> None:
     assert jax.device_count() == 8, jax.devices()
     with tempfile.TemporaryDirectory() as tmp:
         results = {"models": {**case_float32(), **case_low_precision()}, "hlo": case_hlo(),
-                   "pallas": case_pallas(), "restore": case_restore(tmp)}
+                   "pallas": case_pallas(), "pallas_matmul": case_pallas_matmul(),
+                   "restore": case_restore(tmp)}
     with open(out_path, "wb") as f:
         pickle.dump(results, f)
 
