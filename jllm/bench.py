@@ -66,6 +66,17 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def best_time(fn, repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls of fn() (after one warm-up), each waited for."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
 def _device_time(fn, repeats: int) -> float:
     """Time per call of fn() with calls queued back to back, so host dispatch is hidden."""
     jax.block_until_ready(fn())

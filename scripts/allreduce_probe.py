@@ -5,11 +5,16 @@ a column-parallel GEMV, a row-parallel GEMV, and the all-reduce of the [1, D] re
 """
 import functools
 import inspect
-import time
+import os
+import sys
 
-import jax
-import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402
+
+from jllm.bench import best_time  # noqa: E402
 
 try:
     from jax import shard_map
@@ -38,13 +43,8 @@ def main(n: int = 64, dim: int = 8192, ffn: int = 28672):
         f = jax.jit(shard_map(functools.partial(chain, reduce=red, matmul=mm), mesh=mesh,
                               in_specs=(P("model"), P(None, "model"), P("model", None)),
                               out_specs=P("model"), **no_check))
-        jax.block_until_ready(f(x, w1, w2))
-        ts = []
-        for _ in range(10):
-            t = time.perf_counter()
-            jax.block_until_ready(f(x, w1, w2))
-            ts.append(time.perf_counter() - t)
-        print(f"{tp} devices {name:17s}: {min(ts) / n * 1e6:8.1f} us per step "
+        t = best_time(lambda: f(x, w1, w2), 10)
+        print(f"{tp} devices {name:17s}: {t / n * 1e6:8.1f} us per step "
               f"([1, {dim}] @ [{dim}, {ffn // tp}] @ [{ffn // tp}, {dim}] bf16)", flush=True)
 
 

@@ -16,13 +16,13 @@ import functools
 import math
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from jllm.bench import best_time  # noqa: E402
 from pallas_kernels import quant_matmul as qmm  # noqa: E402
 from pallas_kernels._triton import quiet  # noqa: E402
 
@@ -76,13 +76,7 @@ def loop_time(op, x, weights, iters: int = 20) -> float:
 
     tiny = jnp.float32(0)
     with quiet():
-        jax.block_until_ready(run(x, weights, tiny))
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        jax.block_until_ready(run(x, weights, tiny))
-        times.append(time.perf_counter() - t)
-    return min(times) / (iters * len(weights)) * 1e6
+        return best_time(lambda: run(x, weights, tiny), 5) / (iters * len(weights)) * 1e6
 
 
 def weight_sets(key, k, n, bits, group_size, min_bytes=160e6):
@@ -209,7 +203,9 @@ def cmd_ncu_summary(args) -> None:
     """Total time per kernel name from `ncu --csv --page raw --metrics gpu__time_duration.sum`."""
     import csv
     lines = open(args.file).read().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
+    start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
+    if start is None:
+        raise SystemExit(f"{args.file}: no ncu CSV table (did the profiled program run?)")
     rows = list(csv.DictReader(lines[start:]))[1:]  # the row after the header holds units
     totals: dict[str, list[float]] = {}
     for r in rows:
