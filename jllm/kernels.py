@@ -82,10 +82,10 @@ def sharded_quant_matmul(x: jax.Array, w, spec: PartitionSpec, mesh: jax.shardin
     """
     from jllm import parallel  # parallel imports the model, which imports this module
     in_axis, out_axis = spec
-    shardings = parallel._qarray_sharding(w, spec, mesh)
+    shardings = parallel.qarray_sharding(w, spec, mesh)
     q_spec, s_spec = shardings.q.spec, shardings.scale.spec
-    if (q_spec[0] if len(q_spec) else None) != (in_axis if in_axis and mesh.shape[in_axis] > 1
-                                                 else None):
+    split_in = in_axis if in_axis is not None and mesh.shape[in_axis] > 1 else None
+    if (q_spec[0] if len(q_spec) else None) != split_in:  # int4 groups that do not divide
         return None
     rows = rules.logical_to_spec(("batch",))[0]
     per_channel = w.bits == 8 and w.scale.shape[0] == 1

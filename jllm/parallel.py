@@ -41,7 +41,7 @@ def model_rules(cfg: LlamaConfig, mesh: Mesh) -> dict[str, str | None]:
     return rules.kv_heads_rule(cfg.n_heads, cfg.n_kv_heads, rules.axis_size(mesh, "heads"))
 
 
-def _qarray_sharding(qa: QArray, spec: PartitionSpec, mesh: Mesh) -> QArray:
+def qarray_sharding(qa: QArray, spec: PartitionSpec, mesh: Mesh) -> QArray:
     """Shardings for a quantized [in, out] weight whose float version has `spec`.
 
     q follows the weight. Scales [in // group_size, out] follow the output axis, and the input
@@ -85,7 +85,7 @@ def param_shardings(cfg: LlamaConfig, mesh: Mesh, quant: str | None = None,
     for name, info in model.param_infos(cfg).items():
         spec = _spec(name, info.shape, info.axes, rl, mesh)
         if quant is not None and _quant.is_linear(name):
-            out[name] = _qarray_sharding(_abstract_qarray(info.shape, quant, group_size), spec, mesh)
+            out[name] = qarray_sharding(_abstract_qarray(info.shape, quant, group_size), spec, mesh)
         else:
             out[name] = named(mesh, spec)
     return out
@@ -98,7 +98,7 @@ def flat_shardings(flat: dict, cfg: LlamaConfig, mesh: Mesh) -> dict[str, NamedS
     out = {}
     for name, value in flat.items():
         spec = _spec(name, infos[name].shape, infos[name].axes, rl, mesh)
-        out[name] = (_qarray_sharding(value, spec, mesh) if isinstance(value, QArray)
+        out[name] = (qarray_sharding(value, spec, mesh) if isinstance(value, QArray)
                      else named(mesh, spec))
     return out
 
