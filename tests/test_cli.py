@@ -1,6 +1,7 @@
 """The `jllm` command line: generate, chat, convert, bench (in process, tiny models)."""
 import io
 import json
+import math
 import os
 
 import pytest
@@ -80,6 +81,16 @@ def test_bench_writes_json_with_every_metric(tmp_path, capsys):
         assert r["decode_tok_s_total"] == pytest.approx(r["batch"] * r["decode_tok_s_per_seq"])
     assert plot.stat().st_size > 1000
     assert "tok/s" in capsys.readouterr().out
+
+
+def test_bench_compares_matmul_impls_without_a_warm_compile(tmp_path):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--config", "tiny", "--random-weights", "--quantize", "int8",
+                     "--matmul-impl", "pallas", "xla", "--prompt-len", "8", "--new-tokens", "2",
+                     "--no-warm-compile", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["quant"], r["matmul_impl"]) for r in rows] == [("int8", "pallas"), ("int8", "xla")]
+    assert all(math.isnan(r["compile_warm_s"]) and r["tpot_ms"] > 0 for r in rows)
 
 
 def test_bench_needs_random_weights():
