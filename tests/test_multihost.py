@@ -24,6 +24,10 @@ TIMEOUT_S = 120
 pytestmark = pytest.mark.filterwarnings("ignore:.*has no tokenizer.model")
 
 
+_GLOO_NOTICE = re.compile(r"\[Gloo\] Rank |\d+ is connected to \d+ peer ranks\. Expected number "
+                          r"of connected peer ranks is : \d+\n?|\[Gloo\][^\n]*\n?")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -53,8 +57,9 @@ def _run_two(args_of, timeout: int = TIMEOUT_S) -> list[str]:
         for pid, (p, (out, err)) in enumerate(zip(procs, outs)):
             assert p.returncode == 0, f"process {pid} exited {p.returncode}:\n{err[-4000:]}"
         # Gloo's connection notices go to stdout from C++, possibly in the middle of one of our
-        # unterminated lines; everything else is ours.
-        return [re.sub(r"\[Gloo\][^\n]*\n?", "", out) for out, _ in outs]
+        # unterminated lines or of each other ("[Gloo] Rank [Gloo] Rank 3 is ...\n2 is ...");
+        # everything else is ours.
+        return [_GLOO_NOTICE.sub("", out) for out, _ in outs]
     finally:
         for p in procs:  # only the processes this test started, by handle
             if p.poll() is None:
