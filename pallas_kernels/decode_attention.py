@@ -370,6 +370,34 @@ def rel_err(out: jax.Array, ref: jax.Array) -> float:
     return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
 
 
+def best_config(name: str, kernel, configs: list, args: tuple, ref: jax.Array, arg_sets: list,
+                rate) -> tuple | None:
+    """For each tiling (None: the default), check kernel(*args, block_sizes=cfg) against ref and time
+    it over arg_sets, printing one line each (`rate(us)` formats the throughput). Returns the
+    fastest (us, rel err, cfg), or None when every tiling failed. Shared by the kernels' main()."""
+    best = None
+    for cfg in configs:
+        op = functools.partial(kernel, block_sizes=cfg)
+        try:
+            with _triton.quiet():
+                err = rel_err(op(*args), ref)
+                us = time_us(op, arg_sets)
+        except Exception as e:  # report and keep sweeping
+            print(f"{name} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        print(f"{name} {cfg or 'default'}: {us:8.1f} us {rate(us)} err {err:.2e}", flush=True)
+        if best is None or us < best[0]:
+            best = (us, err, cfg)
+    return best
+
+
+def print_header(check_lines: list[str]) -> None:
+    """The first lines of every kernel's main(): jax version, device, then the GPU checks."""
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
+    for line in check_lines:
+        print(line, flush=True)
+
+
 def num_sets(nbytes: int) -> int:
     """Input copies to rotate through so repeated calls do not run out of the 50 MB L2."""
     return max(2, min(16, pl.cdiv(256 * 2**20, nbytes)))
@@ -403,9 +431,7 @@ def _ragged_check() -> list[str]:
 def main() -> None:
     import sys
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-    for line in _ragged_check():
-        print(line, flush=True)
+    print_header(_ragged_check())
     tune = "--tune" in sys.argv
     rows = []
     tuned = {(1, 4096), (1, 2048), (1, 512), (8, 512)}
@@ -428,21 +454,9 @@ def main() -> None:
             for i in range(num_sets(kv_bytes))
         ]
         name = f"B={batch} S={seq_len} H={heads} G={kv_heads} K={head_dim}"
-        best = None
         configs = [None] + (candidates if tune and (batch, seq_len) in tuned else [])
-        for cfg in configs:
-            op = functools.partial(decode_attention, block_sizes=cfg)
-            try:
-                with _triton.quiet():
-                    err = rel_err(op(*args), ref)
-                    us = time_us(op, sets)
-            except Exception as e:  # report and keep sweeping
-                print(f"{name} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-                continue
-            tbs = kv_bytes / us / 1e6
-            print(f"{name} {cfg or 'default'}: {us:8.1f} us {tbs:5.2f} TB/s err {err:.2e}", flush=True)
-            if best is None or us < best[0]:
-                best = (us, err, cfg)
+        best = best_config(name, decode_attention, configs, args, ref, sets,
+                           lambda us: f"{kv_bytes / us / 1e6:5.2f} TB/s")
         xla_us = time_us(decode_attention_ref, sets)
         if best is not None:
             rows.append((name, kv_bytes, best[0], best[1], xla_us, best[2]))

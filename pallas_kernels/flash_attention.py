@@ -325,11 +325,9 @@ def _ragged_check() -> list[str]:
 def main() -> None:
     import sys
 
-    from pallas_kernels.decode_attention import rel_err, time_us
+    from pallas_kernels.decode_attention import best_config, print_header, time_us
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-    for line in _warning_check() + _ragged_check():
-        print(line, flush=True)
+    print_header(_warning_check() + _ragged_check())
     tune = "--tune" in sys.argv
     rows = []
     shapes = [  # (B, T, H, G, K, tune this shape)
@@ -354,22 +352,10 @@ def main() -> None:
             for i in range(4)
         ]
         name = f"B={batch} T={seq_len} H={heads} G={kv_heads} K={head_dim}"
-        best = None
         default = default_block_sizes(head_dim, heads // kv_heads)
         extra = [c for c in candidates if c != default] if tune and tune_shape else []
-        for cfg in [None] + extra:
-            op = functools.partial(flash_attention, block_sizes=cfg)
-            try:
-                with _triton.quiet():
-                    err = rel_err(op(*args), ref)
-                    us = time_us(op, sets)
-            except Exception as e:  # report and keep sweeping
-                print(f"{name} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-                continue
-            tflops = flops / us / 1e6
-            print(f"{name} {cfg or 'default'}: {us:8.1f} us {tflops:6.1f} TFLOP/s err {err:.2e}", flush=True)
-            if best is None or us < best[0]:
-                best = (us, err, cfg)
+        best = best_config(name, flash_attention, [None] + extra, args, ref, sets,
+                           lambda us: f"{flops / us / 1e6:6.1f} TFLOP/s")
         xla_us = time_us(flash_attention_ref, sets, trials=5, reps=2)
 
         def cudnn(q, k, v, *_):

@@ -351,9 +351,7 @@ def _ragged_check() -> list[str]:
 def main() -> None:
     import sys
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-    for line in _ragged_check():
-        print(line, flush=True)
+    dec.print_header(_ragged_check())
     tune = "--tune" in sys.argv
     rows = []
     tuned = {(1, 4096), (1, 2048)}
@@ -378,21 +376,9 @@ def main() -> None:
                                              page_size, jnp.bfloat16)
                 sets.append((q, kp, vp, tb, lengths))
             name = f"page={page_size} B={batch} S={seq_len} H={heads} G={kv_heads}"
-            best = None
             configs = [None] + (candidates if tune and (batch, seq_len) in tuned else [])
-            for cfg in configs:
-                op = functools.partial(paged_attention, block_sizes=cfg)
-                try:
-                    with _triton.quiet():
-                        err = dec.rel_err(op(q, k_pages, v_pages, tables, lengths), ref)
-                        us = dec.time_us(op, sets)
-                except Exception as e:  # report and keep sweeping
-                    print(f"{name} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-                    continue
-                print(f"{name} {cfg or 'default'}: {us:8.1f} us {kv_bytes / us / 1e6:5.2f} TB/s err {err:.2e}",
-                      flush=True)
-                if best is None or us < best[0]:
-                    best = (us, err, cfg)
+            best = dec.best_config(name, paged_attention, configs, (q, k_pages, v_pages, tables, lengths),
+                                   ref, sets, lambda us: f"{kv_bytes / us / 1e6:5.2f} TB/s")
             del sets
             dense = [dec._inputs(jax.random.key(10 + i), batch, seq_len, heads, kv_heads, head_dim, jnp.bfloat16)
                      for i in range(dec.num_sets(kv_bytes))]
