@@ -16,6 +16,11 @@ programs write float32 partials [S, M, N] that XLA sums (or, with fused_reduce, 
 each output block to arrive sums them in split order); batch-1 GEMV over N = 4096 has too few N
 blocks to fill 132 SMs otherwise. M == 1 uses a register FMA reduction; larger M a
 tensor-core dot with M padded to 16.
+
+`quant_matmul_multi` multiplies x by several weights (q/k/v, gate/up) in one launch: grid axis 0
+runs over the N blocks of all of them and each program branches (statically unrolled) to its
+weight's code, so each launch's fixed cost (launch, tail wave, split-K reduction) is paid once and
+the split count comes from the total N blocks. `quant_matmul` is its one-weight case.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import functools
 import math
 import statistics
 import time
+from collections.abc import Sequence
 
 import jax
 from jax import lax
@@ -179,10 +185,13 @@ def _quant_matmul_kernel(
     x_ref,  # [M, K]
     q_ref,  # [Kq, N]: Kq = K // 2 for int4, else K
     s_ref,  # [K // G, N], or None for bits=16
-    o_ref,  # [M, N] in x's dtype, or [S, M, N] float32 partials when split and not fused
-    p_ref,  # fused split: [S, M, N] float32 partials, else None
-    c_ref,  # fused split: [N blocks * M blocks] int32 arrival counts, zero on entry, else None
+    o_ref,  # [M, N] in x's dtype, or [S, M, Nc] float32 partials when split and not fused
+    p_ref,  # fused split: [S, M, Nc] float32 partials, else None
+    c_ref,  # fused split: [grid N blocks * M blocks] int32 arrival counts, zero on entry, else None
     *,
+    pids: tuple,
+    block0: int,
+    col: int,
     bits: int,
     group_size: int,
     block_m: int,
@@ -197,9 +206,15 @@ def _quant_matmul_kernel(
     asm: bool,
     barrier: bool,
 ):
+    """One (N block, K split, M block) program of one weight; `pids` are its program ids. Grid axis
+    0 counts the N blocks of every weight of the call; this weight's are block0, block0 + 1, ...
+    The float32 partials are shared by the weights ([S, M, Nc], Nc = the sum of their N): this
+    one's start at column `col`.
+    """
     m_size, k_size = x_ref.shape
     kq_size, n_size = q_ref.shape
-    pid_n, pid_s, pid_m = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    pid, pid_s, pid_m = pids
+    pid_n = pid - block0 if block0 else pid  # this weight's N block
     n0 = pl.multiple_of(pid_n * block_n, block_n)
     n_mask = (n0 + jnp.arange(block_n)) < n_size  # [bn]
     n_ragged = n_size % block_n != 0  # masks only where a block can run past N or K
@@ -284,28 +299,29 @@ def _quant_matmul_kernel(
         acc = acc.sum(axis=0, keepdims=True)  # [1, bn]: the one cross-thread reduction
     if bits != 16 and not per_group:
         acc = acc * load_scale(jnp.int32(0)).astype(jnp.float32)[None, :]
+    cols, pcols = pl.ds(n0, block_n), pl.ds(n0 + col if col else n0, block_n)  # output, partials
     if fma:
-        idx, val = (m0, pl.ds(n0, block_n)), acc[0]
+        idx, pidx, val = (m0, cols), (m0, pcols), acc[0]
         mask = dict(mask=n_mask) if n_ragged else {}
     else:
-        idx, val = (pl.ds(m0, block_m), pl.ds(n0, block_n)), acc
+        idx, pidx, val = (pl.ds(m0, block_m), cols), (pl.ds(m0, block_m), pcols), acc
         mask = dict(mask=m_mask[:, None] & n_mask[None, :])
     if not split:
         plgpu.store(o_ref.at[idx], val.astype(o_ref.dtype), **mask)
     elif p_ref is None:  # XLA sums the partials
-        plgpu.store(o_ref.at[(pid_s, *idx)], val, **mask)
+        plgpu.store(o_ref.at[(pid_s, *pidx)], val, **mask)
     else:
-        plgpu.store(p_ref.at[(pid_s, *idx)], val, **mask)
+        plgpu.store(p_ref.at[(pid_s, *pidx)], val, **mask)
         if barrier:  # every thread's partial is stored before the count is released
             plgpu.debug_barrier()
         # acquire-release at GPU scope: the last to arrive sees every other split's partial
-        arrived = plgpu.atomic_add(c_ref, (pid_n * pl.num_programs(2) + pid_m,), jnp.int32(1))
+        arrived = plgpu.atomic_add(c_ref, (pid * pl.num_programs(2) + pid_m,), jnp.int32(1))
 
         @pl.when(arrived == num_splits - 1)
         def _():  # the last split of this block: add every split's partial, in split order
             total = lax.fori_loop(
                 0, num_splits,
-                lambda j, t: t + plgpu.load(p_ref.at[(j, *idx)], **mask, **(
+                lambda j, t: t + plgpu.load(p_ref.at[(j, *pidx)], **mask, **(
                     dict(other=0.0) if mask else {})),
                 jnp.zeros(val.shape, jnp.float32))
             plgpu.store(o_ref.at[idx], total.astype(o_ref.dtype), **mask)
@@ -331,10 +347,38 @@ def _check_args(x, q, scale, bits, group_size):
                          f"{None if scale is None else scale.shape}")
 
 
-def _quant_matmul(x, q, scale, *, bits, group_size, block_sizes, interpret):
+def _check_weights(x, weights, bits, group_size) -> list:
+    """`_check_args` for every (q, scale), naming the weight that fails; all must share dtypes."""
+    weights = [tuple(w) for w in weights]
+    if not weights or any(len(w) != 2 for w in weights):
+        raise ValueError(f"weights must be a non-empty sequence of (q, scale) pairs, got "
+                         f"{len(weights)} entries of lengths {[len(w) for w in weights]}")
+    q0, s0 = weights[0]
+    for i, (q, scale) in enumerate(weights):
+        what = f"weights[{i}] (q {q.shape} {q.dtype}, scale " + (
+            "None)" if scale is None else f"{scale.shape} {scale.dtype})")
+        try:
+            _check_args(x, q, scale, bits, group_size)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+        if q.dtype != q0.dtype or (scale is not None and scale.dtype != s0.dtype):
+            raise ValueError(f"{what}: dtypes differ from weights[0] (q {q0.dtype}, scale "
+                             f"{None if s0 is None else s0.dtype}); one kernel takes one set")
+    return weights
+
+
+def _quant_matmul(x, weights, *, bits, group_size, block_sizes, interpret):
+    """x [M, K] @ each (q, scale) of `weights` in one pallas_call -> tuple of [M, N_i] (checked).
+
+    Grid axis 0 runs over the N blocks of all weights, in order; each program picks its weight by a
+    static branch on that index, so the weights are read in place (never concatenated) and the
+    launch fills one wave with all of them. The K-split partials of all weights share one
+    [S, M, sum N_i] buffer, summed by one XLA reduction. One weight is plain `quant_matmul`.
+    """
     m, k = x.shape
-    kq, n = q.shape
-    bs = block_sizes or default_block_sizes(m, k, n, bits)
+    kq = weights[0][0].shape[0]
+    ns = [q.shape[1] for q, _ in weights]
+    bs = block_sizes or default_block_sizes(m, k, sum(ns), bits)
     fma = bs.fma and m == 1
     block_k = bs.block_k
     if bits != 16 and group_size < k:
@@ -343,7 +387,10 @@ def _quant_matmul(x, q, scale, *, bits, group_size, block_sizes, interpret):
     if not fma and block_kq < 16:
         raise ValueError(f"{block_k=} gives {block_kq} packed rows; the dot path needs >= 16")
     block_m = 1 if fma else max(16, min(bs.block_m, pl.next_power_of_2(m)))
-    grid_n, grid_m = pl.cdiv(n, bs.block_n), pl.cdiv(m, block_m)
+    grid_ns = [pl.cdiv(n, bs.block_n) for n in ns]  # N blocks per weight
+    grid_n, grid_m = sum(grid_ns), pl.cdiv(m, block_m)
+    block0s = [sum(grid_ns[:i]) for i in range(len(ns))]  # each weight's first block on axis 0
+    cols = [sum(ns[:i]) for i in range(len(ns))]  # each weight's first column in the partials
     n_tiles = pl.cdiv(kq, block_kq)
     splits = bs.k_splits or max(1, min(bs.target_programs // (grid_n * grid_m), n_tiles // 4))
     tiles_per_split = pl.cdiv(n_tiles, min(splits, n_tiles))
@@ -357,38 +404,53 @@ def _quant_matmul(x, q, scale, *, bits, group_size, block_sizes, interpret):
         tf32_dot=bs.tf32_dot and bits != 16,
         asm=bs.asm and fma and bits in (4, 8) and not interpret and bs.block_n % 4 == 0,
         barrier=not interpret)
-    args = [x, q] + ([] if scale is None else [scale])
-    out_shape = [jax.ShapeDtypeStruct((splits, m, n), jnp.float32) if split and not fused
-                 else jax.ShapeDtypeStruct((m, n), x.dtype)]
+    per_weight = 1 if bits == 16 else 2  # refs per weight: q, and scale unless bits=16
+    args = [x] + [a for w in weights for a in w[:per_weight]]
+    partials = jax.ShapeDtypeStruct((splits, m, sum(ns)), jnp.float32)
+    out_shape = ([partials] if split and not fused
+                 else [jax.ShapeDtypeStruct((m, n), x.dtype) for n in ns])
     aliases = {}
     if fused:
-        out_shape += [jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
-                      jax.ShapeDtypeStruct((grid_n * grid_m,), jnp.int32)]
-        aliases = {len(args): 2}  # the counts start at zero (a memset) and are updated in place
+        out_shape += [partials, jax.ShapeDtypeStruct((grid_n * grid_m,), jnp.int32)]
+        # the counts start at zero (a memset) and are updated in place
+        aliases = {len(args): len(out_shape) - 1}
         args.append(jnp.zeros((grid_n * grid_m,), jnp.int32))
 
-    def body(*refs):
-        refs = list(refs)
-        s_ref = refs.pop(2) if scale is not None else None
-        if fused:
-            x_ref, q_ref, _, o_ref, p_ref, c_ref = refs
-        else:
-            (x_ref, q_ref, o_ref), p_ref, c_ref = refs, None, None
-        kernel(x_ref, q_ref, s_ref, o_ref, p_ref, c_ref)
+    def body(x_ref, *refs):
+        w_refs = [(*refs[i * per_weight:(i + 1) * per_weight], None)[:2] for i in range(len(ns))]
+        outs = refs[len(ns) * per_weight + fused:]  # past the count input, aliased to its output
+        p_ref, c_ref = outs[-2:] if fused else (None, None)
+
+        # read outside the branches: interpret mode has no program ids inside a cond
+        pids = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+
+        def run(i):
+            o_ref = outs[0] if split and not fused else outs[i]
+            kernel(x_ref, *w_refs[i], o_ref, p_ref, c_ref, pids=pids, block0=block0s[i],
+                   col=cols[i])
+
+        if len(ns) == 1:
+            return run(0)
+        for i in range(len(ns)):  # unrolled: each weight's code is specialised to its shapes
+            pl.when((pids[0] >= block0s[i]) & (pids[0] < block0s[i] + grid_ns[i]))(
+                functools.partial(run, i))
 
     with _triton.quiet():
-        out = pl.pallas_call(
+        outs = pl.pallas_call(
             body,
             grid=(grid_n, splits, grid_m),
             out_shape=out_shape,
             input_output_aliases=aliases,
             compiler_params=_triton.compiler_params(bs.num_warps, bs.num_stages),
             interpret=interpret,
-            name=f"quant_matmul_int{bits}",
-        )(*args)[0]
-    if split and not fused:
-        out = out.sum(axis=0).astype(x.dtype)  # [M, N]
-    return out
+            name=f"quant_matmul_int{bits}" + (f"_x{len(ns)}" if len(ns) > 1 else ""),
+        )(*args)
+    if not split or fused:
+        return tuple(outs[:len(ns)])
+    y = outs[0].sum(axis=0).astype(x.dtype)  # [M, sum N_i]: one reduction for all weights
+    if len(ns) == 1:
+        return (y,)
+    return tuple(lax.slice_in_dim(y, c, c + n, axis=1) for c, n in zip(cols, ns))
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "block_sizes", "interpret"))
@@ -404,7 +466,28 @@ def quant_matmul(
 ) -> jax.Array:
     """x [M, K] @ dequantize(q [Kq, N], scale [K // G, N]) -> [M, N] in x's dtype."""
     _check_args(x, q, scale, bits, group_size)
-    return _quant_matmul(x, q, scale, bits=bits, group_size=group_size, block_sizes=block_sizes,
+    return _quant_matmul(x, [(q, scale)], bits=bits, group_size=group_size,
+                         block_sizes=block_sizes, interpret=interpret)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "block_sizes", "interpret"))
+def quant_matmul_multi(
+    x: jax.Array,
+    weights: Sequence[tuple[jax.Array, jax.Array | None]],
+    *,
+    bits: int,
+    group_size: int,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, ...]:
+    """x [M, K] @ dequantize(q_i [Kq, N_i], scale_i [K // G, N_i]) for each weight, in one kernel
+    launch -> tuple of [M, N_i] in x's dtype (e.g. q, k, v or gate, up from the same x).
+
+    The weights share K, bits, group_size and dtypes; N_i may differ. block_sizes=None takes
+    `default_block_sizes` with N = sum N_i, and the K splits are chosen from the total N blocks.
+    """
+    weights = _check_weights(x, weights, bits, group_size)
+    return _quant_matmul(x, weights, bits=bits, group_size=group_size, block_sizes=block_sizes,
                          interpret=interpret)
 
 
@@ -428,6 +511,21 @@ def quant_matmul_ref(
              ).reshape(k, n)
     y = jnp.dot(x.astype(jnp.float32), w, precision=lax.Precision.HIGHEST)
     return y.astype(x.dtype)
+
+
+def quant_matmul_multi_ref(
+    x: jax.Array,
+    weights: Sequence[tuple[jax.Array, jax.Array | None]],
+    *,
+    bits: int,
+    group_size: int,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, ...]:
+    """Pure-jnp float32 reference: tuple of `quant_matmul_ref` over the weights -> [M, N_i] each."""
+    del block_sizes, interpret
+    weights = _check_weights(x, weights, bits, group_size)
+    return tuple(quant_matmul_ref(x, q, s, bits=bits, group_size=group_size) for q, s in weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,10 +581,25 @@ def _weight_sets(key, k, n, bits, group_size, min_bytes=160e6):
 
 def _check(x, q, s, bits, group_size, block_sizes=None) -> float:
     y = quant_matmul(x, q, s, bits=bits, group_size=group_size, block_sizes=block_sizes)
-    ref = quant_matmul_ref(x, q, s, bits=bits, group_size=group_size).astype(jnp.float32)
+    ref = quant_matmul_ref(x, q, s, bits=bits, group_size=group_size)
+    return _check_close(y, ref, f"{x.shape=} {q.shape=} {bits=} {group_size=}")
+
+
+def _check_multi(x, weights, bits, group_size, block_sizes=None) -> float:
+    """`_check` for quant_matmul_multi: the largest relative error over the weights."""
+    ys = quant_matmul_multi(x, weights, bits=bits, group_size=group_size, block_sizes=block_sizes)
+    refs = quant_matmul_multi_ref(x, weights, bits=bits, group_size=group_size)
+    return max(_check_close(y, ref, f"multi weights[{i}] {x.shape=} {q.shape=} {bits=} "
+                                    f"{group_size=}")
+               for i, (y, ref, (q, _)) in enumerate(zip(ys, refs, weights)))
+
+
+def _check_close(y, ref, what: str) -> float:
+    """Relative L2 error of y against ref; raises past 2e-2 or on any NaN."""
+    ref = ref.astype(jnp.float32)
     err = float(jnp.linalg.norm(y.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
     if not (err < 2e-2) or bool(jnp.isnan(y).any()):
-        raise AssertionError(f"kernel mismatch {x.shape=} {q.shape=} {bits=} {group_size=}: {err=}")
+        raise AssertionError(f"kernel mismatch {what}: {err=}")
     return err
 
 
@@ -533,22 +646,32 @@ def _kernel_op(x, q, s, *, bits, group_size, block_sizes=None):
 
 
 def check_all():
-    """Kernel vs ref on GPU over ragged shapes, every mode and both M paths."""
+    """Kernel vs ref on GPU over ragged shapes, every mode and both M paths, one weight per call
+    (quant_matmul) and several (quant_matmul_multi)."""
     key = jax.random.key(0)
     failed = []
-    for (m, k, n), bits, g in [((1, 4096 + 64, 4096 + 48), 8, 4096 + 64), ((3, 1000, 300), 8, 1000),
-                               ((5, 4096, 4128), 4, 128), ((16, 4096, 4096), 4, 32),
-                               ((64, 2048, 1000), 4, 64), ((1, 4096, 4096), 4, 64),
-                               ((1, 300, 200), 16, 0), ((8, 4096, 4096), 16, 0),
-                               ((2, 4096, 4096), 8, 128)]:
+    single = [((1, 4096 + 64, 4096 + 48), 8, 4096 + 64), ((3, 1000, 300), 8, 1000),
+              ((5, 4096, 4128), 4, 128), ((16, 4096, 4096), 4, 32), ((64, 2048, 1000), 4, 64),
+              ((1, 4096, 4096), 4, 64), ((1, 300, 200), 16, 0), ((8, 4096, 4096), 16, 0),
+              ((2, 4096, 4096), 8, 128)]
+    multi = [((1, 4096, (4096, 4096, 4096)), 8, 4096, None),  # q/k/v, gate/up, GQA, ragged N
+             ((8, 8192, (4096, 512, 512)), 4, 128, None), ((1, 4096, (11008, 11008)), 4, 128, None),
+             ((3, 1000, (300, 130, 48)), 8, 1000, None),
+             ((1, 4096, (4096, 1000)), 8, 4096, BlockSizes(block_n=256, block_k=32,
+                                                           fused_reduce=True))]
+    cases = [((m, k, (n,)), bits, g, None) for (m, k, n), bits, g in single] + multi
+    for (m, k, ns), bits, g, bs in cases:
         x = jax.random.normal(jax.random.fold_in(key, m * k), (m, k), jnp.bfloat16)
-        q, s = _random_weight(jax.random.fold_in(key, n), k, n, bits, g)
+        ws = [_random_weight(jax.random.fold_in(key, n + i), k, n, bits, g)
+              for i, n in enumerate(ns)]
         try:
-            err = f"rel err {_check(x, q, s, bits, g):.2e}"
+            err = _check(x, *ws[0], bits, g) if len(ns) == 1 else _check_multi(x, ws, bits, g, bs)
+            err = f"rel err {err:.2e}"
         except Exception as e:  # report every failing case, then raise once
             err = f"FAILED {type(e).__name__}: {str(e)[:300]}"
             failed.append(err)
-        print(f"check M={m} K={k} N={n} int{bits} g={g}: {err}", flush=True)
+        print(f"check M={m} K={k} N={'+'.join(map(str, ns))} int{bits} g={g}"
+              f"{' fused sum' if bs and bs.fused_reduce else ''}: {err}", flush=True)
     if failed:
         raise AssertionError(f"{len(failed)} kernel checks failed")
 

@@ -1,6 +1,7 @@
 """GPU probes for kernel tuning: loop-timed GEMV variants, and one region for ncu to profile.
 
     python scripts/gpu_probe.py gemv [--bits 8 4] [--m 1 8]   # table of us and TB/s per variant
+    python scripts/gpu_probe.py gemv-multi [--bits 8 4] [--m 1 8]  # q/k/v, gate/up: 1 call vs N
     ncu --profile-from-start off ... python scripts/gpu_probe.py gemv-one --bits 8 --k 4096 --n 22016
     ncu --profile-from-start off ... python scripts/gpu_probe.py prefill --prompt-len 2048
     python scripts/gpu_probe.py ncu-summary --file ncu.csv   # time per kernel name
@@ -65,13 +66,14 @@ def _pallas(x, q, s, *, bits, group_size, block_sizes):
 
 
 def loop_time(op, x, weights, iters: int = 20) -> float:
-    """Microseconds per op: one jitted loop applies op to every weight set, `iters` times."""
+    """Microseconds per op: one jitted loop applies op(x, *w) to every weight set w, `iters` times
+    (w is (q, scale), or for gemv-multi a tuple of them)."""
     @jax.jit
     def run(x, ws, tiny):
         def body(i, ys):
             xi = x * (1 + tiny * i).astype(x.dtype)  # loop-variant, so no call is hoisted
-            return tuple(op(xi, q, s) for q, s in ws)
-        init = tuple(jnp.zeros((x.shape[0], q.shape[1]), x.dtype) for q, _ in ws)
+            return tuple(op(xi, *w) for w in ws)
+        init = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(body, 0, None))
         return jax.lax.fori_loop(0, iters, body, init)
 
     tiny = jnp.float32(0)
@@ -79,11 +81,18 @@ def loop_time(op, x, weights, iters: int = 20) -> float:
         return best_time(lambda: run(x, weights, tiny), 5) / (iters * len(weights)) * 1e6
 
 
+def weight_groups(key, k, ns, bits, group_size, min_bytes=160e6) -> list[tuple]:
+    """Sets of one random (q, scale) [K, N] per N in ns; enough sets that a pass reads >= 3x L2."""
+    def group(kk):
+        return tuple(qmm._random_weight(jax.random.fold_in(kk, i), k, n, bits, group_size)
+                     for i, n in enumerate(ns))
+    first = group(key)
+    count = max(2, min(32, math.ceil(min_bytes / sum(qmm._weight_bytes(*w) for w in first))))
+    return [first] + [group(kk) for kk in jax.random.split(key, count)[1:]]
+
+
 def weight_sets(key, k, n, bits, group_size, min_bytes=160e6):
-    q, s = qmm._random_weight(key, k, n, bits, group_size)
-    count = max(2, min(32, math.ceil(min_bytes / qmm._weight_bytes(q, s))))
-    return [(q, s)] + [qmm._random_weight(kk, k, n, bits, group_size)
-                       for kk in jax.random.split(key, count)[1:]]
+    return [w for (w,) in weight_groups(key, k, (n,), bits, group_size, min_bytes)]
 
 
 def cmd_gemv(args) -> None:
@@ -132,6 +141,49 @@ def cmd_gemv(args) -> None:
                     tb = sum(r[5] * r[6] for r in sel) / us
                     print(f"int{bits} M={m:2d} {name:15s} {us:7.1f} us/layer {tb:5.2f} TB/s "
                           f"({100 * tb / PEAK_TBS:3.0f}%)")
+
+
+# Weights that read the same x, per shard: name -> (K, N of each weight).
+MULTI_SHAPES = {
+    "7b q/k/v": (4096, (4096, 4096, 4096)),
+    "7b gate/up": (4096, (11008, 11008)),
+    "70b-tp2 q/k/v": (8192, (4096, 512, 512)),
+    "70b-tp2 gate/up": (8192, (14336, 14336)),
+}
+
+
+def _separate(x, *ws, bits, group_size):
+    return tuple(_pallas(x, q, s, bits=bits, group_size=group_size, block_sizes=None)
+                 for q, s in ws)
+
+
+def _multi(x, *ws, bits, group_size):
+    return qmm.quant_matmul_multi(x, ws, bits=bits, group_size=group_size)
+
+
+def cmd_gemv_multi(args) -> None:
+    """Weights sharing x (q/k/v, gate/up): one quant_matmul per weight vs one quant_matmul_multi."""
+    key = jax.random.key(0)
+    for bits in args.bits:
+        for name, (k, ns) in MULTI_SHAPES.items():
+            g = {8: k, 4: 128, 16: 0}[bits]
+            groups = weight_groups(key, k, ns, bits, g)
+            nbytes = sum(qmm._weight_bytes(*w) for w in groups[0])
+            for m in args.m:
+                x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
+                with quiet():
+                    err = qmm._check_multi(x, groups[0], bits, g)
+                print(f"int{bits} {name} K={k} N={'+'.join(map(str, ns))} M={m}: "
+                      f"multi rel err {err:.1e}", flush=True)
+                times = {}
+                for op_name, op in (("separate", _separate), ("multi", _multi)):
+                    op = functools.partial(op, bits=bits, group_size=g)
+                    times[op_name] = us = loop_time(op, x, groups)
+                    print(f"int{bits} {name:16s} M={m} {op_name:8s} {us:7.1f} us "
+                          f"{nbytes / us / 1e6:5.2f} TB/s", flush=True)
+                print(f"int{bits} {name:16s} M={m} multi/separate "
+                      f"{times['multi'] / times['separate']:.3f}", flush=True)
+            del groups
 
 
 def cmd_gemv_one(args) -> None:
@@ -221,8 +273,8 @@ def cmd_ncu_summary(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["gemv", "gemv-one", "gemv-check", "bf16-e2e", "prefill",
-                                           "ncu-summary"])
+    ap.add_argument("what", choices=["gemv", "gemv-multi", "gemv-one", "gemv-check", "bf16-e2e",
+                                     "prefill", "ncu-summary"])
     ap.add_argument("--file", help="ncu-summary: the ncu CSV")
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     ap.add_argument("--m", type=int, nargs="+", default=[1, 8])
@@ -237,8 +289,8 @@ def main() -> None:
     if args.what == "ncu-summary":
         return cmd_ncu_summary(args)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
-    {"gemv": cmd_gemv, "gemv-one": cmd_gemv_one, "gemv-check": lambda a: qmm.check_all(),
-     "bf16-e2e": cmd_bf16_e2e,
+    {"gemv": cmd_gemv, "gemv-multi": cmd_gemv_multi, "gemv-one": cmd_gemv_one,
+     "gemv-check": lambda a: qmm.check_all(), "bf16-e2e": cmd_bf16_e2e,
      "prefill": cmd_prefill}[args.what](args)
 
 

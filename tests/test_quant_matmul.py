@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.quant_matmul import (BlockSizes, pack_int4, quant_matmul, quant_matmul_ref,
-                                         unpack_int4)
+from pallas_kernels.quant_matmul import (BlockSizes, pack_int4, quant_matmul, quant_matmul_multi,
+                                         quant_matmul_multi_ref, quant_matmul_ref, unpack_int4)
 
 INTERPRET = True
 
@@ -103,3 +103,74 @@ def test_bad_arguments_raise():
         quant_matmul(x, q, scale, bits=8, group_size=100, interpret=INTERPRET)
     with pytest.raises(ValueError, match="q.shape"):
         quant_matmul(x[:, :128], q, scale, bits=8, group_size=128, interpret=INTERPRET)
+
+
+# quant_matmul_multi: (M, K, N_i per weight, bits, group_size, block_sizes). Default blocks are 256
+# (int8) or 128 (int4) wide at M = 1 and 128 at M > 1, so most N_i end in a partial block; K = 256
+# at M > 1 runs unsplit (outputs written directly) unless k_splits says otherwise.
+MULTI_CASES = [
+    (1, 256, (200, 72), 8, 256, None),  # per-channel int8, split, ragged
+    (3, 256, (128, 200, 40), 8, 64, BlockSizes(k_splits=2)),  # grouped int8, dot path, split
+    (16, 256, (130, 96), 4, 64, None),  # int4, dot path, unsplit
+    (1, 256, (384, 100, 100), 4, 32, None),  # int4, a wide q and two narrow k/v, split
+    (1, 300, (130, 40), 16, 0, BlockSizes(k_splits=3, fused_reduce=True)),  # bf16, in-kernel sum
+]
+
+
+def _multi_id(case) -> str:
+    m, k, ns, bits, g, bs = case
+    return (f"M={m}_K={k}_N={'+'.join(map(str, ns))}_int{bits}_g{g}"
+            + ("" if bs is None else "_custom_blocks"))
+
+
+def _multi_inputs(case_id: str, m, k, ns, bits, group_size):
+    """x [M, K] and one (q, scale) per N_i, each weight seeded apart."""
+    x = _inputs(case_id, m, k, 1, bits, group_size, jnp.float32)[0]
+    return x, [_inputs(f"{case_id}_w{i}", m, k, n, bits, group_size, jnp.float32)[1:]
+               for i, n in enumerate(ns)]
+
+
+@pytest.mark.parametrize("case", MULTI_CASES, ids=_multi_id)
+def test_multi_kernel_matches_ref(case):
+    m, k, ns, bits, group_size, block_sizes = case
+    x, weights = _multi_inputs(_multi_id(case), m, k, ns, bits, group_size)
+    ys = quant_matmul_multi(x, weights, bits=bits, group_size=group_size,
+                            block_sizes=block_sizes, interpret=INTERPRET)
+    refs = quant_matmul_multi_ref(x, weights, bits=bits, group_size=group_size)
+    assert isinstance(ys, tuple) and len(ys) == len(refs) == len(ns)
+    for i, (y, ref, n) in enumerate(zip(ys, refs, ns)):
+        assert y.shape == (m, n) and y.dtype == x.dtype, i
+        assert not np.isnan(np.asarray(y)).any(), f"weight {i}: unwritten output"
+        np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-4, atol=1e-4,
+                                   err_msg=f"weight {i}")
+
+
+@pytest.mark.parametrize("m,bits,group_size", [(1, 8, 256), (3, 4, 64)],
+                         ids=["M=1_K=256_N=200_int8_split", "M=3_K=256_N=200_int4_g64"])
+def test_multi_of_one_weight_equals_quant_matmul(m, bits, group_size):
+    x, q, scale = _inputs(f"one_{m}_{bits}", m, 256, 200, bits, group_size, jnp.float32)
+    (y,) = quant_matmul_multi(x, [(q, scale)], bits=bits, group_size=group_size,
+                              interpret=INTERPRET)
+    want = quant_matmul(x, q, scale, bits=bits, group_size=group_size, interpret=INTERPRET)
+    assert not np.isnan(np.asarray(y)).any()
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+
+
+def test_multi_bad_weights_raise_naming_the_weight():
+    x, q, scale = _inputs("multi_bad", 2, 256, 64, 8, 256, jnp.float32)
+    kw = dict(bits=8, group_size=256, interpret=INTERPRET)
+    with pytest.raises(ValueError, match=r"weights\[1\] \(q \(128, 64\).*q.shape"):  # K differs
+        quant_matmul_multi(x, [(q, scale), (q[:128], scale)], **kw)
+    q4 = pack_int4(jnp.clip(q, -8, 7), 256)  # an int4 weight among int8 ones
+    with pytest.raises(ValueError, match=r"weights\[2\] \(q \(128, 64\)"):
+        quant_matmul_multi(x, [(q, scale), (q, scale), (q4, scale)], **kw)
+    with pytest.raises(ValueError, match=r"weights\[1\] .*bfloat16.*dtypes differ"):
+        quant_matmul_multi(x, [(q, scale), (q, scale.astype(jnp.bfloat16))], **kw)
+    with pytest.raises(ValueError, match=r"weights\[1\] .*scale \(1, 32\)"):
+        quant_matmul_multi(x, [(q, scale), (q, scale[:, :32])], **kw)
+    with pytest.raises(ValueError, match="non-empty"):
+        quant_matmul_multi(x, [], **kw)
+    w16 = jnp.zeros((256, 64), jnp.float32)
+    with pytest.raises(ValueError, match=r"weights\[1\] .*dtypes differ"):
+        quant_matmul_multi(x, [(w16, None), (w16.astype(jnp.bfloat16), None)], bits=16,
+                           group_size=0, interpret=INTERPRET)
