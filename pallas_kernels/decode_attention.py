@@ -8,6 +8,11 @@ GPU; each split leaves an unnormalised partial output with its running max m and
 second small kernel (`merge_splits`) combines them with a log-sum-exp merge. The split boundaries
 are computed from lengths[b] inside the kernel, so work and bytes follow the real length, not S,
 and short rows do not leave most programs idle.
+
+int8 cache: k, v may be int8 with per-token, per-KV-head float32 scales k_scale, v_scale [B, G, S]
+(key s of head g = k[b, s, g] * k_scale[b, g, s]; [B, G, S] so one head's scales are contiguous). The kernel dequantizes in registers: the int8 block is converted to
+q's dtype for the dots (exact in bf16), k_scale multiplies the score columns and v_scale the
+probabilities before the PV dot, so it reads K + 4 bytes per key and head for each of k and v.
 """
 import dataclasses
 import functools
@@ -86,16 +91,27 @@ def online_softmax_step(
     key_ok: jax.Array,
     carry: tuple[jax.Array, jax.Array, jax.Array],
     qk_scale: float,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One flash step: q [rows, K], k, v [block_k, K], key_ok [block_k] -> updated (acc, m, l)."""
+    """One flash step: q [rows, K], k, v [block_k, K], key_ok [block_k] -> updated (acc, m, l).
+
+    With k_scale, v_scale [block_k] float32, k and v are int8 and are dequantized in registers:
+    the scores get k_scale per key column and the probabilities v_scale per key before the PV dot
+    (cast to q's dtype there: for float16 q, p * v_scale under 6e-5 keeps fewer bits as a subnormal).
+    """
     acc, m, l = carry  # [rows, K] f32, [rows] f32, [rows] f32 (m in log2 units)
-    s = plgpu.dot(q, k, trans_b=True, allow_tf32=_triton.tf32_ok(q)) * qk_scale  # [rows, block_k]
+    if k_scale is not None:  # |int8| <= 127 converts exactly to bf16 (8-bit significand) and f32
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+    s = plgpu.dot(q, k, trans_b=True, allow_tf32=_triton.tf32_ok(q))  # [rows, block_k]
+    s = s * qk_scale if k_scale is None else s * (k_scale * qk_scale)[None, :]
     s = jnp.where(key_ok[None, :], s, _MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp2(m - m_new)  # [rows] rescales the old sums
     p = jnp.exp2(s - m_new[:, None])  # [rows, block_k]
-    l = l * alpha + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, allow_tf32=_triton.tf32_ok(v))
+    l = l * alpha + jnp.sum(p, axis=1)  # l sums the probabilities themselves, before any v_scale
+    pv = p if v_scale is None else p * v_scale[None, :]  # [rows, block_k]
+    acc = acc * alpha[:, None] + plgpu.dot(pv.astype(v.dtype), v, allow_tf32=_triton.tf32_ok(v))
     return acc, m_new, l
 
 
@@ -127,15 +143,20 @@ def _decode_kernel(
     q_ref,  # [H, K] all query heads of row b
     k_ref,  # [S, K] kv head g of row b
     v_ref,  # [S, K]
-    o_ref,  # [H, K]: q.dtype output (num_splits == 1) or float32 partial of split j
-    *ml_refs,  # m_ref, l_ref [H] float32, only when num_splits > 1
+    *refs,  # [ks_ref, vs_ref [S] float32 scales, int8 cache only], o_ref, [m_ref, l_ref]
+    quantized: bool,
     group: int,
     rows: int,
     block_k: int,
     num_splits: int,
     scale: float,
 ):
-    """Attention of the R heads of KV head g of row b over the keys of split j."""
+    """Attention of the R heads of KV head g of row b over the keys of split j.
+
+    o_ref [H, K] is the q.dtype output (num_splits == 1) or the float32 partial of split j, then
+    m_ref, l_ref [H] float32 when num_splits > 1.
+    """
+    scale_refs, (o_ref, *ml_refs) = (refs[:2], refs[2:]) if quantized else ((), refs)
     b, g, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     head_dim = k_ref.shape[-1]
     length = jnp.minimum(lengths_ref[b], k_ref.shape[0])  # never read past the cache
@@ -150,7 +171,12 @@ def _decode_kernel(
         key_ok = start + jnp.arange(block_k) < length  # [block_k]
         k = plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=key_ok[:, None], other=0.0)  # [block_k, K]
         v = plgpu.load(v_ref.at[pl.ds(start, block_k), :], mask=key_ok[:, None], other=0.0)  # [block_k, K]
-        return online_softmax_step(q, k, v, key_ok, carry, qk_scale)
+        if not quantized:
+            return online_softmax_step(q, k, v, key_ok, carry, qk_scale)
+        ks_ref, vs_ref = scale_refs
+        ks = plgpu.load(ks_ref.at[pl.ds(start, block_k)], mask=key_ok, other=0.0)  # [block_k] f32
+        vs = plgpu.load(vs_ref.at[pl.ds(start, block_k)], mask=key_ok, other=0.0)  # [block_k] f32
+        return online_softmax_step(q, k, v, key_ok, carry, qk_scale, k_scale=ks, v_scale=vs)
 
     carry = (
         jnp.zeros((rows, head_dim), jnp.float32),
@@ -158,7 +184,7 @@ def _decode_kernel(
         jnp.zeros((rows,), jnp.float32),
     )
     acc, m, l = lax.fori_loop(lo, hi, body, carry)  # splits past the length run zero steps
-    store_result(o_ref, ml_refs, head, rows, group, acc, m, l)
+    store_result(o_ref, tuple(ml_refs), head, rows, group, acc, m, l)
 
 
 def _merge_kernel(
@@ -251,16 +277,20 @@ def _decode_call(
     k: jax.Array,  # [B, S, G, K]
     v: jax.Array,  # [B, S, G, K]
     lengths: jax.Array,  # [B] int32
+    k_scale: jax.Array | None,  # [B, G, S] float32, int8 cache only
+    v_scale: jax.Array | None,  # [B, G, S] float32, int8 cache only
     block_sizes: BlockSizes,
     interpret: bool,
 ) -> jax.Array:  # [B, H, K]
     batch, num_heads, head_dim = q.shape
     seq_len, num_kv_heads = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
+    quantized = k_scale is not None
     block_k = min(block_sizes.block_k, max(16, pl.next_power_of_2(seq_len)))
     num_splits = resolve_splits(dataclasses.replace(block_sizes, block_k=block_k), batch, num_kv_heads, seq_len)
     kernel = functools.partial(
         _decode_kernel,
+        quantized=quantized,
         group=group,
         rows=max(16, pl.next_power_of_2(group)),
         block_k=block_k,
@@ -269,21 +299,27 @@ def _decode_call(
     )
     out_specs, out_shape = split_outputs(batch, num_splits, num_heads, head_dim, q.dtype)
     kv_spec = pl.BlockSpec((None, seq_len, None, head_dim), lambda b, g, j: (b, 0, g, 0))
+    in_specs = [
+        pl.BlockSpec((batch,), lambda b, g, j: (0,)),
+        pl.BlockSpec((None, num_heads, head_dim), lambda b, g, j: (b, 0, 0)),
+        kv_spec,
+        kv_spec,
+    ]
+    args = [lengths, q, k, v]
+    if quantized:  # the scales of KV head g of row b: [S], contiguous
+        scale_spec = pl.BlockSpec((None, None, seq_len), lambda b, g, j: (b, g, 0))
+        in_specs += [scale_spec, scale_spec]
+        args += [k_scale, v_scale]
     out = pl.pallas_call(
         kernel,
         grid=(batch, num_kv_heads, num_splits),
-        in_specs=[
-            pl.BlockSpec((batch,), lambda b, g, j: (0,)),
-            pl.BlockSpec((None, num_heads, head_dim), lambda b, g, j: (b, 0, 0)),
-            kv_spec,
-            kv_spec,
-        ],
+        in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=_triton.compiler_params(block_sizes.num_warps, block_sizes.num_stages),
         interpret=interpret,
-        name="jllm_decode_attention",
-    )(lengths, q, k, v)
+        name="jllm_decode_attention_int8" if quantized else "jllm_decode_attention",
+    )(*args)
     if num_splits == 1:
         return out
     return merge_splits(*out, num_kv_heads=num_kv_heads, dtype=q.dtype, interpret=interpret)
@@ -298,35 +334,70 @@ def check_shapes(q: jax.Array, num_kv_heads: int, head_dim: int) -> None:
         raise ValueError(f"{head_dim=} must be a power of 2 >= 16 (Triton tiles); use the _ref")
 
 
+def check_kv_dtypes(
+    k: jax.Array, v: jax.Array, k_scale: jax.Array | None, v_scale: jax.Array | None
+) -> None:
+    """A float cache has no scales; an int8 cache has float32 k_scale, v_scale [B, G, S]."""
+    if k.dtype != v.dtype:
+        raise TypeError(f"k and v must have the same dtype; got {k.dtype=} {v.dtype=}")
+    if (k_scale is None) != (v_scale is None):
+        raise TypeError("give both k_scale and v_scale (int8 cache) or neither; got "
+                        f"k_scale {'None' if k_scale is None else 'given'}, "
+                        f"v_scale {'None' if v_scale is None else 'given'}")
+    if k_scale is None:
+        if k.dtype == jnp.int8:
+            raise TypeError("an int8 cache needs k_scale and v_scale [B, G, S] float32; got neither")
+        return
+    if k.dtype != jnp.int8:
+        raise TypeError(f"k_scale, v_scale are only for an int8 cache; got {k.dtype=}")
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        want = (k.shape[0], k.shape[2], k.shape[1])
+        if s.shape != want:
+            raise ValueError(f"expected {name} [B, G, S] = {want} for k [B, S, G, K] = {k.shape}; "
+                             f"got {name}.shape={s.shape}")
+        if s.dtype != jnp.float32:
+            raise TypeError(f"expected {name} float32; got {name}.dtype={s.dtype}")
+
+
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
 def decode_attention(
     q: jax.Array,  # [B, H, K]
-    k: jax.Array,  # [B, S, G, K]
-    v: jax.Array,  # [B, S, G, K]
+    k: jax.Array,  # [B, S, G, K], int8 with k_scale
+    v: jax.Array,  # [B, S, G, K], int8 with v_scale
     lengths: jax.Array,  # [B] int32, >= 1
     *,
+    k_scale: jax.Array | None = None,  # [B, G, S] float32: key s of head g = k[b, s, g] * k_scale[b, g, s]
+    v_scale: jax.Array | None = None,  # [B, G, S] float32
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """One query per row over keys s < lengths[b]: q [B, H, K], k, v [B, S, G, K] -> [B, H, K]."""
     if k.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0]:
         raise ValueError(f"expected k = v [B, S, G, K]; got {q.shape=} {k.shape=} {v.shape=}")
+    check_kv_dtypes(k, v, k_scale, v_scale)
     check_shapes(q, k.shape[2], k.shape[3])
-    return _decode_call(q, k, v, lengths.astype(jnp.int32), block_sizes or BlockSizes(), interpret)
+    return _decode_call(q, k, v, lengths.astype(jnp.int32), k_scale, v_scale, block_sizes or BlockSizes(),
+                        interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
 def decode_attention_ref(
     q: jax.Array,  # [B, H, K]
-    k: jax.Array,  # [B, S, G, K]
-    v: jax.Array,  # [B, S, G, K]
+    k: jax.Array,  # [B, S, G, K], int8 with k_scale
+    v: jax.Array,  # [B, S, G, K], int8 with v_scale
     lengths: jax.Array,  # [B] int32
     *,
+    k_scale: jax.Array | None = None,  # [B, G, S] float32
+    v_scale: jax.Array | None = None,  # [B, G, S] float32
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Pure-jnp float32 twin of decode_attention -> [B, H, K] in q.dtype."""
     del block_sizes, interpret
+    check_kv_dtypes(k, v, k_scale, v_scale)
+    if k_scale is not None:  # dequantize the whole cache in float32, then the same math
+        k = k.astype(jnp.float32) * k_scale.transpose(0, 2, 1)[..., None]  # [B, S, G, K]
+        v = v.astype(jnp.float32) * v_scale.transpose(0, 2, 1)[..., None]  # [B, S, G, K]
     batch, num_heads, head_dim = q.shape
     seq_len, num_kv_heads = k.shape[1], k.shape[2]
     qf = q.astype(jnp.float32).reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, G, R, K]
@@ -411,20 +482,58 @@ def _inputs(key, batch, seq_len, heads, kv_heads, head_dim, dtype):
     return q, k, v, jnp.full((batch,), seq_len, jnp.int32)
 
 
+@jax.jit
+def _quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token, per-head absmax int8: x [B, S, G, K] -> codes int8 [B, S, G, K], scale f32 [B, G, S]."""
+    scale = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1) / 127.0  # [B, S, G]
+    codes = jnp.round(x.astype(jnp.float32) / jnp.where(scale > 0, scale, 1.0)[..., None])
+    return jnp.clip(codes, -127, 127).astype(jnp.int8), scale.transpose(0, 2, 1)
+
+
+def _int8_inputs(key, batch, seq_len, heads, kv_heads, head_dim):
+    """bf16 q with an int8 cache quantized from normal keys and values: (q, k, v, lengths, k_scale, v_scale)."""
+    q, k, v, lengths = _inputs(key, batch, seq_len, heads, kv_heads, head_dim, jnp.bfloat16)
+    (k, k_scale), (v, v_scale) = _quantize_kv(k), _quantize_kv(v)
+    return q, k, v, lengths, k_scale, v_scale
+
+
+def _decode_int8(q, k, v, lengths, k_scale, v_scale, *, block_sizes=None):
+    """decode_attention with the scales positional, for time_us and best_config."""
+    return decode_attention(q, k, v, lengths, k_scale=k_scale, v_scale=v_scale, block_sizes=block_sizes)
+
+
+def _decode_int8_ref(q, k, v, lengths, k_scale, v_scale):
+    return decode_attention_ref(q, k, v, lengths, k_scale=k_scale, v_scale=v_scale)
+
+
+def _kv_bytes(batch: int, seq_len: int, kv_heads: int, head_dim: int, cache: str) -> int:
+    """Bytes of k and v read at full length: bf16 values, or int8 values plus a float32 scale per
+    token and KV head."""
+    per_head = 2 * head_dim if cache == "bf16" else head_dim + 4
+    return 2 * batch * seq_len * kv_heads * per_head
+
+
 def _ragged_check() -> list[str]:
-    """GPU correctness on ragged lengths (1, a block boundary, full) and GQA."""
+    """GPU correctness on ragged lengths (1, a block boundary, full) and GQA, bf16 and int8 cache."""
     lines = []
     for i, (heads, kv_heads, head_dim, lengths) in enumerate([
         (32, 32, 128, [1, 64, 4096, 1000]), (64, 8, 128, [4095, 1, 129, 2048]), (32, 8, 64, [7, 4096, 300, 65]),
     ]):
         q, k, v, _ = _inputs(jax.random.key(100 + i), len(lengths), 4096, heads, kv_heads, head_dim, jnp.bfloat16)
         lengths = jnp.array(lengths, jnp.int32)
+        (k8, k_scale), (v8, v_scale) = _quantize_kv(k), _quantize_kv(v)
         with jax.default_matmul_precision("highest"):
             ref = decode_attention_ref(q, k, v, lengths)
+            ref8 = decode_attention_ref(q, k8, v8, lengths, k_scale=k_scale, v_scale=v_scale)
         with _triton.quiet():
             out = decode_attention(q, k, v, lengths)
-        lines.append(f"ragged H={heads} G={kv_heads} K={head_dim} lengths={lengths.tolist()}: "
-                     f"rel err {rel_err(out, ref):.2e}")
+            out8 = decode_attention(q, k8, v8, lengths, k_scale=k_scale, v_scale=v_scale)
+        shape = f"H={heads} G={kv_heads} K={head_dim} lengths={lengths.tolist()}"
+        lines.append(f"ragged {shape}: rel err {rel_err(out, ref):.2e}")
+        # int8 errs more than bf16 against its ref (~3e-3 vs ~4e-4 on CPU): p * v_scale is rounded
+        # to bf16 even where p = 1, i.e. in the length-1 row, whose output dominates the norm.
+        lines.append(f"ragged int8 {shape}: rel err {rel_err(out8, ref8):.2e} vs int8 ref, "
+                     f"{rel_err(out8, ref):.2e} vs bf16 cache (quantization)")
     return lines
 
 
@@ -445,28 +554,33 @@ def main() -> None:
         ]
     ]
     for batch, seq_len, heads, kv_heads, head_dim in shapes:
-        args = _inputs(jax.random.key(0), batch, seq_len, heads, kv_heads, head_dim, jnp.bfloat16)
-        with jax.default_matmul_precision("highest"):
-            ref = decode_attention_ref(*args)
-        kv_bytes = 2 * batch * seq_len * kv_heads * head_dim * 2
-        sets = [
-            _inputs(jax.random.key(10 + i), batch, seq_len, heads, kv_heads, head_dim, jnp.bfloat16)
-            for i in range(num_sets(kv_bytes))
-        ]
         name = f"B={batch} S={seq_len} H={heads} G={kv_heads} K={head_dim}"
         configs = [None] + (candidates if tune and (batch, seq_len) in tuned else [])
-        best = best_config(name, decode_attention, configs, args, ref, sets,
-                           lambda us: f"{kv_bytes / us / 1e6:5.2f} TB/s")
-        xla_us = time_us(decode_attention_ref, sets)
-        if best is not None:
-            rows.append((name, kv_bytes, best[0], best[1], xla_us, best[2]))
-        del sets
-    print("\ndecode_attention, bf16, full lengths, TB/s over KV bytes read (H100 read peak 3.13 TB/s)")
-    print(f"{'shape':34s} {'KV MB':>7s} {'pallas us':>10s} {'TB/s':>6s} {'%peak':>6s} {'rel err':>9s}"
-          f" {'xla us':>9s} {'TB/s':>6s}  best config")
-    for name, nbytes, us, err, xus, cfg in rows:
+        for cache in ("bf16", "int8"):
+            if cache == "bf16":
+                make = functools.partial(_inputs, dtype=jnp.bfloat16)
+                kernel, xla = decode_attention, decode_attention_ref
+            else:
+                make, kernel, xla = _int8_inputs, _decode_int8, _decode_int8_ref
+            args = make(jax.random.key(0), batch, seq_len, heads, kv_heads, head_dim)
+            with jax.default_matmul_precision("highest"):
+                ref = xla(*args)
+            nbytes = _kv_bytes(batch, seq_len, kv_heads, head_dim, cache)
+            sets = [make(jax.random.key(10 + i), batch, seq_len, heads, kv_heads, head_dim)
+                    for i in range(num_sets(nbytes))]
+            best = best_config(f"{name} {cache}", kernel, configs, args, ref, sets,
+                               lambda us, nbytes=nbytes: f"{nbytes / us / 1e6:5.2f} TB/s")
+            xla_us = time_us(xla, sets)
+            if best is not None:
+                rows.append((name, cache, nbytes, best[0], best[1], xla_us, best[2]))
+            del sets, args
+    print("\ndecode_attention, full lengths, TB/s over KV bytes read (int8: values + float32 scales; "
+          "H100 read peak 3.13 TB/s); rel err against the _ref of the same cache")
+    print(f"{'shape':34s} {'cache':5s} {'KV MB':>7s} {'pallas us':>10s} {'TB/s':>6s} {'%peak':>6s}"
+          f" {'rel err':>9s} {'xla us':>9s} {'TB/s':>6s}  best config")
+    for name, cache, nbytes, us, err, xus, cfg in rows:
         tbs = nbytes / us / 1e6
-        print(f"{name:34s} {nbytes / 1e6:7.1f} {us:10.1f} {tbs:6.2f} {100 * tbs / 3.13:5.0f}%"
+        print(f"{name:34s} {cache:5s} {nbytes / 1e6:7.1f} {us:10.1f} {tbs:6.2f} {100 * tbs / 3.13:5.0f}%"
               f" {err:9.2e} {xus:9.1f} {nbytes / xus / 1e6:6.2f}  {cfg or 'default'}")
 
 
