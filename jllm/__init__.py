@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jllm import checkpoint, quant, runtime
 from jllm.config import CONFIGS, LlamaConfig
-from jllm.generate import Completion, Model, generate
+from jllm.generate import Completion, Model, check_kv_cache_dtype, generate
 from jllm.model import from_flat, param_infos
 from jllm.tokenizer import Tokenizer
 
@@ -26,19 +26,23 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
          group_size: int | None = None, attn_impl: str | None = None,
          matmul_impl: str | None = None, progress: bool = True,
          mesh: jax.sharding.Mesh | None = None,
-         prompt_buckets: tuple[int, ...] | None = None) -> Model:
+         prompt_buckets: tuple[int, ...] | None = None,
+         kv_cache_dtype: str | None = None) -> Model:
     """Load a jllm checkpoint, or convert a Hugging Face Llama directory in memory.
 
     dtype: "bfloat16" | "float16" | "float32" (default: the checkpoint's). quantize: "int8" |
     "int4" quantizes the linear weights after loading (group_size for int4, default 128); a
     checkpoint converted with --quantize is already quantized. attn_impl/matmul_impl: "xla" |
-    "pallas" (default: pallas on GPU, xla elsewhere). prompt_buckets: padded prompt lengths
+    "pallas" (default: pallas on GPU, xla elsewhere); matmul_impl "pallas-fused" also runs q/k/v
+    and gate/up of a quantized model as one kernel launch each. prompt_buckets: padded prompt lengths
     (default: powers of two), each compiled once. mesh (sharding.rules.make_mesh): each weight
     is restored straight into its shards on the mesh, each process reading only the shards of its
-    own devices.
+    own devices. kv_cache_dtype: "int8" keeps the KV cache as int8 with per-token, per-head
+    scales (half the bytes decode reads at long context); default the weights' dtype.
     """
     runtime.enable_compilation_cache()
     quant.check_mode(quantize, group_size)
+    check_kv_cache_dtype(kv_cache_dtype)
     path = os.fspath(path)
     say = _say if progress else None
     if not os.path.isdir(path):
@@ -91,4 +95,5 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
     return Model(params=params, cfg=cfg, tokenizer=tokenizer, quant=stored and stored["mode"],
                  attn_impl=attn_impl or runtime.default_attn_impl(),
                  matmul_impl=matmul_impl or runtime.default_matmul_impl(), mesh=mesh,
-                 prompt_buckets=None if prompt_buckets is None else tuple(prompt_buckets))
+                 prompt_buckets=None if prompt_buckets is None else tuple(prompt_buckets),
+                 kv_cache_dtype=kv_cache_dtype)

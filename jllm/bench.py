@@ -17,7 +17,7 @@ import numpy as np
 
 from jllm import quant, runtime
 from jllm.config import LlamaConfig
-from jllm.generate import bucket, decode, prefill
+from jllm.generate import bucket, check_kv_cache_dtype, decode, prefill
 from jllm.model import from_flat, init_cache, init_params, param_infos, to_flat
 from jllm.sampling import Sampling
 from pallas_kernels._triton import quiet
@@ -49,6 +49,7 @@ class BenchResult:
     peak_tflops: float
     weight_gb: float
     peak_memory_gb: float | None
+    kv_cache_dtype: str = "bfloat16"
 
 
 def _say(msg: str) -> None:
@@ -101,7 +102,7 @@ def measure_peak_tflops() -> float:
     return 2 * n ** 3 / _device_time(lambda: f(a), 10) / 1e12
 
 
-def step_bytes(params, cfg: LlamaConfig, kv_itemsize: int, batch: int, context: float) -> float:
+def step_bytes(params, cfg: LlamaConfig, kv_itemsize: float, batch: int, context: float) -> float:
     """Bytes one decode step must read: the weights as stored (quantized or not; one embedding row
     per sequence) plus the KV cache up to `context`."""
     flat = to_flat(params)
@@ -140,12 +141,15 @@ def random_params(cfg: LlamaConfig, name: str, dtype: str = "bfloat16", seed: in
 def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1, prompt_len: int = 128,
         new_tokens: int = 128, attn_impl: str | None = None, matmul_impl: str | None = None,
         bandwidth: float | None = None, peak_tflops: float | None = None, params=None,
-        seed: int = 0, warm_compile: bool = True, mesh=None) -> BenchResult:
+        seed: int = 0, warm_compile: bool = True, mesh=None,
+        kv_cache_dtype: str | None = None) -> BenchResult:
     """Benchmark prefill and decode of `cfg` (random weights unless `params` is given).
 
     mesh: params already sharded on it (parallel.random_params); call inside its mesh_context.
-    MBU and MFU then count the bandwidth and peak of all the mesh's devices.
+    MBU and MFU then count the bandwidth and peak of all the mesh's devices. kv_cache_dtype:
+    "int8" for an int8 cache (default: dtype).
     """
+    check_kv_cache_dtype(kv_cache_dtype)
     attn_impl = attn_impl or runtime.default_attn_impl()
     matmul_impl = matmul_impl or runtime.default_matmul_impl()  # per shard on a mesh
     dt = jnp.dtype(dtype)
@@ -164,10 +168,11 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
         tokens, n_tokens, sampling, key, token0 = parallel.put_batch(
             (tokens, n_tokens, sampling, key, token0), mesh)
     kw = dict(cfg=cfg, attn_impl=attn_impl, matmul_impl=matmul_impl)
-    new_cache = functools.partial(init_cache, cfg, batch, S, dt)
+    kv_dt = jnp.dtype(kv_cache_dtype or dt)
+    new_cache = functools.partial(init_cache, cfg, batch, S, kv_dt)
     if mesh is not None:
         from jllm import parallel
-        new_cache = functools.partial(parallel.init_cache, cfg, batch, S, dt, mesh)
+        new_cache = functools.partial(parallel.init_cache, cfg, batch, S, kv_dt, mesh)
 
     # The cache's shapes and shardings, to compile against (a sharded cache must match exactly).
     abstract_cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -209,7 +214,8 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
     tpot = min(decode_times) / new_tokens
     bw = bandwidth or measure_bandwidth()
     peak = peak_tflops or measure_peak_tflops()
-    item = dt.itemsize
+    # Bytes per cached element; an int8 cache adds a float32 scale per head_dim elements.
+    item = kv_dt.itemsize + (4 / cfg.head_dim if kv_dt == jnp.int8 else 0)
     n_dev = 1 if mesh is None else mesh.size
     mbu = step_bytes(params, cfg, item, batch, prompt_len + new_tokens / 2) / tpot / (n_dev * bw * 1e12)
     mfu = prefill_flops(cfg, batch, prompt_len) / ttft / (n_dev * peak * 1e12)
@@ -223,7 +229,8 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
         ttft_ms=ttft * 1e3, tpot_ms=tpot * 1e3, decode_tok_s_per_seq=1 / tpot,
         decode_tok_s_total=batch / tpot, prefill_tok_s=batch * prompt_len / ttft, mbu=mbu,
         mfu_prefill=mfu, bandwidth_tb_s=bw, peak_tflops=peak, weight_gb=weight_gb,
-        peak_memory_gb=stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats else None)
+        peak_memory_gb=stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats else None,
+        kv_cache_dtype=kv_dt.name)
 
 
 def _quant_mode(params) -> str | None:
@@ -232,15 +239,19 @@ def _quant_mode(params) -> str | None:
 
 
 def format_table(results: list[BenchResult]) -> str:
-    head = (f"{'config':<12} {'weights':<8} {'attn':<6} {'matmul':<6} {'B':>3} {'P':>5} {'N':>4} {'TTFT ms':>8} "
+    head = (f"{'config':<12} {'weights':<8} {'kv':<5} {'attn':<6} {'matmul':<6} {'B':>3} {'P':>5} {'N':>4} {'TTFT ms':>8} "
             f"{'TPOT ms':>8} {'tok/s/seq':>9} {'tok/s':>8} {'MBU':>5} {'MFU':>5} {'compile s':>11}")
     lines = [head]
     for r in results:
-        lines.append(f"{r.config:<12} {r.quant or r.dtype:<8} {r.attn_impl:<6} {r.matmul_impl:<6} {r.batch:>3} {r.prompt_len:>5} "
+        lines.append(f"{r.config:<12} {r.quant or r.dtype:<8} {_short(r.kv_cache_dtype):<5} {r.attn_impl:<6} {r.matmul_impl:<6} {r.batch:>3} {r.prompt_len:>5} "
                      f"{r.new_tokens:>4} {r.ttft_ms:>8.2f} {r.tpot_ms:>8.3f} {r.decode_tok_s_per_seq:>9.1f} "
                      f"{r.decode_tok_s_total:>8.1f} {r.mbu:>5.0%} {r.mfu_prefill:>5.0%} "
                      f"{r.compile_cold_s:>5.1f}/{r.compile_warm_s:<5.1f}")
     return "\n".join(lines)
+
+
+def _short(dtype: str) -> str:
+    return {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}.get(dtype, dtype)
 
 
 def plot(results: list[BenchResult], path: str) -> None:
@@ -252,7 +263,7 @@ def plot(results: list[BenchResult], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     groups: dict[str, list[BenchResult]] = {}
     for r in results:
-        groups.setdefault(f"{r.config} {r.quant or r.dtype} {r.attn_impl}/{r.matmul_impl} P={r.prompt_len}", []).append(r)
+        groups.setdefault(f"{r.config} {r.quant or r.dtype} kv {_short(r.kv_cache_dtype)} {r.attn_impl}/{r.matmul_impl} P={r.prompt_len}", []).append(r)
     for label, rs in groups.items():
         rs.sort(key=lambda r: r.batch)
         axes[0].plot([r.batch for r in rs], [r.decode_tok_s_total for r in rs], "o-", label=label)

@@ -12,12 +12,17 @@ import numpy as np
 
 from jllm.config import LlamaConfig
 from pallas_kernels._triton import quiet
-from jllm.model import KVCache, Params, init_cache, logits, transformer
+from jllm.model import KV_DTYPES, KVCache, Params, init_cache, logits, transformer
 from jllm.sampling import Sampling, sample
 from jllm.tokenizer import Tokenizer
 
 DECODE_CHUNK = 8       # decode steps fused into one on-device loop per host call
 MIN_BUCKET = 16        # shortest padded prompt length
+
+
+def check_kv_cache_dtype(kv_cache_dtype) -> None:
+    if kv_cache_dtype is not None and kv_cache_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}; expected None or one of {KV_DTYPES}")
 
 
 @dataclasses.dataclass
@@ -32,8 +37,11 @@ class Model:
     mesh: jax.sharding.Mesh | None = None
     # Padded prompt lengths; None means powers of two from MIN_BUCKET. Each bucket compiles once.
     prompt_buckets: tuple[int, ...] | None = None
+    # KV cache dtype: None is the weights' dtype; "int8" stores codes and per-token, per-head scales.
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self):
+        check_kv_cache_dtype(self.kv_cache_dtype)
         if self.prompt_buckets is not None:
             b = self.prompt_buckets
             if not b or any(not isinstance(x, int) or x < 1 for x in b) or list(b) != sorted(set(b)):
@@ -42,6 +50,10 @@ class Model:
     @property
     def dtype(self):
         return self.params.norm.dtype
+
+    @property
+    def cache_dtype(self):
+        return self.dtype if self.kv_cache_dtype is None else jnp.dtype(self.kv_cache_dtype)
 
 
 @dataclasses.dataclass
@@ -273,11 +285,11 @@ def _run(model: Model, rows: list[_Row], tokens: np.ndarray, n_tokens: np.ndarra
 
     key = jax.random.key(seed)
     if model.mesh is None:
-        cache = init_cache(cfg, B, S, model.dtype)
+        cache = init_cache(cfg, B, S, model.cache_dtype)
         tokens_d, n_tokens_d, host = jnp.asarray(tokens), jnp.asarray(n_tokens), np.asarray
     else:
         from jllm import parallel
-        cache = parallel.init_cache(cfg, B, S, model.dtype, model.mesh)
+        cache = parallel.init_cache(cfg, B, S, model.cache_dtype, model.mesh)
         # Global arrays with the batch over the data axis: in a multi-process run every process
         # holds the same host inputs and contributes its devices' part; results come back whole.
         tokens_d, n_tokens_d, sampling, key = parallel.put_batch(

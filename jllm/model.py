@@ -85,23 +85,60 @@ class Params:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Static KV cache. One buffer per layer so each is updated in place by the donated step."""
+    """Static KV cache. One buffer per layer so each is updated in place by the donated step.
+
+    An int8 cache (init_cache with dtype int8) holds k, v as int8 codes with one float32 scale
+    per token and KV head: key s of head g is k[b, s, g] * k_scale[b, g, s]. Half the bytes of
+    bf16 (plus 4 bytes per head_dim), which is what decode at long context reads. The scales are
+    [B, G, S] so that the decode kernel reads one head's scales contiguously.
+    """
     k: list[jax.Array]   # L x [B, S, G, K]
     v: list[jax.Array]   # L x [B, S, G, K]
     lengths: jax.Array   # [B] int32, tokens already cached per row
+    k_scale: list[jax.Array] | None = None  # L x [B, G, S] float32 for an int8 cache, else None
+    v_scale: list[jax.Array] | None = None
 
     @property
     def max_len(self) -> int:
         return self.k[0].shape[1]
 
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+
+KV_DTYPES = ("bfloat16", "float16", "float32", "int8")
+
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
-    """An empty cache: one jitted call (eager zeros would be one dispatch per layer buffer)."""
+    """An empty cache: one jitted call (eager zeros would be one dispatch per layer buffer).
+
+    dtype int8 makes an int8 cache with per-token, per-head scales (KVCache)."""
+    dtype = jnp.dtype(dtype)
+    if dtype.name not in KV_DTYPES:
+        raise ValueError(f"cache dtype {dtype.name!r}; expected one of {KV_DTYPES}")
     shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-    return KVCache(k=[jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
-                   v=[jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
-                   lengths=jnp.zeros((batch,), jnp.int32))
+    zeros = [jnp.zeros(shape, dtype) for _ in range(2 * cfg.n_layers)]
+    scales = None
+    if dtype == jnp.int8:
+        scales = [jnp.zeros((batch, cfg.n_kv_heads, max_len), jnp.float32) for _ in range(2 * cfg.n_layers)]
+    return KVCache(k=zeros[:cfg.n_layers], v=zeros[cfg.n_layers:], lengths=jnp.zeros((batch,), jnp.int32),
+                   k_scale=scales and scales[:cfg.n_layers], v_scale=scales and scales[cfg.n_layers:])
+
+
+def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [B, T, G, K] -> int8 codes [B, T, G, K] and float32 scales [B, G, T]: symmetric absmax
+    per token and head, so |dequantized - x| <= scale / 2 = max|x| / 254 elementwise."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x32), axis=-1) / 127.0                                # [B, T, G]
+    q = jnp.round(x32 / jnp.where(scale == 0, 1.0, scale)[..., None])
+    return jnp.clip(q, -127, 127).astype(jnp.int8), scale.transpose(0, 2, 1)
+
+
+def dequantize_kv(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    """int8 q [B, S, G, K] and scale [B, G, S] -> [B, S, G, K] in dtype."""
+    return (q.astype(jnp.float32) * scale.transpose(0, 2, 1)[..., None]).astype(dtype)
 
 
 def to_flat(params: Params) -> dict[str, jax.Array]:
@@ -164,29 +201,37 @@ def rope(x: jax.Array, pos: jax.Array, theta: float) -> jax.Array:
 
 
 def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array,
-                  kv_len: jax.Array) -> jax.Array:
+                  kv_len: jax.Array, k_scale: jax.Array | None = None,
+                  v_scale: jax.Array | None = None) -> jax.Array:
     """Causal GQA attention in plain XLA.
 
     q [B, T, H, K]; k, v [B, S, G, K]; query t of row b sits at position q_offset[b] + t and sees
-    keys s <= its position with s < kv_len[b]. -> [B, T, H, K]
+    keys s <= its position with s < kv_len[b]. With an int8 cache, k_scale and v_scale [B, G, S]
+    multiply the scores and the probabilities instead of dequantizing the cache. -> [B, T, H, K]
     """
     B, T, H, K = q.shape
     S, G = k.shape[1], k.shape[2]
     qg = q.reshape(B, T, G, H // G, K)                                            # [B, T, G, R, K]
-    scores = jnp.einsum("BTGRK,BSGK->BGRTS", qg, k,
+    scores = jnp.einsum("BTGRK,BSGK->BGRTS", qg, k.astype(q.dtype),
                         preferred_element_type=jnp.float32) * K ** -0.5           # [B, G, R, T, S]
+    if k_scale is not None:
+        scores = scores * k_scale[:, :, None, None, :]                            # [B, G, 1, 1, S]
     q_pos = q_offset[:, None] + jnp.arange(T)                                     # [B, T]
     s_pos = jnp.arange(S)
     mask = (s_pos[None, None, :] <= q_pos[:, :, None]) & (s_pos < kv_len[:, None, None])  # [B, T, S]
     # A finite fill (not -inf) keeps fully masked padding rows finite.
     scores = jnp.where(mask[:, None, None], scores, -1e30)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BGRTS,BSGK->BTGRK", probs, v, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1)                                       # [B, G, R, T, S]
+    if v_scale is not None:
+        probs = probs * v_scale[:, :, None, None, :]
+    out = jnp.einsum("BGRTS,BSGK->BTGRK", probs.astype(q.dtype), v.astype(q.dtype),
+                     preferred_element_type=jnp.float32)
     return out.reshape(B, T, H, K).astype(q.dtype)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array, kv_len: jax.Array,
-              impl: AttnImpl) -> jax.Array:
+              impl: AttnImpl, k_scale: jax.Array | None = None,
+              v_scale: jax.Array | None = None) -> jax.Array:
     """The one attention entry point. Shapes as in `attention_xla`."""
     if impl == "xla":
         mesh = jax.sharding.get_abstract_mesh()
@@ -195,11 +240,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array, kv_
             # axis to match the query heads and gathers the cache back every step; per shard,
             # each device reads the one KV head its query heads use.
             from jllm import kernels
-            return kernels.sharded_attention(q, k, v, q_offset, kv_len, mesh, attention_xla)
-        return attention_xla(q, k, v, q_offset, kv_len)
+            return kernels.sharded_attention(q, k, v, q_offset, kv_len, mesh, attention_xla,
+                                             k_scale=k_scale, v_scale=v_scale)
+        return attention_xla(q, k, v, q_offset, kv_len, k_scale, v_scale)
     if impl == "pallas":
         from jllm import kernels
-        return kernels.attention(q, k, v, q_offset, kv_len)
+        return kernels.attention(q, k, v, q_offset, kv_len, k_scale=k_scale, v_scale=v_scale)
     raise ValueError(f"attn_impl={impl!r}; expected 'xla' or 'pallas'")
 
 
@@ -210,12 +256,28 @@ def _kv_replicated(q: jax.Array, k: jax.Array, mesh) -> bool:
 
 
 def _write(buf: jax.Array, new: jax.Array, start: jax.Array, fresh: bool) -> jax.Array:
-    """Write new [B, T, G, K] into buf [B, S, G, K] at row offsets start [B]."""
+    """Write new [B, T, G, K] into buf [B, S, G, K] (or scales new [B, G, T] into buf [B, G, S])
+    at row offsets start [B]."""
     if fresh:  # every row starts at 0: one contiguous in-place update
-        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, 0, 0, 0))
+        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0,) * buf.ndim)
+    if new.ndim == 3:  # scales [B, G, T]
+        B, G, T = new.shape
+        pos = start[:, None, None] + jnp.arange(T)                                # [B, 1, T]
+        return buf.at[jnp.arange(B)[:, None, None], jnp.arange(G)[:, None], pos].set(new, mode="drop")
     B, T = new.shape[:2]
     pos = start[:, None] + jnp.arange(T)                                          # [B, T]
     return buf.at[jnp.arange(B)[:, None], pos].set(new.astype(buf.dtype), mode="drop")
+
+
+def _cache_layer(cache: KVCache, i: int, k: jax.Array, v: jax.Array, start: jax.Array,
+                 fresh: bool) -> tuple[tuple, tuple]:
+    """Write new k, v [B, T, G, K] into layer i -> (k, v, k_scale, v_scale) buffers, the written
+    ones (scales None for a float cache)."""
+    if not cache.quantized:
+        return (_write(cache.k[i], k, start, fresh), _write(cache.v[i], v, start, fresh), None, None)
+    (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+    return (_write(cache.k[i], kq, start, fresh), _write(cache.v[i], vq, start, fresh),
+            _write(cache.k_scale[i], ks, start, fresh), _write(cache.v_scale[i], vs, start, fresh))
 
 
 def transformer(params: Params, tokens: jax.Array, cache: KVCache, cfg: LlamaConfig, *,
@@ -239,28 +301,37 @@ def transformer(params: Params, tokens: jax.Array, cache: KVCache, cfg: LlamaCon
     def linear(x, w, name):
         return quant.linear(x, w, impl=matmul_impl, spec=specs.get(name))
 
+    def linears(x, ws, names):  # projections of one input: one kernel launch with "pallas-fused"
+        return quant.linears(x, ws, impl=matmul_impl, specs=[specs.get(n) for n in names])
+
     x = params.tok_embeddings[tokens]                                             # [B, T, D]
-    new_k, new_v = [], []
+    written = []
     for i, layer in enumerate(params.layers):
         # Attention block: norm, project, rotate, write the cache, attend, project back.
         h = rms_norm(x, layer.attention_norm, cfg.norm_eps)
-        q = rope(linear(h, layer.wq, "wq").reshape(B, T, H, K), pos, cfg.rope_theta)    # [B, T, H, K]
-        k = rope(linear(h, layer.wk, "wk").reshape(B, T, G, K), pos, cfg.rope_theta)    # [B, T, G, K]
-        v = linear(h, layer.wv, "wv").reshape(B, T, G, K)                               # [B, T, G, K]
-        ck, cv = _write(cache.k[i], k, start, fresh), _write(cache.v[i], v, start, fresh)
-        new_k.append(ck)
-        new_v.append(cv)
-        if fresh:
-            o = attention(q, k.astype(ck.dtype), v.astype(cv.dtype), start, n_tokens, attn_impl)
-        else:
-            o = attention(q, ck, cv, start, kv_len, attn_impl)                    # [B, T, H, K]
+        q, k, v = linears(h, (layer.wq, layer.wk, layer.wv), ("wq", "wk", "wv"))
+        q = rope(q.reshape(B, T, H, K), pos, cfg.rope_theta)                      # [B, T, H, K]
+        k = rope(k.reshape(B, T, G, K), pos, cfg.rope_theta)                      # [B, T, G, K]
+        v = v.reshape(B, T, G, K)                                                 # [B, T, G, K]
+        ck, cv, cks, cvs = bufs = _cache_layer(cache, i, k, v, start, fresh)
+        written.append(bufs)
+        if fresh:  # the new keys as computed (a float cache rounds them to its dtype first)
+            kd = k.dtype if cache.quantized else ck.dtype
+            o = attention(q, k.astype(kd), v.astype(kd), start, n_tokens, attn_impl)
+        elif cache.quantized and T > 1:  # chunked prefill over an int8 cache: dequantize once
+            o = attention(q, dequantize_kv(ck, cks, q.dtype), dequantize_kv(cv, cvs, q.dtype),
+                          start, kv_len, attn_impl)
+        else:  # decode reads the int8 codes and scales directly
+            o = attention(q, ck, cv, start, kv_len, attn_impl, cks, cvs)          # [B, T, H, K]
         x = x + linear(o.reshape(B, T, H * K), layer.wo, "wo")
         # Feed-forward block: SwiGLU.
         h = rms_norm(x, layer.ffn_norm, cfg.norm_eps)
-        x = x + linear(jax.nn.silu(linear(h, layer.w1, "w1")) * linear(h, layer.w3, "w3"),
-                   layer.w2, "w2")
+        gate, up = linears(h, (layer.w1, layer.w3), ("w1", "w3"))                # [B, T, F]
+        x = x + linear(jax.nn.silu(gate) * up, layer.w2, "w2")
     x = rms_norm(x, params.norm, cfg.norm_eps)                                    # [B, T, D]
-    return x, KVCache(k=new_k, v=new_v, lengths=kv_len)
+    ck, cv, cks, cvs = (list(b) for b in zip(*written))
+    return x, KVCache(k=ck, v=cv, lengths=kv_len, k_scale=cks if cache.quantized else None,
+                      v_scale=cvs if cache.quantized else None)
 
 
 def logits(params: Params, h: jax.Array, matmul_impl: str = "xla") -> jax.Array:

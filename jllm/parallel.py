@@ -126,18 +126,21 @@ def random_params(cfg: LlamaConfig, mesh: Mesh, key: jax.Array, dtype=jnp.bfloat
     return model.from_flat(shard_flat(flat, cfg, mesh), cfg)
 
 
-def cache_shardings(cfg: LlamaConfig, mesh: Mesh) -> KVCache:
-    """KVCache of shardings: k, v [B, S, G, K] with B over data and G per kv_heads_rule."""
+def cache_shardings(cfg: LlamaConfig, mesh: Mesh, quantized: bool = False) -> KVCache:
+    """KVCache of shardings: k, v [B, S, G, K] with B over data and G per kv_heads_rule; an int8
+    cache's scales [B, G, S] the same way."""
     rl = model_rules(cfg, mesh)
     kv = named(mesh, rules.logical_to_spec(("batch", "seq", "kv_heads", "head_dim"), rl))
+    scale = [named(mesh, rules.logical_to_spec(("batch", "kv_heads", "seq"), rl))] * cfg.n_layers
     return KVCache(k=[kv] * cfg.n_layers, v=[kv] * cfg.n_layers,
-                   lengths=named(mesh, rules.logical_to_spec(("batch",), rl)))
+                   lengths=named(mesh, rules.logical_to_spec(("batch",), rl)),
+                   k_scale=scale if quantized else None, v_scale=scale if quantized else None)
 
 
 @functools.cache
-def _cache_initializer(cfg: LlamaConfig, mesh: Mesh):
+def _cache_initializer(cfg: LlamaConfig, mesh: Mesh, quantized: bool):
     return jax.jit(model.init_cache, static_argnums=(0, 1, 2, 3),
-                   out_shardings=cache_shardings(cfg, mesh))
+                   out_shardings=cache_shardings(cfg, mesh, quantized))
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype, mesh: Mesh) -> KVCache:
@@ -145,7 +148,8 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype, mesh: Mesh) ->
     dp = data_size(mesh)
     if batch % dp:
         raise ValueError(f"{batch=} must be a multiple of the data axis size {dp}")
-    return _cache_initializer(cfg, mesh)(cfg, batch, max_len, jnp.dtype(dtype))
+    dtype = jnp.dtype(dtype)
+    return _cache_initializer(cfg, mesh, dtype == jnp.int8)(cfg, batch, max_len, dtype)
 
 
 def data_size(mesh: Mesh) -> int:

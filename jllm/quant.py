@@ -118,6 +118,9 @@ def _xla_qmatmul(x: jax.Array, w: QArray) -> jax.Array:
     return jnp.dot(x, dequantize(w, x.dtype), preferred_element_type=jnp.float32)
 
 
+IMPLS = ("xla", "pallas", "pallas-fused")
+
+
 def linear(x: jax.Array, w: jax.Array | QArray, *, impl: str = "xla", spec=None) -> jax.Array:
     """x [..., in] @ w [in, out] -> [..., out] in x's dtype; w is an Array or a QArray.
 
@@ -125,35 +128,70 @@ def linear(x: jax.Array, w: jax.Array | QArray, *, impl: str = "xla", spec=None)
     flattened batch M is small (decode; see MAX_PALLAS_M_*) and through XLA above it (prefill). On
     CPU the kernel runs in interpret mode, so impl="pallas" works everywhere. Under a mesh the
     kernel runs per shard when `spec` (the float weight's PartitionSpec) is given; XLA otherwise,
-    since it cannot split a custom call and would gather the weight.
+    since it cannot split a custom call and would gather the weight. "pallas-fused" is "pallas"
+    here; it differs in `linears`.
     """
-    if impl not in ("xla", "pallas"):
-        raise ValueError(f"{impl=} must be 'xla' or 'pallas'")
+    return linears(x, (w,), impl=impl, specs=(spec,))[0]
+
+
+def linears(x: jax.Array, ws, *, impl: str = "xla", specs=None) -> tuple[jax.Array, ...]:
+    """x [..., in] @ each w of ws -> tuple of [..., out_i], as `linear` does one weight.
+
+    impl="pallas-fused" runs QArrays of one layout that share x (q, k, v; gate, up) through one
+    kernel launch (quant_matmul_multi): one grid over all their output blocks, where small
+    projections alone would leave the GPU part idle. Other impls run one `linear` per weight.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"{impl=} must be one of {IMPLS}")
+    specs = tuple(specs) if specs is not None else (None,) * len(ws)
     *lead, k = x.shape
-    if len(w.shape) != 2 or w.shape[0] != k:
-        raise ValueError(f"linear: {x.shape=} does not match weight shape {w.shape}")
-    n = w.shape[1]
+    for w in ws:
+        if len(w.shape) != 2 or w.shape[0] != k:
+            raise ValueError(f"linear: {x.shape=} does not match weight shape {w.shape}")
     x2 = x.reshape(-1, k)  # [M, in]
     m = x2.shape[0]
     on_cpu = jax.default_backend() == "cpu"
-    if not isinstance(w, QArray):
-        if impl == "pallas" and PALLAS_BF16_GEMV and m == 1 and not on_cpu:
-            y = qmm.quant_matmul(x2, w, None, bits=16, group_size=0)
+    groups = [[i] for i in range(len(ws))]
+    if impl == "pallas-fused" and _same_layout(ws):
+        groups = [list(range(len(ws)))]
+    ys = [None] * len(ws)
+    for idx in groups:
+        group, w = [ws[i] for i in idx], ws[idx[0]]
+        if not isinstance(w, QArray):
+            if impl != "xla" and PALLAS_BF16_GEMV and m == 1 and not on_cpu:
+                out = [qmm.quant_matmul(x2, w, None, bits=16, group_size=0)]
+            else:
+                out = [jnp.matmul(x2, w).astype(x.dtype)]
+        elif impl != "xla" and m <= _max_pallas_m(w):
+            mesh = jax.sharding.get_abstract_mesh()
+            if (mesh.empty or mesh.size == 1) and len(group) == 1:
+                out = [qmm.quant_matmul(x2, w.q, w.scale, bits=w.bits, group_size=w.group_size,
+                                        interpret=on_cpu)]
+            elif mesh.empty or mesh.size == 1:
+                out = qmm.quant_matmul_multi(x2, [(g.q, g.scale) for g in group], bits=w.bits,
+                                             group_size=w.group_size, interpret=on_cpu)
+            else:
+                from jllm import kernels  # kernels -> parallel -> model -> quant
+                group_specs = [specs[i] for i in idx]
+                out = None if None in group_specs else kernels.sharded_quant_matmul(
+                    x2, group, group_specs, mesh)
+                if out is None and len(group) > 1:  # laid out differently: one call per weight
+                    out = [linear(x2, g, impl="pallas", spec=s) for g, s in zip(group, group_specs)]
+                elif out is None:
+                    out = [_xla_qmatmul(x2, w).astype(x.dtype)]
         else:
-            y = jnp.matmul(x2, w).astype(x.dtype)
-    elif impl == "pallas" and m <= _max_pallas_m(w):
-        mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty or mesh.size == 1:
-            y = qmm.quant_matmul(x2, w.q, w.scale, bits=w.bits, group_size=w.group_size,
-                                 interpret=on_cpu)
-        else:
-            from jllm import kernels  # kernels -> parallel -> model -> quant
-            y = None if spec is None else kernels.sharded_quant_matmul(x2, w, spec, mesh)
-            if y is None:
-                y = _xla_qmatmul(x2, w).astype(x.dtype)
-    else:
-        y = _xla_qmatmul(x2, w).astype(x.dtype)
-    return y.reshape(*lead, n)  # [..., out]
+            out = [_xla_qmatmul(x2, g).astype(x.dtype) for g in group]
+        for i, y in zip(idx, out):
+            ys[i] = y.reshape(*lead, ws[i].shape[1])  # [..., out]
+    return tuple(ys)
+
+
+def _same_layout(ws) -> bool:
+    """QArrays the fused kernel can take together: same bits, groups and dtypes."""
+    w0 = ws[0]
+    return len(ws) > 1 and all(
+        isinstance(w, QArray) and (w.bits, w.group_size, w.q.dtype, w.scale.dtype, w.scale.shape[0])
+        == (w0.bits, w0.group_size, w0.q.dtype, w0.scale.dtype, w0.scale.shape[0]) for w in ws)
 
 
 # --- Whole-model quantization -------------------------------------------------------------------

@@ -21,6 +21,15 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     p.add_argument("--attn-impl", choices=["xla", "pallas"], default=None)
     _add_quant(p)
+    p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default="auto",
+                   help="KV cache dtype: auto (the weights') or int8 (codes + per-token, per-head scales)")
+
+
+KV_CACHE_CHOICES = ["auto", "int8"]
+
+
+def _kv_cache_dtype(choice: str) -> str | None:
+    return None if choice == "auto" else choice
 
 
 def _add_quant(p: argparse.ArgumentParser) -> None:
@@ -76,7 +85,8 @@ def _say(msg: str) -> None:
 def _load(args):
     import jllm
     return jllm.load(args.model, args.dtype, quantize=args.quantize, group_size=args.group_size,
-                     attn_impl=args.attn_impl, mesh=_mesh(args), progress=_main_process())
+                     attn_impl=args.attn_impl, mesh=_mesh(args), progress=_main_process(),
+                     kv_cache_dtype=_kv_cache_dtype(args.kv_cache))
 
 
 def _print_stats(results) -> None:
@@ -209,13 +219,14 @@ def cmd_bench(args) -> int:
             params = parallel.random_params(cfg, mesh, jax.random.key(0), args.dtype,
                                             quantize=args.quantize, group_size=args.group_size)
             sharded = {"mesh": mesh}
-        runs = [(a, m, p, b) for a in args.attn_impl for m in args.matmul_impl
-                for p in args.prompt_len for b in args.batch]
-        for attn_impl, matmul_impl, prompt_len, batch in runs:
+        runs = [(a, m, kv, p, b) for a in args.attn_impl for m in args.matmul_impl
+                for kv in args.kv_cache for p in args.prompt_len for b in args.batch]
+        for attn_impl, matmul_impl, kv_cache, prompt_len, batch in runs:
             with parallel.mesh_context(mesh) if mesh is not None else contextlib.nullcontext():
                 r = bench.run(cfg, args.config, dtype=args.dtype, batch=batch, prompt_len=prompt_len,
                               new_tokens=args.new_tokens, attn_impl=attn_impl,
-                              matmul_impl=matmul_impl, warm_compile=args.warm_compile and not results,
+                              matmul_impl=matmul_impl, kv_cache_dtype=_kv_cache_dtype(kv_cache),
+                              warm_compile=args.warm_compile and not results,
                               bandwidth=args.bandwidth, peak_tflops=args.peak_tflops, params=params,
                               **sharded)
             args.bandwidth, args.peak_tflops = r.bandwidth_tb_s, r.peak_tflops  # measure once
@@ -272,8 +283,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, nargs="+", default=[128])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--attn-impl", choices=["xla", "pallas"], nargs="+", default=[None])
-    p.add_argument("--matmul-impl", choices=["xla", "pallas"], nargs="+", default=[None],
-                   help="quantized matmul: the Pallas kernel or XLA (default: pallas on GPU)")
+    p.add_argument("--matmul-impl", choices=["xla", "pallas", "pallas-fused"], nargs="+", default=[None],
+                   help="quantized matmul: the Pallas kernel, the kernel with one launch for q/k/v and "
+                        "for gate/up (pallas-fused), or XLA (default: pallas on GPU)")
+    p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, nargs="+", default=["auto"],
+                   help="KV cache dtype(s) to run: auto (the weights') and/or int8")
     p.add_argument("--bandwidth", type=float, default=None, help="TB/s for MBU (default: measured)")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: measured)")
     p.add_argument("--cache-dir", default=None, help="persistent compilation cache (default: a fresh temporary one)")

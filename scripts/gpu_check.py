@@ -1,8 +1,8 @@
 """Correctness on the accelerator: the model with Pallas kernels against the XLA path.
 
 Small random Llama shapes in float32 and bf16: logits of a full forward (the prefill kernel), and
-logits of 64 teacher-forced decode steps (the decode kernel; int8/int4 weights through the Pallas
-matmul) against the XLA path. Prints one line per check and exits non-zero on a failure.
+logits of 64 teacher-forced decode steps (the decode kernel, also over an int8 KV cache; int8/int4
+weights through the Pallas matmul) against the XLA path. Prints one line per check and exits non-zero on a failure.
 
     python scripts/gpu_check.py
 """
@@ -31,7 +31,8 @@ def main() -> int:
         return forward(params, tok, cache, cfg, attn_impl=attn, matmul_impl=mm)
 
     def stepwise(params, tokens, cfg, dtype, attn, mm, n=64):
-        """Prefill tokens[:, :-n] in one call, then n single-token steps -> logits [B, n, V]."""
+        """Prefill tokens[:, :-n] in one call, then n single-token steps -> logits [B, n, V].
+        dtype is the cache's (int8: an int8 KV cache)."""
         cache = init_cache(cfg, tokens.shape[0], 512, dtype)
         _, cache = forward(params, tokens[:, :-n], cache, cfg, attn_impl=attn)
         out = []
@@ -64,6 +65,13 @@ def main() -> int:
         report(f"prefill logits pallas vs xla ({tag})", err < (1e-4 if dtype == jnp.float32 else 2e-2), f"rel err {err:.2e}")
         # Decode: teacher-forced steps after a prefill, so one near-tie cannot derail the rest.
         ref = stepwise(params, tokens, cfg, dtype, "xla", "xla")
+        # The int8 cache: the decode kernel reading codes and scales against XLA over the same cache.
+        got = stepwise(params, tokens, cfg, jnp.int8, "pallas", "xla")
+        base = stepwise(params, tokens, cfg, jnp.int8, "xla", "xla")
+        err = float(jnp.linalg.norm(got - base) / jnp.linalg.norm(base))
+        drift = float(jnp.linalg.norm(base - ref) / jnp.linalg.norm(ref))
+        report(f"int8 KV cache decode attention vs xla, 64 decode steps ({tag})",
+               err < (1e-4 if dtype == jnp.float32 else 3e-2), f"rel err {err:.2e} (int8 vs {jnp.dtype(dtype).name} cache: {drift:.2e})")
         for attn, mm, p, what in [("pallas", "xla", params, "decode attention")] + [
                 ("xla", "pallas", from_flat(quant.quantize_flat(dict(to_flat(params)), mode)[0], cfg),
                  f"{mode} Pallas matmul (batch 1)") for mode in ("int8", "int4")]:

@@ -61,30 +61,31 @@ def greedy(model: Model) -> list[list[int]]:
     return [r.tokens for r in jllm.generate(model, PROMPTS, max_new_tokens=MAX_NEW, stop_token_ids=[])]
 
 
-_forward = jax.jit(forward, static_argnames=("cfg",))
+_forward = jax.jit(forward, static_argnames=("cfg", "attn_impl"))
 
 
 def logits(model: Model) -> np.ndarray:
     """Full-prompt logits [B, T, V] of LOGIT_TOKENS, sharded like generate when model.mesh is set."""
     cfg, (B, T) = model.cfg, LOGIT_TOKENS.shape
     if model.mesh is None:
-        out, _ = _forward(model.params, jnp.asarray(LOGIT_TOKENS), init_cache(cfg, B, 32, model.dtype), cfg)
+        out, _ = _forward(model.params, jnp.asarray(LOGIT_TOKENS), init_cache(cfg, B, 32, model.cache_dtype),
+                          cfg, attn_impl=model.attn_impl)
         return np.asarray(out)
     with parallel.mesh_context(model.mesh):
-        cache = parallel.init_cache(cfg, B, 32, model.dtype, model.mesh)
+        cache = parallel.init_cache(cfg, B, 32, model.cache_dtype, model.mesh)
         tokens = parallel.put_batch(LOGIT_TOKENS, model.mesh)
-        out, _ = _forward(model.params, tokens, cache, cfg)
+        out, _ = _forward(model.params, tokens, cache, cfg, attn_impl=model.attn_impl)
     return parallel.to_host(out)
 
 
-def run_model(params, cfg, mesh, tokens: bool = True) -> dict:
-    model = Model(params=params, cfg=cfg, attn_impl="xla", matmul_impl="xla", mesh=mesh)
+def run_model(params, cfg, mesh, tokens: bool = True, **options) -> dict:
+    model = Model(params=params, cfg=cfg, mesh=mesh, **{"attn_impl": "xla", "matmul_impl": "xla", **options})
     return {"tokens": greedy(model) if tokens else None, "logits": logits(model)}
 
 
-def compare(params, cfg, mesh, tokens: bool = True) -> dict:
-    return {"ref": run_model(params, cfg, None, tokens),
-            "sharded": run_model(parallel.shard_params(params, cfg, mesh), cfg, mesh, tokens)}
+def compare(params, cfg, mesh, tokens: bool = True, **options) -> dict:
+    return {"ref": run_model(params, cfg, None, tokens, **options),
+            "sharded": run_model(parallel.shard_params(params, cfg, mesh), cfg, mesh, tokens, **options)}
 
 
 def case_float32() -> dict:
@@ -108,6 +109,13 @@ def case_low_precision() -> dict:
     for mode, group_size in (("int8", None), ("int4", 32)):
         flat, _ = quant.quantize_flat(dict(bf16), mode, group_size)
         out[f"{mode}_dp=2_tp=4"] = compare(from_flat(flat, MHA), MHA, mesh_of(2, 4), tokens=mode == "int8")
+    # An int8 KV cache: its scales shard with the KV heads (split on 2 x 4; replicated for GQA
+    # on 1 x 4, where the Pallas decode kernel reads the codes and scales per shard).
+    f32 = from_flat({name: jnp.asarray(w) for name, w in random_flat(MHA).items()}, MHA)
+    out["kvint8_dp=2_tp=4"] = compare(f32, MHA, mesh_of(2, 4), kv_cache_dtype="int8")
+    gqa = from_flat({name: jnp.asarray(w) for name, w in random_flat(GQA, 1).items()}, GQA)
+    out["kvint8_gqa_pallas_dp=1_tp=4"] = compare(gqa, GQA, mesh_of(1, 4), kv_cache_dtype="int8",
+                                                 attn_impl="pallas")
     return out
 
 
@@ -134,29 +142,35 @@ def case_pallas() -> dict:
 
 def case_pallas_matmul() -> dict:
     """The quantized Pallas matmul (interpret mode) per shard on 1 x 4 vs one device: batch-1
-    greedy decode (M = 1 takes the kernel for int8 too), and what the compiled decode step does."""
+    greedy decode (M = 1 takes the kernel for int8 too), and what the compiled decode step does.
+    The "_fused" cases run q/k/v and gate/up as one launch per shard (matmul_impl="pallas-fused")
+    against the one-device per-weight kernel; with 2 KV heads on tp = 4, wq is split while wk/wv
+    are replicated, so one launch mixes split and whole weights."""
     out = {}
     mesh = mesh_of(1, 4)
-    for mode, group_size in (("int8", None), ("int4", 32)):
-        for name, cfg in (("mha", MHA), ("gqa_kv2", GQA)):
-            bf16 = {n: jnp.asarray(w, jnp.bfloat16) for n, w in random_flat(cfg, 3).items()}
-            params = from_flat(quant.quantize_flat(dict(bf16), mode, group_size)[0], cfg)
-            models = {"ref": Model(params=params, cfg=cfg, attn_impl="xla", matmul_impl="pallas"),
-                      "sharded": Model(params=parallel.shard_params(params, cfg, mesh), cfg=cfg,
-                                       attn_impl="xla", matmul_impl="pallas", mesh=mesh)}
-            r = {k: [t.tokens for t in jllm.generate(m, PROMPTS[:1], max_new_tokens=MAX_NEW,
-                                                     stop_token_ids=[])] for k, m in models.items()}
-            m = models["sharded"]
-            with parallel.mesh_context(mesh):
-                cache = parallel.init_cache(cfg, 1, 64, jnp.bfloat16, mesh)
-                tok, samp, key = parallel.put_batch(
-                    (np.zeros((1,), np.int32), Sampling.make(1), jax.random.key(0)), mesh)
-                hlo = decode.lower(m.params, tok, cache, samp, key, cfg=cfg, n_steps=2,
-                                   attn_impl="xla", matmul_impl="pallas").compile().as_text()
-            r["collectives"] = _collectives(hlo)
-            r["kernel_in_hlo"] = "quant_matmul" in hlo
-            r["weight_elements"] = min(int(np.prod(w.shape)) for w in bf16.values() if w.ndim == 2)
-            out[f"{mode}_{name}"] = r
+    cases = [(mode, gs, name, cfg, "pallas") for mode, gs in (("int8", None), ("int4", 32))
+             for name, cfg in (("mha", MHA), ("gqa_kv2", GQA))]
+    cases += [("int8", None, "gqa_kv2", GQA, "pallas-fused"), ("int4", 32, "mha", MHA, "pallas-fused")]
+    for mode, group_size, name, cfg, impl in cases:
+        bf16 = {n: jnp.asarray(w, jnp.bfloat16) for n, w in random_flat(cfg, 3).items()}
+        params = from_flat(quant.quantize_flat(dict(bf16), mode, group_size)[0], cfg)
+        models = {"ref": Model(params=params, cfg=cfg, attn_impl="xla", matmul_impl="pallas"),
+                  "sharded": Model(params=parallel.shard_params(params, cfg, mesh), cfg=cfg,
+                                   attn_impl="xla", matmul_impl=impl, mesh=mesh)}
+        r = {k: [t.tokens for t in jllm.generate(m, PROMPTS[:1], max_new_tokens=MAX_NEW,
+                                                 stop_token_ids=[])] for k, m in models.items()}
+        m = models["sharded"]
+        with parallel.mesh_context(mesh):
+            cache = parallel.init_cache(cfg, 1, 64, jnp.bfloat16, mesh)
+            tok, samp, key = parallel.put_batch(
+                (np.zeros((1,), np.int32), Sampling.make(1), jax.random.key(0)), mesh)
+            hlo = decode.lower(m.params, tok, cache, samp, key, cfg=cfg, n_steps=2,
+                               attn_impl="xla", matmul_impl=impl).compile().as_text()
+        r["collectives"] = _collectives(hlo)
+        r["kernel_in_hlo"] = "quant_matmul" in hlo
+        r["fused_kernels_in_hlo"] = sorted({f"x{w}" for w in (2, 3) if f"quant_matmul_int{mode[3:]}_x{w}" in hlo})
+        r["weight_elements"] = min(int(np.prod(w.shape)) for w in bf16.values() if w.ndim == 2)
+        out[f"{mode}_{name}" + ("_fused" if impl == "pallas-fused" else "")] = r
     return out
 
 

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from convert import tiny
+from jllm.config import LlamaConfig
 from scripts import cli
 
 
@@ -91,6 +92,28 @@ def test_bench_compares_matmul_impls_without_a_warm_compile(tmp_path):
     rows = json.loads(out.read_text())
     assert [(r["quant"], r["matmul_impl"]) for r in rows] == [("int8", "pallas"), ("int8", "xla")]
     assert all(math.isnan(r["compile_warm_s"]) and r["tpot_ms"] > 0 for r in rows)
+
+
+def test_bench_compares_kv_cache_dtypes_and_counts_int8_cache_bytes(tmp_path):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--config", "tiny", "--random-weights", "--kv-cache", "auto", "int8",
+                     "--prompt-len", "8", "--new-tokens", "2", "--no-warm-compile", "--bandwidth", "1",
+                     "--peak-tflops", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["kv_cache_dtype"] for r in rows] == ["bfloat16", "int8"]
+    # MBU's byte count (MBU x TPOT x bandwidth): the weights plus the cache at context P + N / 2;
+    # an int8 cache element is 1 byte plus a float32 scale per head_dim, against 2 bytes.
+    cfg = LlamaConfig.from_name("tiny")
+    kv_elements = 2 * cfg.n_layers * (8 + 2 / 2) * cfg.n_kv_heads * cfg.head_dim
+    read = [r["mbu"] * r["tpot_ms"] * 1e-3 * 1e12 for r in rows]
+    assert read[0] - read[1] == pytest.approx(kv_elements * (2 - (1 + 4 / cfg.head_dim)), rel=1e-6)
+
+
+def test_generate_with_an_int8_kv_cache(tiny_dirs, capsys):
+    _, ck = tiny_dirs
+    assert cli.main(["generate", "--model", ck, "--prompt", "Hello", "--max-new-tokens", "4",
+                     "--kv-cache", "int8", "--attn-impl", "xla"]) == 0
+    assert "generated " in capsys.readouterr().err
 
 
 def test_bench_needs_random_weights():

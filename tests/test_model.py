@@ -10,11 +10,11 @@ from conftest import random_params
 import jllm
 from jllm.config import LlamaConfig
 from jllm.generate import decode, prefill
-from jllm.model import init_cache, init_params, logits, param_infos, transformer
+from jllm.model import dequantize_kv, init_cache, init_params, logits, param_infos, quantize_kv, transformer
 from jllm.model import forward as _forward
 from jllm.sampling import Sampling
 
-forward = jax.jit(_forward, static_argnames=("cfg",))
+forward = jax.jit(_forward, static_argnames=("cfg", "attn_impl"))
 ATOL = RTOL = 2e-5  # float32 end to end; logits are O(1)
 
 CFGS = {
@@ -197,3 +197,81 @@ def test_generation_up_to_the_context_end_matches_full_forward(prompt, new):
     full, _ = forward(model.params, seq, init_cache(cfg, 1, seq.shape[1], jnp.float32), cfg=cfg)
     assert r.tokens == np.argmax(np.asarray(full[0, prompt - 1:-1]), -1).tolist()
     assert r.finish_reason == "length"
+
+
+# --- int8 KV cache -------------------------------------------------------------------------------
+
+def test_quantize_kv_error_is_at_most_half_a_step_per_token_and_head():
+    x = np.random.default_rng(3).normal(size=(2, 5, 3, 16)).astype(np.float32)
+    x[1, 2, 0] = 0  # an all-zero head row: scale 0, codes 0, no division by zero
+    q, scale = quantize_kv(jnp.asarray(x))
+    assert q.dtype == jnp.int8 and q.shape == x.shape and scale.shape == (2, 3, 5)  # [B, G, T]
+    step = np.abs(x).max(-1) / 127                                                  # [B, T, G]
+    err = np.abs(np.asarray(dequantize_kv(q, scale, jnp.float32)) - x)
+    assert np.all(err <= step[..., None] / 2 * (1 + 1e-6) + 1e-7), err.max()
+    codes = np.abs(np.asarray(q)).max(-1)
+    assert codes[1, 2, 0] == 0 and float(scale[1, 0, 2]) == 0
+    codes[1, 2, 0] = 127
+    assert np.all(codes == 127)  # absmax: the largest element of each row uses the full range
+
+
+def test_init_cache_int8_holds_codes_and_float32_scales(tiny_cfg):
+    cache = init_cache(tiny_cfg, batch=2, max_len=16, dtype=jnp.int8)
+    assert cache.quantized and len(cache.k_scale) == len(cache.v_scale) == tiny_cfg.n_layers
+    assert all(b.dtype == jnp.int8 for b in cache.k + cache.v)
+    assert all(s.shape == (2, tiny_cfg.n_kv_heads, 16) and s.dtype == jnp.float32
+               for s in cache.k_scale + cache.v_scale)
+    assert not init_cache(tiny_cfg, 2, 16, jnp.float32).quantized
+    with pytest.raises(ValueError, match="'uint8'"):
+        init_cache(tiny_cfg, 2, 16, jnp.uint8)
+
+
+def test_int8_cache_stores_each_written_key_within_half_a_step(tiny_cfg):
+    cfg, params = tiny_cfg, random_params(tiny_cfg)
+    tokens = jnp.asarray(_tokens(2, 5, cfg.vocab_size, seed=4))
+    _, f32 = forward(params, tokens, init_cache(cfg, 2, 16, jnp.float32), cfg=cfg)
+    _, i8 = forward(params, tokens, init_cache(cfg, 2, 16, jnp.int8), cfg=cfg)
+    # Layer 0 sees the same input either way (later layers see attention over rounded keys).
+    for codes, scale, ref in ((i8.k[0], i8.k_scale[0], f32.k[0]), (i8.v[0], i8.v_scale[0], f32.v[0])):
+        ref = np.asarray(ref)
+        got = np.asarray(dequantize_kv(codes, scale, jnp.float32))
+        step = np.abs(ref).max(-1, keepdims=True) / 127
+        assert np.all(np.abs(got - ref) <= step / 2 * (1 + 1e-5) + 1e-7)
+    for scale in i8.k_scale + i8.v_scale:  # written positions only
+        assert np.all(np.asarray(scale)[:, :, :5] > 0) and not np.any(np.asarray(scale)[:, :, 5:])
+
+
+@pytest.mark.parametrize("attn_impl", ["xla", "pallas"])
+def test_int8_cache_decode_stays_close_to_the_float_cache(attn_impl):
+    """Prefill (fresh), then decode steps reading the int8 codes: logits within 2% of the float
+    cache's (relative norm) and the same top-1 at every step."""
+    cfg = CFGS["gqa"]
+    params = random_params(cfg)
+    tokens = jnp.asarray(_tokens(2, 16, cfg.vocab_size, seed=5))
+    out = {}
+    for dtype in (jnp.float32, jnp.int8):
+        cache = init_cache(cfg, 2, 32, dtype)
+        h, cache = transformer(params, tokens[:, :8], cache, cfg, fresh=True, attn_impl=attn_impl)
+        steps = [logits(params, h[:, -1:])]
+        for t in range(8, 16):
+            o, cache = forward(params, tokens[:, t:t + 1], cache, cfg=cfg, attn_impl=attn_impl)
+            steps.append(o)
+        out[dtype] = np.concatenate(steps, 1)                                      # [B, 9, V]
+    ref, got = out[jnp.float32], out[jnp.int8]
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.02
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    assert not np.array_equal(got, ref)  # the int8 path ran
+
+
+def test_int8_cache_chunked_prefill_matches_token_by_token(tiny_cfg):
+    """A multi-token step over a filled int8 cache (dequantized once) agrees with single steps."""
+    cfg, params = tiny_cfg, random_params(tiny_cfg)
+    tokens = jnp.asarray(_tokens(2, 12, cfg.vocab_size, seed=6))
+    cache = init_cache(cfg, 2, 16, jnp.int8)
+    _, cache = forward(params, tokens[:, :6], cache, cfg=cfg)
+    chunk, _ = forward(params, tokens[:, 6:], cache, cfg=cfg)
+    steps = []
+    for t in range(6, 12):
+        o, cache = forward(params, tokens[:, t:t + 1], cache, cfg=cfg)
+        steps.append(o)
+    np.testing.assert_allclose(np.concatenate(steps, 1), chunk, rtol=0, atol=1e-4)

@@ -36,6 +36,22 @@ def test_pallas_attention_logits_match_xla_at_every_position(tiny_model):
     assert err < 1e-5, err
 
 
+def test_int8_kv_cache_generates_the_same_tokens_with_pallas_and_xla_attention(tiny_model):
+    prompts = [[1, 5, 9, 22, 40], list(range(3, 40)), [1, 7]]
+    int8 = dataclasses.replace(tiny_model, kv_cache_dtype="int8")
+    xla = _greedy(int8, prompts)
+    assert _greedy(dataclasses.replace(int8, attn_impl="pallas"), prompts) == xla
+    # Against the float cache: the first tokens (prefill attends the unrounded keys) agree.
+    assert [t[0] for t in xla] == [t[0] for t in _greedy(tiny_model, prompts)]
+
+
+def test_kv_cache_dtype_is_checked_before_loading(tiny_model, tiny_checkpoint):
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8'"):
+        dataclasses.replace(tiny_model, kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="kv_cache_dtype='int4'"):
+        jllm.load(tiny_checkpoint, kv_cache_dtype="int4", progress=False)
+
+
 def _top1_agreement(model_a, model_b, cfg, n_positions=256, seq=32):
     rng = np.random.default_rng(1)
     tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (n_positions // seq, seq)), jnp.int32)
@@ -87,6 +103,15 @@ def test_quantized_checkpoint_round_trip_and_generate(tmp_path, tokenizer, token
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
             assert x.dtype == y.dtype and bool(jnp.all(x == y)), name
     assert _greedy(loaded, ["Hello"]) == _greedy(q, ["Hello"])
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_fused_projections_generate_the_tokens_of_one_kernel_per_weight(mode):
+    cfg = LlamaConfig.from_name("tiny", ffn_dim=192)  # int4 groups of 32 divide every input dim
+    model = dataclasses.replace(make_model(cfg, None), matmul_impl="pallas")
+    qm, _ = _quantized(model, mode, 32 if mode == "int4" else None)
+    prompts = [[1, 5, 9, 22, 40]]  # batch 1: the kernel's GEMV path for int8 too
+    assert _greedy(dataclasses.replace(qm, matmul_impl="pallas-fused"), prompts, 8) == _greedy(qm, prompts, 8)
 
 
 def test_quantized_model_runs_the_pallas_matmul_in_generate(tiny_model):

@@ -111,5 +111,5 @@ def test_bench_runs_across_two_processes():
         "--tp", "4", "--prompt-len", "16", "--new-tokens", "4", "--no-warm-compile",
         "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(pid)])
     rows = [line for line in outs[0].splitlines() if line.startswith("tiny ")]
-    assert len(rows) == 1 and float(rows[0].split()[9]) > 0  # decode tokens/s per sequence
+    assert len(rows) == 1 and float(rows[0].split()[10]) > 0  # decode tokens/s per sequence
     assert "tiny " not in outs[1]  # process 1 runs silently

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jllm.quant import QArray, dequantize, linear, quantize
+from jllm.quant import QArray, dequantize, linear, linears, quantize
 from pallas_kernels.quant_matmul import pack_int4
 
 
@@ -151,3 +151,32 @@ def test_linear_pallas_routes_small_batches_to_the_kernel(bits, group_size, m, k
     jaxpr = jax.make_jaxpr(lambda x, w: linear(x, w, impl="pallas"))(
         jnp.ones((m, 128), jnp.bfloat16), weight)
     assert ("pallas_call" in str(jaxpr)) == kernel
+
+
+@pytest.mark.parametrize("bits,group_size,m", [(8, None, 1), (4, 32, 3)], ids=["int8_M=1", "int4_M=3"])
+def test_linears_fused_is_one_launch_with_the_per_weight_results(bits, group_size, m):
+    """q, k, v of a GQA layer (unequal widths) through "pallas-fused": one pallas_call, the same
+    outputs as one kernel per weight."""
+    ws = [quantize(_weight(20 + i, (128, n)), bits=bits, group_size=group_size)[0]
+          for i, n in enumerate((128, 32, 32))]
+    x = jax.random.normal(jax.random.key(m), (m, 1, 128), jnp.bfloat16)            # [B, T, D]
+    fused = jax.jit(linears, static_argnames="impl")(x, ws, impl="pallas-fused")
+    single = jax.jit(linears, static_argnames="impl")(x, ws, impl="pallas")
+    assert [y.shape for y in fused] == [(m, 1, 128), (m, 1, 32), (m, 1, 32)]
+    for a, b in zip(fused, single):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-2)
+    calls = lambda impl: str(jax.make_jaxpr(lambda x, ws: linears(x, ws, impl=impl))(x, ws)).count("pallas_call")
+    assert calls("pallas-fused") == 1 and calls("pallas") >= 2  # (wk and wv share one jaxpr)
+
+
+def test_linears_fused_falls_back_per_weight_for_mixed_layouts():
+    int8 = quantize(_weight(30, (128, 64)))[0]
+    int4 = quantize(_weight(31, (128, 64)), bits=4, group_size=32)[0]
+    dense = _weight(32, (128, 64)).astype(jnp.bfloat16)
+    x = jnp.ones((1, 128), jnp.bfloat16)
+    ys = linears(x, [int8, int4, dense], impl="pallas-fused")
+    for y, w in zip(ys, (int8, int4, dense)):
+        np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(linear(x, w, impl="pallas"), np.float32),
+                                   rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="impl"):
+        linears(x, [int8], impl="fused")

@@ -19,7 +19,8 @@ from jllm.quant import QArray
 from sharding import rules
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharding_worker.py")
-LOGIT_ATOL = {"float32": 1e-4, "bfloat16": 0.1, "int8": 0.1, "int4": 0.1}
+# kvint8: float32 weights over an int8 cache; a code may round the other way on another layout.
+LOGIT_ATOL = {"float32": 1e-4, "bfloat16": 0.1, "int8": 0.1, "int4": 0.1, "kvint8": 1e-3}
 
 
 def _abstract_mesh(dp: int, tp: int) -> AbstractMesh:
@@ -85,6 +86,10 @@ def test_llama_2_70b_is_megatron_sharded():
     assert on_16["layers.0.wk"].spec == P() and on_16["layers.0.wq"].spec == P(None, "model")
     cache = parallel.cache_shardings(cfg, _abstract_mesh(2, 16))
     assert cache.k[0].spec == P("data") and cache.lengths.spec == P("data")
+    assert cache.k_scale is None
+    int8 = parallel.cache_shardings(cfg, _abstract_mesh(1, 8), quantized=True)
+    assert int8.k[0].spec == P(None, None, "model")  # [B, S, G, K]: the 8 KV heads split
+    assert int8.k_scale[0].spec == int8.v_scale[-1].spec == P(None, "model")  # [B, G, S]
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -121,7 +126,8 @@ def sharded(tmp_path_factory):
 
 
 CASES = ["float32_dp=1_tp=8", "float32_dp=2_tp=4", "float32_dp=8_tp=1", "float32_gqa_kv2_dp=2_tp=4",
-         "bfloat16_dp=1_tp=8", "int8_dp=2_tp=4", "int4_dp=2_tp=4"]
+         "bfloat16_dp=1_tp=8", "int8_dp=2_tp=4", "int4_dp=2_tp=4", "kvint8_dp=2_tp=4",
+         "kvint8_gqa_pallas_dp=1_tp=4"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -139,10 +145,13 @@ def test_pallas_attention_per_shard_matches_xla(sharded, case):
     np.testing.assert_allclose(r["got"], r["want"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["int8_mha", "int8_gqa_kv2", "int4_mha", "int4_gqa_kv2"])
+@pytest.mark.parametrize("case", ["int8_mha", "int8_gqa_kv2", "int4_mha", "int4_gqa_kv2",
+                                  "int8_gqa_kv2_fused", "int4_mha_fused"])
 def test_quantized_pallas_matmul_per_shard_matches_one_device(sharded, case):
     r = sharded["pallas_matmul"][case]
     assert r["kernel_in_hlo"]  # the sharded decode step runs the kernel, not XLA's matmul
+    # q/k/v (x3) and gate/up (x2) each one launch per shard with "pallas-fused"; none without.
+    assert r["fused_kernels_in_hlo"] == (["x2", "x3"] if case.endswith("_fused") else [])
     assert r["sharded"] == r["ref"]  # greedy, batch 1: the kernel's M = 1 path on every shard
     gathered = [n for op, n in r["collectives"] if op == "all-gather"]
     assert max(gathered, default=0) < r["weight_elements"], r["collectives"]  # no weight gathered
