@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jllm import checkpoint, quant, runtime
 from jllm.config import CONFIGS, LlamaConfig
-from jllm.generate import Completion, Model, check_kv_cache_dtype, generate
+from jllm.generate import Completion, Model, check_impls, check_kv_cache_dtype, generate
 from jllm.model import from_flat, param_infos
 from jllm.tokenizer import Tokenizer
 
@@ -43,6 +43,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
     runtime.enable_compilation_cache()
     quant.check_mode(quantize, group_size)
     check_kv_cache_dtype(kv_cache_dtype)
+    check_impls(attn_impl, matmul_impl)
     path = os.fspath(path)
     say = _say if progress else None
     if not os.path.isdir(path):

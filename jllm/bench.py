@@ -17,7 +17,7 @@ import numpy as np
 
 from jllm import quant, runtime
 from jllm.config import LlamaConfig
-from jllm.generate import bucket, check_kv_cache_dtype, decode, prefill
+from jllm.generate import bucket, check_impls, check_kv_cache_dtype, decode, prefill
 from jllm.model import from_flat, init_cache, init_params, param_infos, to_flat
 from jllm.sampling import Sampling
 from pallas_kernels._triton import quiet
@@ -150,6 +150,7 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
     "int8" for an int8 cache (default: dtype).
     """
     check_kv_cache_dtype(kv_cache_dtype)
+    check_impls(attn_impl, matmul_impl)
     attn_impl = attn_impl or runtime.default_attn_impl()
     matmul_impl = matmul_impl or runtime.default_matmul_impl()  # per shard on a mesh
     dt = jnp.dtype(dtype)

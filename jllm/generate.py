@@ -12,7 +12,8 @@ import numpy as np
 
 from jllm.config import LlamaConfig
 from pallas_kernels._triton import quiet
-from jllm.model import KV_DTYPES, KVCache, Params, init_cache, logits, transformer
+from jllm import quant
+from jllm.model import KVCache, Params, init_cache, logits, transformer
 from jllm.sampling import Sampling, sample
 from jllm.tokenizer import Tokenizer
 
@@ -20,9 +21,21 @@ DECODE_CHUNK = 8       # decode steps fused into one on-device loop per host cal
 MIN_BUCKET = 16        # shortest padded prompt length
 
 
+ATTN_IMPLS = ("xla", "pallas")
+
+
 def check_kv_cache_dtype(kv_cache_dtype) -> None:
-    if kv_cache_dtype is not None and kv_cache_dtype not in KV_DTYPES:
-        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}; expected None or one of {KV_DTYPES}")
+    """None (the weights' dtype) or "int8". A float cache of another dtype than the weights would
+    meet the bf16 queries in mixed-dtype dots, which the Triton kernels do not take."""
+    if kv_cache_dtype is not None and kv_cache_dtype != "int8":
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}; expected None (the weights' dtype) or 'int8'")
+
+
+def check_impls(attn_impl: str | None, matmul_impl: str | None) -> None:
+    if attn_impl is not None and attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl={attn_impl!r}; expected one of {ATTN_IMPLS}")
+    if matmul_impl is not None and matmul_impl not in quant.IMPLS:
+        raise ValueError(f"matmul_impl={matmul_impl!r}; expected one of {quant.IMPLS}")
 
 
 @dataclasses.dataclass
@@ -42,6 +55,7 @@ class Model:
 
     def __post_init__(self):
         check_kv_cache_dtype(self.kv_cache_dtype)
+        check_impls(self.attn_impl, self.matmul_impl)
         if self.prompt_buckets is not None:
             b = self.prompt_buckets
             if not b or any(not isinstance(x, int) or x < 1 for x in b) or list(b) != sorted(set(b)):

@@ -260,12 +260,11 @@ def _write(buf: jax.Array, new: jax.Array, start: jax.Array, fresh: bool) -> jax
     at row offsets start [B]."""
     if fresh:  # every row starts at 0: one contiguous in-place update
         return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0,) * buf.ndim)
-    if new.ndim == 3:  # scales [B, G, T]
-        B, G, T = new.shape
-        pos = start[:, None, None] + jnp.arange(T)                                # [B, 1, T]
-        return buf.at[jnp.arange(B)[:, None, None], jnp.arange(G)[:, None], pos].set(new, mode="drop")
-    B, T = new.shape[:2]
+    B, T = new.shape[0], new.shape[-1 if new.ndim == 3 else 1]
     pos = start[:, None] + jnp.arange(T)                                          # [B, T]
+    if new.ndim == 3:  # scales [B, G, T]; G passes through (an index on it would make a sharded
+        # scatter gather its operands): the indexed result is [B, T, G]
+        return buf.at[jnp.arange(B)[:, None], :, pos].set(new.transpose(0, 2, 1), mode="drop")
     return buf.at[jnp.arange(B)[:, None], pos].set(new.astype(buf.dtype), mode="drop")
 
 

@@ -212,24 +212,26 @@ def _collectives(hlo: str) -> list[tuple[str, int]]:
 
 def case_hlo() -> dict:
     """Collectives in the compiled prefill/decode of the bfloat16 1 x 8 case (the same shapes as its
-    generate call, so the compilations are reused), and whether they keep the cache's sharding."""
+    generate call, so the compilations are reused), and whether they keep the cache's sharding;
+    the same steps over an int8 cache ("int8_cache": its scale writes must add no collective)."""
     cfg, mesh, B, T, S = MHA, mesh_of(1, 8), len(PROMPTS), 16, 64
     bf16 = {name: jnp.asarray(w, jnp.bfloat16) for name, w in random_flat(cfg).items()}
     params = parallel.shard_params(from_flat(bf16, cfg), cfg, mesh)
     out = {"weight_elements": min(int(np.prod(w.shape)) for w in bf16.values() if w.ndim == 2)}
     kw = dict(cfg=cfg, attn_impl="xla", matmul_impl="xla")
     with parallel.mesh_context(mesh):
-        cache = parallel.init_cache(cfg, B, S, jnp.bfloat16, mesh)
         host = (np.ones((B, T), np.int32), np.full((B,), 5, np.int32), Sampling.make(B), jax.random.key(0))
         tokens, n_tokens, sampling, key = parallel.put_batch(host, mesh)
-        for name, fn, args, extra in (
-                ("prefill", prefill, (params, tokens, n_tokens, cache, sampling, key), {}),
-                ("decode", decode, (params, tokens[:, 0], cache, sampling, key), {"n_steps": 8})):
-            compiled = fn.lower(*args, **kw, **extra).compile()
-            cache_out = compiled.output_shardings[1]
-            out[name] = {"collectives": _collectives(compiled.as_text()),
-                         "cache_sharding_kept": all(a == b.sharding for a, b in zip(
-                             jax.tree.leaves(cache_out), jax.tree.leaves(cache)))}
+        for tag, dtype in (("", jnp.bfloat16), ("int8_cache_", jnp.int8)):
+            cache = parallel.init_cache(cfg, B, S, dtype, mesh)
+            for name, fn, args, extra in (
+                    ("prefill", prefill, (params, tokens, n_tokens, cache, sampling, key), {}),
+                    ("decode", decode, (params, tokens[:, 0], cache, sampling, key), {"n_steps": 8})):
+                compiled = fn.lower(*args, **kw, **extra).compile()
+                cache_out = compiled.output_shardings[1]
+                out[tag + name] = {"collectives": _collectives(compiled.as_text()),
+                                   "cache_sharding_kept": all(a == b.sharding for a, b in zip(
+                                       jax.tree.leaves(cache_out), jax.tree.leaves(cache)))}
     return out
 
 

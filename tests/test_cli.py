@@ -3,7 +3,9 @@ import io
 import json
 import math
 import os
+import sys
 
+import jax.numpy as jnp
 import pytest
 
 from convert import tiny
@@ -109,11 +111,16 @@ def test_bench_compares_kv_cache_dtypes_and_counts_int8_cache_bytes(tmp_path):
     assert read[0] - read[1] == pytest.approx(kv_elements * (2 - (1 + 4 / cfg.head_dim)), rel=1e-6)
 
 
-def test_generate_with_an_int8_kv_cache(tiny_dirs, capsys):
+def test_generate_with_an_int8_kv_cache(tiny_dirs, capsys, monkeypatch):
+    generate_module = sys.modules["jllm.generate"]  # (jllm.generate is also the function)
+    made = []
+    real_init = generate_module.init_cache
+    monkeypatch.setattr(generate_module, "init_cache", lambda *a: made.append(a[3]) or real_init(*a))
     _, ck = tiny_dirs
     assert cli.main(["generate", "--model", ck, "--prompt", "Hello", "--max-new-tokens", "4",
                      "--kv-cache", "int8", "--attn-impl", "xla"]) == 0
     assert "generated " in capsys.readouterr().err
+    assert made == [jnp.int8]
 
 
 def test_bench_needs_random_weights():

@@ -1,5 +1,6 @@
 """The model with its Pallas kernels (interpret mode on CPU) and with quantized weights."""
 import dataclasses
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +37,16 @@ def test_pallas_attention_logits_match_xla_at_every_position(tiny_model):
     assert err < 1e-5, err
 
 
-def test_int8_kv_cache_generates_the_same_tokens_with_pallas_and_xla_attention(tiny_model):
+def test_int8_kv_cache_generates_the_same_tokens_with_pallas_and_xla_attention(tiny_model, monkeypatch):
+    generate_module = sys.modules["jllm.generate"]  # (jllm.generate is also the function)
+    made = []
+    real_init = generate_module.init_cache
+    monkeypatch.setattr(generate_module, "init_cache", lambda *a: made.append(a[3]) or real_init(*a))
     prompts = [[1, 5, 9, 22, 40], list(range(3, 40)), [1, 7]]
     int8 = dataclasses.replace(tiny_model, kv_cache_dtype="int8")
     xla = _greedy(int8, prompts)
     assert _greedy(dataclasses.replace(int8, attn_impl="pallas"), prompts) == xla
+    assert made == [jnp.int8, jnp.int8]  # generate built int8 caches
     # Against the float cache: the first tokens (prefill attends the unrounded keys) agree.
     assert [t[0] for t in xla] == [t[0] for t in _greedy(tiny_model, prompts)]
 
@@ -111,7 +117,13 @@ def test_fused_projections_generate_the_tokens_of_one_kernel_per_weight(mode):
     model = dataclasses.replace(make_model(cfg, None), matmul_impl="pallas")
     qm, _ = _quantized(model, mode, 32 if mode == "int4" else None)
     prompts = [[1, 5, 9, 22, 40]]  # batch 1: the kernel's GEMV path for int8 too
-    assert _greedy(dataclasses.replace(qm, matmul_impl="pallas-fused"), prompts, 8) == _greedy(qm, prompts, 8)
+    fused = dataclasses.replace(qm, matmul_impl="pallas-fused")
+    assert _greedy(fused, prompts, 8) == _greedy(qm, prompts, 8)
+    # The decode step runs q/k/v as one launch and gate/up as another.
+    hlo = jax.jit(forward, static_argnames=("cfg", "matmul_impl")).lower(
+        fused.params, jnp.ones((1, 1), jnp.int32), init_cache(cfg, 1, 16, jnp.float32), cfg=cfg,
+        matmul_impl="pallas-fused").compile().as_text()
+    assert f"quant_matmul_int{mode[3:]}_x3" in hlo and f"quant_matmul_int{mode[3:]}_x2" in hlo
 
 
 def test_quantized_model_runs_the_pallas_matmul_in_generate(tiny_model):

@@ -181,9 +181,16 @@ def test_compiled_step_all_reduces_activations_and_gathers_no_weight(sharded, st
     assert sum(op == "all-reduce" for op, _ in ops) >= 2 * 2, ops  # wo and w2 of each layer
 
 
-@pytest.mark.parametrize("step", ["prefill", "decode"])
+@pytest.mark.parametrize("step", ["prefill", "decode", "int8_cache_prefill", "int8_cache_decode"])
 def test_donated_cache_keeps_its_sharding(sharded, step):
     assert sharded["hlo"][step]["cache_sharding_kept"]
+
+
+@pytest.mark.parametrize("step", ["prefill", "decode"])
+def test_int8_cache_adds_no_collective(sharded, step):
+    """Writing the codes and the [B, G, S] scales of KV heads split over model stays per shard."""
+    hlo = sharded["hlo"]
+    assert sorted(hlo["int8_cache_" + step]["collectives"]) == sorted(hlo[step]["collectives"])
 
 
 _NO_CACHE_GATHER = r'''
@@ -218,3 +225,12 @@ def test_xla_attention_with_replicated_kv_heads_never_gathers_the_cache():
                          text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "0"
+
+
+def test_sharded_int8_cache_run_reads_int8_codes(sharded):
+    """kvint8_dp=2_tp=4 has the weights of float32_dp=2_tp=4: its logits must differ from the
+    float cache's (so the int8 cache was used), but only by rounding."""
+    models = sharded["models"]
+    int8, f32 = models["kvint8_dp=2_tp=4"]["sharded"]["logits"], models["float32_dp=2_tp=4"]["sharded"]["logits"]
+    rel = np.linalg.norm(int8 - f32) / np.linalg.norm(f32)
+    assert 0 < rel < 0.05, rel
