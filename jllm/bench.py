@@ -50,6 +50,7 @@ class BenchResult:
     weight_gb: float
     peak_memory_gb: float | None
     kv_cache_dtype: str = "bfloat16"
+    prefill_compiler_options: dict | None = None
 
 
 def _say(msg: str) -> None:
@@ -142,12 +143,14 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
         new_tokens: int = 128, attn_impl: str | None = None, matmul_impl: str | None = None,
         bandwidth: float | None = None, peak_tflops: float | None = None, params=None,
         seed: int = 0, warm_compile: bool = True, mesh=None,
-        kv_cache_dtype: str | None = None) -> BenchResult:
+        kv_cache_dtype: str | None = None, prefill_compiler_options: dict | None = None,
+        ) -> BenchResult:
     """Benchmark prefill and decode of `cfg` (random weights unless `params` is given).
 
     mesh: params already sharded on it (parallel.random_params); call inside its mesh_context.
     MBU and MFU then count the bandwidth and peak of all the mesh's devices. kv_cache_dtype:
-    "int8" for an int8 cache (default: dtype).
+    "int8" for an int8 cache (default: dtype). prefill_compiler_options: XLA options for the
+    prefill program only (e.g. {"xla_gpu_enable_triton_gemm": False}), to compare GEMM back ends.
     """
     check_kv_cache_dtype(kv_cache_dtype)
     check_impls(attn_impl, matmul_impl)
@@ -182,7 +185,8 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
     def compile_all():
         t = time.perf_counter()
         with quiet():  # jax 0.11 warns at every Pallas-Triton lowering
-            p = prefill.lower(params, tokens, n_tokens, abstract_cache, sampling, key, **kw).compile()
+            p = prefill.lower(params, tokens, n_tokens, abstract_cache, sampling, key, **kw).compile(
+                prefill_compiler_options)
             d = decode.lower(params, token0, abstract_cache, sampling, key, n_steps=new_tokens,
                              **kw).compile()
         return p, d, time.perf_counter() - t
@@ -231,7 +235,7 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
         decode_tok_s_total=batch / tpot, prefill_tok_s=batch * prompt_len / ttft, mbu=mbu,
         mfu_prefill=mfu, bandwidth_tb_s=bw, peak_tflops=peak, weight_gb=weight_gb,
         peak_memory_gb=stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats else None,
-        kv_cache_dtype=kv_dt.name)
+        kv_cache_dtype=kv_dt.name, prefill_compiler_options=prefill_compiler_options)
 
 
 def _quant_mode(params) -> str | None:

@@ -204,6 +204,7 @@ def cmd_bench(args) -> int:
     if not args.random_weights:
         sys.exit("jllm bench needs --random-weights (benchmarks run on random weights of a named config)")
     cfg = LlamaConfig.from_name(args.config)
+    prefill_options = _xla_options(args.prefill_xla_option)
     mesh = _mesh(args)  # with several processes, each runs the same benchmark on its devices
     # A fresh cache directory, so "cold" is a real first compile and "warm" a persistent-cache hit.
     with tempfile.TemporaryDirectory() as cache_dir:
@@ -226,6 +227,7 @@ def cmd_bench(args) -> int:
                 r = bench.run(cfg, args.config, dtype=args.dtype, batch=batch, prompt_len=prompt_len,
                               new_tokens=args.new_tokens, attn_impl=attn_impl,
                               matmul_impl=matmul_impl, kv_cache_dtype=_kv_cache_dtype(kv_cache),
+                              prefill_compiler_options=prefill_options,
                               warm_compile=args.warm_compile and not results,
                               bandwidth=args.bandwidth, peak_tflops=args.peak_tflops, params=params,
                               **sharded)
@@ -237,12 +239,36 @@ def cmd_bench(args) -> int:
     print(bench.format_table(results))
     print(f"device {results[0].device}, jax {results[0].jax_version}, bandwidth "
           f"{results[0].bandwidth_tb_s:.2f} TB/s, peak {results[0].peak_tflops:.1f} TFLOP/s, weights "
-          f"{results[0].weight_gb:.2f} GB, peak memory {results[-1].peak_memory_gb or 0:.2f} GB")
+          f"{results[0].weight_gb:.2f} GB, peak memory {results[-1].peak_memory_gb or 0:.2f} GB"
+          + (f", prefill XLA options {results[0].prefill_compiler_options}"
+             if results[0].prefill_compiler_options else ""))
     if args.json:
         _write_atomic(args.json, json.dumps([r.__dict__ for r in results], indent=2))
     if args.plot:
         bench.plot(results, args.plot)
     return 0
+
+
+def _xla_options(items: list[str]) -> dict | None:
+    """["key=value", ...] -> {key: bool | int | float | str}, or None for none."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--prefill-xla-option {item!r}: expected KEY=VALUE")
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            out[key] = lowered == "true"
+            continue
+        for kind in (int, float):
+            try:
+                out[key] = kind(value)
+                break
+            except ValueError:
+                pass
+        else:
+            out[key] = value
+    return out or None
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -288,6 +314,9 @@ def parser() -> argparse.ArgumentParser:
                         "for gate/up (pallas-fused), or XLA (default: pallas on GPU)")
     p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, nargs="+", default=["auto"],
                    help="KV cache dtype(s) to run: auto (the weights') and/or int8")
+    p.add_argument("--prefill-xla-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an XLA option for the prefill program only, e.g. "
+                        "xla_gpu_enable_triton_gemm=false (repeatable)")
     p.add_argument("--bandwidth", type=float, default=None, help="TB/s for MBU (default: measured)")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: measured)")
     p.add_argument("--cache-dir", default=None, help="persistent compilation cache (default: a fresh temporary one)")

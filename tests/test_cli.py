@@ -123,6 +123,20 @@ def test_generate_with_an_int8_kv_cache(tiny_dirs, capsys, monkeypatch):
     assert made == [jnp.int8]
 
 
+def test_bench_passes_xla_options_to_the_prefill_compile(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--config", "tiny", "--random-weights", "--prompt-len", "8",
+                     "--new-tokens", "2", "--no-warm-compile", "--json", str(out),
+                     "--prefill-xla-option", "xla_gpu_enable_triton_gemm=false",
+                     "--prefill-xla-option", "xla_cpu_enable_fast_math=False"]) == 0
+    [row] = json.loads(out.read_text())
+    assert row["prefill_compiler_options"] == {"xla_gpu_enable_triton_gemm": False,
+                                               "xla_cpu_enable_fast_math": False}
+    assert "prefill XLA options" in capsys.readouterr().out
+    assert cli.main(["bench", "--config", "tiny", "--random-weights", "--prefill-xla-option", "novalue"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
 def test_bench_needs_random_weights():
     with pytest.raises(SystemExit):
         cli.main(["bench", "--config", "tiny"])
