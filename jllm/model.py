@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jllm import quant
 from jllm.config import LlamaConfig
+from pallas_kernels.decode_attention import dequantize_kv, quantize_kv  # the int8 cache's rounding
 
 AttnImpl = Literal["xla", "pallas"]
 
@@ -125,20 +126,6 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -
         scales = [jnp.zeros((batch, cfg.n_kv_heads, max_len), jnp.float32) for _ in range(2 * cfg.n_layers)]
     return KVCache(k=zeros[:cfg.n_layers], v=zeros[cfg.n_layers:], lengths=jnp.zeros((batch,), jnp.int32),
                    k_scale=scales and scales[:cfg.n_layers], v_scale=scales and scales[cfg.n_layers:])
-
-
-def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x [B, T, G, K] -> int8 codes [B, T, G, K] and float32 scales [B, G, T]: symmetric absmax
-    per token and head, so |dequantized - x| <= scale / 2 = max|x| / 254 elementwise."""
-    x32 = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(x32), axis=-1) / 127.0                                # [B, T, G]
-    q = jnp.round(x32 / jnp.where(scale == 0, 1.0, scale)[..., None])
-    return jnp.clip(q, -127, 127).astype(jnp.int8), scale.transpose(0, 2, 1)
-
-
-def dequantize_kv(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
-    """int8 q [B, S, G, K] and scale [B, G, S] -> [B, S, G, K] in dtype."""
-    return (q.astype(jnp.float32) * scale.transpose(0, 2, 1)[..., None]).astype(dtype)
 
 
 def to_flat(params: Params) -> dict[str, jax.Array]:

@@ -334,6 +334,21 @@ def check_shapes(q: jax.Array, num_kv_heads: int, head_dim: int) -> None:
         raise ValueError(f"{head_dim=} must be a power of 2 >= 16 (Triton tiles); use the _ref")
 
 
+def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The int8 cache's rounding: x [B, T, G, K] -> int8 codes [B, T, G, K] and float32 scales
+    [B, G, T], symmetric absmax per token and head, so |dequantized - x| <= scale / 2 =
+    max|x| / 254 elementwise (an all-zero row gets scale 0 and codes 0)."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x32), axis=-1) / 127.0  # [B, T, G]
+    codes = jnp.round(x32 / jnp.where(scale == 0, 1.0, scale)[..., None])
+    return jnp.clip(codes, -127, 127).astype(jnp.int8), scale.transpose(0, 2, 1)
+
+
+def dequantize_kv(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    """int8 q [B, S, G, K] and scale [B, G, S] -> [B, S, G, K] in dtype."""
+    return (q.astype(jnp.float32) * scale.transpose(0, 2, 1)[..., None]).astype(dtype)
+
+
 def check_kv_dtypes(
     k: jax.Array, v: jax.Array, k_scale: jax.Array | None, v_scale: jax.Array | None
 ) -> None:
@@ -396,8 +411,7 @@ def decode_attention_ref(
     del block_sizes, interpret
     check_kv_dtypes(k, v, k_scale, v_scale)
     if k_scale is not None:  # dequantize the whole cache in float32, then the same math
-        k = k.astype(jnp.float32) * k_scale.transpose(0, 2, 1)[..., None]  # [B, S, G, K]
-        v = v.astype(jnp.float32) * v_scale.transpose(0, 2, 1)[..., None]  # [B, S, G, K]
+        k, v = dequantize_kv(k, k_scale, jnp.float32), dequantize_kv(v, v_scale, jnp.float32)  # [B, S, G, K]
     batch, num_heads, head_dim = q.shape
     seq_len, num_kv_heads = k.shape[1], k.shape[2]
     qf = q.astype(jnp.float32).reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, G, R, K]
@@ -482,18 +496,10 @@ def _inputs(key, batch, seq_len, heads, kv_heads, head_dim, dtype):
     return q, k, v, jnp.full((batch,), seq_len, jnp.int32)
 
 
-@jax.jit
-def _quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-token, per-head absmax int8: x [B, S, G, K] -> codes int8 [B, S, G, K], scale f32 [B, G, S]."""
-    scale = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1) / 127.0  # [B, S, G]
-    codes = jnp.round(x.astype(jnp.float32) / jnp.where(scale > 0, scale, 1.0)[..., None])
-    return jnp.clip(codes, -127, 127).astype(jnp.int8), scale.transpose(0, 2, 1)
-
-
 def _int8_inputs(key, batch, seq_len, heads, kv_heads, head_dim):
     """bf16 q with an int8 cache quantized from normal keys and values: (q, k, v, lengths, k_scale, v_scale)."""
     q, k, v, lengths = _inputs(key, batch, seq_len, heads, kv_heads, head_dim, jnp.bfloat16)
-    (k, k_scale), (v, v_scale) = _quantize_kv(k), _quantize_kv(v)
+    (k, k_scale), (v, v_scale) = quantize_kv(k), quantize_kv(v)
     return q, k, v, lengths, k_scale, v_scale
 
 
@@ -521,7 +527,7 @@ def _ragged_check() -> list[str]:
     ]):
         q, k, v, _ = _inputs(jax.random.key(100 + i), len(lengths), 4096, heads, kv_heads, head_dim, jnp.bfloat16)
         lengths = jnp.array(lengths, jnp.int32)
-        (k8, k_scale), (v8, v_scale) = _quantize_kv(k), _quantize_kv(v)
+        (k8, k_scale), (v8, v_scale) = quantize_kv(k), quantize_kv(v)
         with jax.default_matmul_precision("highest"):
             ref = decode_attention_ref(q, k, v, lengths)
             ref8 = decode_attention_ref(q, k8, v8, lengths, k_scale=k_scale, v_scale=v_scale)
