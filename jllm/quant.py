@@ -139,7 +139,8 @@ def linears(x: jax.Array, ws, *, impl: str = "xla", specs=None) -> tuple[jax.Arr
 
     impl="pallas-fused" runs QArrays of one layout that share x (q, k, v; gate, up) through one
     kernel launch (quant_matmul_multi): one grid over all their output blocks, where small
-    projections alone would leave the GPU part idle. Other impls run one `linear` per weight.
+    projections alone would leave the GPU part idle. Plain float weights take the same kernel's
+    bits=16 GEMV at M = 1 on one device (XLA above M = 1). Other impls run one `linear` per weight.
     """
     if impl not in IMPLS:
         raise ValueError(f"{impl=} must be one of {IMPLS}")
@@ -158,10 +159,13 @@ def linears(x: jax.Array, ws, *, impl: str = "xla", specs=None) -> tuple[jax.Arr
     for idx in groups:
         group, w = [ws[i] for i in idx], ws[idx[0]]
         if not isinstance(w, QArray):
-            if impl != "xla" and PALLAS_BF16_GEMV and m == 1 and not on_cpu:
+            if len(group) > 1 and m == 1:  # pallas-fused float weights: the kernel's bits=16 GEMV
+                out = qmm.quant_matmul_multi(x2, [(g, None) for g in group], bits=16, group_size=0,
+                                             interpret=on_cpu)
+            elif impl != "xla" and PALLAS_BF16_GEMV and m == 1 and not on_cpu:
                 out = [qmm.quant_matmul(x2, w, None, bits=16, group_size=0)]
             else:
-                out = [jnp.matmul(x2, w).astype(x.dtype)]
+                out = [jnp.matmul(x2, g).astype(x.dtype) for g in group]
         elif impl != "xla" and m <= _max_pallas_m(w):
             mesh = jax.sharding.get_abstract_mesh()
             if (mesh.empty or mesh.size == 1) and len(group) == 1:
@@ -187,9 +191,16 @@ def linears(x: jax.Array, ws, *, impl: str = "xla", specs=None) -> tuple[jax.Arr
 
 
 def _same_layout(ws) -> bool:
-    """QArrays the fused kernel can take together: same bits, groups and dtypes."""
+    """Weights the fused kernel can take together: QArrays of the same bits, groups and dtypes,
+    or plain float weights of one dtype, unsharded (the bits=16 GEMV has no per-shard path)."""
     w0 = ws[0]
-    return len(ws) > 1 and all(
+    if len(ws) < 2:
+        return False
+    if not isinstance(w0, QArray):
+        mesh = jax.sharding.get_abstract_mesh()
+        return (mesh.empty or mesh.size == 1) and all(
+            not isinstance(w, QArray) and w.dtype == w0.dtype for w in ws)
+    return all(
         isinstance(w, QArray) and (w.bits, w.group_size, w.q.dtype, w.scale.dtype, w.scale.shape[0])
         == (w0.bits, w0.group_size, w0.q.dtype, w0.scale.dtype, w0.scale.shape[0]) for w in ws)
 

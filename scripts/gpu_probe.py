@@ -1,7 +1,7 @@
 """GPU probes for kernel tuning: loop-timed GEMV variants, and one region for ncu to profile.
 
     python scripts/gpu_probe.py gemv [--bits 8 4] [--m 1 8]   # table of us and TB/s per variant
-    python scripts/gpu_probe.py gemv-multi [--bits 8 4] [--m 1 8]  # q/k/v, gate/up: 1 call vs N
+    python scripts/gpu_probe.py gemv-multi [--bits 8 4 16] [--m 1 8]  # q/k/v, gate/up: 1 call vs N
     ncu --profile-from-start off ... python scripts/gpu_probe.py gemv-one --bits 8 --k 4096 --n 22016
     ncu --profile-from-start off ... python scripts/gpu_probe.py prefill --prompt-len 2048
     python scripts/gpu_probe.py ncu-summary --file ncu.csv   # time per kernel name
@@ -161,6 +161,12 @@ def _multi(x, *ws, bits, group_size):
     return qmm.quant_matmul_multi(x, ws, bits=bits, group_size=group_size)
 
 
+def _xla_separate(x, *ws, bits, group_size):
+    """bf16 weights through XLA, one dot each: what the model does without pallas-fused."""
+    del bits, group_size
+    return tuple(x @ w for w, _ in ws)
+
+
 def cmd_gemv_multi(args) -> None:
     """Weights sharing x (q/k/v, gate/up): one quant_matmul per weight vs one quant_matmul_multi."""
     key = jax.random.key(0)
@@ -176,13 +182,18 @@ def cmd_gemv_multi(args) -> None:
                 print(f"int{bits} {name} K={k} N={'+'.join(map(str, ns))} M={m}: "
                       f"multi rel err {err:.1e}", flush=True)
                 times = {}
-                for op_name, op in (("separate", _separate), ("multi", _multi)):
+                ops = (("separate", _separate), ("multi", _multi))
+                if bits == 16:
+                    ops += (("xla", _xla_separate),)
+                for op_name, op in ops:
                     op = functools.partial(op, bits=bits, group_size=g)
                     times[op_name] = us = loop_time(op, x, groups)
                     print(f"int{bits} {name:16s} M={m} {op_name:8s} {us:7.1f} us "
                           f"{nbytes / us / 1e6:5.2f} TB/s", flush=True)
                 print(f"int{bits} {name:16s} M={m} multi/separate "
-                      f"{times['multi'] / times['separate']:.3f}", flush=True)
+                      f"{times['multi'] / times['separate']:.3f}"
+                      + (f", multi/xla {times['multi'] / times['xla']:.3f}" if "xla" in times else ""),
+                      flush=True)
             del groups
 
 

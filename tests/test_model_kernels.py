@@ -126,6 +126,12 @@ def test_fused_projections_generate_the_tokens_of_one_kernel_per_weight(mode):
     assert f"quant_matmul_int{mode[3:]}_x3" in hlo and f"quant_matmul_int{mode[3:]}_x2" in hlo
 
 
+def test_fused_projections_of_a_float_model_generate_its_tokens(tiny_model):
+    prompts = [[1, 5, 9, 22, 40]]  # batch 1: decode steps take the bits=16 GEMV
+    fused = dataclasses.replace(tiny_model, matmul_impl="pallas-fused")
+    assert _greedy(fused, prompts, 8) == _greedy(tiny_model, prompts, 8)
+
+
 def test_quantized_model_runs_the_pallas_matmul_in_generate(tiny_model):
     q8, _ = _quantized(tiny_model, "int8")
     xla = _greedy(q8, [[1, 5, 9]], n=6)

@@ -180,3 +180,16 @@ def test_linears_fused_falls_back_per_weight_for_mixed_layouts():
                                    rtol=1e-2, atol=1e-2)
     with pytest.raises(ValueError, match="impl"):
         linears(x, [int8], impl="fused")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_linears_fused_runs_float_weights_through_one_gemv_at_batch_1(dtype):
+    ws = [_weight(40 + i, (128, n)).astype(dtype) for i, n in enumerate((128, 32, 32))]
+    x1 = jax.random.normal(jax.random.key(1), (1, 1, 128), dtype)                  # [B, T, D]
+    fused = linears(x1, ws, impl="pallas-fused")
+    for y, w in zip(fused, ws):
+        ref = jnp.matmul(x1.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+        np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref), rtol=2e-2, atol=2e-2)
+    calls = lambda x: str(jax.make_jaxpr(lambda x, ws: linears(x, ws, impl="pallas-fused"))(x, ws)).count("pallas_call")
+    assert calls(x1) == 1
+    assert calls(jnp.ones((3, 1, 128), dtype)) == 0  # M > 1: XLA's dots
