@@ -350,26 +350,31 @@ def dequantize_kv(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
 
 
 def check_kv_dtypes(
-    k: jax.Array, v: jax.Array, k_scale: jax.Array | None, v_scale: jax.Array | None
+    k: jax.Array, v: jax.Array, k_scale: jax.Array | None, v_scale: jax.Array | None,
+    names: tuple[str, str, str, str] = ("k", "v", "k_scale", "v_scale"),
+    what: str = "an int8 cache", dims: tuple[str, str] = ("B", "S"),
 ) -> None:
-    """A float cache has no scales; an int8 cache has float32 k_scale, v_scale [B, G, S]."""
+    """A float cache has no scales; an int8 cache has float32 k_scale, v_scale [B, G, S] for
+    k, v [B, S, G, K]. Paged attention checks its pages with its own names and dims."""
+    kn, vn, ksn, vsn = names
+    scale_dims = f"[{dims[0]}, G, {dims[1]}]"
     if k.dtype != v.dtype:
-        raise TypeError(f"k and v must have the same dtype; got {k.dtype=} {v.dtype=}")
+        raise TypeError(f"{kn} and {vn} must have the same dtype; got {kn}.dtype={k.dtype} {vn}.dtype={v.dtype}")
     if (k_scale is None) != (v_scale is None):
-        raise TypeError("give both k_scale and v_scale (int8 cache) or neither; got "
-                        f"k_scale {'None' if k_scale is None else 'given'}, "
-                        f"v_scale {'None' if v_scale is None else 'given'}")
+        raise TypeError(f"give both {ksn} and {vsn} ({what}) or neither; got "
+                        f"{ksn} {'None' if k_scale is None else 'given'}, "
+                        f"{vsn} {'None' if v_scale is None else 'given'}")
     if k_scale is None:
         if k.dtype == jnp.int8:
-            raise TypeError("an int8 cache needs k_scale and v_scale [B, G, S] float32; got neither")
+            raise TypeError(f"{ksn} and {vsn} {scale_dims} float32 are needed for {what}; got neither")
         return
     if k.dtype != jnp.int8:
-        raise TypeError(f"k_scale, v_scale are only for an int8 cache; got {k.dtype=}")
-    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-        want = (k.shape[0], k.shape[2], k.shape[1])
+        raise TypeError(f"{ksn}, {vsn} are only for {what}; got {kn}.dtype={k.dtype}")
+    want = (k.shape[0], k.shape[2], k.shape[1])
+    for name, s in ((ksn, k_scale), (vsn, v_scale)):
         if s.shape != want:
-            raise ValueError(f"expected {name} [B, G, S] = {want} for k [B, S, G, K] = {k.shape}; "
-                             f"got {name}.shape={s.shape}")
+            raise ValueError(f"expected {name} {scale_dims} = {want} for {kn} [{dims[0]}, {dims[1]}, G, K] = "
+                             f"{k.shape}; got {name}.shape={s.shape}")
         if s.dtype != jnp.float32:
             raise TypeError(f"expected {name} float32; got {name}.dtype={s.dtype}")
 

@@ -9,6 +9,13 @@ decode kernel. block_tables [B, max_pages] maps a row's logical page to a pool p
 The kernel is the decode kernel's split-K grid (B, G, num_splits) with one change: the rows of a
 key block are gathered through the block table (one table lookup per key, served from L1), so
 block_k is independent of page_size and a block may span several pages.
+
+int8 pages: k_pages, v_pages may be int8 with float32 k_scale_pages, v_scale_pages
+[P, G, page_size] (key in slot i of page p, head g = k_pages[p, i, g] * k_scale_pages[p, g, i]).
+That is the static int8 cache's [B, G, S] with B -> P and S -> page_size, so
+`quantize_kv(pages)` returns the scale pages as they are stored, and one page's scales of a head
+are contiguous. The kernel gathers each key's scale through the same table entry as its row and
+dequantizes in registers exactly as the decode kernel does (`online_softmax_step`).
 """
 import dataclasses
 import functools
@@ -36,8 +43,8 @@ def _paged_kernel(
     q_ref,  # [H, K] all query heads of row b
     k_ref,  # [P * page_size, K] kv head g of every pool slot
     v_ref,  # [P * page_size, K]
-    o_ref,  # [H, K]: q.dtype output (num_splits == 1) or float32 partial of split j
-    *ml_refs,  # m_ref, l_ref [H] float32, only when num_splits > 1
+    *refs,  # [ks_ref, vs_ref [P, page_size] float32 scales of kv head g, int8 pages only], o_ref, [m_ref, l_ref]
+    quantized: bool,
     page_size: int,
     group: int,
     rows: int,
@@ -45,7 +52,12 @@ def _paged_kernel(
     num_splits: int,
     scale: float,
 ):
-    """Attention of the R heads of KV head g of row b over the keys of split j, through the table."""
+    """Attention of the R heads of KV head g of row b over the keys of split j, through the table.
+
+    o_ref [H, K] is the q.dtype output (num_splits == 1) or the float32 partial of split j, then
+    m_ref, l_ref [H] float32 when num_splits > 1.
+    """
+    scale_refs, (o_ref, *ml_refs) = (refs[:2], refs[2:]) if quantized else ((), refs)
     b, g, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     head_dim = k_ref.shape[-1]
     length = jnp.minimum(lengths_ref[b], tables_ref.shape[0] * page_size)  # never past the table
@@ -64,7 +76,14 @@ def _paged_kernel(
         idx = (slot[:, None], jnp.arange(head_dim)[None, :])  # [block_k, 1], [1, K]
         k = plgpu.load(k_ref.at[idx], mask=key_ok[:, None], other=0.0)  # [block_k, K]
         v = plgpu.load(v_ref.at[idx], mask=key_ok[:, None], other=0.0)  # [block_k, K]
-        return dec.online_softmax_step(q, k, v, key_ok, carry, qk_scale)
+        if not quantized:
+            return dec.online_softmax_step(q, k, v, key_ok, carry, qk_scale)
+        # A key's scales sit in the same page as its codes: (page, slot in page) of head g's [P, page_size].
+        ks_ref, vs_ref = scale_refs
+        scale_idx = (jnp.maximum(page, 0), token % page_size)  # [block_k], [block_k]
+        ks = plgpu.load(ks_ref.at[scale_idx], mask=key_ok, other=0.0)  # [block_k] f32
+        vs = plgpu.load(vs_ref.at[scale_idx], mask=key_ok, other=0.0)  # [block_k] f32
+        return dec.online_softmax_step(q, k, v, key_ok, carry, qk_scale, k_scale=ks, v_scale=vs)
 
     carry = (
         jnp.zeros((rows, head_dim), jnp.float32),
@@ -72,7 +91,7 @@ def _paged_kernel(
         jnp.zeros((rows,), jnp.float32),
     )
     acc, m, l = lax.fori_loop(lo, hi, body, carry)
-    dec.store_result(o_ref, ml_refs, head, rows, group, acc, m, l)
+    dec.store_result(o_ref, tuple(ml_refs), head, rows, group, acc, m, l)
 
 
 def _paged_call(
@@ -81,6 +100,8 @@ def _paged_call(
     v_pages: jax.Array,  # [P, page_size, G, K]
     block_tables: jax.Array,  # [B, max_pages] int32
     lengths: jax.Array,  # [B] int32
+    k_scale_pages: jax.Array | None,  # [P, G, page_size] float32, int8 pages only
+    v_scale_pages: jax.Array | None,  # [P, G, page_size] float32, int8 pages only
     block_sizes: BlockSizes,
     interpret: bool,
 ) -> jax.Array:  # [B, H, K]
@@ -89,12 +110,14 @@ def _paged_call(
     max_pages = block_tables.shape[1]
     max_len = max_pages * page_size
     group = num_heads // num_kv_heads
+    quantized = k_scale_pages is not None
     block_k = min(block_sizes.block_k, max(16, pl.next_power_of_2(max_len)))
     num_splits = dec.resolve_splits(
         dataclasses.replace(block_sizes, block_k=block_k), batch, num_kv_heads, max_len, programs_per_sm=2
     )
     kernel = functools.partial(
         _paged_kernel,
+        quantized=quantized,
         page_size=page_size,
         group=group,
         rows=max(16, pl.next_power_of_2(group)),
@@ -107,35 +130,53 @@ def _paged_call(
     v_flat = v_pages.reshape(pool_rows, num_kv_heads, head_dim)
     kv_spec = pl.BlockSpec((pool_rows, None, head_dim), lambda b, g, j: (0, g, 0))
     out_specs, out_shape = dec.split_outputs(batch, num_splits, num_heads, head_dim, q.dtype)
+    in_specs = [
+        pl.BlockSpec((batch,), lambda b, g, j: (0,)),
+        pl.BlockSpec((None, max_pages), lambda b, g, j: (b, 0)),
+        pl.BlockSpec((None, num_heads, head_dim), lambda b, g, j: (b, 0, 0)),
+        kv_spec,
+        kv_spec,
+    ]
+    args = [lengths, block_tables, q, k_flat, v_flat]
+    if quantized:  # the scales of KV head g in every page: [P, page_size], rows at a stride of G * page_size
+        scale_spec = pl.BlockSpec((num_pages, None, page_size), lambda b, g, j: (0, g, 0))
+        in_specs += [scale_spec, scale_spec]
+        args += [k_scale_pages, v_scale_pages]
     out = pl.pallas_call(
         kernel,
         grid=(batch, num_kv_heads, num_splits),
-        in_specs=[
-            pl.BlockSpec((batch,), lambda b, g, j: (0,)),
-            pl.BlockSpec((None, max_pages), lambda b, g, j: (b, 0)),
-            pl.BlockSpec((None, num_heads, head_dim), lambda b, g, j: (b, 0, 0)),
-            kv_spec,
-            kv_spec,
-        ],
+        in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=_triton.compiler_params(block_sizes.num_warps, block_sizes.num_stages),
         interpret=interpret,
-        name="jllm_paged_attention",
-    )(lengths, block_tables, q, k_flat, v_flat)
+        name="jllm_paged_attention_int8" if quantized else "jllm_paged_attention",
+    )(*args)
     if num_splits == 1:
         return out
     return dec.merge_splits(*out, num_kv_heads=num_kv_heads, dtype=q.dtype, interpret=interpret)
 
 
+def _check_page_dtypes(
+    k_pages: jax.Array, v_pages: jax.Array, k_scale_pages: jax.Array | None, v_scale_pages: jax.Array | None
+) -> None:
+    """Float pages have no scales; int8 pages have float32 k_scale_pages, v_scale_pages
+    [P, G, page_size]."""
+    dec.check_kv_dtypes(k_pages, v_pages, k_scale_pages, v_scale_pages,
+                        names=("k_pages", "v_pages", "k_scale_pages", "v_scale_pages"),
+                        what="int8 pages", dims=("P", "page_size"))
+
+
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
 def paged_attention(
     q: jax.Array,  # [B, H, K]
-    k_pages: jax.Array,  # [P, page_size, G, K]
-    v_pages: jax.Array,  # [P, page_size, G, K]
+    k_pages: jax.Array,  # [P, page_size, G, K], int8 with k_scale_pages
+    v_pages: jax.Array,  # [P, page_size, G, K], int8 with v_scale_pages
     block_tables: jax.Array,  # [B, max_pages] int32
     lengths: jax.Array,  # [B] int32, >= 1
     *,
+    k_scale_pages: jax.Array | None = None,  # [P, G, page_size] float32
+    v_scale_pages: jax.Array | None = None,  # [P, G, page_size] float32
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
@@ -144,10 +185,11 @@ def paged_attention(
         raise ValueError(f"expected k_pages = v_pages [P, page_size, G, K]; got {k_pages.shape=} {v_pages.shape=}")
     if block_tables.ndim != 2 or block_tables.shape[0] != q.shape[0]:
         raise ValueError(f"expected block_tables [B, max_pages]; got {block_tables.shape=} {q.shape=}")
+    _check_page_dtypes(k_pages, v_pages, k_scale_pages, v_scale_pages)
     dec.check_shapes(q, k_pages.shape[2], k_pages.shape[3])
     return _paged_call(
         q, k_pages, v_pages, block_tables.astype(jnp.int32), lengths.astype(jnp.int32),
-        block_sizes or BlockSizes(), interpret,
+        k_scale_pages, v_scale_pages, block_sizes or BlockSizes(), interpret,
     )
 
 
@@ -159,22 +201,37 @@ def _gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
     return rows.reshape(batch, max_pages * page_size, num_kv_heads, head_dim)
 
 
+def _gather_scale_pages(scale_pages: jax.Array, block_tables: jax.Array) -> jax.Array:
+    """scale_pages [P, G, page_size], tables [B, max_pages] -> [B, G, max_pages * page_size]."""
+    batch, max_pages = block_tables.shape
+    _, num_kv_heads, page_size = scale_pages.shape
+    rows = scale_pages[jnp.maximum(block_tables, 0)]  # [B, max_pages, G, page_size]
+    return rows.transpose(0, 2, 1, 3).reshape(batch, num_kv_heads, max_pages * page_size)
+
+
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
 def paged_attention_ref(
     q: jax.Array,  # [B, H, K]
-    k_pages: jax.Array,  # [P, page_size, G, K]
-    v_pages: jax.Array,  # [P, page_size, G, K]
+    k_pages: jax.Array,  # [P, page_size, G, K], int8 with k_scale_pages
+    v_pages: jax.Array,  # [P, page_size, G, K], int8 with v_scale_pages
     block_tables: jax.Array,  # [B, max_pages] int32
     lengths: jax.Array,  # [B] int32
     *,
+    k_scale_pages: jax.Array | None = None,  # [P, G, page_size] float32
+    v_scale_pages: jax.Array | None = None,  # [P, G, page_size] float32
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """Pure-jnp float32 twin of paged_attention: gather the pages, then decode_attention_ref."""
+    """Pure-jnp float32 twin of paged_attention: gather the pages (and scales), then decode_attention_ref."""
     del block_sizes, interpret
+    _check_page_dtypes(k_pages, v_pages, k_scale_pages, v_scale_pages)
     k = _gather_pages(k_pages, block_tables)  # [B, max_pages * page_size, G, K]
     v = _gather_pages(v_pages, block_tables)
-    return dec.decode_attention_ref(q, k, v, lengths)
+    if k_scale_pages is None:
+        return dec.decode_attention_ref(q, k, v, lengths)
+    k_scale = _gather_scale_pages(k_scale_pages, block_tables)  # [B, G, max_pages * page_size]
+    v_scale = _gather_scale_pages(v_scale_pages, block_tables)
+    return dec.decode_attention_ref(q, k, v, lengths, k_scale=k_scale, v_scale=v_scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,19 +239,22 @@ def paged_attention_ref(
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=[
-    "k_pages", "v_pages", "free", "block_tables", "lengths"], meta_fields=[])
+    "k_pages", "v_pages", "free", "block_tables", "lengths", "k_scale_pages", "v_scale_pages"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class PagePool:
     """One layer's page pool and the per-row bookkeeping.
 
     k_pages, v_pages [P, page_size, G, K]; free [P] bool (True = unused); block_tables
-    [B, max_pages] int32 (-1 = no page); lengths [B] int32 tokens stored per row.
+    [B, max_pages] int32 (-1 = no page); lengths [B] int32 tokens stored per row. An int8 pool
+    also holds k_scale_pages, v_scale_pages [P, G, page_size] float32 (None for a float pool).
     """
     k_pages: jax.Array
     v_pages: jax.Array
     free: jax.Array
     block_tables: jax.Array
     lengths: jax.Array
+    k_scale_pages: jax.Array | None = None
+    v_scale_pages: jax.Array | None = None
 
     @property
     def page_size(self) -> int:
@@ -214,14 +274,25 @@ def init_pages(
     head_dim: int,
     dtype=jnp.bfloat16,
 ) -> PagePool:
-    """An empty pool: all pages free, no row owns a page, all lengths 0."""
+    """An empty pool: all pages free, no row owns a page, all lengths 0.
+
+    dtype int8 makes an int8 pool: int8 pages plus float32 scale pages [P, G, page_size];
+    append/extend then quantize what they write (quantize_kv).
+    """
+    if jnp.issubdtype(dtype, jnp.integer) and jnp.dtype(dtype) != jnp.int8:
+        raise TypeError(f"a pool holds floats or int8 (with scales); got dtype={jnp.dtype(dtype)}")
     shape = (num_pages, page_size, num_kv_heads, head_dim)
+    scales = None
+    if jnp.dtype(dtype) == jnp.int8:
+        scales = jnp.zeros((num_pages, num_kv_heads, page_size), jnp.float32)
     return PagePool(
         k_pages=jnp.zeros(shape, dtype),
         v_pages=jnp.zeros(shape, dtype),
         free=jnp.ones((num_pages,), bool),
         block_tables=jnp.full((batch, max_pages_per_row), -1, jnp.int32),
         lengths=jnp.zeros((batch,), jnp.int32),
+        k_scale_pages=scales,
+        v_scale_pages=scales,
     )
 
 
@@ -252,9 +323,29 @@ def allocate(pool: PagePool, row: jax.Array | int, num_tokens: jax.Array | int) 
     return dataclasses.replace(pool, free=free, block_tables=pool.block_tables.at[row].set(table))
 
 
+def _store(pool: PagePool, target: jax.Array, offset: jax.Array, k: jax.Array, v: jax.Array) -> dict:
+    """The page fields of `pool` with k, v [N, G, K] written at (page target[N], slot offset[N]);
+    target P is dropped. An int8 pool stores quantize_kv's codes and their scales."""
+    if pool.k_scale_pages is None:
+        return dict(
+            k_pages=pool.k_pages.at[target, offset].set(k.astype(pool.k_pages.dtype), mode="drop"),
+            v_pages=pool.v_pages.at[target, offset].set(v.astype(pool.v_pages.dtype), mode="drop"),
+        )
+    if not (jnp.issubdtype(k.dtype, jnp.floating) and jnp.issubdtype(v.dtype, jnp.floating)):
+        raise TypeError(f"an int8 pool quantizes float k, v itself; got {k.dtype=} {v.dtype=}")
+    fields = {}
+    for name, x, pages, scale_pages in (("k", k, pool.k_pages, pool.k_scale_pages),
+                                        ("v", v, pool.v_pages, pool.v_scale_pages)):
+        codes, scale = dec.quantize_kv(x[None])  # [1, N, G, K] int8, [1, G, N] float32
+        fields[f"{name}_pages"] = pages.at[target, offset].set(codes[0], mode="drop")
+        # Advanced indices around a slice: the indexed view is [N, G].
+        fields[f"{name}_scale_pages"] = scale_pages.at[target, :, offset].set(scale[0].T, mode="drop")
+    return fields
+
+
 def append(pool: PagePool, k: jax.Array, v: jax.Array) -> PagePool:
     """Writes one token's k, v [B, G, K] for every row at its length, allocating a page for rows
-    that cross a page boundary, and advances every length by one."""
+    that cross a page boundary, and advances every length by one (int8 pool: k, v quantized)."""
     batch, max_pages = pool.block_tables.shape
     rows = jnp.arange(batch)
     pos = pool.lengths  # [B]
@@ -267,8 +358,7 @@ def append(pool: PagePool, k: jax.Array, v: jax.Array) -> PagePool:
     target = jnp.where((page >= 0) & (logical < max_pages), page, pool.num_pages)  # [B]; P = drop
     offset = pos % pool.page_size
     return PagePool(
-        k_pages=pool.k_pages.at[target, offset].set(k.astype(pool.k_pages.dtype), mode="drop"),
-        v_pages=pool.v_pages.at[target, offset].set(v.astype(pool.v_pages.dtype), mode="drop"),
+        **_store(pool, target, offset, k, v),
         free=free,
         block_tables=tables,
         lengths=pos + 1,
@@ -276,7 +366,8 @@ def append(pool: PagePool, k: jax.Array, v: jax.Array) -> PagePool:
 
 
 def extend(pool: PagePool, row: jax.Array | int, k: jax.Array, v: jax.Array) -> PagePool:
-    """Writes a chunk k, v [T, G, K] of one row at its length (a prefill), allocating pages."""
+    """Writes a chunk k, v [T, G, K] of one row at its length (a prefill), allocating pages
+    (int8 pool: k, v quantized)."""
     num_tokens = k.shape[0]
     start = pool.lengths[row]
     pool = allocate(pool, row, start + num_tokens)
@@ -287,8 +378,7 @@ def extend(pool: PagePool, row: jax.Array | int, k: jax.Array, v: jax.Array) -> 
     offset = pos % pool.page_size
     return dataclasses.replace(
         pool,
-        k_pages=pool.k_pages.at[target, offset].set(k.astype(pool.k_pages.dtype), mode="drop"),
-        v_pages=pool.v_pages.at[target, offset].set(v.astype(pool.v_pages.dtype), mode="drop"),
+        **_store(pool, target, offset, k, v),
         lengths=pool.lengths.at[row].add(num_tokens),
     )
 
@@ -306,9 +396,16 @@ def release(pool: PagePool, row: jax.Array | int) -> PagePool:
 
 
 def gather(pool: PagePool) -> tuple[jax.Array, jax.Array]:
-    """Every row's KV as a contiguous cache: k, v [B, max_pages * page_size, G, K], zeros past length."""
+    """Every row's KV as a contiguous cache: k, v [B, max_pages * page_size, G, K], zeros past length.
+
+    An int8 pool gives the values attention sees, dequantized in float32 (codes * scales, as
+    decode_attention_ref does), so the result is always a float cache for the float refs.
+    """
     k = _gather_pages(pool.k_pages, pool.block_tables)
     v = _gather_pages(pool.v_pages, pool.block_tables)
+    if pool.k_scale_pages is not None:
+        k = dec.dequantize_kv(k, _gather_scale_pages(pool.k_scale_pages, pool.block_tables), jnp.float32)
+        v = dec.dequantize_kv(v, _gather_scale_pages(pool.v_scale_pages, pool.block_tables), jnp.float32)
     keep = jnp.arange(k.shape[1])[None, :] < pool.lengths[:, None]  # [B, S]
     return jnp.where(keep[..., None, None], k, 0), jnp.where(keep[..., None, None], v, 0)
 
@@ -329,8 +426,32 @@ def _scattered_pool(key, batch, seq_len, kv_heads, head_dim, page_size, dtype):
     return k_pages, v_pages, tables
 
 
+def _scattered_int8_pool(key, batch, seq_len, kv_heads, head_dim, page_size):
+    """_scattered_pool's bf16 pool quantized: (k_pages, v_pages, tables, k_scale_pages, v_scale_pages).
+
+    quantize_kv reads pages [P, page_size, G, K] as [B, T, G, K], so its scales come out as the
+    scale pages [P, G, page_size].
+    """
+    k_pages, v_pages, tables = _scattered_pool(key, batch, seq_len, kv_heads, head_dim, page_size, jnp.bfloat16)
+    quantize = jax.jit(dec.quantize_kv)
+    (k_pages, k_scale_pages), (v_pages, v_scale_pages) = quantize(k_pages), quantize(v_pages)
+    return k_pages, v_pages, tables, k_scale_pages, v_scale_pages
+
+
+def _paged_int8(q, k_pages, v_pages, tables, lengths, k_scale_pages, v_scale_pages, *, block_sizes=None):
+    """paged_attention with the scale pages positional, for time_us and best_config."""
+    return paged_attention(q, k_pages, v_pages, tables, lengths, k_scale_pages=k_scale_pages,
+                           v_scale_pages=v_scale_pages, block_sizes=block_sizes)
+
+
+def _paged_int8_ref(q, k_pages, v_pages, tables, lengths, k_scale_pages, v_scale_pages):
+    return paged_attention_ref(q, k_pages, v_pages, tables, lengths, k_scale_pages=k_scale_pages,
+                               v_scale_pages=v_scale_pages)
+
+
 def _ragged_check() -> list[str]:
-    """GPU correctness on ragged lengths and GQA, pages permuted, against the gathered reference."""
+    """GPU correctness on ragged lengths and GQA, pages permuted, bf16 and int8 pages, against the
+    gathered reference."""
     lines = []
     for i, (heads, kv_heads, page_size, lengths) in enumerate([
         (32, 32, 16, [1, 16, 4096, 1000]), (64, 8, 64, [4095, 1, 129, 2048]),
@@ -338,13 +459,18 @@ def _ragged_check() -> list[str]:
         key = jax.random.key(100 + i)
         q = jax.random.normal(key, (len(lengths), heads, 128), jnp.bfloat16)
         k_pages, v_pages, tables = _scattered_pool(key, len(lengths), 4096, kv_heads, 128, page_size, jnp.bfloat16)
+        int8_pool = _scattered_int8_pool(key, len(lengths), 4096, kv_heads, 128, page_size)  # the same keys
         lengths = jnp.array(lengths, jnp.int32)
         with jax.default_matmul_precision("highest"):
             ref = paged_attention_ref(q, k_pages, v_pages, tables, lengths)
+            ref8 = _paged_int8_ref(q, *int8_pool[:3], lengths, *int8_pool[3:])
         with _triton.quiet():
             out = paged_attention(q, k_pages, v_pages, tables, lengths)
-        lines.append(f"ragged page={page_size} H={heads} G={kv_heads} lengths={lengths.tolist()}: "
-                     f"rel err {dec.rel_err(out, ref):.2e}")
+            out8 = _paged_int8(q, *int8_pool[:3], lengths, *int8_pool[3:])
+        shape = f"page={page_size} H={heads} G={kv_heads} lengths={lengths.tolist()}"
+        lines.append(f"ragged {shape}: rel err {dec.rel_err(out, ref):.2e}")
+        lines.append(f"ragged int8 {shape}: rel err {dec.rel_err(out8, ref8):.2e} vs int8 ref, "
+                     f"{dec.rel_err(out8, ref):.2e} vs bf16 pages (quantization)")
     return lines
 
 
@@ -362,36 +488,45 @@ def main() -> None:
     ]
     for page_size in (16, 64):
         for batch, seq_len, heads, kv_heads, head_dim in shapes:
-            key = jax.random.key(0)
-            q = jax.random.normal(key, (batch, heads, head_dim), jnp.bfloat16)
+            q = jax.random.normal(jax.random.key(0), (batch, heads, head_dim), jnp.bfloat16)
             lengths = jnp.full((batch,), seq_len, jnp.int32)
-            k_pages, v_pages, tables = _scattered_pool(key, batch, seq_len, kv_heads, head_dim, page_size,
-                                                       jnp.bfloat16)
-            with jax.default_matmul_precision("highest"):
-                ref = paged_attention_ref(q, k_pages, v_pages, tables, lengths)
-            kv_bytes = 2 * batch * seq_len * kv_heads * head_dim * 2
-            sets = []
-            for i in range(dec.num_sets(kv_bytes)):
-                kp, vp, tb = _scattered_pool(jax.random.key(10 + i), batch, seq_len, kv_heads, head_dim,
-                                             page_size, jnp.bfloat16)
-                sets.append((q, kp, vp, tb, lengths))
             name = f"page={page_size} B={batch} S={seq_len} H={heads} G={kv_heads}"
             configs = [None] + (candidates if tune and (batch, seq_len) in tuned else [])
-            best = dec.best_config(name, paged_attention, configs, (q, k_pages, v_pages, tables, lengths),
-                                   ref, sets, lambda us: f"{kv_bytes / us / 1e6:5.2f} TB/s")
-            del sets
-            dense = [dec._inputs(jax.random.key(10 + i), batch, seq_len, heads, kv_heads, head_dim, jnp.bfloat16)
-                     for i in range(dec.num_sets(kv_bytes))]
-            with _triton.quiet():
-                dense_us = dec.time_us(dec.decode_attention, dense)
-            del dense
-            if best is not None:
-                rows.append((name, kv_bytes, best[0], best[1], dense_us, best[2]))
-    print("\npaged_attention, bf16, full lengths, pages randomly permuted, TB/s over KV bytes read")
-    print(f"{'shape':38s} {'KV MB':>7s} {'paged us':>9s} {'TB/s':>6s} {'rel err':>9s} {'decode us':>10s}"
+            for cache in ("bf16", "int8"):  # each against decode_attention over the same kind of cache
+                if cache == "bf16":
+                    make_pool = functools.partial(_scattered_pool, dtype=jnp.bfloat16)
+                    kernel, xla = paged_attention, paged_attention_ref
+                    make_dense = functools.partial(dec._inputs, dtype=jnp.bfloat16)
+                    dense_kernel = dec.decode_attention
+                else:
+                    make_pool, kernel, xla = _scattered_int8_pool, _paged_int8, _paged_int8_ref
+                    make_dense, dense_kernel = dec._int8_inputs, dec._decode_int8
+
+                def make(key, make_pool=make_pool):
+                    k_pages, v_pages, tables, *scales = make_pool(key, batch, seq_len, kv_heads, head_dim, page_size)
+                    return (q, k_pages, v_pages, tables, lengths, *scales)
+
+                args = make(jax.random.key(0))
+                with jax.default_matmul_precision("highest"):
+                    ref = xla(*args)
+                kv_bytes = dec._kv_bytes(batch, seq_len, kv_heads, head_dim, cache)
+                sets = [make(jax.random.key(10 + i)) for i in range(dec.num_sets(kv_bytes))]
+                best = dec.best_config(f"{name} {cache}", kernel, configs, args, ref, sets,
+                                       lambda us, nbytes=kv_bytes: f"{nbytes / us / 1e6:5.2f} TB/s")
+                del sets, args
+                dense = [make_dense(jax.random.key(10 + i), batch, seq_len, heads, kv_heads, head_dim)
+                         for i in range(dec.num_sets(kv_bytes))]
+                with _triton.quiet():
+                    dense_us = dec.time_us(dense_kernel, dense)
+                del dense
+                if best is not None:
+                    rows.append((name, cache, kv_bytes, best[0], best[1], dense_us, best[2]))
+    print("\npaged_attention, full lengths, pages randomly permuted, TB/s over KV bytes read (int8: codes + "
+          "float32 scales); decode = decode_attention over a static cache of the same kind")
+    print(f"{'shape':38s} {'cache':5s} {'KV MB':>7s} {'paged us':>9s} {'TB/s':>6s} {'rel err':>9s} {'decode us':>10s}"
           f" {'paged/decode':>12s}  best config")
-    for name, nbytes, us, err, dus, cfg in rows:
-        print(f"{name:38s} {nbytes / 1e6:7.1f} {us:9.1f} {nbytes / us / 1e6:6.2f} {err:9.2e} {dus:10.1f}"
+    for name, cache, nbytes, us, err, dus, cfg in rows:
+        print(f"{name:38s} {cache:5s} {nbytes / 1e6:7.1f} {us:9.1f} {nbytes / us / 1e6:6.2f} {err:9.2e} {dus:10.1f}"
               f" {us / dus:12.2f}  {cfg or 'default'}")
 
 

@@ -176,7 +176,7 @@ def _bad_int8_args(kind: str):
 
 # (what is wrong, the error, a regex its message must match)
 VALIDATION_CASES = [
-    ("int8_without_scales", TypeError, "int8 cache needs k_scale and v_scale"),
+    ("int8_without_scales", TypeError, r"k_scale and v_scale \[B, G, S\] float32 are needed for an int8 cache"),
     ("scales_with_float_cache", TypeError, "only for an int8 cache.*bfloat16"),
     ("only_k_scale", TypeError, "both k_scale and v_scale.*v_scale None"),
     ("only_v_scale", TypeError, "both k_scale and v_scale.*k_scale None"),

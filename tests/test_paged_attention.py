@@ -12,7 +12,9 @@ import pytest
 
 from pallas_kernels import paged_attention as pa
 from kernel_checks import assert_close
-from pallas_kernels.decode_attention import BlockSizes, decode_attention_ref
+from pallas_kernels.decode_attention import (
+    BlockSizes, decode_attention, decode_attention_ref, dequantize_kv, quantize_kv,
+)
 
 # Relative L2 error and max abs error bounds per dtype (see test_decode_attention.py).
 
@@ -20,6 +22,7 @@ append = jax.jit(pa.append)
 extend = jax.jit(pa.extend)
 allocate = jax.jit(pa.allocate)
 release = jax.jit(pa.release)
+gather = jax.jit(pa.gather)
 
 
 def _filled_pool(key, batch, max_len, page_size, max_pages, kv_heads, head_dim, dtype, num_pages):
@@ -116,3 +119,196 @@ def test_paged_default_blocks_match_paged_ref():
     q = jax.random.normal(jax.random.key(8), (2, 8, 64))
     args = (q, pool.k_pages, pool.v_pages, pool.block_tables, jnp.array([100, 37], jnp.int32))
     assert_close(pa.paged_attention(*args, interpret=True), pa.paged_attention_ref(*args), jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 pages: k_pages, v_pages int8 [P, page_size, G, K] with float32 scales [P, G, page_size].
+
+def _int8_paged_data(case_id: str, batch, lengths, page_size, kv_heads, head_dim, num_pages):
+    """One set of int8 keys and values in both layouts, built in numpy (no per-op compiles).
+
+    Static: codes [B, S, G, K] and scales [B, G, S] with S = max_pages * page_size. Paged: the
+    same keys on randomly permuted pool pages, pages a row does not own holding other codes. Page 0
+    is never owned, so a masked key (its table lookup gives page 0) would read a NaN scale.
+    Returns (static, pages, tables, poisoned): static = (k, v, k_scale, v_scale), pages =
+    (k_pages, v_pages, k_scale_pages, v_scale_pages); poisoned = the two scale arrays of each
+    layout with NaN at every slot that holds no key below its row's length.
+    """
+    rng = np.random.default_rng(zlib.crc32(case_id.encode()))
+    max_pages = -(-max(lengths) // page_size) + 1  # one logical page past the longest row: -1 in the table
+    seq = max_pages * page_size
+
+    def codes(shape):
+        return rng.integers(-127, 128, shape).astype(np.int8)
+
+    def scales(shape):  # near absmax / 127 of a unit normal K-vector, so scores and values are O(1)
+        return rng.uniform(1.5, 3.5, shape).astype(np.float32) / 127
+
+    k, v = codes((batch, seq, kv_heads, head_dim)), codes((batch, seq, kv_heads, head_dim))  # [B, S, G, K]
+    k_scale, v_scale = scales((batch, kv_heads, seq)), scales((batch, kv_heads, seq))  # [B, G, S]
+    page_shape = (num_pages, page_size, kv_heads, head_dim)
+    k_pages, v_pages = codes(page_shape), codes(page_shape)  # [P, page_size, G, K]
+    k_scale_pages, v_scale_pages = scales((num_pages, kv_heads, page_size)), scales((num_pages, kv_heads, page_size))
+    tables = np.full((batch, max_pages), -1, np.int32)
+    perm = 1 + rng.permutation(num_pages - 1)
+    used = np.zeros((num_pages, page_size), bool)  # slots holding a real key
+    n = 0
+    for b, length in enumerate(lengths):
+        for i in range(-(-length // page_size)):
+            p, span = perm[n], slice(i * page_size, (i + 1) * page_size)
+            n += 1
+            tables[b, i] = p
+            k_pages[p], v_pages[p] = k[b, span], v[b, span]
+            k_scale_pages[p], v_scale_pages[p] = k_scale[b, :, span], v_scale[b, :, span]
+            used[p] = np.arange(i * page_size, (i + 1) * page_size) < length
+    tail = np.arange(seq)[None, :] >= np.asarray(lengths)[:, None]  # [B, S]
+    poisoned = (np.where(tail[:, None], np.nan, k_scale), np.where(tail[:, None], np.nan, v_scale),
+                np.where(used[:, None], k_scale_pages, np.nan), np.where(used[:, None], v_scale_pages, np.nan))
+    static, pages = (k, v, k_scale, v_scale), (k_pages, v_pages, k_scale_pages, v_scale_pages)
+    return (tuple(map(jnp.asarray, static)), tuple(map(jnp.asarray, pages)), jnp.asarray(tables),
+            tuple(map(jnp.asarray, poisoned)))
+
+
+# (B, lengths, page_size, H, G, K, q dtype, block_k, num_splits). Together: batch 1 and 3, GQA
+# R = 1 and 8, K 64 and 128, pages of 16 and 64, q bf16 and float32, lengths 1 and page multiples.
+INT8_CASES = [
+    (3, [1, 16, 45], 16, 8, 1, 64, jnp.bfloat16, 16, 2),  # R 8; 1 token; one full page
+    (1, [64], 64, 2, 2, 128, jnp.float32, 16, None),  # R 1; one full page of 4 blocks
+    (3, [65, 1, 128], 64, 4, 4, 64, jnp.float32, 32, 3),  # R 1; a page boundary + 1; two full pages
+    (3, [33, 32, 1], 16, 16, 2, 128, jnp.bfloat16, 64, 1),  # R 8; a block spans 4 pages; one split
+]
+
+
+def _int8_case_id(case) -> str:
+    B, lengths, page_size, H, G, K, dtype, block_k, num_splits = case
+    return f"int8_{B=}_{page_size=}_{H=}_{G=}_{K=}_{jnp.dtype(dtype).name}_{block_k=}_splits={num_splits}"
+
+
+@pytest.mark.parametrize("case", INT8_CASES, ids=[_int8_case_id(c) for c in INT8_CASES])
+def test_paged_int8_matches_int8_ref(case):
+    """Same bounds as a float pool of q's dtype (the codes convert exactly to q's dtype). The
+    kernel's scales are NaN at every slot holding no key below the row's length, in owned and
+    free pages alike: a key read past the length or through a wrong table entry reaches the output."""
+    batch, lengths, page_size, heads, kv_heads, head_dim, dtype, block_k, num_splits = case
+    num_pages = batch * (-(-max(lengths) // page_size)) + 3
+    _, pages, tables, poisoned = _int8_paged_data(_int8_case_id(case), batch, lengths, page_size, kv_heads,
+                                                  head_dim, num_pages)
+    k_pages, v_pages, k_scale_pages, v_scale_pages = pages
+    lengths = jnp.array(lengths, jnp.int32)
+    q = jax.random.normal(jax.random.key(zlib.crc32(_int8_case_id(case).encode())), (batch, heads, head_dim),
+                          jnp.float32).astype(dtype)
+    ref = pa.paged_attention_ref(q, k_pages, v_pages, tables, lengths, k_scale_pages=k_scale_pages,
+                                 v_scale_pages=v_scale_pages)  # the ref gathers whole pages: finite scales
+    block_sizes = BlockSizes(block_k=block_k, num_splits=num_splits, num_warps=4, num_stages=2)
+    out = pa.paged_attention(q, k_pages, v_pages, tables, lengths, k_scale_pages=poisoned[2],
+                             v_scale_pages=poisoned[3], block_sizes=block_sizes, interpret=True)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert_close(out, ref, dtype)
+
+
+def test_paged_int8_equals_static_int8_decode():
+    """The paged kernel over int8 pages equals the static-cache kernel over the same codes and
+    scales in the [B, S, G, K] / [B, G, S] layout: same tiling, so the same blocks and arithmetic;
+    only where a key's bytes come from differs. Both layouts are NaN-poisoned past the lengths."""
+    batch, lengths, page_size, heads, kv_heads, head_dim = 3, [48, 1, 70], 16, 8, 2, 64
+    static, pages, tables, poisoned = _int8_paged_data("int8_static", batch, lengths, page_size, kv_heads,
+                                                       head_dim, num_pages=16)
+    lengths = jnp.array(lengths, jnp.int32)
+    q = jax.random.normal(jax.random.key(3), (batch, heads, head_dim), jnp.bfloat16)
+    block_sizes = BlockSizes(block_k=32, num_splits=2, num_warps=4, num_stages=2)
+    out = pa.paged_attention(q, *pages[:2], tables, lengths, k_scale_pages=poisoned[2], v_scale_pages=poisoned[3],
+                             block_sizes=block_sizes, interpret=True)
+    want = decode_attention(q, *static[:2], lengths, k_scale=poisoned[0], v_scale=poisoned[1],
+                            block_sizes=block_sizes, interpret=True)
+    np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+
+
+def test_int8_pool_round_trip_matches_decode_on_quantized_keys():
+    """Prefill chunks (extend) and decode steps (append) into an int8 pool store quantize_kv's
+    codes and scales: paged attention over the pool equals decode_attention over quantize_kv of
+    the same keys, and gather gives their float32 dequantization, zeros past each length."""
+    batch, page_size, heads, kv_heads, head_dim, chunk = 3, 16, 8, 2, 64, 15
+    chunks, steps = [2, 0, 1], 3  # rows 0, 2 prefill 30 and 15 tokens, then 3 appends for every row:
+    lengths = np.array(chunks) * chunk + steps  # 33, 3, 18: appends into a fresh row and across pages
+    seq = int(lengths.max())
+    rng = np.random.default_rng(11)
+    k = rng.standard_normal((batch, seq, kv_heads, head_dim), np.float32)  # [B, S, G, K]
+    v = rng.standard_normal((batch, seq, kv_heads, head_dim), np.float32)
+    keep = (np.arange(seq)[None, :] < lengths[:, None])[..., None, None]  # [B, S, 1, 1]
+    k, v = np.where(keep, k, 0), np.where(keep, v, 0)
+    pool = pa.init_pages(12, page_size, batch, 4, kv_heads, head_dim, jnp.int8)
+    assert pool.k_scale_pages.shape == (12, kv_heads, page_size) and pool.k_scale_pages.dtype == jnp.float32
+    for b, n in enumerate(chunks):
+        for c in range(n):  # the second chunk of row 0 starts mid-page
+            pool = extend(pool, b, k[b, c * chunk:(c + 1) * chunk], v[b, c * chunk:(c + 1) * chunk])
+    for t in range(steps):  # row b's token at its own length
+        pos = np.array(chunks) * chunk + t
+        pool = append(pool, k[np.arange(batch), pos], v[np.arange(batch), pos])
+    np.testing.assert_array_equal(np.asarray(pool.lengths), lengths)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    (k8, k_scale), (v8, v_scale) = quantize_kv(jnp.asarray(k)), quantize_kv(jnp.asarray(v))  # the static cache
+    k_dense, v_dense = gather(pool)  # [B, 4 * page_size, G, K] float32
+    assert k_dense.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(k_dense[:, :seq]), np.asarray(dequantize_kv(k8, k_scale, jnp.float32)))
+    np.testing.assert_array_equal(np.asarray(v_dense[:, :seq]), np.asarray(dequantize_kv(v8, v_scale, jnp.float32)))
+    assert (np.asarray(k_dense[:, seq:]) == 0).all()
+    q = jax.random.normal(jax.random.key(5), (batch, heads, head_dim), jnp.float32)
+    block_sizes = BlockSizes(block_k=16, num_splits=2, num_warps=4, num_stages=2)
+    out = pa.paged_attention(q, pool.k_pages, pool.v_pages, pool.block_tables, lengths,
+                             k_scale_pages=pool.k_scale_pages, v_scale_pages=pool.v_scale_pages,
+                             block_sizes=block_sizes, interpret=True)
+    want = decode_attention(q, k8, v8, lengths, k_scale=k_scale, v_scale=v_scale, block_sizes=block_sizes,
+                            interpret=True)
+    assert_close(out, want, jnp.float32)
+
+
+def _bad_int8_page_args(kind: str):
+    """(k_pages, v_pages, kwargs) for paged_attention(q, k_pages, v_pages, tables, lengths, **kwargs)
+    with one thing wrong."""
+    k8 = v8 = jnp.zeros((4, 16, 2, 64), jnp.int8)  # [P, page_size, G, K]
+    k_scale = v_scale = jnp.ones((4, 2, 16), jnp.float32)  # [P, G, page_size]
+    kf = jnp.zeros((4, 16, 2, 64), jnp.bfloat16)
+    return {
+        "int8_without_scales": (k8, v8, {}),
+        "scales_with_float_pages": (kf, kf, dict(k_scale_pages=k_scale, v_scale_pages=v_scale)),
+        "only_k_scale": (k8, v8, dict(k_scale_pages=k_scale)),
+        "only_v_scale": (k8, v8, dict(v_scale_pages=v_scale)),
+        "k_int8_v_bf16": (k8, kf, dict(k_scale_pages=k_scale, v_scale_pages=v_scale)),
+        "k_scale_token_major": (k8, v8, dict(k_scale_pages=k_scale.transpose(0, 2, 1), v_scale_pages=v_scale)),
+        "v_scale_shape": (k8, v8, dict(k_scale_pages=k_scale, v_scale_pages=v_scale[:, :, :8])),
+        "k_scale_dtype": (k8, v8, dict(k_scale_pages=k_scale.astype(jnp.bfloat16), v_scale_pages=v_scale)),
+    }[kind]
+
+
+# (what is wrong, the error, a regex its message must match)
+INT8_VALIDATION_CASES = [
+    ("int8_without_scales", TypeError, r"k_scale_pages and v_scale_pages \[P, G, page_size\] float32 are needed for int8 pages"),
+    ("scales_with_float_pages", TypeError, "only for int8 pages.*bfloat16"),
+    ("only_k_scale", TypeError, "both k_scale_pages and v_scale_pages.*v_scale_pages None"),
+    ("only_v_scale", TypeError, "both k_scale_pages and v_scale_pages.*k_scale_pages None"),
+    ("k_int8_v_bf16", TypeError, "same dtype.*int8.*bfloat16"),
+    ("k_scale_token_major", ValueError, r"k_scale_pages \[P, G, page_size\] = \(4, 2, 16\).*\(4, 16, 2\)"),
+    ("v_scale_shape", ValueError, r"v_scale_pages \[P, G, page_size\] = \(4, 2, 16\).*\(4, 2, 8\)"),
+    ("k_scale_dtype", TypeError, "k_scale_pages float32.*bfloat16"),
+]
+
+
+@pytest.mark.parametrize("fn", [pa.paged_attention, pa.paged_attention_ref], ids=["kernel", "ref"])
+@pytest.mark.parametrize("kind,error,match", INT8_VALIDATION_CASES, ids=[c[0] for c in INT8_VALIDATION_CASES])
+def test_int8_pages_validation_names_the_value(fn, kind, error, match):
+    q = jnp.zeros((2, 4, 64), jnp.float32)
+    k_pages, v_pages, kwargs = _bad_int8_page_args(kind)
+    tables, lengths = jnp.zeros((2, 2), jnp.int32), jnp.array([16, 1], jnp.int32)
+    with pytest.raises(error, match=match):
+        fn(q, k_pages, v_pages, tables, lengths, interpret=True, **kwargs)
+
+
+def test_int8_pool_rejects_codes_and_other_integer_dtypes():
+    with pytest.raises(TypeError, match="floats or int8.*int16"):
+        pa.init_pages(4, 16, 2, 2, 2, 64, jnp.int16)
+    pool = pa.init_pages(4, 16, 2, 2, 2, 64, jnp.int8)
+    codes = jnp.zeros((2, 2, 64), jnp.int8)  # [B, G, K]
+    with pytest.raises(TypeError, match="quantizes float k, v itself.*int8"):
+        pa.append(pool, codes, codes)
+    float_pool = pa.init_pages(4, 16, 2, 2, 2, 64, jnp.bfloat16)
+    assert float_pool.k_scale_pages is None and float_pool.v_scale_pages is None
