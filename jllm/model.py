@@ -256,9 +256,9 @@ def _write(buf: jax.Array, new: jax.Array, start: jax.Array, fresh: bool) -> jax
 
 
 def _cache_layer(cache: KVCache, i: int, k: jax.Array, v: jax.Array, start: jax.Array,
-                 fresh: bool) -> tuple[tuple, tuple]:
-    """Write new k, v [B, T, G, K] into layer i -> (k, v, k_scale, v_scale) buffers, the written
-    ones (scales None for a float cache)."""
+                 fresh: bool) -> tuple:
+    """Write new k, v [B, T, G, K] into layer i -> its (k, v, k_scale, v_scale) buffers with them
+    written (the scales None for a float cache)."""
     if not cache.quantized:
         return (_write(cache.k[i], k, start, fresh), _write(cache.v[i], v, start, fresh), None, None)
     (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
