@@ -85,8 +85,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array,
 
 def sharded_quant_matmul(x: jax.Array, ws: Sequence, specs: Sequence[PartitionSpec],
                          mesh: jax.sharding.AbstractMesh) -> tuple[jax.Array, ...] | None:
-    """x [M, K] @ each QArray of ws, whose float weights have `specs` (mesh axes of in, out), run
-    per shard: one kernel launch per device for all of them (quant_matmul_multi).
+    """x [M, K] @ each weight of ws (QArrays of one layout, or plain float weights: the kernel's
+    bits=16 GEMV), whose float weights have `specs` (mesh axes of in, out), run per shard: one
+    kernel launch per device for all of them (quant_matmul_multi).
 
     Column-parallel weights (out split) give each device its output columns; row-parallel ones
     (in split, x split the same way) give partial sums, all-reduced here in float32. Rows of x
@@ -95,28 +96,36 @@ def sharded_quant_matmul(x: jax.Array, ws: Sequence, specs: Sequence[PartitionSp
     input): the caller then uses XLA or one call per weight.
     """
     from jllm import parallel  # parallel imports the model, which imports this module
+    from jllm.quant import QArray
     in_axis = specs[0][0]
     split_in = in_axis if in_axis is not None and mesh.shape[in_axis] > 1 else None
+    w0 = ws[0]
+    quantized = isinstance(w0, QArray)
     w_specs = []
     for w, spec in zip(ws, specs):
+        if spec[0] != in_axis:
+            return None
+        if not quantized:  # a plain weight is split as its spec says
+            w_specs.append(spec)
+            continue
         shardings = parallel.qarray_sharding(w, spec, mesh)
         q_spec = shardings.q.spec
-        if spec[0] != in_axis or (q_spec[0] if len(q_spec) else None) != split_in:
+        if (q_spec[0] if len(q_spec) else None) != split_in:
             return None
         w_specs += [q_spec, shardings.scale.spec]
     rows = rules.logical_to_spec(("batch",))[0]
-    w0 = ws[0]
-    per_channel = w0.bits == 8 and w0.scale.shape[0] == 1
+    per_channel = quantized and w0.bits == 8 and w0.scale.shape[0] == 1
 
-    def local(x, *qs):  # x [M/dp, K/tp or K]; qs: this device's part of each q and scale
-        k = x.shape[1]
-        ys = quant_matmul_multi(x, list(zip(qs[::2], qs[1::2])), bits=w0.bits,
-                                group_size=k if per_channel else w0.group_size, interpret=_interpret())
+    def local(x, *parts):  # x [M/dp, K/tp or K]; parts: this device's part of each weight
+        pairs = list(zip(parts[::2], parts[1::2])) if quantized else [(w, None) for w in parts]
+        bits, group_size = (w0.bits, x.shape[1] if per_channel else w0.group_size) if quantized else (16, 0)
+        ys = quant_matmul_multi(x, pairs, bits=bits, group_size=group_size, interpret=_interpret())
         if in_axis is not None:
             ys = tuple(jax.lax.psum(y.astype(jnp.float32), in_axis).astype(x.dtype) for y in ys)
         return ys
 
+    arrays = [a for w in ws for a in ((w.q, w.scale) if quantized else (w,))]
     with _triton.quiet():
         return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(rows, in_axis), *w_specs),
                              out_specs=tuple(PartitionSpec(rows, spec[1]) for spec in specs),
-                             check_vma=False)(x, *(a for w in ws for a in (w.q, w.scale)))
+                             check_vma=False)(x, *arrays)

@@ -140,7 +140,8 @@ def linears(x: jax.Array, ws, *, impl: str = "xla", specs=None) -> tuple[jax.Arr
     impl="pallas-fused" runs QArrays of one layout that share x (q, k, v; gate, up) through one
     kernel launch (quant_matmul_multi): one grid over all their output blocks, where small
     projections alone would leave the GPU part idle. Plain float weights take the same kernel's
-    bits=16 GEMV at M = 1 on one device (XLA above M = 1). Other impls run one `linear` per weight.
+    bits=16 GEMV at M = 1 (XLA above M = 1). Under a mesh the launch runs per shard. Other impls
+    run one `linear` per weight.
     """
     if impl not in IMPLS:
         raise ValueError(f"{impl=} must be one of {IMPLS}")
@@ -158,31 +159,21 @@ def linears(x: jax.Array, ws, *, impl: str = "xla", specs=None) -> tuple[jax.Arr
     ys = [None] * len(ws)
     for idx in groups:
         group, w = [ws[i] for i in idx], ws[idx[0]]
+        group_specs = [specs[i] for i in idx]
         if not isinstance(w, QArray):
+            out = None
             if len(group) > 1 and m == 1:  # pallas-fused float weights: the kernel's bits=16 GEMV
-                out = qmm.quant_matmul_multi(x2, [(g, None) for g in group], bits=16, group_size=0,
-                                             interpret=on_cpu)
+                out = _kernel(x2, group, group_specs, interpret=on_cpu)
             elif impl != "xla" and PALLAS_BF16_GEMV and m == 1 and not on_cpu:
-                out = [qmm.quant_matmul(x2, w, None, bits=16, group_size=0)]
-            else:
+                out = _kernel(x2, group, group_specs, interpret=on_cpu)
+            if out is None:
                 out = [jnp.matmul(x2, g).astype(x.dtype) for g in group]
         elif impl != "xla" and m <= _max_pallas_m(w):
-            mesh = jax.sharding.get_abstract_mesh()
-            if (mesh.empty or mesh.size == 1) and len(group) == 1:
-                out = [qmm.quant_matmul(x2, w.q, w.scale, bits=w.bits, group_size=w.group_size,
-                                        interpret=on_cpu)]
-            elif mesh.empty or mesh.size == 1:
-                out = qmm.quant_matmul_multi(x2, [(g.q, g.scale) for g in group], bits=w.bits,
-                                             group_size=w.group_size, interpret=on_cpu)
-            else:
-                from jllm import kernels  # kernels -> parallel -> model -> quant
-                group_specs = [specs[i] for i in idx]
-                out = None if None in group_specs else kernels.sharded_quant_matmul(
-                    x2, group, group_specs, mesh)
-                if out is None and len(group) > 1:  # laid out differently: one call per weight
-                    out = [linear(x2, g, impl="pallas", spec=s) for g, s in zip(group, group_specs)]
-                elif out is None:
-                    out = [_xla_qmatmul(x2, w).astype(x.dtype)]
+            out = _kernel(x2, group, group_specs, interpret=on_cpu)
+            if out is None and len(group) > 1:  # laid out differently: one call per weight
+                out = [linear(x2, g, impl="pallas", spec=s) for g, s in zip(group, group_specs)]
+            elif out is None:
+                out = [_xla_qmatmul(x2, w).astype(x.dtype)]
         else:
             out = [_xla_qmatmul(x2, g).astype(x.dtype) for g in group]
         for i, y in zip(idx, out):
@@ -190,16 +181,32 @@ def linears(x: jax.Array, ws, *, impl: str = "xla", specs=None) -> tuple[jax.Arr
     return tuple(ys)
 
 
+def _kernel(x2: jax.Array, group: list, specs: list, *, interpret: bool) -> list | None:
+    """x2 [M, in] @ each weight of group through the Pallas kernel, one launch: QArrays of one
+    layout or plain float weights (bits=16). Under a mesh it runs per shard when every weight's
+    spec is known; None where it cannot (the caller falls back)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not (mesh.empty or mesh.size == 1):
+        if None in specs:
+            return None
+        from jllm import kernels  # kernels -> parallel -> model -> quant
+        return kernels.sharded_quant_matmul(x2, group, specs, mesh)
+    w = group[0]
+    pairs = [(g.q, g.scale) for g in group] if isinstance(w, QArray) else [(g, None) for g in group]
+    bits, group_size = (w.bits, w.group_size) if isinstance(w, QArray) else (16, 0)
+    if len(group) == 1:
+        return [qmm.quant_matmul(x2, *pairs[0], bits=bits, group_size=group_size, interpret=interpret)]
+    return list(qmm.quant_matmul_multi(x2, pairs, bits=bits, group_size=group_size, interpret=interpret))
+
+
 def _same_layout(ws) -> bool:
     """Weights the fused kernel can take together: QArrays of the same bits, groups and dtypes,
-    or plain float weights of one dtype, unsharded (the bits=16 GEMV has no per-shard path)."""
+    or plain float weights of one dtype."""
     w0 = ws[0]
     if len(ws) < 2:
         return False
     if not isinstance(w0, QArray):
-        mesh = jax.sharding.get_abstract_mesh()
-        return (mesh.empty or mesh.size == 1) and all(
-            not isinstance(w, QArray) and w.dtype == w0.dtype for w in ws)
+        return all(not isinstance(w, QArray) and w.dtype == w0.dtype for w in ws)
     return all(
         isinstance(w, QArray) and (w.bits, w.group_size, w.q.dtype, w.scale.dtype, w.scale.shape[0])
         == (w0.bits, w0.group_size, w0.q.dtype, w0.scale.dtype, w0.scale.shape[0]) for w in ws)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with 4 GPUs (nvidia-h200-x4): what the tensor-parallel issue still lacks.
-#   1. Llama-2-70B int8 at TP2 and TP4: the quantized Pallas matmul per shard, one launch per
-#      weight (pallas) and fused q/k/v, gate/up (pallas-fused).
+#   1. Llama-2-70B bf16 at TP4 with XLA's GEMVs vs pallas-fused; int8 at TP2 and TP4: the
+#      quantized Pallas matmul per shard, one launch per weight (pallas) and fused (pallas-fused).
 #   2. Why Llama-2-7B TP2 decodes slower than TP1 and TP4: a kernel-time summary of the TP1, TP2
 #      and TP4 decode steps under Nsight Systems (if the machine has nsys), top kernels per run.
 # Usage (repo root): bash scripts/gpu_tp_next.sh OUTDIR
@@ -16,6 +16,9 @@ run() {  # run NAME TIMEOUT GPUS ARGS...
   CUDA_VISIBLE_DEVICES=$gpus timeout "$t" $B "$@" --json "$out/$name.json" > "$out/$name.log" 2>&1
   grep -v "^E11\|^===\|^external\|^$\|Traceback" "$out/$name.log" | tail -4
 }
+# bf16 70B: XLA's GEMVs on a shard ran at half their whole-layer bandwidth (docs/PERFORMANCE.md);
+# pallas-fused runs each shard's q/k/v and gate/up as one launch of the kernel's bits=16 GEMV.
+run 70b_bf16_tp4 200 0,1,2,3 --config llama-2-70b --tp 4 --matmul-impl xla pallas-fused
 run 70b_int8_tp4 200 0,1,2,3 --config llama-2-70b --tp 4 --quantize int8 --matmul-impl pallas pallas-fused
 run 70b_int8_tp2 200 0,1 --config llama-2-70b --tp 2 --quantize int8 --matmul-impl pallas pallas-fused
 NSYS=$(command -v nsys || ls /opt/nvidia/nsight-systems/*/bin/nsys /usr/local/cuda/bin/nsys 2>/dev/null | head -1)

@@ -150,11 +150,15 @@ def case_pallas_matmul() -> dict:
     mesh = mesh_of(1, 4)
     cases = [(mode, gs, name, cfg, "pallas") for mode, gs in (("int8", None), ("int4", 32))
              for name, cfg in (("mha", MHA), ("gqa_kv2", GQA))]
-    cases += [("int8", None, "gqa_kv2", GQA, "pallas-fused"), ("int4", 32, "mha", MHA, "pallas-fused")]
+    cases += [("int8", None, "gqa_kv2", GQA, "pallas-fused"), ("int4", 32, "mha", MHA, "pallas-fused"),
+              ("bf16", None, "gqa_kv2", GQA, "pallas-fused")]
     for mode, group_size, name, cfg, impl in cases:
         bf16 = {n: jnp.asarray(w, jnp.bfloat16) for n, w in random_flat(cfg, 3).items()}
-        params = from_flat(quant.quantize_flat(dict(bf16), mode, group_size)[0], cfg)
-        models = {"ref": Model(params=params, cfg=cfg, attn_impl="xla", matmul_impl="pallas"),
+        if mode == "bf16":  # plain weights: the kernel's bits=16 GEMV, against one device's
+            params, ref_impl = from_flat(bf16, cfg), "pallas-fused"
+        else:
+            params, ref_impl = from_flat(quant.quantize_flat(dict(bf16), mode, group_size)[0], cfg), "pallas"
+        models = {"ref": Model(params=params, cfg=cfg, attn_impl="xla", matmul_impl=ref_impl),
                   "sharded": Model(params=parallel.shard_params(params, cfg, mesh), cfg=cfg,
                                    attn_impl="xla", matmul_impl=impl, mesh=mesh)}
         r = {k: [t.tokens for t in jllm.generate(m, PROMPTS[:1], max_new_tokens=MAX_NEW,
@@ -168,7 +172,8 @@ def case_pallas_matmul() -> dict:
                                attn_impl="xla", matmul_impl=impl).compile().as_text()
         r["collectives"] = _collectives(hlo)
         r["kernel_in_hlo"] = "quant_matmul" in hlo
-        r["fused_kernels_in_hlo"] = sorted({f"x{w}" for w in (2, 3) if f"quant_matmul_int{mode[3:]}_x{w}" in hlo})
+        bits = {"int8": 8, "int4": 4, "bf16": 16}[mode]
+        r["fused_kernels_in_hlo"] = sorted({f"x{w}" for w in (2, 3) if f"quant_matmul_int{bits}_x{w}" in hlo})
         r["weight_elements"] = min(int(np.prod(w.shape)) for w in bf16.values() if w.ndim == 2)
         out[f"{mode}_{name}" + ("_fused" if impl == "pallas-fused" else "")] = r
     return out
