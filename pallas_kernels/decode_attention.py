@@ -504,7 +504,7 @@ def _inputs(key, batch, seq_len, heads, kv_heads, head_dim, dtype):
 def _int8_inputs(key, batch, seq_len, heads, kv_heads, head_dim):
     """bf16 q with an int8 cache quantized from normal keys and values: (q, k, v, lengths, k_scale, v_scale)."""
     q, k, v, lengths = _inputs(key, batch, seq_len, heads, kv_heads, head_dim, jnp.bfloat16)
-    (k, k_scale), (v, v_scale) = quantize_kv(k), quantize_kv(v)
+    (k, k_scale), (v, v_scale) = jax.jit(quantize_kv)(k), jax.jit(quantize_kv)(v)
     return q, k, v, lengths, k_scale, v_scale
 
 
@@ -532,7 +532,7 @@ def _ragged_check() -> list[str]:
     ]):
         q, k, v, _ = _inputs(jax.random.key(100 + i), len(lengths), 4096, heads, kv_heads, head_dim, jnp.bfloat16)
         lengths = jnp.array(lengths, jnp.int32)
-        (k8, k_scale), (v8, v_scale) = quantize_kv(k), quantize_kv(v)
+        (k8, k_scale), (v8, v_scale) = jax.jit(quantize_kv)(k), jax.jit(quantize_kv)(v)
         with jax.default_matmul_precision("highest"):
             ref = decode_attention_ref(q, k, v, lengths)
             ref8 = decode_attention_ref(q, k8, v8, lengths, k_scale=k_scale, v_scale=v_scale)

@@ -282,17 +282,17 @@ def init_pages(
     if jnp.issubdtype(dtype, jnp.integer) and jnp.dtype(dtype) != jnp.int8:
         raise TypeError(f"a pool holds floats or int8 (with scales); got dtype={jnp.dtype(dtype)}")
     shape = (num_pages, page_size, num_kv_heads, head_dim)
-    scales = None
-    if jnp.dtype(dtype) == jnp.int8:
-        scales = jnp.zeros((num_pages, num_kv_heads, page_size), jnp.float32)
+    int8 = jnp.dtype(dtype) == jnp.int8
+    scales = [jnp.zeros((num_pages, num_kv_heads, page_size), jnp.float32) if int8 else None
+              for _ in range(2)]  # two buffers: a donated pool must not hold one array twice
     return PagePool(
         k_pages=jnp.zeros(shape, dtype),
         v_pages=jnp.zeros(shape, dtype),
         free=jnp.ones((num_pages,), bool),
         block_tables=jnp.full((batch, max_pages_per_row), -1, jnp.int32),
         lengths=jnp.zeros((batch,), jnp.int32),
-        k_scale_pages=scales,
-        v_scale_pages=scales,
+        k_scale_pages=scales[0],
+        v_scale_pages=scales[1],
     )
 
 

@@ -2,7 +2,8 @@
 
 Small random Llama shapes in float32 and bf16: logits of a full forward (the prefill kernel), and
 logits of 64 teacher-forced decode steps (the decode kernel, also over an int8 KV cache; int8/int4
-weights through the Pallas matmul, one launch per weight and fused) against the XLA path. Prints one line per check and exits non-zero on a failure.
+weights through the Pallas matmul, one launch per weight and fused; float weights fused) against the
+XLA path. Prints one line per check and exits non-zero on a failure.
 
     python scripts/gpu_check.py
 """
@@ -74,7 +75,8 @@ def main() -> int:
                err < (1e-4 if dtype == jnp.float32 else 3e-2), f"rel err {err:.2e} (int8 vs {jnp.dtype(dtype).name} cache: {drift:.2e})")
         quantized = {mode: from_flat(quant.quantize_flat(dict(to_flat(params)), mode)[0], cfg)
                      for mode in ("int8", "int4")}
-        for attn, mm, p, what in [("pallas", "xla", params, "decode attention")] + [
+        for attn, mm, p, what in [("pallas", "xla", params, "decode attention"),
+                                  ("xla", "pallas-fused", params, "float weights fused GEMV (batch 1)")] + [
                 ("xla", impl, quantized[mode], f"{mode} Pallas matmul{' fused' * (impl != 'pallas')} (batch 1)")
                 for mode in ("int8", "int4") for impl in ("pallas", "pallas-fused")]:
             toks = tokens if mm == "xla" else tokens[:1]  # batch 1: the GEMV path of the kernel

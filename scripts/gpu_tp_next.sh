@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# On a machine with 4 GPUs (nvidia-h200-x4): what the tensor-parallel issue still lacks.
-#   1. Llama-2-70B bf16 at TP4 with XLA's GEMVs vs pallas-fused; int8 at TP2 and TP4: the
-#      quantized Pallas matmul per shard, one launch per weight (pallas) and fused (pallas-fused).
-#   2. Why Llama-2-7B TP2 decodes slower than TP1 and TP4: a kernel-time summary of the TP1, TP2
-#      and TP4 decode steps under Nsight Systems (if the machine has nsys), top kernels per run.
-# Usage (repo root): bash scripts/gpu_tp_next.sh OUTDIR
+# On a machine with 4 GPUs (nvidia-h200-x4): what the tensor-parallel issue still lacks. Three
+# parts, each inside one 10-minute device call:
+#   bf16: Llama-2-70B TP4 with XLA's GEMVs vs pallas-fused (each shard's q/k/v and gate/up as one
+#         launch of the kernel's bits=16 GEMV: XLA's GEMVs ran at half their whole-layer bandwidth
+#         on TP4 shards, docs/PERFORMANCE.md), and TP2;
+#   int8: Llama-2-70B int8 at TP4 and TP2: the quantized Pallas matmul per shard, one launch per
+#         weight (pallas) and fused (pallas-fused);
+#   nsys: why Llama-2-7B TP2 decodes slower than TP1 and TP4: a kernel-time summary of each under
+#         Nsight Systems (if the machine has nsys).
+# Usage (repo root): bash scripts/gpu_tp_next.sh OUTDIR bf16|int8|nsys
 set -u
-out=${1:-/tmp/out}; mkdir -p "$out"
+out=${1:-/tmp/out}; part=${2:-bf16}; mkdir -p "$out"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 B="python3 -m scripts.cli bench --random-weights --prompt-len 128 --new-tokens 64 --no-warm-compile"
@@ -16,24 +20,24 @@ run() {  # run NAME TIMEOUT GPUS ARGS...
   CUDA_VISIBLE_DEVICES=$gpus timeout "$t" $B "$@" --json "$out/$name.json" > "$out/$name.log" 2>&1
   grep -v "^E11\|^===\|^external\|^$\|Traceback" "$out/$name.log" | tail -4
 }
-# bf16 70B: XLA's GEMVs on a shard ran at half their whole-layer bandwidth (docs/PERFORMANCE.md);
-# pallas-fused runs each shard's q/k/v and gate/up as one launch of the kernel's bits=16 GEMV.
-run 70b_bf16_tp4 200 0,1,2,3 --config llama-2-70b --tp 4 --matmul-impl xla pallas-fused
-run 70b_int8_tp4 200 0,1,2,3 --config llama-2-70b --tp 4 --quantize int8 --matmul-impl pallas pallas-fused
-run 70b_int8_tp2 200 0,1 --config llama-2-70b --tp 2 --quantize int8 --matmul-impl pallas pallas-fused
-NSYS=$(command -v nsys || ls /opt/nvidia/nsight-systems/*/bin/nsys /usr/local/cuda/bin/nsys 2>/dev/null | head -1)
-if [ -n "$NSYS" ]; then
+if [ "$part" = bf16 ]; then
+  run 70b_bf16_tp4 250 0,1,2,3 --config llama-2-70b --tp 4 --matmul-impl xla pallas-fused
+  run 70b_bf16_tp2 250 0,1 --config llama-2-70b --tp 2 --matmul-impl xla pallas-fused
+elif [ "$part" = int8 ]; then
+  run 70b_int8_tp4 250 0,1,2,3 --config llama-2-70b --tp 4 --quantize int8 --matmul-impl pallas pallas-fused
+  run 70b_int8_tp2 250 0,1 --config llama-2-70b --tp 2 --quantize int8 --matmul-impl pallas pallas-fused
+else
+  NSYS=$(command -v nsys || ls /opt/nvidia/nsight-systems/*/bin/nsys /usr/local/cuda/bin/nsys 2>/dev/null | head -1)
+  if [ -z "$NSYS" ]; then echo "no nsys on this machine: profile 7B TP2 with jax.profiler instead"; exit 1; fi
   for tp in 1 2 4; do
     gpus=$(seq -s, 0 $((tp - 1)))
     echo "== nsys 7b tp$tp"
-    CUDA_VISIBLE_DEVICES=$gpus timeout 90 "$NSYS" profile -t cuda --stats=false -o "$out/tp$tp" -f true \
+    CUDA_VISIBLE_DEVICES=$gpus timeout 120 "$NSYS" profile -t cuda --stats=false -o "$out/tp$tp" -f true \
       $B --config llama-2-7b --tp $tp --new-tokens 32 > "$out/nsys_tp$tp.log" 2>&1
     timeout 60 "$NSYS" stats -r cuda_gpu_kern_sum -f csv -o "$out/tp${tp}" "$out/tp$tp.nsys-rep" > /dev/null 2>&1
     head -16 "$out/tp${tp}_cuda_gpu_kern_sum.csv" 2>/dev/null | cut -c1-200
     rm -f "$out/tp$tp.nsys-rep" "$out/tp$tp.sqlite"
   done
-else
-  echo "no nsys on this machine: profile 7B TP2 with jax.profiler instead"
 fi
 echo "== summary"
 for f in "$out"/*.log; do grep -A2 "^config" "$f" | tail -2; done

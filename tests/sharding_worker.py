@@ -151,7 +151,7 @@ def case_pallas_matmul() -> dict:
     cases = [(mode, gs, name, cfg, "pallas") for mode, gs in (("int8", None), ("int4", 32))
              for name, cfg in (("mha", MHA), ("gqa_kv2", GQA))]
     cases += [("int8", None, "gqa_kv2", GQA, "pallas-fused"), ("int4", 32, "mha", MHA, "pallas-fused"),
-              ("bf16", None, "gqa_kv2", GQA, "pallas-fused")]
+              ("bf16", None, "gqa_kv2", GQA, "pallas-fused"), ("bf16", None, "mha", MHA, "pallas-fused")]
     for mode, group_size, name, cfg, impl in cases:
         bf16 = {n: jnp.asarray(w, jnp.bfloat16) for n, w in random_flat(cfg, 3).items()}
         if mode == "bf16":  # plain weights: the kernel's bits=16 GEMV, against one device's

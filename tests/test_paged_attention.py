@@ -238,12 +238,14 @@ def test_int8_pool_round_trip_matches_decode_on_quantized_keys():
     k, v = np.where(keep, k, 0), np.where(keep, v, 0)
     pool = pa.init_pages(12, page_size, batch, 4, kv_heads, head_dim, jnp.int8)
     assert pool.k_scale_pages.shape == (12, kv_heads, page_size) and pool.k_scale_pages.dtype == jnp.float32
+    pool = jax.jit(extend, donate_argnums=0, static_argnums=1)(pool, 0, k[0, :0], v[0, :0])  # donatable
     for b, n in enumerate(chunks):
         for c in range(n):  # the second chunk of row 0 starts mid-page
             pool = extend(pool, b, k[b, c * chunk:(c + 1) * chunk], v[b, c * chunk:(c + 1) * chunk])
+    donated_append = jax.jit(append, donate_argnums=0)  # as a serving loop runs it: in place
     for t in range(steps):  # row b's token at its own length
         pos = np.array(chunks) * chunk + t
-        pool = append(pool, k[np.arange(batch), pos], v[np.arange(batch), pos])
+        pool = donated_append(pool, k[np.arange(batch), pos], v[np.arange(batch), pos])
     np.testing.assert_array_equal(np.asarray(pool.lengths), lengths)
     lengths = jnp.asarray(lengths, jnp.int32)
     (k8, k_scale), (v8, v_scale) = quantize_kv(jnp.asarray(k)), quantize_kv(jnp.asarray(v))  # the static cache

@@ -146,7 +146,8 @@ def test_pallas_attention_per_shard_matches_xla(sharded, case):
 
 
 @pytest.mark.parametrize("case", ["int8_mha", "int8_gqa_kv2", "int4_mha", "int4_gqa_kv2",
-                                  "int8_gqa_kv2_fused", "int4_mha_fused", "bf16_gqa_kv2_fused"])
+                                  "int8_gqa_kv2_fused", "int4_mha_fused", "bf16_gqa_kv2_fused",
+                                  "bf16_mha_fused"])
 def test_quantized_pallas_matmul_per_shard_matches_one_device(sharded, case):
     r = sharded["pallas_matmul"][case]
     assert r["kernel_in_hlo"]  # the sharded decode step runs the kernel, not XLA's matmul
