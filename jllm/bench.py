@@ -244,11 +244,11 @@ def _quant_mode(params) -> str | None:
 
 
 def format_table(results: list[BenchResult]) -> str:
-    head = (f"{'config':<12} {'weights':<8} {'kv':<5} {'attn':<6} {'matmul':<6} {'B':>3} {'P':>5} {'N':>4} {'TTFT ms':>8} "
+    head = (f"{'config':<12} {'weights':<8} {'kv':<5} {'attn':<6} {'matmul':<12} {'B':>3} {'P':>5} {'N':>4} {'TTFT ms':>8} "
             f"{'TPOT ms':>8} {'tok/s/seq':>9} {'tok/s':>8} {'MBU':>5} {'MFU':>5} {'compile s':>11}")
     lines = [head]
     for r in results:
-        lines.append(f"{r.config:<12} {r.quant or r.dtype:<8} {_short(r.kv_cache_dtype):<5} {r.attn_impl:<6} {r.matmul_impl:<6} {r.batch:>3} {r.prompt_len:>5} "
+        lines.append(f"{r.config:<12} {r.quant or r.dtype:<8} {_short(r.kv_cache_dtype):<5} {r.attn_impl:<6} {r.matmul_impl:<12} {r.batch:>3} {r.prompt_len:>5} "
                      f"{r.new_tokens:>4} {r.ttft_ms:>8.2f} {r.tpot_ms:>8.3f} {r.decode_tok_s_per_seq:>9.1f} "
                      f"{r.decode_tok_s_total:>8.1f} {r.mbu:>5.0%} {r.mfu_prefill:>5.0%} "
                      f"{r.compile_cold_s:>5.1f}/{r.compile_warm_s:<5.1f}")
