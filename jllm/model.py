@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from jllm import quant
 from jllm.config import LlamaConfig
-from pallas_kernels.decode_attention import dequantize_kv, quantize_kv  # the int8 cache's rounding
+from pallas_kernels.kv_quant import dequantize_kv, quantize_kv  # the int8 cache's rounding
 
 AttnImpl = Literal["xla", "pallas"]
 

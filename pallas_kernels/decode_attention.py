@@ -26,6 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _triton
+from pallas_kernels.kv_quant import dequantize_kv, quantize_kv  # noqa: F401 (re-exported)
 
 _MASK_VALUE = -1e30  # finite: an empty split never computes inf - inf
 _LOG2_E = math.log2(math.e)
@@ -332,21 +333,6 @@ def check_shapes(q: jax.Array, num_kv_heads: int, head_dim: int) -> None:
         raise ValueError(f"num_heads={q.shape[1]} not divisible by {num_kv_heads=}")
     if not _is_pow2(head_dim) or head_dim < 16:
         raise ValueError(f"{head_dim=} must be a power of 2 >= 16 (Triton tiles); use the _ref")
-
-
-def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The int8 cache's rounding: x [B, T, G, K] -> int8 codes [B, T, G, K] and float32 scales
-    [B, G, T], symmetric absmax per token and head, so |dequantized - x| <= scale / 2 =
-    max|x| / 254 elementwise (an all-zero row gets scale 0 and codes 0)."""
-    x32 = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(x32), axis=-1) / 127.0  # [B, T, G]
-    codes = jnp.round(x32 / jnp.where(scale == 0, 1.0, scale)[..., None])
-    return jnp.clip(codes, -127, 127).astype(jnp.int8), scale.transpose(0, 2, 1)
-
-
-def dequantize_kv(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
-    """int8 q [B, S, G, K] and scale [B, G, S] -> [B, S, G, K] in dtype."""
-    return (q.astype(jnp.float32) * scale.transpose(0, 2, 1)[..., None]).astype(dtype)
 
 
 def check_kv_dtypes(
