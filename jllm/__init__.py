@@ -9,13 +9,15 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from jllm import checkpoint, quant, runtime
+from jllm import checkpoint, plan, quant, runtime
 from jllm.config import CONFIGS, LlamaConfig
 from jllm.generate import Completion, Model, check_impls, check_kv_cache_dtype, generate
 from jllm.model import from_flat, param_infos
 from jllm.tokenizer import Tokenizer
 
 __all__ = ["CONFIGS", "Completion", "LlamaConfig", "Model", "generate", "load"]
+
+runtime.quiet_triton_deprecation()
 
 
 def _say(msg: str) -> None:
@@ -87,14 +89,14 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
         stored = {"mode": quantize, "group_size": group_size}
         if mesh is not None:
             from jllm import parallel
-            flat = parallel.shard_flat(flat, cfg, mesh, quant=quantize)
+            flat = parallel.shard_flat(flat, cfg, mesh)
     params = from_flat(flat, cfg)
     tokenizer = Tokenizer(tok_path) if tok_path and os.path.isfile(tok_path) else None
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer.model has {tokenizer.vocab_size} pieces but the model's "
                          f"vocab_size is {cfg.vocab_size}")
     return Model(params=params, cfg=cfg, tokenizer=tokenizer, quant=stored and stored["mode"],
-                 attn_impl=attn_impl or runtime.default_attn_impl(),
-                 matmul_impl=matmul_impl or runtime.default_matmul_impl(), mesh=mesh,
+                 attn_impl=attn_impl or plan.default_attn_impl(),
+                 matmul_impl=matmul_impl or plan.default_matmul_impl(), mesh=mesh,
                  prompt_buckets=None if prompt_buckets is None else tuple(prompt_buckets),
                  kv_cache_dtype=kv_cache_dtype)

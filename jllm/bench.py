@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jllm import quant, runtime
+from jllm import plan as _plan
+from jllm import quant
 from jllm.config import LlamaConfig
-from jllm.generate import bucket, check_impls, check_kv_cache_dtype, decode, prefill
-from jllm.model import from_flat, init_cache, init_params, param_infos, to_flat
+from jllm.generate import bucket, check_kv_cache_dtype, decode, prefill
+from jllm.kvcache import init_cache
+from jllm.model import from_flat, init_params, param_infos, to_flat
 from jllm.sampling import Sampling
-from pallas_kernels._triton import quiet
 
 
 @dataclasses.dataclass
@@ -153,9 +154,9 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
     prefill program only (e.g. {"xla_gpu_enable_triton_gemm": False}), to compare GEMM back ends.
     """
     check_kv_cache_dtype(kv_cache_dtype)
-    check_impls(attn_impl, matmul_impl)
-    attn_impl = attn_impl or runtime.default_attn_impl()
-    matmul_impl = matmul_impl or runtime.default_matmul_impl()  # per shard on a mesh
+    _plan.check_impls(attn_impl, matmul_impl)
+    attn_impl = attn_impl or _plan.default_attn_impl()
+    matmul_impl = matmul_impl or _plan.default_matmul_impl()  # per shard on a mesh
     dt = jnp.dtype(dtype)
     if params is None:
         params = random_params(cfg, name, dtype, seed)
@@ -171,7 +172,7 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
         from jllm import parallel
         tokens, n_tokens, sampling, key, token0 = parallel.put_batch(
             (tokens, n_tokens, sampling, key, token0), mesh)
-    kw = dict(cfg=cfg, attn_impl=attn_impl, matmul_impl=matmul_impl)
+    kw = dict(cfg=cfg, plan=_plan.make_plan(cfg, mesh, attn_impl, matmul_impl))
     kv_dt = jnp.dtype(kv_cache_dtype or dt)
     new_cache = functools.partial(init_cache, cfg, batch, S, kv_dt)
     if mesh is not None:
@@ -184,11 +185,9 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
 
     def compile_all():
         t = time.perf_counter()
-        with quiet():  # jax 0.11 warns at every Pallas-Triton lowering
-            p = prefill.lower(params, tokens, n_tokens, abstract_cache, sampling, key, **kw).compile(
-                prefill_compiler_options)
-            d = decode.lower(params, token0, abstract_cache, sampling, key, n_steps=new_tokens,
-                             **kw).compile()
+        p = prefill.lower(params, tokens, n_tokens, abstract_cache, sampling, key, **kw).compile(
+            prefill_compiler_options)
+        d = decode.lower(params, token0, abstract_cache, sampling, key, n_steps=new_tokens, **kw).compile()
         return p, d, time.perf_counter() - t
 
     _say(f"compiling prefill [{batch}, {T}] and decode ({new_tokens} steps, cache {S})")

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jllm.config import LlamaConfig
-from pallas_kernels._triton import quiet
-from jllm import quant
-from jllm.model import KVCache, Params, init_cache, logits, transformer
+from jllm.kvcache import KVCache, init_cache
+from jllm.model import Params, logits, transformer
+from jllm.plan import Plan, check_impls, make_plan
 from jllm.sampling import Sampling, sample
 from jllm.tokenizer import Tokenizer
 
@@ -21,21 +21,12 @@ DECODE_CHUNK = 8       # decode steps fused into one on-device loop per host cal
 MIN_BUCKET = 16        # shortest padded prompt length
 
 
-ATTN_IMPLS = ("xla", "pallas")
-
 
 def check_kv_cache_dtype(kv_cache_dtype) -> None:
     """None (the weights' dtype) or "int8". A float cache of another dtype than the weights would
     meet the bf16 queries in mixed-dtype dots, which the Triton kernels do not take."""
     if kv_cache_dtype is not None and kv_cache_dtype != "int8":
         raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}; expected None (the weights' dtype) or 'int8'")
-
-
-def check_impls(attn_impl: str | None, matmul_impl: str | None) -> None:
-    if attn_impl is not None and attn_impl not in ATTN_IMPLS:
-        raise ValueError(f"attn_impl={attn_impl!r}; expected one of {ATTN_IMPLS}")
-    if matmul_impl is not None and matmul_impl not in quant.IMPLS:
-        raise ValueError(f"matmul_impl={matmul_impl!r}; expected one of {quant.IMPLS}")
 
 
 @dataclasses.dataclass
@@ -60,6 +51,11 @@ class Model:
             b = self.prompt_buckets
             if not b or any(not isinstance(x, int) or x < 1 for x in b) or list(b) != sorted(set(b)):
                 raise ValueError(f"prompt_buckets={b!r} must be increasing positive ints")
+
+    @property
+    def plan(self) -> Plan:
+        """The static plan the jitted steps run with: kernels, mesh and KV-head rule."""
+        return make_plan(self.cfg, self.mesh, self.attn_impl, self.matmul_impl)
 
     @property
     def dtype(self):
@@ -103,31 +99,27 @@ def bucket(n: int, minimum: int = MIN_BUCKET, buckets: Sequence[int] | None = No
     return max(minimum, 1 << math.ceil(math.log2(max(n, 1))))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attn_impl", "matmul_impl"),
-                   donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("cache",))
 def prefill(params: Params, tokens: jax.Array, n_tokens: jax.Array, cache: KVCache,
-            sampling: Sampling, key: jax.Array, cfg: LlamaConfig, attn_impl: str = "xla",
-            matmul_impl: str = "xla") -> tuple[jax.Array, KVCache, jax.Array]:
+            sampling: Sampling, key: jax.Array, cfg: LlamaConfig, plan: Plan = Plan(),
+            ) -> tuple[jax.Array, KVCache, jax.Array]:
     """Run padded prompts tokens [B, T] (n_tokens [B] real) into an empty cache -> first tokens [B]."""
-    h, cache = transformer(params, tokens, cache, cfg, n_tokens=n_tokens, fresh=True,
-                           attn_impl=attn_impl, matmul_impl=matmul_impl)     # [B, T, D]
+    h, cache = transformer(params, tokens, cache, cfg, plan, n_tokens=n_tokens, fresh=True)  # [B, T, D]
     last = h[jnp.arange(tokens.shape[0]), n_tokens - 1]                       # [B, D]
     key, sub = jax.random.split(key)
-    return sample(logits(params, last, matmul_impl), sub, sampling), cache, key
+    return sample(logits(params, last, plan), sub, sampling), cache, key
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "n_steps", "attn_impl", "matmul_impl"),
-                   donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "n_steps", "plan"), donate_argnames=("cache",))
 def decode(params: Params, token: jax.Array, cache: KVCache, sampling: Sampling, key: jax.Array,
-           cfg: LlamaConfig, n_steps: int = 1, attn_impl: str = "xla", matmul_impl: str = "xla",
+           cfg: LlamaConfig, n_steps: int = 1, plan: Plan = Plan(),
            ) -> tuple[jax.Array, KVCache, jax.Array]:
     """n_steps decode steps in one on-device loop: token [B] -> tokens [B, n_steps]."""
     def step(i, carry):
         token, cache, key, out = carry
-        h, cache = transformer(params, token[:, None], cache, cfg, attn_impl=attn_impl,
-                               matmul_impl=matmul_impl)                       # [B, 1, D]
+        h, cache = transformer(params, token[:, None], cache, cfg, plan)      # [B, 1, D]
         key, sub = jax.random.split(key)
-        token = sample(logits(params, h[:, 0], matmul_impl), sub, sampling)  # [B]
+        token = sample(logits(params, h[:, 0], plan), sub, sampling)         # [B]
         return token, cache, key, out.at[:, i].set(token)
 
     out = jnp.zeros((token.shape[0], n_steps), jnp.int32)
@@ -287,7 +279,7 @@ def _run(model: Model, rows: list[_Row], tokens: np.ndarray, n_tokens: np.ndarra
          sampling: Sampling, seed: int, max_new_tokens: int, stream, t_call: float) -> list[Completion]:
     """The device part of `generate`: prefill, then decode chunks until every row is finished."""
     cfg, B = model.cfg, tokens.shape[0]
-    kw = dict(cfg=cfg, attn_impl=model.attn_impl, matmul_impl=model.matmul_impl)
+    kw = dict(cfg=cfg, plan=model.plan)
 
     def take(new_tokens: np.ndarray) -> None:
         now = time.perf_counter()
@@ -309,15 +301,13 @@ def _run(model: Model, rows: list[_Row], tokens: np.ndarray, n_tokens: np.ndarra
         tokens_d, n_tokens_d, sampling, key = parallel.put_batch(
             (tokens, n_tokens, sampling, key), model.mesh)
         host = parallel.to_host
-    with quiet():  # the first call lowers the Pallas-Triton kernels, which jax 0.11 warns about
-        token, cache, key = prefill(model.params, tokens_d, n_tokens_d, cache, sampling, key, **kw)
+    token, cache, key = prefill(model.params, tokens_d, n_tokens_d, cache, sampling, key, **kw)
     take(host(token)[:, None])
     t_first = time.perf_counter()
     # Keep one decode chunk in flight: the next is dispatched before the last one is read back.
     pending, steps = None, 1
     while steps < max_new_tokens and any(r.finish is None for r in rows):
-        with quiet():
-            out, cache, key = decode(model.params, token, cache, sampling, key, n_steps=DECODE_CHUNK, **kw)
+        out, cache, key = decode(model.params, token, cache, sampling, key, n_steps=DECODE_CHUNK, **kw)
         token, steps = out[:, -1], steps + DECODE_CHUNK
         if pending is not None:
             take(host(pending))

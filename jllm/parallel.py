@@ -19,45 +19,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jllm import model
+from jllm import kvcache, model
 from jllm import quant as _quant  # `quant` is param_shardings' argument, the mode
 from jllm.config import LlamaConfig
-from jllm.model import KVCache, Params
-from jllm.quant import QArray
+from jllm.kvcache import KVCache, PagedKVCache, PageTable
+from jllm.model import Params
+from jllm.plan import make_plan
+from jllm.quant import QArray, qarray_sharding
 from sharding import rules
-
-
-def named(mesh: Mesh, spec: PartitionSpec) -> NamedSharding:
-    """NamedSharding in the canonical form jit gives its outputs (mesh axes of size 1 and trailing
-    Nones dropped), so a donated cache comes back with an equal sharding and decode compiles once."""
-    axes = [a if a is not None and mesh.shape[a] > 1 else None for a in spec]
-    while axes and axes[-1] is None:
-        axes.pop()
-    return NamedSharding(mesh, PartitionSpec(*axes))
+from sharding.rules import named
 
 
 def model_rules(cfg: LlamaConfig, mesh: Mesh) -> dict[str, str | None]:
-    """RULES for this config on this mesh (KV heads split or replicated: rules.kv_heads_rule)."""
-    return rules.kv_heads_rule(cfg.n_heads, cfg.n_kv_heads, rules.axis_size(mesh, "heads"))
-
-
-def qarray_sharding(qa: QArray, spec: PartitionSpec, mesh: Mesh) -> QArray:
-    """Shardings for a quantized [in, out] weight whose float version has `spec`.
-
-    q follows the weight. Scales [in // group_size, out] follow the output axis, and the input
-    axis only where every shard holds whole groups; per-output-channel scales [1, out] apply to
-    every input row, so a row-parallel q is split while its scale row is replicated.
-    """
-    in_axis, out_axis = spec
-    n_groups = qa.scale.shape[0]
-    ways = 1 if in_axis is None else mesh.shape[in_axis]
-    groups_axis = in_axis if n_groups % ways == 0 else None
-    per_channel = qa.bits == 8 and n_groups == 1
-    # int4 packs two rows of one group into a byte, so its packed rows split only with the groups.
-    q_axis = in_axis if per_channel else groups_axis
-    return QArray(q=named(mesh, PartitionSpec(q_axis, out_axis)),
-                  scale=named(mesh, PartitionSpec(None if per_channel else groups_axis, out_axis)),
-                  bits=qa.bits, group_size=qa.group_size)
+    """RULES for this config on this mesh (KV heads split or replicated: the plan decides)."""
+    return make_plan(cfg, mesh).rules
 
 
 def _abstract_qarray(shape: tuple[int, int], mode: str, group_size: int | None) -> QArray:
@@ -103,9 +78,9 @@ def flat_shardings(flat: dict, cfg: LlamaConfig, mesh: Mesh) -> dict[str, NamedS
     return out
 
 
-def shard_flat(flat: dict, cfg: LlamaConfig, mesh: Mesh, quant: str | None = None) -> dict:
-    """Place flat params (arrays or QArrays, anywhere) onto the mesh, one array at a time."""
-    del quant  # each QArray carries its own layout (bits, group_size)
+def shard_flat(flat: dict, cfg: LlamaConfig, mesh: Mesh) -> dict:
+    """Place flat params (arrays or QArrays, anywhere) onto the mesh, one array at a time
+    (each QArray carries its own layout)."""
     shardings = flat_shardings(flat, cfg, mesh)
     return {name: jax.device_put(value, shardings[name]) for name, value in flat.items()}
 
@@ -139,8 +114,34 @@ def cache_shardings(cfg: LlamaConfig, mesh: Mesh, quantized: bool = False) -> KV
 
 @functools.cache
 def _cache_initializer(cfg: LlamaConfig, mesh: Mesh, quantized: bool):
-    return jax.jit(model.init_cache, static_argnums=(0, 1, 2, 3),
+    return jax.jit(kvcache.init_cache, static_argnums=(0, 1, 2, 3),
                    out_shardings=cache_shardings(cfg, mesh, quantized))
+
+
+def paged_cache_shardings(cfg: LlamaConfig, mesh: Mesh, quantized: bool = False) -> PagedKVCache:
+    """PagedKVCache of shardings: pages [P, page_size, G, K] with G per kv_heads_rule (the pool
+    and the page table are shared by all rows, so nothing splits over data)."""
+    if data_size(mesh) > 1:
+        raise ValueError(f"a paged cache runs on a model-parallel mesh; got data={data_size(mesh)}")
+    rl = model_rules(cfg, mesh)
+    pages = [named(mesh, rules.logical_to_spec((None, None, "kv_heads", "head_dim"), rl))] * cfg.n_layers
+    scales = [named(mesh, rules.logical_to_spec((None, "kv_heads", None), rl))] * cfg.n_layers
+    rep = named(mesh, PartitionSpec())
+    return PagedKVCache(k_pages=pages, v_pages=pages, table=PageTable(free=rep, block_tables=rep, lengths=rep),
+                        k_scale_pages=scales if quantized else None, v_scale_pages=scales if quantized else None)
+
+
+@functools.cache
+def _paged_initializer(cfg: LlamaConfig, mesh: Mesh, quantized: bool):
+    return jax.jit(kvcache.init_paged_cache, static_argnums=(0, 1, 2, 3, 4, 5),
+                   out_shardings=paged_cache_shardings(cfg, mesh, quantized))
+
+
+def init_paged_cache(cfg: LlamaConfig, num_pages: int, page_size: int, batch: int, max_pages: int,
+                     dtype, mesh: Mesh) -> PagedKVCache:
+    """An empty paged cache created in its shards."""
+    dtype = jnp.dtype(dtype)
+    return _paged_initializer(cfg, mesh, dtype == jnp.int8)(cfg, num_pages, page_size, batch, max_pages, dtype)
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype, mesh: Mesh) -> KVCache:

@@ -13,10 +13,15 @@ scale / 2 of the original weight.
 import dataclasses
 import functools
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
+from jllm.plan import Plan
 from pallas_kernels import quant_matmul as qmm
+from sharding import rules
 
 # impl="pallas" runs a QArray through the Pallas kernel up to this many rows of x (batch x new
 # tokens), per scale layout; above it, XLA. For int4 and grouped int8 the kernel reads the packed
@@ -26,9 +31,6 @@ from pallas_kernels import quant_matmul as qmm
 MAX_PALLAS_M_GROUPED = 64
 MAX_PALLAS_M_PER_CHANNEL = 1
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-# Plain (unquantized) weights use XLA's GEMV: our bf16 Pallas GEMV measured 173.5 us per layer at
-# M = 1 against XLA's 165.0, and 164.0 vs 177.6 tokens/s end to end (docs/perf_quant.md).
-PALLAS_BF16_GEMV = False
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["q", "scale"],
@@ -118,33 +120,28 @@ def _xla_qmatmul(x: jax.Array, w: QArray) -> jax.Array:
     return jnp.dot(x, dequantize(w, x.dtype), preferred_element_type=jnp.float32)
 
 
-IMPLS = ("xla", "pallas", "pallas-fused")
-
-
-def linear(x: jax.Array, w: jax.Array | QArray, *, impl: str = "xla", spec=None) -> jax.Array:
+def linear(x: jax.Array, w: jax.Array | QArray, plan: Plan = Plan(), *, spec=None) -> jax.Array:
     """x [..., in] @ w [in, out] -> [..., out] in x's dtype; w is an Array or a QArray.
 
-    impl="xla" is plain jnp. impl="pallas" runs QArrays through the Pallas kernel when the
-    flattened batch M is small (decode; see MAX_PALLAS_M_*) and through XLA above it (prefill). On
-    CPU the kernel runs in interpret mode, so impl="pallas" works everywhere. Under a mesh the
-    kernel runs per shard when `spec` (the float weight's PartitionSpec) is given; XLA otherwise,
-    since it cannot split a custom call and would gather the weight. "pallas-fused" is "pallas"
-    here; it differs in `linears`.
+    matmul_impl "xla" is plain jnp. "pallas" runs QArrays through the Pallas kernel when the
+    flattened batch M is small (decode; see MAX_PALLAS_M_*) and through XLA above it (prefill).
+    Under a mesh the kernel runs per shard when `spec` (the float weight's PartitionSpec) is given;
+    XLA otherwise, since it cannot split a custom call and would gather the weight. Plain float
+    weights use XLA's GEMV ("pallas-fused" differs in `linears`).
     """
-    return linears(x, (w,), impl=impl, specs=(spec,))[0]
+    return linears(x, (w,), plan, specs=(spec,))[0]
 
 
-def linears(x: jax.Array, ws, *, impl: str = "xla", specs=None) -> tuple[jax.Array, ...]:
+def linears(x: jax.Array, ws, plan: Plan = Plan(), *, specs=None) -> tuple[jax.Array, ...]:
     """x [..., in] @ each w of ws -> tuple of [..., out_i], as `linear` does one weight.
 
-    impl="pallas-fused" runs QArrays of one layout that share x (q, k, v; gate, up) through one
-    kernel launch (quant_matmul_multi): one grid over all their output blocks, where small
-    projections alone would leave the GPU part idle. Plain float weights take the same kernel's
-    bits=16 GEMV at M = 1 (XLA above M = 1). Under a mesh the launch runs per shard. Other impls
-    run one `linear` per weight.
+    matmul_impl "pallas-fused" runs QArrays of one layout that share x (q, k, v; gate, up)
+    through one kernel launch (quant_matmul_multi): one grid over all their output blocks, where
+    small projections alone would leave the GPU part idle. Plain float weights take the same
+    kernel's bits=16 GEMV at M = 1 (XLA above M = 1). Under a mesh the launch runs per shard.
+    Other impls run one `linear` per weight.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"{impl=} must be one of {IMPLS}")
+    impl = plan.matmul_impl
     specs = tuple(specs) if specs is not None else (None,) * len(ws)
     *lead, k = x.shape
     for w in ws:
@@ -152,7 +149,6 @@ def linears(x: jax.Array, ws, *, impl: str = "xla", specs=None) -> tuple[jax.Arr
             raise ValueError(f"linear: {x.shape=} does not match weight shape {w.shape}")
     x2 = x.reshape(-1, k)  # [M, in]
     m = x2.shape[0]
-    on_cpu = jax.default_backend() == "cpu"
     groups = [[i] for i in range(len(ws))]
     if impl == "pallas-fused" and _same_layout(ws):
         groups = [list(range(len(ws)))]
@@ -160,18 +156,17 @@ def linears(x: jax.Array, ws, *, impl: str = "xla", specs=None) -> tuple[jax.Arr
     for idx in groups:
         group, w = [ws[i] for i in idx], ws[idx[0]]
         group_specs = [specs[i] for i in idx]
+        out = None
         if not isinstance(w, QArray):
-            out = None
             if len(group) > 1 and m == 1:  # pallas-fused float weights: the kernel's bits=16 GEMV
-                out = _kernel(x2, group, group_specs, interpret=on_cpu)
-            elif impl != "xla" and PALLAS_BF16_GEMV and m == 1 and not on_cpu:
-                out = _kernel(x2, group, group_specs, interpret=on_cpu)
+                out = _kernel(x2, group, group_specs, plan)
             if out is None:
                 out = [jnp.matmul(x2, g).astype(x.dtype) for g in group]
         elif impl != "xla" and m <= _max_pallas_m(w):
-            out = _kernel(x2, group, group_specs, interpret=on_cpu)
+            out = _kernel(x2, group, group_specs, plan)
             if out is None and len(group) > 1:  # laid out differently: one call per weight
-                out = [linear(x2, g, impl="pallas", spec=s) for g, s in zip(group, group_specs)]
+                one = dataclasses.replace(plan, matmul_impl="pallas")
+                out = [linear(x2, g, one, spec=s) for g, s in zip(group, group_specs)]
             elif out is None:
                 out = [_xla_qmatmul(x2, w).astype(x.dtype)]
         else:
@@ -181,22 +176,85 @@ def linears(x: jax.Array, ws, *, impl: str = "xla", specs=None) -> tuple[jax.Arr
     return tuple(ys)
 
 
-def _kernel(x2: jax.Array, group: list, specs: list, *, interpret: bool) -> list | None:
+def _kernel(x2: jax.Array, group: list, specs: list, plan: Plan) -> list | None:
     """x2 [M, in] @ each weight of group through the Pallas kernel, one launch: QArrays of one
     layout or plain float weights (bits=16). Under a mesh it runs per shard when every weight's
     spec is known; None where it cannot (the caller falls back)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if not (mesh.empty or mesh.size == 1):
+    if plan.sharded:
         if None in specs:
             return None
-        from jllm import kernels  # kernels -> parallel -> model -> quant
-        return kernels.sharded_quant_matmul(x2, group, specs, mesh)
+        return sharded_matmul(x2, group, specs, plan)
     w = group[0]
     pairs = [(g.q, g.scale) for g in group] if isinstance(w, QArray) else [(g, None) for g in group]
     bits, group_size = (w.bits, w.group_size) if isinstance(w, QArray) else (16, 0)
     if len(group) == 1:
-        return [qmm.quant_matmul(x2, *pairs[0], bits=bits, group_size=group_size, interpret=interpret)]
-    return list(qmm.quant_matmul_multi(x2, pairs, bits=bits, group_size=group_size, interpret=interpret))
+        return [qmm.quant_matmul(x2, *pairs[0], bits=bits, group_size=group_size, interpret=plan.interpreted)]
+    return list(qmm.quant_matmul_multi(x2, pairs, bits=bits, group_size=group_size, interpret=plan.interpreted))
+
+
+def qarray_sharding(qa: QArray, spec: PartitionSpec, mesh) -> QArray:
+    """Shardings for a quantized [in, out] weight whose float version has `spec`.
+
+    q follows the weight. Scales [in // group_size, out] follow the output axis, and the input
+    axis only where every shard holds whole groups; per-output-channel scales [1, out] apply to
+    every input row, so a row-parallel q is split while its scale row is replicated.
+    """
+    in_axis, out_axis = spec
+    n_groups = qa.scale.shape[0]
+    ways = 1 if in_axis is None else mesh.shape[in_axis]
+    groups_axis = in_axis if n_groups % ways == 0 else None
+    per_channel = qa.bits == 8 and n_groups == 1
+    # int4 packs two rows of one group into a byte, so its packed rows split only with the groups.
+    q_axis = in_axis if per_channel else groups_axis
+    return QArray(q=rules.named(mesh, PartitionSpec(q_axis, out_axis)),
+                  scale=rules.named(mesh, PartitionSpec(None if per_channel else groups_axis, out_axis)),
+                  bits=qa.bits, group_size=qa.group_size)
+
+
+def sharded_matmul(x: jax.Array, ws: Sequence, specs: Sequence[PartitionSpec],
+                   plan: Plan) -> list | None:
+    """x [M, K] @ each weight of ws (QArrays of one layout, or plain float weights: the kernel's
+    bits=16 GEMV), whose float weights have `specs` (mesh axes of in, out), run per shard: one
+    kernel launch per device for all of them (quant_matmul_multi).
+
+    Column-parallel weights (out split) give each device its output columns; row-parallel ones
+    (in split, x split the same way) give partial sums, all-reduced here in float32. Rows of x
+    split over the data axis. Returns None where the quantized layout does not split like x
+    (int4 groups that do not divide over the input axis, or weights split differently along the
+    input): the caller then uses XLA or one call per weight.
+    """
+    mesh = plan.mesh
+    in_axis = specs[0][0]
+    split_in = in_axis if in_axis is not None and mesh.shape[in_axis] > 1 else None
+    w0 = ws[0]
+    quantized = isinstance(w0, QArray)
+    w_specs = []
+    for w, spec in zip(ws, specs):
+        if spec[0] != in_axis:
+            return None
+        if not quantized:  # a plain weight is split as its spec says
+            w_specs.append(spec)
+            continue
+        shardings = qarray_sharding(w, spec, mesh)
+        q_spec = shardings.q.spec
+        if (q_spec[0] if len(q_spec) else None) != split_in:
+            return None
+        w_specs += [q_spec, shardings.scale.spec]
+    row_axis = plan.spec(("batch",))[0]
+    per_channel = quantized and w0.bits == 8 and w0.scale.shape[0] == 1
+
+    def local(x, *parts):  # x [M/dp, K/tp or K]; parts: this device's part of each weight
+        pairs = list(zip(parts[::2], parts[1::2])) if quantized else [(w, None) for w in parts]
+        bits, group_size = (w0.bits, x.shape[1] if per_channel else w0.group_size) if quantized else (16, 0)
+        ys = qmm.quant_matmul_multi(x, pairs, bits=bits, group_size=group_size, interpret=plan.interpreted)
+        if in_axis is not None:
+            ys = tuple(jax.lax.psum(y.astype(jnp.float32), in_axis).astype(x.dtype) for y in ys)
+        return ys
+
+    arrays = [a for w in ws for a in ((w.q, w.scale) if quantized else (w,))]
+    return list(jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(row_axis, in_axis), *w_specs),
+                              out_specs=tuple(PartitionSpec(row_axis, spec[1]) for spec in specs),
+                              check_vma=False)(x, *arrays))
 
 
 def _same_layout(ws) -> bool:

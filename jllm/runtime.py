@@ -1,7 +1,15 @@
-"""Process-wide choices: the persistent compilation cache and which kernels to use by default."""
+"""Process-wide setup: the persistent compilation cache and the Pallas-Triton warning filter."""
 import os
+import warnings
 
 import jax
+
+
+def quiet_triton_deprecation() -> None:
+    """jax 0.11 deprecates Pallas-Triton and warns at every Triton lowering, i.e. at each compile of
+    a step that holds one of our kernels. The kernels are Triton by choice (pallas_kernels/README.md),
+    so the package ignores exactly those warnings, once, when it is imported."""
+    warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*[Tt]riton.*")
 
 
 def enable_compilation_cache(path: str | None = None) -> str | None:
@@ -20,12 +28,3 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
-
-
-def default_attn_impl() -> str:
-    """Pallas kernels on GPU, plain XLA elsewhere (CPU, TPU)."""
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
-
-
-def default_matmul_impl() -> str:
-    return "pallas" if jax.default_backend() == "gpu" else "xla"

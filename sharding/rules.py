@@ -10,7 +10,7 @@ jllm/model.py; the RULES table maps those names to mesh axes.
 from collections.abc import Sequence
 
 import jax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA, MODEL = "data", "model"
 MESH_AXES = (DATA, MODEL)
@@ -43,6 +43,15 @@ def logical_to_spec(axes: Sequence[str | None], rules: dict[str, str | None] = R
     if len(used) != len(set(used)):
         raise ValueError(f"logical axes {tuple(axes)} put two dimensions on one mesh axis: {tuple(spec)}")
     return PartitionSpec(*spec)
+
+
+def named(mesh: Mesh, spec: PartitionSpec) -> NamedSharding:
+    """NamedSharding in the canonical form jit gives its outputs (mesh axes of size 1 and trailing
+    Nones dropped), so a donated cache comes back with an equal sharding and decode compiles once."""
+    axes = [a if a is not None and mesh.shape[a] > 1 else None for a in spec]
+    while axes and axes[-1] is None:
+        axes.pop()
+    return NamedSharding(mesh, PartitionSpec(*axes))
 
 
 def make_mesh(tp: int, dp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:

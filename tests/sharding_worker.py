@@ -31,10 +31,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jllm  # noqa: E402
-from jllm import kernels, parallel, quant  # noqa: E402
+from jllm import attention, parallel, quant  # noqa: E402
 from jllm.config import LlamaConfig  # noqa: E402
 from jllm.generate import Model, decode, prefill  # noqa: E402
-from jllm.model import attention_xla, forward, from_flat, init_cache, to_flat  # noqa: E402
+from jllm.attention import attention_xla  # noqa: E402
+from jllm.kvcache import init_cache  # noqa: E402
+from jllm.model import forward, from_flat, to_flat  # noqa: E402
+from jllm.plan import Plan, make_plan  # noqa: E402
 from jllm.sampling import Sampling  # noqa: E402
 from sharding import rules  # noqa: E402
 
@@ -61,7 +64,7 @@ def greedy(model: Model) -> list[list[int]]:
     return [r.tokens for r in jllm.generate(model, PROMPTS, max_new_tokens=MAX_NEW, stop_token_ids=[])]
 
 
-_forward = jax.jit(forward, static_argnames=("cfg", "attn_impl"))
+_forward = jax.jit(forward, static_argnames=("cfg", "plan"))
 
 
 def logits(model: Model) -> np.ndarray:
@@ -69,12 +72,12 @@ def logits(model: Model) -> np.ndarray:
     cfg, (B, T) = model.cfg, LOGIT_TOKENS.shape
     if model.mesh is None:
         out, _ = _forward(model.params, jnp.asarray(LOGIT_TOKENS), init_cache(cfg, B, 32, model.cache_dtype),
-                          cfg, attn_impl=model.attn_impl)
+                          cfg, model.plan)
         return np.asarray(out)
     with parallel.mesh_context(model.mesh):
         cache = parallel.init_cache(cfg, B, 32, model.cache_dtype, model.mesh)
         tokens = parallel.put_batch(LOGIT_TOKENS, model.mesh)
-        out, _ = _forward(model.params, tokens, cache, cfg, attn_impl=model.attn_impl)
+        out, _ = _forward(model.params, tokens, cache, cfg, model.plan)
     return parallel.to_host(out)
 
 
@@ -135,7 +138,8 @@ def case_pallas() -> dict:
         want = attention_xla(q, k, v, q_offset, kv_len)
         with parallel.mesh_context(mesh):
             args = parallel.put_batch(tuple(np.asarray(x) for x in (q, k, v, q_offset, kv_len)), mesh)
-            got = jax.jit(kernels.attention)(*args)
+            plan = make_plan(GQA if G == 2 else MHA, mesh, "pallas", "xla")
+            got = jax.jit(lambda *a: attention.attention(*a, plan))(*args)
         out[name] = {"got": np.asarray(got), "want": np.asarray(want)}
     return out
 
@@ -169,7 +173,7 @@ def case_pallas_matmul() -> dict:
             tok, samp, key = parallel.put_batch(
                 (np.zeros((1,), np.int32), Sampling.make(1), jax.random.key(0)), mesh)
             hlo = decode.lower(m.params, tok, cache, samp, key, cfg=cfg, n_steps=2,
-                               attn_impl="xla", matmul_impl=impl).compile().as_text()
+                               plan=m.plan).compile().as_text()
         r["collectives"] = _collectives(hlo)
         r["kernel_in_hlo"] = "quant_matmul" in hlo
         bits = {"int8": 8, "int4": 4, "bf16": 16}[mode]
@@ -223,7 +227,7 @@ def case_hlo() -> dict:
     bf16 = {name: jnp.asarray(w, jnp.bfloat16) for name, w in random_flat(cfg).items()}
     params = parallel.shard_params(from_flat(bf16, cfg), cfg, mesh)
     out = {"weight_elements": min(int(np.prod(w.shape)) for w in bf16.values() if w.ndim == 2)}
-    kw = dict(cfg=cfg, attn_impl="xla", matmul_impl="xla")
+    kw = dict(cfg=cfg, plan=make_plan(cfg, mesh, "xla", "xla"))
     with parallel.mesh_context(mesh):
         host = (np.ones((B, T), np.int32), np.full((B,), 5, np.int32), Sampling.make(B), jax.random.key(0))
         tokens, n_tokens, sampling, key = parallel.put_batch(host, mesh)

@@ -10,11 +10,14 @@ from conftest import random_params
 import jllm
 from jllm.config import LlamaConfig
 from jllm.generate import decode, prefill
-from jllm.model import dequantize_kv, init_cache, init_params, logits, param_infos, quantize_kv, transformer
+from jllm.kvcache import init_cache
+from jllm.model import init_params, logits, param_infos, transformer
+from jllm.plan import Plan
+from pallas_kernels.kv_quant import dequantize_kv, quantize_kv
 from jllm.model import forward as _forward
 from jllm.sampling import Sampling
 
-forward = jax.jit(_forward, static_argnames=("cfg", "attn_impl"))
+forward = jax.jit(_forward, static_argnames=("cfg", "plan"))
 ATOL = RTOL = 2e-5  # float32 end to end; logits are O(1)
 
 CFGS = {
@@ -137,15 +140,14 @@ def _decode_args(model, batch=1, max_len=64):
     sampling = Sampling.make(batch)
     empty = init_cache(cfg, batch, max_len, jnp.float32)
     first, cache, key = prefill(model.params, jnp.asarray(tokens), jnp.full((batch,), 4, jnp.int32),
-                                empty, sampling, jax.random.key(0), cfg=cfg, attn_impl="xla",
-                                matmul_impl="xla")
+                                empty, sampling, jax.random.key(0), cfg=cfg, plan=Plan())
     assert all(buf.is_deleted() for buf in empty.k + empty.v)  # prefill donates the cache too
     return first, cache, sampling, key
 
 
 def test_decode_donates_the_cache(tiny_model):
     model, cfg = tiny_model, tiny_model.cfg
-    kw = dict(cfg=cfg, n_steps=8, attn_impl="xla", matmul_impl="xla")
+    kw = dict(cfg=cfg, n_steps=8, plan=Plan())
     token, cache, sampling, key = _decode_args(model)
     hlo = decode.lower(model.params, token, cache, sampling, key, **kw).compile().as_text()
     assert "input_output_alias" in hlo
@@ -160,7 +162,7 @@ def test_decode_donates_the_cache(tiny_model):
 
 def test_live_buffers_do_not_grow_over_decode_steps(tiny_model):
     model, cfg = tiny_model, tiny_model.cfg
-    kw = dict(cfg=cfg, n_steps=8, attn_impl="xla", matmul_impl="xla")
+    kw = dict(cfg=cfg, n_steps=8, plan=Plan())
     token, cache, sampling, key = _decode_args(model)
     counts = []
     for step in range(7):  # 56 steps after a 4-token prompt, within the 64-slot cache
@@ -251,10 +253,10 @@ def test_int8_cache_decode_stays_close_to_the_float_cache(attn_impl):
     out = {}
     for dtype in (jnp.float32, jnp.int8):
         cache = init_cache(cfg, 2, 32, dtype)
-        h, cache = transformer(params, tokens[:, :8], cache, cfg, fresh=True, attn_impl=attn_impl)
+        h, cache = transformer(params, tokens[:, :8], cache, cfg, Plan(attn_impl=attn_impl), fresh=True)
         steps = [logits(params, h[:, -1:])]
         for t in range(8, 16):
-            o, cache = forward(params, tokens[:, t:t + 1], cache, cfg=cfg, attn_impl=attn_impl)
+            o, cache = forward(params, tokens[:, t:t + 1], cache, cfg=cfg, plan=Plan(attn_impl=attn_impl))
             steps.append(o)
         out[dtype] = np.concatenate(steps, 1)                                      # [B, 9, V]
     ref, got = out[jnp.float32], out[jnp.int8]

@@ -10,7 +10,9 @@ import pytest
 import jllm
 from jllm import quant
 from jllm.config import LlamaConfig
-from jllm.model import forward, from_flat, init_cache, to_flat
+from jllm.kvcache import init_cache
+from jllm.model import forward, from_flat, to_flat
+from jllm.plan import Plan
 
 from conftest import make_model
 
@@ -32,7 +34,7 @@ def test_pallas_attention_logits_match_xla_at_every_position(tiny_model):
     out = {}
     for impl in ("xla", "pallas"):
         out[impl], _ = forward(tiny_model.params, tokens, init_cache(cfg, 2, 64, jnp.float32), cfg,
-                               attn_impl=impl)
+                               Plan(attn_impl=impl))
     err = jnp.linalg.norm(out["pallas"] - out["xla"]) / jnp.linalg.norm(out["xla"])
     assert err < 1e-5, err
 
@@ -120,9 +122,9 @@ def test_fused_projections_generate_the_tokens_of_one_kernel_per_weight(mode):
     fused = dataclasses.replace(qm, matmul_impl="pallas-fused")
     assert _greedy(fused, prompts, 8) == _greedy(qm, prompts, 8)
     # The decode step runs q/k/v as one launch and gate/up as another.
-    hlo = jax.jit(forward, static_argnames=("cfg", "matmul_impl")).lower(
+    hlo = jax.jit(forward, static_argnames=("cfg", "plan")).lower(
         fused.params, jnp.ones((1, 1), jnp.int32), init_cache(cfg, 1, 16, jnp.float32), cfg=cfg,
-        matmul_impl="pallas-fused").compile().as_text()
+        plan=Plan(matmul_impl="pallas-fused")).compile().as_text()
     assert f"quant_matmul_int{mode[3:]}_x3" in hlo and f"quant_matmul_int{mode[3:]}_x2" in hlo
 
 

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jllm.plan import Plan
 from jllm.quant import QArray, dequantize, linear, linears, quantize
 from pallas_kernels.quant_matmul import pack_int4
 
@@ -118,7 +119,7 @@ def test_linear_matches_dequantized_matmul_under_jit(impl, bits, group_size, bat
     x = jax.random.normal(jax.random.key(batch * 100 + seq), (batch, seq, k), jnp.bfloat16)
     weight = w if bits is None else quantize(w, bits=bits, group_size=group_size)[0]
     dense = w if bits is None else dequantize(weight, jnp.float32)
-    y = jax.jit(linear, static_argnames="impl")(x, weight, impl=impl)  # [B, T, out]
+    y = jax.jit(linear, static_argnames="plan")(x, weight, plan=Plan(matmul_impl=impl))  # [B, T, out]
     ref = jnp.einsum("btk,kn->btn", x.astype(jnp.float32), dense.astype(jnp.float32),
                      precision=jax.lax.Precision.HIGHEST)
     assert y.shape == (batch, seq, n) and y.dtype == x.dtype
@@ -129,13 +130,13 @@ def test_linear_output_dtype_follows_x():
     qa, _ = quantize(_weight(8, (64, 16)))
     x = jnp.ones((2, 64), jnp.float32)
     assert linear(x, qa).dtype == jnp.float32
-    assert linear(x.astype(jnp.bfloat16), qa, impl="pallas").dtype == jnp.bfloat16
+    assert linear(x.astype(jnp.bfloat16), qa, Plan(matmul_impl="pallas")).dtype == jnp.bfloat16
 
 
 def test_linear_rejects_bad_impl_and_shape():
     qa, _ = quantize(_weight(9, (64, 16)))
     with pytest.raises(ValueError, match="impl"):
-        linear(jnp.ones((1, 64)), qa, impl="cuda")
+        linear(jnp.ones((1, 64)), qa, Plan(matmul_impl="cuda"))
     with pytest.raises(ValueError, match="shape"):
         linear(jnp.ones((1, 32)), qa)
 
@@ -148,7 +149,7 @@ def test_linear_rejects_bad_impl_and_shape():
 def test_linear_pallas_routes_small_batches_to_the_kernel(bits, group_size, m, kernel):
     w = _weight(10, (128, 32))
     weight = w if bits is None else quantize(w, bits=bits, group_size=group_size)[0]
-    jaxpr = jax.make_jaxpr(lambda x, w: linear(x, w, impl="pallas"))(
+    jaxpr = jax.make_jaxpr(lambda x, w: linear(x, w, Plan(matmul_impl="pallas")))(
         jnp.ones((m, 128), jnp.bfloat16), weight)
     assert ("pallas_call" in str(jaxpr)) == kernel
 
@@ -160,12 +161,12 @@ def test_linears_fused_is_one_launch_with_the_per_weight_results(bits, group_siz
     ws = [quantize(_weight(20 + i, (128, n)), bits=bits, group_size=group_size)[0]
           for i, n in enumerate((128, 32, 32))]
     x = jax.random.normal(jax.random.key(m), (m, 1, 128), jnp.bfloat16)            # [B, T, D]
-    fused = jax.jit(linears, static_argnames="impl")(x, ws, impl="pallas-fused")
-    single = jax.jit(linears, static_argnames="impl")(x, ws, impl="pallas")
+    fused = jax.jit(linears, static_argnames="plan")(x, ws, plan=Plan(matmul_impl="pallas-fused"))
+    single = jax.jit(linears, static_argnames="plan")(x, ws, plan=Plan(matmul_impl="pallas"))
     assert [y.shape for y in fused] == [(m, 1, 128), (m, 1, 32), (m, 1, 32)]
     for a, b in zip(fused, single):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-2)
-    calls = lambda impl: str(jax.make_jaxpr(lambda x, ws: linears(x, ws, impl=impl))(x, ws)).count("pallas_call")
+    calls = lambda impl: str(jax.make_jaxpr(lambda x, ws: linears(x, ws, Plan(matmul_impl=impl)))(x, ws)).count("pallas_call")
     assert calls("pallas-fused") == 1 and calls("pallas") >= 2  # (wk and wv share one jaxpr)
 
 
@@ -174,22 +175,22 @@ def test_linears_fused_falls_back_per_weight_for_mixed_layouts():
     int4 = quantize(_weight(31, (128, 64)), bits=4, group_size=32)[0]
     dense = _weight(32, (128, 64)).astype(jnp.bfloat16)
     x = jnp.ones((1, 128), jnp.bfloat16)
-    ys = linears(x, [int8, int4, dense], impl="pallas-fused")
+    ys = linears(x, [int8, int4, dense], Plan(matmul_impl="pallas-fused"))
     for y, w in zip(ys, (int8, int4, dense)):
-        np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(linear(x, w, impl="pallas"), np.float32),
+        np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(linear(x, w, Plan(matmul_impl="pallas")), np.float32),
                                    rtol=1e-2, atol=1e-2)
     with pytest.raises(ValueError, match="impl"):
-        linears(x, [int8], impl="fused")
+        linears(x, [int8], Plan(matmul_impl="fused"))
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_linears_fused_runs_float_weights_through_one_gemv_at_batch_1(dtype):
     ws = [_weight(40 + i, (128, n)).astype(dtype) for i, n in enumerate((128, 32, 32))]
     x1 = jax.random.normal(jax.random.key(1), (1, 1, 128), dtype)                  # [B, T, D]
-    fused = linears(x1, ws, impl="pallas-fused")
+    fused = linears(x1, ws, Plan(matmul_impl="pallas-fused"))
     for y, w in zip(fused, ws):
         ref = jnp.matmul(x1.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
         np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref), rtol=2e-2, atol=2e-2)
-    calls = lambda x: str(jax.make_jaxpr(lambda x, ws: linears(x, ws, impl="pallas-fused"))(x, ws)).count("pallas_call")
+    calls = lambda x: str(jax.make_jaxpr(lambda x, ws: linears(x, ws, Plan(matmul_impl="pallas-fused")))(x, ws)).count("pallas_call")
     assert calls(x1) == 1
     assert calls(jnp.ones((3, 1, 128), dtype)) == 0  # M > 1: XLA's dots

@@ -201,6 +201,7 @@ import jax, jax.numpy as jnp
 from jllm import parallel
 from jllm.config import LlamaConfig
 from jllm.generate import decode
+from jllm.plan import make_plan
 from jllm.sampling import Sampling
 from sharding import rules
 cfg = LlamaConfig(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=256, vocab_size=512,
@@ -211,8 +212,8 @@ with parallel.mesh_context(mesh):
     cache = parallel.init_cache(cfg, 2, 128, jnp.float32, mesh)
     tok, samp, key = parallel.put_batch(
         (jnp.zeros((2,), jnp.int32), Sampling.make(2), jax.random.key(0)), mesh)
-    text = decode.lower(params, tok, cache, samp, key, cfg=cfg, n_steps=4, attn_impl="xla",
-                        matmul_impl="xla").compile().as_text()
+    text = decode.lower(params, tok, cache, samp, key, cfg=cfg, n_steps=4,
+                        plan=make_plan(cfg, mesh, "xla", "xla")).compile().as_text()
 print(sum("all-gather(" in line and "128," in line.split("=")[1].split("(")[0]
           for line in text.splitlines() if "=" in line))
 '''

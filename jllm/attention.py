@@ -1,0 +1,168 @@
+"""Attention: the XLA path, the choice of Pallas kernel, and the per-shard wrapper.
+
+Shapes: q [B, T, H, K]; a static cache's k, v [B, S, G, K] (int8 with float32 k_scale, v_scale
+[B, G, S]); a paged cache's k_pages, v_pages [P, page_size, G, K] with block_tables
+[B, max_pages] (scales [P, G, page_size]). Query t of row b sits at position q_offset[b] + t and
+sees keys s <= its position with s < kv_len[b].
+
+Under a mesh the kernels run per shard in shard_map: XLA cannot partition a custom call and would
+otherwise gather every head onto every device.
+"""
+import jax
+import jax.numpy as jnp
+
+from jllm.plan import Plan
+from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.kv_quant import dequantize_kv
+from pallas_kernels.paged_attention import paged_attention as paged_decode_kernel
+
+
+def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array,
+                  kv_len: jax.Array, k_scale: jax.Array | None = None,
+                  v_scale: jax.Array | None = None) -> jax.Array:
+    """Causal GQA attention in plain XLA -> [B, T, H, K].
+
+    With an int8 cache, k_scale and v_scale [B, G, S] multiply the scores and the probabilities
+    instead of dequantizing the cache.
+    """
+    B, T, H, K = q.shape
+    S, G = k.shape[1], k.shape[2]
+    qg = q.reshape(B, T, G, H // G, K)                                            # [B, T, G, R, K]
+    scores = jnp.einsum("BTGRK,BSGK->BGRTS", qg, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * K ** -0.5           # [B, G, R, T, S]
+    if k_scale is not None:
+        scores = scores * k_scale[:, :, None, None, :]                            # [B, G, 1, 1, S]
+    q_pos = q_offset[:, None] + jnp.arange(T)                                     # [B, T]
+    s_pos = jnp.arange(S)
+    mask = (s_pos[None, None, :] <= q_pos[:, :, None]) & (s_pos < kv_len[:, None, None])  # [B, T, S]
+    # A finite fill (not -inf) keeps fully masked padding rows finite.
+    scores = jnp.where(mask[:, None, None], scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1)                                       # [B, G, R, T, S]
+    if v_scale is not None:
+        probs = probs * v_scale[:, :, None, None, :]
+    out = jnp.einsum("BGRTS,BSGK->BTGRK", probs.astype(q.dtype), v.astype(q.dtype),
+                     preferred_element_type=jnp.float32)
+    return out.reshape(B, T, H, K).astype(q.dtype)
+
+
+def supported(q: jax.Array, k: jax.Array) -> bool:
+    """Shapes the Triton kernels tile: head_dim a power of two >= 16, a power-of-two GQA ratio."""
+    K, R = q.shape[-1], q.shape[2] // k.shape[2]
+    return K >= 16 and K & (K - 1) == 0 and R & (R - 1) == 0
+
+
+def _kernel_attention(q, k, v, q_offset, kv_len, k_scale=None, v_scale=None, *, interpret: bool):
+    """One device's attention through the Pallas kernels (the XLA path for shapes they don't tile)."""
+    if not supported(q, k) or (k_scale is not None and q.shape[1] > 1):
+        # The model dequantizes an int8 cache itself before a multi-token step, so the second
+        # case is a direct caller's.
+        return attention_xla(q, k, v, q_offset, kv_len, k_scale, v_scale)
+    if q.shape[1] == 1:  # decode: the one query sits at kv_len - 1 and sees every cached key
+        return decode_attention(q[:, 0], k, v, kv_len, k_scale=k_scale, v_scale=v_scale,
+                                interpret=interpret)[:, None]
+    return flash_attention(q, k, v, q_offset, kv_len, interpret=interpret)
+
+
+def per_shard(local, plan: Plan, q: jax.Array, kv: tuple, rows: tuple, kv_axes: tuple,
+              scales: tuple = (), scale_axes: tuple = ()) -> jax.Array:
+    """Run `local(q, *kv, *rows, *scales)` per shard: batch over data, query heads over model,
+    KV heads (and an int8 cache's scales) split or replicated per the plan.
+
+    kv_axes / scale_axes name the logical axes of the kv and scale arrays (a static cache's
+    ("batch", "seq", "kv_heads", "head_dim"), a paged pool's (None, None, "kv_heads", "head_dim")).
+    With replicated KV heads each shard's query heads all read one KV head, which is sliced out.
+    """
+    G = kv[0].shape[kv_axes.index("kv_heads")]
+    g_axis, s_axis = kv_axes.index("kv_heads"), scale_axes.index("kv_heads") if scales else 0
+    q_spec = plan.spec(("batch", "seq", "heads", "head_dim"))
+    kv_spec, scale_spec = plan.spec(kv_axes), plan.spec(scale_axes) if scales else None
+    row_specs = tuple(plan.spec(("batch",) + (None,) * (r.ndim - 1)) for r in rows)
+    n_kv, n_rows = len(kv), len(rows)
+
+    def run(q, *args):
+        kv_, rows_, scales_ = args[:n_kv], args[n_kv:n_kv + n_rows], args[n_kv + n_rows:]
+        if plan.kv_replicated:  # rules.kv_heads_rule: this shard's query heads read KV head g
+            g = jax.lax.axis_index(plan.rules["heads"]) * G // plan.tp
+            kv_ = [jax.lax.dynamic_slice_in_dim(a, g, 1, axis=g_axis) for a in kv_]
+            scales_ = [jax.lax.dynamic_slice_in_dim(a, g, 1, axis=s_axis) for a in scales_]
+        return local(q, *kv_, *rows_, *scales_)
+
+    in_specs = (q_spec,) + (kv_spec,) * n_kv + row_specs + (scale_spec,) * len(scales)
+    return jax.shard_map(run, mesh=plan.mesh, in_specs=in_specs, out_specs=q_spec,
+                         check_vma=False)(q, *kv, *rows, *scales)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array, kv_len: jax.Array,
+              plan: Plan, k_scale: jax.Array | None = None,
+              v_scale: jax.Array | None = None) -> jax.Array:
+    """Attention over a static cache, as the plan says -> [B, T, H, K]."""
+    if plan.attn_impl == "pallas":
+        def local(q, k, v, q_offset, kv_len, *scales):
+            return _kernel_attention(q, k, v, q_offset, kv_len, *scales, interpret=plan.interpreted)
+    elif plan.sharded and plan.kv_replicated:
+        # KV heads replicated over the model axis: left to itself XLA splits the cache's head axis
+        # to match the query heads and gathers the cache back every step; per shard, each device
+        # reads the one KV head its query heads use.
+        local = attention_xla
+    else:
+        return attention_xla(q, k, v, q_offset, kv_len, k_scale, v_scale)
+    scales = () if k_scale is None else (k_scale, v_scale)
+    if not plan.sharded:
+        return local(q, k, v, q_offset, kv_len, *scales)
+    return per_shard(local, plan, q, (k, v), (q_offset, kv_len), ("batch", "seq", "kv_heads", "head_dim"),
+                     scales, ("batch", "kv_heads", "seq"))
+
+
+def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
+    """pages [P, page_size, G, K], tables [B, max_pages] -> [B, max_pages * page_size, G, K]."""
+    B, max_pages = block_tables.shape
+    _, page_size, G, K = pages.shape
+    rows = pages[jnp.maximum(block_tables, 0)]  # [B, max_pages, page_size, G, K]
+    return rows.reshape(B, max_pages * page_size, G, K)
+
+
+def gather_scale_pages(scale_pages: jax.Array, block_tables: jax.Array) -> jax.Array:
+    """scale_pages [P, G, page_size], tables [B, max_pages] -> [B, G, max_pages * page_size]."""
+    B, max_pages = block_tables.shape
+    _, G, page_size = scale_pages.shape
+    rows = scale_pages[jnp.maximum(block_tables, 0)]  # [B, max_pages, G, page_size]
+    return rows.transpose(0, 2, 1, 3).reshape(B, G, max_pages * page_size)
+
+
+def _paged_xla(q, k_pages, v_pages, block_tables, q_offset, kv_len, k_scale_pages=None,
+               v_scale_pages=None):
+    """Paged attention in XLA: gather each row's pages into a contiguous cache, then attend."""
+    k, v = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)
+    if k_scale_pages is None:
+        return attention_xla(q, k, v, q_offset, kv_len)
+    ks, vs = gather_scale_pages(k_scale_pages, block_tables), gather_scale_pages(v_scale_pages, block_tables)
+    if q.shape[1] > 1:  # a prompt chunk: dequantize once, as over a static int8 cache
+        return attention_xla(q, dequantize_kv(k, ks, q.dtype), dequantize_kv(v, vs, q.dtype), q_offset, kv_len)
+    return attention_xla(q, k, v, q_offset, kv_len, ks, vs)
+
+
+def _paged_kernel(q, k_pages, v_pages, block_tables, q_offset, kv_len, *scales, interpret: bool):
+    if q.shape[1] > 1 or not supported(q, k_pages):
+        return _paged_xla(q, k_pages, v_pages, block_tables, q_offset, kv_len, *scales)
+    ks, vs = scales or (None, None)
+    return paged_decode_kernel(q[:, 0], k_pages, v_pages, block_tables, kv_len, k_scale_pages=ks,
+                               v_scale_pages=vs, interpret=interpret)[:, None]
+
+
+def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
+                    q_offset: jax.Array, kv_len: jax.Array, plan: Plan,
+                    k_scale_pages: jax.Array | None = None,
+                    v_scale_pages: jax.Array | None = None) -> jax.Array:
+    """Attention over a paged cache, as the plan says -> [B, T, H, K]."""
+    scales = () if k_scale_pages is None else (k_scale_pages, v_scale_pages)
+    if plan.attn_impl == "pallas":
+        def local(q, kp, vp, tables, q_offset, kv_len, *scales):
+            return _paged_kernel(q, kp, vp, tables, q_offset, kv_len, *scales, interpret=plan.interpreted)
+    else:
+        local = _paged_xla
+    if not plan.sharded:
+        return local(q, k_pages, v_pages, block_tables, q_offset, kv_len, *scales)
+    # The pool's page axes are not sharded; block tables and lengths follow the batch.
+    return per_shard(local, plan, q, (k_pages, v_pages), (block_tables, q_offset, kv_len),
+                     (None, None, "kv_heads", "head_dim"), scales, (None, "kv_heads", None))

@@ -1,0 +1,299 @@
+"""KV caches: the static `KVCache` and the paged `PagedKVCache`, with one interface the model calls.
+
+Both are pytrees passed into the model and returned (donated by the jitted steps, so their buffers
+are updated in place). Per layer the model asks the cache three things:
+
+    pos = cache.positions(T)                                  # [B, T] positions of the new tokens
+    layer = cache.write(i, k, v, n_tokens, fresh)             # new k, v [B, T, G, K] stored
+    o = cache.attend(layer, q, k, v, n_tokens, fresh, plan)   # q [B, T, H, K] -> [B, T, H, K]
+    cache = cache.updated(layers, n_tokens)                   # after the last layer
+
+An int8 cache (either kind) stores codes with one float32 scale per token and KV head
+(pallas_kernels.kv_quant): half the bytes of bf16 (plus 4 per head_dim), which is what decode at
+long context reads. Prefill over empty rows (`fresh`) attends the new keys unrounded.
+
+The paged cache keeps the model's per-token layout in a pool of pages shared by all rows:
+k_pages, v_pages L x [P, page_size, G, K], so slot i of page p holds the [G, K] keys of every KV
+head, like one position of the static cache. One page table serves every layer: `free` [P],
+`block_tables` [B, max_pages] (-1 = no page) and `lengths` [B]. Page management (`reserve`,
+`release`) is pure and jit-able; a serving engine may equally keep the table on the host and
+pass it in each step.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jllm import attention as attn
+from jllm.config import LlamaConfig
+from jllm.plan import Plan
+from pallas_kernels.kv_quant import dequantize_kv, quantize_kv
+
+KV_DTYPES = ("bfloat16", "float16", "float32", "int8")
+LayerKV = tuple  # one layer's buffers after a write: (k, v, k_scale, v_scale), scales None if float
+
+
+def _check_dtype(dtype) -> jnp.dtype:
+    dtype = jnp.dtype(dtype)
+    if dtype.name not in KV_DTYPES:
+        raise ValueError(f"cache dtype {dtype.name!r}; expected one of {KV_DTYPES}")
+    return dtype
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Static KV cache: one buffer per layer, so each is updated in place by the donated step.
+
+    Key s of head g in an int8 cache is k[b, s, g] * k_scale[b, g, s]; the scales are [B, G, S]
+    so that the decode kernel reads one head's scales contiguously.
+    """
+    k: list[jax.Array]   # L x [B, S, G, K]
+    v: list[jax.Array]   # L x [B, S, G, K]
+    lengths: jax.Array   # [B] int32, tokens already cached per row
+    k_scale: list[jax.Array] | None = None  # L x [B, G, S] float32 for an int8 cache, else None
+    v_scale: list[jax.Array] | None = None
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    def positions(self, T: int) -> jax.Array:
+        return self.lengths[:, None] + jnp.arange(T)                                  # [B, T]
+
+    def write(self, i: int, k: jax.Array, v: jax.Array, n_tokens: jax.Array, fresh: bool) -> LayerKV:
+        """Store new k, v [B, T, G, K] of layer i at each row's length -> the layer's buffers.
+
+        Padding tokens (t >= n_tokens) are written too: they lie past the row's new length, where
+        attention never looks and the next write lands."""
+        del n_tokens
+        start = self.lengths
+        if not self.quantized:
+            return _write(self.k[i], k, start, fresh), _write(self.v[i], v, start, fresh), None, None
+        (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+        return (_write(self.k[i], kq, start, fresh), _write(self.v[i], vq, start, fresh),
+                _write(self.k_scale[i], ks, start, fresh), _write(self.v_scale[i], vs, start, fresh))
+
+    def attend(self, layer: LayerKV, q: jax.Array, k: jax.Array, v: jax.Array, n_tokens: jax.Array,
+               fresh: bool, plan: Plan) -> jax.Array:
+        """q [B, T, H, K] over the layer's keys (the new ones included) -> [B, T, H, K]."""
+        start, kv_len = self.lengths, self.lengths + n_tokens
+        ck, cv, cks, cvs = layer
+        if fresh:  # every row starts empty: attend the new keys (a float cache's dtype first)
+            kd = k.dtype if self.quantized else ck.dtype
+            return attn.attention(q, k.astype(kd), v.astype(kd), start, n_tokens, plan)
+        if self.quantized and q.shape[1] > 1:  # a chunk over an int8 cache: dequantize once
+            return attn.attention(q, dequantize_kv(ck, cks, q.dtype), dequantize_kv(cv, cvs, q.dtype),
+                                  start, kv_len, plan)
+        return attn.attention(q, ck, cv, start, kv_len, plan, cks, cvs)  # decode reads the codes
+
+    def updated(self, layers: list[LayerKV], n_tokens: jax.Array) -> "KVCache":
+        k, v, ks, vs = (list(b) for b in zip(*layers))
+        return KVCache(k=k, v=v, lengths=self.lengths + n_tokens, k_scale=ks if self.quantized else None,
+                       v_scale=vs if self.quantized else None)
+
+
+def _write(buf: jax.Array, new: jax.Array, start: jax.Array, fresh: bool) -> jax.Array:
+    """Write new [B, T, G, K] into buf [B, S, G, K] (or scales new [B, G, T] into buf [B, G, S])
+    at row offsets start [B]."""
+    if fresh:  # every row starts at 0: one contiguous in-place update
+        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0,) * buf.ndim)
+    B, T = new.shape[0], new.shape[-1 if new.ndim == 3 else 1]
+    pos = start[:, None] + jnp.arange(T)                                          # [B, T]
+    if new.ndim == 3:  # scales [B, G, T]; G passes through (an index on it would make a sharded
+        # scatter gather its operands): the indexed result is [B, T, G]
+        return buf.at[jnp.arange(B)[:, None], :, pos].set(new.transpose(0, 2, 1), mode="drop")
+    return buf.at[jnp.arange(B)[:, None], pos].set(new.astype(buf.dtype), mode="drop")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
+    """An empty static cache (one jitted call: eager zeros would be one dispatch per buffer).
+
+    dtype int8 makes an int8 cache with per-token, per-head scales."""
+    dtype = _check_dtype(dtype)
+    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    zeros = [jnp.zeros(shape, dtype) for _ in range(2 * cfg.n_layers)]
+    scales = None
+    if dtype == jnp.int8:
+        scales = [jnp.zeros((batch, cfg.n_kv_heads, max_len), jnp.float32) for _ in range(2 * cfg.n_layers)]
+    return KVCache(k=zeros[:cfg.n_layers], v=zeros[cfg.n_layers:], lengths=jnp.zeros((batch,), jnp.int32),
+                   k_scale=scales and scales[:cfg.n_layers], v_scale=scales and scales[cfg.n_layers:])
+
+
+# --- The paged cache ------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PageTable:
+    """Which pool pages each row owns. free [P] bool (True = unused); block_tables [B, max_pages]
+    int32 (-1 = none); lengths [B] int32 tokens stored per row."""
+    free: jax.Array
+    block_tables: jax.Array
+    lengths: jax.Array
+
+    @property
+    def max_pages(self) -> int:
+        return self.block_tables.shape[1]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PagedKVCache:
+    """Every layer's pages and one page table (module docstring)."""
+    k_pages: list[jax.Array]   # L x [P, page_size, G, K]
+    v_pages: list[jax.Array]   # L x [P, page_size, G, K]
+    table: PageTable
+    k_scale_pages: list[jax.Array] | None = None  # L x [P, G, page_size] float32, int8 pages only
+    v_scale_pages: list[jax.Array] | None = None
+
+    @property
+    def lengths(self) -> jax.Array:
+        return self.table.lengths
+
+    @property
+    def block_tables(self) -> jax.Array:
+        return self.table.block_tables
+
+    @property
+    def page_size(self) -> int:
+        return self.k_pages[0].shape[1]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k_pages[0].shape[0]
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale_pages is not None
+
+    def positions(self, T: int) -> jax.Array:
+        return self.lengths[:, None] + jnp.arange(T)                                  # [B, T]
+
+    def slots(self, n_tokens: jax.Array, T: int) -> tuple[jax.Array, jax.Array]:
+        """Pool page and slot in page of each new token [B, T]; page P (dropped by the scatter)
+        for padding tokens and tokens past the row's pages."""
+        pos = self.positions(T)                                                        # [B, T]
+        logical = pos // self.page_size
+        page = jnp.take_along_axis(self.block_tables, jnp.minimum(logical, self.table.max_pages - 1), axis=1)
+        ok = (jnp.arange(T)[None, :] < n_tokens[:, None]) & (logical < self.table.max_pages) & (page >= 0)
+        return jnp.where(ok, page, self.num_pages), pos % self.page_size
+
+    def write(self, i: int, k: jax.Array, v: jax.Array, n_tokens: jax.Array, fresh: bool) -> LayerKV:
+        """Store the first n_tokens[b] of k, v [B, T, G, K] through the block tables (pages must be
+        reserved first; tokens without a page are dropped)."""
+        del fresh
+        page, slot = self.slots(n_tokens, k.shape[1])                                 # [B, T]
+        if not self.quantized:
+            return (self.k_pages[i].at[page, slot].set(k.astype(self.k_pages[i].dtype), mode="drop"),
+                    self.v_pages[i].at[page, slot].set(v.astype(self.v_pages[i].dtype), mode="drop"),
+                    None, None)
+        out = []
+        for x, pages, scale_pages in ((k, self.k_pages[i], self.k_scale_pages[i]),
+                                      (v, self.v_pages[i], self.v_scale_pages[i])):
+            codes, scale = quantize_kv(x)                                              # [B, T, G, K], [B, G, T]
+            # Advanced indices around a slice: the indexed view is [B, T, G].
+            out.append((pages.at[page, slot].set(codes, mode="drop"),
+                        scale_pages.at[page, :, slot].set(scale.transpose(0, 2, 1), mode="drop")))
+        (kp, ksp), (vp, vsp) = out
+        return kp, vp, ksp, vsp
+
+    def attend(self, layer: LayerKV, q: jax.Array, k: jax.Array, v: jax.Array, n_tokens: jax.Array,
+               fresh: bool, plan: Plan) -> jax.Array:
+        """q [B, T, H, K] over the row's pages (the new keys included) -> [B, T, H, K]."""
+        start = self.lengths
+        if fresh:  # rows start empty: the new keys are all there is
+            kd = k.dtype if self.quantized else layer[0].dtype
+            return attn.attention(q, k.astype(kd), v.astype(kd), start, n_tokens, plan)
+        kp, vp, ksp, vsp = layer
+        scales = () if ksp is None else (ksp, vsp)
+        return attn.paged_attention(q, kp, vp, self.block_tables, start, start + n_tokens, plan, *scales)
+
+    def updated(self, layers: list[LayerKV], n_tokens: jax.Array) -> "PagedKVCache":
+        kp, vp, ksp, vsp = (list(b) for b in zip(*layers))
+        table = dataclasses.replace(self.table, lengths=self.lengths + n_tokens)
+        return PagedKVCache(k_pages=kp, v_pages=vp, table=table, k_scale_pages=ksp if self.quantized else None,
+                            v_scale_pages=vsp if self.quantized else None)
+
+
+def init_page_table(num_pages: int, batch: int, max_pages: int) -> PageTable:
+    """All pages free, no row owns a page, all lengths 0."""
+    return PageTable(free=jnp.ones((num_pages,), bool), block_tables=jnp.full((batch, max_pages), -1, jnp.int32),
+                     lengths=jnp.zeros((batch,), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def init_paged_cache(cfg: LlamaConfig, num_pages: int, page_size: int, batch: int, max_pages: int,
+                     dtype=jnp.bfloat16) -> PagedKVCache:
+    """An empty paged cache: num_pages pages of page_size tokens per layer, `batch` rows of up to
+    max_pages pages each. dtype int8 makes int8 pages with float32 scale pages [P, G, page_size]."""
+    dtype = _check_dtype(dtype)
+    shape = (num_pages, page_size, cfg.n_kv_heads, cfg.head_dim)
+    L = cfg.n_layers
+    pages = [jnp.zeros(shape, dtype) for _ in range(2 * L)]
+    scales = None
+    if dtype == jnp.int8:  # separate buffers: a donated cache must not hold one array twice
+        scales = [jnp.zeros((num_pages, cfg.n_kv_heads, page_size), jnp.float32) for _ in range(2 * L)]
+    return PagedKVCache(k_pages=pages[:L], v_pages=pages[L:], table=init_page_table(num_pages, batch, max_pages),
+                        k_scale_pages=scales and scales[:L], v_scale_pages=scales and scales[L:])
+
+
+def _take_free(free: jax.Array, need: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Gives the k-th needing slot the k-th free page (lowest ids first).
+
+    free [P] bool, need [N] bool -> (free [P] with those pages taken, page [N] int32; -1 where
+    nothing was needed or the pool ran dry).
+    """
+    num_pages = free.shape[0]
+    candidates = jnp.nonzero(free, size=need.shape[0], fill_value=num_pages)[0]  # [N]
+    rank = jnp.clip(jnp.cumsum(need) - 1, 0, need.shape[0] - 1)
+    page = jnp.where(need, candidates[rank], num_pages)  # [N]
+    free = free.at[page].set(False, mode="drop")  # index P (none / dry) is dropped
+    return free, jnp.where(page < num_pages, page, -1).astype(jnp.int32)
+
+
+def reserve(table: PageTable, num_tokens: jax.Array, page_size: int) -> PageTable:
+    """Give every row the pages to hold num_tokens [B] tokens in all; pages a row owns are kept.
+
+    If the pool runs dry the missing entries stay -1: check `pages_needed` against the free
+    count first (a scheduler does this on the host before it admits work)."""
+    B, max_pages = table.block_tables.shape
+    n_pages = -(-num_tokens // page_size)                                              # [B]
+    need = (jnp.arange(max_pages)[None, :] < n_pages[:, None]) & (table.block_tables < 0)  # [B, max_pages]
+    free, page = _take_free(table.free, need.reshape(-1))
+    tables = jnp.where(need, page.reshape(B, max_pages), table.block_tables)
+    return dataclasses.replace(table, free=free, block_tables=tables)
+
+
+def pages_needed(table: PageTable, num_tokens: jax.Array, page_size: int) -> jax.Array:
+    """How many new pages `reserve(table, num_tokens)` takes (scalar int32)."""
+    n_pages = -(-num_tokens // page_size)
+    owned = jnp.sum(table.block_tables >= 0, axis=1)
+    return jnp.sum(jnp.maximum(n_pages - owned, 0))
+
+
+def release(table: PageTable, rows: jax.Array) -> PageTable:
+    """Return the pages of the rows where rows [B] is True to the pool and empty those rows."""
+    tables = table.block_tables
+    give = rows[:, None] & (tables >= 0)                                               # [B, max_pages]
+    free = table.free.at[jnp.where(give, tables, table.free.shape[0])].set(True, mode="drop")
+    return PageTable(free=free, block_tables=jnp.where(rows[:, None], -1, tables),
+                     lengths=jnp.where(rows, 0, table.lengths))
+
+
+def gather(cache: PagedKVCache, i: int) -> tuple[jax.Array, jax.Array]:
+    """Layer i of every row as a contiguous float cache: k, v [B, max_pages * page_size, G, K],
+    zeros past each row's length (int8 pages dequantized in float32): for tests and references."""
+    k = attn.gather_pages(cache.k_pages[i], cache.block_tables)
+    v = attn.gather_pages(cache.v_pages[i], cache.block_tables)
+    if cache.quantized:
+        k = dequantize_kv(k, attn.gather_scale_pages(cache.k_scale_pages[i], cache.block_tables), jnp.float32)
+        v = dequantize_kv(v, attn.gather_scale_pages(cache.v_scale_pages[i], cache.block_tables), jnp.float32)
+    keep = jnp.arange(k.shape[1])[None, :] < cache.lengths[:, None]                   # [B, S]
+    return jnp.where(keep[..., None, None], k, 0), jnp.where(keep[..., None, None], v, 0)

@@ -1,0 +1,90 @@
+"""Plan: how a model runs, decided once per model and passed to jit as a static argument.
+
+The attention and matmul implementations, the mesh and the KV-head sharding rule, and whether the
+Pallas kernels run compiled or in interpret mode. Every function below the public API reads these
+from the plan instead of loose strings and ambient-mesh lookups.
+"""
+import dataclasses
+
+import jax
+from jax.sharding import PartitionSpec
+
+from jllm.config import LlamaConfig
+from sharding import rules
+
+ATTN_IMPLS = ("xla", "pallas")
+MATMUL_IMPLS = ("xla", "pallas", "pallas-fused")
+
+
+def check_impls(attn_impl: str | None, matmul_impl: str | None) -> None:
+    """None (the default for this backend) or one of ATTN_IMPLS / MATMUL_IMPLS."""
+    if attn_impl is not None and attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl={attn_impl!r}; expected one of {ATTN_IMPLS}")
+    if matmul_impl is not None and matmul_impl not in MATMUL_IMPLS:
+        raise ValueError(f"matmul_impl={matmul_impl!r}; expected one of {MATMUL_IMPLS}")
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def default_attn_impl() -> str:
+    """Pallas kernels on GPU, plain XLA elsewhere (CPU, TPU)."""
+    return "pallas" if on_gpu() else "xla"
+
+
+def default_matmul_impl() -> str:
+    return "pallas" if on_gpu() else "xla"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static choices of one model run (hashable: a static jit argument).
+
+    attn_impl "xla" | "pallas"; matmul_impl "xla" | "pallas" | "pallas-fused" (q/k/v and gate/up
+    as one kernel launch). mesh: None for one device, else the (data, model) mesh the params live
+    on; kernels then run per shard. kv_replicated: the KV heads are replicated over the model axis
+    (rules.kv_heads_rule). interpret: run Pallas kernels in interpret mode; None decides by the
+    backend when the kernels are traced (interpret without a GPU): the one place that decides it.
+    """
+    attn_impl: str = "xla"
+    matmul_impl: str = "xla"
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None
+    kv_replicated: bool = False
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        check_impls(self.attn_impl, self.matmul_impl)
+
+    @property
+    def interpreted(self) -> bool:
+        return (not on_gpu()) if self.interpret is None else self.interpret
+
+    @property
+    def sharded(self) -> bool:
+        return self.mesh is not None and self.mesh.size > 1
+
+    @property
+    def rules(self) -> dict[str, str | None]:
+        """The logical-axis rules of this run: KV heads split, or replicated over the model axis."""
+        return {**rules.RULES, "kv_heads": None} if self.kv_replicated else rules.RULES
+
+    @property
+    def tp(self) -> int:
+        return rules.axis_size(self.mesh, "heads") if self.sharded else 1
+
+    def spec(self, axes: tuple[str | None, ...]) -> PartitionSpec:
+        return rules.logical_to_spec(axes, self.rules)
+
+
+def make_plan(cfg: LlamaConfig, mesh=None, attn_impl: str | None = None,
+              matmul_impl: str | None = None) -> Plan:
+    """The plan for `cfg` on `mesh` (None: one device); None impls pick this backend's default."""
+    check_impls(attn_impl, matmul_impl)
+    kv_replicated = False
+    if mesh is not None and mesh.size > 1:
+        tp = rules.axis_size(mesh, "heads")
+        kv_replicated = tp > 1 and rules.kv_heads_rule(cfg.n_heads, cfg.n_kv_heads, tp)["kv_heads"] is None
+    return Plan(attn_impl=attn_impl or default_attn_impl(),
+                matmul_impl=matmul_impl or default_matmul_impl(),
+                mesh=mesh if mesh is not None and mesh.size > 1 else None, kv_replicated=kv_replicated)
