@@ -18,6 +18,7 @@ import numpy as np
 from jllm import checkpoint, quant
 from jllm.config import LlamaConfig
 from jllm.model import param_infos
+from jllm.tokenizer import Tokenizer
 
 # Our name -> (HF name, transpose). HF stores linear weights as [out, in]; ours are [in, out] so
 # every matmul is `x @ w`. Layer weights sit under "model.layers.{i}.".
@@ -78,7 +79,8 @@ def jllm_name(key: str, cfg: LlamaConfig, keys: dict | None = None) -> tuple[str
 
 def convert_weight(key: str, value: np.ndarray, cfg: LlamaConfig, dtype,
                    keys: dict | None = None) -> tuple[str, np.ndarray] | None:
-    """One HF tensor -> (our name, array in `dtype` and our layout), checking its shape."""
+    """One HF tensor -> (our name, array in `dtype` and our layout), checking its shape and that
+    every value is finite (in the source and after the cast to `dtype`)."""
     name, transpose = jllm_name(key, cfg, keys)
     if name is None:
         return None
@@ -89,15 +91,31 @@ def convert_weight(key: str, value: np.ndarray, cfg: LlamaConfig, dtype,
     if tuple(w.shape) != infos[name].shape:
         raise ValueError(f"tensor {key!r} has shape {tuple(value.shape)}; expected "
                          f"{infos[name].shape[::-1] if transpose else infos[name].shape} for {cfg}")
-    return name, np.ascontiguousarray(w.astype(dtype))
+    with np.errstate(over="ignore"):  # an overflow to inf is reported below, naming the tensor
+        w = np.ascontiguousarray(w.astype(dtype))
+    finite = np.isfinite(w)
+    if not finite.all():
+        first = np.unravel_index(np.argmin(finite), w.shape)  # in our layout
+        where = tuple(int(i) for i in (first[::-1] if transpose else first))  # in the HF tensor
+        there = value[where]
+        why = "" if not np.isfinite(there) else f", beyond the range of {np.dtype(dtype).name}"
+        raise ValueError(f"tensor {key!r} has {w.size - np.count_nonzero(finite)} non-finite "
+                         f"values (NaN or inf) as {np.dtype(dtype).name}, e.g. {there} at "
+                         f"{list(where)}{why}")
+    return name, w
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     """Memory-map a .safetensors file (header: 8-byte length, JSON; then raw little-endian data)."""
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             n = int.from_bytes(f.read(8), "little")
+            if n > size - 8:
+                raise ValueError(f"its header length field says {n} bytes but the file has {size}")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError(f"its header is a JSON {type(header).__name__}; expected an object")
         data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
         out = {}
         for key, info in header.items():
@@ -132,6 +150,7 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
 
 def weight_files(hf_dir: str) -> list[str]:
     """The checkpoint's weight files, in the order the index or the directory gives them."""
+    hf_dir = os.path.expanduser(hf_dir)
     for index, single in (("model.safetensors.index.json", "model.safetensors"),
                           ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index_path = os.path.join(hf_dir, index)
@@ -139,8 +158,8 @@ def weight_files(hf_dir: str) -> list[str]:
             try:
                 with open(index_path) as f:
                     files = sorted(set(json.load(f)["weight_map"].values()))
-            except (OSError, KeyError, json.JSONDecodeError) as e:
-                raise ValueError(f"cannot read {index_path!r}: {e}") from None
+            except (OSError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+                raise ValueError(f"cannot read {index_path!r}: {e!r}") from None
             missing = [p for p in files if not os.path.isfile(os.path.join(hf_dir, p))]
             if missing:
                 raise ValueError(f"{index_path!r} lists weight files that are missing: {missing}")
@@ -151,15 +170,28 @@ def weight_files(hf_dir: str) -> list[str]:
                      f"with model.safetensors.index.json, or pytorch_model*.bin")
 
 
-def read_config(hf_dir: str) -> LlamaConfig:
+def read_config(hf_dir: str | os.PathLike) -> LlamaConfig:
+    """The LlamaConfig of an HF directory's config.json."""
+    hf_dir = os.path.expanduser(os.fspath(hf_dir))
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"Hugging Face directory {hf_dir!r} does not exist")
     try:
         with open(path) as f:
-            return LlamaConfig.from_hf(json.load(f))
+            hf = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read {path!r}: {e}") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path!r} holds a JSON {type(hf).__name__}; expected an object")
+    return LlamaConfig.from_hf(hf)
+
+
+def check_tokenizer(path: str, cfg: LlamaConfig) -> None:
+    """Refuse a tokenizer.model that SentencePiece cannot load or that has more pieces than the
+    model has embeddings."""
+    n = Tokenizer(path).vocab_size  # ValueError naming the file if it is not a SentencePiece model
+    if n > cfg.vocab_size:
+        raise ValueError(f"{path!r} has {n} pieces but the model's vocab_size is {cfg.vocab_size}")
 
 
 class Progress:
@@ -187,9 +219,14 @@ def load_hf(hf_dir: str | os.PathLike, dtype="bfloat16", progress: bool = True,
     Params are numpy arrays, or whatever `place(name, array)` makes of each tensor as soon as it
     is converted (e.g. a device array in its shards), so host memory holds one tensor at a time.
     """
-    hf_dir = os.fspath(hf_dir)
+    hf_dir = os.path.expanduser(os.fspath(hf_dir))
     cfg = read_config(hf_dir)
     dtype = checkpoint.parse_dtype(dtype)
+    tok = os.path.join(hf_dir, "tokenizer.model")
+    if os.path.isfile(tok):
+        check_tokenizer(tok, cfg)  # before the weights: a bad tokenizer fails in seconds
+    else:
+        tok = None
     infos, keys = param_infos(cfg), key_map(cfg)
     flat: dict[str, np.ndarray] = {}
     files = weight_files(hf_dir)
@@ -211,10 +248,8 @@ def load_hf(hf_dir: str | os.PathLike, dtype="bfloat16", progress: bool = True,
     if missing:
         raise ValueError(f"the checkpoint lacks {len(missing)} tensors jllm needs, e.g. "
                          f"{[hf_key(k)[0] for k in missing[:5]]}")
-    tok = os.path.join(hf_dir, "tokenizer.model")
-    if not os.path.isfile(tok):
+    if tok is None:
         warnings.warn(f"{hf_dir!r} has no tokenizer.model: the model will take and return token ids")
-        tok = None
     return cfg, {k: flat[k] for k in infos}, tok
 
 
@@ -224,21 +259,23 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = 
     """Convert an HF Llama directory into a jllm checkpoint at out_dir (written atomically).
 
     quantize="int8" | "int4" stores the linear weights quantized (the mode goes in the metadata).
+    overwrite replaces an existing jllm checkpoint (never the source, nor anything else). The
+    source's config and the output location are checked before any weight is read.
     """
-    out_dir = os.fspath(out_dir)
+    hf_dir = os.path.expanduser(os.fspath(hf_dir))
     quant.check_mode(quantize, group_size)
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; choose a new directory or pass --overwrite")
-    cfg, flat, tok = load_hf(hf_dir, dtype, progress=progress)
-    meta = None
-    if quantize is not None:
-        flat, err = quant.quantize_flat(flat, quantize, group_size)
-        meta = {"mode": quantize, "group_size": group_size, "max_abs_error": err}
+    dtype_name = checkpoint.dtype_name(checkpoint.parse_dtype(dtype))
+    read_config(hf_dir)
+    with checkpoint.staging(out_dir, overwrite=overwrite, protect=(hf_dir,)) as tmp:
+        cfg, flat, tok = load_hf(hf_dir, dtype, progress=progress)
+        meta = None
+        if quantize is not None:
+            flat, err = quant.quantize_flat(flat, quantize, group_size)
+            meta = {"mode": quantize, "group_size": group_size, "max_abs_error": err}
+            if progress:
+                print(f"quantized linear weights to {quantize}; largest absolute error {err:.3g}",
+                      file=sys.stderr)
         if progress:
-            print(f"quantized linear weights to {quantize}; largest absolute error {err:.3g}",
-                  file=sys.stderr)
-    if progress:
-        print(f"writing {out_dir}", file=sys.stderr)
-    checkpoint.save(out_dir, flat, cfg, dtype=checkpoint.dtype_name(checkpoint.parse_dtype(dtype)),
-                    tokenizer=tok, overwrite=overwrite, quant=meta)
+            print(f"writing {checkpoint.expand(out_dir)}", file=sys.stderr)
+        checkpoint.write(tmp, flat, cfg, dtype=dtype_name, tokenizer=tok, quant=meta)
     return cfg

@@ -75,6 +75,8 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, hf: dict) -> "LlamaConfig":
         """Build from a Hugging Face Llama `config.json` dict; refuses what we cannot run."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"config.json holds a JSON {type(hf).__name__}; expected an object")
         if hf.get("model_type") != "llama":
             raise ValueError(f"config.json model_type={hf.get('model_type')!r}; only 'llama' is supported")
         if hf.get("rope_scaling") is not None:

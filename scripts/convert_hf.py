@@ -1,6 +1,9 @@
 """Convert a Hugging Face Llama directory into a jllm checkpoint.
 
     python scripts/convert_hf.py HF_DIR OUT_DIR [--dtype bfloat16|float16|float32] [--overwrite]
+
+--overwrite replaces an existing jllm checkpoint at OUT_DIR (once the new one is complete); it
+never replaces the source, a directory holding it, or anything that is not a jllm checkpoint.
 """
 import os
 import sys

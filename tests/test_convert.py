@@ -319,10 +319,18 @@ def test_existing_output_is_refused_unless_overwrite(tiny_hf, tmp_path):
     (out / "keep").write_text("x")
     with pytest.raises(FileExistsError, match="ckpt"):
         hf_convert.convert(tiny_hf, out, dtype="float32", progress=False)
-    assert (out / "keep").exists()
-    with pytest.warns(UserWarning, match="tokenizer.model"):
+    # --overwrite replaces only a jllm checkpoint, never a directory of other files.
+    with pytest.raises(FileExistsError, match="not a jllm checkpoint"):
         hf_convert.convert(tiny_hf, out, dtype="float32", overwrite=True, progress=False)
-    assert not (out / "keep").exists() and (out / checkpoint.META).is_file()
+    assert (out / "keep").exists()
+    (out / "keep").unlink()
+    out.rmdir()
+    with pytest.warns(UserWarning, match="tokenizer.model"):
+        hf_convert.convert(tiny_hf, out, dtype="float32", progress=False)
+    (out / "keep").write_text("x")  # inside a checkpoint: replaced with it
+    with pytest.warns(UserWarning, match="tokenizer.model"):
+        hf_convert.convert(tiny_hf, out, dtype="bfloat16", overwrite=True, progress=False)
+    assert not (out / "keep").exists() and checkpoint.read_meta(out)[1]["dtype"] == "bfloat16"
 
 
 def test_rotary_inv_freq_buffer_is_ignored(tiny_hf, tmp_path):
