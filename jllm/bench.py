@@ -7,6 +7,7 @@ average context; MFU counts 2 FLOPs per weight per token plus causal attention.
 """
 import dataclasses
 import functools
+import os
 import statistics
 import sys
 import time
@@ -38,7 +39,7 @@ class BenchResult:
     new_tokens: int
     cache_len: int
     compile_cold_s: float
-    compile_warm_s: float
+    compile_warm_s: float | None  # None: not measured (warm_compile=False)
     ttft_ms: float
     tpot_ms: float
     decode_tok_s_per_seq: float
@@ -152,7 +153,10 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
     MBU and MFU then count the bandwidth and peak of all the mesh's devices. kv_cache_dtype:
     "int8" for an int8 cache (default: dtype). prefill_compiler_options: XLA options for the
     prefill program only (e.g. {"xla_gpu_enable_triton_gemm": False}), to compare GEMM back ends.
+    batch, prompt_len and new_tokens are ints >= 1 and prompt_len + new_tokens must fit
+    cfg.max_seq_len (ValueError otherwise). compile_warm_s is None with warm_compile=False.
     """
+    _check_run(cfg, batch, prompt_len, new_tokens, bandwidth, peak_tflops)
     check_kv_cache_dtype(kv_cache_dtype)
     _plan.check_impls(attn_impl, matmul_impl)
     attn_impl = attn_impl or _plan.default_attn_impl()
@@ -192,11 +196,11 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
 
     _say(f"compiling prefill [{batch}, {T}] and decode ({new_tokens} steps, cache {S})")
     p_fn, d_fn, cold = compile_all()
-    warm = float("nan")
+    warm = None
     if warm_compile:
         jax.clear_caches()  # the second compile is served by the persistent compilation cache
         p_fn, d_fn, warm = compile_all()
-    _say(f"compile: cold {cold:.1f} s, warm {warm:.1f} s")
+    _say(f"compile: cold {cold:.1f} s, warm {_seconds(warm)}")
 
     def run_prefill():
         return p_fn(params, tokens, n_tokens, new_cache(), sampling, key)
@@ -237,6 +241,22 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
         kv_cache_dtype=kv_dt.name, prefill_compiler_options=prefill_compiler_options)
 
 
+def _check_run(cfg: LlamaConfig, batch, prompt_len, new_tokens, bandwidth, peak_tflops) -> None:
+    for name, value in (("batch", batch), ("prompt_len", prompt_len), ("new_tokens", new_tokens)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an int >= 1")
+    if prompt_len + new_tokens > cfg.max_seq_len:
+        raise ValueError(f"{prompt_len=} + {new_tokens=} = {prompt_len + new_tokens} positions do "
+                         f"not fit the config's context of {cfg.max_seq_len} (max_seq_len)")
+    for name, value in (("bandwidth", bandwidth), ("peak_tflops", peak_tflops)):
+        if value is not None and not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+            raise ValueError(f"{name}={value!r} must be None (measure it) or a number > 0")
+
+
+def _seconds(t: float | None) -> str:
+    return "-" if t is None else f"{t:.1f} s"
+
+
 def _quant_mode(params) -> str | None:
     w = params.layers[0].wq
     return f"int{w.bits}" if isinstance(w, quant.QArray) else None
@@ -247,10 +267,11 @@ def format_table(results: list[BenchResult]) -> str:
             f"{'TPOT ms':>8} {'tok/s/seq':>9} {'tok/s':>8} {'MBU':>5} {'MFU':>5} {'compile s':>11}")
     lines = [head]
     for r in results:
+        warm = "-" if r.compile_warm_s is None else f"{r.compile_warm_s:.1f}"
         lines.append(f"{r.config:<12} {r.quant or r.dtype:<8} {_short(r.kv_cache_dtype):<5} {r.attn_impl:<6} {r.matmul_impl:<12} {r.batch:>3} {r.prompt_len:>5} "
                      f"{r.new_tokens:>4} {r.ttft_ms:>8.2f} {r.tpot_ms:>8.3f} {r.decode_tok_s_per_seq:>9.1f} "
                      f"{r.decode_tok_s_total:>8.1f} {r.mbu:>5.0%} {r.mfu_prefill:>5.0%} "
-                     f"{r.compile_cold_s:>5.1f}/{r.compile_warm_s:<5.1f}")
+                     f"{r.compile_cold_s:>5.1f}/{warm:<5}")
     return "\n".join(lines)
 
 
@@ -280,4 +301,8 @@ def plot(results: list[BenchResult], path: str) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"jllm decode on {results[0].device} (jax {results[0].jax_version})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # Written beside `path`, then renamed: an interrupted run leaves no half-written image.
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1][1:] or "png")
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -12,7 +12,10 @@ process restores only the shards of its own devices, and `generate` runs the sam
 process.
 """
 import functools
+import math
 import os
+import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -201,17 +204,43 @@ def broadcast_text(text: str | None) -> str:
     return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))[:n]).decode()
 
 
+# Seconds jax.distributed waits beyond initialize_distributed's own timeout before it aborts.
+_JAX_GRACE_S = 30
+
+
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> tuple[int, int]:
+                           process_id: int | None = None, timeout_s: float = 300,
+                           ) -> tuple[int, int]:
     """Join a multi-process run (jax.distributed) -> (this process's index, process count).
 
     With no arguments jax detects the cluster (SLURM, Open MPI, Kubernetes, Cloud TPU) or reads
     JAX_COORDINATOR_ADDRESS. Call it before anything touches a device. CPU processes exchange data
-    over gloo.
+    over gloo. If the processes have not all joined within `timeout_s` seconds, this prints why
+    to stderr and ends the process with status 2: jax would abort it a little later from C++
+    (a check failure and a stack trace) which no Python code can catch.
     """
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < math.inf:
+        raise ValueError(f"{timeout_s=} must be a number of seconds > 0")
     if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "none"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
+    joined = threading.Event()
+
+    def give_up() -> None:
+        if not joined.wait(timeout_s):
+            who = f"all {num_processes} processes" if num_processes else "every process"
+            print(f"gave up after {timeout_s:g} s: not {who} joined at "
+                  f"{coordinator or 'the detected coordinator'}; start every process with the "
+                  "same coordinator address and process count, each with its own process id, "
+                  "or allow longer", file=sys.stderr, flush=True)
+            os._exit(2)
+
+    threading.Thread(target=give_up, name="initialize_distributed timeout", daemon=True).start()
+    try:
+        # jax's own deadline comes later, so the clear exit above happens first.
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id,
+                                   initialization_timeout=math.ceil(timeout_s) + _JAX_GRACE_S)
+    finally:
+        joined.set()
     return jax.process_index(), jax.process_count()

@@ -1,19 +1,97 @@
-"""The `jllm` command: generate | chat | convert | bench."""
+"""The `jllm` command: generate | chat | convert | bench.
+
+Flag values are checked when the command line is parsed (argument types) or right after
+(`_check`), before any weights load, so a bad value costs no model load or run.
+"""
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
 
+from jllm import quant
+from jllm.config import CONFIGS
+
+CHAT_HELP = ("commands: /help (this list), /stats (the last reply's timings), /reset (clear the "
+             "conversation), /exit (or Ctrl-D); Ctrl-C stops a reply; start a message with // to "
+             "send a literal /")
+_INTERRUPT = "\x03"  # Ctrl-C at the chat prompt, as process 0 sends it to the others
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
+        return value
+    return parse
+
+
+_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
+
+
+def _float(text: str, ok, expected: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    return _float(text, lambda x: x >= 0, "a number >= 0")
+
+
+def _positive_float(text: str) -> float:
+    return _float(text, lambda x: x > 0, "a number > 0")
+
+
+def _probability(text: str) -> float:
+    return _float(text, lambda x: 0 < x <= 1, "a number in (0, 1]")
+
+
+def _utf8_problem(text: str) -> str | None:
+    """Why `text` is not valid UTF-8 (bytes that were not UTF-8 arrive as lone surrogates), or None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what = f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        return f"{what} at character {e.start + 1} is not valid UTF-8"
+
+
+def _text(text: str) -> str:
+    """Non-empty UTF-8 text (a prompt, a stop string, a system prompt)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected non-empty text, got ''")
+    problem = _utf8_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
+
+
+def _address(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (port 1-65535), got {text!r}")
+    return text
+
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-k", type=_positive_int, default=None)
+    p.add_argument("--top-p", type=_probability, default=None, help="in (0, 1]")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--stop", type=_text, action="append", default=None, help="stop string (repeatable)")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -35,26 +113,28 @@ def _kv_cache_dtype(choice: str) -> str | None:
 def _add_quant(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="weight-only quantization of the linear layers")
-    p.add_argument("--group-size", type=int, default=None, help="int4 group size (default 128)")
-
-
-def _env_int(name: str) -> int | None:
-    return int(os.environ[name]) if os.environ.get(name) else None
+    p.add_argument("--group-size", type=int, choices=quant.INT4_GROUP_SIZES, default=None,
+                   help="int4 group size (default 128)")
 
 
 def _add_parallel(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallelism", "a mesh of tp x dp devices; several processes (one per "
                              "host) join through jax.distributed")
-    g.add_argument("--tp", type=int, default=1, help="tensor-parallel ways: heads and ffn split over devices")
-    g.add_argument("--dp", type=int, default=1, help="data-parallel ways: the batch split over devices")
-    g.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+    g.add_argument("--tp", type=_positive_int, default=1,
+                   help="tensor-parallel ways: heads and ffn split over devices")
+    g.add_argument("--dp", type=_positive_int, default=1,
+                   help="data-parallel ways: the batch split over devices")
+    # String defaults from the environment go through `type` too, so they are checked the same way.
+    g.add_argument("--coordinator", type=_address, default=os.environ.get("JAX_COORDINATOR_ADDRESS") or None,
                    help="host:port of process 0 in a multi-process run (default $JAX_COORDINATOR_ADDRESS)")
-    g.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"),
+    g.add_argument("--num-processes", type=_positive_int, default=os.environ.get("JAX_NUM_PROCESSES") or None,
                    help="processes in the run (default $JAX_NUM_PROCESSES, or detected)")
-    g.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"),
+    g.add_argument("--process-id", type=_non_negative_int, default=os.environ.get("JAX_PROCESS_ID") or None,
                    help="this process's index (default $JAX_PROCESS_ID, or detected)")
     g.add_argument("--distributed", action="store_true",
                    help="join a multi-process run that jax detects (SLURM, Open MPI, Kubernetes)")
+    g.add_argument("--distributed-timeout", type=_positive_float, default=300, metavar="SECONDS",
+                   help="how long to wait for every process to join before giving up (default 300)")
 
 
 def _mesh(args):
@@ -63,7 +143,13 @@ def _mesh(args):
     from jllm import parallel
     from sharding import rules
     if args.distributed or args.coordinator or args.num_processes or args.process_id is not None:
-        parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        # Printed by every process (which one is process 0 is not known yet): a missing peer
+        # otherwise looks like a hang.
+        print(f"waiting for {args.num_processes or 'all'} processes at "
+              f"{args.coordinator or 'the detected coordinator'} "
+              f"(timeout {args.distributed_timeout:g} s)", file=sys.stderr, flush=True)
+        parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
+                                        timeout_s=args.distributed_timeout)
     if args.tp * args.dp == 1 and jax.process_count() == 1:
         return None
     mesh = rules.make_mesh(args.tp, args.dp)
@@ -128,34 +214,84 @@ def cmd_generate(args) -> int:
 
 
 def _read_line() -> str:
-    """The next user line; in a multi-process run process 0 reads it and sends it to the others."""
+    """The next user line; in a multi-process run process 0 reads it and sends it to the others.
+
+    Ctrl-D reads as /exit and Ctrl-C as _INTERRUPT (after ending the prompt's line); a line that
+    is not valid UTF-8 is refused with a message and the prompt shown again.
+    """
     import jax
     line = None
-    if _main_process():
+    while _main_process() and line is None:
         try:
             line = input("> ").strip()
         except EOFError:
+            print()
             line = "/exit"
+        except KeyboardInterrupt:
+            print()
+            line = _INTERRUPT
+        except UnicodeDecodeError as e:  # stdin that could not be set to surrogateescape
+            _say(f"(not sent: the line is not valid UTF-8: {e}; the conversation is kept)")
+            continue
+        problem = _utf8_problem(line)
+        if problem:
+            _say(f"(not sent: {problem}; the conversation is kept)")
+            line = None
     if jax.process_count() > 1:
         from jllm import parallel
         line = parallel.broadcast_text(line)
     return line
 
 
-def cmd_chat(args) -> int:
+def _reply(model, ids, args, max_new_tokens: int):
+    """Generate and stream one chat reply -> (Completion or None if Ctrl-C stopped it, its text)."""
+    import jax
     import jllm
+    main, parts = _main_process(), []
+
+    def stream(delta):
+        parts.append(delta.text)
+        if main:
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+
+    try:
+        [out] = jllm.generate(model, [ids], max_new_tokens=max_new_tokens,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              seed=args.seed, stop=args.stop, stream=stream)
+    except KeyboardInterrupt:
+        if jax.process_count() > 1:  # the other processes cannot be told mid-reply: end the run
+            raise
+        print()
+        _say("(reply stopped)")
+        return None, "".join(parts)
+    if main:
+        print()
+    return out, out.text
+
+
+def cmd_chat(args) -> int:
     from jllm.tokenizer import format_chat
+    # Bytes typed that are not UTF-8 then arrive as lone surrogates that _read_line reports,
+    # instead of an exception that loses the line (and, from a pipe, the lines read with it).
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
     model = _load(args)
     if model.tokenizer is None:
         sys.exit("chat needs a model with a tokenizer.model")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     last = None
-    main = _main_process()
-    _say("jllm chat: /stats, /reset, /exit")
+    _say(f"jllm chat: {CHAT_HELP}")
     while True:
         line = _read_line()
         if line in ("/exit", "/quit"):
             return 0
+        if line == _INTERRUPT:
+            return 130
+        if line == "/help":
+            _say(CHAT_HELP)
+            continue
         if line == "/reset":
             messages = messages[:1] if args.system else []
             _say("(conversation cleared)")
@@ -169,6 +305,11 @@ def cmd_chat(args) -> int:
                      f"({s.prompt_tokens / max(s.ttft_s, 1e-9):.1f} tokens/s); decode: "
                      f"{s.generated_tokens} tokens at {s.decode_tokens_per_s:.1f} tokens/s")
             continue
+        if line.startswith("/") and not line.startswith("//"):
+            _say(f"unknown command {line.split()[0]!r}; {CHAT_HELP}")
+            continue
+        if line.startswith("//"):
+            line = line[1:]
         if not line:
             continue
         messages.append({"role": "user", "content": line})
@@ -179,14 +320,10 @@ def cmd_chat(args) -> int:
             _say(f"(the conversation has {len(ids)} tokens, the model's context is "
                  f"{model.cfg.max_seq_len}: /reset to start over)")
             continue
-        [last] = jllm.generate(model, [ids], max_new_tokens=min(args.max_new_tokens, room),
-                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                               seed=args.seed, stop=args.stop,
-                               stream=(lambda d: (sys.stdout.write(d.text), sys.stdout.flush()))
-                               if main else None)
-        if main:
-            print()
-        messages.append({"role": "assistant", "content": last.text})
+        out, text = _reply(model, ids, args, min(args.max_new_tokens, room))
+        last = out or last
+        # A stopped reply stays in the conversation as far as it got (perhaps empty).
+        messages.append({"role": "assistant", "content": text})
 
 
 def cmd_convert(args) -> int:
@@ -197,13 +334,45 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _check_bench(args, cfg) -> None:
+    """What would otherwise fail only after the weights are made, or after the whole run."""
+    for prompt_len in args.prompt_len:
+        if prompt_len + args.new_tokens > cfg.max_seq_len:
+            raise ValueError(f"--prompt-len {prompt_len} + --new-tokens {args.new_tokens} = "
+                             f"{prompt_len + args.new_tokens} positions do not fit {args.config}'s "
+                             f"context of {cfg.max_seq_len} (max_seq_len)")
+    for batch in args.batch:
+        if batch % args.dp:
+            raise ValueError(f"--batch {batch} is not a multiple of --dp {args.dp}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            raise ValueError(f"--plot needs matplotlib ({e}): pip install 'jllm[bench]'") from None
+    if args.process_id in (None, 0):  # only process 0 writes them
+        for flag, path in (("--json", args.json), ("--plot", args.plot)):
+            if path:
+                _check_writable(flag, path)
+
+
+def _check_writable(flag: str, path: str) -> None:
+    """Raise ValueError naming `path` unless a file can be created there (tried, then removed)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a directory; expected a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".jllm-write-check-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {path!r} cannot be written: {e.strerror} ({folder!r})") from None
+
+
 def cmd_bench(args) -> int:
     import jax
     from jllm import bench, parallel, runtime
     from jllm.config import LlamaConfig
-    if not args.random_weights:
-        sys.exit("jllm bench needs --random-weights (benchmarks run on random weights of a named config)")
     cfg = LlamaConfig.from_name(args.config)
+    _check_bench(args, cfg)
     prefill_options = _xla_options(args.prefill_xla_option)
     mesh = _mesh(args)  # with several processes, each runs the same benchmark on its devices
     # A fresh cache directory, so "cold" is a real first compile and "warm" a persistent-cache hit.
@@ -243,10 +412,22 @@ def cmd_bench(args) -> int:
           + (f", prefill XLA options {results[0].prefill_compiler_options}"
              if results[0].prefill_compiler_options else ""))
     if args.json:
-        _write_atomic(args.json, json.dumps([r.__dict__ for r in results], indent=2))
+        rows = [_finite_or_none(r.__dict__) for r in results]
+        _write_atomic(args.json, json.dumps(rows, indent=2, allow_nan=False))
     if args.plot:
         bench.plot(results, args.plot)
     return 0
+
+
+def _finite_or_none(x):
+    """JSON for strict parsers: NaN and infinities (no measurement) become null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_none(v) for v in x]
+    return x
 
 
 def _xla_options(items: list[str]) -> dict | None:
@@ -273,9 +454,13 @@ def _xla_options(items: list[str]) -> dict | None:
 
 def _write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -283,13 +468,14 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
     _add_model(p)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", type=_text, required=True,
+                   help="text (UTF-8), or space-separated token ids for a model without a tokenizer")
     _add_sampling(p)
     _add_parallel(p)
     p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("chat", help="interactive Llama-2 chat")
     _add_model(p)
-    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--system", type=_text, default=None, help="system prompt")
     _add_sampling(p)
     _add_parallel(p)
     p.set_defaults(fn=cmd_chat)
@@ -301,13 +487,17 @@ def parser() -> argparse.ArgumentParser:
     _add_quant(p)
     p.set_defaults(fn=cmd_convert)
     p = sub.add_parser("bench", help="benchmark a named config with random weights")
-    p.add_argument("--config", default="llama-2-7b")
-    p.add_argument("--random-weights", action="store_true")
+    p.add_argument("--config", default="llama-2-7b",
+                   help=f"a named config: {', '.join(CONFIGS)} (default llama-2-7b)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="accepted and changes nothing: random weights of a named config are the "
+                        "only mode (nothing is downloaded or read)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     _add_quant(p)
-    p.add_argument("--batch", type=int, nargs="+", default=[1])
-    p.add_argument("--prompt-len", type=int, nargs="+", default=[128])
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch", type=_positive_int, nargs="+", default=[1])
+    p.add_argument("--prompt-len", type=_positive_int, nargs="+", default=[128],
+                   help="prompt length(s); with --new-tokens within the config's max_seq_len")
+    p.add_argument("--new-tokens", type=_positive_int, default=128)
     p.add_argument("--attn-impl", choices=["xla", "pallas"], nargs="+", default=[None])
     p.add_argument("--matmul-impl", choices=["xla", "pallas", "pallas-fused"], nargs="+", default=[None],
                    help="quantized matmul: the Pallas kernel, the kernel with one launch for q/k/v and "
@@ -317,25 +507,62 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-xla-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an XLA option for the prefill program only, e.g. "
                         "xla_gpu_enable_triton_gemm=false (repeatable)")
-    p.add_argument("--bandwidth", type=float, default=None, help="TB/s for MBU (default: measured)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: measured)")
+    p.add_argument("--bandwidth", type=_positive_float, default=None, help="TB/s for MBU (default: measured)")
+    p.add_argument("--peak-tflops", type=_positive_float, default=None, help="for MFU (default: measured)")
     p.add_argument("--cache-dir", default=None, help="persistent compilation cache (default: a fresh temporary one)")
     p.add_argument("--warm-compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also time a second compile served by the persistent cache (first run only)")
-    p.add_argument("--json", default=None, help="write results to this file")
-    p.add_argument("--plot", default=None, help="write a PNG of tokens/s against batch")
+    p.add_argument("--json", default=None, help="write results to this file (a skipped "
+                   "measurement, such as the warm compile with --no-warm-compile, is null)")
+    p.add_argument("--plot", default=None, help="write a PNG of tokens/s against batch (needs "
+                   "matplotlib: pip install 'jllm[bench]')")
     _add_parallel(p)
     p.set_defaults(fn=cmd_bench)
     return ap
 
 
+def _check(args) -> None:
+    """Checks of several flags together, made before anything loads (ValueError naming them)."""
+    if args.group_size is not None and args.quantize != "int4":
+        raise ValueError(f"--group-size {args.group_size} applies to --quantize int4 only "
+                         f"(got --quantize {args.quantize})")
+    model = getattr(args, "model", None)
+    if model is not None and not os.path.isdir(os.path.expanduser(model)):
+        raise FileNotFoundError(f"--model {model!r} is not a directory (a jllm checkpoint or a "
+                                "Hugging Face Llama directory)")
+    num, pid = getattr(args, "num_processes", None), getattr(args, "process_id", None)
+    if num is not None and pid is not None and pid >= num:
+        raise ValueError(f"--process-id {pid} must be below --num-processes {num}")
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe (`jllm generate ... | head`): send what is left for stdout to devnull,
+    so the flush at exit does not fail again (the Python docs' recipe, signal module, SIGPIPE)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a replaced stdout (tests) has no descriptor
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return args.fn(args)
+        _check(args)
+        status = args.fn(args)
+        sys.stdout.flush()  # a reader that went away shows up here, not at exit
+        return status
     except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
         print(f"jllm {args.command}: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C: end the line being written, exit with 128 + SIGINT
+        print()
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ trained on local text), converts it with the same converter as real checkpoints,
 stats. The weights are random, so the text is nonsense: this shows the machinery, not a model.
 
     python scripts/quickstart.py [--dir jllm-demo] [--prompt TEXT]
+
+It writes DIR/hf (the Hugging Face form) and DIR/jllm (the converted checkpoint), reuses them on
+the next run, and ends by printing commands to try on them.
 """
 import argparse
 import os
@@ -28,9 +31,18 @@ def main(argv: list[str] | None = None) -> int:
         tiny.make_tiny_hf(hf_dir)
         hf.convert(hf_dir, ck_dir, dtype="float32")
     print("NOTE: random weights; the output below is meaningless text.\n", file=sys.stderr)
-    return cli_main(["generate", "--model", ck_dir, "--prompt", args.prompt,
-                     "--max-new-tokens", str(args.max_new_tokens), "--temperature", "0.8",
-                     "--top-k", "50", "--seed", "0"])
+    status = cli_main(["generate", "--model", ck_dir, "--prompt", args.prompt,
+                       "--max-new-tokens", str(args.max_new_tokens), "--temperature", "0.8",
+                       "--top-k", "50", "--seed", "0"])
+    if status == 0:
+        print(f"\nThe demo model is in {args.dir}: {hf_dir} (Hugging Face format) and {ck_dir} "
+              f"(jllm checkpoint). Next:\n"
+              f"  jllm chat --model {ck_dir}\n"
+              f"  jllm generate --model {ck_dir} --prompt \"Hello\" --max-new-tokens 32\n"
+              f"  jllm generate --model {ck_dir} --quantize int8 --prompt \"Hello\"\n"
+              f"  jllm bench --config tiny\n"
+              "(without pip install: python -m scripts.cli instead of jllm)", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """The `jllm` command line: generate, chat, convert, bench (in process, tiny models)."""
 import io
 import json
-import math
 import os
 import sys
 
@@ -56,8 +55,10 @@ def test_generate_on_an_int8_model(tiny_dirs, capsys):
 
 def test_generate_reports_bad_sampling_values_as_an_error(tiny_dirs, capsys):
     _, ck = tiny_dirs
-    assert cli.main(["generate", "--model", ck, "--prompt", "Hi", "--top-p", "1.5"]) == 2
-    assert "top_p=1.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # refused while parsing, before the model loads
+        cli.main(["generate", "--model", ck, "--prompt", "Hi", "--top-p", "1.5"])
+    assert e.value.code == 2
+    assert "--top-p: expected a number in (0, 1], got 1.5" in capsys.readouterr().err
 
 
 def test_chat_answers_reports_stats_resets_and_exits(tiny_dirs, capsys, monkeypatch):
@@ -93,7 +94,7 @@ def test_bench_compares_matmul_impls_without_a_warm_compile(tmp_path):
                      "--no-warm-compile", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [(r["quant"], r["matmul_impl"]) for r in rows] == [("int8", "pallas"), ("int8", "xla")]
-    assert all(math.isnan(r["compile_warm_s"]) and r["tpot_ms"] > 0 for r in rows)
+    assert all(r["compile_warm_s"] is None and r["tpot_ms"] > 0 for r in rows)
 
 
 def test_bench_compares_kv_cache_dtypes_and_counts_int8_cache_bytes(tmp_path):
@@ -135,11 +136,6 @@ def test_bench_passes_xla_options_to_the_prefill_compile(tmp_path, capsys):
     assert "prefill XLA options" in capsys.readouterr().out
     assert cli.main(["bench", "--config", "tiny", "--random-weights", "--prefill-xla-option", "novalue"]) == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
-
-
-def test_bench_needs_random_weights():
-    with pytest.raises(SystemExit):
-        cli.main(["bench", "--config", "tiny"])
 
 
 def test_bench_unknown_config_names_the_known_ones(capsys):
