@@ -1,2 +1,6 @@
-"""Checkpoint conversion: Hugging Face Llama directories into jllm checkpoints (`convert.hf`), and a
-random tiny Llama in HF format for the quickstart and tests (`convert.tiny`)."""
+"""Hugging Face-side tools: `convert.tiny` writes a small random-weight Llama in Hugging Face
+format (with a SentencePiece tokenizer trained on local text) for the quickstart and the tests.
+
+Reading Hugging Face checkpoints and converting them into jllm checkpoints is `jllm.hf`
+(`jllm convert`, `jllm.load(hf_dir)`).
+"""

@@ -13,7 +13,7 @@ import tempfile
 import numpy as np
 import sentencepiece as spm
 
-from convert.hf import hf_key
+from jllm.hf import hf_key
 from jllm.config import LlamaConfig
 from jllm.model import param_infos
 

@@ -4,7 +4,6 @@
     [result] = jllm.generate(model, "Once upon a time", max_new_tokens=64)
 """
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +17,6 @@ from jllm.tokenizer import Tokenizer
 __all__ = ["CONFIGS", "Completion", "LlamaConfig", "Model", "generate", "load"]
 
 runtime.quiet_triton_deprecation()
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | None = None,
@@ -47,12 +42,12 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
     check_kv_cache_dtype(kv_cache_dtype)
     check_impls(attn_impl, matmul_impl)
     path = os.fspath(path)
-    say = _say if progress else None
+    say = runtime.say if progress else None
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     tok_path = os.path.join(path, "tokenizer.model")
     if not os.path.isfile(os.path.join(path, checkpoint.META)) and os.path.isfile(os.path.join(path, "config.json")):
-        from convert import hf  # the converter depends on jllm; imported only for HF directories
+        from jllm import hf
         cfg = hf.read_config(path)
         if mesh is None:
             def place(name, w):
@@ -83,7 +78,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
     if quantize is not None and stored is None:
         if say:
             say(f"quantizing linear weights to {quantize}")
-        flat, err = quant.quantize_flat(flat, quantize, group_size)
+        flat, err = quant.quantize_flat(flat, quantize, group_size, progress=progress)
         if say:
             say(f"largest absolute weight error {err:.3g}")
         stored = {"mode": quantize, "group_size": group_size}

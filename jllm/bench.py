@@ -9,7 +9,6 @@ import dataclasses
 import functools
 import os
 import statistics
-import sys
 import time
 
 import jax
@@ -18,10 +17,11 @@ import numpy as np
 
 from jllm import plan as _plan
 from jllm import quant
+from jllm.runtime import say
 from jllm.config import LlamaConfig
 from jllm.generate import bucket, check_kv_cache_dtype, decode, prefill
 from jllm.kvcache import init_cache
-from jllm.model import from_flat, init_params, param_infos, to_flat
+from jllm.model import param_infos, to_flat
 from jllm.sampling import Sampling
 
 
@@ -53,11 +53,6 @@ class BenchResult:
     peak_memory_gb: float | None
     kv_cache_dtype: str = "bfloat16"
     prefill_compiler_options: dict | None = None
-
-
-def _say(msg: str) -> None:
-    if jax.process_index() == 0:  # several processes run one benchmark; one of them reports
-        print(msg, file=sys.stderr, flush=True)
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -129,18 +124,6 @@ def prefill_flops(cfg: LlamaConfig, batch: int, prompt_len: int) -> float:
     return matmul_flops + attn_flops
 
 
-def random_params(cfg: LlamaConfig, name: str, dtype: str = "bfloat16", seed: int = 0,
-                  quantize: str | None = None, group_size: int | None = None):
-    """Random weights made on the device (no host copy), quantized if asked, for benchmarks."""
-    _say(f"initializing random {name} weights ({dtype}) on {jax.devices()[0].device_kind}")
-    params = init_params(cfg, jax.random.key(seed), dtype)
-    if quantize is not None:
-        _say(f"quantizing to {quantize}")
-        flat, _ = quant.quantize_flat(to_flat(params), quantize, group_size)
-        params = from_flat(flat, cfg)
-    return jax.block_until_ready(params)
-
-
 def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1, prompt_len: int = 128,
         new_tokens: int = 128, attn_impl: str | None = None, matmul_impl: str | None = None,
         bandwidth: float | None = None, peak_tflops: float | None = None, params=None,
@@ -163,7 +146,9 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
     matmul_impl = matmul_impl or _plan.default_matmul_impl()  # per shard on a mesh
     dt = jnp.dtype(dtype)
     if params is None:
-        params = random_params(cfg, name, dtype, seed)
+        from jllm import parallel
+        say(f"initializing random {name} weights ({dtype}) on {jax.devices()[0].device_kind}")
+        params = parallel.random_params(cfg, None, jax.random.key(seed), dtype)
     T = min(bucket(prompt_len), cfg.max_seq_len)
     S = min(bucket(T + new_tokens), cfg.max_seq_len)
     rng = np.random.default_rng(seed)
@@ -194,13 +179,13 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
         d = decode.lower(params, token0, abstract_cache, sampling, key, n_steps=new_tokens, **kw).compile()
         return p, d, time.perf_counter() - t
 
-    _say(f"compiling prefill [{batch}, {T}] and decode ({new_tokens} steps, cache {S})")
+    say(f"compiling prefill [{batch}, {T}] and decode ({new_tokens} steps, cache {S})")
     p_fn, d_fn, cold = compile_all()
     warm = None
     if warm_compile:
         jax.clear_caches()  # the second compile is served by the persistent compilation cache
         p_fn, d_fn, warm = compile_all()
-    _say(f"compile: cold {cold:.1f} s, warm {_seconds(warm)}")
+    say(f"compile: cold {cold:.1f} s, warm {_seconds(warm)}")
 
     def run_prefill():
         return p_fn(params, tokens, n_tokens, new_cache(), sampling, key)

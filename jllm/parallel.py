@@ -93,15 +93,16 @@ def shard_params(params: Params, cfg: LlamaConfig, mesh: Mesh) -> Params:
     return model.from_flat(shard_flat(model.to_flat(params), cfg, mesh), cfg)
 
 
-def random_params(cfg: LlamaConfig, mesh: Mesh, key: jax.Array, dtype=jnp.bfloat16,
+def random_params(cfg: LlamaConfig, mesh: Mesh | None, key: jax.Array, dtype=jnp.bfloat16,
                   quantize: str | None = None, group_size: int | None = None) -> Params:
-    """model.init_params made directly in its shards (70B never sits on one device), quantized
-    if asked: for benchmarks."""
-    params = model.init_params(cfg, key, dtype, shardings=param_shardings(cfg, mesh))
+    """model.init_params made on the device, directly in its shards on a mesh (70B never sits on
+    one device), quantized if asked: for benchmarks."""
+    shardings = None if mesh is None else param_shardings(cfg, mesh)
+    params = model.init_params(cfg, key, dtype, shardings=shardings)
     if quantize is None:
-        return params
-    flat, _ = _quant.quantize_flat(model.to_flat(params), quantize, group_size)
-    return model.from_flat(shard_flat(flat, cfg, mesh), cfg)
+        return jax.block_until_ready(params)
+    flat, _ = _quant.quantize_flat(model.to_flat(params), quantize, group_size, progress=True)
+    return jax.block_until_ready(model.from_flat(flat if mesh is None else shard_flat(flat, cfg, mesh), cfg))
 
 
 def cache_shardings(cfg: LlamaConfig, mesh: Mesh, quantized: bool = False) -> KVCache:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from jllm import runtime
 from jllm.plan import Plan
 from pallas_kernels import quant_matmul as qmm
 from sharding import rules
@@ -292,14 +293,14 @@ def check_mode(mode: str | None, group_size: int | None = None) -> None:
 
 
 def quantize_flat(flat: dict[str, jax.Array], mode: str, group_size: int | None = None,
-                  ) -> tuple[dict[str, jax.Array | QArray], float]:
+                  progress: bool = False) -> tuple[dict[str, jax.Array | QArray], float]:
     """Quantize every linear weight of flat params; return them and the largest abs error.
 
     Originals are dropped as they are replaced, so peak memory stays near the float model's.
     """
     check_mode(mode, group_size)
     out, max_err = {}, 0.0
-    for name in list(flat):
+    for name in runtime.progress(list(flat), len(flat), f"quantizing to {mode}", progress):
         w = flat.pop(name)
         if is_linear(name):
             try:

@@ -1,8 +1,12 @@
-"""Process-wide setup: the persistent compilation cache and the Pallas-Triton warning filter."""
+"""Process-wide setup (the persistent compilation cache, the Pallas-Triton warning filter) and the
+status lines and progress bars of long work."""
 import os
+import sys
+import time
 import warnings
 
 import jax
+import tqdm
 
 
 def quiet_triton_deprecation() -> None:
@@ -28,3 +32,27 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def say(msg: str) -> None:
+    """A progress or status line on stderr, from process 0 only (in a multi-process run every
+    process runs the same program; one of them reports)."""
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def progress(iterable, total: int | None = None, desc: str = "", enabled: bool = True):
+    """Iterate with a tqdm bar on a terminal; when stderr is not one (a log file, CI), just a line
+    at the start and one at the end instead of a bar; nothing when disabled."""
+    if not enabled or jax.process_index() != 0:
+        yield from iterable
+        return
+    if sys.stderr.isatty():
+        yield from tqdm.tqdm(iterable, total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
+        return
+    t = time.perf_counter()
+    print(f"{desc}: {total if total is not None else '?'} steps", file=sys.stderr, flush=True)
+    n = 0
+    for n, item in enumerate(iterable, 1):
+        yield item
+    print(f"{desc}: {n} done in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)

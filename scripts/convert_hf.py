@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts.cli import main as cli_main  # noqa: E402
+from jllm.cli import main as cli_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,8 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     args = ap.parse_args(argv)
 
-    from convert import hf, tiny
-    from scripts.cli import main as cli_main
+    from convert import tiny
+    from jllm import hf
+    from jllm.cli import main as cli_main
     hf_dir, ck_dir = os.path.join(args.dir, "hf"), os.path.join(args.dir, "jllm")
     if not os.path.isdir(ck_dir):
         print(f"building a tiny random-weight Llama (HF format) in {hf_dir}", file=sys.stderr)
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
               f"  jllm generate --model {ck_dir} --prompt \"Hello\" --max-new-tokens 32\n"
               f"  jllm generate --model {ck_dir} --quantize int8 --prompt \"Hello\"\n"
               f"  jllm bench --config tiny\n"
-              "(without pip install: python -m scripts.cli instead of jllm)", file=sys.stderr)
+              "(without pip install: python -m jllm instead of jllm)", file=sys.stderr)
     return status
 
 

@@ -185,7 +185,7 @@ def case_pallas_matmul() -> dict:
 
 def case_restore(tmp: str) -> dict:
     """jllm.load(mesh=...) of a jllm checkpoint and of an HF directory: shard shapes and values."""
-    from convert import hf
+    from jllm import hf
     from convert.tiny import make_tiny_hf
     out = {}
     cfg = GQA

@@ -14,7 +14,8 @@ import pytest
 import jllm
 from jllm import bench, parallel
 from jllm.config import CONFIGS, LlamaConfig
-from scripts import cli, quickstart
+from jllm import cli
+from scripts import quickstart
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +34,6 @@ def no_load(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded (or weights made) before the bad value was refused")
     monkeypatch.setattr(jllm, "load", fail)
-    monkeypatch.setattr(bench, "random_params", fail)
     monkeypatch.setattr(parallel, "random_params", fail)
 
 
@@ -139,7 +139,7 @@ def test_generate_refuses_a_prompt_that_is_not_utf8_before_loading(tiny_checkpoi
 
 def test_generate_refuses_invalid_utf8_bytes_from_the_shell(tiny_checkpoint):
     """The bytes as a shell passes $'abc\\xff': argv decoding turns 0xff into a lone surrogate."""
-    proc = subprocess.run([sys.executable, "-m", "scripts.cli", "generate", "--model", tiny_checkpoint,
+    proc = subprocess.run([sys.executable, "-m", "jllm", "generate", "--model", tiny_checkpoint,
                            "--prompt", b"abc\xff"], cwd=ROOT, capture_output=True, timeout=120)
     err = proc.stderr.decode()
     assert proc.returncode == 2, err
@@ -230,7 +230,7 @@ def _free_port() -> int:
 def test_a_missing_peer_gives_up_after_the_timeout_with_a_message():
     address = f"127.0.0.1:{_free_port()}"
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "scripts.cli", "bench", "--config", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "jllm", "bench", "--config", "tiny",
                            "--coordinator", address, "--num-processes", "2", "--process-id", "0",
                            "--distributed-timeout", "3"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -307,7 +307,7 @@ def test_chat_ctrl_c_during_a_reply_stops_it_and_keeps_the_conversation(tiny_che
 
 def test_generate_into_a_closed_pipe_exits_quietly(tiny_checkpoint):
     """`jllm generate ... | head -c 3`: the reader leaves after 3 bytes."""
-    proc = subprocess.Popen([sys.executable, "-m", "scripts.cli", "generate", "--model", tiny_checkpoint,
+    proc = subprocess.Popen([sys.executable, "-m", "jllm", "generate", "--model", tiny_checkpoint,
                              "--prompt", "The library", "--max-new-tokens", "24", "--attn-impl", "xla"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

@@ -24,7 +24,7 @@ from conftest import ROOT
 from safetensors.numpy import load_file, save_file
 
 import jllm
-from convert import hf as hf_convert
+from jllm import hf as hf_convert
 from convert.tiny import make_tiny_hf
 from jllm import checkpoint
 from jllm.config import LlamaConfig

@@ -9,7 +9,7 @@ import pytest
 
 from convert import tiny
 from jllm.config import LlamaConfig
-from scripts import cli
+from jllm import cli
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import jllm
-from convert import hf
+from jllm import hf
 from convert.tiny import make_tiny_hf
 from jllm.config import LlamaConfig
 
@@ -23,7 +23,7 @@ TIMEOUT_S = 120
 pytestmark = pytest.mark.filterwarnings("ignore:.*has no tokenizer.model")
 
 
-# Runs `python -m scripts.cli ARGS` with Python's sys.stdout on the original stdout pipe and file
+# Runs `python -m jllm ARGS` with Python's sys.stdout on the original stdout pipe and file
 # descriptor 1 moved to stderr. Gloo prints its connection notices to fd 1 from C++ threads, one
 # character run at a time and interleaved with each other ("1 is connected to 30 peer ranks"), so
 # no pattern can strip them reliably; this way stdout holds exactly what our code printed.
@@ -33,7 +33,7 @@ _CLI_STDOUT_ONLY = (
     "os.dup2(2, 1)\n"
     "sys.stdout = open(ours, 'w', buffering=1)\n"
     "sys.argv = ['jllm'] + sys.argv[1:]\n"
-    "runpy.run_module('scripts.cli', run_name='__main__', alter_sys=True)\n")
+    "runpy.run_module('jllm', run_name='__main__', alter_sys=True)\n")
 
 
 def _free_port() -> int:

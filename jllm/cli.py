@@ -12,6 +12,7 @@ import sys
 import tempfile
 
 from jllm import quant
+from jllm.runtime import say
 from jllm.config import CONFIGS
 
 CHAT_HELP = ("commands: /help (this list), /stats (the last reply's timings), /reset (clear the "
@@ -153,7 +154,7 @@ def _mesh(args):
     if args.tp * args.dp == 1 and jax.process_count() == 1:
         return None
     mesh = rules.make_mesh(args.tp, args.dp)
-    _say(f"mesh {rules.describe(mesh)}")
+    say(f"mesh {rules.describe(mesh)}")
     return mesh
 
 
@@ -161,11 +162,6 @@ def _main_process() -> bool:
     """Only process 0 prints; the others run the same program silently."""
     import jax
     return jax.process_index() == 0
-
-
-def _say(msg: str) -> None:
-    if _main_process():
-        print(msg, file=sys.stderr, flush=True)
 
 
 def _load(args):
@@ -202,7 +198,7 @@ def cmd_generate(args) -> int:
 
     main = _main_process()
     if main:
-        _say("preparing prefill and decode (compiled on first use of a shape, then cached on disk)")
+        say("preparing prefill and decode (compiled on first use of a shape, then cached on disk)")
         sys.stdout.write(args.prompt if model.tokenizer is not None else "")
     results = jllm.generate(model, [prompt], max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -231,11 +227,11 @@ def _read_line() -> str:
             print()
             line = _INTERRUPT
         except UnicodeDecodeError as e:  # stdin that could not be set to surrogateescape
-            _say(f"(not sent: the line is not valid UTF-8: {e}; the conversation is kept)")
+            say(f"(not sent: the line is not valid UTF-8: {e}; the conversation is kept)")
             continue
         problem = _utf8_problem(line)
         if problem:
-            _say(f"(not sent: {problem}; the conversation is kept)")
+            say(f"(not sent: {problem}; the conversation is kept)")
             line = None
     if jax.process_count() > 1:
         from jllm import parallel
@@ -263,7 +259,7 @@ def _reply(model, ids, args, max_new_tokens: int):
         if jax.process_count() > 1:  # the other processes cannot be told mid-reply: end the run
             raise
         print()
-        _say("(reply stopped)")
+        say("(reply stopped)")
         return None, "".join(parts)
     if main:
         print()
@@ -282,7 +278,7 @@ def cmd_chat(args) -> int:
         sys.exit("chat needs a model with a tokenizer.model")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     last = None
-    _say(f"jllm chat: {CHAT_HELP}")
+    say(f"jllm chat: {CHAT_HELP}")
     while True:
         line = _read_line()
         if line in ("/exit", "/quit"):
@@ -290,23 +286,23 @@ def cmd_chat(args) -> int:
         if line == _INTERRUPT:
             return 130
         if line == "/help":
-            _say(CHAT_HELP)
+            say(CHAT_HELP)
             continue
         if line == "/reset":
             messages = messages[:1] if args.system else []
-            _say("(conversation cleared)")
+            say("(conversation cleared)")
             continue
         if line == "/stats":
             if last is None:
-                _say("(no reply yet)")
+                say("(no reply yet)")
             else:
                 s = last.stats
-                _say(f"prefill: {s.prompt_tokens} tokens in {s.ttft_s * 1e3:.1f} ms "
+                say(f"prefill: {s.prompt_tokens} tokens in {s.ttft_s * 1e3:.1f} ms "
                      f"({s.prompt_tokens / max(s.ttft_s, 1e-9):.1f} tokens/s); decode: "
                      f"{s.generated_tokens} tokens at {s.decode_tokens_per_s:.1f} tokens/s")
             continue
         if line.startswith("/") and not line.startswith("//"):
-            _say(f"unknown command {line.split()[0]!r}; {CHAT_HELP}")
+            say(f"unknown command {line.split()[0]!r}; {CHAT_HELP}")
             continue
         if line.startswith("//"):
             line = line[1:]
@@ -317,7 +313,7 @@ def cmd_chat(args) -> int:
         room = model.cfg.max_seq_len - len(ids)
         if room < 1:
             messages.pop()
-            _say(f"(the conversation has {len(ids)} tokens, the model's context is "
+            say(f"(the conversation has {len(ids)} tokens, the model's context is "
                  f"{model.cfg.max_seq_len}: /reset to start over)")
             continue
         out, text = _reply(model, ids, args, min(args.max_new_tokens, room))
@@ -327,7 +323,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from convert import hf
+    from jllm import hf
     hf.convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
                quantize=args.quantize, group_size=args.group_size)
     print(f"wrote {args.out_dir}", file=sys.stderr)
@@ -380,15 +376,12 @@ def cmd_bench(args) -> int:
         if os.environ.get("JLLM_CACHE_DIR") != "off":
             runtime.enable_compilation_cache(args.cache_dir or cache_dir)
         results = []
-        if mesh is None:
-            params = bench.random_params(cfg, args.config, args.dtype, quantize=args.quantize,
-                                         group_size=args.group_size)
-            sharded = {}
-        else:  # weights are made in their shards: a 70B model never sits on one device
-            _say(f"initializing random {args.config} weights ({args.dtype}) in shards")
-            params = parallel.random_params(cfg, mesh, jax.random.key(0), args.dtype,
-                                            quantize=args.quantize, group_size=args.group_size)
-            sharded = {"mesh": mesh}
+        # On a mesh the weights are made in their shards: a 70B model never sits on one device.
+        say(f"initializing random {args.config} weights ({args.dtype})"
+            + (" in shards" if mesh is not None else f" on {jax.devices()[0].device_kind}"))
+        params = parallel.random_params(cfg, mesh, jax.random.key(0), args.dtype,
+                                        quantize=args.quantize, group_size=args.group_size)
+        sharded = {} if mesh is None else {"mesh": mesh}
         runs = [(a, m, kv, p, b) for a in args.attn_impl for m in args.matmul_impl
                 for kv in args.kv_cache for p in args.prompt_len for b in args.batch]
         for attn_impl, matmul_impl, kv_cache, prompt_len, batch in runs:
@@ -402,7 +395,7 @@ def cmd_bench(args) -> int:
                               **sharded)
             args.bandwidth, args.peak_tflops = r.bandwidth_tb_s, r.peak_tflops  # measure once
             results.append(r)
-            _say(bench.format_table([r]).splitlines()[-1])
+            say(bench.format_table([r]).splitlines()[-1])
     if not _main_process():
         return 0
     print(bench.format_table(results))

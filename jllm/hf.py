@@ -1,4 +1,5 @@
-"""Hugging Face Llama directory -> jllm params (and our checkpoint on disk).
+"""Hugging Face Llama directories: the reader (`load_hf`, which `jllm.load` uses for an HF
+directory) and `convert`, which writes what it reads as a jllm checkpoint.
 
 Reads `config.json` and `model.safetensors`, sharded `*.safetensors` with
 `model.safetensors.index.json`, or `pytorch_model*.bin` (needs torch). Every tensor is mapped
@@ -8,14 +9,13 @@ missing or duplicated passes silently.
 import json
 import os
 import re
-import sys
 import warnings
 from collections.abc import Callable
 
 import ml_dtypes
 import numpy as np
 
-from jllm import checkpoint, quant
+from jllm import checkpoint, quant, runtime
 from jllm.config import LlamaConfig
 from jllm.model import param_infos
 from jllm.tokenizer import Tokenizer
@@ -54,12 +54,6 @@ def hf_key(name: str) -> tuple[str, bool]:
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
 
 
-def hf_rope_to_jllm(w: np.ndarray) -> np.ndarray:
-    """HF q/k projections already use the rotate-half RoPE layout that jllm uses, so this is the
-    identity. (Meta's original checkpoints interleave pairs; HF's converter permuted them once.)"""
-    return w
-
-
 def key_map(cfg: LlamaConfig) -> dict[str, tuple[str, bool]]:
     """HF name -> (our name, transpose) for every weight of this config."""
     return {hf_key(name)[0]: (name, hf_key(name)[1]) for name in param_infos(cfg)}
@@ -85,9 +79,9 @@ def convert_weight(key: str, value: np.ndarray, cfg: LlamaConfig, dtype,
     if name is None:
         return None
     infos = param_infos(cfg)
+    # HF's q/k projections already use the rotate-half RoPE layout jllm uses (jllm/model.py), so
+    # they need no permutation; Meta's original checkpoints (interleaved pairs) would.
     w = value.T if transpose else value
-    if name.endswith((".wq", ".wk")):
-        w = hf_rope_to_jllm(w)
     if tuple(w.shape) != infos[name].shape:
         raise ValueError(f"tensor {key!r} has shape {tuple(value.shape)}; expected "
                          f"{infos[name].shape[::-1] if transpose else infos[name].shape} for {cfg}")
@@ -194,23 +188,6 @@ def check_tokenizer(path: str, cfg: LlamaConfig) -> None:
         raise ValueError(f"{path!r} has {n} pieces but the model's vocab_size is {cfg.vocab_size}")
 
 
-class Progress:
-    """A one-line counter on a terminal; a line per tenth of the work when stderr is a file."""
-
-    def __init__(self, total: int, what: str):
-        self.total, self.what, self.tty, self.shown = total, what, sys.stderr.isatty(), -1
-
-    def __call__(self, done: int, note: str = "") -> None:
-        tenth = 10 * done // max(self.total, 1)
-        if self.tty:
-            print(f"\r{self.what}: {done}/{self.total} {note}\033[K", end="", file=sys.stderr, flush=True)
-        elif tenth > self.shown:
-            print(f"{self.what}: {done}/{self.total} {note}", file=sys.stderr, flush=True)
-        self.shown = tenth
-        if done == self.total and self.tty:
-            print(file=sys.stderr)
-
-
 def load_hf(hf_dir: str | os.PathLike, dtype="bfloat16", progress: bool = True,
             place: Callable[[str, np.ndarray], object] | None = None,
             ) -> tuple[LlamaConfig, dict[str, object], str | None]:
@@ -230,20 +207,22 @@ def load_hf(hf_dir: str | os.PathLike, dtype="bfloat16", progress: bool = True,
     infos, keys = param_infos(cfg), key_map(cfg)
     flat: dict[str, np.ndarray] = {}
     files = weight_files(hf_dir)
-    show = Progress(len(infos), "converting tensors") if progress else None
-    for n_file, path in enumerate(files):
-        tensors = _read_safetensors(path) if path.endswith(".safetensors") else _read_torch_bin(path)
-        for key, value in tensors.items():
-            converted = convert_weight(key, value, cfg, dtype, keys)
-            if converted is None:
-                continue
-            name, w = converted
-            if name in flat:
-                raise ValueError(f"tensor {key!r} appears twice (again in {os.path.basename(path)})")
-            flat[name] = place(name, w) if place is not None else w
-            del w
-            if show:
-                show(len(flat), f"({os.path.basename(path)}, file {n_file + 1}/{len(files)})")
+
+    def tensors():
+        for path in files:
+            read = _read_safetensors if path.endswith(".safetensors") else _read_torch_bin
+            for key, value in read(path).items():
+                yield path, key, value
+
+    for path, key, value in runtime.progress(tensors(), len(infos), "converting tensors", progress):
+        converted = convert_weight(key, value, cfg, dtype, keys)
+        if converted is None:
+            continue
+        name, w = converted
+        if name in flat:
+            raise ValueError(f"tensor {key!r} appears twice (again in {os.path.basename(path)})")
+        flat[name] = place(name, w) if place is not None else w
+        del w
     missing = [k for k in infos if k not in flat]
     if missing:
         raise ValueError(f"the checkpoint lacks {len(missing)} tensors jllm needs, e.g. "
@@ -273,9 +252,8 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = 
             flat, err = quant.quantize_flat(flat, quantize, group_size)
             meta = {"mode": quantize, "group_size": group_size, "max_abs_error": err}
             if progress:
-                print(f"quantized linear weights to {quantize}; largest absolute error {err:.3g}",
-                      file=sys.stderr)
+                runtime.say(f"quantized linear weights to {quantize}; largest absolute error {err:.3g}")
         if progress:
-            print(f"writing {checkpoint.expand(out_dir)}", file=sys.stderr)
+            runtime.say(f"writing {checkpoint.expand(out_dir)}")
         checkpoint.write(tmp, flat, cfg, dtype=dtype_name, tokenizer=tok, quant=meta)
     return cfg

@@ -1,0 +1,157 @@
+"""Where one decode step's time goes: a jax.profiler trace of decode steps, read back as a kernel table.
+
+    python -m scripts.gpu profile [--config llama-2-7b] [--quantize int8|int4] [--batch 1 8]
+        [--matmul-impl pallas pallas-fused xla] [--steps 16] [--out DIR]
+
+Random weights; a prompt of 128 tokens is prefilled, then `steps` decode steps run as one on-device
+loop inside `jax.profiler.trace(..., create_perfetto_trace=True)`. The perfetto JSON is read with
+the standard library: every complete event ("X") on a device stream is a kernel. Printed per
+setting: wall and kernel-busy ms per step, the idle time between kernels, and the kernels grouped
+by name (launches and microseconds per step, share of busy time).
+"""
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def read_trace(trace_dir: str) -> list[dict]:
+    """The events of the newest perfetto trace under trace_dir."""
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json*"), recursive=True),
+                   key=os.path.getmtime)
+    if not paths:
+        raise FileNotFoundError(f"no perfetto_trace.json(.gz) under {trace_dir}")
+    opener = gzip.open if paths[-1].endswith(".gz") else open
+    with opener(paths[-1], "rt") as f:
+        data = json.load(f)
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def device_kernels(events: list[dict], device: str = "GPU") -> list[tuple[str, float, float]]:
+    """(name, start us, duration us) of every complete event on a process whose name holds
+    `device`; where that process has stream threads ("Stream #..."), only those (its "XLA Ops" and
+    "XLA Modules" lines span the same kernels again)."""
+    procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    pids = {pid for pid, name in procs.items() if device in name}
+    streams = {key for key, name in threads.items() if key[0] in pids and "Stream" in name}
+    keep = (lambda e: (e["pid"], e.get("tid")) in streams) if streams else (lambda e: e["pid"] in pids)
+    return [(e["name"], float(e["ts"]), float(e.get("dur", 0.0))) for e in events
+            if e.get("ph") == "X" and e.get("pid") in pids and keep(e)]
+
+
+def _group(name: str) -> str:
+    """Kernel families: XLA numbers its fusions (loop_add_fusion_12); strip the numbers."""
+    return re.sub(r"[._]\d+$", "", re.sub(r"(_\d+)+(?=[^_]*$)", "", name))
+
+
+def kernel_table(kernels: list[tuple[str, float, float]], steps: int) -> dict:
+    """Busy time (union of kernel intervals), idle gaps between them and per-family totals, per step."""
+    if not kernels:
+        return {"busy_ms": 0.0, "span_ms": 0.0, "idle_ms": 0.0, "launches": 0, "rows": []}
+    spans = sorted((t, t + d) for _, t, d in kernels)
+    busy, (lo, hi) = 0.0, spans[0]
+    for s, e in spans[1:]:
+        if s > hi:
+            busy += hi - lo
+            lo, hi = s, e
+        else:
+            hi = max(hi, e)
+    busy += hi - lo
+    span = spans[-1][1] - spans[0][0]
+    by = collections.defaultdict(lambda: [0, 0.0])
+    for name, _, d in kernels:
+        by[_group(name)][0] += 1
+        by[_group(name)][1] += d
+    total = sum(d for _, _, d in kernels)
+    rows = sorted(((n, c / steps, us / steps, us / total) for n, (c, us) in by.items()), key=lambda r: -r[2])
+    return {"busy_ms": busy / steps / 1e3, "span_ms": span / steps / 1e3, "idle_ms": (span - busy) / steps / 1e3,
+            "launches": len(kernels) / steps, "rows": rows}
+
+
+def format_table(title: str, wall_ms: float, t: dict, top: int = 18) -> str:
+    lines = [f"== {title}: wall {wall_ms:.3f} ms/step, kernel-busy {t['busy_ms']:.3f}, idle between kernels "
+             f"{t['idle_ms']:.3f}, {t['launches']:.0f} launches/step",
+             f"{'kernel':60s} {'launches':>8s} {'us/step':>9s} {'share':>6s}"]
+    for name, n, us, share in t["rows"][:top]:
+        lines.append(f"{name[:60]:60s} {n:8.1f} {us:9.1f} {share:6.1%}")
+    rest = t["rows"][top:]
+    if rest:
+        lines.append(f"{'(' + str(len(rest)) + ' more families)':60s} {sum(r[1] for r in rest):8.1f} "
+                     f"{sum(r[2] for r in rest):9.1f} {sum(r[3] for r in rest):6.1%}")
+    return "\n".join(lines)
+
+
+def profile(cfg, params, plan, batch: int, steps: int, prompt_len: int, trace_dir: str,
+            device: str = "GPU") -> tuple[float, dict]:
+    """Prefill prompt_len random tokens, then trace `steps` decode steps -> (wall ms per step, table)."""
+    from jllm.generate import bucket, decode, prefill
+    from jllm.kvcache import init_cache
+    from jllm.sampling import Sampling
+    T = bucket(prompt_len)
+    S = bucket(T + 2 * steps + 8)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (batch, T)), jnp.int32)
+    n = jnp.full((batch,), prompt_len, jnp.int32)
+    sampling, key = Sampling.make(batch), jax.random.key(0)
+    token, cache, key = prefill(params, tokens, n, init_cache(cfg, batch, S, params.norm.dtype), sampling, key,
+                                cfg=cfg, plan=plan)
+    saved = jax.tree.map(jnp.copy, cache)
+    out, cache, _ = decode(params, token, cache, sampling, key, cfg=cfg, n_steps=steps, plan=plan)  # compile
+    jax.block_until_ready(out)
+    cache = jax.tree.map(jnp.copy, saved)
+    t = time.perf_counter()
+    out, cache, _ = decode(params, token, cache, sampling, key, cfg=cfg, n_steps=steps, plan=plan)
+    jax.block_until_ready(out)
+    wall = (time.perf_counter() - t) / steps * 1e3
+    cache = saved
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        out, cache, _ = decode(params, token, cache, sampling, key, cfg=cfg, n_steps=steps, plan=plan)
+        jax.block_until_ready(out)
+    return wall, kernel_table(device_kernels(read_trace(trace_dir), device), steps)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jllm import parallel
+    from jllm.config import LlamaConfig
+    from jllm.plan import make_plan
+    ap = argparse.ArgumentParser(prog="python -m scripts.gpu profile", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="llama-2-7b")
+    ap.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "int8", "int4"])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--matmul-impl", nargs="+", default=[None], choices=["xla", "pallas", "pallas-fused"])
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--device", default="GPU", help="process-name filter of the device streams in the trace")
+    ap.add_argument("--out", default=None, help="write the tables here (summary.txt) and keep the traces")
+    args = ap.parse_args(argv)
+    cfg = LlamaConfig.from_name(args.config)
+    out_dir = args.out or tempfile.mkdtemp(prefix="jllm-profile-")
+    os.makedirs(out_dir, exist_ok=True)
+    report = []
+    for mode in args.quantize:
+        params = parallel.random_params(cfg, None, jax.random.key(0), jnp.bfloat16,
+                                        quantize=None if mode == "none" else mode)
+        for impl in args.matmul_impl:
+            plan = make_plan(cfg, None, None, impl)
+            for batch in args.batch:
+                title = f"{args.config} {mode if mode != 'none' else 'bf16'} matmul={plan.matmul_impl} B={batch}"
+                wall, table = profile(cfg, params, plan, batch, args.steps, args.prompt_len,
+                                      os.path.join(out_dir, re.sub(r"\W+", "_", title)), args.device)
+                report.append(format_table(title, wall, table))
+                print(report[-1], flush=True)
+        del params
+    with open(os.path.join(out_dir, "summary.txt"), "w") as f:
+        f.write("\n\n".join(report) + "\n")
+    return 0
