@@ -12,9 +12,8 @@ import pytest
 
 from pallas_kernels import paged_attention as pa
 from kernel_checks import assert_close
-from pallas_kernels.decode_attention import (
-    BlockSizes, decode_attention, decode_attention_ref, dequantize_kv, quantize_kv,
-)
+from pallas_kernels.decode_attention import BlockSizes, decode_attention, decode_attention_ref
+from pallas_kernels.kv_quant import dequantize_kv, quantize_kv
 
 # Relative L2 error and max abs error bounds per dtype (see test_decode_attention.py).
 
