@@ -17,7 +17,6 @@ probabilities before the PV dot, so it reads K + 4 bytes per key and head for ea
 import dataclasses
 import functools
 import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,117 +25,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _triton
-from pallas_kernels.kv_quant import dequantize_kv, quantize_kv  # noqa: F401 (re-exported)
+from pallas_kernels.kv_quant import dequantize_kv
+from pallas_kernels.split_k import (
+    LOG2_E, MASK_VALUE, BlockSizes, check_kv_dtypes, check_shapes, init_carry, merge_splits,
+    online_softmax_step, resolve_splits, split_outputs, split_range, store_result,
+)
 
-_MASK_VALUE = -1e30  # finite: an empty split never computes inf - inf
-_LOG2_E = math.log2(math.e)
-_MIN_BLOCKS_PER_SPLIT = 4  # shorter splits spend more on their prologue and the merge than they save
-
-
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tiling of the decode and paged kernels.
-
-    block_k: keys per inner-loop step. num_splits: programs per (row, KV head) along the length;
-    None picks about one program per SM for decode (programs_per_sm of resolve_splits).
-    """
-    block_k: int = 64
-    num_splits: int | None = None
-    num_warps: int = 4
-    num_stages: int = 4
-
-    def __post_init__(self):
-        if not isinstance(self.block_k, int) or self.block_k < 16 or not _is_pow2(self.block_k):
-            raise ValueError(f"block_k={self.block_k!r} must be a power of 2 and >= 16")
-        if self.num_splits is not None and (not isinstance(self.num_splits, int) or self.num_splits < 1):
-            raise ValueError(f"num_splits={self.num_splits!r} must be None or an int >= 1")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"num_warps={self.num_warps!r} must be one of 1, 2, 4, 8, 16")
-        if not isinstance(self.num_stages, int) or self.num_stages < 1:
-            raise ValueError(f"num_stages={self.num_stages!r} must be an int >= 1")
-
-
-def resolve_splits(
-    block_sizes: BlockSizes, batch: int, num_kv_heads: int, max_len: int, programs_per_sm: int = 1
-) -> int:
-    """Static split count: the requested one, or about programs_per_sm programs per SM.
-
-    Measured on an H100: contiguous decode streams best with one long program per SM; the paged
-    kernel's gathers want more programs in flight (programs_per_sm=2).
-    """
-    if block_sizes.num_splits is not None:
-        return min(block_sizes.num_splits, max(1, pl.cdiv(max_len, block_sizes.block_k)))
-    num_sms = getattr(jax.devices()[0], "core_count", 132)  # SMs on CUDA devices
-    wanted = num_sms * programs_per_sm // (batch * num_kv_heads)
-    return max(1, min(wanted, pl.cdiv(max_len, _MIN_BLOCKS_PER_SPLIT * block_sizes.block_k)))
-
-
-def split_range(
-    length: jax.Array, block_k: int, num_splits: int, split: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Key blocks [lo, hi) of one split: the row's real blocks divided evenly among the splits."""
-    num_blocks = pl.cdiv(length, block_k)
-    per_split = pl.cdiv(num_blocks, num_splits)
-    lo = split * per_split
-    return lo, jnp.minimum(lo + per_split, num_blocks)
-
-
-def online_softmax_step(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    key_ok: jax.Array,
-    carry: tuple[jax.Array, jax.Array, jax.Array],
-    qk_scale: float,
-    k_scale: jax.Array | None = None,
-    v_scale: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One flash step: q [rows, K], k, v [block_k, K], key_ok [block_k] -> updated (acc, m, l).
-
-    With k_scale, v_scale [block_k] float32, k and v are int8 and are dequantized in registers:
-    the scores get k_scale per key column and the probabilities v_scale per key before the PV dot
-    (cast to q's dtype there: for float16 q, p * v_scale under 6e-5 keeps fewer bits as a subnormal).
-    """
-    acc, m, l = carry  # [rows, K] f32, [rows] f32, [rows] f32 (m in log2 units)
-    if k_scale is not None:  # |int8| <= 127 converts exactly to bf16 (8-bit significand) and f32
-        k, v = k.astype(q.dtype), v.astype(q.dtype)
-    s = plgpu.dot(q, k, trans_b=True, allow_tf32=_triton.tf32_ok(q))  # [rows, block_k]
-    s = s * qk_scale if k_scale is None else s * (k_scale * qk_scale)[None, :]
-    s = jnp.where(key_ok[None, :], s, _MASK_VALUE)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    alpha = jnp.exp2(m - m_new)  # [rows] rescales the old sums
-    p = jnp.exp2(s - m_new[:, None])  # [rows, block_k]
-    l = l * alpha + jnp.sum(p, axis=1)  # l sums the probabilities themselves, before any v_scale
-    pv = p if v_scale is None else p * v_scale[None, :]  # [rows, block_k]
-    acc = acc * alpha[:, None] + plgpu.dot(pv.astype(v.dtype), v, allow_tf32=_triton.tf32_ok(v))
-    return acc, m_new, l
-
-
-def store_result(
-    o_ref,  # [H, K]
-    ml_refs: tuple,  # () or (m_ref [H], l_ref [H])
-    head: jax.Array,
-    rows: int,
-    group: int,
-    acc: jax.Array,  # [rows, K] f32
-    m: jax.Array,  # [rows] f32
-    l: jax.Array,  # [rows] f32
-) -> None:
-    """Writes the R real rows: normalised output (one split) or the partial acc, m, l."""
-    row_ok = jnp.arange(rows) < group  # [rows]
-    head_rows = pl.ds(head, rows)
-    if not ml_refs:
-        out = acc / jnp.where(l > 0.0, l, 1.0)[:, None]
-        plgpu.store(o_ref.at[head_rows, :], out.astype(o_ref.dtype), mask=row_ok[:, None])
-        return
-    m_ref, l_ref = ml_refs
-    plgpu.store(o_ref.at[head_rows, :], acc, mask=row_ok[:, None])
-    plgpu.store(m_ref.at[head_rows], m, mask=row_ok)
-    plgpu.store(l_ref.at[head_rows], l, mask=row_ok)
+__all__ = ["BlockSizes", "decode_attention", "decode_attention_ref"]
 
 
 def _decode_kernel(
@@ -165,7 +60,7 @@ def _decode_kernel(
     head = g * group
     row_ok = jnp.arange(rows) < group  # [rows]; rows past R are zero padding for the dot
     q = plgpu.load(q_ref.at[pl.ds(head, rows), :], mask=row_ok[:, None], other=0.0)  # [rows, K]
-    qk_scale = scale * _LOG2_E
+    qk_scale = scale * LOG2_E
 
     def body(i, carry):
         start = i * block_k
@@ -179,98 +74,8 @@ def _decode_kernel(
         vs = plgpu.load(vs_ref.at[pl.ds(start, block_k)], mask=key_ok, other=0.0)  # [block_k] f32
         return online_softmax_step(q, k, v, key_ok, carry, qk_scale, k_scale=ks, v_scale=vs)
 
-    carry = (
-        jnp.zeros((rows, head_dim), jnp.float32),
-        jnp.full((rows,), _MASK_VALUE, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-    )
-    acc, m, l = lax.fori_loop(lo, hi, body, carry)  # splits past the length run zero steps
-    store_result(o_ref, tuple(ml_refs), head, rows, group, acc, m, l)
-
-
-def _merge_kernel(
-    o_ref,  # [J, H, K] float32 unnormalised partial outputs of row b
-    m_ref,  # [J, H] float32 running max per split, log2 units
-    l_ref,  # [J, H] float32 running sum per split
-    out_ref,  # [H, K] output of row b
-    *,
-    group: int,
-    rows: int,
-    num_splits: int,
-):
-    """Log-sum-exp merge of the J split results of the R heads of KV head g of row b."""
-    head_dim = o_ref.shape[-1]
-    head = pl.program_id(1) * group
-    row_ok = jnp.arange(rows) < group  # [rows]
-    head_rows = pl.ds(head, rows)
-
-    def body(j, carry):
-        acc, m, l = carry  # [rows, K], [rows], [rows]
-        m_j = plgpu.load(m_ref.at[j, head_rows], mask=row_ok, other=_MASK_VALUE)  # [rows]
-        l_j = plgpu.load(l_ref.at[j, head_rows], mask=row_ok, other=0.0)  # [rows]
-        o_j = plgpu.load(o_ref.at[j, head_rows, :], mask=row_ok[:, None], other=0.0)  # [rows, K]
-        m_new = jnp.maximum(m, m_j)
-        a, w = jnp.exp2(m - m_new), jnp.exp2(m_j - m_new)  # empty splits (m = -1e30) get w = 0
-        return acc * a[:, None] + o_j * w[:, None], m_new, l * a + l_j * w
-
-    carry = (
-        jnp.zeros((rows, head_dim), jnp.float32),
-        jnp.full((rows,), _MASK_VALUE, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-    )
-    acc, _, l = lax.fori_loop(0, num_splits, body, carry)
-    out = acc / jnp.where(l > 0.0, l, 1.0)[:, None]
-    plgpu.store(out_ref.at[head_rows, :], out.astype(out_ref.dtype), mask=row_ok[:, None])
-
-
-def merge_splits(
-    o: jax.Array,  # [B, J, H, K] float32
-    m: jax.Array,  # [B, J, H] float32
-    l: jax.Array,  # [B, J, H] float32
-    *,
-    num_kv_heads: int,
-    dtype,
-    interpret: bool,
-) -> jax.Array:  # [B, H, K]
-    """Combines the split-K partials into the normalised output, one program per (row, KV head)."""
-    batch, num_splits, num_heads, head_dim = o.shape
-    group = num_heads // num_kv_heads
-    kernel = functools.partial(
-        _merge_kernel, group=group, rows=max(16, pl.next_power_of_2(group)), num_splits=num_splits
-    )
-    return pl.pallas_call(
-        kernel,
-        grid=(batch, num_kv_heads),
-        in_specs=[
-            pl.BlockSpec((None, num_splits, num_heads, head_dim), lambda b, g: (b, 0, 0, 0)),
-            pl.BlockSpec((None, num_splits, num_heads), lambda b, g: (b, 0, 0)),
-            pl.BlockSpec((None, num_splits, num_heads), lambda b, g: (b, 0, 0)),
-        ],
-        out_specs=pl.BlockSpec((None, num_heads, head_dim), lambda b, g: (b, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((batch, num_heads, head_dim), dtype),
-        compiler_params=_triton.compiler_params(4, 1),
-        interpret=interpret,
-        name="jllm_merge_splits",
-    )(o, m, l)
-
-
-def split_outputs(batch: int, num_splits: int, num_heads: int, head_dim: int, dtype):
-    """Output specs and shapes of a split kernel: final output, or partial o, m, l per split."""
-    if num_splits == 1:
-        specs = pl.BlockSpec((None, num_heads, head_dim), lambda b, g, j: (b, 0, 0))
-        shapes = jax.ShapeDtypeStruct((batch, num_heads, head_dim), dtype)
-        return specs, shapes
-    specs = [
-        pl.BlockSpec((None, None, num_heads, head_dim), lambda b, g, j: (b, j, 0, 0)),
-        pl.BlockSpec((None, None, num_heads), lambda b, g, j: (b, j, 0)),
-        pl.BlockSpec((None, None, num_heads), lambda b, g, j: (b, j, 0)),
-    ]
-    shapes = [
-        jax.ShapeDtypeStruct((batch, num_splits, num_heads, head_dim), jnp.float32),
-        jax.ShapeDtypeStruct((batch, num_splits, num_heads), jnp.float32),
-        jax.ShapeDtypeStruct((batch, num_splits, num_heads), jnp.float32),
-    ]
-    return specs, shapes
+    acc, m, l = lax.fori_loop(lo, hi, body, init_carry(rows, head_dim))  # splits past the length run zero steps
+    store_result(o_ref, tuple(ml_refs), (pl.ds(head, rows),), row_ok, acc, m, l)
 
 
 def _decode_call(
@@ -288,7 +93,7 @@ def _decode_call(
     group = num_heads // num_kv_heads
     quantized = k_scale is not None
     block_k = min(block_sizes.block_k, max(16, pl.next_power_of_2(seq_len)))
-    num_splits = resolve_splits(dataclasses.replace(block_sizes, block_k=block_k), batch, num_kv_heads, seq_len)
+    num_splits = resolve_splits(dataclasses.replace(block_sizes, block_k=block_k), batch * num_kv_heads, seq_len)
     kernel = functools.partial(
         _decode_kernel,
         quantized=quantized,
@@ -298,7 +103,7 @@ def _decode_call(
         num_splits=num_splits,
         scale=1.0 / math.sqrt(head_dim),
     )
-    out_specs, out_shape = split_outputs(batch, num_splits, num_heads, head_dim, q.dtype)
+    out_specs, out_shape = split_outputs(batch, num_splits, (num_heads,), head_dim, q.dtype)
     kv_spec = pl.BlockSpec((None, seq_len, None, head_dim), lambda b, g, j: (b, 0, g, 0))
     in_specs = [
         pl.BlockSpec((batch,), lambda b, g, j: (0,)),
@@ -323,46 +128,7 @@ def _decode_call(
     )(*args)
     if num_splits == 1:
         return out
-    return merge_splits(*out, num_kv_heads=num_kv_heads, dtype=q.dtype, interpret=interpret)
-
-
-def check_shapes(q: jax.Array, num_kv_heads: int, head_dim: int) -> None:
-    if q.ndim != 3 or q.shape[-1] != head_dim:
-        raise ValueError(f"expected q [B, H, K] with K={head_dim}; got {q.shape=}")
-    if q.shape[1] % num_kv_heads:
-        raise ValueError(f"num_heads={q.shape[1]} not divisible by {num_kv_heads=}")
-    if not _is_pow2(head_dim) or head_dim < 16:
-        raise ValueError(f"{head_dim=} must be a power of 2 >= 16 (Triton tiles); use the _ref")
-
-
-def check_kv_dtypes(
-    k: jax.Array, v: jax.Array, k_scale: jax.Array | None, v_scale: jax.Array | None,
-    names: tuple[str, str, str, str] = ("k", "v", "k_scale", "v_scale"),
-    what: str = "an int8 cache", dims: tuple[str, str] = ("B", "S"),
-) -> None:
-    """A float cache has no scales; an int8 cache has float32 k_scale, v_scale [B, G, S] for
-    k, v [B, S, G, K]. Paged attention checks its pages with its own names and dims."""
-    kn, vn, ksn, vsn = names
-    scale_dims = f"[{dims[0]}, G, {dims[1]}]"
-    if k.dtype != v.dtype:
-        raise TypeError(f"{kn} and {vn} must have the same dtype; got {kn}.dtype={k.dtype} {vn}.dtype={v.dtype}")
-    if (k_scale is None) != (v_scale is None):
-        raise TypeError(f"give both {ksn} and {vsn} ({what}) or neither; got "
-                        f"{ksn} {'None' if k_scale is None else 'given'}, "
-                        f"{vsn} {'None' if v_scale is None else 'given'}")
-    if k_scale is None:
-        if k.dtype == jnp.int8:
-            raise TypeError(f"{ksn} and {vsn} {scale_dims} float32 are needed for {what}; got neither")
-        return
-    if k.dtype != jnp.int8:
-        raise TypeError(f"{ksn}, {vsn} are only for {what}; got {kn}.dtype={k.dtype}")
-    want = (k.shape[0], k.shape[2], k.shape[1])
-    for name, s in ((ksn, k_scale), (vsn, v_scale)):
-        if s.shape != want:
-            raise ValueError(f"expected {name} {scale_dims} = {want} for {kn} [{dims[0]}, {dims[1]}, G, K] = "
-                             f"{k.shape}; got {name}.shape={s.shape}")
-        if s.dtype != jnp.float32:
-            raise TypeError(f"expected {name} float32; got {name}.dtype={s.dtype}")
+    return merge_splits(*out, group=group, dtype=q.dtype, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
@@ -408,178 +174,7 @@ def decode_attention_ref(
     qf = q.astype(jnp.float32).reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, G, R, K]
     logits = jnp.einsum("bgrk,bsgk->bgrs", qf, k.astype(jnp.float32)) / math.sqrt(head_dim)
     key_ok = jnp.arange(seq_len)[None, :] < lengths[:, None]  # [B, S]
-    logits = jnp.where(key_ok[:, None, None, :], logits, _MASK_VALUE)
+    logits = jnp.where(key_ok[:, None, None, :], logits, MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1)  # [B, G, R, S]
     out = jnp.einsum("bgrs,bsgk->bgrk", probs, v.astype(jnp.float32))  # [B, G, R, K]
     return out.reshape(q.shape).astype(q.dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# Benchmark: PYTHONPATH=. python -m pallas_kernels.decode_attention
-
-
-def time_us(fn, arg_sets: list[tuple], trials: int = 15, reps: int = 8) -> float:
-    """Median per-call time of fn in microseconds.
-
-    One jit runs fn over every input set back to back (distinct inputs, so nothing is cached in
-    L2 or merged by XLA); each trial dispatches it `reps` times asynchronously and syncs once, so
-    host dispatch overlaps the GPU work.
-    """
-    many = jax.jit(lambda sets: [fn(*args) for args in sets])
-    jax.block_until_ready(many(arg_sets))
-    start = time.perf_counter()
-    while time.perf_counter() - start < 0.2:  # let the clocks ramp up again after compiling
-        jax.block_until_ready(many(arg_sets))
-    samples = []
-    for _ in range(trials):
-        start = time.perf_counter()
-        outs = [many(arg_sets) for _ in range(reps)]
-        jax.block_until_ready(outs)
-        samples.append((time.perf_counter() - start) / (reps * len(arg_sets)))
-    samples.sort()
-    return samples[len(samples) // 2] * 1e6
-
-
-def rel_err(out: jax.Array, ref: jax.Array) -> float:
-    out = out.astype(jnp.float32)
-    ref = ref.astype(jnp.float32)
-    return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-
-
-def best_config(name: str, kernel, configs: list, args: tuple, ref: jax.Array, arg_sets: list,
-                rate) -> tuple | None:
-    """For each tiling (None: the default), check kernel(*args, block_sizes=cfg) against ref and time
-    it over arg_sets, printing one line each (`rate(us)` formats the throughput). Returns the
-    fastest (us, rel err, cfg), or None when every tiling failed. Shared by the kernels' main()."""
-    best = None
-    for cfg in configs:
-        op = functools.partial(kernel, block_sizes=cfg)
-        try:
-            with _triton.quiet():
-                err = rel_err(op(*args), ref)
-                us = time_us(op, arg_sets)
-        except Exception as e:  # report and keep sweeping
-            print(f"{name} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-            continue
-        print(f"{name} {cfg or 'default'}: {us:8.1f} us {rate(us)} err {err:.2e}", flush=True)
-        if best is None or us < best[0]:
-            best = (us, err, cfg)
-    return best
-
-
-def print_header(check_lines: list[str]) -> None:
-    """The first lines of every kernel's main(): jax version, device, then the GPU checks."""
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-    for line in check_lines:
-        print(line, flush=True)
-
-
-def num_sets(nbytes: int) -> int:
-    """Input copies to rotate through so repeated calls do not run out of the 50 MB L2."""
-    return max(2, min(16, pl.cdiv(256 * 2**20, nbytes)))
-
-
-def _inputs(key, batch, seq_len, heads, kv_heads, head_dim, dtype):
-    kq, kk, kv = jax.random.split(key, 3)
-    q = jax.random.normal(kq, (batch, heads, head_dim), dtype)
-    k = jax.random.normal(kk, (batch, seq_len, kv_heads, head_dim), dtype)
-    v = jax.random.normal(kv, (batch, seq_len, kv_heads, head_dim), dtype)
-    return q, k, v, jnp.full((batch,), seq_len, jnp.int32)
-
-
-def _int8_inputs(key, batch, seq_len, heads, kv_heads, head_dim):
-    """bf16 q with an int8 cache quantized from normal keys and values: (q, k, v, lengths, k_scale, v_scale)."""
-    q, k, v, lengths = _inputs(key, batch, seq_len, heads, kv_heads, head_dim, jnp.bfloat16)
-    (k, k_scale), (v, v_scale) = jax.jit(quantize_kv)(k), jax.jit(quantize_kv)(v)
-    return q, k, v, lengths, k_scale, v_scale
-
-
-def _decode_int8(q, k, v, lengths, k_scale, v_scale, *, block_sizes=None):
-    """decode_attention with the scales positional, for time_us and best_config."""
-    return decode_attention(q, k, v, lengths, k_scale=k_scale, v_scale=v_scale, block_sizes=block_sizes)
-
-
-def _decode_int8_ref(q, k, v, lengths, k_scale, v_scale):
-    return decode_attention_ref(q, k, v, lengths, k_scale=k_scale, v_scale=v_scale)
-
-
-def _kv_bytes(batch: int, seq_len: int, kv_heads: int, head_dim: int, cache: str) -> int:
-    """Bytes of k and v read at full length: bf16 values, or int8 values plus a float32 scale per
-    token and KV head."""
-    per_head = 2 * head_dim if cache == "bf16" else head_dim + 4
-    return 2 * batch * seq_len * kv_heads * per_head
-
-
-def _ragged_check() -> list[str]:
-    """GPU correctness on ragged lengths (1, a block boundary, full) and GQA, bf16 and int8 cache."""
-    lines = []
-    for i, (heads, kv_heads, head_dim, lengths) in enumerate([
-        (32, 32, 128, [1, 64, 4096, 1000]), (64, 8, 128, [4095, 1, 129, 2048]), (32, 8, 64, [7, 4096, 300, 65]),
-    ]):
-        q, k, v, _ = _inputs(jax.random.key(100 + i), len(lengths), 4096, heads, kv_heads, head_dim, jnp.bfloat16)
-        lengths = jnp.array(lengths, jnp.int32)
-        (k8, k_scale), (v8, v_scale) = jax.jit(quantize_kv)(k), jax.jit(quantize_kv)(v)
-        with jax.default_matmul_precision("highest"):
-            ref = decode_attention_ref(q, k, v, lengths)
-            ref8 = decode_attention_ref(q, k8, v8, lengths, k_scale=k_scale, v_scale=v_scale)
-        with _triton.quiet():
-            out = decode_attention(q, k, v, lengths)
-            out8 = decode_attention(q, k8, v8, lengths, k_scale=k_scale, v_scale=v_scale)
-        shape = f"H={heads} G={kv_heads} K={head_dim} lengths={lengths.tolist()}"
-        lines.append(f"ragged {shape}: rel err {rel_err(out, ref):.2e}")
-        # int8 errs more than bf16 against its ref (~3e-3 vs ~4e-4 on CPU): p * v_scale is rounded
-        # to bf16 even where p = 1, i.e. in the length-1 row, whose output dominates the norm.
-        lines.append(f"ragged int8 {shape}: rel err {rel_err(out8, ref8):.2e} vs int8 ref, "
-                     f"{rel_err(out8, ref):.2e} vs bf16 cache (quantization)")
-    return lines
-
-
-def main() -> None:
-    import sys
-
-    print_header(_ragged_check())
-    tune = "--tune" in sys.argv
-    rows = []
-    tuned = {(1, 4096), (1, 2048), (1, 512), (8, 512)}
-    shapes = [(b, s, 32, 32, 128) for b in (1, 8, 64) for s in (512, 2048, 4096)]
-    shapes += [(1, 4096, 64, 8, 128), (8, 4096, 64, 8, 128), (1, 4096, 32, 8, 128)]
-    candidates = [
-        BlockSizes(block_k=bk, num_splits=ns, num_warps=w, num_stages=st)
-        for bk, ns, w, st in [
-            (64, 2, 4, 3), (64, 4, 4, 3), (64, 8, 4, 3), (64, 16, 4, 3),
-            (128, None, 4, 2), (64, None, 4, 4), (32, None, 4, 4), (64, None, 8, 3),
-        ]
-    ]
-    for batch, seq_len, heads, kv_heads, head_dim in shapes:
-        name = f"B={batch} S={seq_len} H={heads} G={kv_heads} K={head_dim}"
-        configs = [None] + (candidates if tune and (batch, seq_len) in tuned else [])
-        for cache in ("bf16", "int8"):
-            if cache == "bf16":
-                make = functools.partial(_inputs, dtype=jnp.bfloat16)
-                kernel, xla = decode_attention, decode_attention_ref
-            else:
-                make, kernel, xla = _int8_inputs, _decode_int8, _decode_int8_ref
-            args = make(jax.random.key(0), batch, seq_len, heads, kv_heads, head_dim)
-            with jax.default_matmul_precision("highest"):
-                ref = xla(*args)
-            nbytes = _kv_bytes(batch, seq_len, kv_heads, head_dim, cache)
-            sets = [make(jax.random.key(10 + i), batch, seq_len, heads, kv_heads, head_dim)
-                    for i in range(num_sets(nbytes))]
-            best = best_config(f"{name} {cache}", kernel, configs, args, ref, sets,
-                               lambda us, nbytes=nbytes: f"{nbytes / us / 1e6:5.2f} TB/s")
-            xla_us = time_us(xla, sets)
-            if best is not None:
-                rows.append((name, cache, nbytes, best[0], best[1], xla_us, best[2]))
-            del sets, args
-    print("\ndecode_attention, full lengths, TB/s over KV bytes read (int8: values + float32 scales; "
-          "H100 read peak 3.13 TB/s); rel err against the _ref of the same cache")
-    print(f"{'shape':34s} {'cache':5s} {'KV MB':>7s} {'pallas us':>10s} {'TB/s':>6s} {'%peak':>6s}"
-          f" {'rel err':>9s} {'xla us':>9s} {'TB/s':>6s}  best config")
-    for name, cache, nbytes, us, err, xus, cfg in rows:
-        tbs = nbytes / us / 1e6
-        print(f"{name:34s} {cache:5s} {nbytes / 1e6:7.1f} {us:10.1f} {tbs:6.2f} {100 * tbs / 3.13:5.0f}%"
-              f" {err:9.2e} {xus:9.1f} {nbytes / xus / 1e6:6.2f}  {cfg or 'default'}")
-
-
-if __name__ == "__main__":
-    main()

@@ -28,8 +28,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _triton
-from pallas_kernels import decode_attention as dec
-from pallas_kernels.decode_attention import BlockSizes
+# The page management section calls kv_quant's functions as dec.quantize_kv / dec.dequantize_kv.
+from pallas_kernels import kv_quant as dec
+from pallas_kernels.decode_attention import decode_attention_ref
+from pallas_kernels.split_k import (
+    LOG2_E, BlockSizes, check_kv_dtypes, check_shapes, init_carry, merge_splits, online_softmax_step,
+    resolve_splits, split_outputs, split_range, store_result,
+)
 
 __all__ = [
     "BlockSizes", "PagePool", "paged_attention", "paged_attention_ref",
@@ -61,11 +66,11 @@ def _paged_kernel(
     b, g, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     head_dim = k_ref.shape[-1]
     length = jnp.minimum(lengths_ref[b], tables_ref.shape[0] * page_size)  # never past the table
-    lo, hi = dec.split_range(length, block_k, num_splits, j)
+    lo, hi = split_range(length, block_k, num_splits, j)
     head = g * group
     row_ok = jnp.arange(rows) < group  # [rows]
     q = plgpu.load(q_ref.at[pl.ds(head, rows), :], mask=row_ok[:, None], other=0.0)  # [rows, K]
-    qk_scale = scale * dec._LOG2_E
+    qk_scale = scale * LOG2_E
 
     def body(i, carry):
         token = i * block_k + jnp.arange(block_k)  # [block_k] logical positions
@@ -77,21 +82,16 @@ def _paged_kernel(
         k = plgpu.load(k_ref.at[idx], mask=key_ok[:, None], other=0.0)  # [block_k, K]
         v = plgpu.load(v_ref.at[idx], mask=key_ok[:, None], other=0.0)  # [block_k, K]
         if not quantized:
-            return dec.online_softmax_step(q, k, v, key_ok, carry, qk_scale)
+            return online_softmax_step(q, k, v, key_ok, carry, qk_scale)
         # A key's scales sit in the same page as its codes: (page, slot in page) of head g's [P, page_size].
         ks_ref, vs_ref = scale_refs
         scale_idx = (jnp.maximum(page, 0), token % page_size)  # [block_k], [block_k]
         ks = plgpu.load(ks_ref.at[scale_idx], mask=key_ok, other=0.0)  # [block_k] f32
         vs = plgpu.load(vs_ref.at[scale_idx], mask=key_ok, other=0.0)  # [block_k] f32
-        return dec.online_softmax_step(q, k, v, key_ok, carry, qk_scale, k_scale=ks, v_scale=vs)
+        return online_softmax_step(q, k, v, key_ok, carry, qk_scale, k_scale=ks, v_scale=vs)
 
-    carry = (
-        jnp.zeros((rows, head_dim), jnp.float32),
-        jnp.full((rows,), dec._MASK_VALUE, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-    )
-    acc, m, l = lax.fori_loop(lo, hi, body, carry)
-    dec.store_result(o_ref, tuple(ml_refs), head, rows, group, acc, m, l)
+    acc, m, l = lax.fori_loop(lo, hi, body, init_carry(rows, head_dim))
+    store_result(o_ref, tuple(ml_refs), (pl.ds(head, rows),), row_ok, acc, m, l)
 
 
 def _paged_call(
@@ -112,8 +112,8 @@ def _paged_call(
     group = num_heads // num_kv_heads
     quantized = k_scale_pages is not None
     block_k = min(block_sizes.block_k, max(16, pl.next_power_of_2(max_len)))
-    num_splits = dec.resolve_splits(
-        dataclasses.replace(block_sizes, block_k=block_k), batch, num_kv_heads, max_len, programs_per_sm=2
+    num_splits = resolve_splits(
+        dataclasses.replace(block_sizes, block_k=block_k), batch * num_kv_heads, max_len, programs_per_sm=2
     )
     kernel = functools.partial(
         _paged_kernel,
@@ -129,7 +129,7 @@ def _paged_call(
     k_flat = k_pages.reshape(pool_rows, num_kv_heads, head_dim)  # [P * page_size, G, K], free reshape
     v_flat = v_pages.reshape(pool_rows, num_kv_heads, head_dim)
     kv_spec = pl.BlockSpec((pool_rows, None, head_dim), lambda b, g, j: (0, g, 0))
-    out_specs, out_shape = dec.split_outputs(batch, num_splits, num_heads, head_dim, q.dtype)
+    out_specs, out_shape = split_outputs(batch, num_splits, (num_heads,), head_dim, q.dtype)
     in_specs = [
         pl.BlockSpec((batch,), lambda b, g, j: (0,)),
         pl.BlockSpec((None, max_pages), lambda b, g, j: (b, 0)),
@@ -154,7 +154,7 @@ def _paged_call(
     )(*args)
     if num_splits == 1:
         return out
-    return dec.merge_splits(*out, num_kv_heads=num_kv_heads, dtype=q.dtype, interpret=interpret)
+    return merge_splits(*out, group=group, dtype=q.dtype, interpret=interpret)
 
 
 def _check_page_dtypes(
@@ -162,9 +162,9 @@ def _check_page_dtypes(
 ) -> None:
     """Float pages have no scales; int8 pages have float32 k_scale_pages, v_scale_pages
     [P, G, page_size]."""
-    dec.check_kv_dtypes(k_pages, v_pages, k_scale_pages, v_scale_pages,
-                        names=("k_pages", "v_pages", "k_scale_pages", "v_scale_pages"),
-                        what="int8 pages", dims=("P", "page_size"))
+    check_kv_dtypes(k_pages, v_pages, k_scale_pages, v_scale_pages,
+                    names=("k_pages", "v_pages", "k_scale_pages", "v_scale_pages"),
+                    what="int8 pages", dims=("P", "page_size"))
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
@@ -186,7 +186,7 @@ def paged_attention(
     if block_tables.ndim != 2 or block_tables.shape[0] != q.shape[0]:
         raise ValueError(f"expected block_tables [B, max_pages]; got {block_tables.shape=} {q.shape=}")
     _check_page_dtypes(k_pages, v_pages, k_scale_pages, v_scale_pages)
-    dec.check_shapes(q, k_pages.shape[2], k_pages.shape[3])
+    check_shapes(q, k_pages.shape[2], k_pages.shape[3])
     return _paged_call(
         q, k_pages, v_pages, block_tables.astype(jnp.int32), lengths.astype(jnp.int32),
         k_scale_pages, v_scale_pages, block_sizes or BlockSizes(), interpret,
@@ -228,10 +228,10 @@ def paged_attention_ref(
     k = _gather_pages(k_pages, block_tables)  # [B, max_pages * page_size, G, K]
     v = _gather_pages(v_pages, block_tables)
     if k_scale_pages is None:
-        return dec.decode_attention_ref(q, k, v, lengths)
+        return decode_attention_ref(q, k, v, lengths)
     k_scale = _gather_scale_pages(k_scale_pages, block_tables)  # [B, G, max_pages * page_size]
     v_scale = _gather_scale_pages(v_scale_pages, block_tables)
-    return dec.decode_attention_ref(q, k, v, lengths, k_scale=k_scale, v_scale=v_scale)
+    return decode_attention_ref(q, k, v, lengths, k_scale=k_scale, v_scale=v_scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,127 +408,3 @@ def gather(pool: PagePool) -> tuple[jax.Array, jax.Array]:
         v = dec.dequantize_kv(v, _gather_scale_pages(pool.v_scale_pages, pool.block_tables), jnp.float32)
     keep = jnp.arange(k.shape[1])[None, :] < pool.lengths[:, None]  # [B, S]
     return jnp.where(keep[..., None, None], k, 0), jnp.where(keep[..., None, None], v, 0)
-
-
-# ----------------------------------------------------------------------------------------------
-# Benchmark: PYTHONPATH=. python -m pallas_kernels.paged_attention
-
-
-def _scattered_pool(key, batch, seq_len, kv_heads, head_dim, page_size, dtype):
-    """A pool holding `batch` rows of seq_len tokens on randomly permuted pages."""
-    pages_per_row = pl.cdiv(seq_len, page_size)
-    num_pages = batch * pages_per_row
-    kk, kv, kp = jax.random.split(key, 3)
-    shape = (num_pages, page_size, kv_heads, head_dim)
-    k_pages = jax.random.normal(kk, shape, dtype)
-    v_pages = jax.random.normal(kv, shape, dtype)
-    tables = jax.random.permutation(kp, num_pages).reshape(batch, pages_per_row).astype(jnp.int32)
-    return k_pages, v_pages, tables
-
-
-def _scattered_int8_pool(key, batch, seq_len, kv_heads, head_dim, page_size):
-    """_scattered_pool's bf16 pool quantized: (k_pages, v_pages, tables, k_scale_pages, v_scale_pages).
-
-    quantize_kv reads pages [P, page_size, G, K] as [B, T, G, K], so its scales come out as the
-    scale pages [P, G, page_size].
-    """
-    k_pages, v_pages, tables = _scattered_pool(key, batch, seq_len, kv_heads, head_dim, page_size, jnp.bfloat16)
-    quantize = jax.jit(dec.quantize_kv)
-    (k_pages, k_scale_pages), (v_pages, v_scale_pages) = quantize(k_pages), quantize(v_pages)
-    return k_pages, v_pages, tables, k_scale_pages, v_scale_pages
-
-
-def _paged_int8(q, k_pages, v_pages, tables, lengths, k_scale_pages, v_scale_pages, *, block_sizes=None):
-    """paged_attention with the scale pages positional, for time_us and best_config."""
-    return paged_attention(q, k_pages, v_pages, tables, lengths, k_scale_pages=k_scale_pages,
-                           v_scale_pages=v_scale_pages, block_sizes=block_sizes)
-
-
-def _paged_int8_ref(q, k_pages, v_pages, tables, lengths, k_scale_pages, v_scale_pages):
-    return paged_attention_ref(q, k_pages, v_pages, tables, lengths, k_scale_pages=k_scale_pages,
-                               v_scale_pages=v_scale_pages)
-
-
-def _ragged_check() -> list[str]:
-    """GPU correctness on ragged lengths and GQA, pages permuted, bf16 and int8 pages, against the
-    gathered reference."""
-    lines = []
-    for i, (heads, kv_heads, page_size, lengths) in enumerate([
-        (32, 32, 16, [1, 16, 4096, 1000]), (64, 8, 64, [4095, 1, 129, 2048]),
-    ]):
-        key = jax.random.key(100 + i)
-        q = jax.random.normal(key, (len(lengths), heads, 128), jnp.bfloat16)
-        k_pages, v_pages, tables = _scattered_pool(key, len(lengths), 4096, kv_heads, 128, page_size, jnp.bfloat16)
-        int8_pool = _scattered_int8_pool(key, len(lengths), 4096, kv_heads, 128, page_size)  # the same keys
-        lengths = jnp.array(lengths, jnp.int32)
-        with jax.default_matmul_precision("highest"):
-            ref = paged_attention_ref(q, k_pages, v_pages, tables, lengths)
-            ref8 = _paged_int8_ref(q, *int8_pool[:3], lengths, *int8_pool[3:])
-        with _triton.quiet():
-            out = paged_attention(q, k_pages, v_pages, tables, lengths)
-            out8 = _paged_int8(q, *int8_pool[:3], lengths, *int8_pool[3:])
-        shape = f"page={page_size} H={heads} G={kv_heads} lengths={lengths.tolist()}"
-        lines.append(f"ragged {shape}: rel err {dec.rel_err(out, ref):.2e}")
-        lines.append(f"ragged int8 {shape}: rel err {dec.rel_err(out8, ref8):.2e} vs int8 ref, "
-                     f"{dec.rel_err(out8, ref):.2e} vs bf16 pages (quantization)")
-    return lines
-
-
-def main() -> None:
-    import sys
-
-    dec.print_header(_ragged_check())
-    tune = "--tune" in sys.argv
-    rows = []
-    tuned = {(1, 4096), (1, 2048)}
-    shapes = [(b, s, 32, 32, 128) for b in (1, 8, 64) for s in (512, 2048, 4096)]
-    candidates = [
-        BlockSizes(block_k=64, num_splits=ns, num_warps=4, num_stages=st)
-        for ns, st in [(4, 4), (8, 4), (32, 4), (16, 3)]
-    ]
-    for page_size in (16, 64):
-        for batch, seq_len, heads, kv_heads, head_dim in shapes:
-            q = jax.random.normal(jax.random.key(0), (batch, heads, head_dim), jnp.bfloat16)
-            lengths = jnp.full((batch,), seq_len, jnp.int32)
-            name = f"page={page_size} B={batch} S={seq_len} H={heads} G={kv_heads}"
-            configs = [None] + (candidates if tune and (batch, seq_len) in tuned else [])
-            for cache in ("bf16", "int8"):  # each against decode_attention over the same kind of cache
-                if cache == "bf16":
-                    make_pool = functools.partial(_scattered_pool, dtype=jnp.bfloat16)
-                    kernel, xla = paged_attention, paged_attention_ref
-                    make_dense = functools.partial(dec._inputs, dtype=jnp.bfloat16)
-                    dense_kernel = dec.decode_attention
-                else:
-                    make_pool, kernel, xla = _scattered_int8_pool, _paged_int8, _paged_int8_ref
-                    make_dense, dense_kernel = dec._int8_inputs, dec._decode_int8
-
-                def make(key, make_pool=make_pool):
-                    k_pages, v_pages, tables, *scales = make_pool(key, batch, seq_len, kv_heads, head_dim, page_size)
-                    return (q, k_pages, v_pages, tables, lengths, *scales)
-
-                args = make(jax.random.key(0))
-                with jax.default_matmul_precision("highest"):
-                    ref = xla(*args)
-                kv_bytes = dec._kv_bytes(batch, seq_len, kv_heads, head_dim, cache)
-                sets = [make(jax.random.key(10 + i)) for i in range(dec.num_sets(kv_bytes))]
-                best = dec.best_config(f"{name} {cache}", kernel, configs, args, ref, sets,
-                                       lambda us, nbytes=kv_bytes: f"{nbytes / us / 1e6:5.2f} TB/s")
-                del sets, args
-                dense = [make_dense(jax.random.key(10 + i), batch, seq_len, heads, kv_heads, head_dim)
-                         for i in range(dec.num_sets(kv_bytes))]
-                with _triton.quiet():
-                    dense_us = dec.time_us(dense_kernel, dense)
-                del dense
-                if best is not None:
-                    rows.append((name, cache, kv_bytes, best[0], best[1], dense_us, best[2]))
-    print("\npaged_attention, full lengths, pages randomly permuted, TB/s over KV bytes read (int8: codes + "
-          "float32 scales); decode = decode_attention over a static cache of the same kind")
-    print(f"{'shape':38s} {'cache':5s} {'KV MB':>7s} {'paged us':>9s} {'TB/s':>6s} {'rel err':>9s} {'decode us':>10s}"
-          f" {'paged/decode':>12s}  best config")
-    for name, cache, nbytes, us, err, dus, cfg in rows:
-        print(f"{name:38s} {cache:5s} {nbytes / 1e6:7.1f} {us:9.1f} {nbytes / us / 1e6:6.2f} {err:9.2e} {dus:10.1f}"
-              f" {us / dus:12.2f}  {cfg or 'default'}")
-
-
-if __name__ == "__main__":
-    main()

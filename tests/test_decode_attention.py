@@ -1,4 +1,5 @@
-"""decode_attention against decode_attention_ref on CPU (Pallas interpret mode).
+"""decode_attention against decode_attention_ref: Pallas interpret mode on the CPU, and the same
+tests compiled on a GPU (`pytest -m gpu`; kernel_checks.MODES).
 
 Interpret mode fills pallas outputs with NaN and pads out-of-bounds reads with NaN, so "no NaN
 where the reference is finite" proves every output element was written and no unmasked read
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels.decode_attention import BlockSizes, decode_attention, decode_attention_ref
-from kernel_checks import assert_close
+from pallas_kernels.kv_quant import quantize_kv
+from kernel_checks import GPU, MODES, assert_close, gpu_marked_needs_gpu, reference  # noqa: F401 (autouse fixture)
 
 # Relative L2 error and max abs error bounds per dtype (float32: reordering only; bf16: the
 # probabilities are rounded before the PV dot and the output is rounded).
@@ -42,33 +44,63 @@ def _inputs(case, case_id: str):
     return q, k, v, jnp.array(lengths, jnp.int32)
 
 
+@pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
-def test_decode_matches_ref(case):
+def test_decode_matches_ref(case, interpret):
     q, k, v, lengths = _inputs(case, _case_id(case))
     block_sizes = BlockSizes(block_k=16, num_splits=case[7], num_warps=4, num_stages=2)
-    out = decode_attention(q, k, v, lengths, block_sizes=block_sizes, interpret=True)
+    out = decode_attention(q, k, v, lengths, block_sizes=block_sizes, interpret=interpret)
     assert out.shape == q.shape and out.dtype == q.dtype
-    assert_close(out, decode_attention_ref(q, k, v, lengths), case[5])
+    assert_close(out, reference(decode_attention_ref, q, k, v, lengths), case[5])
 
 
-def test_decode_default_blocks_matches_ref():
+@pytest.mark.parametrize("interpret", MODES)
+def test_decode_default_blocks_matches_ref(interpret):
     case = (2, 200, 8, 2, 128, jnp.float32, [200, 65], None)
     q, k, v, lengths = _inputs(case, "default_blocks")
-    assert_close(decode_attention(q, k, v, lengths, interpret=True), decode_attention_ref(q, k, v, lengths),
-                  jnp.float32)
+    assert_close(decode_attention(q, k, v, lengths, interpret=interpret),
+                 reference(decode_attention_ref, q, k, v, lengths), jnp.float32)
 
 
-def test_decode_never_reads_past_length():
+@pytest.mark.parametrize("interpret", MODES)
+def test_decode_never_reads_past_length(interpret):
     """NaN in the cache past each row's length must not reach the output."""
     case = (3, 80, 8, 2, 64, jnp.float32, [80, 1, 33], 2)
     q, k, v, lengths = _inputs(case, "nan_tail")
-    ref = decode_attention_ref(q, k, v, lengths)
+    ref = reference(decode_attention_ref, q, k, v, lengths)
     tail = (jnp.arange(80)[None, :] >= lengths[:, None])[:, :, None, None]  # [B, S, 1, 1]
     k_bad, v_bad = jnp.where(tail, jnp.nan, k), jnp.where(tail, jnp.nan, v)
     block_sizes = BlockSizes(block_k=16, num_splits=2)
-    out = decode_attention(q, k_bad, v_bad, lengths, block_sizes=block_sizes, interpret=True)
+    out = decode_attention(q, k_bad, v_bad, lengths, block_sizes=block_sizes, interpret=interpret)
     assert np.isfinite(np.asarray(out)).all()
     assert_close(out, ref, jnp.float32)
+
+
+# Compiled only (too large for interpret mode): Llama shapes over a 4096-slot cache, default
+# tiling, lengths 1, block boundaries and full. (H, G, K, lengths)
+LONG_CASES = [
+    (32, 32, 128, [1, 64, 4096, 1000]),
+    (64, 8, 128, [4095, 1, 129, 2048]),
+    (32, 8, 64, [7, 4096, 300, 65]),
+]
+
+
+@GPU
+@pytest.mark.parametrize("cache", ["bf16", "int8"])
+@pytest.mark.parametrize("case", LONG_CASES, ids=[f"H={c[0]}_G={c[1]}_K={c[2]}" for c in LONG_CASES])
+def test_decode_long_ragged_rows_match_ref(case, cache):
+    heads, kv_heads, head_dim, lengths = case
+    kq, kk, kv = jax.random.split(jax.random.key(zlib.crc32(repr(case).encode())), 3)
+    q = jax.random.normal(kq, (len(lengths), heads, head_dim), jnp.bfloat16)
+    k = jax.random.normal(kk, (len(lengths), 4096, kv_heads, head_dim), jnp.bfloat16)
+    v = jax.random.normal(kv, (len(lengths), 4096, kv_heads, head_dim), jnp.bfloat16)
+    lengths = jnp.array(lengths, jnp.int32)
+    scales = {}
+    if cache == "int8":
+        (k, k_scale), (v, v_scale) = quantize_kv(k), quantize_kv(v)
+        scales = dict(k_scale=k_scale, v_scale=v_scale)
+    out = decode_attention(q, k, v, lengths, **scales)
+    assert_close(out, reference(decode_attention_ref, q, k, v, lengths, **scales), jnp.bfloat16)
 
 
 @pytest.mark.parametrize("field,kwargs", [
@@ -116,24 +148,26 @@ def _int8_inputs(case, case_id: str):
     return q, k, v, jnp.array(lengths, jnp.int32), k_scale, v_scale
 
 
+@pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("case", INT8_CASES, ids=[f"int8_{_case_id(c)}" for c in INT8_CASES])
-def test_decode_int8_cache_matches_ref(case):
+def test_decode_int8_cache_matches_ref(case, interpret):
     """Same bounds as a float cache of q's dtype: the int8 codes convert exactly to q's dtype,
     so the kernel rounds only where the float kernel does (p * v_scale to bf16, the output).
     The kernel's scales are NaN past each row's length: a key read there would reach the output."""
     case_id = f"int8_{_case_id(case)}"
     q, k, v, lengths, k_scale, v_scale = _int8_inputs(case, case_id)
-    ref = decode_attention_ref(q, k, v, lengths, k_scale=k_scale, v_scale=v_scale)
+    ref = reference(decode_attention_ref, q, k, v, lengths, k_scale=k_scale, v_scale=v_scale)
     tail = jnp.arange(case[1])[None, None, :] >= lengths[:, None, None]  # [B, 1, S]
     k_scale, v_scale = jnp.where(tail, jnp.nan, k_scale), jnp.where(tail, jnp.nan, v_scale)
     block_sizes = BlockSizes(block_k=16, num_splits=case[7], num_warps=4, num_stages=2)
     out = decode_attention(q, k, v, lengths, k_scale=k_scale, v_scale=v_scale, block_sizes=block_sizes,
-                           interpret=True)
+                           interpret=interpret)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert_close(out, ref, case[5])
 
 
-def test_decode_int8_cache_close_to_float_cache():
+@pytest.mark.parametrize("interpret", MODES)
+def test_decode_int8_cache_close_to_float_cache(interpret):
     """int8 attention against float32 attention over the unquantized cache.
 
     Rounding to steps of absmax/127 errs by at most half a step, uniformly: std step / sqrt(12),
@@ -150,8 +184,8 @@ def test_decode_int8_cache_close_to_float_cache():
     lengths = jnp.array([256, 100], jnp.int32)
     (k8, k_scale), (v8, v_scale) = _quantize(k), _quantize(v)
     out = decode_attention(jnp.asarray(q), k8, v8, lengths, k_scale=k_scale, v_scale=v_scale,
-                           block_sizes=BlockSizes(block_k=32, num_splits=2), interpret=True)
-    ref = np.asarray(decode_attention_ref(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), lengths))
+                           block_sizes=BlockSizes(block_k=32, num_splits=2), interpret=interpret)
+    ref = np.asarray(reference(decode_attention_ref, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), lengths))
     out = np.asarray(out)
     rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
     assert rel <= 2.5e-2, f"{rel=}"

@@ -1,9 +1,11 @@
-"""flash_attention against flash_attention_ref on CPU (Pallas interpret mode).
+"""flash_attention against flash_attention_ref: Pallas interpret mode on the CPU, and the same
+tests compiled on a GPU (`pytest -m gpu`; kernel_checks.MODES).
 
 Interpret mode fills pallas outputs with NaN before the kernel runs and pads out-of-bounds reads
 with NaN, so "no NaN where the reference is finite" also proves every output element was written
 and no unmasked read crossed the end of an array.
 """
+import warnings
 import zlib
 
 import jax
@@ -11,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import _triton
 from pallas_kernels.flash_attention import BlockSizes, flash_attention, flash_attention_ref
-from kernel_checks import assert_close
+from kernel_checks import GPU, MODES, assert_close, gpu_marked_needs_gpu, reference  # noqa: F401 (autouse fixture)
 
 # Relative L2 error and max abs error bounds per dtype: float32 runs the same math in a different
 # order; bf16 also rounds the probabilities before the PV dot and the output.
@@ -45,30 +48,64 @@ def _inputs(case, case_id: str):
     return q, k, v, jnp.array(q_offset, jnp.int32), jnp.array(kv_len, jnp.int32)
 
 
+@pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
-def test_flash_matches_ref(case):
+def test_flash_matches_ref(case, interpret):
     q, k, v, q_offset, kv_len = _inputs(case, _case_id(case))
-    ref = flash_attention_ref(q, k, v, q_offset, kv_len)
-    out = flash_attention(q, k, v, q_offset, kv_len, block_sizes=SMALL, interpret=True)
+    ref = reference(flash_attention_ref, q, k, v, q_offset, kv_len)
+    out = flash_attention(q, k, v, q_offset, kv_len, block_sizes=SMALL, interpret=interpret)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert_close(out, ref, case[6])
 
 
-def test_flash_default_blocks_gqa_matches_ref():
+@pytest.mark.parametrize("interpret", MODES)
+def test_flash_default_blocks_gqa_matches_ref(interpret):
     case = (1, 70, 70, 16, 2, 128, jnp.float32, [0], [70])  # default tiles fold 8 heads x 16 tokens
     q, k, v, q_offset, kv_len = _inputs(case, "default_blocks")
-    assert_close(flash_attention(q, k, v, q_offset, kv_len, interpret=True),
-                  flash_attention_ref(q, k, v, q_offset, kv_len), jnp.float32)
+    assert_close(flash_attention(q, k, v, q_offset, kv_len, interpret=interpret),
+                 reference(flash_attention_ref, q, k, v, q_offset, kv_len), jnp.float32)
 
 
-def test_flash_padding_rows_are_zero_and_cache_tail_never_read():
+# Compiled only (too large for interpret mode): Llama shapes with default tiles, ragged kv_len,
+# chunked-prefill offsets, GQA and both head dims.
+LONG_CASES = [
+    (3, 300, 300, 32, 32, 128, jnp.bfloat16, [0, 0, 0], [300, 1, 129]),
+    (3, 300, 300, 64, 8, 128, jnp.bfloat16, [0, 0, 0], [300, 77, 256]),
+    (2, 200, 1000, 32, 8, 64, jnp.bfloat16, [0, 700], [150, 900]),
+    (2, 64, 1000, 32, 32, 128, jnp.bfloat16, [512, 936], [576, 1000]),
+]
+
+
+@GPU
+@pytest.mark.parametrize("case", LONG_CASES, ids=[_case_id(c) for c in LONG_CASES])
+def test_flash_long_ragged_rows_match_ref(case):
+    q, k, v, q_offset, kv_len = _inputs(case, _case_id(case))
+    out = flash_attention(q, k, v, q_offset, kv_len)
+    assert_close(out, reference(flash_attention_ref, q, k, v, q_offset, kv_len), case[6])
+
+
+@GPU
+def test_triton_quiet_hides_the_lowering_warnings():
+    """jax 0.11 warns at every Pallas-Triton lowering; inside _triton.quiet() none is left (a shape
+    no other test compiles, so this call lowers)."""
+    q, k, v, q_offset, kv_len = _inputs((1, 72, 72, 2, 2, 32, jnp.bfloat16, [0], [72]), "warnings")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _triton.quiet():
+            jax.block_until_ready(flash_attention(q, k, v, q_offset, kv_len))
+    left = [f"{w.category.__name__}: {w.message}" for w in caught if "riton" in str(w.message)]
+    assert not left, left
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_flash_padding_rows_are_zero_and_cache_tail_never_read(interpret):
     """Rows at positions >= kv_len come back as zeros; NaN past kv_len in the cache never leaks."""
     case = (2, 24, 64, 4, 2, 64, jnp.float32, [8, 0], [20, 5])
     q, k, v, q_offset, kv_len = _inputs(case, "padding")
-    ref = flash_attention_ref(q, k, v, q_offset, kv_len)
+    ref = reference(flash_attention_ref, q, k, v, q_offset, kv_len)
     tail = (jnp.arange(64)[None, :] >= kv_len[:, None])[:, :, None, None]  # [B, S, 1, 1]
     k_bad, v_bad = jnp.where(tail, jnp.nan, k), jnp.where(tail, jnp.nan, v)
-    out = flash_attention(q, k_bad, v_bad, q_offset, kv_len, block_sizes=SMALL, interpret=True)
+    out = flash_attention(q, k_bad, v_bad, q_offset, kv_len, block_sizes=SMALL, interpret=interpret)
     assert np.isfinite(np.asarray(out)).all()
     pos = q_offset[:, None] + jnp.arange(24)[None, :]  # [B, T]
     assert (np.asarray(out)[np.asarray(pos >= kv_len[:, None])] == 0).all()

@@ -1,4 +1,5 @@
-"""Page management and paged_attention on CPU (Pallas interpret mode).
+"""Page management and paged_attention: Pallas interpret mode on the CPU, and the kernel tests
+compiled on a GPU too (`pytest -m gpu`; kernel_checks.MODES).
 
 Interpret mode fills pallas outputs with NaN and pads out-of-bounds reads with NaN, so "no NaN
 where the reference is finite" proves every output element was written.
@@ -11,10 +12,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels import paged_attention as pa
-from kernel_checks import assert_close
-from pallas_kernels.decode_attention import (
-    BlockSizes, decode_attention, decode_attention_ref, dequantize_kv, quantize_kv,
-)
+from kernel_checks import GPU, MODES, assert_close, gpu_marked_needs_gpu, reference  # noqa: F401 (autouse fixture)
+from pallas_kernels.decode_attention import BlockSizes, decode_attention, decode_attention_ref
+from pallas_kernels.kv_quant import dequantize_kv, quantize_kv
 
 # Relative L2 error and max abs error bounds per dtype (see test_decode_attention.py).
 
@@ -91,8 +91,9 @@ def _case_id(case) -> str:
     return f"{B=}_{page_size=}_{H=}_{G=}_{K=}_{jnp.dtype(dtype).name}_{block_k=}_splits={num_splits}"
 
 
+@pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
-def test_paged_matches_decode_ref_on_gathered_cache(case):
+def test_paged_matches_decode_ref_on_gathered_cache(case, interpret):
     batch, lengths, page_size, heads, kv_heads, head_dim, dtype, block_k, num_splits = case
     key = jax.random.key(zlib.crc32(_case_id(case).encode()))
     max_len = max(lengths)
@@ -106,19 +107,45 @@ def test_paged_matches_decode_ref_on_gathered_cache(case):
     q = jax.random.normal(jax.random.fold_in(key, 1), (batch, heads, head_dim), jnp.float32).astype(dtype)
     block_sizes = BlockSizes(block_k=block_k, num_splits=num_splits, num_warps=4, num_stages=2)
     out = pa.paged_attention(q, pool.k_pages, pool.v_pages, pool.block_tables, lengths,
-                             block_sizes=block_sizes, interpret=True)
+                             block_sizes=block_sizes, interpret=interpret)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert np.isfinite(np.asarray(out.astype(jnp.float32))).all()
-    assert_close(out, decode_attention_ref(q, k_dense, v_dense, lengths), dtype)
+    assert_close(out, reference(decode_attention_ref, q, k_dense, v_dense, lengths), dtype)
 
 
-def test_paged_default_blocks_match_paged_ref():
+@pytest.mark.parametrize("interpret", MODES)
+def test_paged_default_blocks_match_paged_ref(interpret):
     pool, _, _ = _filled_pool(jax.random.key(7), 2, 100, 16, 8, 2, 64, jnp.float32, num_pages=20)
     pool = pa.PagePool(jnp.nan_to_num(pool.k_pages), jnp.nan_to_num(pool.v_pages), pool.free,
                        pool.block_tables, pool.lengths)  # the ref gathers whole pages
     q = jax.random.normal(jax.random.key(8), (2, 8, 64))
     args = (q, pool.k_pages, pool.v_pages, pool.block_tables, jnp.array([100, 37], jnp.int32))
-    assert_close(pa.paged_attention(*args, interpret=True), pa.paged_attention_ref(*args), jnp.float32)
+    assert_close(pa.paged_attention(*args, interpret=interpret), reference(pa.paged_attention_ref, *args), jnp.float32)
+
+
+# Compiled only (too large for interpret mode): Llama shapes, 4096 slots per row on randomly
+# permuted pages, default tiling, ragged lengths. (H, G, page_size, lengths)
+LONG_CASES = [(32, 32, 16, [1, 16, 4096, 1000]), (64, 8, 64, [4095, 1, 129, 2048])]
+
+
+@GPU
+@pytest.mark.parametrize("pages", ["bf16", "int8"])
+@pytest.mark.parametrize("case", LONG_CASES, ids=[f"H={c[0]}_G={c[1]}_page={c[2]}" for c in LONG_CASES])
+def test_paged_long_ragged_rows_match_ref(case, pages):
+    heads, kv_heads, page_size, lengths = case
+    batch, pages_per_row = len(lengths), 4096 // page_size
+    kq, kk, kv, kp = jax.random.split(jax.random.key(zlib.crc32(repr(case).encode())), 4)
+    q = jax.random.normal(kq, (batch, heads, 128), jnp.bfloat16)
+    shape = (batch * pages_per_row, page_size, kv_heads, 128)  # [P, page_size, G, K]
+    k_pages, v_pages = jax.random.normal(kk, shape, jnp.bfloat16), jax.random.normal(kv, shape, jnp.bfloat16)
+    tables = jax.random.permutation(kp, batch * pages_per_row).reshape(batch, pages_per_row).astype(jnp.int32)
+    lengths = jnp.array(lengths, jnp.int32)
+    scales = {}
+    if pages == "int8":  # quantize_kv reads [P, page_size, G, K] as [B, T, G, K]: scales [P, G, page_size]
+        (k_pages, k_scale_pages), (v_pages, v_scale_pages) = quantize_kv(k_pages), quantize_kv(v_pages)
+        scales = dict(k_scale_pages=k_scale_pages, v_scale_pages=v_scale_pages)
+    out = pa.paged_attention(q, k_pages, v_pages, tables, lengths, **scales)
+    assert_close(out, reference(pa.paged_attention_ref, q, k_pages, v_pages, tables, lengths, **scales), jnp.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,8 +211,9 @@ def _int8_case_id(case) -> str:
     return f"int8_{B=}_{page_size=}_{H=}_{G=}_{K=}_{jnp.dtype(dtype).name}_{block_k=}_splits={num_splits}"
 
 
+@pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("case", INT8_CASES, ids=[_int8_case_id(c) for c in INT8_CASES])
-def test_paged_int8_matches_int8_ref(case):
+def test_paged_int8_matches_int8_ref(case, interpret):
     """Same bounds as a float pool of q's dtype (the codes convert exactly to q's dtype). The
     kernel's scales are NaN at every slot holding no key below the row's length, in owned and
     free pages alike: a key read past the length or through a wrong table entry reaches the output."""
@@ -197,19 +225,21 @@ def test_paged_int8_matches_int8_ref(case):
     lengths = jnp.array(lengths, jnp.int32)
     q = jax.random.normal(jax.random.key(zlib.crc32(_int8_case_id(case).encode())), (batch, heads, head_dim),
                           jnp.float32).astype(dtype)
-    ref = pa.paged_attention_ref(q, k_pages, v_pages, tables, lengths, k_scale_pages=k_scale_pages,
-                                 v_scale_pages=v_scale_pages)  # the ref gathers whole pages: finite scales
+    ref = reference(pa.paged_attention_ref, q, k_pages, v_pages, tables, lengths, k_scale_pages=k_scale_pages,
+                    v_scale_pages=v_scale_pages)  # the ref gathers whole pages: finite scales
     block_sizes = BlockSizes(block_k=block_k, num_splits=num_splits, num_warps=4, num_stages=2)
     out = pa.paged_attention(q, k_pages, v_pages, tables, lengths, k_scale_pages=poisoned[2],
-                             v_scale_pages=poisoned[3], block_sizes=block_sizes, interpret=True)
+                             v_scale_pages=poisoned[3], block_sizes=block_sizes, interpret=interpret)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert_close(out, ref, dtype)
 
 
-def test_paged_int8_equals_static_int8_decode():
+@pytest.mark.parametrize("interpret", MODES)
+def test_paged_int8_equals_static_int8_decode(interpret):
     """The paged kernel over int8 pages equals the static-cache kernel over the same codes and
     scales in the [B, S, G, K] / [B, G, S] layout: same tiling, so the same blocks and arithmetic;
-    only where a key's bytes come from differs. Both layouts are NaN-poisoned past the lengths."""
+    only where a key's bytes come from differs (bit for bit in interpret mode; compiled, the two
+    kernels may contract multiply-adds differently). Both layouts are NaN-poisoned past the lengths."""
     batch, lengths, page_size, heads, kv_heads, head_dim = 3, [48, 1, 70], 16, 8, 2, 64
     static, pages, tables, poisoned = _int8_paged_data("int8_static", batch, lengths, page_size, kv_heads,
                                                        head_dim, num_pages=16)
@@ -217,10 +247,13 @@ def test_paged_int8_equals_static_int8_decode():
     q = jax.random.normal(jax.random.key(3), (batch, heads, head_dim), jnp.bfloat16)
     block_sizes = BlockSizes(block_k=32, num_splits=2, num_warps=4, num_stages=2)
     out = pa.paged_attention(q, *pages[:2], tables, lengths, k_scale_pages=poisoned[2], v_scale_pages=poisoned[3],
-                             block_sizes=block_sizes, interpret=True)
+                             block_sizes=block_sizes, interpret=interpret)
     want = decode_attention(q, *static[:2], lengths, k_scale=poisoned[0], v_scale=poisoned[1],
-                            block_sizes=block_sizes, interpret=True)
-    np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+                            block_sizes=block_sizes, interpret=interpret)
+    if interpret:
+        np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+    else:
+        assert_close(out, want, jnp.bfloat16)
 
 
 def test_int8_pool_round_trip_matches_decode_on_quantized_keys():

@@ -1,4 +1,6 @@
-"""pallas_kernels.quant_matmul: the Pallas kernel (interpret mode on CPU) against its f32 ref."""
+"""pallas_kernels.quant_matmul against its float32 ref: Pallas interpret mode on the CPU, and the
+same tests compiled on a GPU (`pytest -m gpu`; kernel_checks.MODES), where the batch-1 step runs
+its inline PTX (tests/test_quant_ptx.py checks that PTX on the CPU)."""
 import zlib
 
 import jax
@@ -8,8 +10,9 @@ import pytest
 
 from pallas_kernels.quant_matmul import (BlockSizes, pack_int4, quant_matmul, quant_matmul_multi,
                                          quant_matmul_multi_ref, quant_matmul_ref, unpack_int4)
+from kernel_checks import GPU, MODES, gpu_marked_needs_gpu  # noqa: F401 (autouse fixture)
 
-INTERPRET = True
+INTERPRET = True  # the argument checks run before any kernel: one mode is enough
 
 
 def _inputs(case: str, m: int, k: int, n: int, bits: int, group_size: int, x_dtype):
@@ -53,23 +56,25 @@ def _case_id(case) -> str:
     return f"M={m}_K={k}_N={n}_int{bits}_g{g}" + ("" if bs is None else "_custom_blocks")
 
 
+@pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_kernel_matches_ref(case):
+def test_kernel_matches_ref(case, interpret):
     m, k, n, bits, group_size, block_sizes = case
     x, q, scale = _inputs(_case_id(case), m, k, n, bits, group_size, jnp.float32)
     y = quant_matmul(x, q, scale, bits=bits, group_size=group_size, block_sizes=block_sizes,
-                     interpret=INTERPRET)
+                     interpret=interpret)
     ref = quant_matmul_ref(x, q, scale, bits=bits, group_size=group_size)
     assert y.shape == (m, n) and y.dtype == x.dtype
     assert not np.isnan(np.asarray(y)).any()
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("m,bits,group_size", [(1, 8, 256), (3, 4, 64)],
                          ids=["M=1_K=256_N=200_int8", "M=3_K=256_N=200_int4_g64"])
-def test_kernel_bf16_input_within_bf16_tolerance(m, bits, group_size):
+def test_kernel_bf16_input_within_bf16_tolerance(m, bits, group_size, interpret):
     x, q, scale = _inputs(f"bf16_{m}_{bits}", m, 256, 200, bits, group_size, jnp.bfloat16)
-    y = quant_matmul(x, q, scale, bits=bits, group_size=group_size, interpret=INTERPRET)
+    y = quant_matmul(x, q, scale, bits=bits, group_size=group_size, interpret=interpret)
     ref = quant_matmul_ref(x.astype(jnp.float32), q, scale.astype(jnp.float32), bits=bits,
                            group_size=group_size)
     assert y.dtype == jnp.bfloat16 and not np.isnan(np.asarray(y, np.float32)).any()
@@ -130,12 +135,13 @@ def _multi_inputs(case_id: str, m, k, ns, bits, group_size):
                for i, n in enumerate(ns)]
 
 
+@pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("case", MULTI_CASES, ids=_multi_id)
-def test_multi_kernel_matches_ref(case):
+def test_multi_kernel_matches_ref(case, interpret):
     m, k, ns, bits, group_size, block_sizes = case
     x, weights = _multi_inputs(_multi_id(case), m, k, ns, bits, group_size)
     ys = quant_matmul_multi(x, weights, bits=bits, group_size=group_size,
-                            block_sizes=block_sizes, interpret=INTERPRET)
+                            block_sizes=block_sizes, interpret=interpret)
     refs = quant_matmul_multi_ref(x, weights, bits=bits, group_size=group_size)
     assert isinstance(ys, tuple) and len(ys) == len(refs) == len(ns)
     for i, (y, ref, n) in enumerate(zip(ys, refs, ns)):
@@ -145,13 +151,14 @@ def test_multi_kernel_matches_ref(case):
                                    err_msg=f"weight {i}")
 
 
+@pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("m,bits,group_size", [(1, 8, 256), (3, 4, 64)],
                          ids=["M=1_K=256_N=200_int8_split", "M=3_K=256_N=200_int4_g64"])
-def test_multi_of_one_weight_equals_quant_matmul(m, bits, group_size):
+def test_multi_of_one_weight_equals_quant_matmul(m, bits, group_size, interpret):
     x, q, scale = _inputs(f"one_{m}_{bits}", m, 256, 200, bits, group_size, jnp.float32)
     (y,) = quant_matmul_multi(x, [(q, scale)], bits=bits, group_size=group_size,
-                              interpret=INTERPRET)
-    want = quant_matmul(x, q, scale, bits=bits, group_size=group_size, interpret=INTERPRET)
+                              interpret=interpret)
+    want = quant_matmul(x, q, scale, bits=bits, group_size=group_size, interpret=interpret)
     assert not np.isnan(np.asarray(y)).any()
     np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
 
@@ -174,3 +181,38 @@ def test_multi_bad_weights_raise_naming_the_weight():
     with pytest.raises(ValueError, match=r"weights\[1\] .*dtypes differ"):
         quant_matmul_multi(x, [(w16, None), (w16.astype(jnp.bfloat16), None)], bits=16,
                            group_size=0, interpret=INTERPRET)
+
+
+# Compiled only (too large for interpret mode): bf16 x, default tiles, ragged and irregular shapes
+# at Llama sizes, one weight per call and several. (M, K, N_i per weight, bits, group_size, blocks)
+LARGE_CASES = [
+    (1, 4096 + 64, (4096 + 48,), 8, 4096 + 64, None), (3, 1000, (300,), 8, 1000, None),
+    (5, 4096, (4128,), 4, 128, None), (16, 4096, (4096,), 4, 32, None), (64, 2048, (1000,), 4, 64, None),
+    (1, 4096, (4096,), 4, 64, None), (1, 300, (200,), 16, 0, None), (8, 4096, (4096,), 16, 0, None),
+    (2, 4096, (4096,), 8, 128, None),
+    (1, 4096, (4096, 4096, 4096), 8, 4096, None),  # q/k/v
+    (8, 8192, (4096, 512, 512), 4, 128, None),  # GQA q/k/v per TP2 shard
+    (1, 4096, (11008, 11008), 4, 128, None),  # gate/up
+    (3, 1000, (300, 130, 48), 8, 1000, None),
+    (1, 4096, (4096, 1000), 8, 4096, BlockSizes(block_n=256, block_k=32, fused_reduce=True)),
+]
+
+
+@GPU
+@pytest.mark.parametrize("case", LARGE_CASES, ids=_multi_id)
+def test_large_shapes_match_ref(case):
+    """Relative L2 error of the bf16 output under 1e-2 (the ref rounds to bf16 too)."""
+    m, k, ns, bits, group_size, block_sizes = case
+    case_id = _multi_id(case)
+    x = _inputs(case_id, m, k, 1, bits, group_size, jnp.bfloat16)[0]
+    weights = [_inputs(f"{case_id}_w{i}", m, k, n, bits, group_size, jnp.bfloat16)[1:] for i, n in enumerate(ns)]
+    if len(ns) == 1:
+        ys = (quant_matmul(x, *weights[0], bits=bits, group_size=group_size, block_sizes=block_sizes),)
+    else:
+        ys = quant_matmul_multi(x, weights, bits=bits, group_size=group_size, block_sizes=block_sizes)
+    refs = quant_matmul_multi_ref(x, weights, bits=bits, group_size=group_size)
+    for i, (y, ref) in enumerate(zip(ys, refs)):
+        y, ref = np.asarray(y, np.float32), np.asarray(ref, np.float32)
+        assert not np.isnan(y).any(), f"weight {i}: unwritten output"
+        rel = np.linalg.norm(y - ref) / np.linalg.norm(ref)
+        assert rel < 1e-2, f"weight {i}: {rel=}"

@@ -2,28 +2,17 @@
 copies of KV-cache-sized buffers (there should be none: the cache is updated in place) and the
 number of kernels launched per step, by kind.
 
-    python scripts/inspect_hlo.py --config llama-2-7b [--batch 1] [--cache-len 512] [--attn-impl xla]
+    python -m scripts.gpu hlo --config llama-2-7b [--batch 1] [--cache-len 512] [--attn-impl xla]
 """
-import argparse
 import collections
 import os
 import re
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="llama-2-7b")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--cache-len", type=int, default=512)
-    ap.add_argument("--attn-impl", default=None)
-    ap.add_argument("--dump", default=None, help="write the optimized HLO text here")
-    args = ap.parse_args(argv)
-
+def hlo(args) -> None:
     import jax
     import jax.numpy as jnp
+
     from jllm import runtime
     from jllm.config import LlamaConfig
     from jllm.generate import decode
@@ -37,9 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     text = decode.lower(params, token, cache, Sampling.make(args.batch), jax.random.key(0), cfg=cfg,
                         n_steps=1, attn_impl=args.attn_impl or runtime.default_attn_impl(),
                         matmul_impl=runtime.default_matmul_impl()).compile().as_text()
-    if args.dump:
-        with open(args.dump, "w") as f:
+    if args.dump:  # a temporary file, then a rename: never a half-written dump
+        with open(args.dump + ".tmp", "w") as f:
             f.write(text)
+        os.replace(args.dump + ".tmp", args.dump)
     cache_dims = f"{args.batch},{args.cache_len},{cfg.n_kv_heads},{cfg.head_dim}"
     copies = [line.strip()[:160] for line in text.splitlines()
               if re.search(r"= \w+\[" + cache_dims + r"\]\S* copy\(", line)]
@@ -54,8 +44,3 @@ def main(argv: list[str] | None = None) -> int:
         print("  ", c)
     print("ops in the module (all computations):", dict(kinds))
     print("input_output_alias present:", "input_output_alias" in entry or "input_output_alias" in text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,73 @@
+"""python -m scripts.gpu PART [options]: run one GPU benchmark, sweep or profiling region.
+
+Run from the repository root (the GPU machine has no package index, so jllm is not installed
+there): `PYTHONPATH=. python3 -m scripts.gpu decode-attention --tune`.
+"""
+import argparse
+import importlib
+import sys
+
+# PART -> (module under scripts.gpu, function, one line of help)
+PARTS = {
+    "decode-attention": ("attention", "decode", "decode_attention vs XLA, bf16 and int8 cache"),
+    "paged-attention": ("attention", "paged", "paged_attention vs decode_attention, bf16 and int8 pages"),
+    "flash-attention": ("flash", "flash", "flash_attention vs XLA and cuDNN, causal prefill"),
+    "quant-matmul": ("gemv", "quant_matmul", "quantized matmul per call, one 7B layer, batch 1/8/64"),
+    "gemv": ("gemv", "gemv", "quantized GEMV variants in an on-device loop"),
+    "gemv-multi": ("gemv", "gemv_multi", "q/k/v and gate/up: one quant_matmul_multi vs one call each"),
+    "bf16-e2e": ("gemv", "bf16_e2e", "7B bf16 decode with the Pallas bf16 GEMV vs XLA's"),
+    "gemv-one": ("profile", "gemv_one", "one quantized GEMV between cuProfilerStart/Stop (for ncu)"),
+    "prefill": ("profile", "prefill", "one model prefill between cuProfilerStart/Stop (for ncu)"),
+    "ncu-summary": ("profile", "ncu_summary", "time per kernel name from an ncu CSV"),
+    "allreduce": ("allreduce", "allreduce", "TP decode pattern: GEMVs and all-reduce on all GPUs"),
+    "hlo": ("hlo", "hlo", "cache copies and kernels per decode step in the optimized HLO"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m scripts.gpu", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="part", required=True, metavar="PART")
+    parts = {name: sub.add_parser(name, help=help_) for name, (_, _, help_) in PARTS.items()}
+    for name in ("decode-attention", "paged-attention", "flash-attention"):
+        parts[name].add_argument("--tune", action="store_true", help="also sweep some BlockSizes")
+    variants = importlib.import_module("scripts.gpu.gemv").VARIANTS
+    p = parts["quant-matmul"]
+    p.add_argument("--m", type=int, nargs="+", default=[1, 8, 64], help="batch rows")
+    p.add_argument("--sweep", nargs="+", choices=list(variants), default=[],
+                   help="first sweep these variants over the shapes at batch 1 and 8, int8 and int4")
+    for name in ("gemv", "gemv-multi", "gemv-one"):
+        p = parts[name]
+        p.add_argument("--bits", type=int, nargs="+", default=[8, 4] if name != "gemv-multi" else [8, 4, 16])
+        p.add_argument("--m", type=int, nargs="+", default=[1, 8] if name != "gemv-one" else [1])
+    parts["gemv"].add_argument("--variants", nargs="+", choices=list(variants), help="only these")
+    for name in ("gemv-one", "bf16-e2e"):
+        parts[name].add_argument("--variant", default="default", choices=list(variants))
+    parts["gemv-one"].add_argument("--k", type=int, default=4096)
+    parts["gemv-one"].add_argument("--n", type=int, default=22016)
+    p = parts["prefill"]
+    p.add_argument("--config", default="llama-2-7b")
+    p.add_argument("--prompt-len", type=int, default=2048)
+    p.add_argument("--attn-impl", default="pallas")
+    parts["ncu-summary"].add_argument("--file", required=True, help="ncu --csv --page raw output")
+    p = parts["allreduce"]
+    p.add_argument("--dim", type=int, default=8192)
+    p.add_argument("--ffn", type=int, default=28672)
+    p.add_argument("--steps", type=int, default=64)
+    p = parts["hlo"]
+    p.add_argument("--config", default="llama-2-7b")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--cache-len", type=int, default=512)
+    p.add_argument("--attn-impl", default=None)
+    p.add_argument("--dump", default=None, help="write the optimized HLO text here")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    module, fn, _ = PARTS[args.part]
+    getattr(importlib.import_module(f"scripts.gpu.{module}"), fn)(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
