@@ -15,6 +15,7 @@ import pytest
 
 from jllm.config import LlamaConfig
 from jllm.model import forward, init_cache, init_params
+from jllm.plan import Plan
 from kernel_checks import gpu_marked_needs_gpu  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.gpu
@@ -43,13 +44,13 @@ def _tokens(cfg: LlamaConfig, batch: int, length: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attn", "mm"), donate_argnames=("cache",))
 def _step(params, token, cache, cfg, attn, mm):
-    return forward(params, token, cache, cfg, attn_impl=attn, matmul_impl=mm)
+    return forward(params, token, cache, cfg, Plan(attn_impl=attn, matmul_impl=mm))
 
 
 def _stepwise(params, tokens, cfg, cache_dtype, attn, mm) -> jax.Array:
     """Prefill tokens[:, :-STEPS] in one call, then STEPS single-token steps -> logits [B, STEPS, V]."""
     cache = init_cache(cfg, tokens.shape[0], 512, cache_dtype)
-    _, cache = forward(params, tokens[:, :-STEPS], cache, cfg, attn_impl=attn)
+    _, cache = forward(params, tokens[:, :-STEPS], cache, cfg, Plan(attn_impl=attn))
     out = []
     for t in range(tokens.shape[1] - STEPS, tokens.shape[1]):
         logits, cache = _step(params, tokens[:, t:t + 1], cache, cfg, attn, mm)
@@ -65,7 +66,7 @@ def _rel(got, want) -> float:
 def test_prefill_logits_pallas_match_xla(cfg, dtype):
     params, tokens = _params(cfg, dtype), _tokens(cfg, 3, 300)
     with jax.default_matmul_precision("highest"):  # XLA's float32 dots on GPU would round to tf32
-        out = {impl: forward(params, tokens, init_cache(cfg, 3, 512, dtype), cfg, attn_impl=impl)[0]
+        out = {impl: forward(params, tokens, init_cache(cfg, 3, 512, dtype), cfg, Plan(attn_impl=impl))[0]
                for impl in ("xla", "pallas")}
     assert _rel(out["pallas"], out["xla"]) < PREFILL_TOL[dtype]
 

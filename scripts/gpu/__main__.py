@@ -21,6 +21,7 @@ PARTS = {
     "ncu-summary": ("profile", "ncu_summary", "time per kernel name from an ncu CSV"),
     "allreduce": ("allreduce", "allreduce", "TP decode pattern: GEMVs and all-reduce on all GPUs"),
     "hlo": ("hlo", "hlo", "cache copies and kernels per decode step in the optimized HLO"),
+    "step-profile": ("step_profile", "main", "a decode step's kernel table from a jax.profiler trace"),
 }
 
 
@@ -63,6 +64,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["step-profile"]:  # parses its own options (python -m scripts.gpu step-profile -h)
+        return importlib.import_module("scripts.gpu.step_profile").main(argv[1:])
     args = parser().parse_args(argv)
     module, fn, _ = PARTS[args.part]
     getattr(importlib.import_module(f"scripts.gpu.{module}"), fn)(args)

@@ -288,24 +288,22 @@ def gemv_multi(args) -> None:
 
 
 def bf16_e2e(args) -> None:
-    """Llama-2-7B bf16 batch-1 decode with the Pallas bf16 GEMV (tiling `--variant`) vs XLA's."""
-    from jllm import bench, quant
+    """Llama-2-7B bf16 batch-1 decode with the Pallas bf16 GEMV (matmul_impl pallas-fused, tiling
+    `--variant`) vs XLA's."""
+    from jllm import bench, parallel
     from jllm.config import LlamaConfig
 
     header()
     cfg = LlamaConfig.from_name("llama-2-7b")
-    params = bench.random_params(cfg, "llama-2-7b")
+    params = parallel.random_params(cfg, None, jax.random.key(0))
     if args.variant != "default":  # this process only: the variant replaces the batch-1 bf16 default
         bs = VARIANTS[args.variant]
         qmm.default_block_sizes = lambda m, k, n, bits, _d=qmm.default_block_sizes: (
             bs if bits == 16 and m == 1 else _d(m, k, n, bits))
     rows = []
-    for on in (False, True):
-        quant.PALLAS_BF16_GEMV = on
-        jax.clear_caches()
-        r = bench.run(cfg, "llama-2-7b", params=params, warm_compile=False, bandwidth=3.13,
-                      peak_tflops=790, new_tokens=128)
+    for impl in ("xla", "pallas-fused"):
+        r = bench.run(cfg, "llama-2-7b", params=params, warm_compile=False, matmul_impl=impl, new_tokens=128)
         rows.append(r)
-        print(f"bf16 Pallas GEMV {on} ({args.variant}): {r.decode_tok_s_per_seq:.1f} tok/s, "
+        print(f"bf16 GEMV {impl} ({args.variant}): {r.decode_tok_s_per_seq:.1f} tok/s, "
               f"TPOT {r.tpot_ms:.3f} ms", flush=True)
     print(bench.format_table(rows))

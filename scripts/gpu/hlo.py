@@ -13,7 +13,7 @@ def hlo(args) -> None:
     import jax
     import jax.numpy as jnp
 
-    from jllm import runtime
+    from jllm.plan import make_plan
     from jllm.config import LlamaConfig
     from jllm.generate import decode
     from jllm.model import init_cache, init_params
@@ -24,8 +24,7 @@ def hlo(args) -> None:
     cache = jax.eval_shape(lambda: init_cache(cfg, args.batch, args.cache_len, jnp.bfloat16))
     token = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
     text = decode.lower(params, token, cache, Sampling.make(args.batch), jax.random.key(0), cfg=cfg,
-                        n_steps=1, attn_impl=args.attn_impl or runtime.default_attn_impl(),
-                        matmul_impl=runtime.default_matmul_impl()).compile().as_text()
+                        n_steps=1, plan=make_plan(cfg, None, args.attn_impl)).compile().as_text()
     if args.dump:  # a temporary file, then a rename: never a half-written dump
         with open(args.dump + ".tmp", "w") as f:
             f.write(text)

@@ -41,7 +41,8 @@ def gemv_one(args) -> None:
 
 def prefill(args) -> None:
     """One prefill of a random-weight `--config` model between cuProfilerStart and cuProfilerStop."""
-    from jllm import bench
+    from jllm import parallel
+    from jllm.plan import make_plan
     from jllm.config import LlamaConfig
     from jllm.generate import bucket
     from jllm.generate import prefill as run_prefill
@@ -50,7 +51,7 @@ def prefill(args) -> None:
 
     header()
     cfg = LlamaConfig.from_name(args.config)
-    params = bench.random_params(cfg, args.config)
+    params = parallel.random_params(cfg, None, jax.random.key(0))
     T = bucket(args.prompt_len)
     tokens = jax.random.randint(jax.random.key(1), (1, T), 3, cfg.vocab_size, jnp.int32)
     n = jnp.full((1,), args.prompt_len, jnp.int32)
@@ -58,8 +59,8 @@ def prefill(args) -> None:
 
     def run():
         cache = init_cache(cfg, 1, bucket(T + 128), jnp.bfloat16)
-        return run_prefill(params, tokens, n, cache, sampling, key, cfg=cfg, attn_impl=args.attn_impl,
-                           matmul_impl="xla")
+        return run_prefill(params, tokens, n, cache, sampling, key, cfg=cfg,
+                           plan=make_plan(cfg, None, args.attn_impl, "xla"))
     with _triton.quiet():
         jax.block_until_ready(run())
         jax.block_until_ready(run())

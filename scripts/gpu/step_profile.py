@@ -1,6 +1,6 @@
 """Where one decode step's time goes: a jax.profiler trace of decode steps, read back as a kernel table.
 
-    python -m scripts.gpu profile [--config llama-2-7b] [--quantize int8|int4] [--batch 1 8]
+    python -m scripts.gpu step-profile [--config llama-2-7b] [--quantize int8|int4] [--batch 1 8]
         [--matmul-impl pallas pallas-fused xla] [--steps 16] [--out DIR]
 
 Random weights; a prompt of 128 tokens is prefilled, then `steps` decode steps run as one on-device
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     from jllm import parallel
     from jllm.config import LlamaConfig
     from jllm.plan import make_plan
-    ap = argparse.ArgumentParser(prog="python -m scripts.gpu profile", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m scripts.gpu step-profile", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="llama-2-7b")
     ap.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "int8", "int4"])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
