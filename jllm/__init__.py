@@ -25,7 +25,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
          mesh: jax.sharding.Mesh | None = None,
          prompt_buckets: tuple[int, ...] | None = None,
          kv_cache_dtype: str | None = None) -> Model:
-    """Load a jllm checkpoint, or convert a Hugging Face Llama directory in memory.
+    """Load a jllm checkpoint, or convert a Hugging Face Llama directory in memory (`~` expands).
 
     dtype: "bfloat16" | "float16" | "float32" (default: the checkpoint's). quantize: "int8" |
     "int4" quantizes the linear weights after loading (group_size for int4, default 128); a
@@ -41,7 +41,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
     quant.check_mode(quantize, group_size)
     check_kv_cache_dtype(kv_cache_dtype)
     check_impls(attn_impl, matmul_impl)
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
     say = runtime.say if progress else None
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")

@@ -4,18 +4,19 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jllm.config import LlamaConfig
+from jllm import costs
 from jllm.kvcache import KVCache, init_cache
 from jllm.model import Params, logits, transformer
 from jllm.plan import Plan, check_impls, make_plan
 from jllm.sampling import Sampling, sample
-from jllm.tokenizer import Tokenizer
+from jllm.tokenizer import Tokenizer, check_text
 
 DECODE_CHUNK = 8       # decode steps fused into one on-device loop per host call
 MIN_BUCKET = 16        # shortest padded prompt length
@@ -68,10 +69,21 @@ class Model:
 
 @dataclasses.dataclass
 class Stats:
+    """One row's counts and host wall-clock timings, with this call's compilation kept apart.
+
+    compile_s: seconds this call spent tracing, lowering and compiling programs (and loading them
+    from the persistent compilation cache); 0.0 when every program was already compiled in this
+    process. It is the same for every row of a call.
+    ttft_s: seconds from the call to this row's first token on the host, less the compile time
+    inside that span. A batch run in several parts (see `generate`) includes the earlier parts.
+    decode_tokens_per_s: the tokens after the first, divided by the seconds from the first token
+    to this row's last, less the compile time inside that span; 0.0 with fewer than two tokens.
+    """
     prompt_tokens: int
     generated_tokens: int
-    ttft_s: float                # time to first token, from the call to the first token on the host
-    decode_tokens_per_s: float   # tokens after the first, per second, for this row
+    ttft_s: float
+    decode_tokens_per_s: float
+    compile_s: float
 
 
 @dataclasses.dataclass
@@ -127,9 +139,30 @@ def decode(params: Params, token: jax.Array, cache: KVCache, sampling: Sampling,
     return out, cache, key
 
 
-def _check_args(model: Model, prompts, max_new_tokens, temperature, top_k, top_p, stop,
+_BYTES = (bytes, bytearray, memoryview)
+
+
+def _check_number(name: str, x, integer: bool = False) -> None:
+    """TypeError unless x is a number (numpy scalars too; a bool is not); ValueError for a float
+    where an int belongs, NaN or infinity."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}={x!r} must be {'an int' if integer else 'a number'}, "
+                        f"not {type(x).__name__}")
+    if integer and not isinstance(x, (int, np.integer)):
+        raise ValueError(f"{name}={x!r} must be an int")
+    if not math.isfinite(x):
+        raise ValueError(f"{name}={x!r} must be finite")
+
+
+def _check_args(model: Model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
                 stop_token_ids) -> list[list[int]]:
     """Validate the public arguments; return the prompts as token ids."""
+    if not isinstance(model, Model):
+        raise TypeError(f"model={model!r:.80} is a {type(model).__name__}, not a jllm Model: "
+                        f"call model = jllm.load(path) first and pass that")
+    if isinstance(prompts, _BYTES):
+        raise TypeError(f"prompts is {type(prompts).__name__}; prompts must be str or token-id "
+                        f"lists: decode bytes first, e.g. prompts.decode('utf-8')")
     if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
                                     and all(isinstance(t, (int, np.integer)) for t in prompts)):
         prompts = [prompts]
@@ -142,7 +175,11 @@ def _check_args(model: Model, prompts, max_new_tokens, temperature, top_k, top_p
                 raise ValueError(f"prompt {i} is an empty string")
             if model.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")
+            check_text(p, f"prompt {i}")
             ids.append(model.tokenizer.encode(p, bos=True))
+        elif isinstance(p, _BYTES):
+            raise TypeError(f"prompt {i} is {type(p).__name__}; prompts must be str or token-id "
+                            f"lists: decode bytes first, e.g. .decode('utf-8')")
         elif isinstance(p, Sequence) and all(isinstance(t, (int, np.integer)) for t in p):
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is an empty token list")
@@ -152,20 +189,39 @@ def _check_args(model: Model, prompts, max_new_tokens, temperature, top_k, top_p
             ids.append([int(t) for t in p])
         else:
             raise TypeError(f"prompt {i} must be a str or a list of int token ids; got {type(p).__name__}")
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    _check_number("max_new_tokens", max_new_tokens, integer=True)
+    if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
-    if not isinstance(temperature, (int, float)) or not temperature >= 0:
+    _check_number("temperature", temperature)
+    if temperature < 0:
         raise ValueError(f"temperature={temperature!r} must be a number >= 0")
-    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
-        raise ValueError(f"top_k={top_k!r} must be None or an int >= 1")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p={top_p!r} must be None or in (0, 1]")
-    if stop is not None and (not all(isinstance(s, str) and s for s in stop)):
-        raise ValueError(f"stop={stop!r} must be a list of non-empty strings")
+    if top_k is not None:
+        _check_number("top_k", top_k, integer=True)
+        if top_k < 1:
+            raise ValueError(f"top_k={top_k!r} must be None or an int >= 1")
+    if top_p is not None:
+        _check_number("top_p", top_p)
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p={top_p!r} must be None or in (0, 1]")
+    _check_number("seed", seed, integer=True)
+    if not 0 <= seed < 2**32:  # the PRNG key keeps 32 bits: other seeds would repeat these
+        raise ValueError(f"seed={seed!r} must be an int in [0, 2**32)")
+    if stop is not None:
+        if isinstance(stop, _BYTES) or not isinstance(stop, Collection):
+            raise TypeError(f"stop={stop!r} must be a str or a list of str")
+        for j, s in enumerate(stop):
+            if not isinstance(s, str):
+                raise TypeError(f"stop={stop!r}: stop string {j} is a {type(s).__name__}, not a str")
+            if not s:
+                raise ValueError(f"stop={stop!r}: stop string {j} is empty; stop strings must be non-empty")
+            check_text(s, f"stop[{j}]")
     if stop and model.tokenizer is None:
         raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
-    if stop_token_ids is not None and not all(isinstance(t, (int, np.integer)) for t in stop_token_ids):
-        raise ValueError(f"stop_token_ids={stop_token_ids!r} must be a list of ints")
+    if stop_token_ids is not None:
+        if isinstance(stop_token_ids, (str, *_BYTES)) or not isinstance(stop_token_ids, Collection):
+            raise TypeError(f"stop_token_ids={stop_token_ids!r} must be a list of int token ids")
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in stop_token_ids):
+            raise ValueError(f"stop_token_ids={stop_token_ids!r} must be a list of ints")
     longest = max(len(p) for p in ids)
     if longest + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"the longest prompt has {longest} tokens; with {max_new_tokens=} that needs "
@@ -241,31 +297,96 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
 
     stop_token_ids=None stops on the tokenizer's EOS; [] never stops on a token. `stop` strings are
     matched on the decoded text and cut from it. `stream(delta)` receives text and ids as they come.
+    seed: an int in [0, 2**32). A batch whose KV cache would not fit the device's free memory runs
+    in parts (the largest power-of-two number of prompts that fits, one after another); results
+    keep the prompts' order and stream indices, and each part after the first samples from its own
+    seed derived from `seed`.
     """
     t_call = time.perf_counter()
     if isinstance(stop, str):
         stop = [stop]
-    ids = _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, stop, stop_token_ids)
+    ids = _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
+                      stop_token_ids)
+    max_new_tokens, seed, temperature = int(max_new_tokens), int(seed), float(temperature)
+    top_k = None if top_k is None else int(top_k)
+    top_p = None if top_p is None else float(top_p)
     stop = list(stop or [])
     if stop_token_ids is None:
         stop_token_ids = [model.tokenizer.eos_id] if model.tokenizer is not None else []
+    stop_ids = {int(t) for t in stop_token_ids}
     cfg, n = model.cfg, len(ids)
-    B = bucket(n, minimum=1)
+    dp = 1
     if model.mesh is not None:  # the batch is split over the mesh's data axis
         from jllm import parallel
         dp = parallel.data_size(model.mesh)
-        B = -(-B // dp) * dp
     T = bucket(max(map(len, ids)), buckets=model.prompt_buckets)
     S = min(bucket(T + max_new_tokens + DECODE_CHUNK), cfg.max_seq_len)
     T = min(T, S)
-    tokens = np.zeros((B, T), np.int32)
-    n_tokens = np.ones((B,), np.int32)  # padding rows hold one token and are ignored
-    for i, p in enumerate(ids):
-        tokens[i, :len(p)], n_tokens[i] = p, len(p)
-    sampling = Sampling.make(B, temperature, top_k, top_p)
-    rows = [_Row(i, p, model, stop, set(stop_token_ids), max_new_tokens) for i, p in enumerate(ids)]
-    with _on_mesh(model.mesh):
-        return _run(model, rows, tokens, n_tokens, S, sampling, seed, max_new_tokens, stream, t_call)
+    per_run = _prompts_per_run(model, n, T, S, dp)
+    B = _padded_batch(per_run, dp)
+    results: list[Completion] = []
+    with _on_mesh(model.mesh), costs.CompileClock() as clock:
+        for part, first in enumerate(range(0, n, per_run)):
+            part_ids = ids[first:first + per_run]
+            tokens = np.zeros((B, T), np.int32)
+            n_tokens = np.ones((B,), np.int32)  # padding rows hold one token and are ignored
+            for i, p in enumerate(part_ids):
+                tokens[i, :len(p)], n_tokens[i] = p, len(p)
+            sampling = Sampling.make(B, temperature, top_k, top_p)
+            rows = [_Row(i, p, model, stop, stop_ids, max_new_tokens) for i, p in enumerate(part_ids)]
+            results += _run(model, rows, tokens, n_tokens, S, sampling, _part_seed(seed, part),
+                            max_new_tokens, _shifted(stream, first), t_call, clock)
+    for c in results:  # a later part may have compiled too
+        c.stats.compile_s = clock.seconds()
+    return results
+
+
+def _padded_batch(n: int, dp: int = 1) -> int:
+    """The batch size that runs n prompts: a power of two, rounded up to a multiple of dp."""
+    return -(-bucket(n, minimum=1) // dp) * dp
+
+
+def _run_bytes(model: Model, B: int, T: int, S: int) -> int:
+    """Device memory (one device's part on a mesh) that a run of batch B needs beyond the weights."""
+    n_devices = 1 if model.mesh is None else model.mesh.size
+    return (costs.cache_bytes(model.cfg, B, S, model.cache_dtype, model.mesh)
+            + costs.prefill_bytes(model.cfg, B, T, model.dtype, model.attn_impl, n_devices))
+
+
+def _prompts_per_run(model: Model, n: int, T: int, S: int, dp: int) -> int:
+    """How many of the n prompts one run takes so that it fits the device's free memory."""
+    budget = costs.free_device_bytes(model.mesh)
+    rows = costs.rows_that_fit(n, lambda k: _run_bytes(model, _padded_batch(k, dp), T, S), budget)
+    if rows:
+        return rows
+    cache = costs.cache_bytes(model.cfg, _padded_batch(1, dp), S, model.cache_dtype, model.mesh)
+    if cache > budget:
+        raise ValueError(f"one prompt needs {cache / 2**30:.3f} GiB of KV cache for {S} positions, "
+                         f"more than the {budget / 2**30:.3f} GiB of device memory it may use: "
+                         f"shorten the prompt or max_new_tokens, or load with kv_cache_dtype='int8'")
+    return 1  # the cache fits; the rough prefill estimate alone does not refuse a run
+
+
+def _part_seed(seed: int, part: int) -> int:
+    """The seed of part `part` of a split batch: `seed` for the first, then distinct derived ones."""
+    return seed if part == 0 else int(np.random.SeedSequence([seed, part]).generate_state(1)[0])
+
+
+def _shifted(stream: Callable[[Delta], None] | None, first: int) -> Callable[[Delta], None] | None:
+    """`stream` for a part whose rows start at prompt `first`: deltas carry the prompt's index."""
+    if stream is None or first == 0:
+        return stream
+    return lambda d: stream(dataclasses.replace(d, index=d.index + first))
+
+
+def _row_stats(row: "_Row", t_call: float, t_first: float, clock: costs.CompileClock) -> Stats:
+    """A finished row's Stats, with compile time taken out of its spans (see `Stats`)."""
+    t_done = row.t_done or t_first
+    decode_s = t_done - t_first - clock.seconds(t_first, t_done)
+    n = len(row.tokens)
+    rate = (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0
+    return Stats(len(row.prompt), n, t_first - t_call - clock.seconds(t_call, t_first), rate,
+                 clock.seconds())
 
 
 def _on_mesh(mesh):
@@ -276,7 +397,8 @@ def _on_mesh(mesh):
 
 
 def _run(model: Model, rows: list[_Row], tokens: np.ndarray, n_tokens: np.ndarray, S: int,
-         sampling: Sampling, seed: int, max_new_tokens: int, stream, t_call: float) -> list[Completion]:
+         sampling: Sampling, seed: int, max_new_tokens: int, stream, t_call: float,
+         clock: costs.CompileClock) -> list[Completion]:
     """The device part of `generate`: prefill, then decode chunks until every row is finished."""
     cfg, B = model.cfg, tokens.shape[0]
     kw = dict(cfg=cfg, plan=model.plan)
@@ -318,8 +440,5 @@ def _run(model: Model, rows: list[_Row], tokens: np.ndarray, n_tokens: np.ndarra
     for row in rows:
         if row.finish is None:  # cannot happen: max_new_tokens steps always ran
             raise RuntimeError(f"row {row.index} did not finish")
-        t_done = row.t_done or t_first
-        rate = (len(row.tokens) - 1) / (t_done - t_first) if len(row.tokens) > 1 and t_done > t_first else 0.0
-        stats = Stats(len(row.prompt), len(row.tokens), t_first - t_call, rate)
-        results.append(Completion(row.tokens, row.text, row.finish, stats))
+        results.append(Completion(row.tokens, row.text, row.finish, _row_stats(row, t_call, t_first, clock)))
     return results

@@ -1,17 +1,31 @@
 """SentencePiece tokenizer, incremental detokenization for streaming, and the Llama-2 chat format."""
 import os
+import re
 
 import sentencepiece as spm
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(text: str, what: str = "text") -> None:
+    """Raise ValueError naming the first character of `text` that has no UTF-8 encoding.
+
+    Those are lone surrogates: what Python makes of bytes that were not UTF-8 (a command-line
+    argument's 0xFF byte reads as "\\udcff"). SentencePiece cannot take them.
+    """
+    bad = _SURROGATE.search(text)
+    if bad is not None:
+        raise ValueError(f"{what} has an invalid character {bad.group()!r} at position {bad.start()} "
+                         f"(a lone surrogate, which is how Python keeps bytes that were not UTF-8)")
 
 
 class Tokenizer:
     """A Llama-2 `tokenizer.model`: BOS added to prompts, byte-fallback pieces decoded as bytes."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
+        self.path = os.path.expanduser(os.fspath(path))
         try:
             self.sp = spm.SentencePieceProcessor(model_file=self.path)
         except (OSError, RuntimeError) as e:
@@ -23,6 +37,10 @@ class Tokenizer:
         return self.sp.vocab_size()
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, not {type(text).__name__}: decode bytes first, "
+                            f"e.g. text.decode('utf-8')")
+        check_text(text)
         return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
 
     def decode(self, ids: list[int]) -> str:
