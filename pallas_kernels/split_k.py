@@ -33,12 +33,15 @@ class BlockSizes:
     """Tiling of the decode and paged kernels.
 
     block_k: keys per inner-loop step. num_splits: programs per (row, KV head) along the length;
-    None picks about one program per SM for decode (programs_per_sm of resolve_splits).
+    None picks about one program per SM for decode (programs_per_sm of resolve_splits). block_q
+    (paged_attention_mq only): query tokens per program, a power of 2; None fills about 64 rows
+    (64 / R tokens, at least 1).
     """
     block_k: int = 64
     num_splits: int | None = None
     num_warps: int = 4
     num_stages: int = 4
+    block_q: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.block_k, int) or self.block_k < 16 or not is_pow2(self.block_k):
@@ -49,6 +52,8 @@ class BlockSizes:
             raise ValueError(f"num_warps={self.num_warps!r} must be one of 1, 2, 4, 8, 16")
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise ValueError(f"num_stages={self.num_stages!r} must be an int >= 1")
+        if self.block_q is not None and (not isinstance(self.block_q, int) or not is_pow2(self.block_q)):
+            raise ValueError(f"block_q={self.block_q!r} must be None or a power of 2")
 
 
 def resolve_splits(

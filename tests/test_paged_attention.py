@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import paged_attention as pa
+from pallas_kernels.flash_attention import flash_attention_ref
 from kernel_checks import GPU, MODES, assert_close, gpu_marked_needs_gpu, reference  # noqa: F401 (autouse fixture)
 from pallas_kernels.decode_attention import BlockSizes, decode_attention, decode_attention_ref
 from pallas_kernels.kv_quant import dequantize_kv, quantize_kv
@@ -146,6 +147,151 @@ def test_paged_long_ragged_rows_match_ref(case, pages):
         scales = dict(k_scale_pages=k_scale_pages, v_scale_pages=v_scale_pages)
     out = pa.paged_attention(q, k_pages, v_pages, tables, lengths, **scales)
     assert_close(out, reference(pa.paged_attention_ref, q, k_pages, v_pages, tables, lengths, **scales), jnp.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# paged_attention_mq: T queries per row (chunked prefill; T = 1 is decode) at positions
+# q_start[b] + t, keys s < lengths[b], causal, queries t >= n_queries[b] padding.
+
+def _mq_data(case_id: str, batch, num_tokens, heads, kv_heads, head_dim, dtype, page_size, rows, int8: bool):
+    """Random q and a pool with every row's keys on randomly permuted pages, built in numpy (no
+    per-op compiles). rows: (q_start, n_queries, length) per batch row.
+
+    Poisoned with NaN: q at padding queries, and every pool slot (codes or, for int8, scales) that
+    holds no key below its row's length, in owned and free pages alike (page 0 is never owned, so
+    a masked table lookup, which reads page 0, would find NaN). A read there reaches the output.
+    Returns (q, pages, tables, lengths, q_start, n_queries), pages = (k_pages, v_pages) or
+    (k_pages, v_pages, k_scale_pages, v_scale_pages).
+    """
+    rng = np.random.default_rng(zlib.crc32(case_id.encode()))
+    q_start, n_queries, lengths = (np.array(x, np.int32) for x in zip(*rows))
+    max_pages = -(-int(lengths.max()) // page_size) + 1  # one logical page past the longest row: -1
+    num_pages = 1 + sum(-(-int(n) // page_size) for n in lengths) + 2  # page 0 and two free pages
+    q = rng.standard_normal((batch, num_tokens, heads, head_dim)).astype(np.float32)
+    q[np.arange(num_tokens)[None, :] >= n_queries[:, None]] = np.nan  # [B, T] padding queries
+    shape = (num_pages, page_size, kv_heads, head_dim)
+    if int8:
+        k_pages, v_pages = (rng.integers(-127, 128, shape).astype(np.int8) for _ in range(2))
+        scales = [rng.uniform(1.5, 3.5, (num_pages, kv_heads, page_size)).astype(np.float32) / 127 for _ in range(2)]
+    else:
+        k_pages, v_pages = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    used = np.zeros((num_pages, page_size), bool)  # slots holding a key below their row's length
+    tables = np.full((batch, max_pages), -1, np.int32)
+    perm, n = 1 + rng.permutation(num_pages - 1), 0
+    for b, length in enumerate(lengths):
+        for i in range(-(-int(length) // page_size)):
+            tables[b, i], n = perm[n], n + 1
+            used[tables[b, i]] = np.arange(i * page_size, (i + 1) * page_size) < length
+    if int8:
+        pages = (k_pages, v_pages, *(np.where(used[:, None], s, np.nan) for s in scales))  # [P, G, page_size]
+    else:
+        pages = tuple(np.where(used[:, :, None, None], p, np.nan).astype(jnp.dtype(dtype)) for p in (k_pages, v_pages))
+    return (jnp.asarray(q, dtype), tuple(map(jnp.asarray, pages)), jnp.asarray(tables),
+            *(jnp.asarray(x) for x in (lengths, q_start, n_queries)))
+
+
+# (B, T, H, G, K, q dtype, page_size, int8 pages, rows [(q_start, n_queries, length)], BlockSizes).
+# Together: GQA R = 1, 4, 8; K 64 and 128; bf16 and float32; pages of 16 and 64; int8 pages; first
+# chunks, chunks after cached context, T = 1 and one-query rows padded to T; a row of padding
+# only; queries past the row's length; keys past a query's position; several query blocks; splits.
+MQ_CASES = [
+    (3, 8, 8, 2, 64, jnp.float32, 16, False, [(0, 8, 8), (21, 5, 26), (40, 1, 41)], BlockSizes(block_k=16)),
+    (2, 16, 4, 4, 128, jnp.bfloat16, 64, False, [(70, 16, 86), (0, 3, 3)],
+     BlockSizes(block_k=32, num_splits=3, block_q=8)),
+    (2, 5, 16, 2, 128, jnp.float32, 16, False, [(33, 5, 38), (0, 0, 10)], BlockSizes(block_k=32, num_splits=2)),
+    (3, 1, 8, 1, 64, jnp.bfloat16, 64, False, [(0, 1, 1), (99, 1, 100), (63, 1, 64)],
+     BlockSizes(block_k=16, num_splits=4)),
+    # Row 1's tiles start at positions 14, 16, 18 (block_k 16): the first sees block 0 but not in full.
+    (2, 6, 4, 1, 64, jnp.float32, 16, False, [(10, 6, 13), (14, 6, 30)], BlockSizes(block_k=16, num_splits=2, block_q=2)),
+    (2, 7, 8, 2, 128, jnp.bfloat16, 16, True, [(17, 7, 24), (0, 4, 4)], BlockSizes(block_k=16, num_splits=2)),
+    (2, 4, 8, 1, 64, jnp.float32, 64, True, [(64, 4, 68), (120, 2, 122)], BlockSizes(block_k=32)),
+]
+
+
+def _mq_id(case) -> str:
+    B, T, H, G, K, dtype, page_size, int8, _, bs = case
+    return (f"{B=}_{T=}_{H=}_{G=}_{K=}_{jnp.dtype(dtype).name}_{page_size=}{'_int8' if int8 else ''}"
+            f"_block_q={bs.block_q}_splits={bs.num_splits}")
+
+
+def _mq_call(fn, q, pages, tables, lengths, q_start, n_queries, **kwargs):
+    scales = dict(zip(("k_scale_pages", "v_scale_pages"), pages[2:]))
+    return fn(q, *pages[:2], tables, lengths, q_start, n_queries, **scales, **kwargs)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("case", MQ_CASES, ids=[_mq_id(c) for c in MQ_CASES])
+def test_paged_mq_matches_ref(case, interpret):
+    """Within the q dtype's bounds of the float32 ref, finite everywhere (no poisoned slot read),
+    and exact zeros for padding queries."""
+    B, T, H, G, K, dtype, page_size, int8, rows, block_sizes = case
+    args = _mq_data(_mq_id(case), B, T, H, G, K, dtype, page_size, rows, int8)
+    out = _mq_call(pa.paged_attention_mq, *args, block_sizes=block_sizes, interpret=interpret)
+    assert out.shape == args[0].shape and out.dtype == dtype
+    out32 = np.asarray(out.astype(jnp.float32))
+    assert np.isfinite(out32).all()
+    padding = np.arange(T)[None, :] >= np.array([r[1] for r in rows])[:, None]  # [B, T]
+    assert (out32[padding] == 0).all()
+    assert_close(out, reference(_mq_call, pa.paged_attention_mq_ref, *args), dtype)
+
+
+def test_paged_mq_ref_matches_flash_ref_on_gathered_cache():
+    """The ref against an independent one: flash_attention_ref over the gathered cache, for chunks
+    written before attending (lengths = q_start + n_queries: there both define padding the same)."""
+    B, T, H, G, K, page_size = 3, 6, 8, 2, 64, 16
+    rows = [(0, 6, 6), (19, 4, 23), (33, 1, 34)]
+    q, pages, tables, lengths, q_start, n_queries = _mq_data("flash_ref", B, T, H, G, K, jnp.float32, page_size,
+                                                             rows, False)
+    q = jnp.nan_to_num(q)  # flash_attention_ref keeps NaN in its padding rows' softmax
+    k, v = (jnp.nan_to_num(pa._gather_pages(p, tables)) for p in pages)  # [B, S, G, K]
+    want = flash_attention_ref(q, k, v, q_start, lengths)
+    got = pa.paged_attention_mq_ref(q, *pages, tables, lengths, q_start, n_queries)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_paged_mq_one_query_equals_paged_decode(interpret):
+    """paged_attention is paged_attention_mq at T = 1, q_start = lengths - 1: the same kernel."""
+    rows = [(0, 1, 1), (36, 1, 37), (63, 1, 64)]
+    q, pages, tables, lengths, q_start, n_queries = _mq_data("one_query", 3, 1, 8, 2, 64, jnp.float32, 16, rows, True)
+    block_sizes = BlockSizes(block_k=16, num_splits=2)
+    got = _mq_call(pa.paged_attention_mq, q, pages, tables, lengths, q_start, n_queries, block_sizes=block_sizes,
+                   interpret=interpret)
+    want = pa.paged_attention(q[:, 0], *pages[:2], tables, lengths, k_scale_pages=pages[2], v_scale_pages=pages[3],
+                              block_sizes=block_sizes, interpret=interpret)
+    np.testing.assert_array_equal(np.asarray(got[:, 0]), np.asarray(want))
+
+
+@GPU
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
+def test_paged_mq_long_chunks_match_ref(int8):
+    """Compiled only: Llama-2-70B-like heads (64:8, K = 128), 256-token chunks after ~1000 cached
+    tokens and a first chunk, default tiling."""
+    rows = [(1000, 256, 1256), (0, 200, 200)]
+    args = _mq_data(f"long_{int8}", 2, 256, 64, 8, 128, jnp.bfloat16, 16, rows, int8)
+    out = _mq_call(pa.paged_attention_mq, *args)
+    assert_close(out, reference(_mq_call, pa.paged_attention_mq_ref, *args), jnp.bfloat16)
+
+
+MQ_VALIDATION_CASES = [  # (what is wrong, a regex the ValueError's message must match)
+    ("q_rank", r"expected q \[B, T, H, K\]"),
+    ("q_start_shape", r"expected q_start \[B\] = \(2,\); got q_start.shape=\(3,\)"),
+    ("n_queries_shape", r"expected n_queries \[B\] = \(2,\); got n_queries.shape=\(2, 1\)"),
+    ("tables_batch", r"expected block_tables \[B, max_pages\]"),
+]
+
+
+@pytest.mark.parametrize("fn", [pa.paged_attention_mq, pa.paged_attention_mq_ref], ids=["kernel", "ref"])
+@pytest.mark.parametrize("kind,match", MQ_VALIDATION_CASES, ids=[c[0] for c in MQ_VALIDATION_CASES])
+def test_paged_mq_validation_names_the_value(fn, kind, match):
+    q = jnp.zeros((2, 3, 4, 64), jnp.float32)
+    pages = jnp.zeros((4, 16, 2, 64), jnp.float32)
+    tables, vec = jnp.zeros((2, 2), jnp.int32), jnp.ones((2,), jnp.int32)
+    args = dict(q=q, tables=tables, lengths=vec, q_start=vec, n_queries=vec)
+    args.update({"q_rank": dict(q=q[:, 0]), "q_start_shape": dict(q_start=jnp.ones((3,), jnp.int32)),
+                 "n_queries_shape": dict(n_queries=vec[:, None]), "tables_batch": dict(tables=tables[:1])}[kind])
+    with pytest.raises(ValueError, match=match):
+        fn(args["q"], pages, pages, args["tables"], args["lengths"], args["q_start"], args["n_queries"], interpret=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import sys
 PARTS = {
     "decode-attention": ("attention", "decode", "decode_attention vs XLA, bf16 and int8 cache"),
     "paged-attention": ("attention", "paged", "paged_attention vs decode_attention, bf16 and int8 pages"),
+    "paged-prefill": ("attention", "paged_prefill", "paged_attention_mq chunks vs flash_attention, bf16 pages"),
     "flash-attention": ("flash", "flash", "flash_attention vs XLA and cuDNN, causal prefill"),
     "quant-matmul": ("gemv", "quant_matmul", "quantized matmul per call, one 7B layer, batch 1/8/64"),
     "gemv": ("gemv", "gemv", "quantized GEMV variants in an on-device loop"),
@@ -29,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m scripts.gpu", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="part", required=True, metavar="PART")
     parts = {name: sub.add_parser(name, help=help_) for name, (_, _, help_) in PARTS.items()}
-    for name in ("decode-attention", "paged-attention", "flash-attention"):
+    for name in ("decode-attention", "paged-attention", "paged-prefill", "flash-attention"):
         parts[name].add_argument("--tune", action="store_true", help="also sweep some BlockSizes")
     variants = importlib.import_module("scripts.gpu.gemv").VARIANTS
     p = parts["quant-matmul"]

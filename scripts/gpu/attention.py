@@ -1,8 +1,10 @@
 """Decode and paged attention on the GPU: checked against the `_ref`, then timed (µs and TB/s over
-the KV bytes read), with an optional tiling sweep (`--tune`).
+the KV bytes read), with an optional tiling sweep (`--tune`); and paged chunked prefill
+(paged_attention_mq) against flash_attention over a static cache of the same keys.
 
     python -m scripts.gpu decode-attention [--tune]
     python -m scripts.gpu paged-attention [--tune]
+    python -m scripts.gpu paged-prefill [--tune]
 """
 import functools
 
@@ -12,8 +14,11 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _triton
 from pallas_kernels.decode_attention import BlockSizes, decode_attention, decode_attention_ref
+from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.kv_quant import quantize_kv
-from pallas_kernels.paged_attention import paged_attention, paged_attention_ref
+from pallas_kernels.paged_attention import (
+    paged_attention, paged_attention_mq, paged_attention_mq_ref, paged_attention_ref,
+)
 from scripts.gpu.common import PEAK_TBS, best_config, header
 from scripts.gpu.timing import num_sets, time_us
 
@@ -184,3 +189,52 @@ def paged(args) -> None:
     for name, cache, nbytes, us, err, dus, cfg in rows:
         print(f"{name:38s} {cache:5s} {nbytes / 1e6:7.1f} {us:9.1f} {nbytes / us / 1e6:6.2f} {err:9.2e} {dus:10.1f}"
               f" {us / dus:12.2f}  {cfg or 'default'}")
+
+
+def paged_prefill(args) -> None:
+    """paged_attention_mq over a chunk of T new tokens after c cached ones (bf16 pages of 16,
+    randomly permuted), against flash_attention over a static cache holding the same keys.
+    TFLOP/s count 4 * K flops per (query, visible key) pair."""
+    header()
+    rows = []
+    candidates = [BlockSizes(block_k=bk, block_q=bq, num_warps=w, num_stages=st)
+                  for bk, bq, w, st in [(64, 16, 4, 3), (64, 32, 8, 3), (128, 16, 8, 3), (32, 16, 4, 4)]]
+    for batch, chunk, cached, heads, kv_heads in [(1, 512, 0, 32, 32), (1, 512, 2048, 32, 32), (4, 128, 2048, 32, 32),
+                                                  (1, 512, 2048, 64, 8), (8, 64, 4096, 64, 8)]:
+        head_dim, page_size, total = 128, 16, cached + chunk
+        name = f"B={batch} T={chunk} after {cached} H={heads} G={kv_heads}"
+        q = jax.random.normal(jax.random.key(1), (batch, chunk, heads, head_dim), jnp.bfloat16)
+        lengths = jnp.full((batch,), total, jnp.int32)
+        q_start, n_queries = lengths - chunk, jnp.full((batch,), chunk, jnp.int32)
+
+        def make(key):
+            k_pages, v_pages, tables = scattered_pool(key, batch, total, kv_heads, head_dim, page_size, jnp.bfloat16)
+            return q, k_pages, v_pages, tables, lengths, q_start, n_queries
+
+        def make_dense(key):  # the same keys as make(key), in the static layout [B, S, G, K]
+            k_pages, v_pages, tables = scattered_pool(key, batch, total, kv_heads, head_dim, page_size, jnp.bfloat16)
+            k, v = (p[tables].reshape(batch, -1, kv_heads, head_dim) for p in (k_pages, v_pages))
+            return q, k, v, q_start, lengths
+
+        inputs = make(jax.random.key(0))
+        with jax.default_matmul_precision("highest"):
+            ref = paged_attention_mq_ref(*inputs)
+        flops = 4.0 * head_dim * heads * batch * (chunk * cached + chunk * (chunk + 1) / 2)
+        nbytes = kv_bytes(batch, total, kv_heads, head_dim, "bf16")
+        sets = [make(jax.random.key(10 + i)) for i in range(min(4, num_sets(nbytes)))]
+        best = best_config(name, paged_attention_mq, [None] + (candidates if args.tune else []), inputs, ref, sets,
+                           lambda us: f"{flops / us / 1e6:6.1f} TFLOP/s")
+        del sets, inputs
+        dense = [make_dense(jax.random.key(10 + i)) for i in range(min(4, num_sets(nbytes)))]
+        with _triton.quiet():
+            flash_us = time_us(flash_attention, dense)
+        del dense
+        if best is not None:
+            rows.append((name, best[0], best[1], flash_us, best[2], flops))
+    print("\npaged_attention_mq (chunked prefill over pages of 16), bf16, against flash_attention over the same "
+          "keys in a static cache")
+    print(f"{'shape':36s} {'paged us':>9s} {'TFLOP/s':>8s} {'rel err':>9s} {'flash us':>9s} {'TFLOP/s':>8s}"
+          f" {'paged/flash':>11s}  best config")
+    for name, us, err, fus, cfg, flops in rows:
+        print(f"{name:36s} {us:9.1f} {flops / us / 1e6:8.1f} {err:9.2e} {fus:9.1f} {flops / fus / 1e6:8.1f}"
+              f" {us / fus:11.2f}  {cfg or 'default'}")
