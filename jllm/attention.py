@@ -16,6 +16,7 @@ from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.kv_quant import dequantize_kv
 from pallas_kernels.paged_attention import paged_attention as paged_decode_kernel
+from pallas_kernels.paged_attention import paged_attention_mq
 
 
 def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array,
@@ -143,11 +144,15 @@ def _paged_xla(q, k_pages, v_pages, block_tables, q_offset, kv_len, k_scale_page
 
 
 def _paged_kernel(q, k_pages, v_pages, block_tables, q_offset, kv_len, *scales, interpret: bool):
-    if q.shape[1] > 1 or not supported(q, k_pages):
+    if not supported(q, k_pages):
         return _paged_xla(q, k_pages, v_pages, block_tables, q_offset, kv_len, *scales)
     ks, vs = scales or (None, None)
-    return paged_decode_kernel(q[:, 0], k_pages, v_pages, block_tables, kv_len, k_scale_pages=ks,
-                               v_scale_pages=vs, interpret=interpret)[:, None]
+    if q.shape[1] == 1:  # decode: one query per row, at kv_len - 1
+        return paged_decode_kernel(q[:, 0], k_pages, v_pages, block_tables, kv_len, k_scale_pages=ks,
+                                   v_scale_pages=vs, interpret=interpret)[:, None]
+    # A prompt chunk: queries q_offset + t for t < kv_len - q_offset, the rest padding (zeros).
+    return paged_attention_mq(q, k_pages, v_pages, block_tables, kv_len, q_offset, kv_len - q_offset,
+                              k_scale_pages=ks, v_scale_pages=vs, interpret=interpret)
 
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
