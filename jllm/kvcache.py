@@ -187,8 +187,10 @@ class PagedKVCache:
 
     def write(self, i: int, k: jax.Array, v: jax.Array, n_tokens: jax.Array, fresh: bool) -> LayerKV:
         """Store the first n_tokens[b] of k, v [B, T, G, K] through the block tables (pages must be
-        reserved first; tokens without a page are dropped)."""
+        reserved first; tokens without a page are dropped). An int8 cache quantizes float k, v itself."""
         del fresh
+        if self.quantized and not (jnp.issubdtype(k.dtype, jnp.floating) and jnp.issubdtype(v.dtype, jnp.floating)):
+            raise TypeError(f"an int8 cache quantizes float k, v itself; got {k.dtype=} {v.dtype=}")
         page, slot = self.slots(n_tokens, k.shape[1])                                 # [B, T]
         if not self.quantized:
             return (self.k_pages[i].at[page, slot].set(k.astype(self.k_pages[i].dtype), mode="drop"),

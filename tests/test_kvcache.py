@@ -14,6 +14,10 @@ from jllm.config import LlamaConfig
 from jllm.kvcache import init_cache, init_paged_cache, release, reserve
 from jllm.model import logits, transformer
 from jllm.plan import Plan
+from kernel_checks import assert_close
+from pallas_kernels.decode_attention import BlockSizes, decode_attention
+from pallas_kernels.kv_quant import dequantize_kv, quantize_kv
+from pallas_kernels.paged_attention import paged_attention
 
 PAGE = 4
 
@@ -78,6 +82,130 @@ def test_paged_write_drops_tokens_without_a_page():
     kp, vp, _, _ = cache.write(0, k, k, jnp.asarray([2 * PAGE, 2 * PAGE]), fresh=False)
     written = np.asarray(kp).reshape(4, -1).any(axis=1)  # [P] pages that got any write
     assert written.sum() == 1 and written[int(cache.block_tables[0, 0])]
+
+
+def _append(cache, k, v, n_tokens):
+    """Reserve the pages for n_tokens [B] more tokens per row, then write the first n_tokens[b] of
+    k, v [B, T, G, K] at each row's length into every layer -> the updated cache."""
+    cache = dataclasses.replace(cache, table=reserve(cache.table, cache.lengths + n_tokens, cache.page_size))
+    layers = [cache.write(i, k, v, n_tokens, fresh=False) for i in range(len(cache.k_pages))]
+    return cache.updated(layers, n_tokens)
+
+
+_append_jit = jax.jit(_append)
+
+
+def test_writes_cross_page_boundaries():
+    """Decode-style writes, one token per step into rows of 9, 7 and 5 tokens: every row owns the
+    pages its length needs, the rest stay free, rows never share a page, and gather returns the
+    tokens written, zeros past each length."""
+    cfg = LlamaConfig.from_name("tiny", n_layers=1)
+    B, P, max_pages, lens = 3, 16, 5, np.array([9, 7, 5])
+    cache = init_paged_cache(cfg, P, PAGE, B, max_pages, jnp.float32)
+    tokens = jax.random.normal(jax.random.key(0), (B, 9, cfg.n_kv_heads, cfg.head_dim))  # [B, T, G, K]
+    for t in range(9):
+        n = jnp.asarray(t < lens, jnp.int32)  # a row past its length writes nothing
+        cache = _append_jit(cache, tokens[:, t:t + 1], tokens[:, t:t + 1] + 1, n)
+        now = np.minimum(t + 1, lens)
+        owned = (np.asarray(cache.block_tables) >= 0).sum(axis=1)
+        np.testing.assert_array_equal(np.asarray(cache.lengths), now)
+        np.testing.assert_array_equal(owned, -(-now // PAGE))
+        assert int(cache.table.free.sum()) == P - owned.sum()
+    tables = np.asarray(cache.block_tables)
+    pages = tables[tables >= 0]
+    assert len(set(pages.tolist())) == len(pages) == 3 + 2 + 2, "rows must not share pages"
+    assert not np.asarray(cache.table.free)[pages].any()
+    k, v = kvcache.gather(cache, 0)  # [B, max_pages * PAGE, G, K]
+    assert k.shape == (B, max_pages * PAGE, cfg.n_kv_heads, cfg.head_dim)
+    for b, n in enumerate(lens):
+        np.testing.assert_array_equal(np.asarray(k[b, :n]), np.asarray(tokens[b, :n]))
+        np.testing.assert_array_equal(np.asarray(v[b, :n]), np.asarray(tokens[b, :n] + 1))
+        assert (np.asarray(k[b, n:]) == 0).all() and (np.asarray(v[b, n:]) == 0).all()
+
+
+def test_reserve_chunks_and_release():
+    """reserve takes the lowest free pages; a chunk written with n_tokens stores only its real
+    tokens, the next chunk crosses into a new page; release frees a row's pages and empties it."""
+    cfg = LlamaConfig.from_name("tiny", n_layers=1)
+    cache = init_paged_cache(cfg, 8, PAGE, 2, 4, jnp.float32)
+    cache = dataclasses.replace(cache, table=reserve(cache.table, jnp.asarray([0, 9]), PAGE))  # 3 pages, row 1
+    assert np.asarray(cache.block_tables[1]).tolist() == [0, 1, 2, -1]
+    assert (np.asarray(cache.block_tables[0]) == -1).all()
+    assert int(cache.lengths[1]) == 0 and int(cache.table.free.sum()) == 5
+    chunk = jax.random.normal(jax.random.key(1), (1, 6, cfg.n_kv_heads, cfg.head_dim))  # [1, T, G, K]
+    k = jnp.concatenate([chunk, chunk + 100])  # [2, T, G, K]: row 1 writes nothing (n_tokens 0)
+    cache = _append_jit(cache, k, 2 * k, jnp.asarray([6, 0]))  # row 0 takes 2 fresh pages
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [6, 0])
+    assert int(cache.table.free.sum()) == 3
+    cache = _append_jit(cache, k, k, jnp.asarray([3, 0]))  # 6 + 3 tokens: a third page; the last 3 are padding
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [9, 0])
+    assert int(cache.table.free.sum()) == 2
+    kd, vd = kvcache.gather(cache, 0)
+    np.testing.assert_array_equal(np.asarray(kd[0, :9]), np.asarray(jnp.concatenate([chunk[0], chunk[0, :3]])))
+    np.testing.assert_array_equal(np.asarray(vd[0, :9]), np.asarray(jnp.concatenate([2 * chunk[0], chunk[0, :3]])))
+    k_pages = np.asarray(cache.k_pages[0])
+    third = int(cache.block_tables[0, 2])
+    assert (k_pages[third, 1:] == 0).all(), "padding tokens written past the row's length"
+    assert (k_pages[[0, 1, 2]] == 0).all(), "row 1 wrote tokens with n_tokens 0"
+    cache = dataclasses.replace(cache, table=release(cache.table, jnp.asarray([False, True])))
+    assert int(cache.table.free.sum()) == 5 and np.asarray(cache.table.free)[[0, 1, 2]].all()
+    assert (np.asarray(cache.block_tables[1]) == -1).all()
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [9, 0])
+
+
+def test_int8_pages_round_trip_matches_decode_on_quantized_keys():
+    """Prefill chunks and then decode steps into int8 pages store quantize_kv's codes and scales:
+    gather gives their float32 dequantization (zeros past each length), and paged attention over
+    the pages equals decode_attention over quantize_kv of the same keys. The writes run jitted
+    with the cache donated, as a serving loop runs them."""
+    cfg = LlamaConfig.from_name("tiny", dim=512, n_heads=8, n_layers=1)  # H 8, G 2, K 64
+    B, G, K, page_size, chunk = 3, cfg.n_kv_heads, cfg.head_dim, 16, 15
+    chunks, steps = np.array([2, 0, 1]), 3  # rows 0, 2 prefill 30 and 15 tokens, then 3 steps for every row:
+    lengths = chunks * chunk + steps  # 33, 3, 18: steps into a fresh row and across pages
+    seq = int(lengths.max())
+    rng = np.random.default_rng(11)
+    keep = (np.arange(seq)[None, :] < lengths[:, None])[..., None, None]  # [B, S, 1, 1]
+    k, v = (np.where(keep, rng.standard_normal((B, seq, G, K), np.float32), 0) for _ in range(2))  # [B, S, G, K]
+    cache = init_paged_cache(cfg, 12, page_size, B, 4, jnp.int8)
+    assert cache.k_scale_pages[0].shape == (12, G, page_size) and cache.k_scale_pages[0].dtype == jnp.float32
+    assert cache.k_pages[0].dtype == jnp.int8
+    append = jax.jit(_append, donate_argnums=0)
+    before = cache
+    for c in range(chunks.max()):  # the second chunk of row 0 starts mid-page
+        n = jnp.asarray(np.where(chunks > c, chunk, 0), jnp.int32)
+        cache = append(cache, k[:, c * chunk:(c + 1) * chunk], v[:, c * chunk:(c + 1) * chunk], n)
+    assert before.k_pages[0].is_deleted(), "the cache was not donated"
+    for t in range(steps):  # row b's token at its own length
+        pos = chunks * chunk + t
+        cache = append(cache, k[np.arange(B), pos][:, None], v[np.arange(B), pos][:, None], jnp.ones(B, jnp.int32))
+    np.testing.assert_array_equal(np.asarray(cache.lengths), lengths)
+    (k8, k_scale), (v8, v_scale) = quantize_kv(jnp.asarray(k)), quantize_kv(jnp.asarray(v))  # the static cache
+    k_dense, v_dense = kvcache.gather(cache, 0)  # [B, 4 * page_size, G, K] float32
+    assert k_dense.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(k_dense[:, :seq]), np.asarray(dequantize_kv(k8, k_scale, jnp.float32)))
+    np.testing.assert_array_equal(np.asarray(v_dense[:, :seq]), np.asarray(dequantize_kv(v8, v_scale, jnp.float32)))
+    assert (np.asarray(k_dense[:, seq:]) == 0).all()
+    lengths = jnp.asarray(lengths, jnp.int32)
+    q = jax.random.normal(jax.random.key(5), (B, cfg.n_heads, K), jnp.float32)
+    block_sizes = BlockSizes(block_k=16, num_splits=2, num_warps=4, num_stages=2)
+    out = paged_attention(q, cache.k_pages[0], cache.v_pages[0], cache.block_tables, lengths,
+                          k_scale_pages=cache.k_scale_pages[0], v_scale_pages=cache.v_scale_pages[0],
+                          block_sizes=block_sizes, interpret=True)
+    want = decode_attention(q, k8, v8, lengths, k_scale=k_scale, v_scale=v_scale, block_sizes=block_sizes,
+                            interpret=True)
+    assert_close(out, want, jnp.float32)
+
+
+def test_int8_cache_refuses_codes_and_other_integer_dtypes():
+    cfg = LlamaConfig.from_name("tiny", n_layers=1)
+    with pytest.raises(ValueError, match="cache dtype 'int16'; expected one of"):
+        init_paged_cache(cfg, 4, PAGE, 2, 2, jnp.int16)
+    cache = init_paged_cache(cfg, 4, PAGE, 2, 2, jnp.int8)
+    codes = jnp.zeros((2, 1, cfg.n_kv_heads, cfg.head_dim), jnp.int8)  # [B, T, G, K]
+    with pytest.raises(TypeError, match="quantizes float k, v itself.*int8"):
+        cache.write(0, codes, codes, jnp.ones(2, jnp.int32), fresh=False)
+    float_cache = init_paged_cache(cfg, 4, PAGE, 2, 2, jnp.bfloat16)
+    assert float_cache.k_scale_pages is None and float_cache.v_scale_pages is None
 
 
 @hypothesis.settings(max_examples=40, deadline=None)
