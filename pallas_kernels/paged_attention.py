@@ -1,11 +1,12 @@
 """Paged attention in Pallas, Triton backend: one query per row (decode) or several (chunked
-prefill), plus jit-able page management.
+prefill) over keys in a pool of pages.
 
 The pool keeps the model's per-token layout: k_pages, v_pages [P, page_size, G, K], so token slot
 i of page p holds the [G, K] keys of every KV head, exactly like one position of the static cache
-[B, S, G, K]. A decode step then writes one contiguous [G, K] slab per row (`append`), and the
-kernel reads, per KV head, rows of K contiguous elements, the same access pattern as the static
-decode kernel. block_tables [B, max_pages] maps a row's logical page to a pool page (-1 = none).
+[B, S, G, K]. A decode step then writes one contiguous [G, K] slab per row, and the kernel reads,
+per KV head, rows of K contiguous elements, the same access pattern as the static decode kernel.
+block_tables [B, max_pages] maps a row's logical page to a pool page (-1 = none). Writing the
+pages and managing the table are the caller's (jllm.kvcache).
 
 `paged_attention_mq`: q [B, T, H, K], query t of row b at position q_start[b] + t, sees keys
 s < lengths[b] with s <= q_start[b] + t; queries t >= n_queries[b] are padding (zeros out). The
@@ -36,18 +37,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _triton
-# The page management section calls kv_quant's functions as dec.quantize_kv / dec.dequantize_kv.
-from pallas_kernels import kv_quant as dec
 from pallas_kernels.kv_quant import dequantize_kv
 from pallas_kernels.split_k import (
     LOG2_E, MASK_VALUE, BlockSizes, check_kv_dtypes, check_shapes, init_carry, merge_splits,
     online_softmax_step, resolve_splits, split_outputs, split_range, store_result,
 )
 
-__all__ = [
-    "BlockSizes", "PagePool", "paged_attention", "paged_attention_ref", "paged_attention_mq",
-    "paged_attention_mq_ref", "init_pages", "allocate", "append", "extend", "release", "gather",
-]
+__all__ = ["BlockSizes", "paged_attention", "paged_attention_ref", "paged_attention_mq", "paged_attention_mq_ref"]
 
 
 def _paged_kernel(
@@ -355,179 +351,3 @@ def paged_attention_ref(
     out = paged_attention_mq_ref(q[:, None], k_pages, v_pages, block_tables, lengths, lengths - 1,
                                  jnp.ones_like(lengths), k_scale_pages=k_scale_pages, v_scale_pages=v_scale_pages)
     return out[:, 0]
-
-
-# ----------------------------------------------------------------------------------------------
-# Page management: pure functions over a PagePool pytree, jit-able, no host sync.
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=[
-    "k_pages", "v_pages", "free", "block_tables", "lengths", "k_scale_pages", "v_scale_pages"], meta_fields=[])
-@dataclasses.dataclass(frozen=True)
-class PagePool:
-    """One layer's page pool and the per-row bookkeeping.
-
-    k_pages, v_pages [P, page_size, G, K]; free [P] bool (True = unused); block_tables
-    [B, max_pages] int32 (-1 = no page); lengths [B] int32 tokens stored per row. An int8 pool
-    also holds k_scale_pages, v_scale_pages [P, G, page_size] float32 (None for a float pool).
-    """
-    k_pages: jax.Array
-    v_pages: jax.Array
-    free: jax.Array
-    block_tables: jax.Array
-    lengths: jax.Array
-    k_scale_pages: jax.Array | None = None
-    v_scale_pages: jax.Array | None = None
-
-    @property
-    def page_size(self) -> int:
-        return self.k_pages.shape[1]
-
-    @property
-    def num_pages(self) -> int:
-        return self.k_pages.shape[0]
-
-
-def init_pages(
-    num_pages: int,
-    page_size: int,
-    batch: int,
-    max_pages_per_row: int,
-    num_kv_heads: int,
-    head_dim: int,
-    dtype=jnp.bfloat16,
-) -> PagePool:
-    """An empty pool: all pages free, no row owns a page, all lengths 0.
-
-    dtype int8 makes an int8 pool: int8 pages plus float32 scale pages [P, G, page_size];
-    append/extend then quantize what they write (quantize_kv).
-    """
-    if jnp.issubdtype(dtype, jnp.integer) and jnp.dtype(dtype) != jnp.int8:
-        raise TypeError(f"a pool holds floats or int8 (with scales); got dtype={jnp.dtype(dtype)}")
-    shape = (num_pages, page_size, num_kv_heads, head_dim)
-    int8 = jnp.dtype(dtype) == jnp.int8
-    scales = [jnp.zeros((num_pages, num_kv_heads, page_size), jnp.float32) if int8 else None
-              for _ in range(2)]  # two buffers: a donated pool must not hold one array twice
-    return PagePool(
-        k_pages=jnp.zeros(shape, dtype),
-        v_pages=jnp.zeros(shape, dtype),
-        free=jnp.ones((num_pages,), bool),
-        block_tables=jnp.full((batch, max_pages_per_row), -1, jnp.int32),
-        lengths=jnp.zeros((batch,), jnp.int32),
-        k_scale_pages=scales[0],
-        v_scale_pages=scales[1],
-    )
-
-
-def _take_free(free: jax.Array, need: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Gives the k-th needing slot the k-th free page (lowest ids first).
-
-    free [P] bool, need [N] bool -> (free [P] with those pages taken, page [N] int32; -1 where
-    nothing was needed or the pool ran dry).
-    """
-    num_pages = free.shape[0]
-    candidates = jnp.nonzero(free, size=need.shape[0], fill_value=num_pages)[0]  # [N]
-    rank = jnp.clip(jnp.cumsum(need) - 1, 0, need.shape[0] - 1)
-    page = jnp.where(need, candidates[rank], num_pages)  # [N]
-    free = free.at[page].set(False, mode="drop")  # index P (none / dry) is dropped
-    return free, jnp.where(page < num_pages, page, -1).astype(jnp.int32)
-
-
-def allocate(pool: PagePool, row: jax.Array | int, num_tokens: jax.Array | int) -> PagePool:
-    """Reserves pages so that `row` can hold num_tokens tokens; pages it already owns are kept.
-
-    If the pool runs dry the missing slots stay -1: check `pool.free.sum()` on the host first.
-    """
-    max_pages = pool.block_tables.shape[1]
-    table = pool.block_tables[row]  # [max_pages]
-    need = (jnp.arange(max_pages) < pl.cdiv(num_tokens, pool.page_size)) & (table < 0)
-    free, page = _take_free(pool.free, need)
-    table = jnp.where(need, page, table)
-    return dataclasses.replace(pool, free=free, block_tables=pool.block_tables.at[row].set(table))
-
-
-def _store(pool: PagePool, target: jax.Array, offset: jax.Array, k: jax.Array, v: jax.Array) -> dict:
-    """The page fields of `pool` with k, v [N, G, K] written at (page target[N], slot offset[N]);
-    target P is dropped. An int8 pool stores quantize_kv's codes and their scales."""
-    if pool.k_scale_pages is None:
-        return dict(
-            k_pages=pool.k_pages.at[target, offset].set(k.astype(pool.k_pages.dtype), mode="drop"),
-            v_pages=pool.v_pages.at[target, offset].set(v.astype(pool.v_pages.dtype), mode="drop"),
-        )
-    if not (jnp.issubdtype(k.dtype, jnp.floating) and jnp.issubdtype(v.dtype, jnp.floating)):
-        raise TypeError(f"an int8 pool quantizes float k, v itself; got {k.dtype=} {v.dtype=}")
-    fields = {}
-    for name, x, pages, scale_pages in (("k", k, pool.k_pages, pool.k_scale_pages),
-                                        ("v", v, pool.v_pages, pool.v_scale_pages)):
-        codes, scale = dec.quantize_kv(x[None])  # [1, N, G, K] int8, [1, G, N] float32
-        fields[f"{name}_pages"] = pages.at[target, offset].set(codes[0], mode="drop")
-        # Advanced indices around a slice: the indexed view is [N, G].
-        fields[f"{name}_scale_pages"] = scale_pages.at[target, :, offset].set(scale[0].T, mode="drop")
-    return fields
-
-
-def append(pool: PagePool, k: jax.Array, v: jax.Array) -> PagePool:
-    """Writes one token's k, v [B, G, K] for every row at its length, allocating a page for rows
-    that cross a page boundary, and advances every length by one (int8 pool: k, v quantized)."""
-    batch, max_pages = pool.block_tables.shape
-    rows = jnp.arange(batch)
-    pos = pool.lengths  # [B]
-    logical = pos // pool.page_size  # [B]
-    page = pool.block_tables[rows, jnp.minimum(logical, max_pages - 1)]  # [B]
-    need = (page < 0) & (logical < max_pages)
-    free, new_page = _take_free(pool.free, need)
-    page = jnp.where(need, new_page, page)
-    tables = pool.block_tables.at[rows, logical].set(page, mode="drop")  # logical >= max_pages: dropped
-    target = jnp.where((page >= 0) & (logical < max_pages), page, pool.num_pages)  # [B]; P = drop
-    offset = pos % pool.page_size
-    return PagePool(
-        **_store(pool, target, offset, k, v),
-        free=free,
-        block_tables=tables,
-        lengths=pos + 1,
-    )
-
-
-def extend(pool: PagePool, row: jax.Array | int, k: jax.Array, v: jax.Array) -> PagePool:
-    """Writes a chunk k, v [T, G, K] of one row at its length (a prefill), allocating pages
-    (int8 pool: k, v quantized)."""
-    num_tokens = k.shape[0]
-    start = pool.lengths[row]
-    pool = allocate(pool, row, start + num_tokens)
-    pos = start + jnp.arange(num_tokens)  # [T]
-    max_pages = pool.block_tables.shape[1]
-    page = pool.block_tables[row, jnp.minimum(pos // pool.page_size, max_pages - 1)]  # [T]
-    target = jnp.where((page >= 0) & (pos < max_pages * pool.page_size), page, pool.num_pages)
-    offset = pos % pool.page_size
-    return dataclasses.replace(
-        pool,
-        **_store(pool, target, offset, k, v),
-        lengths=pool.lengths.at[row].add(num_tokens),
-    )
-
-
-def release(pool: PagePool, row: jax.Array | int) -> PagePool:
-    """Returns a row's pages to the pool and empties the row."""
-    table = pool.block_tables[row]  # [max_pages]
-    free = pool.free.at[jnp.where(table >= 0, table, pool.num_pages)].set(True, mode="drop")
-    return dataclasses.replace(
-        pool,
-        free=free,
-        block_tables=pool.block_tables.at[row].set(-1),
-        lengths=pool.lengths.at[row].set(0),
-    )
-
-
-def gather(pool: PagePool) -> tuple[jax.Array, jax.Array]:
-    """Every row's KV as a contiguous cache: k, v [B, max_pages * page_size, G, K], zeros past length.
-
-    An int8 pool gives the values attention sees, dequantized in float32 (codes * scales, as
-    decode_attention_ref does), so the result is always a float cache for the float refs.
-    """
-    k = _gather_pages(pool.k_pages, pool.block_tables)
-    v = _gather_pages(pool.v_pages, pool.block_tables)
-    if pool.k_scale_pages is not None:
-        k = dec.dequantize_kv(k, _gather_scale_pages(pool.k_scale_pages, pool.block_tables), jnp.float32)
-        v = dec.dequantize_kv(v, _gather_scale_pages(pool.v_scale_pages, pool.block_tables), jnp.float32)
-    keep = jnp.arange(k.shape[1])[None, :] < pool.lengths[:, None]  # [B, S]
-    return jnp.where(keep[..., None, None], k, 0), jnp.where(keep[..., None, None], v, 0)

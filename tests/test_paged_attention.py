@@ -1,4 +1,4 @@
-"""Page management and paged_attention: Pallas interpret mode on the CPU, and the kernel tests
+"""paged_attention and paged_attention_mq: Pallas interpret mode on the CPU, and the kernel tests
 compiled on a GPU too (`pytest -m gpu`; kernel_checks.MODES).
 
 Interpret mode fills pallas outputs with NaN and pads out-of-bounds reads with NaN, so "no NaN
@@ -15,67 +15,28 @@ from pallas_kernels import paged_attention as pa
 from pallas_kernels.flash_attention import flash_attention_ref
 from kernel_checks import GPU, MODES, assert_close, gpu_marked_needs_gpu, reference  # noqa: F401 (autouse fixture)
 from pallas_kernels.decode_attention import BlockSizes, decode_attention, decode_attention_ref
-from pallas_kernels.kv_quant import dequantize_kv, quantize_kv
+from pallas_kernels.kv_quant import quantize_kv
 
 # Relative L2 error and max abs error bounds per dtype (see test_decode_attention.py).
 
-append = jax.jit(pa.append)
-extend = jax.jit(pa.extend)
-allocate = jax.jit(pa.allocate)
-release = jax.jit(pa.release)
-gather = jax.jit(pa.gather)
 
+def _paged_tokens(key, batch, max_len, page_size, max_pages, kv_heads, head_dim, dtype, num_pages):
+    """Random tokens k, v [B, max_len, G, K] laid into randomly permuted pool pages, so the rows'
+    pages interleave in the pool; the last logical page of every row is -1 in the table.
 
-def _filled_pool(key, batch, max_len, page_size, max_pages, kv_heads, head_dim, dtype, num_pages):
-    """A pool whose rows were written token by token (decode-style appends), so the rows' pages
-    interleave in the pool; also returns the tokens written, k, v [B, max_len, G, K]."""
-    kk, kv = jax.random.split(key)
+    Every slot that holds no token (free pages, and the tail of a row's last page) is NaN: a read
+    through a wrong table entry or past the tokens shows up. Returns (k_pages, v_pages, tables, k, v).
+    """
+    kk, kv, kp = jax.random.split(key, 3)
     k = jax.random.normal(kk, (batch, max_len, kv_heads, head_dim), jnp.float32).astype(dtype)
     v = jax.random.normal(kv, (batch, max_len, kv_heads, head_dim), jnp.float32).astype(dtype)
-    pool = pa.init_pages(num_pages, page_size, batch, max_pages, kv_heads, head_dim, dtype)
-    # Unused pool memory holds NaN: a read through a wrong table entry would show up.
-    pool = pa.PagePool(jnp.full_like(pool.k_pages, jnp.nan), jnp.full_like(pool.v_pages, jnp.nan),
-                       pool.free, pool.block_tables, pool.lengths)
-
-    def step(pool, kv_t):
-        return pa.append(pool, *kv_t), None
-
-    pool, _ = jax.lax.scan(step, pool, (jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)))
-    return pool, k, v
-
-
-def test_append_crosses_page_boundaries():
-    batch, page_size = 3, 4
-    pool = pa.init_pages(16, page_size, batch, 5, 2, 8, jnp.float32)
-    tokens = jax.random.normal(jax.random.key(0), (9, batch, 2, 8))  # [T, B, G, K]
-    for t in range(9):
-        pool = append(pool, tokens[t], tokens[t] + 1)
-        pages_per_row = t // page_size + 1
-        assert (np.asarray(pool.lengths) == t + 1).all()
-        assert int((np.asarray(pool.block_tables) >= 0).sum()) == batch * pages_per_row
-        assert int(np.asarray(pool.free).sum()) == 16 - batch * pages_per_row
-    tables = np.asarray(pool.block_tables)[:, :3]
-    assert len(set(tables.ravel().tolist())) == batch * 3, "rows must not share pages"
-    k, v = pa.gather(pool)  # [B, 5 * page_size, G, K]
-    np.testing.assert_array_equal(np.asarray(k[:, :9]), np.asarray(jnp.swapaxes(tokens, 0, 1)))
-    np.testing.assert_array_equal(np.asarray(v[:, :9]), np.asarray(jnp.swapaxes(tokens, 0, 1) + 1))
-    assert (np.asarray(k[:, 9:]) == 0).all()
-
-
-def test_allocate_extend_release():
-    pool = pa.init_pages(8, 4, 2, 4, 1, 8, jnp.float32)
-    pool = allocate(pool, 1, 9)  # 3 pages for row 1
-    assert np.asarray(pool.block_tables[1, :3]).tolist() == [0, 1, 2] and int(pool.block_tables[1, 3]) == -1
-    assert int(pool.lengths[1]) == 0 and int(pool.free.sum()) == 5
-    chunk = jax.random.normal(jax.random.key(1), (6, 1, 8))  # [T, G, K]
-    pool = extend(pool, 0, chunk, 2 * chunk)  # row 0 takes 2 fresh pages
-    assert int(pool.lengths[0]) == 6 and int(pool.free.sum()) == 3
-    pool = extend(pool, 0, chunk[:3], chunk[:3])  # 6 + 3 tokens: crosses into a third page
-    k, _ = pa.gather(pool)
-    np.testing.assert_array_equal(np.asarray(k[0, :9]), np.asarray(jnp.concatenate([chunk, chunk[:3]])))
-    pool = release(pool, 1)
-    assert int(pool.free.sum()) == 5 and (np.asarray(pool.block_tables[1]) == -1).all()
-    assert int(pool.lengths[1]) == 0
+    owned = -(-max_len // page_size)  # pages per row
+    perm = jax.random.permutation(kp, num_pages)[:batch * owned].reshape(batch, owned).astype(jnp.int32)
+    tables = jnp.full((batch, max_pages), -1, jnp.int32).at[:, :owned].set(perm)
+    pos = jnp.arange(max_len)
+    page, slot = tables[:, pos // page_size], pos % page_size  # [B, max_len], [max_len]
+    empty = jnp.full((num_pages, page_size, kv_heads, head_dim), jnp.nan, dtype)  # [P, page_size, G, K]
+    return empty.at[page, slot].set(k), empty.at[page, slot].set(v), tables, k, v
 
 
 # (B, lengths, page_size, H, G, K, dtype, block_k, num_splits)
@@ -94,33 +55,31 @@ def _case_id(case) -> str:
 
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
-def test_paged_matches_decode_ref_on_gathered_cache(case, interpret):
+def test_paged_matches_decode_ref_on_the_tokens_written(case, interpret):
     batch, lengths, page_size, heads, kv_heads, head_dim, dtype, block_k, num_splits = case
     key = jax.random.key(zlib.crc32(_case_id(case).encode()))
     max_len = max(lengths)
     max_pages = -(-max_len // page_size) + 1
-    pool, k, v = _filled_pool(key, batch, max_len, page_size, max_pages, kv_heads, head_dim, dtype,
-                              num_pages=batch * max_pages + 3)
-    k_dense, v_dense = pa.gather(pool)  # [B, max_pages * page_size, G, K]
+    k_pages, v_pages, tables, k, v = _paged_tokens(key, batch, max_len, page_size, max_pages, kv_heads, head_dim,
+                                                   dtype, num_pages=batch * max_pages + 3)
+    k_dense = pa._gather_pages(k_pages, tables)  # [B, max_pages * page_size, G, K]
     np.testing.assert_array_equal(np.asarray(k_dense[:, :max_len]), np.asarray(k))  # equals what was written
     # Ragged attention: each row attends only its first lengths[b] tokens of the pool.
     lengths = jnp.array(lengths, jnp.int32)
     q = jax.random.normal(jax.random.fold_in(key, 1), (batch, heads, head_dim), jnp.float32).astype(dtype)
     block_sizes = BlockSizes(block_k=block_k, num_splits=num_splits, num_warps=4, num_stages=2)
-    out = pa.paged_attention(q, pool.k_pages, pool.v_pages, pool.block_tables, lengths,
-                             block_sizes=block_sizes, interpret=interpret)
+    out = pa.paged_attention(q, k_pages, v_pages, tables, lengths, block_sizes=block_sizes, interpret=interpret)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert np.isfinite(np.asarray(out.astype(jnp.float32))).all()
-    assert_close(out, reference(decode_attention_ref, q, k_dense, v_dense, lengths), dtype)
+    assert_close(out, reference(decode_attention_ref, q, k, v, lengths), dtype)  # over the tokens written
 
 
 @pytest.mark.parametrize("interpret", MODES)
 def test_paged_default_blocks_match_paged_ref(interpret):
-    pool, _, _ = _filled_pool(jax.random.key(7), 2, 100, 16, 8, 2, 64, jnp.float32, num_pages=20)
-    pool = pa.PagePool(jnp.nan_to_num(pool.k_pages), jnp.nan_to_num(pool.v_pages), pool.free,
-                       pool.block_tables, pool.lengths)  # the ref gathers whole pages
+    k_pages, v_pages, tables, _, _ = _paged_tokens(jax.random.key(7), 2, 100, 16, 8, 2, 64, jnp.float32, num_pages=20)
+    k_pages, v_pages = jnp.nan_to_num(k_pages), jnp.nan_to_num(v_pages)  # the ref gathers whole pages
     q = jax.random.normal(jax.random.key(8), (2, 8, 64))
-    args = (q, pool.k_pages, pool.v_pages, pool.block_tables, jnp.array([100, 37], jnp.int32))
+    args = (q, k_pages, v_pages, tables, jnp.array([100, 37], jnp.int32))
     assert_close(pa.paged_attention(*args, interpret=interpret), reference(pa.paged_attention_ref, *args), jnp.float32)
 
 
@@ -402,47 +361,6 @@ def test_paged_int8_equals_static_int8_decode(interpret):
         assert_close(out, want, jnp.bfloat16)
 
 
-def test_int8_pool_round_trip_matches_decode_on_quantized_keys():
-    """Prefill chunks (extend) and decode steps (append) into an int8 pool store quantize_kv's
-    codes and scales: paged attention over the pool equals decode_attention over quantize_kv of
-    the same keys, and gather gives their float32 dequantization, zeros past each length."""
-    batch, page_size, heads, kv_heads, head_dim, chunk = 3, 16, 8, 2, 64, 15
-    chunks, steps = [2, 0, 1], 3  # rows 0, 2 prefill 30 and 15 tokens, then 3 appends for every row:
-    lengths = np.array(chunks) * chunk + steps  # 33, 3, 18: appends into a fresh row and across pages
-    seq = int(lengths.max())
-    rng = np.random.default_rng(11)
-    k = rng.standard_normal((batch, seq, kv_heads, head_dim), np.float32)  # [B, S, G, K]
-    v = rng.standard_normal((batch, seq, kv_heads, head_dim), np.float32)
-    keep = (np.arange(seq)[None, :] < lengths[:, None])[..., None, None]  # [B, S, 1, 1]
-    k, v = np.where(keep, k, 0), np.where(keep, v, 0)
-    pool = pa.init_pages(12, page_size, batch, 4, kv_heads, head_dim, jnp.int8)
-    assert pool.k_scale_pages.shape == (12, kv_heads, page_size) and pool.k_scale_pages.dtype == jnp.float32
-    pool = jax.jit(extend, donate_argnums=0, static_argnums=1)(pool, 0, k[0, :0], v[0, :0])  # donatable
-    for b, n in enumerate(chunks):
-        for c in range(n):  # the second chunk of row 0 starts mid-page
-            pool = extend(pool, b, k[b, c * chunk:(c + 1) * chunk], v[b, c * chunk:(c + 1) * chunk])
-    donated_append = jax.jit(append, donate_argnums=0)  # as a serving loop runs it: in place
-    for t in range(steps):  # row b's token at its own length
-        pos = np.array(chunks) * chunk + t
-        pool = donated_append(pool, k[np.arange(batch), pos], v[np.arange(batch), pos])
-    np.testing.assert_array_equal(np.asarray(pool.lengths), lengths)
-    lengths = jnp.asarray(lengths, jnp.int32)
-    (k8, k_scale), (v8, v_scale) = quantize_kv(jnp.asarray(k)), quantize_kv(jnp.asarray(v))  # the static cache
-    k_dense, v_dense = gather(pool)  # [B, 4 * page_size, G, K] float32
-    assert k_dense.dtype == jnp.float32
-    np.testing.assert_array_equal(np.asarray(k_dense[:, :seq]), np.asarray(dequantize_kv(k8, k_scale, jnp.float32)))
-    np.testing.assert_array_equal(np.asarray(v_dense[:, :seq]), np.asarray(dequantize_kv(v8, v_scale, jnp.float32)))
-    assert (np.asarray(k_dense[:, seq:]) == 0).all()
-    q = jax.random.normal(jax.random.key(5), (batch, heads, head_dim), jnp.float32)
-    block_sizes = BlockSizes(block_k=16, num_splits=2, num_warps=4, num_stages=2)
-    out = pa.paged_attention(q, pool.k_pages, pool.v_pages, pool.block_tables, lengths,
-                             k_scale_pages=pool.k_scale_pages, v_scale_pages=pool.v_scale_pages,
-                             block_sizes=block_sizes, interpret=True)
-    want = decode_attention(q, k8, v8, lengths, k_scale=k_scale, v_scale=v_scale, block_sizes=block_sizes,
-                            interpret=True)
-    assert_close(out, want, jnp.float32)
-
-
 def _bad_int8_page_args(kind: str):
     """(k_pages, v_pages, kwargs) for paged_attention(q, k_pages, v_pages, tables, lengths, **kwargs)
     with one thing wrong."""
@@ -482,14 +400,3 @@ def test_int8_pages_validation_names_the_value(fn, kind, error, match):
     tables, lengths = jnp.zeros((2, 2), jnp.int32), jnp.array([16, 1], jnp.int32)
     with pytest.raises(error, match=match):
         fn(q, k_pages, v_pages, tables, lengths, interpret=True, **kwargs)
-
-
-def test_int8_pool_rejects_codes_and_other_integer_dtypes():
-    with pytest.raises(TypeError, match="floats or int8.*int16"):
-        pa.init_pages(4, 16, 2, 2, 2, 64, jnp.int16)
-    pool = pa.init_pages(4, 16, 2, 2, 2, 64, jnp.int8)
-    codes = jnp.zeros((2, 2, 64), jnp.int8)  # [B, G, K]
-    with pytest.raises(TypeError, match="quantizes float k, v itself.*int8"):
-        pa.append(pool, codes, codes)
-    float_pool = pa.init_pages(4, 16, 2, 2, 2, 64, jnp.bfloat16)
-    assert float_pool.k_scale_pages is None and float_pool.v_scale_pages is None
