@@ -324,7 +324,7 @@ def test_bad_prompts_and_a_full_queue_are_refused(tiny_model, tiny_model_no_toke
                                ([1.0, 2.0], TypeError, "prompt must be"), (list(range(3, 100)), ValueError, "pages")]:
         with pytest.raises(exc, match=match):
             engine.add_request(prompt, SamplingParams(max_tokens=4))
-    with pytest.raises(ValueError, match="max_seq_len"):
+    with pytest.raises(ValueError, match="max_model_len"):
         engine.add_request([5] * 10, SamplingParams(max_tokens=510))
     with pytest.raises(TypeError, match="SamplingParams"):
         engine.add_request([5], dict(max_tokens=3))

@@ -319,12 +319,11 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
     row_tok, tok_row = np.zeros((R, Tc), i32), np.zeros(C, i32)
     sample_tok, sample_slot = np.zeros(S, i32), np.full(S, max_seqs, i32)
     temperature, top_k, top_p = np.zeros(S, np.float32), np.zeros(S, i32), np.ones(S, np.float32)
-    logprobs = np.zeros(S, bool)
     owners: list[Request | None] = [None] * S
 
     def set_sampling(i: int, req: Request) -> None:
         sample_slot[i] = req.slot
-        temperature[i], top_k[i], top_p[i], logprobs[i] = req.temperature, req.top_k, req.top_p, req.want_logprobs
+        temperature[i], top_k[i], top_p[i] = req.temperature, req.top_k, req.top_p
         owners[i] = req
 
     if d:
@@ -358,5 +357,5 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
             set_sampling(D + row - 1, req)
     assert row <= R and cpos <= C, (row, R, cpos, C)
     batch = StepBatch(tokens, positions, page, offset, dec_slot, dec_tables, dec_len, row_tables, row_start,
-                      row_len, row_tok, tok_row, sample_tok, sample_slot, temperature, top_k, top_p, logprobs)
+                      row_len, row_tok, tok_row, sample_tok, sample_slot, temperature, top_k, top_p)
     return batch, owners
