@@ -7,6 +7,10 @@ tokens, 16 tokens per step in chunk rows of 8), so the step compiles once per bu
 whole module; the tiny model is float32, where the paged and static caches agree.
 """
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import hypothesis
 import hypothesis.strategies as st
@@ -360,3 +364,17 @@ def test_offline_bench_runs_and_reports_sane_numbers(tiny_model_no_tokenizer, tm
     assert png.read_bytes()[:4] == b"\x89PNG"
     table = format_result(r)
     assert "output tok/s" in table and "TTFT" in table
+
+
+# --- tensor parallelism --------------------------------------------------------------------
+
+def test_engine_on_a_tp2_mesh_matches_generate_on_one_device(tmp_path):
+    """A subprocess with 2 CPU devices (tests/engine_tp_worker.py): KV heads split, and replicated."""
+    out = tmp_path / "tp.json"
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine_tp_worker.py")
+    proc = subprocess.run([sys.executable, worker, str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["split"]["got"] == res["split"]["want"] and not res["split"]["kv_replicated"]
+    assert res["split"]["page_shards"] == [[40, 4, 1, 16]] * 2      # 2 KV heads, one per device
+    assert res["replicated"]["got"] == res["replicated"]["want"] and res["replicated"]["kv_replicated"]
