@@ -169,7 +169,10 @@ def test_preemption_completes_requests_larger_than_the_pool_shares(tiny_model_no
     _check_all_free(engine)
 
 
-def test_prefix_cache_prefills_a_shared_system_prompt_once(tiny_model_no_tokenizer):
+@pytest.mark.parametrize("together", [False, True], ids=lambda t: f"submitted_together={t}")
+def test_prefix_cache_prefills_a_shared_system_prompt_once(tiny_model_no_tokenizer, together):
+    """Six prompts behind a 16-token system prompt: its pages are computed once (also when all
+    arrive together: pages are shared as soon as the step writing them is dispatched)."""
     m = tiny_model_no_tokenizer
     rng = np.random.default_rng(3)
     system = _ids(16, rng)  # four full pages
@@ -178,14 +181,14 @@ def test_prefix_cache_prefills_a_shared_system_prompt_once(tiny_model_no_tokeniz
     results = {}
     for caching in (True, False):
         engine = _engine(m, prefix_caching=caching)
-        first = engine.generate(prompts[:1], sp)
-        rest = engine.generate(prompts[1:], sp)
+        outs = engine.generate(prompts, sp) if together else sum(
+            (engine.generate(prompts[i:i + 1], sp) for i in range(6)), [])
         s = engine.stats()
-        results[caching] = [o.token_ids for o in first + rest]
+        results[caching] = [o.token_ids for o in outs]
         suffixes = sum(len(p) - 16 for p in prompts[1:])
         if caching:
             assert s.prefix_hit_tokens == 16 * 5 and s.prefill_tokens == len(prompts[0]) + suffixes
-            assert [o.metrics.cached_prompt_tokens for o in rest] == [16] * 5
+            assert [o.metrics.cached_prompt_tokens for o in outs] == [0] + [16] * 5
             assert s.prefix_cache_hit_ratio == pytest.approx(80 / sum(map(len, prompts)))
         else:
             assert s.prefix_hit_tokens == 0 and s.prefill_tokens == sum(map(len, prompts))

@@ -30,7 +30,6 @@ class _InFlight:
     """A dispatched step whose tokens are not read back yet."""
     out: StepOutput
     owners: list[Request | None]       # the request of each sample row
-    ends: list[tuple[Request, int]]    # (request, tokens whose keys the step writes)
     logprobs: bool
 
 
@@ -267,8 +266,7 @@ class Engine:
         with self._on_mesh():
             self.state, out = engine_step(self.model.params, self.state, batch, cfg=self.cfg, plan=self.plan)
         self.steps += 1
-        ends = [(r, r.computed) for r in sched.decodes] + [(p.req, p.start + p.n) for p in sched.chunks]
-        return _InFlight(out, owners, ends, any(r is not None and r.want_logprobs for r in owners))
+        return _InFlight(out, owners, any(r is not None and r.want_logprobs for r in owners))
 
     def _read(self, step: _InFlight) -> list[RequestOutput]:
         """Read a step's samples back and hand them to their requests."""
@@ -276,10 +274,6 @@ class Engine:
         if step.logprobs:
             lp, top_ids, top_lp = (np.asarray(x) for x in (step.out.logprob, step.out.top_ids, step.out.top_logprobs))
         now = time.perf_counter()
-        for req, end in step.ends:
-            if req.status is Status.RUNNING:
-                req.done = max(req.done, end)
-                self.scheduler.register(req)
         outs = []
         for i, req in enumerate(step.owners):
             if req is None:
