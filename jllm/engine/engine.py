@@ -101,7 +101,7 @@ class Engine:
             raise ValueError(f"memory_fraction={memory_fraction!r}; expected a number in (0, 1]")
         check_kv_cache_dtype(kv_cache_dtype)
         if max_queue is not None:
-            _positive_int("max_queue", max_queue, minimum=0)
+            _positive_int("max_queue", max_queue)
         self.max_queue = max_queue
         if chunk_row is not None and _positive_int("chunk_row", chunk_row) > self.budget:
             raise ValueError(f"chunk_row={chunk_row} must be <= max_tokens_per_step={max_tokens_per_step}")
