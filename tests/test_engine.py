@@ -129,8 +129,9 @@ def test_greedy_matches_generate_under_batching_preemption_and_aborts(tiny_model
 
 
 def test_seeded_sampling_matches_generate_per_request(tiny_model_no_tokenizer):
-    """Per-request temperature/top-k/top-p/seed, mixed with greedy rows, with preemptions: each
-    request's tokens are generate's with that seed (its key chain survives recomputation)."""
+    """Per-request temperature/top-k/top-p/seed, mixed with greedy rows, arrivals, aborts and
+    preemptions: each request's tokens are generate's with that seed alone (its key chain
+    survives recomputation)."""
     m = tiny_model_no_tokenizer
     rng = np.random.default_rng(1)
 
@@ -140,13 +141,14 @@ def test_seeded_sampling_matches_generate_per_request(tiny_model_no_tokenizer):
         return SamplingParams(max_tokens=int(rng.integers(4, 17)), temperature=float(rng.choice([0.7, 1.0, 1.5])),
                               top_k=[None, 5, 50][i % 3], top_p=[None, 0.9][i % 2], seed=int(rng.integers(0, 2 ** 31)),
                               stop_token_ids=())
-    script = _mixed_script(rng, 16, params)
-    script = [(a, p, sp, None) for a, p, sp, _ in script]
+    script = _mixed_script(rng, 32, params)
     engine = _engine(m)
     got = _drive(engine, script)
-    assert engine.stats().preemptions > 0
+    assert engine.stats().preemptions > 0 and engine.stats().aborted > 0
     for i, (_, prompt, sp, _) in enumerate(script):
-        assert got[i] == (_reference(m, prompt, sp), "length"), i
+        toks, reason = got[i]
+        ref = _reference(m, prompt, sp)
+        assert toks == ref[:len(toks)] if reason == "abort" else (toks, reason) == (ref, "length"), i
     # Same seed, same tokens; another seed, other tokens.
     p = SamplingParams(max_tokens=12, temperature=1.0, seed=5, stop_token_ids=())
     a, b, c = engine.generate([script[1][1]] * 3, [p, p, dataclasses.replace(p, seed=6)])
