@@ -23,6 +23,7 @@ PARTS = {
     "allreduce": ("allreduce", "allreduce", "TP decode pattern: GEMVs and all-reduce on all GPUs"),
     "hlo": ("hlo", "hlo", "cache copies and kernels per decode step in the optimized HLO"),
     "step-profile": ("step_profile", "main", "a decode step's kernel table from a jax.profiler trace"),
+    "engine": ("engine", "main", "the engine against generate on the tiny model, then the offline benchmark"),
 }
 
 
@@ -66,8 +67,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["step-profile"]:  # parses its own options (python -m scripts.gpu step-profile -h)
-        return importlib.import_module("scripts.gpu.step_profile").main(argv[1:])
+    own = {"step-profile": "step_profile", "engine": "engine"}  # parts that parse their own options
+    if argv[:1] and argv[0] in own:
+        return importlib.import_module(f"scripts.gpu.{own[argv[0]]}").main(argv[1:])
     args = parser().parse_args(argv)
     module, fn, _ = PARTS[args.part]
     getattr(importlib.import_module(f"scripts.gpu.{module}"), fn)(args)
