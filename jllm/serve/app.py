@@ -220,7 +220,7 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
             max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
             top_k=req.top_k, top_p=req.top_p,
             seed=secrets.randbelow(2 ** 31) if req.seed is None else req.seed,
-            stop=tuple(req.stop), logprobs=logprobs)
+            stop=tuple(req.stop), stop_token_ids=() if req.ignore_eos else None, logprobs=logprobs)
 
     async def start(request_id: str, ids: list[int], params: SamplingParams,
                     t_arrival: float) -> Generation:

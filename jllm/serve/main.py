@@ -120,18 +120,11 @@ def make_server(app, sock: socket.socket, shutdown_timeout: float = 30.0) -> Ser
     return Server(config, app.state.serve, app.state.runner, shutdown_timeout)
 
 
-def serve(app, host: str = "127.0.0.1", port: int = 8000, *, shutdown_timeout: float = 30.0,
-          log_json: bool = False) -> int:
-    """Serve `app` (from create_app) until a signal drains it; returns the exit status (0)."""
-    setup_logging(log_json)
-    sock = bind(host, port)
+def serve(app, sock: socket.socket, *, shutdown_timeout: float = 30.0) -> int:
+    """Serve `app` (from create_app) on a bound socket until a signal drains it; returns 0."""
     server = make_server(app, sock, shutdown_timeout)
-    bound_host, bound_port = sock.getsockname()[:2]
-    log.info("listening on http://%s:%d", bound_host, bound_port,
-             extra={"fields": {"host": bound_host, "port": bound_port}})
-    try:
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
+    host, port = sock.getsockname()[:2]
+    log.info("listening on http://%s:%d", host, port, extra={"fields": {"host": host, "port": port}})
+    server.run(sockets=[sock])
     log.info("stopped")
     return 0

@@ -70,6 +70,7 @@ class _Common(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
+    ignore_eos: bool | None = None                     # an extension, as in vLLM: never stop on EOS
 
     @field_validator("stop")
     @classmethod
