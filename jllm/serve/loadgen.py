@@ -335,7 +335,6 @@ def plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     runs = report["runs"]
     x = [r["output_token_throughput"] for r in runs]
-    key = "request_rate" if "request_rate" in runs[0] else "concurrency"
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, metric, title in zip(axes, ("ttft_ms", "itl_ms", "e2e_ms"),
                                  ("time to first token", "inter-token latency", "end-to-end latency")):
@@ -343,14 +342,15 @@ def plot(report: dict, path: str) -> None:
             ys = [r[metric][p] for r in runs]
             ax.plot(x, [math.nan if y is None else y for y in ys], style, label=p)
         for xi, r in zip(x, runs):
-            ax.annotate(str(r[key]), (xi, r[metric]["p50"] or 0), fontsize=8,
+            label = f"rate {r['request_rate']}" if "request_rate" in r else f"{r['concurrency']} clients"
+            ax.annotate(label, (xi, r[metric]["p50"] or 0), fontsize=8,
                         textcoords="offset points", xytext=(3, 3))
         ax.set_xlabel("output tokens/s")
         ax.set_ylabel("ms")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"{report['config']['model']}: latency against throughput (points: {key})")
+    fig.suptitle(f"{report['config']['model']}: latency against throughput")
     fig.tight_layout()
 
     def write(tmp):
