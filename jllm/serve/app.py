@@ -75,7 +75,7 @@ class Generation:
 
     def log(self, request_id: str, endpoint: str, stream: bool, status: int = 200) -> None:
         now = time.perf_counter()
-        log.info("request %s %s", request_id, self.finish_reason or "unfinished", extra={"fields": {
+        log.info("%s %d %s", endpoint, status, self.finish_reason or "unfinished", extra={"fields": {
             "request_id": request_id, "endpoint": endpoint, "status": status, "stream": stream,
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
             "ttft_s": None if self.t_first is None else round(self.t_first - self.t_arrival, 6),
@@ -145,7 +145,7 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
 
     def error_response(request: Request, e: APIError) -> JSONResponse:
         if request.url.path.startswith("/v1/"):
-            log.info("request %s %s: %s", request.method, request.url.path, e.status, extra={
+            log.info("%s %d %s", request.url.path, e.status, e.message, extra={
                 "fields": {"endpoint": request.url.path, "status": e.status, "error": e.message}})
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 

@@ -189,6 +189,9 @@ class EngineRunner:
         try:
             self.engine.add_request(prompt, params, request_id=request_id)
             live.add(request_id)
-        except (ValueError, TypeError, QueueFull) as e:
+        except (ValueError, TypeError, QueueFull) as e:   # the request's fault, or a full queue
+            error = e
+        except Exception as e:  # the engine's fault: this request fails, the engine carries on
+            log.exception("add_request failed for %s", request_id)
             error = e
         self._post(self._resolve, future, error)
