@@ -15,6 +15,7 @@ from jllm.kvcache import KVCache, init_cache
 from jllm.model import Params, logits, transformer
 from jllm.plan import Plan, check_impls, make_plan
 from jllm.sampling import Sampling, sample
+from jllm.streaming import Delta, Row  # noqa: F401 (Delta: the stream callback's argument)
 from jllm.tokenizer import Tokenizer
 
 DECODE_CHUNK = 8       # decode steps fused into one on-device loop per host call
@@ -80,14 +81,6 @@ class Completion:
     text: str | None             # None when the model has no tokenizer
     finish_reason: str           # "stop" or "length"
     stats: Stats
-
-
-@dataclasses.dataclass
-class Delta:
-    """One streaming event: new text (never a split character) and the new token ids of a row."""
-    index: int
-    text: str
-    token_ids: list[int]
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET, buckets: Sequence[int] | None = None) -> int:
@@ -174,64 +167,6 @@ def _check_args(model: Model, prompts, max_new_tokens, temperature, top_k, top_p
     return ids
 
 
-class _Row:
-    """Host-side state of one prompt: tokens so far, stop checks, streamed text."""
-
-    def __init__(self, index: int, prompt: list[int], model: Model, stop: list[str],
-                 stop_ids: set[int], max_new: int):
-        self.index, self.prompt, self.stop, self.stop_ids, self.max_new = index, prompt, stop, stop_ids, max_new
-        self.tok = model.tokenizer
-        self.tokens: list[int] = []
-        self.finish: str | None = None
-        self.text = "" if self.tok is not None else None
-        self.emitted = 0
-        self.t_done = 0.0
-
-    def _decoded(self) -> str:
-        return self.tok.decode_after(self.prompt[-1], self.tokens)
-
-    def push(self, new: list[int], now: float) -> Delta | None:
-        """Take new token ids; return what to stream (or None), marking the row finished.
-
-        With stop strings the text is checked after every token, so `.tokens` ends at the token
-        that completed the stop string and nothing generated after it is kept.
-        """
-        start = len(self.tokens)
-        text = None
-        for t in new:
-            if t in self.stop_ids:
-                self.finish = "stop"
-                break
-            self.tokens.append(t)
-            if self.stop:
-                text = self._decoded()
-                cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    text, self.finish = text[:cut], "stop"
-                    break
-            if len(self.tokens) >= self.max_new:
-                self.finish = "length"
-                break
-        if self.finish:
-            self.t_done = now
-        fresh = self.tokens[start:]
-        if self.tok is None:
-            return Delta(self.index, "", fresh) if fresh else None
-        if text is None:
-            text = self._decoded()
-        if self.finish:
-            stable = len(text)
-        else:  # hold back a split character and anything that may begin a stop string
-            stable = len(text.rstrip("\ufffd"))
-            hold = max((n for s in self.stop for n in range(1, min(len(s), stable + 1))
-                        if text[:stable].endswith(s[:n])), default=0)
-            stable -= hold
-        self.text = text
-        delta = text[self.emitted:stable]
-        self.emitted = max(self.emitted, stable)
-        return Delta(self.index, delta, fresh) if (delta or fresh) else None
-
-
 def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, stop: str | Sequence[str] | None = None,
@@ -263,7 +198,7 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     for i, p in enumerate(ids):
         tokens[i, :len(p)], n_tokens[i] = p, len(p)
     sampling = Sampling.make(B, temperature, top_k, top_p)
-    rows = [_Row(i, p, model, stop, set(stop_token_ids), max_new_tokens) for i, p in enumerate(ids)]
+    rows = [Row(i, p, model.tokenizer, stop, set(stop_token_ids), max_new_tokens) for i, p in enumerate(ids)]
     with _on_mesh(model.mesh):
         return _run(model, rows, tokens, n_tokens, S, sampling, seed, max_new_tokens, stream, t_call)
 
@@ -275,7 +210,7 @@ def _on_mesh(mesh):
     return parallel.mesh_context(mesh)
 
 
-def _run(model: Model, rows: list[_Row], tokens: np.ndarray, n_tokens: np.ndarray, S: int,
+def _run(model: Model, rows: list[Row], tokens: np.ndarray, n_tokens: np.ndarray, S: int,
          sampling: Sampling, seed: int, max_new_tokens: int, stream, t_call: float) -> list[Completion]:
     """The device part of `generate`: prefill, then decode chunks until every row is finished."""
     cfg, B = model.cfg, tokens.shape[0]

@@ -1,0 +1,135 @@
+"""The engine's request and result types: SamplingParams, RequestOutput, RequestMetrics, EngineStats."""
+import dataclasses
+import math
+
+import numpy as np
+
+MAX_LOGPROBS = 20          # the most top alternatives a request may ask for
+SEED_RANGE = (-2 ** 31, 2 ** 31)  # jax.random.key takes an int32 seed (without jax_enable_x64)
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue holds max_queue requests already."""
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples and when it stops (checked when made: ValueError/TypeError naming the field).
+
+    temperature 0 is greedy. stop_token_ids None stops on the tokenizer's EOS; () never stops on
+    a token. logprobs N: the chosen token's log-probability and the N most likely alternatives,
+    under the model's distribution before temperature, top-k and top-p.
+    """
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] | None = None
+    logprobs: int | None = None
+
+    def __post_init__(self):
+        def bad(name, expected, exc=ValueError):
+            raise exc(f"SamplingParams.{name}={getattr(self, name)!r}; expected {expected}")
+
+        if not _is_int(self.max_tokens):
+            bad("max_tokens", "an int >= 1", TypeError)
+        if self.max_tokens < 1:
+            bad("max_tokens", "an int >= 1")
+        if not _is_number(self.temperature):
+            bad("temperature", "a number >= 0", TypeError)
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            bad("temperature", "a finite number >= 0")
+        if self.top_k is not None:
+            if not _is_int(self.top_k):
+                bad("top_k", "None or an int >= 1", TypeError)
+            if self.top_k < 1:
+                bad("top_k", "None or an int >= 1")
+        if self.top_p is not None:
+            if not _is_number(self.top_p):
+                bad("top_p", "None or a number in (0, 1]", TypeError)
+            if not 0 < self.top_p <= 1:
+                bad("top_p", "None or a number in (0, 1]")
+        if not _is_int(self.seed):
+            bad("seed", f"an int in [{SEED_RANGE[0]}, {SEED_RANGE[1]})", TypeError)
+        if not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+            bad("seed", f"an int in [{SEED_RANGE[0]}, {SEED_RANGE[1]})")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) for s in stop):
+            bad("stop", "a tuple of non-empty strings", TypeError)
+        if not all(stop):
+            bad("stop", "a tuple of non-empty strings")
+        object.__setattr__(self, "stop", tuple(stop))
+        if self.stop_token_ids is not None:
+            ids = self.stop_token_ids
+            if not isinstance(ids, (tuple, list)) or not all(_is_int(t) for t in ids):
+                bad("stop_token_ids", "None or a tuple of ints", TypeError)
+            if any(t < 0 for t in ids):
+                bad("stop_token_ids", "None or a tuple of ints >= 0")
+            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
+        if self.logprobs is not None:
+            if not _is_int(self.logprobs):
+                bad("logprobs", f"None or an int in [0, {MAX_LOGPROBS}]", TypeError)
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                bad("logprobs", f"None or an int in [0, {MAX_LOGPROBS}]")
+
+
+@dataclasses.dataclass
+class RequestMetrics:
+    """Timings of one finished request, in seconds from its add_request."""
+    queue_s: float                # until its first step was scheduled
+    ttft_s: float                 # until its first token reached the host
+    decode_tokens_per_s: float    # tokens after the first, per second (0 with fewer than two)
+    cached_prompt_tokens: int     # prompt tokens served from the prefix cache (first admission)
+    preemptions: int = 0          # times it was preempted and recomputed
+
+
+Logprob = tuple[int, float, list[tuple[int, float]]]  # (token_id, logprob, [(alt_id, alt_logprob), ...])
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """What one step produced for one request: new text and ids since its last output."""
+    request_id: str
+    text: str                   # never a split UTF-8 character or a possible stop-string prefix
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None   # "stop" | "length" | "abort" | None while running
+    prompt_tokens: int
+    completion_tokens: int      # total so far
+    logprobs: list[Logprob] | None = None
+    metrics: RequestMetrics | None = None  # on the final output
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters since the engine started, and the pool's state now."""
+    running: int
+    waiting: int
+    pages_used: int             # pages referenced by requests
+    pages_total: int
+    pages_cached: int           # unreferenced pages kept by the prefix cache
+    prefix_hit_tokens: int      # prompt tokens served from the prefix cache
+    prompt_tokens: int          # prompt tokens of admitted requests (each counted once)
+    prefill_tokens: int         # tokens computed in prompt chunks (recomputation included)
+    generated_tokens: int
+    aborted: int
+    preemptions: int
+    steps: int
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.pages_used / self.pages_total
+
+    @property
+    def prefix_cache_hit_ratio(self) -> float:
+        return self.prefix_hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0

@@ -1,0 +1,358 @@
+"""Engine: continuous batching over a paged KV cache (docs/ENGINE.md).
+
+One thread owns an Engine: `add_request` queues work, each `step()` is one device call that
+advances every running request, and returns what each request produced. With
+async_scheduling (the default) step n+1 is dispatched before step n's tokens are read back, so
+the host's scheduling and detokenizing overlap the device's work; step() then returns the
+outputs of the step before the one it dispatched.
+"""
+import contextlib
+import dataclasses
+import itertools
+import time
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from jllm.engine.api import EngineStats, QueueFull, RequestMetrics, RequestOutput, SamplingParams
+from jllm.engine.pages import PagePool
+from jllm.engine.scheduler import Request, Schedule, Scheduler, Status, build_batch, default_shapes
+from jllm.engine.step import StepOutput, engine_step, init_state, reset_keys
+from jllm.generate import Model, check_kv_cache_dtype
+from jllm.streaming import Row
+
+DEFAULT_PAGES = 512  # without device memory statistics (CPU) and no num_pages
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A dispatched step whose tokens are not read back yet."""
+    out: StepOutput
+    owners: list[Request | None]       # the request of each sample row
+    ends: list[tuple[Request, int]]    # (request, tokens whose keys the step writes)
+    logprobs: bool
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r}; expected an int >= {minimum}")
+    return int(value)
+
+
+def _buckets(name: str, value) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    b = tuple(value)
+    if not b or any(not isinstance(x, int) or x < 1 for x in b) or list(b) != sorted(set(b)):
+        raise ValueError(f"{name}={value!r}; expected increasing positive ints")
+    return b
+
+
+def page_bytes(model: Model, page_size: int, dtype) -> int:
+    """Bytes one page takes on each device: keys and values of every layer (int8 pages add a
+    float32 scale per token and KV head); KV heads split over the mesh unless replicated."""
+    cfg, plan = model.cfg, model.plan
+    heads = cfg.n_kv_heads if plan.kv_replicated else cfg.n_kv_heads // plan.tp
+    dtype = np.dtype(dtype)
+    per_token = heads * cfg.head_dim * dtype.itemsize + (heads * 4 if dtype == np.int8 else 0)
+    return 2 * cfg.n_layers * page_size * per_token
+
+
+def pages_from_memory(model: Model, page_size: int, dtype, memory_fraction: float) -> int | None:
+    """Pages that fit in memory_fraction of the memory free on the first device (None if the
+    device reports no memory statistics, as on CPU)."""
+    stats = jax.local_devices()[0].memory_stats()
+    if not stats or "bytes_limit" not in stats:
+        return None
+    free = (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) * memory_fraction
+    return int(free // page_bytes(model, page_size, dtype))
+
+
+class Engine:
+    """Continuous batching over the paged KV cache (module docstring; docs/ENGINE.md).
+
+    max_seqs decode slots, a pool of num_pages pages of page_size tokens (default: what fits in
+    memory_fraction of the free device memory), max_tokens_per_step tokens per step (decodes
+    first, prompt chunks fill the rest). Every step shape is compiled here, none later.
+    Keyword-only tuning: chunk_row (queries per prompt-chunk row), decode_buckets and
+    chunk_buckets (the compiled step shapes), max_prompts_per_step, async_scheduling.
+    """
+
+    def __init__(self, model: Model, max_seqs: int = 64, page_size: int = 16, num_pages: int | None = None,
+                 memory_fraction: float = 0.9, max_tokens_per_step: int = 512,
+                 kv_cache_dtype: str | None = None, prefix_caching: bool = True,
+                 max_queue: int | None = None, progress: bool = True, *, chunk_row: int | None = None,
+                 decode_buckets: Sequence[int] | None = None, chunk_buckets: Sequence[int] | None = None,
+                 max_prompts_per_step: int = 4, async_scheduling: bool = True):
+        if not isinstance(model, Model):
+            raise TypeError(f"model must be a jllm.Model (jllm.load); got {type(model).__name__}")
+        self.model, self.cfg, self.plan = model, model.cfg, model.plan
+        self.max_seqs = _positive_int("max_seqs", max_seqs)
+        self.page_size = _positive_int("page_size", page_size)
+        self.budget = _positive_int("max_tokens_per_step", max_tokens_per_step)
+        if self.budget < self.max_seqs:
+            raise ValueError(f"max_tokens_per_step={max_tokens_per_step} must be >= max_seqs={max_seqs} "
+                             "(every running request decodes one token per step)")
+        if isinstance(memory_fraction, bool) or not isinstance(memory_fraction, (int, float)) \
+                or not 0 < memory_fraction <= 1:
+            raise ValueError(f"memory_fraction={memory_fraction!r}; expected a number in (0, 1]")
+        check_kv_cache_dtype(kv_cache_dtype)
+        if max_queue is not None:
+            _positive_int("max_queue", max_queue, minimum=0)
+        self.max_queue = max_queue
+        if chunk_row is not None and _positive_int("chunk_row", chunk_row) > self.budget:
+            raise ValueError(f"chunk_row={chunk_row} must be <= max_tokens_per_step={max_tokens_per_step}")
+        _positive_int("max_prompts_per_step", max_prompts_per_step)
+        decode_buckets, chunk_buckets = _buckets("decode_buckets", decode_buckets), _buckets("chunk_buckets", chunk_buckets)
+        if decode_buckets is not None and decode_buckets[-1] < self.max_seqs:
+            raise ValueError(f"decode_buckets={decode_buckets} must reach max_seqs={max_seqs}")
+        self.shapes = default_shapes(self.max_seqs, self.budget, chunk_row, max_prompts_per_step,
+                                     decode_buckets, chunk_buckets)
+        self.async_scheduling = bool(async_scheduling)
+        self.dtype = model.cache_dtype if kv_cache_dtype is None else np.dtype(kv_cache_dtype)
+        if num_pages is None:
+            num_pages = pages_from_memory(model, self.page_size, self.dtype, memory_fraction) or DEFAULT_PAGES
+            if num_pages < 1:
+                raise ValueError(f"no device memory left for KV pages ({memory_fraction=}); pass num_pages")
+        self.num_pages = _positive_int("num_pages", num_pages)
+        self.max_pages = -(-self.cfg.max_seq_len // self.page_size)
+        self.pool = PagePool(self.num_pages, prefix_caching)
+        self.scheduler = Scheduler(self.pool, self.page_size, self.max_seqs, self.max_pages, self.budget,
+                                   self.shapes)
+        self.requests: dict[str, Request] = {}
+        self._outputs: list[RequestOutput] = []   # final outputs of aborted requests, for the next step
+        self._inflight: _InFlight | None = None
+        self._ids = itertools.count()
+        self.generated_tokens = self.aborted = self.steps = 0
+        with self._on_mesh():
+            self.state = init_state(self.cfg, self.num_pages, self.page_size, self.max_seqs, self.dtype,
+                                    model.mesh)
+            self._compile(progress)
+
+    def _on_mesh(self):
+        if self.model.mesh is None:
+            return contextlib.nullcontext()
+        from jllm import parallel
+        return parallel.mesh_context(self.model.mesh)
+
+    def _compile(self, progress: bool) -> None:
+        """Run every step shape once on a batch that changes nothing, so none compiles later."""
+        from tqdm import tqdm
+        shapes = self.shapes.all()
+        with tqdm(total=len(shapes) + 2, desc="compiling engine steps", unit="shape", disable=not progress,
+                  leave=False) as bar:
+            for D, C in shapes:
+                batch, _ = build_batch(Schedule([], [], []), self.shapes, self.scheduler.tables, self.num_pages,
+                                       self.max_seqs, self.page_size, dims=(D, C))
+                self.state, _ = engine_step(self.model.params, self.state, batch, cfg=self.cfg, plan=self.plan)
+                bar.update()
+            none = np.zeros(self.max_seqs, np.int32)
+            for resume in (False, True):
+                keys = reset_keys(self.state.keys, none.astype(bool), none, none, resume=resume)
+                self.state = dataclasses.replace(self.state, keys=keys)
+                bar.update()
+            jax.block_until_ready(self.state)
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is an empty string")
+            if self.model.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass the prompt as a list of token ids")
+            return self.model.tokenizer.encode(prompt, bos=True)
+        if isinstance(prompt, np.ndarray) and prompt.ndim == 1 and np.issubdtype(prompt.dtype, np.integer):
+            prompt = prompt.tolist()
+        if not isinstance(prompt, (list, tuple)) or not all(
+                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+            raise TypeError(f"prompt must be a str or a list of int token ids; got {type(prompt).__name__}")
+        if not prompt:
+            raise ValueError("prompt is an empty token list")
+        bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt has token ids outside [0, {self.cfg.vocab_size}): {bad[:5]}")
+        return [int(t) for t in prompt]
+
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request -> its id. Raises ValueError/TypeError for bad input, QueueFull when
+        max_queue requests wait already."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams; got {type(params).__name__}")
+        ids = self._prompt_ids(prompt)
+        n, m = len(ids), params.max_tokens
+        if n + m > self.cfg.max_seq_len:
+            raise ValueError(f"the prompt has {n} tokens; with max_tokens={m} that needs {n + m} positions, "
+                             f"over the model's context of {self.cfg.max_seq_len} (max_seq_len)")
+        if -(-(n + m) // self.page_size) > self.num_pages:
+            raise ValueError(f"the prompt has {n} tokens; with max_tokens={m} it needs "
+                             f"{-(-(n + m) // self.page_size)} pages of {self.page_size} tokens, more than the "
+                             f"pool's num_pages={self.num_pages}")
+        if params.stop and self.model.tokenizer is None:
+            raise ValueError(f"stop={params.stop!r} needs a tokenizer; this model has none (use stop_token_ids)")
+        if request_id is None:
+            request_id = next(r for r in (f"req-{i}" for i in self._ids) if r not in self.requests)
+        elif not isinstance(request_id, str) or not request_id:
+            raise TypeError(f"request_id={request_id!r}; expected a non-empty str or None")
+        elif request_id in self.requests:
+            raise ValueError(f"request_id={request_id!r} is already running or waiting")
+        if self.max_queue is not None and len(self.scheduler.waiting) >= self.max_queue:
+            raise QueueFull(f"{len(self.scheduler.waiting)} requests wait already (max_queue={self.max_queue})")
+        stop_ids = params.stop_token_ids
+        if stop_ids is None:
+            stop_ids = () if self.model.tokenizer is None else (self.model.tokenizer.eos_id,)
+        row = Row(0, ids, self.model.tokenizer, list(params.stop), set(stop_ids), m)
+        req = Request(request_id, ids, params, row, time.perf_counter())
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now: its slot and pages are free at once, and its final output
+        (finish_reason "abort") comes out of the next step(). Unknown or finished ids are ignored."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        self.scheduler.finish(req)
+        self.aborted += 1
+        self._outputs.append(self._output(req, None, [], None, "abort", time.perf_counter()))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests or self._outputs or self._inflight)
+
+    # --- stepping ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One device call advancing every running request -> an output for every request that
+        produced something or finished (aborted ones too)."""
+        outs, self._outputs = self._outputs, []
+        if self._inflight is not None and self.scheduler.decode_pages_short():
+            outs += self._read(self._inflight)  # preemption needs every sample on the host
+            self._inflight = None
+        launched = self._launch()
+        if self._inflight is not None:
+            outs += self._read(self._inflight)
+        self._inflight = launched
+        if not self.async_scheduling and launched is not None:
+            outs += self._read(launched)
+            self._inflight = None
+        return outs
+
+    def _launch(self) -> _InFlight | None:
+        sched = self.scheduler.schedule()
+        if not sched:
+            return None
+        now = time.perf_counter()
+        if sched.admitted:
+            mask, seeds, skips = np.zeros(self.max_seqs, bool), np.zeros(self.max_seqs, np.int32), \
+                np.zeros(self.max_seqs, np.int32)
+            for r in sched.admitted:
+                mask[r.slot], seeds[r.slot], skips[r.slot] = True, r.params.seed, r.key_skip
+                if r.t_scheduled is None:
+                    r.t_scheduled = now
+            with self._on_mesh():
+                keys = reset_keys(self.state.keys, mask, seeds, skips, resume=bool(skips.any()))
+            self.state = dataclasses.replace(self.state, keys=keys)
+        batch, owners = build_batch(sched, self.shapes, self.scheduler.tables, self.num_pages, self.max_seqs,
+                                    self.page_size)
+        with self._on_mesh():
+            self.state, out = engine_step(self.model.params, self.state, batch, cfg=self.cfg, plan=self.plan)
+        self.steps += 1
+        ends = [(r, r.computed) for r in sched.decodes] + [(p.req, p.start + p.n) for p in sched.chunks]
+        return _InFlight(out, owners, ends, bool(batch.logprobs.any()))
+
+    def _read(self, step: _InFlight) -> list[RequestOutput]:
+        """Read a step's samples back and hand them to their requests."""
+        tokens = np.asarray(step.out.tokens)
+        if step.logprobs:
+            lp, top_ids, top_lp = (np.asarray(x) for x in (step.out.logprob, step.out.top_ids, step.out.top_logprobs))
+        now = time.perf_counter()
+        for req, end in step.ends:
+            if req.status is Status.RUNNING:
+                req.done = max(req.done, end)
+                self.scheduler.register(req)
+        outs = []
+        for i, req in enumerate(step.owners):
+            if req is None:
+                continue
+            req.pending -= 1
+            if req.status is not Status.RUNNING:  # aborted (or finished) while this step ran
+                continue
+            tok = int(tokens[i])
+            req.tokens.append(tok)
+            self.generated_tokens += 1
+            if req.t_first is None:
+                req.t_first = now
+            req.t_last = now
+            delta = req.row.push([tok], now)
+            logprobs = None
+            if req.want_logprobs and delta is not None and delta.token_ids:
+                n = req.params.logprobs
+                logprobs = [(tok, float(lp[i]), [(int(a), float(b)) for a, b in zip(top_ids[i, :n], top_lp[i, :n])])]
+            finish = req.row.finish
+            if finish is not None:
+                self.scheduler.finish(req)
+                del self.requests[req.id]
+            if delta is not None or finish is not None:
+                outs.append(self._output(req, delta, delta.token_ids if delta else [], logprobs, finish, now))
+        return outs
+
+    def _output(self, req: Request, delta, token_ids: list[int], logprobs, finish: str | None,
+                now: float) -> RequestOutput:
+        metrics = None
+        if finish is not None:
+            first = req.t_first if req.t_first is not None else now
+            n = len(req.row.tokens)
+            rate = (n - 1) / (req.t_last - first) if n > 1 and req.t_last > first else 0.0
+            metrics = RequestMetrics(
+                queue_s=(req.t_scheduled if req.t_scheduled is not None else now) - req.t_arrival,
+                ttft_s=first - req.t_arrival, decode_tokens_per_s=rate,
+                cached_prompt_tokens=req.cached_tokens or 0, preemptions=req.preemptions)
+        return RequestOutput(req.id, delta.text if delta else "", list(token_ids), finish is not None, finish,
+                             len(req.prompt), len(req.row.tokens), logprobs, metrics)
+
+    # --- conveniences ----------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(running=len(s.running), waiting=len(s.waiting), pages_used=self.pool.used,
+                           pages_total=self.num_pages, pages_cached=len(self.pool.lru),
+                           prefix_hit_tokens=s.prefix_hit_tokens, prompt_tokens=s.prompt_tokens,
+                           prefill_tokens=s.prefill_tokens, generated_tokens=self.generated_tokens,
+                           aborted=self.aborted, preemptions=s.preemptions, steps=self.steps)
+
+    def generate(self, prompts: Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run prompts to completion on an idle engine -> final outputs in order, text and ids whole."""
+        if self.has_unfinished():
+            raise RuntimeError("Engine.generate needs an idle engine; step() the running requests first")
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError(f"prompts must be a non-empty list of str or of token-id lists; got {prompts!r}")
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        ids = []
+        try:
+            for p, sp in zip(prompts, params):
+                ids.append(self.add_request(p, sp))
+        except Exception:
+            for rid in ids:
+                self.abort(rid)
+            self._outputs.clear()
+            raise
+        acc = {rid: RequestOutput(rid, "", [], False, None, 0, 0, None) for rid in ids}
+        while self.has_unfinished():
+            for o in self.step():
+                a = acc[o.request_id]
+                a.text += o.text
+                a.token_ids += o.token_ids
+                if o.logprobs is not None:
+                    a.logprobs = (a.logprobs or []) + o.logprobs
+                a.finished, a.finish_reason, a.metrics = o.finished, o.finish_reason, o.metrics
+                a.prompt_tokens, a.completion_tokens = o.prompt_tokens, o.completion_tokens
+        return [acc[rid] for rid in ids]
+

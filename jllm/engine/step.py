@@ -1,0 +1,230 @@
+"""The engine's device step: every scheduled token of every request through the model at once.
+
+A step is a flat token array [1, N], N = D + C (both static buckets), so the weights are read
+once per step whatever mix of work it holds:
+
+    tokens[:D]    one decode token per running request (rows past the running count are padding);
+                  the token itself is read on the device from `last_token[slot]`, the slot's last
+                  sample, so the host never has to know it before dispatching the step
+    tokens[D:]    prompt-chunk tokens of one or a few requests, packed
+
+Only attention sees rows: the decode part is D rows of one query (jllm.attention.paged_attention
+with T=1: the paged decode kernel on GPU), the chunk part is gathered into R rows of Tc queries,
+each a run of consecutive positions of one request with its own start (paged_attention with
+T=Tc), and scattered back. `StepCache` is the model's cache interface (positions / write /
+attend / updated) over the page pool plus this per-step metadata, so `jllm.model.transformer`
+runs unchanged. Each token's keys are written to its page before attention, so a request's
+chunk rows, and its decode, see the keys of the same step.
+
+Sampling: a sampled row (each decode row, and a prompt's last chunk row) takes its slot's PRNG
+key, splits it (key, sub = split(key)) and samples its [1, V] logits with `sub`, exactly what
+`jllm.generate` does for one prompt, so a seeded request gives the same tokens as generate
+alone. Device state (pages, per-slot keys and last tokens) is donated and updated in place.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jllm import attention as attn
+from jllm.config import LlamaConfig
+from jllm.kvcache import LayerKV, init_paged_cache
+from jllm.model import Params, logits, transformer
+from jllm.plan import Plan
+from jllm.sampling import Sampling, sample
+from pallas_kernels.kv_quant import quantize_kv
+
+from jllm.engine.api import MAX_LOGPROBS
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepBatch:
+    """One step's host-built metadata (numpy on the host, uploaded as is). Shapes: N = D + C
+    tokens, D decode rows, R chunk rows of Tc queries, S = D + R sample rows, M pages per row."""
+    tokens: jax.Array       # [N] int32; the decode part is replaced by last_token[dec_slot]
+    positions: jax.Array    # [N] int32
+    page: jax.Array         # [N] int32 pool page of each token's keys (num_pages: padding, dropped)
+    offset: jax.Array       # [N] int32 slot in that page
+    dec_slot: jax.Array     # [D] int32 slot of each decode row (max_seqs: padding)
+    dec_tables: jax.Array   # [D, M] int32 block tables (-1: none)
+    dec_len: jax.Array      # [D] int32 keys to attend, the new one included (1 for padding)
+    row_tables: jax.Array   # [R, M] int32
+    row_start: jax.Array    # [R] int32 position of the row's first query
+    row_len: jax.Array      # [R] int32 real queries in the row (1 for padding)
+    row_tok: jax.Array      # [R, Tc] int32 index of each row query in the chunk part [C]
+    tok_row: jax.Array      # [C] int32 index of each chunk token in the rows [R * Tc]
+    sample_tok: jax.Array   # [S] int32 token whose logits the row samples
+    sample_slot: jax.Array  # [S] int32 slot that samples (max_seqs: none)
+    temperature: jax.Array  # [S] float32
+    top_k: jax.Array        # [S] int32 (0: off)
+    top_p: jax.Array        # [S] float32 (1: off)
+    logprobs: jax.Array     # [S] bool rows whose logprobs are wanted
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class EngineState:
+    """What stays on the device between steps (donated to every step)."""
+    k_pages: list[jax.Array]               # L x [P, page_size, G, K]
+    v_pages: list[jax.Array]
+    k_scale_pages: list[jax.Array] | None  # L x [P, G, page_size] float32 for int8 pages
+    v_scale_pages: list[jax.Array] | None
+    keys: jax.Array                        # [max_seqs, *key_shape] uint32 PRNG key data per slot
+    last_token: jax.Array                  # [max_seqs] int32 last sampled token per slot
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepOutput:
+    tokens: jax.Array           # [S] int32 sampled token per sample row
+    logprob: jax.Array          # [S] float32 log-probability of the sampled token
+    top_ids: jax.Array          # [S, MAX_LOGPROBS] int32 most likely tokens
+    top_logprobs: jax.Array     # [S, MAX_LOGPROBS] float32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepCache:
+    """The model's cache interface over the page pool for one step's flat token layout."""
+    k_pages: list[jax.Array]
+    v_pages: list[jax.Array]
+    k_scale_pages: list[jax.Array] | None
+    v_scale_pages: list[jax.Array] | None
+    batch: StepBatch
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale_pages is not None
+
+    def positions(self, T: int) -> jax.Array:
+        assert T == self.batch.positions.shape[0], (T, self.batch.positions.shape)
+        return self.batch.positions[None]                                             # [1, N]
+
+    def write(self, i: int, k: jax.Array, v: jax.Array, n_tokens: jax.Array, fresh: bool) -> LayerKV:
+        """Scatter each token's k, v [1, N, G, K] into its page (padding tokens are dropped)."""
+        del n_tokens, fresh
+        page, offset = self.batch.page, self.batch.offset                             # [N]
+        if not self.quantized:
+            return (self.k_pages[i].at[page, offset].set(k[0].astype(self.k_pages[i].dtype), mode="drop"),
+                    self.v_pages[i].at[page, offset].set(v[0].astype(self.v_pages[i].dtype), mode="drop"),
+                    None, None)
+        out = []
+        for x, pages, scale_pages in ((k, self.k_pages[i], self.k_scale_pages[i]),
+                                      (v, self.v_pages[i], self.v_scale_pages[i])):
+            codes, scale = quantize_kv(x)                                             # [1, N, G, K], [1, G, N]
+            # Advanced indices around a slice: the indexed view is [N, G].
+            out.append((pages.at[page, offset].set(codes[0], mode="drop"),
+                        scale_pages.at[page, :, offset].set(scale[0].T, mode="drop")))
+        (kp, ksp), (vp, vsp) = out
+        return kp, vp, ksp, vsp
+
+    def attend(self, layer: LayerKV, q: jax.Array, k: jax.Array, v: jax.Array, n_tokens: jax.Array,
+               fresh: bool, plan: Plan) -> jax.Array:
+        """q [1, N, H, K]: decode rows and chunk rows over their pages -> [1, N, H, K]."""
+        del k, v, n_tokens, fresh
+        b = self.batch
+        kp, vp, ksp, vsp = layer
+        scales = () if ksp is None else (ksp, vsp)
+        _, N, H, K = q.shape
+        D = b.dec_slot.shape[0]
+        parts = []
+        if D:
+            qd = q[0, :D, None]                                                       # [D, 1, H, K]
+            od = attn.paged_attention(qd, kp, vp, b.dec_tables, b.positions[:D], b.dec_len, plan, *scales)
+            parts.append(od[:, 0])                                                    # [D, H, K]
+        if N > D:
+            R, Tc = b.row_tok.shape
+            qr = q[0, D:][b.row_tok]                                                  # [R, Tc, H, K]
+            orow = attn.paged_attention(qr, kp, vp, b.row_tables, b.row_start, b.row_start + b.row_len,
+                                        plan, *scales)                                # [R, Tc, H, K]
+            parts.append(orow.reshape(R * Tc, H, K)[b.tok_row])                       # [C, H, K]
+        return jnp.concatenate(parts)[None]
+
+    def updated(self, layers: list[LayerKV], n_tokens: jax.Array) -> "StepCache":
+        kp, vp, ksp, vsp = (list(x) for x in zip(*layers))
+        return StepCache(kp, vp, ksp if self.quantized else None, vsp if self.quantized else None, self.batch)
+
+
+def sample_rows(lg: jax.Array, keys: jax.Array, s: Sampling) -> tuple[jax.Array, jax.Array]:
+    """lg [S, V] float32, keys [S, *key_shape] key data -> tokens [S] int32 and the next keys.
+
+    Each row splits its own key and samples [1, V]-shaped logits with the sub-key, as
+    `generate` does for a batch of one, so its noise does not depend on the other rows."""
+    pair = jax.vmap(jax.random.split)(jax.random.wrap_key_data(keys))                # [S, 2]
+    nxt, sub = pair[:, 0], pair[:, 1]
+
+    def one(row, key, t, k, p):
+        return sample(row[None], key, Sampling(t[None], k[None], p[None]))[0]
+
+    greedy = jnp.argmax(lg, axis=-1).astype(jnp.int32)
+    tokens = jax.lax.cond(jnp.any(s.temperature > 0),
+                          lambda: jax.vmap(one)(lg, sub, s.temperature, s.top_k, s.top_p),
+                          lambda: greedy)
+    return tokens, jax.random.key_data(nxt)
+
+
+def top_logprobs(lg: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """lg [S, V] -> logprob of tokens [S], top ids and logprobs [S, MAX_LOGPROBS]."""
+    lp = jax.nn.log_softmax(lg, axis=-1)                                             # [S, V]
+    chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
+    top, ids = jax.lax.top_k(lp, MAX_LOGPROBS)
+    return chosen, ids.astype(jnp.int32), top
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("state",))
+def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: LlamaConfig,
+                plan: Plan) -> tuple[EngineState, StepOutput]:
+    """One engine step (module docstring) -> the new state and a token per sample row."""
+    max_seqs = state.last_token.shape[0]
+    D = batch.dec_slot.shape[0]
+    tokens = batch.tokens.at[:D].set(state.last_token[jnp.minimum(batch.dec_slot, max_seqs - 1)])  # [N]
+    view = StepCache(state.k_pages, state.v_pages, state.k_scale_pages, state.v_scale_pages, batch)
+    h, view = transformer(params, tokens[None], view, cfg, plan)                    # [1, N, D]
+    lg = logits(params, h[0, batch.sample_tok], plan)                               # [S, V]
+    slot = jnp.minimum(batch.sample_slot, max_seqs - 1)
+    sampled, nxt = sample_rows(lg, state.keys[slot], Sampling(batch.temperature, batch.top_k, batch.top_p))
+    S = sampled.shape[0]
+    lp = jax.lax.cond(jnp.any(batch.logprobs), lambda: top_logprobs(lg, sampled),
+                      lambda: (jnp.zeros((S,), jnp.float32), jnp.zeros((S, MAX_LOGPROBS), jnp.int32),
+                               jnp.zeros((S, MAX_LOGPROBS), jnp.float32)))
+    state = EngineState(k_pages=view.k_pages, v_pages=view.v_pages, k_scale_pages=view.k_scale_pages,
+                        v_scale_pages=view.v_scale_pages,
+                        keys=state.keys.at[batch.sample_slot].set(nxt, mode="drop"),
+                        last_token=state.last_token.at[batch.sample_slot].set(sampled, mode="drop"))
+    return state, StepOutput(sampled, *lp)
+
+
+@functools.partial(jax.jit, static_argnames=("resume",), donate_argnames=("keys",))
+def reset_keys(keys: jax.Array, mask: jax.Array, seeds: jax.Array, skips: jax.Array,
+               resume: bool) -> jax.Array:
+    """Slots where mask [max_seqs] is set get jax.random.key(seed), split `skips` times if
+    `resume` (the key a request holds after that many samples: a preempted request resumes its
+    key chain; the loop is a separate program so that fresh admissions run none)."""
+    fresh = jax.vmap(lambda s: jax.random.key_data(jax.random.key(s)))(seeds)      # [max_seqs, *key_shape]
+
+    def advance(i, k):
+        nxt = jax.random.key_data(jax.vmap(jax.random.split)(jax.random.wrap_key_data(k))[:, 0])
+        return jnp.where((i < skips).reshape((-1,) + (1,) * (k.ndim - 1)), nxt, k)
+
+    if resume:
+        fresh = jax.lax.fori_loop(0, jnp.max(jnp.where(mask, skips, 0)), advance, fresh)
+    return jnp.where(mask.reshape((-1,) + (1,) * (keys.ndim - 1)), fresh, keys)
+
+
+def init_state(cfg: LlamaConfig, num_pages: int, page_size: int, max_seqs: int, dtype,
+               mesh=None) -> EngineState:
+    """Zeroed pages (split over the mesh's KV heads when there is a mesh) and slot state."""
+    if mesh is None:
+        cache = init_paged_cache(cfg, num_pages, page_size, 1, 1, dtype)
+    else:
+        from jllm import parallel
+        cache = parallel.init_paged_cache(cfg, num_pages, page_size, 1, 1, dtype, mesh)
+    key_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
+    keys = jnp.zeros((max_seqs, *key_shape), jnp.uint32)
+    last = jnp.zeros((max_seqs,), jnp.int32)
+    if mesh is not None:
+        from jax.sharding import NamedSharding, PartitionSpec
+        keys, last = jax.device_put((keys, last), NamedSharding(mesh, PartitionSpec()))
+    return EngineState(cache.k_pages, cache.v_pages, cache.k_scale_pages, cache.v_scale_pages, keys, last)

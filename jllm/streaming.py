@@ -1,0 +1,71 @@
+"""Streaming rules shared by `generate` and the engine: stop ids, stop strings, max tokens, and text
+deltas that never split a UTF-8 character or hand out a possible stop-string prefix."""
+import dataclasses
+
+from jllm.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class Delta:
+    """One streaming event: new text (never a split character) and the new token ids of a row."""
+    index: int
+    text: str
+    token_ids: list[int]
+
+
+class Row:
+    """Host-side state of one prompt: tokens so far, stop checks, streamed text."""
+
+    def __init__(self, index: int, prompt: list[int], tokenizer: Tokenizer | None, stop: list[str],
+                 stop_ids: set[int], max_new: int):
+        self.index, self.prompt, self.stop, self.stop_ids, self.max_new = index, prompt, stop, stop_ids, max_new
+        self.tok = tokenizer
+        self.tokens: list[int] = []
+        self.finish: str | None = None
+        self.text = "" if self.tok is not None else None
+        self.emitted = 0
+        self.t_done = 0.0
+
+    def _decoded(self) -> str:
+        return self.tok.decode_after(self.prompt[-1], self.tokens)
+
+    def push(self, new: list[int], now: float) -> Delta | None:
+        """Take new token ids; return what to stream (or None), marking the row finished.
+
+        With stop strings the text is checked after every token, so `.tokens` ends at the token
+        that completed the stop string and nothing generated after it is kept.
+        """
+        start = len(self.tokens)
+        text = None
+        for t in new:
+            if t in self.stop_ids:
+                self.finish = "stop"
+                break
+            self.tokens.append(t)
+            if self.stop:
+                text = self._decoded()
+                cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    text, self.finish = text[:cut], "stop"
+                    break
+            if len(self.tokens) >= self.max_new:
+                self.finish = "length"
+                break
+        if self.finish:
+            self.t_done = now
+        fresh = self.tokens[start:]
+        if self.tok is None:
+            return Delta(self.index, "", fresh) if fresh else None
+        if text is None:
+            text = self._decoded()
+        if self.finish:
+            stable = len(text)
+        else:  # hold back a split character and anything that may begin a stop string
+            stable = len(text.rstrip("\ufffd"))
+            hold = max((n for s in self.stop for n in range(1, min(len(s), stable + 1))
+                        if text[:stable].endswith(s[:n])), default=0)
+            stable -= hold
+        self.text = text
+        delta = text[self.emitted:stable]
+        self.emitted = max(self.emitted, stable)
+        return Delta(self.index, delta, fresh) if (delta or fresh) else None

@@ -1,0 +1,362 @@
+"""The engine against `jllm.generate` on each prompt alone: greedy and seeded sampling under
+continuous batching, prefix caching, preemption and aborts; page accounting; compile counts;
+logprobs; bad input; the offline benchmark.
+
+Every engine here has the same shapes (4 slots, pages of 4 tokens, a pool of 24 pages = 96
+tokens, 16 tokens per step in chunk rows of 8), so the step compiles once per bucket for the
+whole module; the tiny model is float32, where the paged and static caches agree.
+"""
+import dataclasses
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jllm
+from jllm.engine import Engine, QueueFull, SamplingParams
+from jllm.engine.bench import format_result, run_engine_bench
+from jllm.engine.step import engine_step
+from jllm.kvcache import init_cache
+from jllm.model import forward
+
+KW = dict(max_seqs=4, page_size=4, num_pages=24, max_tokens_per_step=16, chunk_row=8,
+          decode_buckets=(2, 4), progress=False)
+
+
+def _engine(model, **kw) -> Engine:
+    return Engine(model, **{**KW, **kw})
+
+
+def _ids(n: int, rng) -> list[int]:
+    return rng.integers(3, 512, n).tolist()
+
+
+def _reference(model, prompt, params: SamplingParams) -> list[int]:
+    """Tokens of `generate` on this prompt alone."""
+    [r] = jllm.generate(model, [prompt], max_new_tokens=params.max_tokens, temperature=params.temperature,
+                        top_k=params.top_k, top_p=params.top_p, seed=params.seed,
+                        stop_token_ids=list(params.stop_token_ids or []))
+    return r.tokens
+
+
+def _drive(engine: Engine, script: list[tuple[int, list[int], SamplingParams, int | None]], check=None):
+    """Run a script of (arrival step, prompt, params, abort after this many steps or None) ->
+    {index: (token ids, finish reason)}; `check(engine)` runs after every step."""
+    ids, got, step = {}, {}, 0
+    while step <= max(a for a, *_ in script) or engine.has_unfinished():
+        for i, (arrive, prompt, params, abort) in enumerate(script):
+            if arrive == step:
+                ids[engine.add_request(prompt, params)] = i
+                got[i] = ([], None)
+            if abort is not None and arrive + abort == step and i in got:
+                engine.abort(next(r for r, j in ids.items() if j == i))
+        for out in engine.step():
+            toks, reason = got[ids[out.request_id]]
+            assert reason is None, f"output after the final one: {out}"
+            got[ids[out.request_id]] = (toks + out.token_ids, out.finish_reason)
+        if check is not None:
+            check(engine)
+        step += 1
+    return got
+
+
+def _check_pages(engine: Engine) -> None:
+    """Every page is free, owned or cached, once; a page two requests hold is a cached prefix page;
+    each slot's block table lists its request's pages."""
+    engine.pool.check()
+    holders = {}
+    for req in engine.scheduler.running:
+        assert len(set(req.pages)) == len(req.pages), f"{req.id} holds a page twice"
+        np.testing.assert_array_equal(engine.scheduler.tables[req.slot, :len(req.pages)], req.pages)
+        assert (engine.scheduler.tables[req.slot, len(req.pages):] == -1).all()
+        for p in req.pages:
+            holders.setdefault(p, []).append(req.id)
+    for p, who in holders.items():
+        assert engine.pool.refs[p] == len(who), (p, who, engine.pool.refs[p])
+        if len(who) > 1:
+            assert p in engine.pool.page_key, f"page {p} shared by {who} but not a prefix-cache page"
+    slots = [r.slot for r in engine.scheduler.running]
+    assert len(set(slots)) == len(slots) and None not in slots
+
+
+def _check_all_free(engine: Engine) -> None:
+    assert not engine.has_unfinished()
+    assert engine.pool.used == 0 and not engine.scheduler.running and not engine.scheduler.waiting
+    engine.pool.check()
+    engine.pool.evict_all()
+    assert engine.pool.available() == engine.num_pages == len(engine.pool.free)
+
+
+def _mixed_script(rng, n: int, params_for) -> list:
+    """n requests: lengths 1..30, a third sharing a 9-token prefix, arriving over 12 steps, every
+    seventh aborted a few steps in."""
+    shared = _ids(9, rng)
+    script = []
+    for i in range(n):
+        prompt = shared + _ids(int(rng.integers(1, 12)), rng) if i % 3 == 0 else _ids(int(rng.integers(1, 31)), rng)
+        abort = int(rng.integers(1, 6)) if i % 7 == 3 else None
+        script.append((int(rng.integers(0, 12)), prompt, params_for(i), abort))
+    return script
+
+
+# --- equality with generate ----------------------------------------------------------------
+
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=lambda a: f"async={a}")
+def test_greedy_matches_generate_under_batching_preemption_and_aborts(tiny_model_no_tokenizer, async_scheduling):
+    m = tiny_model_no_tokenizer
+    rng = np.random.default_rng(0)
+    script = _mixed_script(rng, 32, lambda i: SamplingParams(max_tokens=int(rng.integers(1, 17)), stop_token_ids=()))
+    engine = _engine(m, async_scheduling=async_scheduling)
+    got = _drive(engine, script, check=_check_pages)
+    stats = engine.stats()
+    assert stats.preemptions > 0, "the pool was meant to force preemption"
+    assert stats.prefix_hit_tokens > 0 and stats.aborted == sum(r == "abort" for _, r in got.values()) > 0
+    for i, (_, prompt, params, abort) in enumerate(script):
+        toks, reason = got[i]
+        ref = _reference(m, prompt, params)
+        if reason == "abort":
+            assert abort is not None and toks == ref[:len(toks)], i
+        else:
+            assert (toks, reason) == (ref, "length"), i
+    _check_all_free(engine)
+
+
+def test_seeded_sampling_matches_generate_per_request(tiny_model_no_tokenizer):
+    """Per-request temperature/top-k/top-p/seed, mixed with greedy rows, with preemptions: each
+    request's tokens are generate's with that seed (its key chain survives recomputation)."""
+    m = tiny_model_no_tokenizer
+    rng = np.random.default_rng(1)
+
+    def params(i):
+        if i % 4 == 0:
+            return SamplingParams(max_tokens=12, stop_token_ids=())
+        return SamplingParams(max_tokens=int(rng.integers(4, 17)), temperature=float(rng.choice([0.7, 1.0, 1.5])),
+                              top_k=[None, 5, 50][i % 3], top_p=[None, 0.9][i % 2], seed=int(rng.integers(0, 2 ** 31)),
+                              stop_token_ids=())
+    script = _mixed_script(rng, 16, params)
+    script = [(a, p, sp, None) for a, p, sp, _ in script]
+    engine = _engine(m)
+    got = _drive(engine, script)
+    assert engine.stats().preemptions > 0
+    for i, (_, prompt, sp, _) in enumerate(script):
+        assert got[i] == (_reference(m, prompt, sp), "length"), i
+    # Same seed, same tokens; another seed, other tokens.
+    p = SamplingParams(max_tokens=12, temperature=1.0, seed=5, stop_token_ids=())
+    a, b, c = engine.generate([script[1][1]] * 3, [p, p, dataclasses.replace(p, seed=6)])
+    assert a.token_ids == b.token_ids != c.token_ids
+
+
+def test_preemption_completes_requests_larger_than_the_pool_shares(tiny_model_no_tokenizer):
+    """Four requests of 18 pages each over a 24-page pool: they run one or two at a time,
+    preempted and recomputed, and all finish with generate's tokens."""
+    m = tiny_model_no_tokenizer
+    rng = np.random.default_rng(2)
+    prompts = [_ids(30, rng) for _ in range(4)]
+    sp = SamplingParams(max_tokens=40, stop_token_ids=())
+    engine = _engine(m)
+    outs = engine.generate(prompts, sp)
+    assert engine.stats().preemptions > 0
+    assert [o.token_ids for o in outs] == [_reference(m, p, sp) for p in prompts]
+    assert all(o.finish_reason == "length" and o.completion_tokens == 40 for o in outs)
+    assert any(o.metrics.preemptions for o in outs)
+    _check_all_free(engine)
+
+
+def test_prefix_cache_prefills_a_shared_system_prompt_once(tiny_model_no_tokenizer):
+    m = tiny_model_no_tokenizer
+    rng = np.random.default_rng(3)
+    system = _ids(16, rng)  # four full pages
+    prompts = [system + _ids(int(rng.integers(1, 9)), rng) for _ in range(6)]
+    sp = SamplingParams(max_tokens=6, stop_token_ids=())
+    results = {}
+    for caching in (True, False):
+        engine = _engine(m, prefix_caching=caching)
+        first = engine.generate(prompts[:1], sp)
+        rest = engine.generate(prompts[1:], sp)
+        s = engine.stats()
+        results[caching] = [o.token_ids for o in first + rest]
+        suffixes = sum(len(p) - 16 for p in prompts[1:])
+        if caching:
+            assert s.prefix_hit_tokens == 16 * 5 and s.prefill_tokens == len(prompts[0]) + suffixes
+            assert [o.metrics.cached_prompt_tokens for o in rest] == [16] * 5
+            assert s.prefix_cache_hit_ratio == pytest.approx(80 / sum(map(len, prompts)))
+        else:
+            assert s.prefix_hit_tokens == 0 and s.prefill_tokens == sum(map(len, prompts))
+        _check_all_free(engine)
+    assert results[True] == results[False] == [_reference(m, p, sp) for p in prompts]
+
+
+def test_a_fully_cached_prompt_still_computes_its_last_token(tiny_model_no_tokenizer):
+    m = tiny_model_no_tokenizer
+    prompt = _ids(16, np.random.default_rng(4))
+    sp = SamplingParams(max_tokens=5, stop_token_ids=())
+    engine = _engine(m)
+    [a] = engine.generate([prompt], sp)
+    [b] = engine.generate([prompt], sp)
+    assert a.token_ids == b.token_ids == _reference(m, prompt, sp)
+    assert b.metrics.cached_prompt_tokens == 12  # three of four pages: the fourth holds the last token
+
+
+# --- page accounting -----------------------------------------------------------------------
+
+@hypothesis.settings(max_examples=25, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(st.lists(st.tuples(st.sampled_from(["add", "add", "abort", "step", "step", "step"]),
+                                     st.integers(1, 40), st.integers(1, 30), st.booleans()),
+                           min_size=1, max_size=40))
+def test_pages_are_never_owned_twice_and_all_come_back(tiny_model_no_tokenizer, ops):
+    """Random add/abort/step sequences: the accounting invariants hold after every step, and
+    when everything has ended every page is free or cached (and eviction frees those)."""
+    engine = _engine(tiny_model_no_tokenizer, async_scheduling=True)
+    rng = np.random.default_rng(len(ops))
+    live = []
+    shared = _ids(8, rng)
+    for op, n, max_tokens, share in ops:
+        if op == "add":
+            prompt = (shared + _ids(n, rng))[:60] if share else _ids(n, rng)
+            live.append(engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, stop_token_ids=())))
+        elif op == "abort" and live:
+            engine.abort(live.pop(n % len(live)))
+        else:
+            for out in engine.step():
+                if out.finished and out.request_id in live:
+                    live.remove(out.request_id)
+            _check_pages(engine)
+    while engine.has_unfinished():
+        engine.step()
+        _check_pages(engine)
+    _check_all_free(engine)
+
+
+# --- compilation, logprobs, text ------------------------------------------------------------
+
+def test_no_compilation_after_start_up(tiny_model):
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+    engine = _engine(tiny_model)
+    before, n_before = engine_step._cache_size(), len(compiles)
+    rng = np.random.default_rng(5)
+    ids = []
+    for i in range(14):
+        sp = SamplingParams(max_tokens=int(rng.integers(1, 20)), temperature=[0.0, 0.8][i % 2], top_k=[None, 7][i % 3 == 0],
+                            top_p=[None, 0.5][i % 4 == 0], seed=i, logprobs=[None, 2][i % 5 == 0],
+                            stop=["e"] if i % 6 == 0 else ())
+        ids.append(engine.add_request(_ids(int(rng.integers(1, 60)), rng) if i % 2 else "Hello there, how", sp))
+        if i % 3 == 0:
+            engine.step()
+        if i == 9:
+            engine.abort(ids[4])
+    while engine.has_unfinished():
+        engine.step()
+    assert (engine_step._cache_size(), len(compiles)) == (before, n_before)
+
+
+def test_logprobs_are_the_models_log_softmax(tiny_model_no_tokenizer):
+    m = tiny_model_no_tokenizer
+    prompt = _ids(7, np.random.default_rng(6))
+    sp = SamplingParams(max_tokens=5, temperature=1.0, seed=3, logprobs=3, stop_token_ids=())
+    [out] = _engine(m).generate([prompt], sp)
+    assert len(out.logprobs) == 5 and [t for t, _, _ in out.logprobs] == out.token_ids
+    seq = prompt + out.token_ids
+    lg, _ = jax.jit(forward, static_argnames="cfg")(m.params, jnp.asarray([seq]), init_cache(m.cfg, 1, 16, jnp.float32),
+                                                      cfg=m.cfg)
+    ref = np.asarray(jax.nn.log_softmax(lg[0], axis=-1))                            # [T, V]
+    for k, (tok, lp, top) in enumerate(out.logprobs):
+        row = ref[len(prompt) - 1 + k]
+        assert lp == pytest.approx(row[tok], abs=1e-4)
+        assert [t for t, _ in top] == np.argsort(-row)[:3].tolist()
+        np.testing.assert_allclose([v for _, v in top], np.sort(row)[::-1][:3], atol=1e-4)
+
+
+def test_text_and_stop_strings_match_generate(tiny_model):
+    [ref] = jllm.generate(tiny_model, "The quick brown fox", max_new_tokens=30, stop_token_ids=[])
+    text = ref.text
+    start = next(i for i in range(6, len(text) - 3) if "\ufffd" not in text[i:i + 3] and text[i:i + 3].strip())
+    stop = text[start:start + 3]
+    engine = _engine(tiny_model)
+    rid = engine.add_request("The quick brown fox", SamplingParams(max_tokens=30, stop=(stop,), stop_token_ids=()))
+    pieces, final = [], None
+    while engine.has_unfinished():
+        for o in engine.step():
+            assert o.request_id == rid
+            pieces.append(o.text)
+            final = o
+    [want] = jllm.generate(tiny_model, "The quick brown fox", max_new_tokens=30, stop=[stop], stop_token_ids=[])
+    assert "".join(pieces) == want.text == text[:text.find(stop)]
+    assert final.finish_reason == "stop" and final.completion_tokens == len(want.tokens)
+    assert final.metrics.ttft_s >= final.metrics.queue_s >= 0
+
+
+def test_int8_pages_stay_close_to_float(tiny_model_no_tokenizer):
+    m = tiny_model_no_tokenizer
+    rng = np.random.default_rng(7)
+    prompts = [_ids(int(rng.integers(3, 30)), rng) for _ in range(8)]
+    sp = SamplingParams(max_tokens=6, stop_token_ids=())
+    q = _engine(m, kv_cache_dtype="int8", decode_buckets=(4,), chunk_buckets=(16,))
+    assert q.state.k_pages[0].dtype == jnp.int8
+    outs = q.generate(prompts, sp)
+    agree = [o.token_ids[:3] == _reference(m, p, sp)[:3] for o, p in zip(outs, prompts)]
+    assert sum(agree) >= 7, agree
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, exc, name", [
+    (dict(max_tokens=0), ValueError, "max_tokens"), (dict(max_tokens=2.0), TypeError, "max_tokens"),
+    (dict(temperature=-1), ValueError, "temperature"), (dict(temperature=float("nan")), ValueError, "temperature"),
+    (dict(top_k=0), ValueError, "top_k"), (dict(top_p=1.5), ValueError, "top_p"), (dict(top_p=0), ValueError, "top_p"),
+    (dict(seed=2 ** 40), ValueError, "seed"), (dict(seed="1"), TypeError, "seed"), (dict(stop=[""]), ValueError, "stop"),
+    (dict(stop=[3]), TypeError, "stop"), (dict(stop_token_ids=["a"]), TypeError, "stop_token_ids"),
+    (dict(logprobs=21), ValueError, "logprobs"), (dict(logprobs=True), TypeError, "logprobs"),
+])
+def test_bad_sampling_params_name_the_field(kw, exc, name):
+    with pytest.raises(exc, match=rf"SamplingParams\.{name}="):
+        SamplingParams(**kw)
+
+
+def test_bad_prompts_and_a_full_queue_are_refused(tiny_model, tiny_model_no_tokenizer):
+    engine = _engine(tiny_model, max_queue=2)
+    for prompt, exc, match in [("", ValueError, "empty string"), ([], ValueError, "empty token list"),
+                               ([1, 512], ValueError, "outside"), (3, TypeError, "prompt must be"),
+                               ([1.0, 2.0], TypeError, "prompt must be"), (list(range(3, 100)), ValueError, "pages")]:
+        with pytest.raises(exc, match=match):
+            engine.add_request(prompt, SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        engine.add_request([5] * 10, SamplingParams(max_tokens=510))
+    with pytest.raises(TypeError, match="SamplingParams"):
+        engine.add_request([5], dict(max_tokens=3))
+    sp = SamplingParams(max_tokens=4)
+    engine.add_request([5, 6], sp, request_id="a")
+    with pytest.raises(ValueError, match="already"):
+        engine.add_request([5, 6], sp, request_id="a")
+    engine.add_request([5, 6], sp)
+    with pytest.raises(QueueFull):
+        engine.add_request([5, 6], sp)
+    with pytest.raises(ValueError, match="tokenizer"):
+        _engine(tiny_model_no_tokenizer).add_request([5], SamplingParams(max_tokens=4, stop=("x",)))
+    for kw, match in [(dict(max_tokens_per_step=2), "max_tokens_per_step"), (dict(memory_fraction=0), "memory_fraction"),
+                      (dict(kv_cache_dtype="fp8"), "kv_cache_dtype"), (dict(decode_buckets=(1, 2)), "decode_buckets"),
+                      (dict(num_pages=0), "num_pages")]:
+        with pytest.raises(ValueError, match=match):
+            _engine(tiny_model, **kw)
+
+
+# --- the offline benchmark -----------------------------------------------------------------
+
+def test_offline_bench_runs_and_reports_sane_numbers(tiny_model_no_tokenizer, tmp_path):
+    png = tmp_path / "timeline.png"
+    r = run_engine_bench(tiny_model_no_tokenizer, n_requests=10, prompt_len=(4, 24), output_len=(2, 10), seed=0,
+                         baseline_batch=4, plot=str(png), engine_kwargs=KW)
+    assert r.output_tokens == sum(r.output_lens) and len(r.output_lens) == 10
+    assert all(2 <= n <= 10 for n in r.output_lens) and all(4 <= n <= 24 for n in r.prompt_lens)
+    assert r.output_tokens_per_s > 0 and r.total_tokens_per_s > r.output_tokens_per_s
+    assert 0 < r.ttft_s["p50"] <= r.ttft_s["p90"] <= r.ttft_s["p99"] <= r.elapsed_s
+    assert 0 <= r.tpot_s["p50"] <= r.tpot_s["p99"]
+    assert 0 < r.peak_pages <= 24 and r.timeline and r.baseline_output_tokens_per_s > 0
+    assert r.speedup == pytest.approx(r.output_tokens_per_s / r.baseline_output_tokens_per_s)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    table = format_result(r)
+    assert "output tok/s" in table and "TTFT" in table
