@@ -7,13 +7,10 @@ Listens on 127.0.0.1, a free port, logged as "listening on http://127.0.0.1:PORT
 import argparse
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import conftest  # noqa: E402,F401  (the worktree on sys.path, no compilation cache, CPU flags)
-import fake_engine  # noqa: E402
-
-fake_engine.install()
-
 from conftest import make_model  # noqa: E402
 
 from jllm.config import LlamaConfig  # noqa: E402
@@ -22,6 +19,16 @@ from jllm.serve.app import create_app  # noqa: E402
 from jllm.serve.main import bind, serve, setup_logging  # noqa: E402
 from jllm.serve.runner import EngineRunner  # noqa: E402
 from jllm.tokenizer import Tokenizer  # noqa: E402
+
+
+class SlowEngine(Engine):
+    """The engine with a sleep before each step, as a slower device would take."""
+    step_delay_s = 0.0
+
+    def step(self):
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
+        return super().step()
 
 
 def main() -> int:
@@ -33,8 +40,8 @@ def main() -> int:
     args = p.parse_args()
     setup_logging(args.log_json)
     model = make_model(LlamaConfig.from_name("tiny"), Tokenizer(args.tokenizer))
-    kw = {"step_delay_s": args.step_delay} if Engine is fake_engine.Engine else {}
-    engine = Engine(model, max_seqs=8, num_pages=128, **kw)
+    engine = SlowEngine(model, max_seqs=16, max_tokens_per_step=64, num_pages=128, progress=False)
+    engine.step_delay_s = args.step_delay
     app = create_app(EngineRunner(engine), "tiny", cfg=model.cfg, tokenizer=model.tokenizer)
     return serve(app, bind("127.0.0.1", 0), shutdown_timeout=args.shutdown_timeout)
 

@@ -1,11 +1,14 @@
 """`jllm serve`: the OpenAI API against jllm.generate, streaming, cancellation, bad input,
 back-pressure, graceful shutdown, chat templates and the load generator (CPU, tiny model).
 
-Servers listen on 127.0.0.1 on a free port, in a thread (or a subprocess for SIGTERM), and stop
-by themselves. Prompts stay within one padded shape (prompt bucket 16 or 32, a 64-slot cache:
-max_tokens 16) so generation compiles a handful of times for the whole module.
+Servers run the real engine on 127.0.0.1 on a free port, in a thread (or a subprocess for
+SIGTERM), and stop by themselves. The references from jllm.generate keep to prompt buckets 16 and
+32 and a 64-slot cache (max_tokens 16), so they compile a handful of times; the engines share
+one step configuration, compiled once. A SlowEngine (a sleep before each step, as a slower
+device would take) keeps requests in flight long enough to disconnect or signal mid-way.
 """
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -16,27 +19,23 @@ import sys
 import threading
 import time
 
-import fake_engine
 import httpx
 import openai
 import pytest
 from conftest import ROOT
+from serve_worker import SlowEngine
 
-fake_engine.install()
-
-import jllm  # noqa: E402
-from jllm.engine import Engine  # noqa: E402
-from jllm.serve import loadgen  # noqa: E402
-from jllm.serve import cli as serve_cli  # noqa: E402
-from jllm.serve.app import create_app  # noqa: E402
-from jllm.serve.chat import ChatTemplate, chat_ids, read_template  # noqa: E402
-from jllm.serve.main import bind, make_server  # noqa: E402
-from jllm.serve.runner import EngineRunner  # noqa: E402
-from jllm.tokenizer import format_chat  # noqa: E402
+import jllm
+from jllm.serve import cli as serve_cli
+from jllm.serve import loadgen
+from jllm.serve.app import create_app
+from jllm.serve.chat import ChatTemplate, chat_ids, read_template
+from jllm.serve.main import bind, make_server
+from jllm.serve.runner import EngineRunner
+from jllm.tokenizer import format_chat
 
 N = 16            # max_tokens of most requests
 NAME = "tiny"
-FAKE = Engine is fake_engine.Engine
 PROMPTS = ["Hello world", "The quick brown fox", "Return the value", "A list of"]
 
 LLAMA2_TEMPLATE = (
@@ -118,16 +117,23 @@ class ThreadServer:
             time.sleep(0.02)
 
 
-def make_engine(model, **kw):
-    delay = kw.pop("step_delay_s", 0.0)
-    return Engine(model, **kw, **({"step_delay_s": delay} if FAKE else {}))
+def make_engine(model, max_seqs: int = 16, **kw):
+    return SlowEngine(model, max_seqs=max_seqs, max_tokens_per_step=64, progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
 def srv(tiny_model):
-    with ThreadServer(make_engine(tiny_model, max_seqs=16, num_pages=256, step_delay_s=0.001),
-                      tiny_model) as s:
+    with ThreadServer(make_engine(tiny_model, num_pages=256), tiny_model) as s:
         yield s
+
+
+@contextlib.contextmanager
+def slow_steps(engine, seconds: float):
+    engine.step_delay_s = seconds
+    try:
+        yield
+    finally:
+        engine.step_delay_s = 0.0
 
 
 # --- the OpenAI client against jllm.generate --------------------------------------------------
@@ -244,11 +250,8 @@ def test_64_concurrent_clients_half_streaming_all_correct_then_no_page_in_use(sr
 
 
 def test_client_disconnect_mid_stream_aborts_and_frees_pages(srv, tiny_model):
-    slow = 0.05
-    if FAKE:
-        srv.engine.step_delay_s = slow
     aborted = srv.metric("jllm_requests_aborted_total")
-    try:
+    with slow_steps(srv.engine, 0.05):
         body = {"model": NAME, "prompt": PROMPTS[2], "max_tokens": N, "temperature": 0,
                 "stream": True, "ignore_eos": True}
         with httpx.Client(timeout=30) as client:
@@ -265,27 +268,19 @@ def test_client_disconnect_mid_stream_aborts_and_frees_pages(srv, tiny_model):
         assert srv.metric("jllm_requests_aborted_total") == aborted + 1
         # Aborted within about one step: at most the step in flight and the next one ran.
         assert stats.generated_tokens - generated <= 3
-    finally:
-        if FAKE:
-            srv.engine.step_delay_s = 0.001
     r = srv.client().completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=N, temperature=0)
     assert r.choices[0].text == ref(tiny_model, PROMPTS[0]).text
 
 
 def test_non_streaming_client_that_disconnects_is_aborted(srv):
-    if FAKE:
-        srv.engine.step_delay_s = 0.05
     aborted = srv.metric("jllm_requests_aborted_total")
-    try:
+    with slow_steps(srv.engine, 0.05):
         body = {"model": NAME, "prompt": PROMPTS[3], "max_tokens": N, "temperature": 0,
                 "ignore_eos": True}
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{srv.url}/v1/completions", json=body, timeout=0.3)
         srv.wait_idle(timeout_s=5)
         assert srv.metric("jllm_requests_aborted_total") == aborted + 1
-    finally:
-        if FAKE:
-            srv.engine.step_delay_s = 0.001
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -399,7 +394,8 @@ def test_models_health_and_metrics(srv):
 # --- back-pressure -----------------------------------------------------------------------------
 
 def test_full_queue_answers_429_with_retry_after_and_accepted_requests_complete(tiny_model):
-    engine = make_engine(tiny_model, max_seqs=1, max_queue=2, num_pages=64, step_delay_s=0.01)
+    engine = make_engine(tiny_model, max_seqs=1, max_queue=2, num_pages=64)
+    engine.step_delay_s = 0.01
     expected = ref(tiny_model, PROMPTS[0])
     with ThreadServer(engine, tiny_model) as s:
         body = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": N, "temperature": 0}

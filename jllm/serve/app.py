@@ -216,11 +216,15 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
         return requested
 
     def sampling(req, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        return SamplingParams(
-            max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-            top_k=req.top_k, top_p=req.top_p,
-            seed=secrets.randbelow(2 ** 31) if req.seed is None else req.seed,
-            stop=tuple(req.stop), stop_token_ids=() if req.ignore_eos else None, logprobs=logprobs)
+        # OpenAI takes any int64 seed, the engine an int32 one: fold it (in-range seeds are kept).
+        seed = secrets.randbelow(2 ** 31) if req.seed is None else (req.seed + 2 ** 31) % 2 ** 32 - 2 ** 31
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+                top_k=req.top_k, top_p=req.top_p, seed=seed, stop=tuple(req.stop),
+                stop_token_ids=() if req.ignore_eos else None, logprobs=logprobs)
+        except (ValueError, TypeError) as e:
+            raise bad_request(str(e)) from None
 
     async def start(request_id: str, ids: list[int], params: SamplingParams,
                     t_arrival: float) -> Generation:

@@ -21,13 +21,16 @@ _GAUGES = (("jllm_requests_running", "Requests in the running batch.", "running"
            ("jllm_kv_cache_usage_ratio", "Fraction of KV cache pages in use (0..1).", "kv_cache_usage"),
            ("jllm_kv_cache_pages_used", "KV cache pages in use.", "pages_used"),
            ("jllm_kv_cache_pages_total", "KV cache pages in all.", "pages_total"),
+           ("jllm_kv_cache_pages_cached", "Unreferenced pages the prefix cache keeps.", "pages_cached"),
            ("jllm_prefix_cache_hit_ratio", "Prompt tokens served from the prefix cache / prompt "
             "tokens.", "prefix_cache_hit_ratio"))
 _COUNTERS = (("jllm_requests_aborted", "Requests aborted (client gone or shutdown).", "aborted"),
              ("jllm_prompt_tokens", "Prompt tokens processed.", "prompt_tokens"),
              ("jllm_generation_tokens", "Tokens generated.", "generated_tokens"),
              ("jllm_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache.",
-              "prefix_hit_tokens"))
+              "prefix_hit_tokens"),
+             ("jllm_preemptions", "Requests preempted (pages short) and recomputed later.",
+              "preemptions"))
 
 
 class _EngineCollector:
