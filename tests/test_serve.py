@@ -477,21 +477,29 @@ def test_chat_through_a_template_from_tokenizer_config(tiny_model, hf_tokenizer_
 
 # --- graceful shutdown (a real process and a real signal) -------------------------------------
 
+def _wait_listening(proc: subprocess.Popen) -> str:
+    """The URL a server process logs (JSON lines) once it listens."""
+    lines = []
+    watchdog = threading.Timer(120, proc.kill)   # a silent hang ends readline with ""
+    watchdog.start()
+    try:
+        while True:
+            line = proc.stderr.readline()
+            if not line:
+                proc.kill()
+                raise AssertionError("the server did not start:\n" + "".join(lines))
+            lines.append(line)
+            if '"listening on' in line:
+                return f"http://127.0.0.1:{json.loads(line)['port']}"
+    finally:
+        watchdog.cancel()
+
+
 def _start_worker(tokenizer_path, *args) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "serve_worker.py"),
                              tokenizer_path, "--log-json", *args],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    lines = []
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if '"listening on' in line:
-            return proc, f"http://127.0.0.1:{json.loads(line)['port']}"
-    proc.kill()
-    raise AssertionError("the server did not start:\n" + "".join(lines))
+    return proc, _wait_listening(proc)
 
 
 def test_sigterm_finishes_the_request_in_flight_refuses_new_ones_and_exits_0(tiny_model, tokenizer_path):
@@ -610,3 +618,29 @@ def test_load_generator_counts_failures_and_bounds_the_run(srv):
         loadgen.LoadConfig(url=srv.url, model=NAME, num_prompts=0)
     with pytest.raises(ValueError, match="chat"):
         loadgen.LoadConfig(url=srv.url, model=NAME, endpoint="chat", prompts="random-ids")
+
+
+def test_cli_serves_a_checkpoint_with_its_chat_template_and_exits_0_on_sigint(tiny_checkpoint, tmp_path,
+                                                                             tokenizer):
+    import shutil
+    ck = tmp_path / "my-model"
+    shutil.copytree(tiny_checkpoint, ck)
+    (ck / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE}))
+    proc = subprocess.Popen([sys.executable, "-m", "jllm.serve.cli", "--model", str(ck), "--port", "0",
+                             "--max-seqs", "2", "--max-tokens-per-step", "32", "--num-pages", "64",
+                             "--log-json"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "JLLM_CACHE_DIR": "off"})
+    try:
+        url = _wait_listening(proc)
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        assert [m.id for m in c.models.list().data] == ["my-model"]
+        messages = [{"role": "user", "content": "Hi"}]
+        r = c.chat.completions.create(model="my-model", messages=messages, max_tokens=4, temperature=0)
+        assert r.usage.prompt_tokens == len(ChatTemplate(CHATML_TEMPLATE, tokenizer).encode(messages))
+        assert r.usage.completion_tokens <= 4 and r.choices[0].finish_reason in ("length", "stop")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
