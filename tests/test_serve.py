@@ -391,6 +391,37 @@ def test_models_health_and_metrics(srv):
     assert srv.metric("jllm_generation_tokens_total") >= N
 
 
+class FailingEngine(SlowEngine):
+    fail = False
+
+    def step(self):
+        if self.fail:
+            raise RuntimeError("device lost")
+        return super().step()
+
+
+def test_an_engine_failure_answers_503_and_health_says_so(tiny_model):
+    engine = FailingEngine(tiny_model, max_seqs=16, max_tokens_per_step=64, num_pages=64, progress=False)
+    body = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": N, "temperature": 0}
+    with ThreadServer(engine, tiny_model) as s:
+        assert httpx.post(f"{s.url}/v1/completions", json=body, timeout=60).status_code == 200
+        engine.step_delay_s = 0.02
+        with httpx.stream("POST", f"{s.url}/v1/completions", json={**body, "stream": True},
+                          timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {")
+            engine.fail = True          # mid-stream: an error event, then [DONE]
+            events = [x for x in lines if x]
+        assert json.loads(events[-2][6:])["error"]["message"].endswith("device lost')")
+        assert events[-1] == "data: [DONE]"
+        r = httpx.post(f"{s.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable_error"
+        assert "device lost" in r.json()["error"]["message"] and "Traceback" not in r.text
+        with httpx.stream("POST", f"{s.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            assert r.status_code == 503   # refused up front: the engine thread is gone
+        assert httpx.get(f"{s.url}/health", timeout=10).status_code == 503
+
+
 # --- back-pressure -----------------------------------------------------------------------------
 
 def test_full_queue_answers_429_with_retry_after_and_accepted_requests_complete(tiny_model):

@@ -181,7 +181,8 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
             raise APIError(503, "the server is shutting down", headers={
                 "Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
         if not runner.alive:
-            raise APIError(503, "the engine is not running")
+            raise APIError(503, "the engine is not running" + (
+                f" (it failed: {runner.error!r})" if runner.error is not None else ""))
 
     def check_model(name: str) -> None:
         if name != served_model_name:
