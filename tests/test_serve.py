@@ -422,6 +422,29 @@ def test_an_engine_failure_answers_503_and_health_says_so(tiny_model):
         assert httpx.get(f"{s.url}/health", timeout=10).status_code == 503
 
 
+def test_a_model_without_tokenizer_takes_and_returns_token_ids(tiny_model_no_tokenizer):
+    model = tiny_model_no_tokenizer
+    ids = [1, 17, 42, 99, 7]
+    expected = ref(model, ids)
+    with ThreadServer(make_engine(model, num_pages=64), model) as s:
+        body = {"model": NAME, "prompt": ids, "max_tokens": N, "temperature": 0}
+        r = httpx.post(f"{s.url}/v1/completions", json=body, timeout=60).json()
+        assert r["choices"][0]["token_ids"] == expected.tokens and r["choices"][0]["text"] == ""
+        with httpx.stream("POST", f"{s.url}/v1/completions", json={**body, "stream": True},
+                          timeout=60) as resp:
+            chunks = [json.loads(x[6:]) for x in resp.iter_lines() if x.startswith("data: {")]
+        assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == expected.tokens
+        err = httpx.post(f"{s.url}/v1/completions", json={**body, "prompt": "text"}, timeout=60)
+        assert err.status_code == 400 and "token ids" in err.json()["error"]["message"]
+        err = httpx.post(f"{s.url}/v1/chat/completions", json=CHAT, timeout=60)
+        assert err.status_code == 400 and err.json()["error"]["param"] == "messages"
+        cfg = loadgen.LoadConfig(url=s.url, model=NAME, num_prompts=4, input_len=8, output_len=N,
+                                 vocab_size=512, ignore_eos=True, max_duration_s=60)
+        [run] = loadgen.run(cfg, concurrencies=[2])["runs"]
+        assert run["completed"] == 4 and run["output_tokens"] == 4 * N
+        assert run["itl_ms"]["p50"] > 0   # timed from the token-id chunks
+
+
 # --- back-pressure -----------------------------------------------------------------------------
 
 def test_full_queue_answers_429_with_retry_after_and_accepted_requests_complete(tiny_model):

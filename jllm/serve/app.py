@@ -322,6 +322,7 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
         gen = await start(request_id, ids, sampling(req, max_tokens, req.logprobs), t_arrival)
         want_logprobs = req.logprobs is not None
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        ids_out = tokenizer is None   # no text to send: send the token ids
 
         def logprobs_of(out, offset: int) -> dict | None:
             return R.completion_logprobs(out.logprobs or [], tokenizer, offset) if want_logprobs else None
@@ -331,13 +332,15 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
             try:
                 async for out in gen.outputs():
                     lp = logprobs_of(out, offset)
-                    if out.text or out.token_ids and lp:
+                    if out.text or out.token_ids and (lp or ids_out):
                         yield R.sse(R.completion_chunk(request_id, created, served_model_name,
-                                                       out.text, None, lp, include_usage))
+                                                       out.text, None, lp, include_usage,
+                                                       out.token_ids if ids_out else None))
                     offset += sum(map(len, lp["tokens"])) if lp else 0
                     if out.finished:
                         yield R.sse(R.completion_chunk(request_id, created, served_model_name, "",
-                                                       out.finish_reason, None, include_usage))
+                                                       out.finish_reason, None, include_usage,
+                                                       [] if ids_out else None))
             except EngineUnavailable as e:
                 yield error_event(e)
             if include_usage and gen.finish_reason:
@@ -346,13 +349,15 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
             yield R.sse("[DONE]")
 
         async def body() -> dict:
-            text, entries = [], []
+            text, entries, token_ids = [], [], []
             async for out in gen.outputs():
                 text.append(out.text)
                 entries += out.logprobs or []
+                token_ids += out.token_ids
             lp = R.completion_logprobs(entries, tokenizer, 0) if want_logprobs else None
             return R.completion(request_id, created, served_model_name, "".join(text),
-                                gen.finish_reason, lp, R.usage(gen.prompt_tokens, gen.completion_tokens))
+                                gen.finish_reason, lp, R.usage(gen.prompt_tokens, gen.completion_tokens),
+                                token_ids if ids_out else None)
 
         return await respond(request, request_id, gen, bool(req.stream), events, body)
 

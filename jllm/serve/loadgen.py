@@ -136,12 +136,14 @@ def _payload(cfg: LoadConfig, prompt) -> dict:
     return body
 
 
-def _chunk_text(obj: dict) -> str:
+def _has_output(obj: dict) -> bool:
+    """Whether a chunk carries output: text, or token ids (jllm serving a model without a
+    tokenizer)."""
     choices = obj.get("choices") or []
     if not choices:
-        return ""
+        return False
     c = choices[0]
-    return c.get("text") or (c.get("delta") or {}).get("content") or ""
+    return bool(c.get("text") or (c.get("delta") or {}).get("content") or c.get("token_ids"))
 
 
 async def send(client: httpx.AsyncClient, url: str, cfg: LoadConfig, prompt) -> RequestResult:
@@ -167,7 +169,7 @@ async def send(client: httpx.AsyncClient, url: str, cfg: LoadConfig, prompt) -> 
                     result.error = str(obj["error"])[:200]
                     return result
                 now = time.perf_counter()
-                if _chunk_text(obj):
+                if _has_output(obj):
                     chunks += 1
                     if last is None:
                         result.ttft_s = now - t0

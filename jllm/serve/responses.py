@@ -62,20 +62,23 @@ def completion_logprobs(entries: list, tokenizer: Tokenizer | None, offset: int)
 
 
 def _completion(rid: str, created: int, model: str, text: str, finish_reason: str | None,
-                logprobs: dict | None) -> dict:
+                logprobs: dict | None, token_ids: list[int] | None) -> dict:
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    if token_ids is not None:   # a model without a tokenizer: its output is token ids (extension)
+        choice["token_ids"] = token_ids
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs,
-                         "finish_reason": finish_reason}]}
+            "choices": [choice]}
 
 
 def completion(rid: str, created: int, model: str, text: str, finish_reason: str,
-               logprobs: dict | None, usage_: dict) -> dict:
-    return {**_completion(rid, created, model, text, finish_reason, logprobs), "usage": usage_}
+               logprobs: dict | None, usage_: dict, token_ids: list[int] | None = None) -> dict:
+    return {**_completion(rid, created, model, text, finish_reason, logprobs, token_ids),
+            "usage": usage_}
 
 
 def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None,
-                     logprobs: dict | None, with_usage: bool) -> dict:
-    body = _completion(rid, created, model, text, finish_reason, logprobs)
+                     logprobs: dict | None, with_usage: bool, token_ids: list[int] | None = None) -> dict:
+    body = _completion(rid, created, model, text, finish_reason, logprobs, token_ids)
     if with_usage:   # OpenAI sends "usage": null on every chunk but the last when asked for usage
         body["usage"] = None
     return body
