@@ -7,6 +7,10 @@ tokens, 16 tokens per step in chunk rows of 8), so the step compiles once per bu
 whole module; the tiny model is float32, where the paged and static caches agree.
 """
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import hypothesis
 import hypothesis.strategies as st
@@ -125,8 +129,9 @@ def test_greedy_matches_generate_under_batching_preemption_and_aborts(tiny_model
 
 
 def test_seeded_sampling_matches_generate_per_request(tiny_model_no_tokenizer):
-    """Per-request temperature/top-k/top-p/seed, mixed with greedy rows, with preemptions: each
-    request's tokens are generate's with that seed (its key chain survives recomputation)."""
+    """Per-request temperature/top-k/top-p/seed, mixed with greedy rows, arrivals, aborts and
+    preemptions: each request's tokens are generate's with that seed alone (its key chain
+    survives recomputation)."""
     m = tiny_model_no_tokenizer
     rng = np.random.default_rng(1)
 
@@ -136,13 +141,14 @@ def test_seeded_sampling_matches_generate_per_request(tiny_model_no_tokenizer):
         return SamplingParams(max_tokens=int(rng.integers(4, 17)), temperature=float(rng.choice([0.7, 1.0, 1.5])),
                               top_k=[None, 5, 50][i % 3], top_p=[None, 0.9][i % 2], seed=int(rng.integers(0, 2 ** 31)),
                               stop_token_ids=())
-    script = _mixed_script(rng, 16, params)
-    script = [(a, p, sp, None) for a, p, sp, _ in script]
+    script = _mixed_script(rng, 32, params)
     engine = _engine(m)
     got = _drive(engine, script)
-    assert engine.stats().preemptions > 0
+    assert engine.stats().preemptions > 0 and engine.stats().aborted > 0
     for i, (_, prompt, sp, _) in enumerate(script):
-        assert got[i] == (_reference(m, prompt, sp), "length"), i
+        toks, reason = got[i]
+        ref = _reference(m, prompt, sp)
+        assert toks == ref[:len(toks)] if reason == "abort" else (toks, reason) == (ref, "length"), i
     # Same seed, same tokens; another seed, other tokens.
     p = SamplingParams(max_tokens=12, temperature=1.0, seed=5, stop_token_ids=())
     a, b, c = engine.generate([script[1][1]] * 3, [p, p, dataclasses.replace(p, seed=6)])
@@ -165,7 +171,10 @@ def test_preemption_completes_requests_larger_than_the_pool_shares(tiny_model_no
     _check_all_free(engine)
 
 
-def test_prefix_cache_prefills_a_shared_system_prompt_once(tiny_model_no_tokenizer):
+@pytest.mark.parametrize("together", [False, True], ids=lambda t: f"submitted_together={t}")
+def test_prefix_cache_prefills_a_shared_system_prompt_once(tiny_model_no_tokenizer, together):
+    """Six prompts behind a 16-token system prompt: its pages are computed once (also when all
+    arrive together: pages are shared as soon as the step writing them is dispatched)."""
     m = tiny_model_no_tokenizer
     rng = np.random.default_rng(3)
     system = _ids(16, rng)  # four full pages
@@ -174,14 +183,14 @@ def test_prefix_cache_prefills_a_shared_system_prompt_once(tiny_model_no_tokeniz
     results = {}
     for caching in (True, False):
         engine = _engine(m, prefix_caching=caching)
-        first = engine.generate(prompts[:1], sp)
-        rest = engine.generate(prompts[1:], sp)
+        outs = engine.generate(prompts, sp) if together else sum(
+            (engine.generate(prompts[i:i + 1], sp) for i in range(6)), [])
         s = engine.stats()
-        results[caching] = [o.token_ids for o in first + rest]
+        results[caching] = [o.token_ids for o in outs]
         suffixes = sum(len(p) - 16 for p in prompts[1:])
         if caching:
             assert s.prefix_hit_tokens == 16 * 5 and s.prefill_tokens == len(prompts[0]) + suffixes
-            assert [o.metrics.cached_prompt_tokens for o in rest] == [16] * 5
+            assert [o.metrics.cached_prompt_tokens for o in outs] == [0] + [16] * 5
             assert s.prefix_cache_hit_ratio == pytest.approx(80 / sum(map(len, prompts)))
         else:
             assert s.prefix_hit_tokens == 0 and s.prefill_tokens == sum(map(len, prompts))
@@ -324,7 +333,7 @@ def test_bad_prompts_and_a_full_queue_are_refused(tiny_model, tiny_model_no_toke
                                ([1.0, 2.0], TypeError, "prompt must be"), (list(range(3, 100)), ValueError, "pages")]:
         with pytest.raises(exc, match=match):
             engine.add_request(prompt, SamplingParams(max_tokens=4))
-    with pytest.raises(ValueError, match="max_seq_len"):
+    with pytest.raises(ValueError, match="max_model_len"):
         engine.add_request([5] * 10, SamplingParams(max_tokens=510))
     with pytest.raises(TypeError, match="SamplingParams"):
         engine.add_request([5], dict(max_tokens=3))
@@ -360,3 +369,17 @@ def test_offline_bench_runs_and_reports_sane_numbers(tiny_model_no_tokenizer, tm
     assert png.read_bytes()[:4] == b"\x89PNG"
     table = format_result(r)
     assert "output tok/s" in table and "TTFT" in table
+
+
+# --- tensor parallelism --------------------------------------------------------------------
+
+def test_engine_on_a_tp2_mesh_matches_generate_on_one_device(tmp_path):
+    """A subprocess with 2 CPU devices (tests/engine_tp_worker.py): KV heads split, and replicated."""
+    out = tmp_path / "tp.json"
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine_tp_worker.py")
+    proc = subprocess.run([sys.executable, worker, str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["split"]["got"] == res["split"]["want"] and not res["split"]["kv_replicated"]
+    assert res["split"]["page_shards"] == [[40, 4, 1, 16]] * 2      # 2 KV heads, one per device
+    assert res["replicated"]["got"] == res["replicated"]["want"] and res["replicated"]["kv_replicated"]

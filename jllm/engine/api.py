@@ -125,11 +125,9 @@ class EngineStats:
     aborted: int
     preemptions: int
     steps: int
+    kv_cache_usage: float = 0.0          # pages_used / pages_total
+    prefix_cache_hit_ratio: float = 0.0  # prefix_hit_tokens / prompt_tokens
 
-    @property
-    def kv_cache_usage(self) -> float:
-        return self.pages_used / self.pages_total
-
-    @property
-    def prefix_cache_hit_ratio(self) -> float:
-        return self.prefix_hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+    def __post_init__(self):
+        self.kv_cache_usage = self.pages_used / self.pages_total if self.pages_total else 0.0
+        self.prefix_cache_hit_ratio = self.prefix_hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0

@@ -30,7 +30,6 @@ class _InFlight:
     """A dispatched step whose tokens are not read back yet."""
     out: StepOutput
     owners: list[Request | None]       # the request of each sample row
-    ends: list[tuple[Request, int]]    # (request, tokens whose keys the step writes)
     logprobs: bool
 
 
@@ -76,7 +75,9 @@ class Engine:
     memory_fraction of the free device memory), max_tokens_per_step tokens per step (decodes
     first, prompt chunks fill the rest). Every step shape is compiled here, none later.
     Keyword-only tuning: chunk_row (queries per prompt-chunk row), decode_buckets and
-    chunk_buckets (the compiled step shapes), max_prompts_per_step, async_scheduling.
+    chunk_buckets (the compiled step shapes), max_prompts_per_step, async_scheduling, and
+    max_model_len (prompt + output tokens of one request; default the model's max_seq_len: a
+    smaller one shrinks the block tables, which the XLA attention path gathers whole).
     """
 
     def __init__(self, model: Model, max_seqs: int = 64, page_size: int = 16, num_pages: int | None = None,
@@ -84,7 +85,8 @@ class Engine:
                  kv_cache_dtype: str | None = None, prefix_caching: bool = True,
                  max_queue: int | None = None, progress: bool = True, *, chunk_row: int | None = None,
                  decode_buckets: Sequence[int] | None = None, chunk_buckets: Sequence[int] | None = None,
-                 max_prompts_per_step: int = 4, async_scheduling: bool = True):
+                 max_prompts_per_step: int = 4, async_scheduling: bool = True,
+                 max_model_len: int | None = None):
         if not isinstance(model, Model):
             raise TypeError(f"model must be a jllm.Model (jllm.load); got {type(model).__name__}")
         self.model, self.cfg, self.plan = model, model.cfg, model.plan
@@ -99,7 +101,7 @@ class Engine:
             raise ValueError(f"memory_fraction={memory_fraction!r}; expected a number in (0, 1]")
         check_kv_cache_dtype(kv_cache_dtype)
         if max_queue is not None:
-            _positive_int("max_queue", max_queue, minimum=0)
+            _positive_int("max_queue", max_queue)
         self.max_queue = max_queue
         if chunk_row is not None and _positive_int("chunk_row", chunk_row) > self.budget:
             raise ValueError(f"chunk_row={chunk_row} must be <= max_tokens_per_step={max_tokens_per_step}")
@@ -116,7 +118,10 @@ class Engine:
             if num_pages < 1:
                 raise ValueError(f"no device memory left for KV pages ({memory_fraction=}); pass num_pages")
         self.num_pages = _positive_int("num_pages", num_pages)
-        self.max_pages = -(-self.cfg.max_seq_len // self.page_size)
+        self.max_len = self.cfg.max_seq_len if max_model_len is None else _positive_int("max_model_len", max_model_len)
+        if self.max_len > self.cfg.max_seq_len:
+            raise ValueError(f"max_model_len={max_model_len} is over the model's max_seq_len={self.cfg.max_seq_len}")
+        self.max_pages = -(-self.max_len // self.page_size)
         self.pool = PagePool(self.num_pages, prefix_caching)
         self.scheduler = Scheduler(self.pool, self.page_size, self.max_seqs, self.max_pages, self.budget,
                                    self.shapes)
@@ -184,9 +189,9 @@ class Engine:
             raise TypeError(f"params must be a SamplingParams; got {type(params).__name__}")
         ids = self._prompt_ids(prompt)
         n, m = len(ids), params.max_tokens
-        if n + m > self.cfg.max_seq_len:
+        if n + m > self.max_len:
             raise ValueError(f"the prompt has {n} tokens; with max_tokens={m} that needs {n + m} positions, "
-                             f"over the model's context of {self.cfg.max_seq_len} (max_seq_len)")
+                             f"over the engine's context of {self.max_len} (max_model_len)")
         if -(-(n + m) // self.page_size) > self.num_pages:
             raise ValueError(f"the prompt has {n} tokens; with max_tokens={m} it needs "
                              f"{-(-(n + m) // self.page_size)} pages of {self.page_size} tokens, more than the "
@@ -261,8 +266,7 @@ class Engine:
         with self._on_mesh():
             self.state, out = engine_step(self.model.params, self.state, batch, cfg=self.cfg, plan=self.plan)
         self.steps += 1
-        ends = [(r, r.computed) for r in sched.decodes] + [(p.req, p.start + p.n) for p in sched.chunks]
-        return _InFlight(out, owners, ends, bool(batch.logprobs.any()))
+        return _InFlight(out, owners, any(r is not None and r.want_logprobs for r in owners))
 
     def _read(self, step: _InFlight) -> list[RequestOutput]:
         """Read a step's samples back and hand them to their requests."""
@@ -270,10 +274,6 @@ class Engine:
         if step.logprobs:
             lp, top_ids, top_lp = (np.asarray(x) for x in (step.out.logprob, step.out.top_ids, step.out.top_logprobs))
         now = time.perf_counter()
-        for req, end in step.ends:
-            if req.status is Status.RUNNING:
-                req.done = max(req.done, end)
-                self.scheduler.register(req)
         outs = []
         for i, req in enumerate(step.owners):
             if req is None:

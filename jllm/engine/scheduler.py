@@ -38,7 +38,6 @@ class Request:
         self.tokens = list(prompt)   # prompt + samples read back
         self.pending = 0             # samples dispatched but not read back
         self.computed = 0            # tokens whose keys are written by dispatched steps
-        self.done = 0                # tokens whose keys are written by steps read back
         self.pages: list[int] = []
         self.keys: list[int] = []    # prefix-cache keys of the full pages of `tokens`
         self.registered = 0          # leading pages offered to the prefix cache
@@ -167,10 +166,13 @@ class Scheduler:
         req.pages += new
 
     def register(self, req: Request) -> None:
-        """Offer the request's full pages whose keys are read back to the prefix cache."""
+        """Offer the request's full pages to the prefix cache: those written by dispatched steps,
+        whose tokens the host knows. A later step reads them after the writing step (one device
+        stream), and a step that writes them reads them only after writing (write, then attend,
+        in every layer), so a request admitted in the same step may share them already."""
         if not self.pool.prefix_caching:
             return
-        full = min(req.done, len(req.tokens)) // self.page_size
+        full = min(req.computed, len(req.tokens)) // self.page_size
         if full > req.registered:
             for page, key in zip(req.pages[req.registered:full], req.block_keys(full, self.page_size)[req.registered:]):
                 self.pool.register(page, key)
@@ -199,7 +201,7 @@ class Scheduler:
             raise RuntimeError(f"preempting request {req.id!r} with {req.pending} samples in flight")
         self.register(req)
         self._vacate(req)
-        req.computed = req.done = 0
+        req.computed = 0
         req.status = Status.WAITING
         req.preemptions += 1
         self.preemptions += 1
@@ -225,7 +227,7 @@ class Scheduler:
                 continue
             if self._needs_page(req):
                 while self.pool.available() < 1:
-                    victim = self.running[-1]
+                    victim = self.running[-1]  # the newest; not scheduled yet (or req itself)
                     self.preempt(victim)
                     preempted = True
                     if victim is req:
@@ -234,23 +236,34 @@ class Scheduler:
                     continue
                 self._take_pages(req, 1)
             decodes.append(req)
+            req.computed += 1
+            req.pending += 1
+            self.register(req)
             budget -= 1
         chunk_tokens = 0
 
         def add_chunk(req: Request) -> None:
             nonlocal budget, chunk_tokens
             n = min(req.total - req.computed, budget, self.max_chunk - chunk_tokens)
-            chunks.append(Piece(req, req.computed, n, req.computed + n == req.total))
+            piece = Piece(req, req.computed, n, req.computed + n == req.total)
+            chunks.append(piece)
+            req.computed += n
+            if piece.samples:
+                req.pending += 1
+                req.sampled = True
+            self.register(req)
             budget -= n
             chunk_tokens += n
+            self.prefill_tokens += n
 
         def room() -> bool:
             return budget > 0 and chunk_tokens < self.max_chunk and len(chunks) < self.shapes.max_prompts
 
-        for req in self.running:
+        decoding = {id(r) for r in decodes}
+        for req in list(self.running):
             if not room():
                 break
-            if req.status is Status.RUNNING and req.computed < req.total and not req.is_decode():
+            if id(req) not in decoding and req.computed < req.total and not req.is_decode():
                 add_chunk(req)
         while self.waiting and not preempted and self.free_slots and room():
             req = self.waiting[0]
@@ -258,15 +271,6 @@ class Scheduler:
                 break
             admitted.append(req)
             add_chunk(req)
-        for r in decodes:
-            r.computed += 1
-            r.pending += 1
-        for p in chunks:
-            p.req.computed += p.n
-            self.prefill_tokens += p.n
-            if p.samples:
-                p.req.pending += 1
-                p.req.sampled = True
         return Schedule(decodes, chunks, admitted)
 
     def _admit(self, req: Request) -> bool:
@@ -286,7 +290,7 @@ class Scheduler:
         self.tables[req.slot, :len(hits)] = hits
         self._take_pages(req, need)
         req.registered = len(hits)
-        req.computed = req.done = len(hits) * ps
+        req.computed = len(hits) * ps
         req.status = Status.RUNNING
         req.key_skip = req.n_sampled
         self.running.append(req)
@@ -319,12 +323,11 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
     row_tok, tok_row = np.zeros((R, Tc), i32), np.zeros(C, i32)
     sample_tok, sample_slot = np.zeros(S, i32), np.full(S, max_seqs, i32)
     temperature, top_k, top_p = np.zeros(S, np.float32), np.zeros(S, i32), np.ones(S, np.float32)
-    logprobs = np.zeros(S, bool)
     owners: list[Request | None] = [None] * S
 
     def set_sampling(i: int, req: Request) -> None:
         sample_slot[i] = req.slot
-        temperature[i], top_k[i], top_p[i], logprobs[i] = req.temperature, req.top_k, req.top_p, req.want_logprobs
+        temperature[i], top_k[i], top_p[i] = req.temperature, req.top_k, req.top_p
         owners[i] = req
 
     if d:
@@ -358,5 +361,5 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
             set_sampling(D + row - 1, req)
     assert row <= R and cpos <= C, (row, R, cpos, C)
     batch = StepBatch(tokens, positions, page, offset, dec_slot, dec_tables, dec_len, row_tables, row_start,
-                      row_len, row_tok, tok_row, sample_tok, sample_slot, temperature, top_k, top_p, logprobs)
+                      row_len, row_tok, tok_row, sample_tok, sample_slot, temperature, top_k, top_p)
     return batch, owners

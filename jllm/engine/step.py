@@ -60,7 +60,6 @@ class StepBatch:
     temperature: jax.Array  # [S] float32
     top_k: jax.Array        # [S] int32 (0: off)
     top_p: jax.Array        # [S] float32 (1: off)
-    logprobs: jax.Array     # [S] bool rows whose logprobs are wanted
 
 
 @jax.tree_util.register_dataclass
@@ -151,18 +150,16 @@ def sample_rows(lg: jax.Array, keys: jax.Array, s: Sampling) -> tuple[jax.Array,
     """lg [S, V] float32, keys [S, *key_shape] key data -> tokens [S] int32 and the next keys.
 
     Each row splits its own key and samples [1, V]-shaped logits with the sub-key, as
-    `generate` does for a batch of one, so its noise does not depend on the other rows."""
+    `generate` does for a batch of one, so its noise does not depend on the other rows. Under
+    vmap `sample`'s greedy/stochastic choice is a select: the step holds no conditional, which
+    XLA:GPU would run by reading the predicate back to the host (stalling the next dispatch)."""
     pair = jax.vmap(jax.random.split)(jax.random.wrap_key_data(keys))                # [S, 2]
     nxt, sub = pair[:, 0], pair[:, 1]
 
     def one(row, key, t, k, p):
         return sample(row[None], key, Sampling(t[None], k[None], p[None]))[0]
 
-    greedy = jnp.argmax(lg, axis=-1).astype(jnp.int32)
-    tokens = jax.lax.cond(jnp.any(s.temperature > 0),
-                          lambda: jax.vmap(one)(lg, sub, s.temperature, s.top_k, s.top_p),
-                          lambda: greedy)
-    return tokens, jax.random.key_data(nxt)
+    return jax.vmap(one)(lg, sub, s.temperature, s.top_k, s.top_p), jax.random.key_data(nxt)
 
 
 def top_logprobs(lg: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -185,10 +182,7 @@ def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: Llama
     lg = logits(params, h[0, batch.sample_tok], plan)                               # [S, V]
     slot = jnp.minimum(batch.sample_slot, max_seqs - 1)
     sampled, nxt = sample_rows(lg, state.keys[slot], Sampling(batch.temperature, batch.top_k, batch.top_p))
-    S = sampled.shape[0]
-    lp = jax.lax.cond(jnp.any(batch.logprobs), lambda: top_logprobs(lg, sampled),
-                      lambda: (jnp.zeros((S,), jnp.float32), jnp.zeros((S, MAX_LOGPROBS), jnp.int32),
-                               jnp.zeros((S, MAX_LOGPROBS), jnp.float32)))
+    lp = top_logprobs(lg, sampled)  # always (no conditional, as in sample_rows); read back when asked
     state = EngineState(k_pages=view.k_pages, v_pages=view.v_pages, k_scale_pages=view.k_scale_pages,
                         v_scale_pages=view.v_scale_pages,
                         keys=state.keys.at[batch.sample_slot].set(nxt, mode="drop"),

@@ -1,0 +1,59 @@
+"""The engine on a tensor-parallel mesh, in a fresh process with 2 CPU devices (for test_engine.py).
+
+    python tests/engine_tp_worker.py OUT.json
+
+Greedy engine tokens on a 1 x 2 mesh (KV heads split, and replicated when fewer than tp) and
+generate's on one device, for the same prompts, written as JSON for the test to compare.
+"""
+import dataclasses
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["JLLM_CACHE_DIR"] = "off"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jllm  # noqa: E402
+from conftest import random_flat  # noqa: E402
+from jllm import parallel  # noqa: E402
+from jllm.config import LlamaConfig  # noqa: E402
+from jllm.engine import Engine, SamplingParams  # noqa: E402
+from jllm.generate import Model  # noqa: E402
+from jllm.model import from_flat  # noqa: E402
+from sharding import rules  # noqa: E402
+
+SPLIT = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=256, max_seq_len=128)
+REPLICATED = dataclasses.replace(SPLIT, n_kv_heads=1)
+
+
+def run(cfg: LlamaConfig) -> dict:
+    params = from_flat({k: jnp.asarray(v) for k, v in random_flat(cfg).items()}, cfg)
+    single = Model(params=params, cfg=cfg, attn_impl="xla", matmul_impl="xla")
+    mesh = rules.make_mesh(2, 1, devices=jax.devices()[:2])
+    sharded = dataclasses.replace(single, params=parallel.shard_params(params, cfg, mesh), mesh=mesh)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, cfg.vocab_size, int(n)).tolist() for n in rng.integers(1, 40, 10)]
+    sp = SamplingParams(max_tokens=8, stop_token_ids=())
+    engine = Engine(sharded, max_seqs=4, page_size=4, num_pages=40, max_tokens_per_step=16, chunk_row=8,
+                    progress=False)
+    got = [o.token_ids for o in engine.generate(prompts, sp)]
+    want = [jllm.generate(single, [p], max_new_tokens=8, stop_token_ids=[])[0].tokens for p in prompts]
+    pages = engine.state.k_pages[0]
+    return dict(got=got, want=want, kv_replicated=sharded.plan.kv_replicated,
+                page_shards=[list(s.data.shape) for s in pages.addressable_shards],
+                preemptions=engine.stats().preemptions)
+
+
+if __name__ == "__main__":
+    out = {"split": run(SPLIT), "replicated": run(REPLICATED)}
+    tmp = sys.argv[1] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f)
+    os.replace(tmp, sys.argv[1])
