@@ -616,7 +616,8 @@ def test_shutdown_timeout_aborts_what_is_left(tokenizer_path):
 
 # --- the command line and the load generator ---------------------------------------------------
 
-def test_cli_checks_flags_and_a_busy_port_before_loading(tiny_checkpoint, capsys):
+def test_cli_checks_flags_a_busy_port_and_the_template_before_loading(tiny_checkpoint, tmp_path,
+                                                                       capsys):
     import argparse
     p = argparse.ArgumentParser()
     serve_cli.add_arguments(p)
@@ -630,10 +631,16 @@ def test_cli_checks_flags_and_a_busy_port_before_loading(tiny_checkpoint, capsys
     busy = bind("127.0.0.1", 0)
     loggers = [logging.getLogger(n) for n in ("jllm.serve", "uvicorn", "uvicorn.error")]
     saved = [(x.handlers[:], x.propagate) for x in loggers]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for %}"}))
     try:
         t0 = time.monotonic()
         assert serve_cli.main(["--model", tiny_checkpoint, "--port", str(busy.getsockname()[1])]) == 2
-        assert "cannot listen" in capsys.readouterr().err and time.monotonic() - t0 < 10
+        assert "cannot listen" in capsys.readouterr().err
+        assert serve_cli.main(["--model", str(broken), "--port", "0"]) == 2
+        assert "chat_template does not compile" in capsys.readouterr().err
+        assert time.monotonic() - t0 < 10     # neither loaded the model
     finally:
         busy.close()
         for x, (handlers, propagate) in zip(loggers, saved):  # its handler writes to capsys

@@ -61,19 +61,25 @@ def _strftime_now(fmt):
     return datetime.datetime.now().strftime(fmt)
 
 
+def compile_template(source: str) -> jinja2.Template:
+    """A chat_template compiled in the sandbox transformers renders it in (ValueError if it
+    does not compile)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"the chat_template does not compile: {e} (line {e.lineno})") from None
+
+
 class ChatTemplate:
     """A compiled `chat_template` and the special tokens it is rendered with."""
 
     def __init__(self, source: str, tokenizer: Tokenizer):
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[jinja2.ext.loopcontrols])
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = _strftime_now
-        try:
-            self.template = env.from_string(source)
-        except jinja2.TemplateSyntaxError as e:
-            raise ValueError(f"the chat_template does not compile: {e} (line {e.lineno})") from None
+        self.template = compile_template(source)
         self.tokenizer = tokenizer
         sp = tokenizer.sp
         self.special = {"bos_token": sp.id_to_piece(tokenizer.bos_id),
