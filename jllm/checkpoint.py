@@ -3,6 +3,7 @@
     DIR/jllm.json         {"format": 1, "config": {...}, "dtype": "bfloat16", "quant": null, ...}
     DIR/params/           orbax checkpoint of {flat name: array}
     DIR/tokenizer.model   SentencePiece model (absent: the model takes and returns token ids)
+    DIR/tokenizer_config.json   the Hugging Face source's, when it had one (its chat_template)
 
 A directory is written under a temporary name beside DIR (.DIR.tmp-XXXXXXXX, holding a marker
 file with the writer's pid) and renamed into place when complete, so a failed or interrupted
@@ -27,6 +28,7 @@ from jllm.config import LlamaConfig
 
 FORMAT = 1
 META = "jllm.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
 # In a temporary directory while it is written: {"pid": ..., "host": ...} of the writer.
 MARKER = ".jllm-writing"
 # A marked temporary directory this old is stale even if its writer's pid is alive (pid reuse,
@@ -206,8 +208,10 @@ def staging(path: str | os.PathLike, *, overwrite: bool = False,
 
 
 def write(tmp: str, flat: dict[str, object], cfg: LlamaConfig, *, dtype: str,
-          quant: dict | None = None, tokenizer: str | os.PathLike | None = None) -> None:
-    """Write flat params, metadata and the tokenizer into the directory `tmp`."""
+          quant: dict | None = None, tokenizer: str | os.PathLike | None = None,
+          tokenizer_config: str | os.PathLike | None = None) -> None:
+    """Write flat params, metadata, the tokenizer and its Hugging Face tokenizer_config.json
+    (which may carry a chat template) into the directory `tmp`."""
     ck = ocp.StandardCheckpointer()
     ck.save(os.path.join(tmp, "params"), flat)
     ck.wait_until_finished()
@@ -216,17 +220,20 @@ def write(tmp: str, flat: dict[str, object], cfg: LlamaConfig, *, dtype: str,
         json.dump(meta, f, indent=2)
     if tokenizer is not None:
         shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
+    if tokenizer_config is not None:
+        shutil.copyfile(tokenizer_config, os.path.join(tmp, TOKENIZER_CONFIG))
 
 
 def save(path: str | os.PathLike, flat: dict[str, object], cfg: LlamaConfig, *,
          dtype: str, quant: dict | None = None, tokenizer: str | os.PathLike | None = None,
-         overwrite: bool = False) -> None:
+         tokenizer_config: str | os.PathLike | None = None, overwrite: bool = False) -> None:
     """Write flat params (arrays or QArrays by flat name) atomically to `path`.
 
     overwrite replaces only an existing jllm checkpoint, and only once the new one is complete.
     """
     with staging(path, overwrite=overwrite) as tmp:
-        write(tmp, flat, cfg, dtype=dtype, quant=quant, tokenizer=tokenizer)
+        write(tmp, flat, cfg, dtype=dtype, quant=quant, tokenizer=tokenizer,
+              tokenizer_config=tokenizer_config)
 
 
 def read_meta(path: str | os.PathLike) -> tuple[LlamaConfig, dict]:

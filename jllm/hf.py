@@ -232,6 +232,22 @@ def load_hf(hf_dir: str | os.PathLike, dtype="bfloat16", progress: bool = True,
     return cfg, {k: flat[k] for k in infos}, tok
 
 
+def read_tokenizer_config(hf_dir: str) -> str | None:
+    """Path of HF_DIR/tokenizer_config.json (it may hold a chat template), None if absent;
+    refuses one that is not a JSON object, before any weight is read."""
+    path = os.path.join(hf_dir, checkpoint.TOKENIZER_CONFIG)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path!r}: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path!r} must hold a JSON object, got {type(config).__name__}")
+    return path
+
+
 def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "bfloat16",
             overwrite: bool = False, progress: bool = True, quantize: str | None = None,
             group_size: int | None = None) -> LlamaConfig:
@@ -245,6 +261,7 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = 
     quant.check_mode(quantize, group_size)
     dtype_name = checkpoint.dtype_name(checkpoint.parse_dtype(dtype))
     read_config(hf_dir)
+    tok_config = read_tokenizer_config(hf_dir)
     with checkpoint.staging(out_dir, overwrite=overwrite, protect=(hf_dir,)) as tmp:
         cfg, flat, tok = load_hf(hf_dir, dtype, progress=progress)
         meta = None
@@ -255,5 +272,6 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = 
                 runtime.say(f"quantized linear weights to {quantize}; largest absolute error {err:.3g}")
         if progress:
             runtime.say(f"writing {checkpoint.expand(out_dir)}")
-        checkpoint.write(tmp, flat, cfg, dtype=dtype_name, tokenizer=tok, quant=meta)
+        checkpoint.write(tmp, flat, cfg, dtype=dtype_name, tokenizer=tok, quant=meta,
+                         tokenizer_config=tok_config)
     return cfg

@@ -359,3 +359,22 @@ def test_tokenizer_larger_than_vocab_is_refused(tmp_path, tokenizer_path):
     shutil.copyfile(tokenizer_path, os.path.join(hf_dir, "tokenizer.model"))
     with pytest.raises(ValueError, match="vocab_size is 300"):
         jllm.load(hf_dir, "float32", progress=False)
+
+
+def test_tokenizer_config_is_copied_with_its_chat_template(tiny_hf, tmp_path, tokenizer_path):
+    src = tmp_path / "hf"
+    shutil.copytree(tiny_hf, src)
+    shutil.copyfile(tokenizer_path, src / "tokenizer.model")
+    config = {"chat_template": "{{ bos_token }}{{ messages[0]['content'] }}", "bos_token": "<s>"}
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    hf_convert.convert(src, tmp_path / "ckpt", dtype="float32", progress=False)
+    assert json.loads((tmp_path / "ckpt" / "tokenizer_config.json").read_text()) == config
+
+
+def test_tokenizer_config_that_is_not_json_is_refused_before_writing(tiny_hf, tmp_path):
+    src = tmp_path / "hf"
+    shutil.copytree(tiny_hf, src)
+    (src / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer_config.json"):
+        hf_convert.convert(src, tmp_path / "ckpt", dtype="float32", progress=False)
+    assert not (tmp_path / "ckpt").exists()

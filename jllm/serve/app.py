@@ -1,0 +1,420 @@
+"""The FastAPI app: OpenAI's /v1/completions, /v1/chat/completions and /v1/models, plus /health
+and /metrics, in front of an EngineRunner.
+
+Every error is an OpenAI error object (protocol.APIError); a full queue is a 429 with
+Retry-After, a draining server a 503. A client that goes away (streaming or not) aborts its
+request, so its slot and pages are free before the engine's next step.
+"""
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jllm.config import LlamaConfig
+from jllm.engine import QueueFull, SamplingParams
+from jllm.serve import responses as R
+from jllm.serve.chat import ChatTemplate, chat_ids
+from jllm.serve.metrics import CONTENT_TYPE, Metrics
+from jllm.serve.protocol import (MAX_BODY_BYTES, APIError, ChatRequest, CompletionRequest,
+                                 bad_request, decode_json, validate)
+from jllm.serve.runner import EngineRunner, EngineUnavailable, RequestStream
+from jllm.tokenizer import Tokenizer
+
+log = logging.getLogger("jllm.serve")
+DEFAULT_COMPLETION_TOKENS = 16   # OpenAI's default max_tokens for /v1/completions
+RETRY_AFTER_S = 1                # what a 429 or 503 tells the client to wait
+
+
+@dataclasses.dataclass
+class ServerState:
+    """What graceful shutdown needs: whether new requests are refused, and how many are open."""
+    draining: bool = False
+    in_flight: int = 0
+
+
+class Generation:
+    """One request's outputs as the client receives them: text, usage, and token timings."""
+
+    def __init__(self, stream: RequestStream, metrics: Metrics, t_arrival: float):
+        self.stream, self.metrics, self.t_arrival = stream, metrics, t_arrival
+        self.prompt_tokens = self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.t_first: float | None = None
+        self._t_last = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.stream.finished
+
+    async def outputs(self) -> AsyncIterator:
+        async for out in self.stream:
+            now = time.perf_counter()
+            n = len(out.token_ids)
+            if n and self.t_first is None:
+                self.t_first = now
+                self.metrics.ttft.observe(now - self.t_arrival)
+            elif n:
+                for _ in range(n):  # a delta of n tokens: n gaps of equal length
+                    self.metrics.itl.observe((now - self._t_last) / n)
+            if n:
+                self._t_last = now
+            self.prompt_tokens, self.completion_tokens = out.prompt_tokens, out.completion_tokens
+            if out.finished:
+                self.finish_reason = out.finish_reason
+                self.metrics.latency.observe(now - self.t_arrival)
+            yield out
+
+    def log(self, request_id: str, endpoint: str, stream: bool, status: int = 200) -> None:
+        now = time.perf_counter()
+        log.info("%s %d %s", endpoint, status, self.finish_reason or "unfinished", extra={"fields": {
+            "request_id": request_id, "endpoint": endpoint, "status": status, "stream": stream,
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "ttft_s": None if self.t_first is None else round(self.t_first - self.t_arrival, 6),
+            "total_s": round(now - self.t_arrival, 6), "finish_reason": self.finish_reason}})
+
+
+class EventStream(StreamingResponse):
+    """An SSE response that runs `on_close` however it ends (done, client gone, cancelled)."""
+
+    def __init__(self, content, on_close: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client closes the connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _read_body(request: Request) -> dict:
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body has {length} bytes; the limit is {MAX_BODY_BYTES}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise APIError(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return decode_json(b"".join(chunks))
+
+
+def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig,
+               tokenizer: Tokenizer | None, chat_template: str | None = None) -> FastAPI:
+    """The server app around a (not yet started) EngineRunner; its lifespan starts and stops it.
+
+    cfg gives the context (max_seq_len) and vocab_size requests are checked against;
+    chat_template is a Hugging Face jinja2 template (None: Llama-2's chat format).
+    """
+    if chat_template is not None and tokenizer is None:
+        raise ValueError("a chat_template needs a tokenizer; this model has none")
+    template = ChatTemplate(chat_template, tokenizer) if chat_template is not None else None
+    metrics = Metrics(lambda: runner.stats)
+    state = ServerState()
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runner.start(asyncio.get_running_loop())
+        yield
+        await runner.stop()
+
+    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.serve = state
+    app.state.runner = runner
+    app.state.metrics = metrics
+
+    # --- errors -------------------------------------------------------------------------------
+
+    def error_response(request: Request, e: APIError) -> JSONResponse:
+        if request.url.path.startswith("/v1/"):
+            log.info("%s %d %s", request.url.path, e.status, e.message, extra={
+                "fields": {"endpoint": request.url.path, "status": e.status, "error": e.message}})
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, e: APIError):
+        return error_response(request, e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, e: StarletteHTTPException):
+        if e.status_code == 404:
+            message = (f"{request.method} {request.url.path} is not an endpoint of this server; it "
+                       "serves /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics")
+        elif e.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(e.detail)
+        return error_response(request, APIError(e.status_code, message))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, e: RequestValidationError):
+        return error_response(request, bad_request(f"invalid request: {e.errors()[0].get('msg')}"))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, e: Exception):
+        log.exception("unexpected error serving %s %s", request.method, request.url.path)
+        return error_response(request, APIError(500, "internal server error (see the server log)"))
+
+    # --- request checks -----------------------------------------------------------------------
+
+    def accepting() -> None:
+        if state.draining:
+            metrics.rejected.labels("shutting_down").inc()
+            raise APIError(503, "the server is shutting down", headers={
+                "Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
+        if not runner.alive:
+            raise APIError(503, "the engine is not running" + (
+                f" (it failed: {runner.error!r})" if runner.error is not None else ""))
+
+    def check_model(name: str) -> None:
+        if name != served_model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves "
+                                f"{served_model_name!r}", param="model", code="model_not_found")
+
+    def prompt_ids(prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise bad_request("this model has no tokenizer: send the prompt as a list of "
+                                  "token ids", "prompt")
+            return tokenizer.encode(prompt, bos=True)
+        bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise bad_request(f"the prompt has token ids outside [0, {cfg.vocab_size}): {bad[:5]}",
+                              "prompt")
+        return prompt
+
+    def token_budget(n_prompt: int, requested: int | None, default: int | None,
+                     prompt_param: str, limit_param: str) -> int:
+        room = cfg.max_seq_len - n_prompt
+        if room < 1:
+            raise bad_request(f"the {prompt_param} has {n_prompt} tokens; the model's context is "
+                              f"{cfg.max_seq_len} tokens, with no room left for a completion",
+                              prompt_param, "context_length_exceeded")
+        if requested is None:
+            return room if default is None else min(default, room)
+        if requested > room:
+            raise bad_request(f"{limit_param}={requested} plus the {prompt_param}'s {n_prompt} "
+                              f"tokens is {n_prompt + requested}, over the model's context of "
+                              f"{cfg.max_seq_len} tokens", limit_param, "context_length_exceeded")
+        return requested
+
+    def sampling(req, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        # OpenAI takes any int64 seed, the engine an int32 one: fold it (in-range seeds are kept).
+        seed = secrets.randbelow(2 ** 31) if req.seed is None else (req.seed + 2 ** 31) % 2 ** 32 - 2 ** 31
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+                top_k=req.top_k, top_p=req.top_p, seed=seed, stop=tuple(req.stop),
+                stop_token_ids=() if req.ignore_eos else None, logprobs=logprobs)
+        except (ValueError, TypeError) as e:
+            raise bad_request(str(e)) from None
+
+    async def start(request_id: str, ids: list[int], params: SamplingParams,
+                    t_arrival: float) -> Generation:
+        accepting()  # again: the body may have taken a while
+        try:
+            stream = await runner.add(request_id, ids, params)
+        except QueueFull as e:
+            metrics.rejected.labels("queue_full").inc()
+            raise APIError(429, f"the server is at capacity ({e}); retry later",
+                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except (ValueError, TypeError) as e:
+            raise bad_request(str(e)) from None
+        except EngineUnavailable as e:
+            raise APIError(503, str(e)) from None
+        state.in_flight += 1
+        return Generation(stream, metrics, t_arrival)
+
+    async def respond(request: Request, request_id: str, gen: Generation, stream: bool,
+                      events: Callable[[], AsyncIterator[str]], body: Callable[[], dict]):
+        """Stream the events, or collect the outputs and answer `body()`; abort if the client goes."""
+        endpoint = request.url.path
+        if stream:
+            closed = False
+
+            def on_close() -> None:
+                nonlocal closed
+                if closed:
+                    return
+                closed = True
+                if not gen.finished:
+                    runner.abort(request_id)
+                    gen.finish_reason = gen.finish_reason or "abort"
+                state.in_flight -= 1
+                gen.log(request_id, endpoint, True)
+
+            return EventStream(events(), on_close)
+
+        async def abort_on_disconnect() -> None:
+            await _disconnected(request)
+            runner.abort(request_id)
+
+        watcher = asyncio.ensure_future(abort_on_disconnect())
+        try:
+            result = await body()
+        except EngineUnavailable as e:
+            raise APIError(503, str(e)) from None
+        finally:
+            watcher.cancel()
+            if not gen.finished:
+                runner.abort(request_id)
+            state.in_flight -= 1
+            gen.log(request_id, endpoint, False)
+        return JSONResponse(result)
+
+    def error_event(e: Exception) -> str:
+        return R.sse(APIError(503, str(e)).body())
+
+    # --- endpoints ----------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health():
+        if state.draining or not runner.alive:
+            return JSONResponse({"status": "draining" if state.draining else "engine stopped"},
+                                status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    def model_card() -> dict:
+        return {"id": served_model_name, "object": "model", "created": created,
+                "owned_by": "jllm", "max_model_len": cfg.max_seq_len}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        check_model(name)
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        t_arrival = time.perf_counter()
+        accepting()
+        req = validate(CompletionRequest, await _read_body(request))
+        check_model(req.model)
+        ids = prompt_ids(req.prompt)
+        max_tokens = token_budget(len(ids), req.max_tokens, DEFAULT_COMPLETION_TOKENS,
+                                  "prompt", "max_tokens")
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        gen = await start(request_id, ids, sampling(req, max_tokens, req.logprobs), t_arrival)
+        want_logprobs = req.logprobs is not None
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        ids_out = tokenizer is None   # no text to send: send the token ids
+
+        def logprobs_of(out, offset: int) -> dict | None:
+            return R.completion_logprobs(out.logprobs or [], tokenizer, offset) if want_logprobs else None
+
+        async def events() -> AsyncIterator[str]:
+            offset = 0
+            try:
+                async for out in gen.outputs():
+                    lp = logprobs_of(out, offset)
+                    if out.text or out.token_ids and (lp or ids_out):
+                        yield R.sse(R.completion_chunk(request_id, created, served_model_name,
+                                                       out.text, None, lp, include_usage,
+                                                       out.token_ids if ids_out else None))
+                    offset += sum(map(len, lp["tokens"])) if lp else 0
+                    if out.finished:
+                        yield R.sse(R.completion_chunk(request_id, created, served_model_name, "",
+                                                       out.finish_reason, None, include_usage,
+                                                       [] if ids_out else None))
+            except EngineUnavailable as e:
+                yield error_event(e)
+            if include_usage and gen.finish_reason:
+                yield R.sse(R.usage_chunk(request_id, created, served_model_name, "text_completion",
+                                          R.usage(gen.prompt_tokens, gen.completion_tokens)))
+            yield R.sse("[DONE]")
+
+        async def body() -> dict:
+            text, entries, token_ids = [], [], []
+            async for out in gen.outputs():
+                text.append(out.text)
+                entries += out.logprobs or []
+                token_ids += out.token_ids
+            lp = R.completion_logprobs(entries, tokenizer, 0) if want_logprobs else None
+            return R.completion(request_id, created, served_model_name, "".join(text),
+                                gen.finish_reason, lp, R.usage(gen.prompt_tokens, gen.completion_tokens),
+                                token_ids if ids_out else None)
+
+        return await respond(request, request_id, gen, bool(req.stream), events, body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        t_arrival = time.perf_counter()
+        accepting()
+        req = validate(ChatRequest, await _read_body(request))
+        check_model(req.model)
+        if tokenizer is None:
+            raise bad_request("this model has no tokenizer, so it cannot chat; use /v1/completions "
+                              "with token ids", "messages")
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        try:
+            ids = chat_ids(messages, tokenizer, template)
+        except ValueError as e:
+            raise bad_request(str(e), "messages") from None
+        limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = token_budget(len(ids), req.token_limit, None, "messages", limit_param)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        n_logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        gen = await start(request_id, ids, sampling(req, max_tokens, n_logprobs), t_arrival)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def logprobs_of(out) -> dict | None:
+            return R.chat_logprobs(out.logprobs or [], tokenizer) if req.logprobs else None
+
+        async def events() -> AsyncIterator[str]:
+            def chunk(delta: dict, finish: str | None = None, lp: dict | None = None) -> str:
+                return R.sse(R.chat_chunk(request_id, created, served_model_name, delta, finish, lp,
+                                          include_usage))
+
+            yield chunk({"role": "assistant", "content": ""})
+            try:
+                async for out in gen.outputs():
+                    lp = logprobs_of(out)
+                    if out.text or out.token_ids and lp:
+                        yield chunk({"content": out.text}, None, lp)
+                    if out.finished:
+                        yield chunk({}, out.finish_reason)
+            except EngineUnavailable as e:
+                yield error_event(e)
+            if include_usage and gen.finish_reason:
+                yield R.sse(R.usage_chunk(request_id, created, served_model_name,
+                                          "chat.completion.chunk",
+                                          R.usage(gen.prompt_tokens, gen.completion_tokens)))
+            yield R.sse("[DONE]")
+
+        async def body() -> dict:
+            text, entries = [], []
+            async for out in gen.outputs():
+                text.append(out.text)
+                entries += out.logprobs or []
+            lp = R.chat_logprobs(entries, tokenizer) if req.logprobs else None
+            return R.chat(request_id, created, served_model_name, "".join(text), gen.finish_reason,
+                          lp, R.usage(gen.prompt_tokens, gen.completion_tokens))
+
+        return await respond(request, request_id, gen, bool(req.stream), events, body)
+
+    return app

@@ -1,0 +1,233 @@
+"""OpenAI request bodies: reading, validation, and OpenAI error objects.
+
+Every problem with a request becomes an `APIError` (HTTP status plus
+`{"error": {"message", "type", "param", "code"}}`) whose message names the field and the value,
+as OpenAI's API answers: 400 for a bad body, 404 for an unknown model, 413 for a body too large.
+"""
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+MAX_BODY_BYTES = 8 << 20   # a longer body is refused (413) before it is parsed
+MAX_STOP = 16              # stop strings per request: each is checked after every token
+MAX_LOGPROBS = 20          # alternatives per token (OpenAI's top_logprobs limit)
+
+_ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error",
+                405: "invalid_request_error", 413: "invalid_request_error",
+                429: "rate_limit_error", 500: "server_error", 503: "service_unavailable_error"}
+
+
+class APIError(Exception):
+    """An error answered as an OpenAI error object with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    @property
+    def type(self) -> str:
+        return _ERROR_TYPES.get(self.status, "invalid_request_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def _custom(message: str) -> PydanticCustomError:
+    # A custom error keeps pydantic's "Value error, " prefix out of the message.
+    return PydanticCustomError("value_error", message)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    """Fields both endpoints take. Unknown fields are ignored; known ones we cannot honour are
+    accepted only at their neutral values (checked in `unsupported`)."""
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)              # an extension, as in vLLM
+    seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 63)
+    stop: Any = Field(None, validate_default=True)
+    n: int | None = Field(None, ge=1)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict | None = None
+    ignore_eos: bool | None = None                     # an extension, as in vLLM: never stop on EOS
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: Any) -> list[str]:
+        if v is None:
+            return []
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+            raise _custom(f"expected a string or a list of strings, got {_short(v)}")
+        if len(v) > MAX_STOP:
+            raise _custom(f"at most {MAX_STOP} stop strings, got {len(v)}")
+        if any(not s for s in v):
+            raise _custom("stop strings must be non-empty")
+        return v
+
+    def unsupported(self) -> None:
+        """Refuse what this server cannot do rather than silently ignore it."""
+        if self.n not in (None, 1):
+            raise bad_request(f"n={self.n} is not supported: this server returns one choice per "
+                              "request (n=1)", "n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                raise bad_request(f"{name}={getattr(self, name)} is not supported (only 0)", name)
+        if self.logit_bias:
+            raise bad_request("logit_bias is not supported", "logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options is only allowed with stream=true", "stream_options")
+
+
+class CompletionRequest(_Common):
+    prompt: Any
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = None
+    best_of: int | None = Field(None, ge=1)
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: Any) -> str | list[int]:
+        """A string or a list of token ids; a batch of exactly one of either is unwrapped."""
+        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
+            v = v[0]
+        if isinstance(v, str):
+            if not v:
+                raise _custom("the prompt is empty")
+            return v
+        if isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+            if not v:
+                raise _custom("the prompt is an empty list of token ids")
+            return v
+        if isinstance(v, list) and v and all(isinstance(p, (str, list)) for p in v):
+            raise _custom(f"one prompt per request is supported, got a batch of {len(v)}")
+        raise _custom(f"expected a string or a list of int token ids, got {_short(v)}")
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.echo:
+            raise bad_request("echo=true is not supported", "echo")
+        if self.best_of not in (None, 1):
+            raise bad_request(f"best_of={self.best_of} is not supported (only 1)", "best_of")
+        if self.suffix:
+            raise bad_request("suffix is not supported", "suffix")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Any = Field(None, validate_default=True)
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v: Any) -> str:
+        """A string, or a list of text parts ({"type": "text", "text": ...}) joined by newlines."""
+        if v is None:
+            return ""
+        if isinstance(v, str):
+            return v
+        if isinstance(v, list) and all(isinstance(p, dict) for p in v):
+            kinds = [p.get("type") for p in v]
+            if any(k != "text" for k in kinds):
+                raise _custom(f"only text content parts are supported, got types {kinds}")
+            if not all(isinstance(p.get("text"), str) for p in v):
+                raise _custom("each text part needs a string 'text'")
+            return "\n".join(p["text"] for p in v)
+        raise _custom(f"expected a string or a list of text parts, got {_short(v)}")
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list | None = None
+    response_format: dict | None = None
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+        if self.tools:
+            raise bad_request("tools are not supported", "tools")
+        if self.response_format not in (None, {"type": "text"}):
+            raise bad_request(f"response_format={_short(self.response_format)} is not supported "
+                              "(only {'type': 'text'})", "response_format")
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def _short(v: Any, limit: int = 80) -> str:
+    text = repr(v)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _param(loc: tuple) -> str:
+    """('messages', 0, 'content') -> 'messages[0].content'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def decode_json(body: bytes) -> dict:
+    """The request body as a JSON object: strict UTF-8 and strict JSON (no NaN), or a 400."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad_request(f"the request body is not valid UTF-8: byte 0x{body[e.start]:02x} at "
+                          f"offset {e.start}") from None
+    if not text.strip():
+        raise bad_request("the request body is empty; expected a JSON object")
+
+    def no_constant(name: str):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        obj = json.loads(text, parse_constant=no_constant)
+    except (json.JSONDecodeError, ValueError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def validate(model: type[BaseModel], obj: dict) -> BaseModel:
+    """Validate a decoded body; the first problem becomes a 400 naming the field and value."""
+    try:
+        req = model.model_validate(obj)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        param = _param(err["loc"])
+        if err["type"] == "missing":
+            raise bad_request(f"{param!r} is required", param) from None
+        got = "" if err["type"] == "value_error" else f" (got {_short(err.get('input'))})"
+        raise bad_request(f"{param!r}: {err['msg']}{got}", param) from None
+    req.unsupported()
+    return req

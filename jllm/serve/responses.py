@@ -1,0 +1,107 @@
+"""OpenAI response bodies and stream chunks for /v1/completions and /v1/chat/completions."""
+import json
+import math
+
+from jllm.tokenizer import Tokenizer
+
+LOGPROB_FLOOR = -9999.0  # what OpenAI reports for a token with (numerically) zero probability
+
+
+def sse(obj: dict | str) -> str:
+    """One Server-Sent Event as OpenAI sends it: `data: {json}` and a blank line."""
+    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, allow_nan=False)
+    return f"data: {data}\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def token_text(tokenizer: Tokenizer | None, token_id: int) -> tuple[str, list[int]]:
+    """A token as logprobs show it: its text (a byte piece as 'bytes:\\xNN') and its UTF-8 bytes."""
+    if tokenizer is None:
+        return f"token_id:{token_id}", []
+    sp = tokenizer.sp
+    piece = sp.id_to_piece(token_id)
+    if sp.is_byte(token_id):          # "<0xE2>": one byte of a character split over pieces
+        value = int(piece[3:5], 16)
+        return f"bytes:\\x{value:02x}", [value]
+    text = piece if sp.is_control(token_id) or sp.is_unknown(token_id) else piece.replace("\u2581", " ")
+    return text, list(text.encode("utf-8"))
+
+
+def _finite(logprob: float) -> float:
+    return float(logprob) if math.isfinite(logprob) else LOGPROB_FLOOR
+
+
+def chat_logprobs(entries: list, tokenizer: Tokenizer | None) -> dict:
+    """Engine logprobs [(token_id, logprob, [(alt_id, alt_logprob), ...]), ...] -> chat's form."""
+    content = []
+    for token_id, logprob, top in entries:
+        text, raw = token_text(tokenizer, token_id)
+        alts = []
+        for alt_id, alt_logprob in top:
+            alt_text, alt_raw = token_text(tokenizer, alt_id)
+            alts.append({"token": alt_text, "logprob": _finite(alt_logprob), "bytes": alt_raw})
+        content.append({"token": text, "logprob": _finite(logprob), "bytes": raw, "top_logprobs": alts})
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(entries: list, tokenizer: Tokenizer | None, offset: int) -> dict:
+    """Engine logprobs -> the legacy completions form; text_offset counts from `offset`."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token_id, logprob, top in entries:
+        text, _ = token_text(tokenizer, token_id)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(_finite(logprob))
+        out["top_logprobs"].append({token_text(tokenizer, a)[0]: _finite(lp) for a, lp in top})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def _completion(rid: str, created: int, model: str, text: str, finish_reason: str | None,
+                logprobs: dict | None, token_ids: list[int] | None) -> dict:
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    if token_ids is not None:   # a model without a tokenizer: its output is token ids (extension)
+        choice["token_ids"] = token_ids
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [choice]}
+
+
+def completion(rid: str, created: int, model: str, text: str, finish_reason: str,
+               logprobs: dict | None, usage_: dict, token_ids: list[int] | None = None) -> dict:
+    return {**_completion(rid, created, model, text, finish_reason, logprobs, token_ids),
+            "usage": usage_}
+
+
+def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None,
+                     logprobs: dict | None, with_usage: bool, token_ids: list[int] | None = None) -> dict:
+    body = _completion(rid, created, model, text, finish_reason, logprobs, token_ids)
+    if with_usage:   # OpenAI sends "usage": null on every chunk but the last when asked for usage
+        body["usage"] = None
+    return body
+
+
+def chat(rid: str, created: int, model: str, content: str, finish_reason: str,
+         logprobs: dict | None, usage_: dict) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "logprobs": logprobs, "finish_reason": finish_reason}],
+            "usage": usage_}
+
+
+def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None,
+               logprobs: dict | None, with_usage: bool) -> dict:
+    body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+                         "finish_reason": finish_reason}]}
+    if with_usage:
+        body["usage"] = None
+    return body
+
+
+def usage_chunk(rid: str, created: int, model: str, obj: str, usage_: dict) -> dict:
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+            "usage": usage_}

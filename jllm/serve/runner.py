@@ -1,0 +1,197 @@
+"""The engine in its own thread, and the asyncio side that adds, streams and aborts requests.
+
+The engine is not thread-safe and each `step()` is a device call, so one thread owns it: it takes
+commands (add, abort, stop) from a queue between steps, steps while anything is unfinished, and
+hands each step's outputs to the event loop in one `call_soon_threadsafe`. The event loop never
+waits on the device: adding a request waits only for the engine thread to take the command
+(at most one step), and an abort takes effect before the next step.
+"""
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from jllm.engine import QueueFull
+
+log = logging.getLogger("jllm.serve")
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine thread is not running (stopped, or failed with the error given)."""
+
+
+class RequestStream:
+    """The outputs of one request as they arrive; iteration ends after the finished output."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self.finished = False
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item: Any) -> None:
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> AsyncIterator:
+        return self
+
+    async def __anext__(self):
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+
+class EngineRunner:
+    """Runs `engine` (the jllm.engine.Engine API) in a thread; used from one event loop."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.stats = None                 # the latest engine.stats(), refreshed after each step
+        self.error: BaseException | None = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}   # touched only on the event loop
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- event-loop side --------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the engine runner is already started")
+        self._loop = loop
+        self.stats = self.engine.stats()
+        self._thread = threading.Thread(target=self._run, name="jllm-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    @property
+    def in_flight(self) -> int:
+        """Requests added and not yet finished."""
+        return len(self._streams)
+
+    async def add(self, request_id: str, prompt: list[int] | str, params) -> RequestStream:
+        """Add a request; its outputs come from the returned stream.
+
+        Raises what engine.add_request raises (ValueError, TypeError, QueueFull) and
+        EngineUnavailable when the engine thread is not running.
+        """
+        if not self.alive:
+            raise EngineUnavailable(f"the engine is not running ({self.error!r})" if self.error
+                                    else "the engine is not running")
+        if request_id in self._streams:
+            raise ValueError(f"{request_id=} is already in use")
+        stream = RequestStream(request_id)
+        self._streams[request_id] = stream  # before the engine can produce anything for it
+        added = self._loop.create_future()
+        self._commands.put(("add", request_id, prompt, params, added))
+        try:
+            await added
+        except asyncio.CancelledError:  # the client left while the add was queued
+            self._streams.pop(request_id, None)
+            self._commands.put(("abort", request_id))  # after the add: the queue is FIFO
+            raise
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request if it is still running; its final output has finish_reason "abort"."""
+        if request_id in self._streams:
+            self._commands.put(("abort", request_id))
+
+    def abort_all(self) -> None:
+        for request_id in list(self._streams):
+            self.abort(request_id)
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the engine thread after its current step; unfinished streams end with an error."""
+        if self._thread is None:
+            return
+        self._commands.put(("stop",))
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout_s)
+        self._fail_all(EngineUnavailable("the server is shutting down"))
+
+    def _deliver(self, outputs: list) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            stream.put(out)
+            if out.finished:
+                del self._streams[out.request_id]
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.put(error)
+        self._streams.clear()
+
+    def _resolve(self, future: asyncio.Future, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+    # --- engine thread ----------------------------------------------------------------------
+
+    def _post(self, fn, *args) -> bool:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+            return True
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            return False
+
+    def _run(self) -> None:
+        live: set[str] = set()   # ids the engine holds and has not finished
+        try:
+            while True:
+                block = not self.engine.has_unfinished()
+                commands = [self._commands.get()] if block else []
+                while True:
+                    try:
+                        commands.append(self._commands.get_nowait())
+                    except queue.Empty:
+                        break
+                for command in commands:
+                    if command[0] == "stop":
+                        return
+                    self._command(command, live)
+                if self.engine.has_unfinished():
+                    outputs = self.engine.step()
+                    live.difference_update(o.request_id for o in outputs if o.finished)
+                    if outputs and not self._post(self._deliver, outputs):
+                        return
+                self.stats = self.engine.stats()
+        except Exception as e:  # an engine failure: every request gets an error, health says so
+            log.exception("the engine failed; no more requests are served")
+            self.error = e
+            self._post(self._fail_all, EngineUnavailable(f"the engine failed: {e!r}"))
+
+    def _command(self, command: tuple, live: set[str]) -> None:
+        if command[0] == "abort":
+            if command[1] in live:
+                self.engine.abort(command[1])
+            return
+        _, request_id, prompt, params, future = command
+        error = None
+        try:
+            self.engine.add_request(prompt, params, request_id=request_id)
+            live.add(request_id)
+        except (ValueError, TypeError, QueueFull) as e:   # the request's fault, or a full queue
+            error = e
+        except Exception as e:  # the engine's fault: this request fails, the engine carries on
+            log.exception("add_request failed for %s", request_id)
+            error = e
+        self._post(self._resolve, future, error)

@@ -1,0 +1,707 @@
+"""`jllm serve`: the OpenAI API against jllm.generate, streaming, cancellation, bad input,
+back-pressure, graceful shutdown, chat templates and the load generator (CPU, tiny model).
+
+Servers run the real engine on 127.0.0.1 on a free port, in a thread (or a subprocess for
+SIGTERM), and stop by themselves. The references from jllm.generate keep to prompt buckets 16 and
+32 and a 64-slot cache (max_tokens 16), so they compile a handful of times; the engines share
+one step configuration, compiled once. A SlowEngine (a sleep before each step, as a slower
+device would take) keeps requests in flight long enough to disconnect or signal mid-way.
+"""
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from conftest import ROOT
+from serve_worker import SlowEngine
+
+import jllm
+from jllm.serve import cli as serve_cli
+from jllm.serve import loadgen
+from jllm.serve.app import create_app
+from jllm.serve.chat import ChatTemplate, chat_ids, read_template
+from jllm.serve.main import bind, make_server
+from jllm.serve.runner import EngineRunner
+from jllm.tokenizer import format_chat
+
+N = 16            # max_tokens of most requests
+NAME = "tiny"
+PROMPTS = ["Hello world", "The quick brown fox", "Return the value", "A list of"]
+
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+# A ChatML-style template with the features templates use: trim/lstrip, loop controls, tojson,
+# namespaces and a generation prompt.
+CHATML_TEMPLATE = """{{ bos_token }}
+{% set ns = namespace(n=0) %}
+{% for message in messages %}
+    {% if message['role'] == 'system' and not loop.first %}{{ raise_exception('system must come first') }}{% endif %}
+    {% set ns.n = ns.n + 1 %}
+    <|im_start|>{{ message['role'] }}
+{{ message['content'] | trim }}<|im_end|>
+    {% if loop.last %}{% break %}{% endif %}
+{% endfor %}
+{% if add_generation_prompt %}<|im_start|>assistant {{ {"turns": ns.n, "note": "é<&>"} | tojson }}
+{% endif %}"""
+
+
+def ref(model, prompt, max_tokens=N, **kw):
+    [out] = jllm.generate(model, prompt if isinstance(prompt, str) else [prompt],
+                          max_new_tokens=max_tokens, **kw)
+    return out
+
+
+class ThreadServer:
+    """create_app + make_server on a free port of 127.0.0.1, served from a thread."""
+
+    def __init__(self, engine, model, chat_template=None):
+        self.engine, self.model = engine, model
+        self.runner = EngineRunner(engine)
+        self.app = create_app(self.runner, NAME, cfg=model.cfg, tokenizer=model.tokenizer,
+                              chat_template=chat_template)
+        self.sock = bind("127.0.0.1", 0)
+        self.server = make_server(self.app, self.sock, shutdown_timeout=5)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+        assert not self.thread.is_alive()
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=60, **kw)
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        [value] = re.findall(rf"^{name} (\S+)$", text, re.M)
+        return float(value)
+
+    def wait_idle(self, timeout_s: float = 10.0):
+        """Until the engine reports nothing running or waiting and no page in use."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            s = self.runner.stats
+            if s.running == 0 and s.waiting == 0 and s.pages_used == 0:
+                return s
+            assert time.monotonic() < deadline, f"engine not idle: {s}"
+            time.sleep(0.02)
+
+
+def make_engine(model, max_seqs: int = 16, **kw):
+    return SlowEngine(model, max_seqs=max_seqs, max_tokens_per_step=64, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_model):
+    with ThreadServer(make_engine(tiny_model, num_pages=256), tiny_model) as s:
+        yield s
+
+
+@contextlib.contextmanager
+def slow_steps(engine, seconds: float):
+    engine.step_delay_s = seconds
+    try:
+        yield
+    finally:
+        engine.step_delay_s = 0.0
+
+
+# --- the OpenAI client against jllm.generate --------------------------------------------------
+
+@pytest.mark.parametrize("prompt", PROMPTS[:2])
+def test_completions_streamed_and_not_equal_greedy_generate(srv, tiny_model, prompt):
+    expected = ref(tiny_model, prompt)
+    n_prompt = len(tiny_model.tokenizer.encode(prompt, bos=True))
+    c = srv.client()
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=N, temperature=0)
+    assert r.choices[0].text == expected.text
+    assert r.choices[0].finish_reason == expected.finish_reason
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (n_prompt, len(expected.tokens))
+    assert r.usage.total_tokens == n_prompt + len(expected.tokens)
+    chunks = list(c.completions.create(model=NAME, prompt=prompt, max_tokens=N, temperature=0,
+                                       stream=True, stream_options={"include_usage": True}))
+    *content, last = chunks
+    assert "".join(ch.choices[0].text for ch in content) == expected.text
+    assert [ch.choices[0].finish_reason for ch in content][-1] == expected.finish_reason
+    assert all(ch.choices[0].finish_reason is None for ch in content[:-1])
+    assert last.choices == [] and last.usage.completion_tokens == len(expected.tokens)
+    assert all(ch.usage is None for ch in content)
+
+
+def test_chat_streamed_and_not_equal_greedy_generate_of_the_llama2_format(srv, tiny_model):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    ids = format_chat(messages, tiny_model.tokenizer)
+    expected = ref(tiny_model, ids)
+    c = srv.client()
+    r = c.chat.completions.create(model=NAME, messages=messages, max_tokens=N, temperature=0)
+    assert r.choices[0].message.content == expected.text
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == expected.finish_reason
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(expected.tokens))
+    stream = c.chat.completions.create(model=NAME, messages=messages, max_tokens=N, temperature=0,
+                                       stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == expected.text
+    assert chunks[-1].choices[0].finish_reason == expected.finish_reason
+
+
+def test_chat_logprobs_are_the_greedy_choice_and_its_alternatives(srv, tiny_model):
+    messages = [{"role": "user", "content": "Hi there"}]
+    expected = ref(tiny_model, format_chat(messages, tiny_model.tokenizer))
+    r = srv.client().chat.completions.create(model=NAME, messages=messages, max_tokens=N,
+                                             temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == len(expected.tokens)
+    for entry in content:
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].token == entry.token          # greedy: the most likely one
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
+        assert entry.logprob <= 0
+    # The bytes of the tokens spell the reply (invalid bytes aside: decoders differ in how many
+    # U+FFFD they make of them).
+    raw = bytes(b for e in content for b in e.bytes).decode("utf-8", "replace")
+    assert raw.lstrip().replace("\ufffd", "") == expected.text.lstrip().replace("\ufffd", "")
+
+
+def test_completion_from_token_ids_with_logprobs(srv, tiny_model):
+    ids = tiny_model.tokenizer.encode("Return the value", bos=True)
+    expected = ref(tiny_model, ids)
+    r = srv.client().completions.create(model=NAME, prompt=ids, max_tokens=N, temperature=0, logprobs=2)
+    assert r.choices[0].text == expected.text
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(expected.tokens)
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert chosen == pytest.approx(max(top.values()))
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+
+def test_stop_strings_cut_the_text_like_generate(srv, tiny_model):
+    prompt = PROMPTS[1]
+    full = ref(tiny_model, prompt).text
+    stop = full[6:9]
+    assert stop.strip() and full.find(stop) >= 6
+    expected = ref(tiny_model, prompt, stop=[stop])
+    assert expected.finish_reason == "stop"
+    c = srv.client()
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=N, temperature=0, stop=stop)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (expected.text, "stop")
+    assert r.usage.completion_tokens == len(expected.tokens)
+    chunks = list(c.completions.create(model=NAME, prompt=prompt, max_tokens=N, temperature=0,
+                                       stop=[stop, "zzzz"], stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == expected.text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+# --- concurrency, cancellation ---------------------------------------------------------------
+
+def test_64_concurrent_clients_half_streaming_all_correct_then_no_page_in_use(srv, tiny_model):
+    prompts = [f"{PROMPTS[i % 4]} {i}" for i in range(64)]
+    expected = [ref(tiny_model, p) for p in prompts]
+
+    async def one(client, i):
+        kw = dict(model=NAME, prompt=prompts[i], max_tokens=N, temperature=0)
+        if i % 2:
+            stream = await client.completions.create(stream=True, **kw)
+            return "".join([ch.choices[0].text async for ch in stream])
+        return (await client.completions.create(**kw)).choices[0].text
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0,
+                                      timeout=120) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    texts = asyncio.run(main())
+    assert texts == [e.text for e in expected]
+    srv.wait_idle()
+    assert srv.metric("jllm_kv_cache_pages_used") == 0
+    assert srv.metric("jllm_requests_running") == 0
+
+
+def test_client_disconnect_mid_stream_aborts_and_frees_pages(srv, tiny_model):
+    aborted = srv.metric("jllm_requests_aborted_total")
+    with slow_steps(srv.engine, 0.05):
+        body = {"model": NAME, "prompt": PROMPTS[2], "max_tokens": N, "temperature": 0,
+                "stream": True, "ignore_eos": True}
+        with httpx.Client(timeout=30) as client:
+            with client.stream("POST", f"{srv.url}/v1/completions", json=body) as response:
+                assert response.status_code == 200
+                lines = response.iter_lines()
+                while not next(lines).startswith("data: {"):
+                    pass
+                assert srv.runner.stats.running == 1
+                generated = srv.runner.stats.generated_tokens
+            # The connection is closed here, long before the 16 tokens are out.
+        stats = srv.wait_idle(timeout_s=5)
+        assert srv.metric("jllm_requests_running") == 0
+        assert srv.metric("jllm_requests_aborted_total") == aborted + 1
+        # Aborted within about one step: at most the step in flight and the next one ran.
+        assert stats.generated_tokens - generated <= 3
+    r = srv.client().completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=N, temperature=0)
+    assert r.choices[0].text == ref(tiny_model, PROMPTS[0]).text
+
+
+def test_non_streaming_client_that_disconnects_is_aborted(srv):
+    aborted = srv.metric("jllm_requests_aborted_total")
+    with slow_steps(srv.engine, 0.05):
+        body = {"model": NAME, "prompt": PROMPTS[3], "max_tokens": N, "temperature": 0,
+                "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{srv.url}/v1/completions", json=body, timeout=0.3)
+        srv.wait_idle(timeout_s=5)
+        assert srv.metric("jllm_requests_aborted_total") == aborted + 1
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+def _json(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+OK = {"model": NAME, "prompt": "Hello", "max_tokens": 4}
+CHAT = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+BAD = [  # id, endpoint, body, status, param
+    ("malformed_json", "completions", b'{"model": "tiny", "prompt": ', 400, None),
+    ("not_an_object", "completions", b"[1, 2]", 400, None),
+    ("empty_body", "completions", b"", 400, None),
+    ("nan_literal", "completions", b'{"model": "tiny", "prompt": "a", "temperature": NaN}', 400, None),
+    ("non_utf8_body", "completions", b'{"model": "tiny", "prompt": "\xff\xfe"}', 400, None),
+    ("missing_model", "completions", _json({"prompt": "Hello"}), 400, "model"),
+    ("missing_prompt", "completions", _json({"model": NAME}), 400, "prompt"),
+    ("model_not_a_string", "completions", _json({**OK, "model": 7}), 400, "model"),
+    ("max_tokens_string", "completions", _json({**OK, "max_tokens": "ten"}), 400, "max_tokens"),
+    ("max_tokens_float", "completions", _json({**OK, "max_tokens": 4.5}), 400, "max_tokens"),
+    ("temperature_string", "completions", _json({**OK, "temperature": "hot"}), 400, "temperature"),
+    ("stream_string", "completions", _json({**OK, "stream": "yes"}), 400, "stream"),
+    ("prompt_number", "completions", _json({**OK, "prompt": 5}), 400, "prompt"),
+    ("prompt_mixed_list", "completions", _json({**OK, "prompt": [1, "a"]}), 400, "prompt"),
+    ("stop_number", "completions", _json({**OK, "stop": 3}), 400, "stop"),
+    ("negative_max_tokens", "completions", _json({**OK, "max_tokens": -1}), 400, "max_tokens"),
+    ("zero_max_tokens", "completions", _json({**OK, "max_tokens": 0}), 400, "max_tokens"),
+    ("huge_max_tokens", "completions", _json({**OK, "max_tokens": 10 ** 9}), 400, "max_tokens"),
+    ("negative_temperature", "completions", _json({**OK, "temperature": -0.5}), 400, "temperature"),
+    ("top_p_zero", "completions", _json({**OK, "top_p": 0}), 400, "top_p"),
+    ("top_p_above_one", "completions", _json({**OK, "top_p": 1.5}), 400, "top_p"),
+    ("top_k_zero", "completions", _json({**OK, "top_k": 0}), 400, "top_k"),
+    ("empty_prompt", "completions", _json({**OK, "prompt": ""}), 400, "prompt"),
+    ("empty_token_list", "completions", _json({**OK, "prompt": []}), 400, "prompt"),
+    ("token_id_out_of_vocab", "completions", _json({**OK, "prompt": [1, 99999]}), 400, "prompt"),
+    ("prompt_over_context", "completions", _json({**OK, "prompt": "word " * 600}), 400, "prompt"),
+    ("prompt_plus_max_tokens_over_context", "completions",
+     _json({**OK, "prompt": list(range(3, 503)), "max_tokens": 20}), 400, "max_tokens"),
+    ("unknown_model", "completions", _json({**OK, "model": "gpt-4"}), 404, "model"),
+    ("n_two", "completions", _json({**OK, "n": 2}), 400, "n"),
+    ("best_of_two", "completions", _json({**OK, "best_of": 2}), 400, "best_of"),
+    ("prompt_batch", "completions", _json({**OK, "prompt": ["a", "b"]}), 400, "prompt"),
+    ("logprobs_too_many", "completions", _json({**OK, "logprobs": 50}), 400, "logprobs"),
+    ("stream_options_without_stream", "completions",
+     _json({**OK, "stream_options": {"include_usage": True}}), 400, "stream_options"),
+    ("chat_missing_messages", "chat/completions", _json({"model": NAME}), 400, "messages"),
+    ("chat_empty_messages", "chat/completions", _json({**CHAT, "messages": []}), 400, "messages"),
+    ("chat_messages_string", "chat/completions", _json({**CHAT, "messages": "hi"}), 400, "messages"),
+    ("chat_bad_role", "chat/completions",
+     _json({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}), 400, "messages[0].role"),
+    ("chat_roles_out_of_order", "chat/completions",
+     _json({**CHAT, "messages": [{"role": "assistant", "content": "x"}]}), 400, "messages"),
+    ("chat_image_part", "chat/completions", _json({**CHAT, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}), 400, "messages[0].content"),
+    ("chat_n_three", "chat/completions", _json({**CHAT, "n": 3}), 400, "n"),
+    ("chat_top_logprobs_without_logprobs", "chat/completions",
+     _json({**CHAT, "top_logprobs": 2}), 400, "top_logprobs"),
+    ("chat_unknown_model", "chat/completions", _json({**CHAT, "model": "x"}), 404, "model"),
+    ("chat_huge_max_tokens", "chat/completions", _json({**CHAT, "max_tokens": 10 ** 6}), 400, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("endpoint,body,status,param", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_gets_an_openai_error(srv, endpoint, body, status, param):
+    r = httpx.post(f"{srv.url}/v1/{endpoint}", content=body,
+                   headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert error["param"] == param
+    assert "Traceback" not in r.text and "File \"" not in r.text
+    if status == 404:
+        assert error["code"] == "model_not_found"
+
+
+def test_unknown_route_and_method_get_openai_errors(srv):
+    r = httpx.get(f"{srv.url}/v1/nothing", timeout=10)
+    assert r.status_code == 404 and "/v1/nothing" in r.json()["error"]["message"]
+    r = httpx.get(f"{srv.url}/v1/completions", timeout=10)
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_openai_client_raises_its_own_error_types(srv):
+    c = srv.client()
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="nope", prompt="Hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        c.completions.create(model=NAME, prompt="Hi", max_tokens=100000)
+
+
+# --- models, health, metrics -------------------------------------------------------------------
+
+def test_models_health_and_metrics(srv):
+    c = srv.client()
+    assert [m.id for m in c.models.list().data] == [NAME]
+    assert c.models.retrieve(NAME).id == NAME
+    assert httpx.get(f"{srv.url}/health", timeout=10).json() == {"status": "ok"}
+    text = httpx.get(f"{srv.url}/metrics", timeout=10).text
+    for name in ("jllm_requests_running", "jllm_requests_waiting", "jllm_requests_aborted_total",
+                 "jllm_kv_cache_usage_ratio", "jllm_prefix_cache_hit_ratio",
+                 "jllm_prompt_tokens_total", "jllm_generation_tokens_total",
+                 "jllm_time_to_first_token_seconds_bucket", "jllm_inter_token_latency_seconds_bucket",
+                 "jllm_request_latency_seconds_bucket"):
+        assert re.search(rf"^{name}[{{ ]", text, re.M), name
+    assert srv.metric("jllm_time_to_first_token_seconds_count") >= 1
+    assert srv.metric("jllm_generation_tokens_total") >= N
+
+
+class FailingEngine(SlowEngine):
+    fail = False
+
+    def step(self):
+        if self.fail:
+            raise RuntimeError("device lost")
+        return super().step()
+
+
+def test_an_engine_failure_answers_503_and_health_says_so(tiny_model):
+    engine = FailingEngine(tiny_model, max_seqs=16, max_tokens_per_step=64, num_pages=64, progress=False)
+    body = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": N, "temperature": 0}
+    with ThreadServer(engine, tiny_model) as s:
+        assert httpx.post(f"{s.url}/v1/completions", json=body, timeout=60).status_code == 200
+        engine.step_delay_s = 0.02
+        with httpx.stream("POST", f"{s.url}/v1/completions", json={**body, "stream": True},
+                          timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {")
+            engine.fail = True          # mid-stream: an error event, then [DONE]
+            events = [x for x in lines if x]
+        assert json.loads(events[-2][6:])["error"]["message"].endswith("device lost')")
+        assert events[-1] == "data: [DONE]"
+        r = httpx.post(f"{s.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable_error"
+        assert "device lost" in r.json()["error"]["message"] and "Traceback" not in r.text
+        with httpx.stream("POST", f"{s.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            assert r.status_code == 503   # refused up front: the engine thread is gone
+        assert httpx.get(f"{s.url}/health", timeout=10).status_code == 503
+
+
+def test_a_model_without_tokenizer_takes_and_returns_token_ids(tiny_model_no_tokenizer):
+    model = tiny_model_no_tokenizer
+    ids = [1, 17, 42, 99, 7]
+    expected = ref(model, ids)
+    with ThreadServer(make_engine(model, num_pages=64), model) as s:
+        body = {"model": NAME, "prompt": ids, "max_tokens": N, "temperature": 0}
+        r = httpx.post(f"{s.url}/v1/completions", json=body, timeout=60).json()
+        assert r["choices"][0]["token_ids"] == expected.tokens and r["choices"][0]["text"] == ""
+        with httpx.stream("POST", f"{s.url}/v1/completions", json={**body, "stream": True},
+                          timeout=60) as resp:
+            chunks = [json.loads(x[6:]) for x in resp.iter_lines() if x.startswith("data: {")]
+        assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == expected.tokens
+        err = httpx.post(f"{s.url}/v1/completions", json={**body, "prompt": "text"}, timeout=60)
+        assert err.status_code == 400 and "token ids" in err.json()["error"]["message"]
+        err = httpx.post(f"{s.url}/v1/chat/completions", json=CHAT, timeout=60)
+        assert err.status_code == 400 and err.json()["error"]["param"] == "messages"
+        cfg = loadgen.LoadConfig(url=s.url, model=NAME, num_prompts=4, input_len=8, output_len=N,
+                                 vocab_size=512, ignore_eos=True, max_duration_s=60)
+        [run] = loadgen.run(cfg, concurrencies=[2])["runs"]
+        assert run["completed"] == 4 and run["output_tokens"] == 4 * N
+        assert run["itl_ms"]["p50"] > 0   # timed from the token-id chunks
+
+
+# --- back-pressure -----------------------------------------------------------------------------
+
+def test_full_queue_answers_429_with_retry_after_and_accepted_requests_complete(tiny_model):
+    engine = make_engine(tiny_model, max_seqs=1, max_queue=2, num_pages=64)
+    engine.step_delay_s = 0.01
+    expected = ref(tiny_model, PROMPTS[0])
+    with ThreadServer(engine, tiny_model) as s:
+        body = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": N, "temperature": 0}
+
+        async def burst():
+            async with httpx.AsyncClient(timeout=60) as client:
+                return await asyncio.gather(*(client.post(f"{s.url}/v1/completions", json=body)
+                                              for _ in range(10)))
+
+        responses = asyncio.run(burst())
+        codes = sorted(r.status_code for r in responses)
+        assert set(codes) == {200, 429} and codes.count(200) >= 1, codes
+        for r in responses:
+            if r.status_code == 429:
+                assert int(r.headers["Retry-After"]) >= 1
+                assert r.json()["error"]["code"] == "queue_full"
+            else:
+                assert r.json()["choices"][0]["text"] == expected.text
+        s.wait_idle()
+        assert s.metric('jllm_requests_rejected_total{reason="queue_full"}') == codes.count(429)
+
+
+# --- chat templates ----------------------------------------------------------------------------
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello there"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"},
+     {"role": "assistant", "content": "Hi! "}, {"role": "user", "content": "  What is 2+2?\n"}],
+    [{"role": "user", "content": "Grüße, naïve café 🙂 <s> and </s> typed"}],
+]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer_dir(tmp_path_factory, tokenizer_path):
+    import shutil
+    d = tmp_path_factory.mktemp("hf_tok")
+    shutil.copyfile(tokenizer_path, d / "tokenizer.model")
+    return d
+
+
+def _hf_tokenizer(directory, template):
+    transformers = pytest.importorskip("transformers")
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": template, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "tokenizer_class": "LlamaTokenizer"}))
+    return transformers.AutoTokenizer.from_pretrained(str(directory))
+
+
+@pytest.mark.parametrize("template", [LLAMA2_TEMPLATE, CHATML_TEMPLATE], ids=["llama2", "chatml"])
+def test_chat_template_renders_as_transformers_apply_chat_template(hf_tokenizer_dir, tokenizer, template):
+    hf = _hf_tokenizer(hf_tokenizer_dir, template)
+    ours = ChatTemplate(read_template(str(hf_tokenizer_dir)), tokenizer)
+    for messages in CONVERSATIONS:
+        expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert ours.render(messages) == expected
+
+
+def test_llama2_template_tokenizes_like_format_chat_and_typed_special_tokens_stay_text(tokenizer):
+    t = ChatTemplate(LLAMA2_TEMPLATE, tokenizer)
+    for messages in CONVERSATIONS:
+        assert chat_ids(messages, tokenizer, t) == format_chat(messages, tokenizer)
+    ids = chat_ids(CONVERSATIONS[2], tokenizer, t)
+    assert ids.count(tokenizer.bos_id) == 1 and tokenizer.eos_id not in ids
+    with pytest.raises(ValueError, match="alternate"):
+        chat_ids([{"role": "assistant", "content": "x"}], tokenizer, t)
+
+
+def test_chat_through_a_template_from_tokenizer_config(tiny_model, hf_tokenizer_dir):
+    (hf_tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE}))
+    template = read_template(str(hf_tokenizer_dir))
+    messages = [{"role": "user", "content": "Hi"}]
+    ids = ChatTemplate(template, tiny_model.tokenizer).encode(messages)
+    expected = ref(tiny_model, ids)
+    with ThreadServer(make_engine(tiny_model, max_seqs=4, num_pages=64), tiny_model, template) as s:
+        r = s.client().chat.completions.create(model=NAME, messages=messages, max_tokens=N, temperature=0)
+    assert r.choices[0].message.content == expected.text
+    assert r.usage.prompt_tokens == len(ids)
+
+
+# --- graceful shutdown (a real process and a real signal) -------------------------------------
+
+def _wait_listening(proc: subprocess.Popen) -> str:
+    """The URL a server process logs (JSON lines) once it listens."""
+    lines = []
+    watchdog = threading.Timer(120, proc.kill)   # a silent hang ends readline with ""
+    watchdog.start()
+    try:
+        while True:
+            line = proc.stderr.readline()
+            if not line:
+                proc.kill()
+                raise AssertionError("the server did not start:\n" + "".join(lines))
+            lines.append(line)
+            if '"listening on' in line:
+                return f"http://127.0.0.1:{json.loads(line)['port']}"
+    finally:
+        watchdog.cancel()
+
+
+def _start_worker(tokenizer_path, *args) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "serve_worker.py"),
+                             tokenizer_path, "--log-json", *args],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return proc, _wait_listening(proc)
+
+
+def test_sigterm_finishes_the_request_in_flight_refuses_new_ones_and_exits_0(tiny_model, tokenizer_path):
+    proc, url = _start_worker(tokenizer_path, "--step-delay", "0.1", "--shutdown-timeout", "20")
+    log_lines = []
+    try:
+        body = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": N, "temperature": 0}
+        httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 1}, timeout=60)  # compiled
+        result = {}
+
+        def in_flight():
+            result["r"] = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+
+        t = threading.Thread(target=in_flight)
+        t.start()
+        time.sleep(0.5)        # the request is running: 16 steps of 0.1 s
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        try:
+            refused = httpx.post(f"{url}/v1/completions", json=body, timeout=10)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["type"] == "service_unavailable_error"
+        except httpx.ConnectError:
+            pass               # already closed: as good as a 503
+        t.join(60)
+        assert result["r"].status_code == 200
+        assert result["r"].json()["choices"][0]["text"] == ref(tiny_model, PROMPTS[0]).text
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log_lines = proc.stderr.read().splitlines()
+    # One JSON log line per request: the warm-up, the in-flight one, the refused one (if it
+    # reached the server before it closed).
+    requests = [json.loads(x) for x in log_lines if '"endpoint"' in x]
+    served = [r for r in requests if r["status"] == 200]
+    assert [r["finish_reason"] for r in served] == ["length", "length"]
+    assert served[1]["completion_tokens"] == N and served[1]["prompt_tokens"] > 0
+    assert 0 < served[1]["ttft_s"] < served[1]["total_s"]
+    assert [r["status"] for r in requests if r not in served] in ([], [503])
+
+
+def test_shutdown_timeout_aborts_what_is_left(tokenizer_path):
+    proc, url = _start_worker(tokenizer_path, "--step-delay", "0.2", "--shutdown-timeout", "0.5")
+    try:
+        body = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": N, "temperature": 0, "ignore_eos": True}
+        result = {}
+        t = threading.Thread(target=lambda: result.update(r=httpx.post(
+            f"{url}/v1/completions", json=body, timeout=60)))
+        t.start()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        t.join(60)
+        assert result["r"].json()["choices"][0]["finish_reason"] == "abort"
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+# --- the command line and the load generator ---------------------------------------------------
+
+def test_cli_checks_flags_a_busy_port_and_the_template_before_loading(tiny_checkpoint, tmp_path,
+                                                                       capsys):
+    import argparse
+    p = argparse.ArgumentParser()
+    serve_cli.add_arguments(p)
+    args = p.parse_args(["--model", tiny_checkpoint])
+    assert serve_cli.served_name(args) == os.path.basename(tiny_checkpoint)
+    assert (args.host, args.port, args.shutdown_timeout) == ("127.0.0.1", 8000, 30.0)
+    for bad in (["--port", "70000"], ["--max-seqs", "0"], ["--memory-fraction", "1.5"],
+                ["--shutdown-timeout", "-1"], ["--quantize", "int3"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(["--model", tiny_checkpoint, *bad])
+    busy = bind("127.0.0.1", 0)
+    loggers = [logging.getLogger(n) for n in ("jllm.serve", "uvicorn", "uvicorn.error")]
+    saved = [(x.handlers[:], x.propagate) for x in loggers]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for %}"}))
+    try:
+        t0 = time.monotonic()
+        assert serve_cli.main(["--model", tiny_checkpoint, "--port", str(busy.getsockname()[1])]) == 2
+        assert "cannot listen" in capsys.readouterr().err
+        assert serve_cli.main(["--model", str(broken), "--port", "0"]) == 2
+        assert "chat_template does not compile" in capsys.readouterr().err
+        assert time.monotonic() - t0 < 10     # neither loaded the model
+    finally:
+        busy.close()
+        for x, (handlers, propagate) in zip(loggers, saved):  # its handler writes to capsys
+            x.handlers[:], x.propagate = handlers, propagate
+
+
+def test_load_generator_reports_sane_metrics(srv, tmp_path):
+    cfg = loadgen.LoadConfig(url=srv.url, model=NAME, prompts="random-ids", num_prompts=8,
+                             input_len=8, output_len=N, vocab_size=512, ignore_eos=True,
+                             max_duration_s=60, request_timeout_s=60, slo_ttft_s=30.0, seed=1)
+    report = loadgen.run(cfg, request_rates=[float("inf"), 50.0])
+    report["runs"] += loadgen.run(cfg, concurrencies=[2])["runs"]
+    for run in report["runs"]:
+        assert (run["completed"], run["failed"], run["incomplete"]) == (8, 0, 0), run["errors"]
+        assert run["output_tokens"] == 8 * N and run["prompt_tokens"] == 8 * 8
+        assert run["request_throughput"] == pytest.approx(8 / run["duration_s"])
+        assert run["output_token_throughput"] == pytest.approx(8 * N / run["duration_s"])
+        for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+            s = run[key]
+            assert 0 < s["p50"] <= s["p90"] <= s["p99"], (key, s)
+        assert run["ttft_ms"]["p99"] <= run["e2e_ms"]["p99"]
+        assert 0 < run["goodput"] <= run["request_throughput"] + 1e-9
+    loadgen.write_json(report, str(tmp_path / "r.json"))
+    assert json.loads((tmp_path / "r.json").read_text())["runs"][0]["request_rate"] == "inf"
+    loadgen.plot(report, str(tmp_path / "r.png"))
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(tmp_path)) == ["r.json", "r.png"]
+
+
+def test_load_generator_counts_failures_and_bounds_the_run(srv):
+    cfg = loadgen.LoadConfig(url=srv.url, model="not-served", prompts="random-words", num_prompts=4,
+                             input_len=4, output_len=N, max_duration_s=10)
+    [run] = loadgen.run(cfg, concurrencies=[2])["runs"]
+    assert (run["completed"], run["failed"]) == (0, 4) and "404" in run["errors"][0]
+    with pytest.raises(ValueError, match="num_prompts"):
+        loadgen.LoadConfig(url=srv.url, model=NAME, num_prompts=0)
+    with pytest.raises(ValueError, match="chat"):
+        loadgen.LoadConfig(url=srv.url, model=NAME, endpoint="chat", prompts="random-ids")
+
+
+def test_cli_serves_a_checkpoint_with_its_chat_template_and_exits_0_on_sigint(tiny_checkpoint, tmp_path,
+                                                                             tokenizer):
+    import shutil
+    ck = tmp_path / "my-model"
+    shutil.copytree(tiny_checkpoint, ck)
+    (ck / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE}))
+    proc = subprocess.Popen([sys.executable, "-m", "jllm.serve.cli", "--model", str(ck), "--port", "0",
+                             "--max-seqs", "2", "--max-tokens-per-step", "32", "--num-pages", "64",
+                             "--log-json"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "JLLM_CACHE_DIR": "off"})
+    try:
+        url = _wait_listening(proc)
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        assert [m.id for m in c.models.list().data] == ["my-model"]
+        messages = [{"role": "user", "content": "Hi"}]
+        r = c.chat.completions.create(model="my-model", messages=messages, max_tokens=4, temperature=0)
+        assert r.usage.prompt_tokens == len(ChatTemplate(CHATML_TEMPLATE, tokenizer).encode(messages))
+        assert r.usage.completion_tokens <= 4 and r.choices[0].finish_reason in ("length", "stop")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
