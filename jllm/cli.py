@@ -341,14 +341,18 @@ def _check_bench(args, cfg) -> None:
         if batch % args.dp:
             raise ValueError(f"--batch {batch} is not a multiple of --dp {args.dp}")
     if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as e:
-            raise ValueError(f"--plot needs matplotlib ({e}): pip install 'jllm[bench]'") from None
+        _check_plot_available()
     if args.process_id in (None, 0):  # only process 0 writes them
         for flag, path in (("--json", args.json), ("--plot", args.plot)):
             if path:
                 _check_writable(flag, path)
+
+
+def _check_plot_available() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"--plot needs matplotlib ({e}): pip install 'jllm[bench]'") from None
 
 
 def _check_writable(flag: str, path: str) -> None:
@@ -511,14 +515,85 @@ def parser() -> argparse.ArgumentParser:
                    "matplotlib: pip install 'jllm[bench]')")
     _add_parallel(p)
     p.set_defaults(fn=cmd_bench)
+    modes = p.add_subparsers(dest="bench_mode", metavar="{engine,serve}", required=False,
+                             help="other benchmarks (default: the model's prefill and decode)")
+    e = modes.add_parser("engine", help="offline engine throughput: N requests at once, against "
+                         "static batches of generate")
+    _add_engine_bench(e)
+    e.set_defaults(fn=cmd_bench_engine)
+    s = modes.add_parser("serve", help="a load generator against an OpenAI-compatible URL")
+    from jllm.serve import loadgen
+    loadgen.add_arguments(s)
+    s.set_defaults(fn=loadgen.run_cli)
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the [serve] extra)")
+    from jllm.serve import cli as serve_cli
+    serve_cli.add_arguments(p)
+    p.set_defaults(fn=serve_cli.run)
     return ap
+
+
+def _add_engine_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="llama-2-7b", choices=sorted(CONFIGS),
+                   help="a named config; random weights")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    _add_quant(p)
+    p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default="auto")
+    p.add_argument("--requests", type=_positive_int, default=1000)
+    p.add_argument("--prompt-len", type=_positive_int, nargs=2, default=[64, 1024], metavar=("LO", "HI"),
+                   help="prompt lengths uniform in [LO, HI]")
+    p.add_argument("--output-len", type=_positive_int, nargs=2, default=[64, 512], metavar=("LO", "HI"),
+                   help="output lengths uniform in [LO, HI] (no stop tokens)")
+    p.add_argument("--max-seqs", type=_positive_int, default=256)
+    p.add_argument("--max-tokens-per-step", type=_positive_int, default=512)
+    p.add_argument("--page-size", type=_positive_int, default=16)
+    p.add_argument("--num-pages", type=_positive_int, default=None)
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the same requests through generate in static batches of 64")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the result here")
+    p.add_argument("--plot", default=None, help="write a PNG of running requests and tokens/s over time")
+
+
+def cmd_bench_engine(args) -> int:
+    import dataclasses as dc
+
+    import jax
+    from jllm import parallel
+    from jllm.config import LlamaConfig
+    from jllm.engine.bench import format_result, run_engine_bench
+    from jllm.generate import Model
+    from jllm.plan import default_attn_impl, default_matmul_impl
+    cfg = LlamaConfig.from_name(args.config)
+    if args.prompt_len[0] > args.prompt_len[1] or args.output_len[0] > args.output_len[1]:
+        raise ValueError(f"--prompt-len {args.prompt_len} and --output-len {args.output_len}: LO must be <= HI")
+    if args.plot:
+        _check_plot_available()
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            _check_writable(flag, path)
+    say(f"initializing random {args.config} weights ({args.dtype})")
+    params = parallel.random_params(cfg, None, jax.random.key(args.seed), args.dtype,
+                                    quantize=args.quantize, group_size=args.group_size)
+    model = Model(params=params, cfg=cfg, quant=args.quantize, attn_impl=default_attn_impl(),
+                  matmul_impl=default_matmul_impl())
+    kw = dict(max_seqs=args.max_seqs, max_tokens_per_step=args.max_tokens_per_step, page_size=args.page_size,
+              num_pages=args.num_pages, kv_cache_dtype=_kv_cache_dtype(args.kv_cache),
+              max_model_len=args.prompt_len[1] + args.output_len[1])
+    r = run_engine_bench(model, n_requests=args.requests, prompt_len=tuple(args.prompt_len),
+                         output_len=tuple(args.output_len), seed=args.seed, baseline=args.baseline,
+                         plot=args.plot, engine_kwargs=kw)
+    print(format_result(r))
+    if args.json:
+        _write_atomic(args.json, json.dumps(dc.asdict(r), indent=2, allow_nan=False))
+    return 0
 
 
 def _check(args) -> None:
     """Checks of several flags together, made before anything loads (ValueError naming them)."""
-    if args.group_size is not None and args.quantize != "int4":
-        raise ValueError(f"--group-size {args.group_size} applies to --quantize int4 only "
-                         f"(got --quantize {args.quantize})")
+    group_size, quantize = getattr(args, "group_size", None), getattr(args, "quantize", None)
+    if group_size is not None and quantize != "int4":
+        raise ValueError(f"--group-size {group_size} applies to --quantize int4 only "
+                         f"(got --quantize {quantize})")
     model = getattr(args, "model", None)
     if model is not None and not os.path.isdir(os.path.expanduser(model)):
         raise FileNotFoundError(f"--model {model!r} is not a directory (a jllm checkpoint or a "

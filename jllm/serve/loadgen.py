@@ -20,7 +20,6 @@ import string
 import sys
 import time
 
-import httpx
 
 PERCENTILES = (50, 90, 99)
 
@@ -146,8 +145,9 @@ def _has_output(obj: dict) -> bool:
     return bool(c.get("text") or (c.get("delta") or {}).get("content") or c.get("token_ids"))
 
 
-async def send(client: httpx.AsyncClient, url: str, cfg: LoadConfig, prompt) -> RequestResult:
-    """One streamed request, timing each chunk that carries text."""
+async def send(client, url: str, cfg: LoadConfig, prompt) -> RequestResult:
+    """One streamed request on an httpx.AsyncClient, timing each chunk that carries text."""
+    import httpx  # the [serve] extra; imported where used, so `jllm --help` needs none of it
     result = RequestResult(ok=False)
     t0 = time.perf_counter()
     last = None
@@ -191,6 +191,7 @@ async def send(client: httpx.AsyncClient, url: str, cfg: LoadConfig, prompt) -> 
 
 async def _run_point(cfg: LoadConfig, prompts: list, rate: float, concurrency: int | None) -> tuple:
     """Send the prompts (Poisson at `rate`, or `concurrency` closed-loop clients) -> results."""
+    import httpx
     url = _endpoint_url(cfg.url, cfg.endpoint)
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     n_conn = concurrency or len(prompts)
