@@ -72,6 +72,11 @@ class Stats:
     generated_tokens: int
     ttft_s: float                # time to first token, from the call to the first token on the host
     decode_tokens_per_s: float   # tokens after the first, per second, for this row
+    # Speculative decoding only (None without it), per target verification step of this row:
+    draft_tokens_per_step: float | None = None  # drafted tokens checked
+    acceptance: float | None = None             # accepted / drafted
+    tokens_per_step: float | None = None        # tokens the step produced (accepted + 1)
+    target_steps: int | None = None             # verification steps
 
 
 @dataclasses.dataclass
@@ -236,12 +241,20 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, stop: str | Sequence[str] | None = None,
              stop_token_ids: Sequence[int] | None = None,
-             stream: Callable[[Delta], None] | None = None) -> list[Completion]:
+             stream: Callable[[Delta], None] | None = None,
+             speculative=None) -> list[Completion]:
     """Generate a completion for each prompt (a str, a list of str, or a list of token-id lists).
 
     stop_token_ids=None stops on the tokenizer's EOS; [] never stops on a token. `stop` strings are
     matched on the decoded text and cut from it. `stream(delta)` receives text and ids as they come.
+    speculative: a `jllm.speculative.Speculative` (a proposer and k) drafts and verifies k tokens
+    per target step; greedy output is unchanged and sampled output keeps its distribution.
     """
+    if speculative is not None:
+        from jllm import speculative as spec  # it imports this module
+        return spec.generate(model, prompts, speculative, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+                             stop_token_ids=stop_token_ids, stream=stream)
     t_call = time.perf_counter()
     if isinstance(stop, str):
         stop = [stop]
