@@ -380,9 +380,10 @@ def generate(model: Model, prompts, spec: Speculative, *, max_new_tokens: int,
     n, k = len(ids), spec.k
     B = bucket(n, minimum=1)
     T = bucket(max(map(len, ids)), buckets=model.prompt_buckets)
-    # Room for the k+1 positions a round writes past the longest row (writes past S are dropped,
-    # but the attention reads stay inside the cache).
-    S = bucket(T + max_new_tokens + k + 1)
+    # Room for the k+1 positions a round writes at a row's length: every read stays inside the cache
+    # (a row's length stays below the context, so context + k + 1 slots always suffice).
+    S = min(bucket(T + max_new_tokens + k + 1), model.cfg.max_seq_len + k + 1)
+    T = min(T, S)
     tokens = np.zeros((B, T), np.int32)
     n_tokens = np.ones((B,), np.int32)  # padding rows hold one token and are never active
     for i, p in enumerate(ids):

@@ -131,6 +131,17 @@ def test_prompt_lookup_accepts_a_repeated_path(scripted_model):
     assert got.stats.acceptance == 1.0 and got.stats.target_steps == 2
 
 
+def test_a_prompt_that_fills_the_context(tiny_model):
+    """Prompt plus output take all max_seq_len positions: the cache has k + 1 slots more than the
+    context, so the last round's drafts still fit."""
+    rng = np.random.default_rng(2)
+    prompt = rng.integers(3, 512, tiny_model.cfg.max_seq_len - 12).tolist()
+    ref = jllm.generate(tiny_model, [prompt], max_new_tokens=12, stop_token_ids=[])
+    got = jllm.generate(tiny_model, [prompt], max_new_tokens=12, stop_token_ids=[],
+                        speculative=sp.Speculative(sp.PromptLookup(2), 2))
+    assert got[0].tokens == ref[0].tokens and len(got[0].tokens) == 12
+
+
 def test_no_recompiles_across_rounds_and_calls(tiny_model, proposers):
     spec = sp.Speculative(proposers["self_int8"], 3)
     jllm.generate(tiny_model, _prompts(tiny_model), max_new_tokens=N, stop_token_ids=[], speculative=spec)
