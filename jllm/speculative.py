@@ -372,7 +372,8 @@ def generate(model: Model, prompts, spec: Speculative, *, max_new_tokens: int,
         raise TypeError(f"speculative must be a jllm.speculative.Speculative; got {type(spec).__name__}")
     if isinstance(stop, str):
         stop = [stop]
-    ids = _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, stop, stop_token_ids)
+    ids = _check_args(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p, stop=stop, stop_token_ids=stop_token_ids)
     spec.proposer.check(model)
     stop = list(stop or [])
     if stop_token_ids is None:
@@ -424,10 +425,11 @@ def _run(model: Model, spec: Speculative, rows: list[_Row], tokens: np.ndarray, 
         t_done = row.t_done or t_first
         rate = (len(row.tokens) - 1) / (t_done - t_first) if len(row.tokens) > 1 and t_done > t_first else 0.0
         s = int(steps[i])
-        stats = Stats(len(row.prompt), len(row.tokens), t_first - t_call, rate,
-                      draft_tokens_per_step=drafted[i] / s if s else 0.0,
-                      acceptance=accepted[i] / drafted[i] if drafted[i] else 0.0,
-                      tokens_per_step=produced[i] / s if s else 0.0, target_steps=s)
+        stats = Stats(prompt_tokens=len(row.prompt), generated_tokens=len(row.tokens),
+                      ttft_s=t_first - t_call, decode_tokens_per_s=rate,
+                      draft_tokens_per_step=float(drafted[i] / s) if s else 0.0,
+                      acceptance=float(accepted[i] / drafted[i]) if drafted[i] else 0.0,
+                      tokens_per_step=float(produced[i] / s) if s else 0.0, target_steps=s)
         results.append(Completion(row.tokens, row.text, row.finish, stats))
     return results
 
