@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_model, random_params  # noqa: F401
+from conftest import random_params
 
 import jllm
 from jllm import speculative as sp
