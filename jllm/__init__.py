@@ -4,13 +4,16 @@
     [result] = jllm.generate(model, "Once upon a time", max_new_tokens=64)
 """
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from jllm import checkpoint, plan, quant, runtime
 from jllm.config import CONFIGS, LlamaConfig
-from jllm.generate import Completion, Model, check_impls, check_kv_cache_dtype, generate
+from jllm import speculative as _speculative  # `speculative` is also generate's argument
+from jllm.generate import Completion, Delta, Model, check_impls, check_kv_cache_dtype
+from jllm.generate import generate as _generate
 from jllm.model import from_flat, param_infos
 from jllm.tokenizer import Tokenizer
 
@@ -95,3 +98,18 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
                  matmul_impl=matmul_impl or plan.default_matmul_impl(), mesh=mesh,
                  prompt_buckets=None if prompt_buckets is None else tuple(prompt_buckets),
                  kv_cache_dtype=kv_cache_dtype)
+
+
+def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop=None,
+             stop_token_ids=None, stream: Callable[[Delta], None] | None = None,
+             speculative: "_speculative.Speculative | None" = None) -> list[Completion]:
+    """Generate a completion for each prompt: `jllm.generate.generate` (arguments, results and
+    errors as documented there). speculative: a `jllm.speculative.Speculative` (a proposer and k)
+    drafts and verifies k tokens per target step; greedy output is unchanged, sampled output keeps
+    its distribution, and Completion.stats report the acceptance."""
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+              seed=seed, stop=stop, stop_token_ids=stop_token_ids, stream=stream)
+    if speculative is None:
+        return _generate(model, prompts, **kw)
+    return _speculative.generate(model, prompts, speculative, **kw)

@@ -85,6 +85,11 @@ class Stats:
     ttft_s: float
     decode_tokens_per_s: float
     compile_s: float
+    # Speculative decoding only (None without it), per target verification step of this row:
+    draft_tokens_per_step: float | None = None  # drafted tokens checked
+    acceptance: float | None = None             # accepted / drafted
+    tokens_per_step: float | None = None        # tokens the step produced (accepted + 1)
+    target_steps: int | None = None             # verification steps
 
 
 @dataclasses.dataclass
