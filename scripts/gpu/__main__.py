@@ -24,6 +24,7 @@ PARTS = {
     "hlo": ("hlo", "hlo", "cache copies and kernels per decode step in the optimized HLO"),
     "step-profile": ("step_profile", "main", "a decode step's kernel table from a jax.profiler trace"),
     "speculative": ("speculative_bench", "main", "self-drafted speculative decoding: speed-up and the cost model"),
+    "serve": ("serve", "main", "jllm serve on random weights under the load generator, with the engine offline"),
     "engine": ("engine", "main", "the engine against generate on the tiny model, then the offline benchmark"),
 }
 
@@ -68,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    own = {"step-profile": "step_profile", "engine": "engine", "speculative": "speculative_bench"}  # parts that parse their own options
+    own = {"step-profile": "step_profile", "engine": "engine", "speculative": "speculative_bench", "serve": "serve"}  # parts that parse their own options
     if argv[:1] and argv[0] in own:
         return importlib.import_module(f"scripts.gpu.{own[argv[0]]}").main(argv[1:]) or 0
     args = parser().parse_args(argv)
