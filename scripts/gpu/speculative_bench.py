@@ -25,7 +25,8 @@ import numpy as np
 
 from jllm import speculative as sp
 from jllm.config import LlamaConfig
-from jllm.generate import Model, decode, generate, prefill
+from jllm import generate
+from jllm.generate import Model, decode, prefill
 from jllm.kvcache import init_cache
 from jllm.model import init_params
 from jllm.sampling import Sampling
