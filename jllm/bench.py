@@ -291,3 +291,18 @@ def plot(results: list[BenchResult], path: str) -> None:
     fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1][1:] or "png")
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def speculative(model, spec, prompt_len: int, new_tokens: int, seed: int = 0) -> dict:
+    """Batch-1 decode tokens/s of one random prompt without and with speculation (each timed on its
+    second run, so compilation is out), and the speculation stats."""
+    from jllm import speculative as sp
+    from jllm.generate import generate
+    prompt = np.random.default_rng(seed).integers(3, model.cfg.vocab_size, prompt_len).tolist()
+    kw = dict(max_new_tokens=new_tokens, stop_token_ids=[])
+    plain = [generate(model, [prompt], **kw)[0] for _ in range(2)][-1]
+    spec_run = [sp.generate(model, [prompt], spec, **kw)[0] for _ in range(2)][-1]
+    rate, spec_rate = plain.stats.decode_tokens_per_s, spec_run.stats.decode_tokens_per_s
+    return {"k": spec.k, "plain_tok_s": rate, "speculative_tok_s": spec_rate,
+            "speedup": spec_rate / rate if rate else 0.0, "same_tokens": plain.tokens == spec_run.tokens,
+            "stats": sp.format_stats(spec_run.stats)}

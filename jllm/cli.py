@@ -174,11 +174,51 @@ def _load(args):
 def _print_stats(results) -> None:
     if not _main_process():
         return
+    from jllm.speculative import format_stats
     for i, r in enumerate(results):
         s = r.stats
+        extra = [f"compiling took {s.compile_s:.1f} s (not counted above)"] if s.compile_s > 0 else []
+        if format_stats(s):
+            extra.append(format_stats(s))
         print(f"[{i}] prompt {s.prompt_tokens} tokens, generated {s.generated_tokens} "
-              f"({r.finish_reason}), TTFT {s.ttft_s * 1e3:.1f} ms, decode {s.decode_tokens_per_s:.1f} tokens/s",
-              file=sys.stderr)
+              f"({r.finish_reason}), TTFT {s.ttft_s * 1e3:.1f} ms, decode {s.decode_tokens_per_s:.1f} tokens/s"
+              + "".join(f"; {e}" for e in extra), file=sys.stderr)
+
+
+def _add_speculation(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding", "--speculate K with one proposer: a draft model, "
+                             "the model's own quantized copy, or prompt lookup")
+    g.add_argument("--speculate", type=_positive_int, default=None, metavar="K",
+                   help="tokens drafted and verified per target step")
+    g.add_argument("--draft", default=None, metavar="DIR", help="a draft checkpoint with the same tokenizer")
+    g.add_argument("--draft-quantize", choices=["int8", "int4"], default=None,
+                   help="draft with the model's own weights quantized in memory")
+    g.add_argument("--prompt-lookup", type=_positive_int, default=None, metavar="N",
+                   help="draft the tokens that followed the longest earlier n-gram (n <= N)")
+
+
+def _check_speculation(args) -> None:
+    """--speculate with exactly one proposer, checked before anything loads."""
+    if not hasattr(args, "speculate"):
+        return
+    given = [f for f, v in (("--draft", args.draft), ("--draft-quantize", args.draft_quantize),
+                            ("--prompt-lookup", args.prompt_lookup)) if v is not None]
+    if args.speculate is None and given:
+        raise ValueError(f"{', '.join(given)} needs --speculate K")
+    if args.speculate is not None and len(given) != 1:
+        raise ValueError(f"--speculate {args.speculate} needs exactly one of --draft, --draft-quantize, "
+                         f"--prompt-lookup; got {', '.join(given) or 'none'}")
+    if args.speculate is not None and (getattr(args, "tp", 1) > 1 or getattr(args, "dp", 1) > 1):
+        raise ValueError(f"--speculate runs on one device; got --tp {args.tp} --dp {args.dp}")
+    if args.draft is not None and not os.path.isdir(os.path.expanduser(args.draft)):
+        raise FileNotFoundError(f"--draft {args.draft!r} is not a directory (a jllm checkpoint)")
+
+
+def _speculative(args, model):
+    """The Speculative the flags ask for, or None."""
+    from jllm import speculative
+    return speculative.from_args(model, args.speculate, draft=args.draft and os.path.expanduser(args.draft),
+                                 draft_quantize=args.draft_quantize, prompt_lookup=args.prompt_lookup)
 
 
 def cmd_generate(args) -> int:
@@ -202,7 +242,8 @@ def cmd_generate(args) -> int:
         sys.stdout.write(args.prompt if model.tokenizer is not None else "")
     results = jllm.generate(model, [prompt], max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            seed=args.seed, stop=args.stop, stream=stream if main else None)
+                            seed=args.seed, stop=args.stop, stream=stream if main else None,
+                            speculative=_speculative(args, model))
     if main:
         print()
     _print_stats(results)
@@ -239,7 +280,7 @@ def _read_line() -> str:
     return line
 
 
-def _reply(model, ids, args, max_new_tokens: int):
+def _reply(model, ids, args, max_new_tokens: int, spec=None):
     """Generate and stream one chat reply -> (Completion or None if Ctrl-C stopped it, its text)."""
     import jax
     import jllm
@@ -254,7 +295,7 @@ def _reply(model, ids, args, max_new_tokens: int):
     try:
         [out] = jllm.generate(model, [ids], max_new_tokens=max_new_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              seed=args.seed, stop=args.stop, stream=stream)
+                              seed=args.seed, stop=args.stop, stream=stream, speculative=spec)
     except KeyboardInterrupt:
         if jax.process_count() > 1:  # the other processes cannot be told mid-reply: end the run
             raise
@@ -276,6 +317,7 @@ def cmd_chat(args) -> int:
     model = _load(args)
     if model.tokenizer is None:
         sys.exit("chat needs a model with a tokenizer.model")
+    spec = _speculative(args, model)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     last = None
     say(f"jllm chat: {CHAT_HELP}")
@@ -297,9 +339,12 @@ def cmd_chat(args) -> int:
                 say("(no reply yet)")
             else:
                 s = last.stats
+                from jllm.speculative import format_stats
                 say(f"prefill: {s.prompt_tokens} tokens in {s.ttft_s * 1e3:.1f} ms "
-                     f"({s.prompt_tokens / max(s.ttft_s, 1e-9):.1f} tokens/s); decode: "
-                     f"{s.generated_tokens} tokens at {s.decode_tokens_per_s:.1f} tokens/s")
+                    f"({s.prompt_tokens / max(s.ttft_s, 1e-9):.1f} tokens/s); decode: "
+                    f"{s.generated_tokens} tokens at {s.decode_tokens_per_s:.1f} tokens/s"
+                    + (f"; {format_stats(s)}" if format_stats(s) else "")
+                    + (f"; compiling took {s.compile_s:.1f} s" if s.compile_s > 0 else ""))
             continue
         if line.startswith("/") and not line.startswith("//"):
             say(f"unknown command {line.split()[0]!r}; {CHAT_HELP}")
@@ -316,7 +361,7 @@ def cmd_chat(args) -> int:
             say(f"(the conversation has {len(ids)} tokens, the model's context is "
                  f"{model.cfg.max_seq_len}: /reset to start over)")
             continue
-        out, text = _reply(model, ids, args, min(args.max_new_tokens, room))
+        out, text = _reply(model, ids, args, min(args.max_new_tokens, room), spec)
         last = out or last
         # A stopped reply stays in the conversation as far as it got (perhaps empty).
         messages.append({"role": "assistant", "content": text})
@@ -371,6 +416,7 @@ def cmd_bench(args) -> int:
     import jax
     from jllm import bench, parallel, runtime
     from jllm.config import LlamaConfig
+    from jllm.plan import default_attn_impl, default_matmul_impl
     cfg = LlamaConfig.from_name(args.config)
     _check_bench(args, cfg)
     prefill_options = _xla_options(args.prefill_xla_option)
@@ -400,6 +446,14 @@ def cmd_bench(args) -> int:
             args.bandwidth, args.peak_tflops = r.bandwidth_tb_s, r.peak_tflops  # measure once
             results.append(r)
             say(bench.format_table([r]).splitlines()[-1])
+        if args.speculate:
+            from jllm.generate import Model
+            model = Model(params=params, cfg=cfg, attn_impl=args.attn_impl[0] or default_attn_impl(),
+                          matmul_impl=args.matmul_impl[0] or default_matmul_impl())
+            for prompt_len in args.prompt_len:
+                r = bench.speculative(model, _speculative(args, model), prompt_len, args.new_tokens)
+                say(f"speculative k={r['k']} prompt {prompt_len}: {r['speculative_tok_s']:.1f} tok/s against "
+                    f"{r['plain_tok_s']:.1f} plain ({r['speedup']:.2f}x), {r['stats']}, same tokens: {r['same_tokens']}")
     if not _main_process():
         return 0
     print(bench.format_table(results))
@@ -468,12 +522,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", type=_text, required=True,
                    help="text (UTF-8), or space-separated token ids for a model without a tokenizer")
     _add_sampling(p)
+    _add_speculation(p)
     _add_parallel(p)
     p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("chat", help="interactive Llama-2 chat")
     _add_model(p)
     p.add_argument("--system", type=_text, default=None, help="system prompt")
     _add_sampling(p)
+    _add_speculation(p)
     _add_parallel(p)
     p.set_defaults(fn=cmd_chat)
     p = sub.add_parser("convert", help="Hugging Face Llama directory -> jllm checkpoint")
@@ -514,6 +570,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write a PNG of tokens/s against batch (needs "
                    "matplotlib: pip install 'jllm[bench]')")
     _add_parallel(p)
+    _add_speculation(p)
     p.set_defaults(fn=cmd_bench)
     modes = p.add_subparsers(dest="bench_mode", metavar="{engine,serve}", required=False,
                              help="other benchmarks (default: the model's prefill and decode)")
@@ -594,6 +651,7 @@ def _check(args) -> None:
     if group_size is not None and quantize != "int4":
         raise ValueError(f"--group-size {group_size} applies to --quantize int4 only "
                          f"(got --quantize {quantize})")
+    _check_speculation(args)
     model = getattr(args, "model", None)
     if model is not None and not os.path.isdir(os.path.expanduser(model)):
         raise FileNotFoundError(f"--model {model!r} is not a directory (a jllm checkpoint or a "

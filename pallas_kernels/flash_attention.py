@@ -55,8 +55,12 @@ class BlockSizes:
             raise ValueError(f"num_stages={self.num_stages!r} must be an int >= 1")
 
 
-def default_block_sizes(head_dim: int, group: int) -> BlockSizes:
-    """Tiles measured best on an H100 (docs/perf_attention.md)."""
+def default_block_sizes(head_dim: int, group: int, dtype=jnp.bfloat16) -> BlockSizes:
+    """Tiles measured best on an H100 (docs/perf_attention.md) for 16-bit inputs; float32 tiles
+    are half as deep (the folded 128 x 128 tile of 4-byte keys asked for 384 KiB of shared memory
+    on an H200, which has 227)."""
+    if jnp.dtype(dtype).itemsize > 2:
+        return BlockSizes(block_q=64, block_k=32, num_warps=4, num_stages=2)
     if group >= 4 and head_dim >= 128:  # folded GQA tile: 128 rows = 16 tokens x 8 heads
         return BlockSizes(block_q=128, block_k=128, num_warps=8, num_stages=3)
     return BlockSizes(block_q=64, block_k=64, num_warps=4, num_stages=3)
@@ -224,7 +228,7 @@ def flash_attention(
     """
     _check_shapes(q, k, v)
     if block_sizes is None:
-        block_sizes = default_block_sizes(q.shape[-1], q.shape[2] // k.shape[2])
+        block_sizes = default_block_sizes(q.shape[-1], q.shape[2] // k.shape[2], q.dtype)
     if q.shape[2] // k.shape[2] > block_sizes.block_q:
         raise ValueError(f"group size {q.shape[2] // k.shape[2]} exceeds {block_sizes.block_q=}")
     q_offset = q_offset.astype(jnp.int32)

@@ -271,8 +271,10 @@ def _quant_matmul_kernel(
             if fma:
                 part = xk.astype(jnp.float32)[:, None] * wk  # [bkq, bn]
             else:
-                part = jnp.dot(xk.astype(cdtype), wk.astype(cdtype),
-                               preferred_element_type=jnp.float32)  # [bm, bn]
+                # float32 x: IEEE float32 products (Triton would round the inputs to tf32 by
+                # default); bf16 x in tf32 tiles (tf32_dot) is exact either way.
+                part = jnp.dot(xk.astype(cdtype), wk.astype(cdtype), preferred_element_type=jnp.float32,
+                               precision=lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None)
             t = part if t is None else t + part
         if scale is not None:
             t = t * scale.astype(jnp.float32)[None, :]

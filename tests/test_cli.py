@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import re
 import sys
 
 import jax.numpy as jnp
@@ -141,3 +142,29 @@ def test_bench_passes_xla_options_to_the_prefill_compile(tmp_path, capsys):
 def test_bench_unknown_config_names_the_known_ones(capsys):
     assert cli.main(["bench", "--config", "llama-9", "--random-weights"]) == 2
     assert "llama-2-7b" in capsys.readouterr().err
+
+
+def test_generate_speculates_with_the_same_text_and_reports_acceptance(tiny_dirs, capsys):
+    """--speculate K with a self-draft or prompt lookup prints the same greedy text as a plain run,
+    and the stats line reports the acceptance."""
+    _, ck = tiny_dirs
+    base = ["generate", "--model", ck, "--prompt", "The standard library", "--max-new-tokens", "12"]
+    assert cli.main(base) == 0
+    plain = capsys.readouterr().out
+    for flags in (["--speculate", "3", "--draft-quantize", "int8"], ["--speculate", "2", "--prompt-lookup", "2"]):
+        assert cli.main(base + flags) == 0
+        out, err = capsys.readouterr()
+        assert out == plain, flags
+        assert re.search(r"acceptance \d+\.\d%", err), err
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--prompt-lookup", "2"], "--prompt-lookup needs --speculate"),
+    (["--speculate", "2"], "exactly one of --draft, --draft-quantize, --prompt-lookup; got none"),
+    (["--speculate", "2", "--prompt-lookup", "2", "--draft-quantize", "int8"], "got --draft-quantize, --prompt-lookup"),
+    (["--speculate", "2", "--draft", "/nonexistent/draft"], "'/nonexistent/draft' is not a directory"),
+])
+def test_speculation_flags_are_checked_before_loading(tiny_dirs, capsys, flags, match):
+    _, ck = tiny_dirs
+    assert cli.main(["generate", "--model", ck, "--prompt", "Hi"] + flags) == 2
+    assert match in capsys.readouterr().err

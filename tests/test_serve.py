@@ -20,8 +20,11 @@ import threading
 import time
 
 import httpx
-import openai
 import pytest
+
+# The official client is a test dependency (the [test] extra, so CI has it); a GPU machine that
+# runs `pytest -m gpu` may lack it, and must still collect this file.
+openai = pytest.importorskip("openai")
 from conftest import ROOT
 from serve_worker import SlowEngine
 

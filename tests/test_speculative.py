@@ -407,12 +407,12 @@ def test_from_args_builds_each_proposer_and_refuses_bad_combinations(tiny_model,
 
 def test_format_stats_weights_rows_by_their_steps():
     from jllm.generate import Stats
-    a = Stats(4, 9, 0.1, 10.0, draft_tokens_per_step=4.0, acceptance=0.5, tokens_per_step=3.0, target_steps=2)
-    b = Stats(4, 9, 0.1, 10.0, draft_tokens_per_step=4.0, acceptance=1.0, tokens_per_step=5.0, target_steps=6)
+    a = Stats(4, 9, 0.1, 10.0, 0.0, draft_tokens_per_step=4.0, acceptance=0.5, tokens_per_step=3.0, target_steps=2)
+    b = Stats(4, 9, 0.1, 10.0, 0.0, draft_tokens_per_step=4.0, acceptance=1.0, tokens_per_step=5.0, target_steps=6)
     # drafted 8 + 24 = 32, accepted 4 + 24 = 28; produced 6 + 30 = 36 over 8 steps.
     assert sp.format_stats([a, b]) == "acceptance 87.5%, 4.50 tokens/step, 4.0 drafted/step"
     assert sp.format_stats(a) == "acceptance 50.0%, 3.00 tokens/step, 4.0 drafted/step"
-    assert sp.format_stats(Stats(4, 9, 0.1, 10.0)) == ""
+    assert sp.format_stats(Stats(4, 9, 0.1, 10.0, 0.0)) == ""
 
 
 # --- the benchmark, on CPU ---------------------------------------------------------------------------
