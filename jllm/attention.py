@@ -16,7 +16,7 @@ from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.kv_quant import dequantize_kv
 from pallas_kernels.paged_attention import paged_attention as paged_decode_kernel
-from pallas_kernels.paged_attention import paged_attention_mq
+from pallas_kernels.paged_attention import gather_pages, gather_scale_pages, paged_attention_mq
 
 
 def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array,
@@ -113,22 +113,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array, kv_
         return local(q, k, v, q_offset, kv_len, *scales)
     return per_shard(local, plan, q, (k, v), (q_offset, kv_len), ("batch", "seq", "kv_heads", "head_dim"),
                      scales, ("batch", "kv_heads", "seq"))
-
-
-def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
-    """pages [P, page_size, G, K], tables [B, max_pages] -> [B, max_pages * page_size, G, K]."""
-    B, max_pages = block_tables.shape
-    _, page_size, G, K = pages.shape
-    rows = pages[jnp.maximum(block_tables, 0)]  # [B, max_pages, page_size, G, K]
-    return rows.reshape(B, max_pages * page_size, G, K)
-
-
-def gather_scale_pages(scale_pages: jax.Array, block_tables: jax.Array) -> jax.Array:
-    """scale_pages [P, G, page_size], tables [B, max_pages] -> [B, G, max_pages * page_size]."""
-    B, max_pages = block_tables.shape
-    _, G, page_size = scale_pages.shape
-    rows = scale_pages[jnp.maximum(block_tables, 0)]  # [B, max_pages, G, page_size]
-    return rows.transpose(0, 2, 1, 3).reshape(B, G, max_pages * page_size)
 
 
 def _paged_xla(q, k_pages, v_pages, block_tables, q_offset, kv_len, k_scale_pages=None,

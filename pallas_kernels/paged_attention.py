@@ -43,7 +43,8 @@ from pallas_kernels.split_k import (
     online_softmax_step, resolve_splits, split_outputs, split_range, store_result,
 )
 
-__all__ = ["BlockSizes", "paged_attention", "paged_attention_ref", "paged_attention_mq", "paged_attention_mq_ref"]
+__all__ = ["BlockSizes", "paged_attention", "paged_attention_ref", "paged_attention_mq", "paged_attention_mq_ref",
+           "gather_pages", "gather_scale_pages"]
 
 
 def _paged_kernel(
@@ -272,7 +273,7 @@ def paged_attention(
     return out[:, 0]
 
 
-def _gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
+def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
     """pages [P, page_size, G, K], tables [B, max_pages] -> [B, max_pages * page_size, G, K]."""
     batch, max_pages = block_tables.shape
     _, page_size, num_kv_heads, head_dim = pages.shape
@@ -280,7 +281,7 @@ def _gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
     return rows.reshape(batch, max_pages * page_size, num_kv_heads, head_dim)
 
 
-def _gather_scale_pages(scale_pages: jax.Array, block_tables: jax.Array) -> jax.Array:
+def gather_scale_pages(scale_pages: jax.Array, block_tables: jax.Array) -> jax.Array:
     """scale_pages [P, G, page_size], tables [B, max_pages] -> [B, G, max_pages * page_size]."""
     batch, max_pages = block_tables.shape
     _, num_kv_heads, page_size = scale_pages.shape
@@ -308,11 +309,11 @@ def paged_attention_mq_ref(
     del block_sizes, interpret
     _check_args(q, k_pages, v_pages, block_tables, k_scale_pages, v_scale_pages,
                 dict(lengths=lengths, q_start=q_start, n_queries=n_queries), "[B, T, H, K]")
-    k = _gather_pages(k_pages, block_tables).astype(jnp.float32)  # [B, S, G, K], S = max_pages * page_size
-    v = _gather_pages(v_pages, block_tables).astype(jnp.float32)
+    k = gather_pages(k_pages, block_tables).astype(jnp.float32)  # [B, S, G, K], S = max_pages * page_size
+    v = gather_pages(v_pages, block_tables).astype(jnp.float32)
     if k_scale_pages is not None:
-        k = dequantize_kv(k, _gather_scale_pages(k_scale_pages, block_tables), jnp.float32)
-        v = dequantize_kv(v, _gather_scale_pages(v_scale_pages, block_tables), jnp.float32)
+        k = dequantize_kv(k, gather_scale_pages(k_scale_pages, block_tables), jnp.float32)
+        v = dequantize_kv(v, gather_scale_pages(v_scale_pages, block_tables), jnp.float32)
     batch, num_tokens, num_heads, head_dim = q.shape
     seq_len, num_kv_heads = k.shape[1], k.shape[2]
     key = jnp.arange(seq_len)  # [S]

@@ -62,7 +62,7 @@ def test_paged_matches_decode_ref_on_the_tokens_written(case, interpret):
     max_pages = -(-max_len // page_size) + 1
     k_pages, v_pages, tables, k, v = _paged_tokens(key, batch, max_len, page_size, max_pages, kv_heads, head_dim,
                                                    dtype, num_pages=batch * max_pages + 3)
-    k_dense = pa._gather_pages(k_pages, tables)  # [B, max_pages * page_size, G, K]
+    k_dense = pa.gather_pages(k_pages, tables)  # [B, max_pages * page_size, G, K]
     np.testing.assert_array_equal(np.asarray(k_dense[:, :max_len]), np.asarray(k))  # equals what was written
     # Ragged attention: each row attends only its first lengths[b] tokens of the pool.
     lengths = jnp.array(lengths, jnp.int32)
@@ -202,7 +202,7 @@ def test_paged_mq_ref_matches_flash_ref_on_gathered_cache():
     q, pages, tables, lengths, q_start, n_queries = _mq_data("flash_ref", B, T, H, G, K, jnp.float32, page_size,
                                                              rows, False)
     q = jnp.nan_to_num(q)  # flash_attention_ref keeps NaN in its padding rows' softmax
-    k, v = (jnp.nan_to_num(pa._gather_pages(p, tables)) for p in pages)  # [B, S, G, K]
+    k, v = (jnp.nan_to_num(pa.gather_pages(p, tables)) for p in pages)  # [B, S, G, K]
     want = flash_attention_ref(q, k, v, q_start, lengths)
     got = pa.paged_attention_mq_ref(q, *pages, tables, lengths, q_start, n_queries)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
