@@ -1,4 +1,4 @@
-"""SentencePiece tokenizer, incremental detokenization for streaming, and the Llama-2 chat format."""
+"""SentencePiece tokenizer (text checks, decoding after a context token) and the Llama-2 chat format."""
 import os
 import re
 
@@ -54,27 +54,6 @@ class Tokenizer:
         anchor, text = self.sp.decode([context]), self.sp.decode([context] + ids)
         # A byte piece alone reads as U+FFFD; if `ids` complete its character the anchor is gone.
         return text[len(anchor):] if text.startswith(anchor) else self.sp.decode(ids)
-
-
-class StreamDecoder:
-    """Turns a growing list of token ids into text deltas that never split a UTF-8 character
-    (a run of byte-fallback pieces decodes to U+FFFD until its last byte arrives)."""
-
-    def __init__(self, tokenizer: Tokenizer | None, context: int | None = None):
-        self.tokenizer, self.context = tokenizer, context
-        self.ids: list[int] = []
-        self.emitted = 0  # characters of text already handed out
-
-    def text(self) -> str:
-        return "" if self.tokenizer is None else self.tokenizer.decode_after(self.context, self.ids)
-
-    def push(self, ids: list[int], final: bool = False) -> str:
-        self.ids.extend(ids)
-        text = self.text()
-        stable = len(text) if final else len(text.rstrip("\ufffd"))
-        delta = text[self.emitted:stable]
-        self.emitted = max(self.emitted, stable)
-        return delta
 
 
 def format_chat(messages: list[dict], tokenizer: Tokenizer) -> list[int]:

@@ -1,6 +1,7 @@
 import pytest
 
-from jllm.tokenizer import StreamDecoder, Tokenizer, format_chat
+from jllm.streaming import Row
+from jllm.tokenizer import Tokenizer, format_chat
 
 TEXTS = ["Hello world", "Grüße aus Köln, déjà vu.", "日本語のテキスト", "Emoji: 🙂🚀✨",
          "x = f(a, b) + 42"]
@@ -52,12 +53,14 @@ def test_decode_after_keeps_the_space_between_prompt_and_continuation(tokenizer)
     assert tokenizer.decode_after(after_bytes[-1], cont) == " world"
 
 
-def test_stream_decoder_never_emits_a_split_character(tokenizer):
+def test_stream_deltas_never_split_a_character(tokenizer):
+    """The streaming rules (jllm.streaming.Row, shared by generate and the engine): token by token,
+    no delta holds a half-decoded character, and together they are the whole text."""
     sp = tokenizer.sp
     ids = (sp.encode("naïve") + [sp.piece_to_id("\u2581")] + _bytes(tokenizer, "\U0001F642\u65e5")
            + sp.encode(" end"))
-    dec = StreamDecoder(tokenizer, context=tokenizer.bos_id)
-    deltas = [dec.push([i]) for i in ids] + [dec.push([], final=True)]
+    row = Row(0, [tokenizer.bos_id], tokenizer, stop=[], stop_ids=set(), max_new=len(ids))
+    deltas = [d.text for d in (row.push([i], 0.0) for i in ids) if d is not None]
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == "naïve \U0001F642\u65e5 end"
 
