@@ -1,7 +1,9 @@
-"""The `jllm` command: generate | chat | convert | bench.
+"""The `jllm` command: generate | chat | convert | bench [engine | serve] | serve.
 
 Flag values are checked when the command line is parsed (argument types) or right after
-(`_check`), before any weights load, so a bad value costs no model load or run.
+(`_check`), before any weights load, so a bad value costs no model load or run. Over 400 lines
+because every subcommand's flags, their pre-load checks and the interactive chat loop live here,
+one reading of the whole command line; the server's own flags are jllm/serve/cli.py's.
 """
 import argparse
 import contextlib

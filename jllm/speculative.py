@@ -17,6 +17,9 @@ entries past it are stale (never read, overwritten by the next write), which is 
 Greedy rows accept the longest prefix equal to the target's argmax. Sampled rows use the rejection
 rule of Leviathan et al. 2023 and Chen et al. 2023 over the same tempered, top-k/top-p filtered
 distributions as `jllm.sampling`, so the output is distributed exactly as the target's.
+
+Over 400 lines: the three proposers, the verify step, both acceptance rules and the host loop
+belong together (one round is one read of this file).
 """
 import dataclasses
 import functools

@@ -4,6 +4,8 @@ and /metrics, in front of an EngineRunner.
 Every error is an OpenAI error object (protocol.APIError); a full queue is a 429 with
 Retry-After, a draining server a 503. A client that goes away (streaming or not) aborts its
 request, so its slot and pages are free before the engine's next step.
+
+Over 400 lines: every endpoint, its streaming and its error mapping in one place.
 """
 import asyncio
 import contextlib

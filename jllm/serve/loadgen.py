@@ -8,6 +8,9 @@ count and a wall-clock limit. Results: JSON (one entry per rate or concurrency) 
 latency against throughput.
 
     jllm bench serve --url http://127.0.0.1:8000 --model NAME --request-rate 1 2 4 inf
+
+Over 400 lines: one self-contained client (load shapes, timing, report, plot, CLI) that may
+run against any server.
 """
 import argparse
 import asyncio
