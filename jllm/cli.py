@@ -424,9 +424,9 @@ def cmd_bench(args) -> int:
     prefill_options = _xla_options(args.prefill_xla_option)
     mesh = _mesh(args)  # with several processes, each runs the same benchmark on its devices
     # A fresh cache directory, so "cold" is a real first compile and "warm" a persistent-cache hit.
-    with tempfile.TemporaryDirectory() as cache_dir:
-        if os.environ.get("JLLM_CACHE_DIR") != "off":
-            runtime.enable_compilation_cache(args.cache_dir or cache_dir)
+    with tempfile.TemporaryDirectory() as cache_dir, (
+            runtime.compilation_cache(args.cache_dir or cache_dir)
+            if os.environ.get("JLLM_CACHE_DIR") != "off" else contextlib.nullcontext()):
         results = []
         # On a mesh the weights are made in their shards: a 70B model never sits on one device.
         say(f"initializing random {args.config} weights ({args.dtype})"

@@ -1,5 +1,6 @@
 """Process-wide setup (the persistent compilation cache, the Pallas-Triton warning filter) and the
 status lines and progress bars of long work."""
+import contextlib
 import os
 import sys
 import time
@@ -32,6 +33,28 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                  "jax_persistent_cache_min_entry_size_bytes")
+
+
+@contextlib.contextmanager
+def compilation_cache(path: str):
+    """The persistent compilation cache in `path` for the duration of the block; the process's
+    setting before it comes back afterwards (a benchmark's temporary cache directory is deleted
+    when it ends, and later compiles must not keep writing there)."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+    before = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+    jax.config.update("jax_compilation_cache_dir", None)
+    cc.reset_cache()
+    try:
+        enable_compilation_cache(path)
+        yield path
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
+        cc.reset_cache()
 
 
 def say(msg: str) -> None:

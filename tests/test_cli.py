@@ -168,3 +168,13 @@ def test_speculation_flags_are_checked_before_loading(tiny_dirs, capsys, flags, 
     _, ck = tiny_dirs
     assert cli.main(["generate", "--model", ck, "--prompt", "Hi"] + flags) == 2
     assert match in capsys.readouterr().err
+
+
+def test_bench_leaves_the_compilation_cache_setting_as_it_found_it(monkeypatch, capsys):
+    """bench times cold and warm compiles in a temporary cache directory, deleted when it ends: the
+    process's own setting (here: none) must come back, or later compiles write into a deleted dir."""
+    import jax
+    monkeypatch.delenv("JLLM_CACHE_DIR")
+    before = jax.config.jax_compilation_cache_dir
+    assert cli.main(["bench", "--config", "tiny", "--prompt-len", "8", "--new-tokens", "4"]) == 0
+    assert jax.config.jax_compilation_cache_dir == before
