@@ -178,3 +178,23 @@ def test_bench_leaves_the_compilation_cache_setting_as_it_found_it(monkeypatch, 
     before = jax.config.jax_compilation_cache_dir
     assert cli.main(["bench", "--config", "tiny", "--prompt-len", "8", "--new-tokens", "4"]) == 0
     assert jax.config.jax_compilation_cache_dir == before
+
+
+def test_bench_engine_runs_the_offline_benchmark_and_writes_json(tmp_path, capsys):
+    """`jllm bench engine`: every request's output tokens counted, the generate baseline beside it."""
+    out = tmp_path / "engine.json"
+    assert cli.main(["bench", "engine", "--config", "tiny", "--dtype", "float32", "--requests", "6",
+                     "--prompt-len", "4", "12", "--output-len", "3", "6", "--max-seqs", "4",
+                     "--max-tokens-per-step", "32", "--num-pages", "32", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["n_requests"] == 6 and r["output_tokens"] == sum(r["output_lens"])
+    assert r["baseline_output_tokens_per_s"] > 0 and r["speedup"] > 0
+    assert "engine / generate" in capsys.readouterr().out
+
+
+def test_serve_and_bench_serve_are_jllm_subcommands(capsys):
+    for argv in (["serve", "--help"], ["bench", "serve", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 0
+    assert "--max-seqs" in capsys.readouterr().out
