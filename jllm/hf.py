@@ -232,10 +232,10 @@ def load_hf(hf_dir: str | os.PathLike, dtype="bfloat16", progress: bool = True,
     return cfg, {k: flat[k] for k in infos}, tok
 
 
-def read_tokenizer_config(hf_dir: str) -> str | None:
-    """Path of HF_DIR/tokenizer_config.json (it may hold a chat template), None if absent;
-    refuses one that is not a JSON object, before any weight is read."""
-    path = os.path.join(hf_dir, checkpoint.TOKENIZER_CONFIG)
+def read_tokenizer_config(model_dir: str) -> tuple[str, dict] | None:
+    """(path, contents) of DIR/tokenizer_config.json (it may hold a chat template), None if absent;
+    ValueError naming the file when it is not a readable JSON object (before any weight is read)."""
+    path = os.path.join(model_dir, checkpoint.TOKENIZER_CONFIG)
     if not os.path.isfile(path):
         return None
     try:
@@ -245,7 +245,7 @@ def read_tokenizer_config(hf_dir: str) -> str | None:
         raise ValueError(f"cannot read {path!r}: {e}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path!r} must hold a JSON object, got {type(config).__name__}")
-    return path
+    return path, config
 
 
 def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "bfloat16",
@@ -262,6 +262,7 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = 
     dtype_name = checkpoint.dtype_name(checkpoint.parse_dtype(dtype))
     read_config(hf_dir)
     tok_config = read_tokenizer_config(hf_dir)
+    tok_config = tok_config and tok_config[0]
     with checkpoint.staging(out_dir, overwrite=overwrite, protect=(hf_dir,)) as tmp:
         cfg, flat, tok = load_hf(hf_dir, dtype, progress=progress)
         meta = None

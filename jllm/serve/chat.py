@@ -8,16 +8,15 @@ message stay text, so a user cannot forge a turn boundary.
 """
 import datetime
 import json
-import os
 import re
 
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from jllm.hf import read_tokenizer_config
 from jllm.tokenizer import Tokenizer, format_chat
 
-CONFIG_FILE = "tokenizer_config.json"
 # Private-use markers around special-token strings found in messages (transformers uses the same).
 _MARK_START, _MARK_END = "\U000f0000", "\U000f0001"
 
@@ -27,15 +26,11 @@ def read_template(model_dir: str) -> str | None:
 
     A list of named templates (the newer transformers form) gives its "default" one.
     """
-    path = os.path.join(model_dir, CONFIG_FILE)
-    if not os.path.isfile(path):
+    found = read_tokenizer_config(model_dir)
+    if found is None:
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path!r}: {e}") from None
-    template = config.get("chat_template") if isinstance(config, dict) else None
+    path, config = found
+    template = config.get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         if "default" not in named:
