@@ -125,6 +125,8 @@ class EngineStats:
     aborted: int
     preemptions: int
     steps: int
+    drafted_tokens: int = 0              # prompt-lookup drafts verified (speculative engines)
+    accepted_tokens: int = 0             # of them, accepted
     kv_cache_usage: float = 0.0          # pages_used / pages_total
     prefix_cache_hit_ratio: float = 0.0  # prefix_hit_tokens / prompt_tokens
 

@@ -20,6 +20,7 @@ from jllm.engine.pages import PagePool
 from jllm.engine.scheduler import Request, Schedule, Scheduler, Status, build_batch, default_shapes
 from jllm.engine.step import StepOutput, engine_step, init_state, reset_keys
 from jllm.generate import Model, check_kv_cache_dtype
+from jllm.speculative import PromptLookup, Speculative
 from jllm.streaming import Row
 
 DEFAULT_PAGES = 512  # without device memory statistics (CPU) and no num_pages
@@ -31,6 +32,7 @@ class _InFlight:
     out: StepOutput
     owners: list[Request | None]       # the request of each sample row
     logprobs: bool
+    spec_rows: dict[int, int]          # sample row -> chunk row, for rows verifying drafts
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
@@ -78,6 +80,11 @@ class Engine:
     chunk_buckets (the compiled step shapes), max_prompts_per_step, async_scheduling, and
     max_model_len (prompt + output tokens of one request; default the model's max_seq_len: a
     smaller one shrinks the block tables, which the XLA attention path gathers whole).
+
+    speculative=Speculative(PromptLookup(n), k): each greedy decode (no logprobs) whose context
+    has an n-gram match verifies up to k drafted tokens as one chunk row and takes every
+    accepted token at once, exactly the tokens it would decode one by one. The engine then runs
+    synchronously (drafting needs the last token on the host): for low-concurrency serving.
     """
 
     def __init__(self, model: Model, max_seqs: int = 64, page_size: int = 16, num_pages: int | None = None,
@@ -86,7 +93,7 @@ class Engine:
                  max_queue: int | None = None, progress: bool = True, *, chunk_row: int | None = None,
                  decode_buckets: Sequence[int] | None = None, chunk_buckets: Sequence[int] | None = None,
                  max_prompts_per_step: int = 4, async_scheduling: bool = True,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, speculative: Speculative | None = None):
         if not isinstance(model, Model):
             raise TypeError(f"model must be a jllm.Model (jllm.load); got {type(model).__name__}")
         self.model, self.cfg, self.plan = model, model.cfg, model.plan
@@ -111,7 +118,8 @@ class Engine:
             raise ValueError(f"decode_buckets={decode_buckets} must reach max_seqs={max_seqs}")
         self.shapes = default_shapes(self.max_seqs, self.budget, chunk_row, max_prompts_per_step,
                                      decode_buckets, chunk_buckets)
-        self.async_scheduling = bool(async_scheduling)
+        self.spec_k, self.max_ngram = self._speculative(speculative, model)
+        self.async_scheduling = bool(async_scheduling) and not self.spec_k
         self.dtype = model.cache_dtype if kv_cache_dtype is None else np.dtype(kv_cache_dtype)
         if num_pages is None:
             num_pages = pages_from_memory(model, self.page_size, self.dtype, memory_fraction) or DEFAULT_PAGES
@@ -124,7 +132,7 @@ class Engine:
         self.max_pages = -(-self.max_len // self.page_size)
         self.pool = PagePool(self.num_pages, prefix_caching)
         self.scheduler = Scheduler(self.pool, self.page_size, self.max_seqs, self.max_pages, self.budget,
-                                   self.shapes)
+                                   self.shapes, self.spec_k, self.max_ngram)
         self.requests: dict[str, Request] = {}
         self._outputs: list[RequestOutput] = []   # final outputs of aborted requests, for the next step
         self._inflight: _InFlight | None = None
@@ -134,6 +142,21 @@ class Engine:
             self.state = init_state(self.cfg, self.num_pages, self.page_size, self.max_seqs, self.dtype,
                                     model.mesh)
             self._compile(progress)
+
+    def _speculative(self, spec, model: Model) -> tuple[int, int]:
+        """(k, max_ngram) of a prompt-lookup Speculative, (0, 0) for None."""
+        if spec is None:
+            return 0, 0
+        if not isinstance(spec, Speculative):
+            raise TypeError(f"speculative must be a jllm.speculative.Speculative or None; got {type(spec).__name__}")
+        if not isinstance(spec.proposer, PromptLookup):
+            raise ValueError(f"speculative.proposer={type(spec.proposer).__name__}; the engine takes only "
+                             "PromptLookup (drafting on the host)")
+        spec.proposer.check(model)
+        if spec.k + 1 > self.shapes.chunk_row:
+            raise ValueError(f"speculative.k={spec.k}: k + 1 must be <= chunk_row={self.shapes.chunk_row} "
+                             "(the drafts are verified in one chunk row)")
+        return spec.k, spec.proposer.max_ngram
 
     def _on_mesh(self):
         if self.model.mesh is None:
@@ -149,7 +172,7 @@ class Engine:
                   leave=False) as bar:
             for D, C in shapes:
                 batch, _ = build_batch(Schedule([], [], []), self.shapes, self.scheduler.tables, self.num_pages,
-                                       self.max_seqs, self.page_size, dims=(D, C))
+                                       self.max_seqs, self.page_size, dims=(D, C), spec_k=self.spec_k)
                 self.state, _ = engine_step(self.model.params, self.state, batch, cfg=self.cfg, plan=self.plan)
                 bar.update()
             none = np.zeros(self.max_seqs, np.int32)
@@ -262,17 +285,21 @@ class Engine:
                 keys = reset_keys(self.state.keys, mask, seeds, skips, resume=bool(skips.any()))
             self.state = dataclasses.replace(self.state, keys=keys)
         batch, owners = build_batch(sched, self.shapes, self.scheduler.tables, self.num_pages, self.max_seqs,
-                                    self.page_size)
+                                    self.page_size, spec_k=self.spec_k)
         with self._on_mesh():
             self.state, out = engine_step(self.model.params, self.state, batch, cfg=self.cfg, plan=self.plan)
         self.steps += 1
-        return _InFlight(out, owners, any(r is not None and r.want_logprobs for r in owners))
+        D = len(owners) - len(batch.spec_m)
+        spec_rows = {D + r: r for r in np.nonzero(batch.spec_m)[0].tolist()}
+        return _InFlight(out, owners, any(r is not None and r.want_logprobs for r in owners), spec_rows)
 
     def _read(self, step: _InFlight) -> list[RequestOutput]:
         """Read a step's samples back and hand them to their requests."""
         tokens = np.asarray(step.out.tokens)
         if step.logprobs:
             lp, top_ids, top_lp = (np.asarray(x) for x in (step.out.logprob, step.out.top_ids, step.out.top_logprobs))
+        if step.spec_rows:
+            spec_out, spec_n = np.asarray(step.out.spec_out), np.asarray(step.out.spec_n)
         now = time.perf_counter()
         outs = []
         for i, req in enumerate(step.owners):
@@ -281,13 +308,21 @@ class Engine:
             req.pending -= 1
             if req.status is not Status.RUNNING:  # aborted (or finished) while this step ran
                 continue
-            tok = int(tokens[i])
-            req.tokens.append(tok)
-            self.generated_tokens += 1
+            new = [int(tokens[i])]
+            if i in step.spec_rows:  # [last, d1..dm] verified: n accepted drafts and the token after
+                r = step.spec_rows[i]
+                m, n = req.computed - len(req.tokens), int(spec_n[r])
+                new = spec_out[r, :n + 1].tolist()
+                req.computed -= m - n  # the rejected drafts' keys are stale: overwritten later
+                self.scheduler.drafted_tokens += m
+                self.scheduler.accepted_tokens += n
+            tok = new[-1]
+            req.tokens += new
+            self.generated_tokens += len(new)
             if req.t_first is None:
                 req.t_first = now
             req.t_last = now
-            delta = req.row.push([tok], now)
+            delta = req.row.push(new, now)
             logprobs = None
             if req.want_logprobs and delta is not None and delta.token_ids:
                 n = req.params.logprobs
@@ -322,7 +357,8 @@ class Engine:
                            pages_total=self.num_pages, pages_cached=len(self.pool.lru),
                            prefix_hit_tokens=s.prefix_hit_tokens, prompt_tokens=s.prompt_tokens,
                            prefill_tokens=s.prefill_tokens, generated_tokens=self.generated_tokens,
-                           aborted=self.aborted, preemptions=s.preemptions, steps=self.steps)
+                           aborted=self.aborted, preemptions=s.preemptions, steps=self.steps,
+                           drafted_tokens=s.drafted_tokens, accepted_tokens=s.accepted_tokens)
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:

@@ -21,6 +21,7 @@ import numpy as np
 from jllm.engine.api import SamplingParams
 from jllm.engine.pages import PagePool, block_hash
 from jllm.engine.step import StepBatch
+from jllm.speculative import lookup
 from jllm.streaming import Row
 
 
@@ -81,11 +82,13 @@ class Request:
 
 @dataclasses.dataclass
 class Piece:
-    """Tokens [start, start + n) of a request computed in one step; `samples` if it ends them."""
+    """Tokens [start, start + n) of a request computed in one step; `samples` if it ends them.
+    A verifying piece (drafts set) is [last, d1..dm], n = m + 1, past the request's tokens."""
     req: Request
     start: int
     n: int
     samples: bool
+    drafts: list[int] | None = None
 
 
 @dataclasses.dataclass
@@ -144,7 +147,9 @@ class Scheduler:
     """Waiting queue, running requests, slots and pages (module docstring)."""
 
     def __init__(self, pool: PagePool, page_size: int, max_seqs: int, max_pages: int, budget: int,
-                 shapes: StepShapes):
+                 shapes: StepShapes, spec_k: int = 0, max_ngram: int = 0):
+        self.spec_k, self.max_ngram = spec_k, max_ngram     # prompt-lookup drafts per step (0: off)
+        self.drafted_tokens = self.accepted_tokens = 0
         self.pool, self.page_size, self.max_seqs, self.max_pages = pool, page_size, max_seqs, max_pages
         self.budget, self.shapes = budget, shapes
         self.max_chunk = shapes.chunk_buckets[-1]
@@ -222,8 +227,18 @@ class Scheduler:
         budget = self.budget
         decodes, chunks, admitted = [], [], []
         preempted = False
-        for req in list(self.running):
+        chunk_tokens, running = 0, list(self.running)
+        for i, req in enumerate(running):
             if req.status is not Status.RUNNING or req.exhausted or not req.is_decode():
+                continue
+            drafts = self._drafts(req, budget - (len(running) - i - 1), self.max_chunk - chunk_tokens,
+                                  len(chunks))
+            if drafts:  # verify [last, d1..dm] as a chunk row
+                n = len(drafts) + 1
+                self._take_pages(req, -(-(req.computed + n) // self.page_size) - len(req.pages))
+                chunks.append(Piece(req, req.computed, n, True, drafts))
+                req.computed, req.pending, budget, chunk_tokens = req.computed + n, req.pending + 1, budget - n, chunk_tokens + n
+                self.register(req)
                 continue
             if self._needs_page(req):
                 while self.pool.available() < 1:
@@ -240,7 +255,6 @@ class Scheduler:
             req.pending += 1
             self.register(req)
             budget -= 1
-        chunk_tokens = 0
 
         def add_chunk(req: Request) -> None:
             nonlocal budget, chunk_tokens
@@ -273,6 +287,17 @@ class Scheduler:
             add_chunk(req)
         return Schedule(decodes, chunks, admitted)
 
+    def _drafts(self, req: Request, budget: int, chunk_room: int, n_chunks: int) -> list[int]:
+        """Prompt-lookup drafts for a decoding request (verified as a chunk row), or [] where it
+        decodes plainly: speculation off, a sampled row or one asking for logprobs, a sample still
+        in flight, no n-gram match, or no room (budget, chunk tokens, chunk rows, free pages)."""
+        k = min(self.spec_k, req.params.max_tokens - req.n_sampled - 1, budget - 1, chunk_room - 1)
+        if k < 1 or req.temperature > 0 or req.want_logprobs or req.pending or n_chunks >= self.shapes.max_prompts:
+            return []
+        drafts = lookup(req.tokens, self.max_ngram, k)
+        need = -(-(req.computed + len(drafts) + 1) // self.page_size) - len(req.pages)
+        return drafts if need <= self.pool.available() else []
+
     def _admit(self, req: Request) -> bool:
         """Give the queue's head a slot and the pages of all its tokens, if the pool has them."""
         ps = self.page_size
@@ -302,11 +327,12 @@ class Scheduler:
 
 
 def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pages: int,
-                max_seqs: int, page_size: int, dims: tuple[int, int] | None = None,
+                max_seqs: int, page_size: int, dims: tuple[int, int] | None = None, spec_k: int = 0,
                 ) -> tuple[StepBatch, list[Request | None]]:
     """The numpy StepBatch of a schedule, padded to its bucket shapes (or to dims = (D, C)), and
     the request of each sample row (None: the row samples nothing). An empty schedule gives a
-    batch that changes nothing: start-up compiles every shape with those."""
+    batch that changes nothing: start-up compiles every shape with those. spec_k: the drafts a
+    verifying piece may hold (the static width of the spec arrays)."""
     d = len(sched.decodes)
     c = sum(p.n for p in sched.chunks)
     D = shapes.pick(max(d, 1), shapes.decode_buckets)
@@ -324,6 +350,7 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
     sample_tok, sample_slot = np.zeros(S, i32), np.full(S, max_seqs, i32)
     temperature, top_k, top_p = np.zeros(S, np.float32), np.zeros(S, i32), np.ones(S, np.float32)
     owners: list[Request | None] = [None] * S
+    spec_tok, spec_drafts, spec_m = np.zeros((R, spec_k + 1), i32), np.zeros((R, spec_k), i32), np.zeros(R, i32)
 
     def set_sampling(i: int, req: Request) -> None:
         sample_slot[i] = req.slot
@@ -343,11 +370,16 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
     cpos, row = 0, 0
     for p in sched.chunks:
         req = p.req
+        if p.drafts is not None:  # one row of [last, d1..dm]
+            m = len(p.drafts)
+            spec_tok[row] = D + cpos + np.minimum(np.arange(spec_k + 1), m)
+            spec_drafts[row, :m], spec_m[row] = p.drafts, m
+        seq = req.tokens if p.drafts is None else req.tokens + p.drafts
         for r0 in range(p.start, p.start + p.n, Tc):
             rn = min(Tc, p.start + p.n - r0)
             at = np.arange(rn)
             flat = D + cpos + at                                                      # in [N]
-            tokens[flat] = req.tokens[r0:r0 + rn]
+            tokens[flat] = seq[r0:r0 + rn]
             positions[flat] = r0 + at
             page[flat] = tables[req.slot, (r0 + at) // page_size]
             offset[flat] = (r0 + at) % page_size
@@ -361,5 +393,6 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
             set_sampling(D + row - 1, req)
     assert row <= R and cpos <= C, (row, R, cpos, C)
     batch = StepBatch(tokens, positions, page, offset, dec_slot, dec_tables, dec_len, row_tables, row_start,
-                      row_len, row_tok, tok_row, sample_tok, sample_slot, temperature, top_k, top_p)
+                      row_len, row_tok, tok_row, sample_tok, sample_slot, temperature, top_k, top_p,
+                      spec_tok, spec_drafts, spec_m)
     return batch, owners

@@ -20,6 +20,10 @@ Sampling: a sampled row (each decode row, and a prompt's last chunk row) takes i
 key, splits it (key, sub = split(key)) and samples its [1, V] logits with `sub`, exactly what
 `jllm.generate` does for one prompt, so a seeded request gives the same tokens as generate
 alone. Device state (pages, per-slot keys and last tokens) is donated and updated in place.
+
+Prompt-lookup speculation (docs/ENGINE.md): a chunk row may be [last, d1..dm] of a decoding
+request; `verify_rows` accepts its drafts by the greedy rule and makes the row's sample the
+target's token after them.
 """
 import dataclasses
 import functools
@@ -33,6 +37,7 @@ from jllm.kvcache import LayerKV, init_paged_cache
 from jllm.model import Params, logits, transformer
 from jllm.plan import Plan
 from jllm.sampling import Sampling, sample
+from jllm.speculative import _greedy_accept
 from pallas_kernels.kv_quant import quantize_kv
 
 from jllm.engine.api import MAX_LOGPROBS
@@ -60,6 +65,9 @@ class StepBatch:
     temperature: jax.Array  # [S] float32
     top_k: jax.Array        # [S] int32 (0: off)
     top_p: jax.Array        # [S] float32 (1: off)
+    spec_tok: jax.Array     # [R, k+1] int32 chunk-row tokens whose logits verify drafts (k = 0: off)
+    spec_drafts: jax.Array  # [R, k] int32 drafts a chunk row checks (its tokens after the first)
+    spec_m: jax.Array       # [R] int32 drafts to check per chunk row (0: the row verifies nothing)
 
 
 @jax.tree_util.register_dataclass
@@ -81,6 +89,8 @@ class StepOutput:
     logprob: jax.Array          # [S] float32 log-probability of the sampled token
     top_ids: jax.Array          # [S, MAX_LOGPROBS] int32 most likely tokens
     top_logprobs: jax.Array     # [S, MAX_LOGPROBS] float32
+    spec_out: jax.Array         # [R, k+1] int32 a verifying row's new tokens: the first spec_n + 1
+    spec_n: jax.Array           # [R] int32 accepted drafts per chunk row
 
 
 @jax.tree_util.register_dataclass
@@ -170,6 +180,26 @@ def top_logprobs(lg: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array
     return chosen, ids.astype(jnp.int32), top
 
 
+def verify_rows(params: Params, h: jax.Array, batch: StepBatch, sampled: jax.Array, plan: Plan,
+                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Greedy draft verification of chunk rows, h [N, dim], sampled [S] -> the sampled tokens
+    with each verifying row's replaced by the target's token after its accepted drafts, and
+    (spec_out [R, k+1], spec_n [R]): jllm.speculative's greedy rule (the longest prefix of
+    drafts equal to the argmax, then the argmax after it)."""
+    R, k1 = batch.spec_tok.shape
+    if k1 == 1 or R == 0:  # speculation off: nothing to verify (static)
+        return sampled, (jnp.zeros((R, k1), jnp.int32), jnp.zeros((R,), jnp.int32))
+    drafts, m = batch.spec_drafts, batch.spec_m
+    greedy = jnp.argmax(logits(params, h[batch.spec_tok], plan), axis=-1).astype(jnp.int32)  # [R, k+1]
+    n = _greedy_accept(greedy, drafts, m)                                           # [R]
+    rows = jnp.arange(R)
+    nxt = greedy[rows, n]
+    out = jnp.concatenate([drafts, drafts[:, :1]], axis=1).at[rows, n].set(nxt)      # [R, k+1]
+    D = sampled.shape[0] - R
+    sampled = sampled.at[D:].set(jnp.where(m > 0, nxt, sampled[D:]))
+    return sampled, (out, n)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("state",))
 def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: LlamaConfig,
                 plan: Plan) -> tuple[EngineState, StepOutput]:
@@ -182,12 +212,13 @@ def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: Llama
     lg = logits(params, h[0, batch.sample_tok], plan)                               # [S, V]
     slot = jnp.minimum(batch.sample_slot, max_seqs - 1)
     sampled, nxt = sample_rows(lg, state.keys[slot], Sampling(batch.temperature, batch.top_k, batch.top_p))
+    sampled, spec = verify_rows(params, h[0], batch, sampled, plan)
     lp = top_logprobs(lg, sampled)  # always (no conditional, as in sample_rows); read back when asked
     state = EngineState(k_pages=view.k_pages, v_pages=view.v_pages, k_scale_pages=view.k_scale_pages,
                         v_scale_pages=view.v_scale_pages,
                         keys=state.keys.at[batch.sample_slot].set(nxt, mode="drop"),
                         last_token=state.last_token.at[batch.sample_slot].set(sampled, mode="drop"))
-    return state, StepOutput(sampled, *lp)
+    return state, StepOutput(sampled, *lp, *spec)
 
 
 @functools.partial(jax.jit, static_argnames=("resume",), donate_argnames=("keys",))
