@@ -10,7 +10,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import conftest  # noqa: E402,F401  (the worktree on sys.path, no compilation cache, CPU flags)
+import conftest  # noqa: E402,F401  (the repository root on sys.path, no compilation cache, CPU flags)
 from conftest import make_model  # noqa: E402
 
 from jllm.config import LlamaConfig  # noqa: E402
