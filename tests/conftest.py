@@ -20,6 +20,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import dataclasses  # noqa: E402
+import gc  # noqa: E402
+
+import jax  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -56,6 +59,16 @@ def random_params(cfg: LlamaConfig, seed: int = 0, dtype=jnp.float32) -> Params:
 def make_model(cfg: LlamaConfig, tokenizer: Tokenizer | None, seed: int = 0) -> Model:
     return Model(params=random_params(cfg, seed), cfg=cfg, tokenizer=tokenizer, attn_impl="xla",
                  matmul_impl="xla")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program after each test module. Each CPU executable holds a few memory
+    mappings for its code; the suite compiles thousands of programs, and one process may hold at
+    most vm.max_map_count (65,530 by default) mappings, past which the compiler crashes."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
