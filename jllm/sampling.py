@@ -8,17 +8,24 @@ import jax.numpy as jnp
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Sampling:
-    """Per-row sampling values. They are data, not static arguments: changing them never recompiles."""
+    """Per-row sampling values. They are data, not static arguments: changing them never recompiles.
+
+    `greedy` is static: True promises every row has temperature 0, so sampling is an argmax and
+    no sort is traced. It replaces a data-dependent conditional, which XLA:GPU runs by copying
+    the predicate to the host and waiting for it: a stall in every decode step. Greedy and
+    sampled calls are two compiled programs."""
     temperature: jax.Array  # [B] float32; 0 means greedy (argmax)
     top_k: jax.Array        # [B] int32; 0 means no top-k cut
     top_p: jax.Array        # [B] float32; 1 means no nucleus cut
+    greedy: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @classmethod
     def make(cls, batch: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None) -> "Sampling":
         return cls(temperature=jnp.full((batch,), temperature, jnp.float32),
                    top_k=jnp.full((batch,), top_k or 0, jnp.int32),
-                   top_p=jnp.full((batch,), 1.0 if top_p is None else top_p, jnp.float32))
+                   top_p=jnp.full((batch,), 1.0 if top_p is None else top_p, jnp.float32),
+                   greedy=temperature == 0)
 
 
 def _filtered_logits(logits: jax.Array, s: Sampling) -> jax.Array:
@@ -44,10 +51,7 @@ def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
     """logits [B, V] -> tokens [B] int32. Rows with temperature 0 take the argmax."""
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def stochastic():
-        drawn = jax.random.categorical(key, _filtered_logits(logits, s), axis=-1)
-        return jnp.where(s.temperature > 0, drawn.astype(jnp.int32), greedy)
-
-    # The sort behind top-k/top-p runs only when some row samples.
-    return jax.lax.cond(jnp.any(s.temperature > 0), stochastic, lambda: greedy)
+    if s.greedy:  # static: the sort behind top-k/top-p is not traced
+        return greedy
+    drawn = jax.random.categorical(key, _filtered_logits(logits, s), axis=-1)
+    return jnp.where(s.temperature > 0, drawn.astype(jnp.int32), greedy)

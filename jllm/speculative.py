@@ -104,19 +104,13 @@ def verify(params: Params, last: jax.Array, drafts: jax.Array, m: jax.Array, q: 
     greedy = jnp.argmax(lg, axis=-1).astype(jnp.int32)                               # [B, k+1]
     n_greedy = _greedy_accept(greedy, drafts, m)
     key, sub = jax.random.split(key)
-
-    def stochastic():
+    n, nxt = n_greedy, greedy[jnp.arange(B), n_greedy]                               # [B]
+    if not sampling.greedy:  # static (no conditional: see Sampling)
         p = _probs(lg, sampling)
         qd = jax.nn.one_hot(drafts, lg.shape[-1], dtype=p.dtype) if q is None else q
-        return rule(p, qd, drafts, m, sub)
-
-    def deterministic():
-        return n_greedy, greedy[jnp.arange(B), n_greedy]
-
-    n_s, t_s = jax.lax.cond(jnp.any(sampling.temperature > 0), stochastic, deterministic)
-    sampled = sampling.temperature > 0
-    n = jnp.where(sampled, n_s, n_greedy)                                            # [B]
-    nxt = jnp.where(sampled, t_s, greedy[jnp.arange(B), n_greedy])                   # [B]
+        n_s, t_s = rule(p, qd, drafts, m, sub)
+        sampled = sampling.temperature > 0
+        n, nxt = jnp.where(sampled, n_s, n), jnp.where(sampled, t_s, nxt)
     out = jnp.concatenate([drafts, drafts[:, :1]], axis=1).at[jnp.arange(B), n].set(nxt)
     lengths = jnp.where(active, start + n + 1, start)
     return out, n, nxt, dataclasses.replace(cache, lengths=lengths), key
@@ -159,22 +153,18 @@ def draft_tokens(params: Params, head: jax.Array, n_head: jax.Array, cache: KVCa
                  sampling: Sampling, key: jax.Array, cfg: LlamaConfig, plan: Plan = Plan(),
                  k: int = 4) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
     """Feed head [B, 2] (n_head [B] real), then draft k tokens -> drafts [B, k], q [B, k, V]
-    (zeros when every row is greedy), the cache (k - 1 drafts written) and the key."""
+    (zeros when sampling.greedy), the cache (k - 1 drafts written) and the key."""
     B = head.shape[0]
 
     def draw(x, key):  # x [B, D] -> token [B], q [B, V]: sample's choice and its distribution
         lg = logits(params, x, plan)                                                 # [B, V]
         key, sub = jax.random.split(key)
         greedy = jnp.argmax(lg, axis=-1).astype(jnp.int32)
-
-        def stochastic():
-            fl = _filtered_logits(lg, sampling)
-            drawn = jax.random.categorical(sub, fl, axis=-1).astype(jnp.int32)
-            return jnp.where(sampling.temperature > 0, drawn, greedy), jax.nn.softmax(fl, axis=-1)
-
-        tok, q = jax.lax.cond(jnp.any(sampling.temperature > 0), stochastic,
-                              lambda: (greedy, jnp.zeros_like(lg)))
-        return tok, q, key
+        if sampling.greedy:  # static (no conditional: see Sampling)
+            return greedy, jnp.zeros_like(lg), key
+        fl = _filtered_logits(lg, sampling)
+        drawn = jax.random.categorical(sub, fl, axis=-1).astype(jnp.int32)
+        return jnp.where(sampling.temperature > 0, drawn, greedy), jax.nn.softmax(fl, axis=-1), key
 
     h, cache = transformer(params, head, cache, cfg, plan, n_tokens=n_head)           # [B, 2, D]
     tok, q0, key = draw(h[jnp.arange(B), n_head - 1], key)

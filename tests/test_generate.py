@@ -49,6 +49,7 @@ def test_bucket_is_a_power_of_two_at_least_the_length():
 def test_new_prompt_length_and_sampling_values_do_not_recompile(tiny_model):
     m = tiny_model
     jllm.generate(m, [_ids(m, 5)], max_new_tokens=N)
+    jllm.generate(m, [_ids(m, 5)], max_new_tokens=N, temperature=1.0)  # sampled: the second program
     compiled = prefill._cache_size(), decode._cache_size()
     calls = [dict(prompts=[_ids(m, 9, 1)], temperature=0.8, top_k=20, seed=3),
              dict(prompts=[_ids(m, 16, 2)], temperature=1.3, top_p=0.5, seed=7),

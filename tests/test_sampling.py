@@ -107,7 +107,9 @@ def test_each_row_uses_its_own_values():
 
 def test_new_sampling_values_do_not_recompile():
     logits = jnp.asarray(_logits(7, rows=5))  # a batch size no other test uses
+    # Two programs: all-greedy (static Sampling.greedy, no sort traced) and sampling.
     sample_jit(logits, jax.random.key(0), Sampling.make(5)).block_until_ready()
+    sample_jit(logits, jax.random.key(0), Sampling.make(5, 1.0)).block_until_ready()
     compiled = sample_jit._cache_size()
     for values in [(0.7, 5, None), (1.3, None, 0.8), (2.0, 40, 0.3), (0.0, 1, 1.0)]:
         sample_jit(logits, jax.random.key(values[1] or 1), Sampling.make(5, *values)).block_until_ready()

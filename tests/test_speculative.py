@@ -143,13 +143,17 @@ def test_a_prompt_that_fills_the_context(tiny_model):
 
 
 def test_no_recompiles_across_rounds_and_calls(tiny_model, proposers):
+    """Greedy and sampled calls are one program each (Sampling.greedy is static); new prompts of
+    the same bucket, other sampling values and seeds compile nothing more."""
     spec = sp.Speculative(proposers["self_int8"], 3)
     jllm.generate(tiny_model, _prompts(tiny_model), max_new_tokens=N, stop_token_ids=[], speculative=spec)
+    jllm.generate(tiny_model, _prompts(tiny_model), max_new_tokens=N, stop_token_ids=[], speculative=spec,
+                  temperature=1.0, seed=1)
     compiled = sp.verify._cache_size(), sp.draft_tokens._cache_size()
     rng = np.random.default_rng(5)
     other = [rng.integers(3, 512, n).tolist() for n in (2, 16, 7)]
     jllm.generate(tiny_model, other, max_new_tokens=N, stop_token_ids=[], speculative=spec,
-                  temperature=0.7, top_k=40, seed=3)
+                  temperature=0.7, top_k=40, top_p=0.9, seed=3)
     jllm.generate(tiny_model, other[::-1], max_new_tokens=N, stop_token_ids=[], speculative=spec)
     assert (sp.verify._cache_size(), sp.draft_tokens._cache_size()) == compiled
 
