@@ -263,6 +263,35 @@ def test_no_compilation_after_start_up(tiny_model):
     assert (engine_step._cache_size(), len(compiles)) == (before, n_before)
 
 
+def test_greedy_decode_steps_take_the_greedy_program(tiny_model, monkeypatch):
+    """Pure decode steps of greedy requests without logprobs run the program that traces no sort;
+    a sampled request or one asking for logprobs puts its steps back on the full program. The
+    tokens are generate's either way."""
+    import jllm.engine.engine as engine_mod
+    flags = []
+
+    def spy(*args, greedy=False, **kw):
+        flags.append(greedy)
+        return engine_step(*args, greedy=greedy, **kw)
+
+    engine = _engine(tiny_model)
+    monkeypatch.setattr(engine_mod, "engine_step", spy)
+    rng = np.random.default_rng(11)
+    prompts = [_ids(n, rng) for n in (5, 23, 40)]
+    greedy = SamplingParams(max_tokens=12, stop_token_ids=())
+    outs = engine.generate(prompts, greedy)
+    assert [o.token_ids for o in outs] == [_reference(tiny_model, p, greedy) for p in prompts]
+    assert True in flags and False in flags  # prompt chunks on the full program, decodes on the greedy one
+    # The other request outlives the greedy one, so no step of this call may take the greedy program.
+    for other in (SamplingParams(max_tokens=16, temperature=0.9, seed=3, stop_token_ids=()),
+                  SamplingParams(max_tokens=16, logprobs=2, stop_token_ids=())):
+        flags.clear()
+        [a, b] = engine.generate([prompts[0], prompts[1]], [greedy, other])
+        assert a.token_ids == _reference(tiny_model, prompts[0], greedy)
+        assert b.token_ids == _reference(tiny_model, prompts[1], other)
+        assert flags and not any(flags)
+
+
 def test_logprobs_are_the_models_log_softmax(tiny_model_no_tokenizer):
     m = tiny_model_no_tokenizer
     prompt = _ids(7, np.random.default_rng(6))

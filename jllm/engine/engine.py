@@ -165,15 +165,17 @@ class Engine:
         return parallel.mesh_context(self.model.mesh)
 
     def _compile(self, progress: bool) -> None:
-        """Run every step shape once on a batch that changes nothing, so none compiles later."""
+        """Run every step program once on a batch that changes nothing, so none compiles later:
+        each shape, and for pure decode shapes (C = 0) also the greedy variant (`_greedy`)."""
         from tqdm import tqdm
-        shapes = self.shapes.all()
-        with tqdm(total=len(shapes) + 2, desc="compiling engine steps", unit="shape", disable=not progress,
+        programs = [(D, C, False) for D, C in self.shapes.all()] + [(D, 0, True) for D in self.shapes.decode_buckets]
+        with tqdm(total=len(programs) + 2, desc="compiling engine steps", unit="program", disable=not progress,
                   leave=False) as bar:
-            for D, C in shapes:
+            for D, C, greedy in programs:
                 batch, _ = build_batch(Schedule([], [], []), self.shapes, self.scheduler.tables, self.num_pages,
                                        self.max_seqs, self.page_size, dims=(D, C), spec_k=self.spec_k)
-                self.state, _ = engine_step(self.model.params, self.state, batch, cfg=self.cfg, plan=self.plan)
+                self.state, _ = engine_step(self.model.params, self.state, batch, cfg=self.cfg, plan=self.plan,
+                                            greedy=greedy)
                 bar.update()
             none = np.zeros(self.max_seqs, np.int32)
             for resume in (False, True):
@@ -286,12 +288,20 @@ class Engine:
             self.state = dataclasses.replace(self.state, keys=keys)
         batch, owners = build_batch(sched, self.shapes, self.scheduler.tables, self.num_pages, self.max_seqs,
                                     self.page_size, spec_k=self.spec_k)
+        logprobs = any(r is not None and r.want_logprobs for r in owners)
         with self._on_mesh():
-            self.state, out = engine_step(self.model.params, self.state, batch, cfg=self.cfg, plan=self.plan)
+            self.state, out = engine_step(self.model.params, self.state, batch, cfg=self.cfg, plan=self.plan,
+                                          greedy=self._greedy(batch, owners, logprobs))
         self.steps += 1
         D = len(owners) - len(batch.spec_m)
         spec_rows = {D + r: r for r in np.nonzero(batch.spec_m)[0].tolist()}
-        return _InFlight(out, owners, any(r is not None and r.want_logprobs for r in owners), spec_rows)
+        return _InFlight(out, owners, logprobs, spec_rows)
+
+    @staticmethod
+    def _greedy(batch, owners, logprobs: bool) -> bool:
+        """A pure decode step (no prompt chunk) whose rows are all greedy without logprobs runs
+        the greedy program: no sort over the vocabulary (steady state of greedy serving)."""
+        return batch.tok_row.shape[0] == 0 and not logprobs and all(r is None or r.temperature == 0 for r in owners)
 
     def _read(self, step: _InFlight) -> list[RequestOutput]:
         """Read a step's samples back and hand them to their requests."""

@@ -167,7 +167,7 @@ def sample_rows(lg: jax.Array, keys: jax.Array, s: Sampling) -> tuple[jax.Array,
     nxt, sub = pair[:, 0], pair[:, 1]
 
     def one(row, key, t, k, p):
-        return sample(row[None], key, Sampling(t[None], k[None], p[None]))[0]
+        return sample(row[None], key, Sampling(t[None], k[None], p[None], greedy=s.greedy))[0]
 
     return jax.vmap(one)(lg, sub, s.temperature, s.top_k, s.top_p), jax.random.key_data(nxt)
 
@@ -200,10 +200,13 @@ def verify_rows(params: Params, h: jax.Array, batch: StepBatch, sampled: jax.Arr
     return sampled, (out, n)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("cfg", "plan", "greedy"), donate_argnames=("state",))
 def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: LlamaConfig,
-                plan: Plan) -> tuple[EngineState, StepOutput]:
-    """One engine step (module docstring) -> the new state and a token per sample row."""
+                plan: Plan, greedy: bool = False) -> tuple[EngineState, StepOutput]:
+    """One engine step (module docstring) -> the new state and a token per sample row.
+
+    greedy (static): every sample row is greedy and none asks for logprobs, so the two sorts
+    over the vocabulary (top-k/top-p filtering, top logprobs) are not traced; logprobs are zeros."""
     max_seqs = state.last_token.shape[0]
     D = batch.dec_slot.shape[0]
     tokens = batch.tokens.at[:D].set(state.last_token[jnp.minimum(batch.dec_slot, max_seqs - 1)])  # [N]
@@ -211,9 +214,15 @@ def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: Llama
     h, view = transformer(params, tokens[None], view, cfg, plan)                    # [1, N, D]
     lg = logits(params, h[0, batch.sample_tok], plan)                               # [S, V]
     slot = jnp.minimum(batch.sample_slot, max_seqs - 1)
-    sampled, nxt = sample_rows(lg, state.keys[slot], Sampling(batch.temperature, batch.top_k, batch.top_p))
+    s = Sampling(batch.temperature, batch.top_k, batch.top_p, greedy=greedy)
+    sampled, nxt = sample_rows(lg, state.keys[slot], s)
     sampled, spec = verify_rows(params, h[0], batch, sampled, plan)
-    lp = top_logprobs(lg, sampled)  # always (no conditional, as in sample_rows); read back when asked
+    if greedy:
+        S = sampled.shape[0]
+        lp = (jnp.zeros((S,), jnp.float32), jnp.zeros((S, MAX_LOGPROBS), jnp.int32),
+              jnp.zeros((S, MAX_LOGPROBS), jnp.float32))
+    else:  # no conditional (as in sample_rows); read back when asked
+        lp = top_logprobs(lg, sampled)
     state = EngineState(k_pages=view.k_pages, v_pages=view.v_pages, k_scale_pages=view.k_scale_pages,
                         v_scale_pages=view.v_scale_pages,
                         keys=state.keys.at[batch.sample_slot].set(nxt, mode="drop"),
