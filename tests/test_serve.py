@@ -628,7 +628,7 @@ def test_cli_checks_flags_a_busy_port_and_the_template_before_loading(tiny_check
     assert serve_cli.served_name(args) == os.path.basename(tiny_checkpoint)
     assert (args.host, args.port, args.shutdown_timeout) == ("127.0.0.1", 8000, 30.0)
     for bad in (["--port", "70000"], ["--max-seqs", "0"], ["--memory-fraction", "1.5"],
-                ["--shutdown-timeout", "-1"], ["--quantize", "int3"]):
+                ["--shutdown-timeout", "-1"], ["--quantize", "int3"], ["--decode-buckets", "0"]):
         with pytest.raises(SystemExit):
             p.parse_args(["--model", tiny_checkpoint, *bad])
     busy = bind("127.0.0.1", 0)
@@ -643,6 +643,9 @@ def test_cli_checks_flags_a_busy_port_and_the_template_before_loading(tiny_check
         assert "cannot listen" in capsys.readouterr().err
         assert serve_cli.main(["--model", str(broken), "--port", "0"]) == 2
         assert "chat_template does not compile" in capsys.readouterr().err
+        assert serve_cli.main(["--model", tiny_checkpoint, "--port", "0", "--max-seqs", "8",
+                               "--decode-buckets", "2", "4"]) == 2
+        assert "--decode-buckets 2 4: the largest must be >= --max-seqs 8" in capsys.readouterr().err
         assert time.monotonic() - t0 < 10     # neither loaded the model
     finally:
         busy.close()
@@ -692,7 +695,7 @@ def test_cli_serves_a_checkpoint_with_its_chat_template_and_exits_0_on_sigint(ti
     (ck / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE}))
     proc = subprocess.Popen([sys.executable, "-m", "jllm.serve.cli", "--model", str(ck), "--port", "0",
                              "--max-seqs", "2", "--max-tokens-per-step", "32", "--num-pages", "64",
-                             "--log-json"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             "--decode-buckets", "1", "2", "--log-json"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "JLLM_CACHE_DIR": "off"})
     try:
         url = _wait_listening(proc)

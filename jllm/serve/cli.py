@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="waiting requests beyond this get 429 (default: no limit)")
     g.add_argument("--max-tokens-per-step", type=_positive_int, default=512,
                    help="token budget of one engine step (default 512)")
+    g.add_argument("--decode-buckets", type=_positive_int, nargs="+", default=None, metavar="N",
+                   help="decode row counts compiled at start-up, the largest >= --max-seqs (default "
+                        "max-seqs / 4^k); one near the usual concurrency pads fewer rows per step")
     p.add_argument("--shutdown-timeout", type=_seconds, default=30.0,
                    help="on SIGTERM/SIGINT, how long requests in flight may take (default 30 s)")
     p.add_argument("--log-json", action="store_true", help="log lines as JSON objects")
@@ -69,6 +72,9 @@ def served_name(args) -> str:
 
 def run(args) -> int:
     """Load the model, start the engine and serve; returns the exit status (0 after a drain)."""
+    if args.decode_buckets is not None and max(args.decode_buckets) < args.max_seqs:
+        raise ValueError(f"--decode-buckets {' '.join(map(str, args.decode_buckets))}: the largest must be "
+                         f">= --max-seqs {args.max_seqs}")
     model_dir = os.path.expanduser(args.model)
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"--model {args.model!r} is not a directory (a jllm checkpoint or "
@@ -94,7 +100,7 @@ def run(args) -> int:
                         memory_fraction=args.memory_fraction,
                         max_tokens_per_step=args.max_tokens_per_step,
                         kv_cache_dtype=None if args.kv_cache == "auto" else args.kv_cache,
-                        max_queue=args.max_queue)
+                        max_queue=args.max_queue, decode_buckets=args.decode_buckets)
         app = create_app(EngineRunner(engine), served_name(args), cfg=model.cfg,
                          tokenizer=model.tokenizer, chat_template=template)
         return serve(app, sock, shutdown_timeout=args.shutdown_timeout)
