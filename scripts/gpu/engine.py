@@ -9,6 +9,8 @@ import json
 import os
 import time
 
+import jax
+
 
 def say(msg: str) -> None:
     print(msg, flush=True)
@@ -16,7 +18,6 @@ def say(msg: str) -> None:
 
 def check_tiny() -> bool:
     """Greedy engine tokens (paged decode kernel, chunk rows) equal generate's on the tiny model."""
-    import jax
     import numpy as np
 
     import jllm
@@ -46,11 +47,61 @@ def check_tiny() -> bool:
     return ok
 
 
+def decode_step(model, rows: int, context: int, kv_cache_dtype: str | None, steps: int = 24,
+                page_size: int = 16) -> dict:
+    """ms per engine step with `rows` requests all decoding at ~`context` tokens, against the
+    bytes the step must read: the weights once plus every row's keys and values (and scales)."""
+    import numpy as np
+
+    from jllm.engine import Engine, SamplingParams
+
+    cfg = model.cfg
+    # Prompts go in 4,096-token chunks, so the first requests decode only a few dozen steps while
+    # the last are prefilled; every request then outlives the timed steps.
+    budget = max(4096, 2 * rows)
+    prompts_per_step = -(-(budget - rows) // context) + 1
+    lead = 2 * -(-rows // (prompts_per_step - 1)) + 8  # steps until the last request has its first token
+    max_len = context + lead + steps + 16
+    engine = Engine(model, max_seqs=rows, page_size=page_size, num_pages=rows * (-(-max_len // page_size) + 1),
+                    max_tokens_per_step=budget, decode_buckets=(rows,), chunk_buckets=(budget,),
+                    max_prompts_per_step=prompts_per_step, kv_cache_dtype=kv_cache_dtype,
+                    prefix_caching=False, progress=False, max_model_len=max_len)
+    rng = np.random.default_rng(1)
+    sp = SamplingParams(max_tokens=lead + steps + 8, stop_token_ids=())
+    ids = [engine.add_request(rng.integers(3, cfg.vocab_size, context).tolist(), sp) for _ in range(rows)]
+    started: set[str] = set()
+    for _ in range(100_000):  # bounded: prefill of rows x context tokens in budget-sized chunks
+        started.update(o.request_id for o in engine.step() if o.token_ids)
+        if len(started) == rows:
+            break
+    before = sum(r.total for r in engine.scheduler.running)
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    ms = 1e3 * (time.perf_counter() - t) / steps
+    running = engine.scheduler.running
+    if len(running) != rows:
+        raise RuntimeError(f"{len(running)} requests running after the timed steps, not {rows}")
+    mean_context = (before + sum(r.total for r in running)) / (2 * rows)  # keys each step reads, on average
+    for i in ids:
+        engine.abort(i)
+    while engine.has_unfinished():
+        engine.step()
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
+    per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * (1 if kv_cache_dtype == "int8" else 2)
+    if kv_cache_dtype == "int8":
+        per_token += 2 * cfg.n_layers * cfg.n_kv_heads * 4  # a float32 scale per key/value head
+    kv = rows * mean_context * per_token
+    limit_ms = 1e3 * (weights + kv) / 4.4e12
+    return dict(rows=rows, context=mean_context, kv_cache=kv_cache_dtype or "bf16", step_ms=ms,
+                weights_gb=weights / 1e9, kv_gb=kv / 1e9, limit_ms_at_4_4_tbs=limit_ms, ratio=ms / limit_ms)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m scripts.gpu engine", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
     ap.add_argument("--config", default="llama-2-7b")
-    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--n", type=int, default=1000, help="requests (0: only the --decode-step part)")
     ap.add_argument("--prompt-len", type=int, nargs=2, default=(64, 1024))
     ap.add_argument("--output-len", type=int, nargs=2, default=(64, 512))
     ap.add_argument("--max-seqs", type=int, default=256)
@@ -63,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--sync", action="store_true")
     ap.add_argument("--matmul-impl", default="pallas-fused")
+    ap.add_argument("--kv-cache", nargs="+", default=["bf16"], choices=["bf16", "int8"],
+                    help="run the offline benchmark once per KV page type")
+    ap.add_argument("--decode-step", type=int, nargs="*", default=[],
+                    help="first time a pure decode step of --decode-rows requests at these contexts")
+    ap.add_argument("--decode-rows", type=int, default=256)
     args = ap.parse_args(argv)
 
     from jllm import runtime
@@ -70,7 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_tiny and not check_tiny():
         say("FAILED: the engine differs from generate on the GPU")
         return 1
-    import jax
 
     from jllm import parallel
     from jllm.config import LlamaConfig
@@ -80,24 +135,36 @@ def main(argv: list[str] | None = None) -> int:
     cfg = LlamaConfig.from_name(args.config)
     model = Model(params=parallel.random_params(cfg, None, jax.random.key(0)), cfg=cfg, attn_impl="pallas",
                   matmul_impl=args.matmul_impl)
+    for context in args.decode_step:
+        for kv_cache in args.kv_cache:
+            d = decode_step(model, args.decode_rows, context, None if kv_cache == "bf16" else kv_cache)
+            say("decode step: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in d.items()))
+    if args.n == 0:
+        return 0
     kw = dict(max_seqs=args.max_seqs, max_tokens_per_step=args.budget, page_size=args.page_size,
               max_model_len=args.prompt_len[1] + args.output_len[1], async_scheduling=not args.sync,
               decode_buckets=args.decode_buckets or None, chunk_buckets=args.chunk_buckets or None,
               chunk_row=args.chunk_row)
-    say(f"engine {kw}")
-    t = time.perf_counter()
-    r = run_engine_bench(model, n_requests=args.n, prompt_len=tuple(args.prompt_len),
-                         output_len=tuple(args.output_len), baseline=False,
-                         plot=os.path.join(args.out, "engine_timeline.png"), engine_kwargs=kw)
-    say(format_result(r))
-    say(f"engine part {time.perf_counter() - t:.1f} s")
+    results = {}
+    for kv_cache in args.kv_cache:
+        kw["kv_cache_dtype"] = None if kv_cache == "bf16" else kv_cache
+        say(f"engine {kw}")
+        t = time.perf_counter()
+        results[kv_cache] = r = run_engine_bench(
+            model, n_requests=args.n, prompt_len=tuple(args.prompt_len), output_len=tuple(args.output_len),
+            baseline=False, plot=os.path.join(args.out, f"engine_timeline_{kv_cache}.png"), engine_kwargs=kw)
+        say(format_result(r))
+        say(f"engine part ({kv_cache} pages) {time.perf_counter() - t:.1f} s")
     if not args.no_baseline:
         prompts, olens = make_requests(args.n, cfg.vocab_size, tuple(args.prompt_len), tuple(args.output_len), 0)
         base_s = run_baseline(model, prompts, olens, 64)
-        r = dataclasses.replace(r, baseline_elapsed_s=base_s, baseline_output_tokens_per_s=r.output_tokens / base_s,
-                                speedup=r.output_tokens_per_s * base_s / r.output_tokens)
-        say(format_result(r))
+        for kv_cache, r in results.items():
+            results[kv_cache] = r = dataclasses.replace(
+                r, baseline_elapsed_s=base_s, baseline_output_tokens_per_s=r.output_tokens / base_s,
+                speedup=r.output_tokens_per_s * base_s / r.output_tokens)
+            say(f"{kv_cache} pages against generate (bf16 static cache, batches of 64): {r.speedup:.2f}x")
     with open(os.path.join(args.out, "engine_bench.json"), "w") as f:
-        json.dump({"args": vars(args), **dataclasses.asdict(r)}, f)
+        json.dump({"args": vars(args), **{k: dataclasses.asdict(r) for k, r in results.items()}}, f)
     return 0
 

@@ -124,6 +124,7 @@ def measure(model: Model, drafts: dict[str, Model], ks=(2, 4, 6), prompt_len: in
         return max(runs[1:], key=lambda r: r.stats.decode_tokens_per_s)
 
     plain = best()
+    print(f"plain decode {plain.stats.decode_tokens_per_s:.1f} tok/s", flush=True)
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "prompt_len": prompt_len,
               "new_tokens": new_tokens, "plain_tok_s": plain.stats.decode_tokens_per_s, "runs": []}
     for name, d in drafts.items():
@@ -133,7 +134,11 @@ def measure(model: Model, drafts: dict[str, Model], ks=(2, 4, 6), prompt_len: in
             result["runs"].append(dict(
                 draft=name, k=k, acceptance=r.stats.acceptance, tokens_per_step=r.stats.tokens_per_step,
                 tok_s=r.stats.decode_tokens_per_s, speedup=r.stats.decode_tokens_per_s / result["plain_tok_s"],
-                same_tokens=r.tokens == plain.tokens))
+                same_tokens=r.tokens == plain.tokens,
+                same_prefix=next((i for i, (a, b) in enumerate(zip(r.tokens, plain.tokens)) if a != b),
+                                 min(len(r.tokens), len(plain.tokens)))))
+            print(f"{name} k={k}: " + ", ".join(f"{key} {val:.3f}" if isinstance(val, float) else f"{key} {val}"
+                                             for key, val in result["runs"][-1].items()), flush=True)
     t = step_times(model, drafts, ks, prompt_len, step_repeats)
     result["t_target_ms"] = 1e3 * t["target"]
     result["t_verify_ms"] = {k: 1e3 * v for k, v in t["verify"].items()}
