@@ -62,6 +62,18 @@ def _rel(got, want) -> float:
     return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
 
 
+def _assert_top1_up_to_ties(got, want) -> None:
+    """Each step's argmax agrees, or the two candidates were tied within that step's noise (4x
+    the RMS logit error): bf16 rounds differently in two GEMVs, so near-ties of a random model
+    may swap (60 of 64 steps agreed on an H200). A swap of candidates further apart fails."""
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    a, b = got.argmax(-1), want.argmax(-1)                                       # [..., steps]
+    err = np.sqrt(np.mean((got - want) ** 2, -1))
+    gap = np.take_along_axis(want, b[..., None], -1)[..., 0] - np.take_along_axis(want, a[..., None], -1)[..., 0]
+    bad = (a != b) & (gap > 4 * err)
+    assert not bad.any(), f"{int(bad.sum())} steps chose a different token beyond a tie: gaps {gap[bad]}, errors {err[bad]}"
+
+
 @pytest.mark.parametrize("cfg,dtype", MODELS, ids=IDS)
 def test_prefill_logits_pallas_match_xla(cfg, dtype):
     params, tokens = _params(cfg, dtype), _tokens(cfg, 3, 300)
@@ -81,9 +93,7 @@ def test_decode_attention_pallas_matches_xla(cfg, dtype, cache):
         want = _stepwise(params, tokens, cfg, cache_dtype, "xla", "xla")
         got = _stepwise(params, tokens, cfg, cache_dtype, "pallas", "xla")
     assert _rel(got, want) < TOL[dtype]
-    # bf16 rounds differently in the two GEMVs: near-ties of a random model may swap (62 of 64
-    # steps agreed on an H200); the logits bound above is the real check.
-    assert float(jnp.mean(jnp.argmax(got, -1) == jnp.argmax(want, -1))) >= 0.95
+    _assert_top1_up_to_ties(got, want)
 
 
 @pytest.mark.parametrize("cfg,dtype", MODELS, ids=IDS)
@@ -94,6 +104,4 @@ def test_fused_float_gemv_matches_xla(cfg, dtype):
         want = _stepwise(params, tokens, cfg, dtype, "xla", "xla")
         got = _stepwise(params, tokens, cfg, dtype, "xla", "pallas-fused")
     assert _rel(got, want) < TOL[dtype]
-    # bf16 rounds differently in the two GEMVs: near-ties of a random model may swap (62 of 64
-    # steps agreed on an H200); the logits bound above is the real check.
-    assert float(jnp.mean(jnp.argmax(got, -1) == jnp.argmax(want, -1))) >= 0.95
+    _assert_top1_up_to_ties(got, want)
