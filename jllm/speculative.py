@@ -14,6 +14,11 @@ chunked-prefill path), accepts n [B] <= m drafts per row and appends one target 
 out[b, :n[b] + 1] are the row's new tokens. The cache length moves to the accepted prefix; the
 entries past it are stale (never read, overwritten by the next write), which is the whole rollback.
 
+The host loop keeps a draft model's rounds one ahead: round r + 1 is dispatched before round r's
+tokens are read back, so the GPU does not idle while the host reads and launches (a row that ended
+in round r runs round r + 1 too; its tokens are dropped). Prompt lookup drafts from the host's
+tokens, so its rounds wait for each other.
+
 Greedy rows accept the longest prefix equal to the target's argmax. Sampled rows use the rejection
 rule of Leviathan et al. 2023 and Chen et al. 2023 over the same tempered, top-k/top-p filtered
 distributions as `jllm.sampling`, so the output is distributed exactly as the target's.
@@ -121,6 +126,8 @@ def verify(params: Params, last: jax.Array, drafts: jax.Array, m: jax.Array, q: 
 class Proposer(Protocol):
     """Drafts up to k tokens per row. `state` is the proposer's own (device or host) state."""
 
+    reads_contexts: bool  # propose() reads `contexts`: no round may be dispatched before the last is read
+
     def check(self, target: Model) -> None:
         """Raise ValueError if this proposer cannot draft for `target`."""
 
@@ -204,6 +211,7 @@ def _draft_commit(state: DraftState, out: jax.Array, n: jax.Array, active: jax.A
 class DraftModel:
     """A jllm model with the target's vocabulary and tokenizer drafts with its own static cache."""
     model: Model
+    reads_contexts = False  # drafts on the device: the next round is dispatched before this one is read
 
     def check(self, target: Model) -> None:
         d = self.model
@@ -286,6 +294,8 @@ class PromptLookup:
         if target.mesh is not None:
             raise ValueError("speculative decoding runs on one device; the model has a mesh")
 
+    reads_contexts = True  # drafts from the tokens on the host: each round waits for the last one
+
     def start(self, target, tokens, n_tokens, max_len, first) -> None:
         return None
 
@@ -339,18 +349,27 @@ def start(model: Model, spec: Speculative, tokens: np.ndarray, n_tokens: np.ndar
     return np.asarray(first), Decoding(cache, state, first, key)
 
 
-def step(model: Model, spec: Speculative, dec: Decoding, contexts: list[list[int] | None],
-         active: np.ndarray, sampling: Sampling, rule: Rule = rejection,
-         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Decoding]:
-    """One round for the rows where active [B] -> out [B, k+1], accepted n [B] and drafted m [B]
-    (host arrays) and the new state; row b's new tokens are out[b, :n[b] + 1]."""
+def launch(model: Model, spec: Speculative, dec: Decoding, contexts: list[list[int] | None],
+           active: np.ndarray, sampling: Sampling, rule: Rule = rejection,
+           ) -> tuple[jax.Array, jax.Array, np.ndarray, Decoding]:
+    """Dispatch one round for the rows where active [B], reading nothing back -> out [B, k+1] and
+    accepted n [B] (device arrays), drafted m [B] (host) and the new state."""
     p = spec.proposer
     drafts, q, m, state, key = p.propose(dec.proposal, contexts, sampling, dec.key, spec.k)
     active_d = jnp.asarray(active)
     out, n, last, cache, key = verify(model.params, dec.last, drafts, jnp.asarray(m), q, active_d,
                                       dec.cache, sampling, key, cfg=model.cfg, plan=model.plan, rule=rule)
     state = p.commit(state, out, n, active_d)
-    return np.asarray(out), np.asarray(n), m, Decoding(cache, state, last, key)
+    return out, n, m, Decoding(cache, state, last, key)
+
+
+def step(model: Model, spec: Speculative, dec: Decoding, contexts: list[list[int] | None],
+         active: np.ndarray, sampling: Sampling, rule: Rule = rejection,
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Decoding]:
+    """One round for the rows where active [B] -> out [B, k+1], accepted n [B] and drafted m [B]
+    (host arrays) and the new state; row b's new tokens are out[b, :n[b] + 1]."""
+    out, n, m, dec = launch(model, spec, dec, contexts, active, sampling, rule)
+    return np.asarray(out), np.asarray(n), m, dec
 
 
 def generate(model: Model, prompts, spec: Speculative, *, max_new_tokens: int,
@@ -379,9 +398,9 @@ def generate(model: Model, prompts, spec: Speculative, *, max_new_tokens: int,
     n, k = len(ids), spec.k
     B = bucket(n, minimum=1)
     T = bucket(max(map(len, ids)), buckets=model.prompt_buckets)
-    # Room for the k+1 positions a round writes at a row's length: every read stays inside the cache
-    # (a row's length stays below the context, so context + k + 1 slots always suffice).
-    S = min(bucket(T + max_new_tokens + k + 1), model.cfg.max_seq_len + k + 1)
+    # Room for the k+1 positions a round writes at a row's length, twice: a row that finished may run
+    # one more round, dispatched before its end was read (`_run`). Every read stays inside the cache.
+    S = min(bucket(T + max_new_tokens + 2 * (k + 1)), model.cfg.max_seq_len + 2 * (k + 1))
     T = min(T, S)
     tokens = np.zeros((B, T), np.int32)
     n_tokens = np.ones((B,), np.int32)  # padding rows hold one token and are never active
@@ -408,17 +427,34 @@ def _run(model: Model, spec: Speculative, rows: list[Row], tokens: np.ndarray, n
     for row in rows:
         push(row, [int(first[row.index])])
     t_first = time.perf_counter()
-    active = np.array([i < len(rows) and rows[i].finish is None for i in range(B)])
-    while active.any():
-        contexts = [rows[i].prompt + rows[i].tokens if active[i] else None for i in range(B)]
-        out, n, m, dec = step(model, spec, dec, contexts, active, sampling, rule)
-        for i in np.nonzero(active)[0]:
-            push(rows[i], out[i, :n[i] + 1].tolist())
-            steps[i] += 1
-            drafted[i] += m[i]
-            accepted[i] += n[i]
-            produced[i] += n[i] + 1
-        active = np.array([i < len(rows) and rows[i].finish is None for i in range(B)])
+
+    def running() -> np.ndarray:
+        return np.array([i < len(rows) and rows[i].finish is None for i in range(B)])
+
+    # A device-side proposer's next round is dispatched before the last one is read back, so the
+    # GPU never waits for the host; a row that finished in the round being read runs one more
+    # round whose tokens are dropped (the cache has room for it: S above).
+    ahead = not spec.proposer.reads_contexts
+    active, inflight = running(), None
+    while active.any() or inflight is not None:
+        launched = None
+        if active.any() and (ahead or inflight is None):
+            contexts = [rows[i].prompt + rows[i].tokens if active[i] else None for i in range(B)]
+            launched = (*launch(model, spec, dec, contexts, active, sampling, rule), active)
+            dec = launched[3]
+        if inflight is not None:
+            out, n, m, _, was_active = inflight
+            out, n = np.asarray(out), np.asarray(n)
+            for i in np.nonzero(was_active)[0]:
+                if rows[i].finish is not None:  # ended in an earlier round: this one's tokens are dropped
+                    continue
+                push(rows[i], out[i, :n[i] + 1].tolist())
+                steps[i] += 1
+                drafted[i] += m[i]
+                accepted[i] += n[i]
+                produced[i] += n[i] + 1
+            active = running()
+        inflight = launched
     results = []
     for row in rows:
         i = row.index

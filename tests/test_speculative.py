@@ -131,15 +131,38 @@ def test_prompt_lookup_accepts_a_repeated_path(scripted_model):
     assert got.stats.acceptance == 1.0 and got.stats.target_steps == 2
 
 
-def test_a_prompt_that_fills_the_context(tiny_model):
-    """Prompt plus output take all max_seq_len positions: the cache has k + 1 slots more than the
-    context, so the last round's drafts still fit."""
+@pytest.mark.parametrize("name", ["self_int8", "prompt_lookup"])
+def test_a_prompt_that_fills_the_context(tiny_model, proposers, name):
+    """Prompt plus output take all max_seq_len positions: the cache has 2 (k + 1) slots more than
+    the context, so the last round's drafts, and a draft model's extra round, still fit."""
     rng = np.random.default_rng(2)
     prompt = rng.integers(3, 512, tiny_model.cfg.max_seq_len - 12).tolist()
     ref = jllm.generate(tiny_model, [prompt], max_new_tokens=12, stop_token_ids=[])
     got = jllm.generate(tiny_model, [prompt], max_new_tokens=12, stop_token_ids=[],
-                        speculative=sp.Speculative(sp.PromptLookup(2), 2))
+                        speculative=sp.Speculative(proposers[name], 2))
     assert got[0].tokens == ref[0].tokens and len(got[0].tokens) == 12
+
+
+@pytest.mark.parametrize("name", ["self_int8", "prompt_lookup"])
+def test_device_drafts_dispatch_the_next_round_before_reading_the_last(tiny_model, proposers, name,
+                                                                       monkeypatch):
+    """A draft model's rounds go out one ahead of the host (one extra round, dropped, at the end);
+    prompt lookup drafts from the host's tokens, so each round waits for the last. Same tokens."""
+    events = []
+    real_launch = sp.launch
+
+    def spy(*args, **kw):
+        events.append("launch")
+        return real_launch(*args, **kw)
+
+    monkeypatch.setattr(sp, "launch", spy)
+    prompt = _prompts(tiny_model)[2]
+    [r] = jllm.generate(tiny_model, [prompt], max_new_tokens=N, stop_token_ids=[],
+                        speculative=sp.Speculative(proposers[name], 3))
+    [want] = jllm.generate(tiny_model, [prompt], max_new_tokens=N, stop_token_ids=[])
+    assert r.tokens == want.tokens
+    extra = 0 if name == "prompt_lookup" else 1
+    assert len(events) == r.stats.target_steps + extra
 
 
 def test_no_recompiles_across_rounds_and_calls(tiny_model, proposers):
