@@ -263,6 +263,23 @@ def test_no_compilation_after_start_up(tiny_model):
     assert (engine_step._cache_size(), len(compiles)) == (before, n_before)
 
 
+@pytest.mark.parametrize("taken,budget,want", [
+    (0, 512, 512),    # the whole budget fills the 512 bucket
+    (0, 312, 256),    # 312 would pad 200 rows of 512: stop at 256
+    (0, 400, 400),    # 400 pads 112 of 512 (under a quarter): keep
+    (0, 100, 100),    # below the smallest bucket: nothing to fall back to
+    (0, 0, 0),
+    (300, 12, 312),   # 312 in all, but drafts already hold 300: keep
+    (100, 212, 256),  # 312 in all -> 256, of which 100 are taken
+])
+def test_prompt_chunks_stop_at_a_bucket_rather_than_pad_a_quarter(taken, budget, want):
+    from jllm.engine.pages import PagePool
+    from jllm.engine.scheduler import Scheduler, StepShapes
+    shapes = StepShapes((64, 256), (128, 256, 512), 128, 4)
+    sched = Scheduler(PagePool(64), 16, 256, 8, 768, shapes)
+    assert sched._chunk_cap(taken, budget) == want
+
+
 def test_greedy_decode_steps_take_the_greedy_program(tiny_model, monkeypatch):
     """Pure decode steps of greedy requests without logprobs run the program that traces no sort;
     a sampled request or one asking for logprobs puts its steps back on the full program. The

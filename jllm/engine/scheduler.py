@@ -4,7 +4,8 @@ Every request holds its tokens (prompt, then the samples read back) and `compute
 them have their keys in the pool or in a dispatched step. A step schedules, within a token
 budget: first one decode token for every running request whose prompt is done, then prompt
 chunks of requests still prefilling, then new requests from the waiting queue (FIFO: the head
-is never passed over, so nothing starves). A request is admitted when a slot is free and the
+is never passed over, so nothing starves). Prompt chunks stop at a chunk bucket when filling the
+budget would pad over a quarter of the next one. A request is admitted when a slot is free and the
 pool can take its whole prompt (minus the pages found in the prefix cache, plus a small
 watermark while others run); decode pages are taken one at a time as a request grows. When a
 decode finds no page, the newest running request is preempted: its pages go back to the pool
@@ -256,9 +257,11 @@ class Scheduler:
             self.register(req)
             budget -= 1
 
+        chunk_cap = self._chunk_cap(chunk_tokens, budget)
+
         def add_chunk(req: Request) -> None:
             nonlocal budget, chunk_tokens
-            n = min(req.total - req.computed, budget, self.max_chunk - chunk_tokens)
+            n = min(req.total - req.computed, budget, chunk_cap - chunk_tokens)
             piece = Piece(req, req.computed, n, req.computed + n == req.total)
             chunks.append(piece)
             req.computed += n
@@ -271,7 +274,7 @@ class Scheduler:
             self.prefill_tokens += n
 
         def room() -> bool:
-            return budget > 0 and chunk_tokens < self.max_chunk and len(chunks) < self.shapes.max_prompts
+            return budget > 0 and chunk_tokens < chunk_cap and len(chunks) < self.shapes.max_prompts
 
         decoding = {id(r) for r in decodes}
         for req in list(self.running):
@@ -286,6 +289,17 @@ class Scheduler:
             admitted.append(req)
             add_chunk(req)
         return Schedule(decodes, chunks, admitted)
+
+    def _chunk_cap(self, taken: int, budget: int) -> int:
+        """Chunk tokens this step may hold, `taken` already in it: as many as the budget leaves,
+        unless padding them to their chunk bucket would waste over a quarter of it; then the
+        bucket below (the step's matmuls run over the padded rows, so padding is work for nothing)."""
+        most = taken + min(budget, self.max_chunk - taken)
+        if most == 0:
+            return 0
+        up = StepShapes.pick(most, self.shapes.chunk_buckets)
+        down = max((b for b in self.shapes.chunk_buckets if b <= most), default=0)
+        return down if 4 * (up - most) > up and down > taken else most
 
     def _drafts(self, req: Request, budget: int, chunk_room: int, n_chunks: int) -> list[int]:
         """Prompt-lookup drafts for a decoding request (verified as a chunk row), or [] where it
