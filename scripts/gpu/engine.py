@@ -97,6 +97,38 @@ def decode_step(model, rows: int, context: int, kv_cache_dtype: str | None, step
                 weights_gb=weights / 1e9, kv_gb=kv / 1e9, limit_ms_at_4_4_tbs=limit_ms, ratio=ms / limit_ms)
 
 
+def profile_window(model, engine_kwargs: dict, n: int, prompt_len, output_len, start: int, steps: int,
+                   trace_dir: str, device: str = "GPU") -> str:
+    """The offline benchmark's requests, run to step `start`, then `steps` steps traced with
+    jax.profiler -> the kernel table of scripts.gpu.step_profile (mixed prefill and decode steps)."""
+    from jllm.engine import Engine, SamplingParams
+    from jllm.engine.bench import make_requests
+    from scripts.gpu import step_profile as sp
+
+    prompts, olens = make_requests(n, model.cfg.vocab_size, tuple(prompt_len), tuple(output_len), 0)
+    engine = Engine(model, **engine_kwargs, progress=False)
+    for p, o in zip(prompts, olens):
+        engine.add_request(p, SamplingParams(max_tokens=o, stop_token_ids=()))
+    for _ in range(start):
+        engine.step()
+    running, waiting = len(engine.scheduler.running), len(engine.scheduler.waiting)
+    jax.block_until_ready(engine.state)
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        jax.block_until_ready(engine.state)
+        wall = 1e3 * (time.perf_counter() - t) / steps
+    table = sp.kernel_table(sp.device_kernels(sp.read_trace(trace_dir), device), steps)
+    while engine.has_unfinished():  # bounded: every request has a finite max_tokens
+        for r in list(engine.requests):
+            engine.abort(r)
+        engine.step()
+    kv = engine_kwargs.get("kv_cache_dtype") or "bf16"
+    return sp.format_table(f"engine steps {start}..{start + steps}, {kv} pages, {running} running, "
+                           f"{waiting} waiting (wall under the profiler)", wall, table)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m scripts.gpu engine", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
@@ -119,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-step", type=int, nargs="*", default=[],
                     help="first time a pure decode step of --decode-rows requests at these contexts")
     ap.add_argument("--decode-rows", type=int, default=256)
+    ap.add_argument("--profile", type=int, nargs=2, metavar=("START", "STEPS"),
+                    help="first trace STEPS steps of the offline run from step START (per KV page type)")
+    ap.add_argument("--device", default="GPU", help="process-name filter of the device streams in the trace")
     args = ap.parse_args(argv)
 
     from jllm import runtime
@@ -140,12 +175,17 @@ def main(argv: list[str] | None = None) -> int:
             d = decode_step(model, args.decode_rows, context, None if kv_cache == "bf16" else kv_cache)
             say("decode step: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in d.items()))
-    if args.n == 0:
-        return 0
     kw = dict(max_seqs=args.max_seqs, max_tokens_per_step=args.budget, page_size=args.page_size,
               max_model_len=args.prompt_len[1] + args.output_len[1], async_scheduling=not args.sync,
               decode_buckets=args.decode_buckets or None, chunk_buckets=args.chunk_buckets or None,
               chunk_row=args.chunk_row)
+    if args.profile:
+        for kv_cache in args.kv_cache:
+            say(profile_window(model, {**kw, "kv_cache_dtype": None if kv_cache == "bf16" else kv_cache}, args.n,
+                               args.prompt_len, args.output_len, *args.profile,
+                               os.path.join(args.out, f"engine_trace_{kv_cache}"), args.device))
+    if args.n == 0:
+        return 0
     results = {}
     for kv_cache in args.kv_cache:
         kw["kv_cache_dtype"] = None if kv_cache == "bf16" else kv_cache
