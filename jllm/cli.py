@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 
-from jllm import quant
+from jllm import argtypes, quant
 from jllm.runtime import say
 from jllm.config import CONFIGS
 
@@ -23,41 +23,9 @@ CHAT_HELP = ("commands: /help (this list), /stats (the last reply's timings), /r
 _INTERRUPT = "\x03"  # Ctrl-C at the chat prompt, as process 0 sends it to the others
 
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
-        return value
-    return parse
-
-
-_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
-
-
-def _float(text: str, ok, expected: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-    if not (math.isfinite(value) and ok(value)):
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    return _float(text, lambda x: x >= 0, "a number >= 0")
-
-
-def _positive_float(text: str) -> float:
-    return _float(text, lambda x: x > 0, "a number > 0")
-
-
-def _probability(text: str) -> float:
-    return _float(text, lambda x: 0 < x <= 1, "a number in (0, 1]")
+_positive_int, _non_negative_int = argtypes.positive_int, argtypes.non_negative_int
+_positive_float, _non_negative_float = argtypes.positive_float, argtypes.non_negative_float
+_probability = argtypes.probability
 
 
 def _utf8_problem(text: str) -> str | None:

@@ -7,27 +7,16 @@ jllm.serve.cli ...` is the same command on its own. Flag values are checked whil
 the port is bound before the model loads, so a bad value or a busy port costs no load.
 """
 import argparse
-import math
 import os
 import sys
 
-
-def _number(kind, ok, expected: str):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not (math.isfinite(value) and ok(value)):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
-        return value
-    return parse
+from jllm import argtypes
 
 
-_positive_int = _number(int, lambda x: x >= 1, "an int >= 1")
-_port = _number(int, lambda x: 0 <= x < 65536, "a port in 0..65535 (0: any free port)")
-_fraction = _number(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
-_seconds = _number(float, lambda x: x >= 0, "a number of seconds >= 0")
+_positive_int = argtypes.positive_int
+_port = argtypes.number(int, lambda x: 0 <= x < 65536, "a port in 0..65535 (0: any free port)")
+_fraction = argtypes.probability
+_seconds = argtypes.number(float, lambda x: x >= 0, "a number of seconds >= 0")
 
 
 def _name(text: str) -> str:

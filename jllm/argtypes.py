@@ -1,0 +1,25 @@
+"""argparse value types shared by the `jllm` command and `jllm serve`: each checks its value while
+the command line is parsed, so a bad flag fails before any model loads."""
+import argparse
+import math
+
+
+def number(kind, ok, expected: str):
+    """A type parsing `kind` (int or float) that must be finite with ok(value) true; the error
+    names what was expected and what was given."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+    return parse
+
+
+positive_int = number(int, lambda x: x >= 1, "an int >= 1")
+non_negative_int = number(int, lambda x: x >= 0, "an int >= 0")
+positive_float = number(float, lambda x: x > 0, "a number > 0")
+non_negative_float = number(float, lambda x: x >= 0, "a number >= 0")
+probability = number(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
