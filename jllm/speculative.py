@@ -439,7 +439,7 @@ def _run(model: Model, spec: Speculative, rows: list[Row], tokens: np.ndarray, n
     while active.any() or inflight is not None:
         launched = None
         if active.any() and (ahead or inflight is None):
-            contexts = [rows[i].prompt + rows[i].tokens if active[i] else None for i in range(B)]
+            contexts = [rows[i].prompt + rows[i].tokens if active[i] and not ahead else None for i in range(B)]
             launched = (*launch(model, spec, dec, contexts, active, sampling, rule), active)
             dec = launched[3]
         if inflight is not None:
