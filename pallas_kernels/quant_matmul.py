@@ -55,6 +55,8 @@ class BlockSizes:
     output block to finish (counted by an atomic) adds all partials in split order, deterministic
     and without a separate reduction kernel. It measured slower on the H100 (105.9 vs 98.7 us per
     int8 layer, 224.6 vs 260.4 tokens/s end to end: docs/perf_quant.md), so XLA sums by default.
+    fold=True (int4 with group scales, asm): `_ptx_int4_folded`, 25 instructions per 8 codes
+    instead of 33; off until measured on a GPU.
     """
     block_n: int = 128
     block_k: int = 128
@@ -68,6 +70,7 @@ class BlockSizes:
     tf32_dot: bool = True
     asm: bool = True
     fused_reduce: bool = False
+    fold: bool = False
 
     def __post_init__(self):
         for name in ("block_n", "block_k", "block_m"):
@@ -178,6 +181,39 @@ def _ptx_dequant_fma(bits: int, scaled: bool) -> tuple[str, str]:
     return "{\n" + "\n".join(lines) + "\n}", constraints
 
 
+# 1 + u/128 for a nibble code u = c + 8 in [0, 16): the bits 0x3F80_0000 | u << 16, which one PRMT
+# builds from the byte 0x80 | u and the constant 0x3F00_0000.
+_F32_ONE_HI = 0x3F000000
+
+
+def fold_operands(x_lo, x_hi):
+    """x values of a packed int4 row's two codes -> (128 x_lo, 128 x_hi, -136 (x_lo + x_hi)): with
+    v = 1 + (c + 8) / 128, x c = 128 x v - 136 x, so a row's two codes cost two FMAs from r."""
+    return x_lo * 128.0, x_hi * 128.0, (x_lo + x_hi) * -136.0
+
+
+def _ptx_int4_folded() -> tuple[str, str]:
+    """Inline PTX for 4 packed int4 bytes (4 adjacent columns of one packed row) with group scales:
+    acc[i] += scale[i] * (x_lo c_lo(byte i) + x_hi c_hi(byte i)), the x terms from `fold_operands`.
+
+    Operands ($n): outputs 0-3, the packed bytes, 4 of 128 x_lo, 4 of 128 x_hi, 4 of r, 4 scales,
+    4 old acc values. Per 4 bytes: AND, XOR, SHR, AND, XOR (each byte becomes 0x80 | u), then per
+    code a PRMT (the float 1 + u/128) and an FMA, and per byte one FMA with its scale: 25
+    instructions for 8 codes, where `_ptx_dequant_fma` spends 33 (its SUB per code and MUL per
+    byte are gone)."""
+    w, xl, xh, r, sc, acc = 4, 5, 9, 13, 17, 21
+    lines = [".reg .b32 c<2>, m, mg;", ".reg .f32 t;", f"mov.b32 mg, 0x{_F32_ONE_HI:08X};",
+             f"and.b32 c0, ${w}, 0x0F0F0F0F;", "xor.b32 c0, c0, 0x88888888;",  # 0x80 | (nibble + 8)
+             f"shr.u32 c1, ${w}, 4;", "and.b32 c1, c1, 0x0F0F0F0F;", "xor.b32 c1, c1, 0x88888888;"]
+    for i in range(4):
+        sel = f"0x7{i}54"  # bytes: 0x00, 0x00, byte i of c, 0x3F
+        lines += [f"prmt.b32 m, c0, mg, {sel};", f"fma.rn.f32 t, ${xl + i}, m, ${r + i};",
+                  f"prmt.b32 m, c1, mg, {sel};", f"fma.rn.f32 t, ${xh + i}, m, t;",
+                  f"fma.rn.f32 ${i}, t, ${sc + i}, ${acc + i};"]
+    constraints = ",".join(["=r"] * 4 + ["r"] * 21)
+    return "{\n" + "\n".join(lines) + "\n}", constraints
+
+
 def _quant_matmul_kernel(
     x_ref,  # [M, K]
     q_ref,  # [Kq, N]: Kq = K // 2 for int4, else K
@@ -201,6 +237,7 @@ def _quant_matmul_kernel(
     prefetch: int,
     tf32_dot: bool,
     asm: bool,
+    fold: bool,
     barrier: bool,
 ):
     """One (N block, K split, M block) program of one weight; `pids` are its program ids. Grid axis
@@ -257,6 +294,15 @@ def _quant_matmul_kernel(
 
     def compute(acc, tile):
         (w,), xs, scale = tile
+        if asm and fold and scale is not None:
+            code, constraints = _ptx_int4_folded()
+            shape = (block_kq, block_n)
+            terms = fold_operands(*(xk.astype(jnp.float32) for xk in xs))
+            args = [w, *(jnp.broadcast_to(v[:, None], shape) for v in terms),
+                    jnp.broadcast_to(scale.astype(jnp.float32)[None, :], shape)]
+            return plgpu.elementwise_inline_asm(
+                code, args=[*args, acc], constraints=constraints, pack=4,
+                result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])[0]
         if asm:
             code, constraints = _ptx_dequant_fma(bits, scale is not None)
             shape = (block_kq, block_n)
@@ -402,7 +448,7 @@ def _quant_matmul(x, weights, *, bits, group_size, block_sizes, interpret):
         split=split, num_splits=splits, prefetch=bs.prefetch,
         tf32_dot=bs.tf32_dot and bits != 16,
         asm=bs.asm and fma and bits in (4, 8) and not interpret and bs.block_n % 4 == 0,
-        barrier=not interpret)
+        fold=bs.fold and bits == 4, barrier=not interpret)
     per_weight = 1 if bits == 16 else 2  # refs per weight: q, and scale unless bits=16
     args = [x] + [a for w in weights for a in w[:per_weight]]
     partials = jax.ShapeDtypeStruct((splits, m, sum(ns)), jnp.float32)

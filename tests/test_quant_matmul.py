@@ -40,6 +40,7 @@ CASES = [
     (3, 256, 200, 4, 128, None),
     (16, 256, 130, 4, 128, None),
     (1, 512, 100, 4, 32, BlockSizes(prefetch=4)),
+    (1, 512, 200, 4, 64, BlockSizes(fold=True)),  # the folded int4 PTX step (compiled runs)
     (3, 256, 384, 4, 32, BlockSizes(block_n=64)),
     (16, 512, 200, 4, 64, BlockSizes(k_splits=4, prefetch=3)),
     (1, 512, 200, 8, 512, BlockSizes(k_splits=4, fused_reduce=True)),  # in-kernel split sum
@@ -195,6 +196,7 @@ LARGE_CASES = [
     (1, 4096, (11008, 11008), 4, 128, None),  # gate/up
     (3, 1000, (300, 130, 48), 8, 1000, None),
     (1, 4096, (4096, 1000), 8, 4096, BlockSizes(block_n=256, block_k=32, fused_reduce=True)),
+    (1, 4096, (11008, 11008), 4, 128, BlockSizes(block_n=128, block_k=128, prefetch=2, fold=True)),
 ]
 
 

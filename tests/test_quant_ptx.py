@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from pallas_kernels.quant_matmul import _ptx_dequant_fma, pack_int4
+from pallas_kernels.quant_matmul import _ptx_dequant_fma, _ptx_int4_folded, fold_operands, pack_int4
 
 
 def _run_ptx(code: str, operands: list[np.ndarray]) -> list[np.ndarray]:
@@ -95,3 +95,37 @@ def test_ptx_step_matches_arithmetic(bits, scaled):
     t = sum(xs[h][:, None].astype(np.float64) * codes[h] for h in range(halves))
     want = acc + t * (scale if scaled else 1)
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-5)
+
+
+def test_folded_int4_ptx_matches_arithmetic():
+    """`_ptx_int4_folded` with the operands the kernel builds (`fold_operands`): codes read as
+    1 + (c + 8)/128, the offset folded into a per-row term, agree with acc + scale * x . c."""
+    rng = np.random.default_rng(7)
+    n = 256
+    code, constraints = _ptx_int4_folded()
+    assert constraints.count("=r") == 4 and constraints.count(",") + 1 == 4 + 1 + 4 * 4 + 4
+    codes = rng.integers(-8, 8, (2, n, 4)).astype(np.int8)
+    codes[:, 0] = [-8, 7, 0, -1]
+    packed = np.asarray(pack_int4(codes.reshape(2, n * 4), 2)).reshape(n, 4)
+    words = packed.view(np.uint8).astype(np.uint32)
+    word = words[:, 0] | words[:, 1] << 8 | words[:, 2] << 16 | words[:, 3] << 24
+    x = rng.normal(size=(2, n)).astype(np.float32) * 3
+    scale = rng.uniform(0.5, 2, (n, 4)).astype(np.float32)
+    acc = rng.normal(size=(n, 4)).astype(np.float32)
+    x_lo, x_hi, r = (np.asarray(v, np.float32) for v in fold_operands(x[0], x[1]))
+    operands = [word] + [x_lo.view(np.uint32)] * 4 + [x_hi.view(np.uint32)] * 4 + [r.view(np.uint32)] * 4
+    operands += [scale[:, i].view(np.uint32) for i in range(4)] + [acc[:, i].view(np.uint32) for i in range(4)]
+    out = np.stack([o.view(np.float32) for o in _run_ptx(code, operands)], axis=1)  # [n, 4]
+    t = x[0][:, None].astype(np.float64) * codes[0] + x[1][:, None].astype(np.float64) * codes[1]
+    want = acc + t * scale
+    # Each FMA rounds a term of size ~136 |x| (not ~8 |x| as the plain step does): a few float32
+    # ulps of that, times the scale, plus the final accumulation.
+    bound = 4 * 2.0**-24 * (136 * (np.abs(x[0]) + np.abs(x[1]))[:, None] * scale + np.abs(want))
+    err = np.abs(out - want)
+    assert (err <= bound).all(), (err / bound).max()
+    # The old step on the same bytes gives the same result: the two are interchangeable.
+    old, _ = _ptx_dequant_fma(4, True)
+    ops_old = [word] + [x[0].view(np.uint32)] * 4 + [x[1].view(np.uint32)] * 4
+    ops_old += [scale[:, i].view(np.uint32) for i in range(4)] + [acc[:, i].view(np.uint32) for i in range(4)]
+    out_old = np.stack([o.view(np.float32) for o in _run_ptx(old, ops_old)], axis=1)
+    assert (np.abs(out - out_old) <= 2 * bound).all()

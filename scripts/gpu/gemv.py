@@ -38,6 +38,7 @@ VARIANTS = {  # name -> BlockSizes (None: the default for the shape)
                                         target_programs=1056),
     "int8-fused-sum": qmm.BlockSizes(block_n=256, block_k=32, prefetch=2, fused_reduce=True),
     "int4-fused-sum": qmm.BlockSizes(block_n=128, block_k=128, prefetch=2, fused_reduce=True),
+    "int4-fold": qmm.BlockSizes(block_n=128, block_k=128, prefetch=2, fold=True),
     "n64k32p3": qmm.BlockSizes(block_n=64, block_k=32, prefetch=3),
     "n128k16p3": qmm.BlockSizes(block_n=128, block_k=16, prefetch=3),
     "n64k64p2w2": qmm.BlockSizes(block_n=64, block_k=64, prefetch=2, num_warps=2),
