@@ -398,9 +398,12 @@ def generate(model: Model, prompts, spec: Speculative, *, max_new_tokens: int,
     n, k = len(ids), spec.k
     B = bucket(n, minimum=1)
     T = bucket(max(map(len, ids)), buckets=model.prompt_buckets)
-    # Room for the k+1 positions a round writes at a row's length, twice: a row that finished may run
-    # one more round, dispatched before its end was read (`_run`). Every read stays inside the cache.
-    S = min(bucket(T + max_new_tokens + 2 * (k + 1)), model.cfg.max_seq_len + 2 * (k + 1))
+    # Room for the k+1 positions a round writes at a row's length, twice for a draft model: a row
+    # that finished may run one more round, dispatched before its end was read (`_run`). After that
+    # a finished row's length is frozen; its slots of later rounds may lie past S near max_seq_len,
+    # and such writes are dropped (nothing reads them).
+    slack = (k + 1) * (1 if spec.proposer.reads_contexts else 2)
+    S = min(bucket(T + max_new_tokens + slack), model.cfg.max_seq_len + slack)
     T = min(T, S)
     tokens = np.zeros((B, T), np.int32)
     n_tokens = np.ones((B,), np.int32)  # padding rows hold one token and are never active

@@ -695,7 +695,7 @@ def test_cli_serves_a_checkpoint_with_its_chat_template_and_exits_0_on_sigint(ti
     (ck / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE}))
     proc = subprocess.Popen([sys.executable, "-m", "jllm.serve.cli", "--model", str(ck), "--port", "0",
                              "--max-seqs", "2", "--max-tokens-per-step", "32", "--num-pages", "64",
-                             "--decode-buckets", "1", "2", "--log-json"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             "--decode-buckets", "2", "1", "2", "--log-json"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "JLLM_CACHE_DIR": "off"})
     try:
         url = _wait_listening(proc)

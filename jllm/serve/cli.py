@@ -61,9 +61,11 @@ def served_name(args) -> str:
 
 def run(args) -> int:
     """Load the model, start the engine and serve; returns the exit status (0 after a drain)."""
-    if args.decode_buckets is not None and max(args.decode_buckets) < args.max_seqs:
-        raise ValueError(f"--decode-buckets {' '.join(map(str, args.decode_buckets))}: the largest must be "
-                         f">= --max-seqs {args.max_seqs}")
+    if args.decode_buckets is not None:
+        args.decode_buckets = sorted(set(args.decode_buckets))  # the engine takes them increasing
+        if args.decode_buckets[-1] < args.max_seqs:
+            raise ValueError(f"--decode-buckets {' '.join(map(str, args.decode_buckets))}: the largest must "
+                             f"be >= --max-seqs {args.max_seqs}")
     model_dir = os.path.expanduser(args.model)
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"--model {args.model!r} is not a directory (a jllm checkpoint or "
