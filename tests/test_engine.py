@@ -278,6 +278,9 @@ def test_prompt_chunks_stop_at_a_bucket_rather_than_pad_a_quarter(taken, budget,
     shapes = StepShapes((64, 256), (128, 256, 512), 128, 4)
     sched = Scheduler(PagePool(64), 16, 256, 8, 768, shapes)
     assert sched._chunk_cap(taken, budget) == want
+    assert sched._chunk_cap(taken, budget, pending=10_000) == want
+    # every pending prompt token fits: no cap, so no prompt is split for the padding's sake
+    assert sched._chunk_cap(taken, budget, pending=budget) == taken + min(budget, 512 - taken)
 
 
 def test_greedy_decode_steps_take_the_greedy_program(tiny_model, monkeypatch):

@@ -5,7 +5,7 @@ them have their keys in the pool or in a dispatched step. A step schedules, with
 budget: first one decode token for every running request whose prompt is done, then prompt
 chunks of requests still prefilling, then new requests from the waiting queue (FIFO: the head
 is never passed over, so nothing starves). Prompt chunks stop at a chunk bucket when filling the
-budget would pad over a quarter of the next one. A request is admitted when a slot is free and the
+budget would pad over a quarter of the next one (unless all waiting prompt tokens fit). A request is admitted when a slot is free and the
 pool can take its whole prompt (minus the pages found in the prefix cache, plus a small
 watermark while others run); decode pages are taken one at a time as a request grows. When a
 decode finds no page, the newest running request is preempted: its pages go back to the pool
@@ -16,6 +16,7 @@ a lone request always fits (the engine checks that at add_request), so every req
 import collections
 import dataclasses
 import enum
+import itertools
 
 import numpy as np
 
@@ -257,7 +258,11 @@ class Scheduler:
             self.register(req)
             budget -= 1
 
-        chunk_cap = self._chunk_cap(chunk_tokens, budget)
+        decoding = {id(r) for r in decodes}
+        pending = sum(r.total - r.computed for r in self.running  # prompt tokens that could go in
+                      if id(r) not in decoding and r.computed < r.total and not r.is_decode())
+        pending += sum(r.total for r in itertools.islice(self.waiting, self.shapes.max_prompts))
+        chunk_cap = self._chunk_cap(chunk_tokens, budget, pending)
 
         def add_chunk(req: Request) -> None:
             nonlocal budget, chunk_tokens
@@ -276,7 +281,6 @@ class Scheduler:
         def room() -> bool:
             return budget > 0 and chunk_tokens < chunk_cap and len(chunks) < self.shapes.max_prompts
 
-        decoding = {id(r) for r in decodes}
         for req in list(self.running):
             if not room():
                 break
@@ -290,13 +294,15 @@ class Scheduler:
             add_chunk(req)
         return Schedule(decodes, chunks, admitted)
 
-    def _chunk_cap(self, taken: int, budget: int) -> int:
+    def _chunk_cap(self, taken: int, budget: int, pending: int | None = None) -> int:
         """Chunk tokens this step may hold, `taken` already in it: as many as the budget leaves,
         unless padding them to their chunk bucket would waste over a quarter of it; then the
-        bucket below (the step's matmuls run over the padded rows, so padding is work for nothing)."""
+        bucket below (the step's matmuls run over the padded rows, so padding is work for nothing).
+        When every pending prompt token fits (`pending`: an upper bound), no cap: splitting them
+        would only delay their first tokens by a step."""
         most = taken + min(budget, self.max_chunk - taken)
-        if most == 0:
-            return 0
+        if most == 0 or (pending is not None and taken + pending <= most):
+            return most
         up = StepShapes.pick(most, self.shapes.chunk_buckets)
         down = max((b for b in self.shapes.chunk_buckets if b <= most), default=0)
         return down if 4 * (up - most) > up and down > taken else most
