@@ -130,3 +130,36 @@ def test_stop_strings_cut_accepted_tokens_as_generate_does(tiny_model):
     assert out.text == text[:text.find(stop)]
     assert engine.stats().drafted_tokens > 0
     _all_free(engine)
+
+
+def test_drafting_requests_leave_a_waiting_prompt_a_chunk_row(scripted_model):
+    """Two greedy requests on a 4-token cycle draft at every step; with one chunk row per step
+    (max_prompts_per_step=1) a prompt that arrives meanwhile still gets that row at once, instead
+    of waiting for the drafting requests to end. Tokens stay generate's."""
+    cycle = {c: 3 + (c - 2) % 4 for c in range(512)}  # 3 -> 4 -> 5 -> 6 -> 3 ...
+    m = scripted_model(cycle)
+    engine = Engine(m, max_seqs=4, page_size=4, num_pages=64, max_tokens_per_step=16, chunk_row=8,
+                    decode_buckets=(2, 4), max_prompts_per_step=1, progress=False,
+                    speculative=Speculative(PromptLookup(2), 3))
+    long = SamplingParams(max_tokens=60, stop_token_ids=())
+    ids = [engine.add_request([3, 4, 5, 6, 3, 4], long), engine.add_request([5, 6, 3, 4, 5], long)]
+    got = {i: [] for i in ids}
+    for _ in range(4):  # both prefilled and decoding
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+    assert all(got.values())
+    drafted = engine.scheduler.drafted_tokens
+    late = engine.add_request([9, 10, 11], SamplingParams(max_tokens=3, stop_token_ids=()))
+    got[late] = []
+    steps = 0
+    while engine.has_unfinished():
+        steps += 1
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+        if not got[late]:
+            assert steps < 4, "the late prompt was held back by draft rows"
+    assert engine.scheduler.drafted_tokens > drafted  # the cycle kept drafting
+    for rid, prompt, sp in ((ids[0], [3, 4, 5, 6, 3, 4], long), (ids[1], [5, 6, 3, 4, 5], long),
+                            (late, [9, 10, 11], SamplingParams(max_tokens=3, stop_token_ids=()))):
+        assert got[rid] == _reference(m, prompt, sp)
+    _all_free(engine)

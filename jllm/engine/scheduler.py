@@ -230,11 +230,14 @@ class Scheduler:
         decodes, chunks, admitted = [], [], []
         preempted = False
         chunk_tokens, running = 0, list(self.running)
+        # While a prompt waits or is being prefilled, drafts leave it one chunk row.
+        prompts_pending = bool(self.waiting) or any(r.computed < r.total and not r.is_decode() for r in running)
+        draft_rows = self.shapes.max_prompts - prompts_pending
         for i, req in enumerate(running):
             if req.status is not Status.RUNNING or req.exhausted or not req.is_decode():
                 continue
             drafts = self._drafts(req, budget - (len(running) - i - 1), self.max_chunk - chunk_tokens,
-                                  len(chunks))
+                                  draft_rows - len(chunks))
             if drafts:  # verify [last, d1..dm] as a chunk row
                 n = len(drafts) + 1
                 self._take_pages(req, -(-(req.computed + n) // self.page_size) - len(req.pages))
@@ -307,12 +310,12 @@ class Scheduler:
         down = max((b for b in self.shapes.chunk_buckets if b <= most), default=0)
         return down if 4 * (up - most) > up and down > taken else most
 
-    def _drafts(self, req: Request, budget: int, chunk_room: int, n_chunks: int) -> list[int]:
+    def _drafts(self, req: Request, budget: int, chunk_room: int, rows_left: int) -> list[int]:
         """Prompt-lookup drafts for a decoding request (verified as a chunk row), or [] where it
         decodes plainly: speculation off, a sampled row or one asking for logprobs, a sample still
         in flight, no n-gram match, or no room (budget, chunk tokens, chunk rows, free pages)."""
         k = min(self.spec_k, req.params.max_tokens - req.n_sampled - 1, budget - 1, chunk_room - 1)
-        if k < 1 or req.temperature > 0 or req.want_logprobs or req.pending or n_chunks >= self.shapes.max_prompts:
+        if k < 1 or req.temperature > 0 or req.want_logprobs or req.pending or rows_left < 1:
             return []
         drafts = lookup(req.tokens, self.max_ngram, k)
         need = -(-(req.computed + len(drafts) + 1) // self.page_size) - len(req.pages)
