@@ -443,10 +443,10 @@ def _run(model: Model, spec: Speculative, rows: list[Row], tokens: np.ndarray, n
         launched = None
         if active.any() and (ahead or inflight is None):
             contexts = [rows[i].prompt + rows[i].tokens if active[i] and not ahead else None for i in range(B)]
-            launched = (*launch(model, spec, dec, contexts, active, sampling, rule), active)
-            dec = launched[3]
+            out, n, m, dec = launch(model, spec, dec, contexts, active, sampling, rule)
+            launched = out, n, m, active
         if inflight is not None:
-            out, n, m, _, was_active = inflight
+            out, n, m, was_active = inflight
             out, n = np.asarray(out), np.asarray(n)
             for i in np.nonzero(was_active)[0]:
                 if rows[i].finish is not None:  # ended in an earlier round: this one's tokens are dropped

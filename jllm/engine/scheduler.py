@@ -5,8 +5,8 @@ them have their keys in the pool or in a dispatched step. A step schedules, with
 budget: first one decode token for every running request whose prompt is done, then prompt
 chunks of requests still prefilling, then new requests from the waiting queue (FIFO: the head
 is never passed over, so nothing starves). Prompt chunks stop at a chunk bucket when filling the
-budget would pad over a quarter of the next one (unless all waiting prompt tokens fit). A request is admitted when a slot is free and the
-pool can take its whole prompt (minus the pages found in the prefix cache, plus a small
+budget would pad over a quarter of the next one (unless all waiting prompt tokens fit). A
+request is admitted when a slot is free and the pool can take its whole prompt (minus the pages found in the prefix cache, plus a small
 watermark while others run); decode pages are taken one at a time as a request grows. When a
 decode finds no page, the newest running request is preempted: its pages go back to the pool
 and it waits at the head of the queue, to be recomputed (prompt and samples so far, often from
@@ -73,6 +73,11 @@ class Request:
 
     def is_decode(self) -> bool:
         return self.sampled and self.total - self.computed == 1
+
+    @property
+    def prefilling(self) -> bool:
+        """Prompt (or recomputed) tokens are left to compute before it decodes."""
+        return self.computed < self.total and not self.is_decode()
 
     def block_keys(self, n: int, ps: int) -> list[int]:
         """Prefix-cache keys of the first n full pages of ps tokens (their tokens must be known)."""
@@ -231,8 +236,7 @@ class Scheduler:
         preempted = False
         chunk_tokens, running = 0, list(self.running)
         # While a prompt waits or is being prefilled, drafts leave it one chunk row.
-        prompts_pending = bool(self.waiting) or any(r.computed < r.total and not r.is_decode() for r in running)
-        draft_rows = self.shapes.max_prompts - prompts_pending
+        draft_rows = self.shapes.max_prompts - (self.spec_k > 0 and self._prompt_tokens() > 0)
         for i, req in enumerate(running):
             if req.status is not Status.RUNNING or req.exhausted or not req.is_decode():
                 continue
@@ -261,11 +265,7 @@ class Scheduler:
             self.register(req)
             budget -= 1
 
-        decoding = {id(r) for r in decodes}
-        pending = sum(r.total - r.computed for r in self.running  # prompt tokens that could go in
-                      if id(r) not in decoding and r.computed < r.total and not r.is_decode())
-        pending += sum(r.total for r in itertools.islice(self.waiting, self.shapes.max_prompts))
-        chunk_cap = self._chunk_cap(chunk_tokens, budget, pending)
+        chunk_cap = self._chunk_cap(chunk_tokens, budget, self._prompt_tokens())
 
         def add_chunk(req: Request) -> None:
             nonlocal budget, chunk_tokens
@@ -287,7 +287,7 @@ class Scheduler:
         for req in list(self.running):
             if not room():
                 break
-            if id(req) not in decoding and req.computed < req.total and not req.is_decode():
+            if req.prefilling:
                 add_chunk(req)
         while self.waiting and not preempted and self.free_slots and room():
             req = self.waiting[0]
@@ -296,6 +296,12 @@ class Scheduler:
             admitted.append(req)
             add_chunk(req)
         return Schedule(decodes, chunks, admitted)
+
+    def _prompt_tokens(self) -> int:
+        """Prompt tokens a step's chunks could take at most: what the running requests still have
+        to prefill, and the waiting requests that could be admitted."""
+        return (sum(r.total - r.computed for r in self.running if r.prefilling)
+                + sum(r.total for r in itertools.islice(self.waiting, self.shapes.max_prompts)))
 
     def _chunk_cap(self, taken: int, budget: int, pending: int | None = None) -> int:
         """Chunk tokens this step may hold, `taken` already in it: as many as the budget leaves,
