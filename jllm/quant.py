@@ -121,6 +121,13 @@ def _xla_qmatmul(x: jax.Array, w: QArray) -> jax.Array:
     return jnp.dot(x, dequantize(w, x.dtype), preferred_element_type=jnp.float32)
 
 
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """x [..., D] / sqrt(mean(x^2) + eps) * w [D]; in float32, rounded to x's dtype before w."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return y.astype(x.dtype) * w
+
+
 def linear(x: jax.Array, w: jax.Array | QArray, plan: Plan = Plan(), *, spec=None) -> jax.Array:
     """x [..., in] @ w [in, out] -> [..., out] in x's dtype; w is an Array or a QArray.
 
@@ -133,14 +140,17 @@ def linear(x: jax.Array, w: jax.Array | QArray, plan: Plan = Plan(), *, spec=Non
     return linears(x, (w,), plan, specs=(spec,))[0]
 
 
-def linears(x: jax.Array, ws, plan: Plan = Plan(), *, specs=None) -> tuple[jax.Array, ...]:
-    """x [..., in] @ each w of ws -> tuple of [..., out_i], as `linear` does one weight.
+def linears(x: jax.Array, ws, plan: Plan = Plan(), *, specs=None, norm: jax.Array | None = None,
+            eps: float = 1e-6) -> tuple[jax.Array, ...]:
+    """x [..., in] @ each w of ws -> tuple of [..., out_i], as `linear` does one weight; with
+    norm [in], rms_norm(x, norm, eps) @ each w.
 
     matmul_impl "pallas-fused" runs QArrays of one layout that share x (q, k, v; gate, up)
     through one kernel launch (quant_matmul_multi): one grid over all their output blocks, where
     small projections alone would leave the GPU part idle. Plain float weights take the same
-    kernel's bits=16 GEMV at M = 1 (XLA above M = 1). Under a mesh the launch runs per shard.
-    Other impls run one `linear` per weight.
+    kernel's bits=16 GEMV at M = 1 (XLA above M = 1). That launch also computes the norm in its
+    prologue (on one device, norm in x's dtype). Under a mesh the launch runs per shard. Other
+    impls run one `linear` per weight.
     """
     impl = plan.matmul_impl
     specs = tuple(specs) if specs is not None else (None,) * len(ws)
@@ -151,8 +161,18 @@ def linears(x: jax.Array, ws, plan: Plan = Plan(), *, specs=None) -> tuple[jax.A
     x2 = x.reshape(-1, k)  # [M, in]
     m = x2.shape[0]
     groups = [[i] for i in range(len(ws))]
-    if impl == "pallas-fused" and _same_layout(ws):
+    fused = impl == "pallas-fused" and _same_layout(ws)
+    if fused:
         groups = [list(range(len(ws)))]
+    if norm is not None:
+        w = ws[0]
+        in_kernel = fused and not plan.sharded and norm.shape == (k,) and norm.dtype == x.dtype and (
+            m == 1 if not isinstance(w, QArray) else m <= _max_pallas_m(w))
+        if in_kernel:
+            return tuple(y.reshape(*lead, w.shape[1]) for y, w in
+                         zip(_kernel(x2, list(ws), list(specs), plan, norm=(norm, eps)), ws))
+        x = rms_norm(x, norm, eps)
+        return linears(x, ws, plan, specs=specs)
     ys = [None] * len(ws)
     for idx in groups:
         group, w = [ws[i] for i in idx], ws[idx[0]]
@@ -177,10 +197,11 @@ def linears(x: jax.Array, ws, plan: Plan = Plan(), *, specs=None) -> tuple[jax.A
     return tuple(ys)
 
 
-def _kernel(x2: jax.Array, group: list, specs: list, plan: Plan) -> list | None:
+def _kernel(x2: jax.Array, group: list, specs: list, plan: Plan, norm=None) -> list | None:
     """x2 [M, in] @ each weight of group through the Pallas kernel, one launch: QArrays of one
-    layout or plain float weights (bits=16). Under a mesh it runs per shard when every weight's
-    spec is known; None where it cannot (the caller falls back)."""
+    layout or plain float weights (bits=16); norm=(weight, eps) normalizes x2 in the kernel (one
+    device only). Under a mesh it runs per shard when every weight's spec is known; None where it
+    cannot (the caller falls back)."""
     if plan.sharded:
         if None in specs:
             return None
@@ -188,9 +209,12 @@ def _kernel(x2: jax.Array, group: list, specs: list, plan: Plan) -> list | None:
     w = group[0]
     pairs = [(g.q, g.scale) for g in group] if isinstance(w, QArray) else [(g, None) for g in group]
     bits, group_size = (w.bits, w.group_size) if isinstance(w, QArray) else (16, 0)
+    kw = dict(bits=bits, group_size=group_size, interpret=plan.interpreted)
+    if norm is not None:
+        kw.update(norm=norm[0], eps=norm[1])
     if len(group) == 1:
-        return [qmm.quant_matmul(x2, *pairs[0], bits=bits, group_size=group_size, interpret=plan.interpreted)]
-    return list(qmm.quant_matmul_multi(x2, pairs, bits=bits, group_size=group_size, interpret=plan.interpreted))
+        return [qmm.quant_matmul(x2, *pairs[0], **kw)]
+    return list(qmm.quant_matmul_multi(x2, pairs, **kw))
 
 
 def qarray_sharding(qa: QArray, spec: PartitionSpec, mesh) -> QArray:

@@ -17,6 +17,10 @@ each output block to arrive sums them in split order); batch-1 GEMV over N = 409
 blocks to fill 132 SMs otherwise. M == 1 uses a register FMA reduction; larger M a
 tensor-core dot with M padded to 16.
 
+With `norm` the kernel multiplies RMSNorm(x) instead of x: each program sums the squares of its
+rows of x before its loop and normalizes every x tile as it loads it, so the norm before q/k/v and
+before gate/up costs no kernel of its own.
+
 `quant_matmul_multi` multiplies x by several weights (q/k/v, gate/up) in one launch: grid axis 0
 runs over the N blocks of all of them and each program branches (statically unrolled) to its
 weight's code, so each launch's fixed cost (launch, tail wave, split-K reduction) is paid once and
@@ -56,7 +60,7 @@ class BlockSizes:
     and without a separate reduction kernel. It measured slower on the H100 (105.9 vs 98.7 us per
     int8 layer, 224.6 vs 260.4 tokens/s end to end: docs/perf_quant.md), so XLA sums by default.
     fold=True (int4 with group scales, asm): `_ptx_int4_folded`, 25 instructions per 8 codes
-    instead of 33; off until measured on a GPU.
+    instead of 33 (the int4 M == 1 default; docs/perf_quant.md).
     """
     block_n: int = 128
     block_k: int = 128
@@ -95,7 +99,7 @@ def default_block_sizes(m: int, k: int, n: int, bits: int) -> BlockSizes:
     """The tiling that measured best on an H100 in our sweeps (docs/perf_quant.md)."""
     del k, n
     if m == 1 and bits == 4:  # 64 packed rows x 128 columns per tile, 2 tiles in flight
-        return BlockSizes(block_n=128, block_k=128, prefetch=2)
+        return BlockSizes(block_n=128, block_k=128, prefetch=2, fold=True)
     if m == 1:  # 32 rows x 256 columns per tile, 2 tiles in flight
         return BlockSizes(block_n=256, block_k=32, prefetch=2)
     # Skinny GEMM: a bf16 tensor-core dot, pipelined by Triton (num_stages) rather than by hand.
@@ -239,11 +243,14 @@ def _quant_matmul_kernel(
     asm: bool,
     fold: bool,
     barrier: bool,
+    n_ref=None,  # [K] RMSNorm weight applied to x in the prologue, or None
+    eps: float = 0.0,
 ):
     """One (N block, K split, M block) program of one weight; `pids` are its program ids. Grid axis
     0 counts the N blocks of every weight of the call; this weight's are block0, block0 + 1, ...
     The float32 partials are shared by the weights ([S, M, Nc], Nc = the sum of their N): this
-    one's start at column `col`.
+    one's start at column `col`. With n_ref, every program first sums the squares of its whole
+    rows of x (they are small and stay in L2), and each x tile is normalized as it is loaded.
     """
     m_size, k_size = x_ref.shape
     kq_size, n_size = q_ref.shape
@@ -276,7 +283,7 @@ def _quant_matmul_kernel(
                        **({} if w_mask is None else dict(mask=w_mask, other=0)),
                        eviction_policy="evict_first")  # [bkq, bn]
         k_offsets = [p0] if bits != 4 else [p0 + (p0 // gq) * gq, p0 + (p0 // gq) * gq + gq]
-        xs = []
+        xs, nws = [], []
         for k0 in k_offsets:  # int4: the group's first and second half of x
             if fma:
                 mask = and_(rows, valid)
@@ -285,7 +292,39 @@ def _quant_matmul_kernel(
                 mask = and_(and_(m_mask[:, None], None if rows is None else rows[None, :]), valid)
                 ref = x_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_kq)]  # [bm, bkq]
             xs.append(plgpu.load(ref, **({} if mask is None else dict(mask=mask, other=0))))
-        return [w], xs, (load_scale(p0 // gq, valid) if per_group else None)
+            if n_ref is not None:  # the norm weight of these rows of x
+                mask = and_(rows, valid)
+                nws.append(plgpu.load(n_ref.at[pl.ds(k0, block_kq)],
+                                      **({} if mask is None else dict(mask=mask, other=0))))
+        return [w], xs, nws, (load_scale(p0 // gq, valid) if per_group else None)
+
+    def normed(xk, nw):
+        """x tile -> RMSNorm(x) tile, rounded as the model's norm is: x * inv_rms in float32,
+        to x's dtype, times the norm weight in x's dtype."""
+        inv_b = inv_rms if fma else inv_rms[:, None]
+        nw_b = nw if fma else nw[None, :]
+        return (xk.astype(jnp.float32) * inv_b).astype(xk.dtype) * nw_b
+
+    def row_inv_rms():
+        """1 / sqrt(mean(x^2) + eps) of this program's rows of x: a scalar (fma) or [bm]. The
+        squares are summed elementwise over chunks (one chunk for a 7B row at M == 1, 32
+        registers a thread) and reduced once, so the prologue costs about one L2 round trip."""
+        chunk = min(pl.next_power_of_2(k_size), 4096 if fma else max(128, 8192 // block_m))
+
+        def body(c, acc):
+            k0 = pl.multiple_of(c * chunk, chunk)
+            cols = (k0 + jnp.arange(chunk)) < k_size if k_size % chunk else None
+            if fma:
+                ref, mask = x_ref.at[m0, pl.ds(k0, chunk)], cols
+            else:
+                ref = x_ref.at[pl.ds(m0, block_m), pl.ds(k0, chunk)]
+                mask = and_(m_mask[:, None], None if cols is None else cols[None, :])
+            v = plgpu.load(ref, **({} if mask is None else dict(mask=mask, other=0))).astype(jnp.float32)
+            return acc + v * v
+
+        zero = jnp.zeros((chunk,) if fma else (block_m, chunk), jnp.float32)
+        total = jnp.sum(lax.fori_loop(0, pl.cdiv(k_size, chunk), body, zero), axis=-1)
+        return lax.rsqrt(total / k_size + eps)
 
     def load_scale(row, valid=None):
         mask = and_(n_mask if n_ragged else None, valid)
@@ -293,7 +332,9 @@ def _quant_matmul_kernel(
                           **({} if mask is None else dict(mask=mask, other=0)))  # [bn]
 
     def compute(acc, tile):
-        (w,), xs, scale = tile
+        (w,), xs, nws, scale = tile
+        if nws:
+            xs = [normed(xk, nw) for xk, nw in zip(xs, nws)]
         if asm and fold and scale is not None:
             code, constraints = _ptx_int4_folded()
             shape = (block_kq, block_n)
@@ -336,8 +377,11 @@ def _quant_matmul_kernel(
             return compute(acc, tiles[0]), (*tiles[1:], nxt)
 
         tiles = tuple(load_tile(t_start + j, j < t_count) for j in range(prefetch - 1))
+        # the norm's sum of squares after the first weight loads are issued: it runs while they fly
+        inv_rms = row_inv_rms() if n_ref is not None else None
         acc, _ = lax.fori_loop(0, t_count, body, (acc, tiles))
     else:
+        inv_rms = row_inv_rms() if n_ref is not None else None
         acc = lax.fori_loop(0, t_count, lambda i, acc: compute(acc, load_tile(t_start + i, None)),
                             acc)
     if fma:
@@ -370,6 +414,11 @@ def _quant_matmul_kernel(
                     dict(other=0.0) if mask else {})),
                 jnp.zeros(val.shape, jnp.float32))
             plgpu.store(o_ref.at[idx], total.astype(o_ref.dtype), **mask)
+
+
+def _check_norm(x, norm):
+    if norm is not None and (norm.shape != (x.shape[-1],) or norm.dtype != x.dtype):
+        raise ValueError(f"norm must be [{x.shape[-1]}] {x.dtype} like x's rows, got {norm.shape} {norm.dtype}")
 
 
 def _check_args(x, q, scale, bits, group_size):
@@ -412,8 +461,9 @@ def _check_weights(x, weights, bits, group_size) -> list:
     return weights
 
 
-def _quant_matmul(x, weights, *, bits, group_size, block_sizes, interpret):
+def _quant_matmul(x, weights, *, bits, group_size, block_sizes, interpret, norm=None, eps=0.0):
     """x [M, K] @ each (q, scale) of `weights` in one pallas_call -> tuple of [M, N_i] (checked).
+    norm [K] (or None): the rows of x are RMS-normalized with it first, inside the kernel.
 
     Grid axis 0 runs over the N blocks of all weights, in order; each program picks its weight by a
     static branch on that index, so the weights are read in place (never concatenated) and the
@@ -448,9 +498,10 @@ def _quant_matmul(x, weights, *, bits, group_size, block_sizes, interpret):
         split=split, num_splits=splits, prefetch=bs.prefetch,
         tf32_dot=bs.tf32_dot and bits != 16,
         asm=bs.asm and fma and bits in (4, 8) and not interpret and bs.block_n % 4 == 0,
-        fold=bs.fold and bits == 4, barrier=not interpret)
+        fold=bs.fold and bits == 4, barrier=not interpret, eps=eps)
     per_weight = 1 if bits == 16 else 2  # refs per weight: q, and scale unless bits=16
-    args = [x] + [a for w in weights for a in w[:per_weight]]
+    normed = norm is not None
+    args = [x] + ([norm] if normed else []) + [a for w in weights for a in w[:per_weight]]
     partials = jax.ShapeDtypeStruct((splits, m, sum(ns)), jnp.float32)
     out_shape = ([partials] if split and not fused
                  else [jax.ShapeDtypeStruct((m, n), x.dtype) for n in ns])
@@ -462,6 +513,7 @@ def _quant_matmul(x, weights, *, bits, group_size, block_sizes, interpret):
         args.append(jnp.zeros((grid_n * grid_m,), jnp.int32))
 
     def body(x_ref, *refs):
+        n_ref, refs = (refs[0], refs[1:]) if normed else (None, refs)
         w_refs = [(*refs[i * per_weight:(i + 1) * per_weight], None)[:2] for i in range(len(ns))]
         outs = refs[len(ns) * per_weight + fused:]  # past the count input, aliased to its output
         p_ref, c_ref = outs[-2:] if fused else (None, None)
@@ -472,7 +524,7 @@ def _quant_matmul(x, weights, *, bits, group_size, block_sizes, interpret):
         def run(i):
             o_ref = outs[0] if split and not fused else outs[i]
             kernel(x_ref, *w_refs[i], o_ref, p_ref, c_ref, pids=pids, block0=block0s[i],
-                   col=cols[i])
+                   col=cols[i], n_ref=n_ref)
 
         if len(ns) == 1:
             return run(0)
@@ -498,7 +550,7 @@ def _quant_matmul(x, weights, *, bits, group_size, block_sizes, interpret):
     return tuple(lax.slice_in_dim(y, c, c + n, axis=1) for c, n in zip(cols, ns))
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "block_sizes", "interpret", "eps"))
 def quant_matmul(
     x: jax.Array,
     q: jax.Array,
@@ -508,14 +560,21 @@ def quant_matmul(
     group_size: int,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
+    norm: jax.Array | None = None,
+    eps: float = 1e-6,
 ) -> jax.Array:
-    """x [M, K] @ dequantize(q [Kq, N], scale [K // G, N]) -> [M, N] in x's dtype."""
+    """x [M, K] @ dequantize(q [Kq, N], scale [K // G, N]) -> [M, N] in x's dtype.
+
+    norm [K] in x's dtype: multiply RMSNorm(x) instead (x / sqrt(mean(x^2) + eps) * norm, rounded
+    to x's dtype before the weight as `quant_matmul_ref` does), computed in the kernel's prologue.
+    """
     _check_args(x, q, scale, bits, group_size)
+    _check_norm(x, norm)
     return _quant_matmul(x, [(q, scale)], bits=bits, group_size=group_size,
-                         block_sizes=block_sizes, interpret=interpret)[0]
+                         block_sizes=block_sizes, interpret=interpret, norm=norm, eps=eps)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "block_sizes", "interpret", "eps"))
 def quant_matmul_multi(
     x: jax.Array,
     weights: Sequence[tuple[jax.Array, jax.Array | None]],
@@ -524,16 +583,20 @@ def quant_matmul_multi(
     group_size: int,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
+    norm: jax.Array | None = None,
+    eps: float = 1e-6,
 ) -> tuple[jax.Array, ...]:
     """x [M, K] @ dequantize(q_i [Kq, N_i], scale_i [K // G, N_i]) for each weight, in one kernel
     launch -> tuple of [M, N_i] in x's dtype (e.g. q, k, v or gate, up from the same x).
 
     The weights share K, bits, group_size and dtypes; N_i may differ. block_sizes=None takes
     `default_block_sizes` with N = sum N_i, and the K splits are chosen from the total N blocks.
+    norm, eps: as in `quant_matmul` (the RMSNorm before attention or the feed-forward block).
     """
     weights = _check_weights(x, weights, bits, group_size)
+    _check_norm(x, norm)
     return _quant_matmul(x, weights, bits=bits, group_size=group_size, block_sizes=block_sizes,
-                         interpret=interpret)
+                         interpret=interpret, norm=norm, eps=eps)
 
 
 def quant_matmul_ref(
@@ -545,10 +608,17 @@ def quant_matmul_ref(
     group_size: int,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
+    norm: jax.Array | None = None,
+    eps: float = 1e-6,
 ) -> jax.Array:
-    """Pure-jnp float32 reference: x [M, K] @ dequantize(q, scale) -> [M, N] in x's dtype."""
+    """Pure-jnp float32 reference: x [M, K] (RMS-normalized with norm, if given) @ dequantize(q,
+    scale) -> [M, N] in x's dtype."""
     del block_sizes, interpret
     _check_args(x, q, scale, bits, group_size)
+    _check_norm(x, norm)
+    if norm is not None:
+        x32 = x.astype(jnp.float32)
+        x = (x32 / jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype) * norm
     w = (unpack_int4(q, group_size) if bits == 4 else q).astype(jnp.float32)  # [K, N]
     if scale is not None:
         k, n = w.shape
@@ -566,8 +636,11 @@ def quant_matmul_multi_ref(
     group_size: int,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
+    norm: jax.Array | None = None,
+    eps: float = 1e-6,
 ) -> tuple[jax.Array, ...]:
     """Pure-jnp float32 reference: tuple of `quant_matmul_ref` over the weights -> [M, N_i] each."""
     del block_sizes, interpret
     weights = _check_weights(x, weights, bits, group_size)
-    return tuple(quant_matmul_ref(x, q, s, bits=bits, group_size=group_size) for q, s in weights)
+    return tuple(quant_matmul_ref(x, q, s, bits=bits, group_size=group_size, norm=norm, eps=eps)
+                 for q, s in weights)

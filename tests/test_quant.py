@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jllm.plan import Plan
-from jllm.quant import QArray, dequantize, linear, linears, quantize
+from jllm.quant import QArray, dequantize, linear, linears, quantize, rms_norm
 from pallas_kernels.quant_matmul import pack_int4
 
 
@@ -194,3 +194,27 @@ def test_linears_fused_runs_float_weights_through_one_gemv_at_batch_1(dtype):
     calls = lambda x: str(jax.make_jaxpr(lambda x, ws: linears(x, ws, Plan(matmul_impl="pallas-fused")))(x, ws)).count("pallas_call")
     assert calls(x1) == 1
     assert calls(jnp.ones((3, 1, 128), dtype)) == 0  # M > 1: XLA's dots
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
+def test_linears_with_norm_equal_the_norm_then_linears(kind):
+    """norm=w: "pallas-fused" at batch 1 normalizes x inside its one launch; the other impls and
+    batch sizes apply rms_norm first. All agree with rms_norm followed by linears."""
+    dense = [_weight(50 + i, (128, n)) for i, n in enumerate((128, 32, 32))]
+    ws = ([w.astype(jnp.bfloat16) for w in dense] if kind == "bf16" else
+          [quantize(w, bits=int(kind[3:]), group_size=32 if kind == "int4" else None)[0] for w in dense])
+    norm = jax.random.uniform(jax.random.key(2), (128,), jnp.float32, 0.5, 1.5).astype(jnp.bfloat16)
+    for m in (1, 3):
+        x = 4.0 * jax.random.normal(jax.random.key(m), (m, 1, 128), jnp.bfloat16) + 1.0      # [B, T, D]
+        want = linears(rms_norm(x, norm, 1e-5), ws, Plan(matmul_impl="pallas"))
+        for impl in ("pallas-fused", "xla"):
+            got = linears(x, ws, Plan(matmul_impl=impl), norm=norm, eps=1e-5)
+            for a, b in zip(got, want):
+                assert a.shape == b.shape
+                np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-2)
+    # Batch 1 "pallas-fused": one kernel launch and no norm outside it.
+    jaxpr = jax.make_jaxpr(lambda x, ws, n: linears(x, ws, Plan(matmul_impl="pallas-fused"), norm=n))(
+        jnp.ones((1, 1, 128), jnp.bfloat16), ws, norm)
+    assert str(jaxpr).count("pallas_call") == 1
+    outer = [e.primitive.name for e in jaxpr.jaxpr.eqns]
+    assert "rsqrt" not in outer and "reduce_sum" not in outer

@@ -184,6 +184,50 @@ def test_multi_bad_weights_raise_naming_the_weight():
                            group_size=0, interpret=INTERPRET)
 
 
+# RMSNorm in the prologue: (M, K, N_i per weight, bits, group_size, block_sizes). K = 300 leaves a
+# partial chunk of the sum of squares; M = 3 and 16 take the dot path.
+NORM_CASES = [
+    (1, 512, (200, 72), 8, 512, None),  # per-channel int8 GEMV, split
+    (1, 512, (256, 64, 64), 4, 64, None),  # int4 q/k/v, the folded step
+    (3, 256, (130,), 4, 64, BlockSizes(k_splits=2)),  # int4 dot path, split
+    (16, 512, (200, 96), 8, 64, BlockSizes(k_splits=4, prefetch=3)),
+    (1, 300, (130, 40), 16, 0, None),  # bf16 GEMV, ragged K
+    (3, 256, (200,), 16, 0, None),
+]
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("case", NORM_CASES, ids=_multi_id)
+def test_norm_prologue_matches_ref(case, interpret):
+    """norm=w: RMSNorm(x) @ each weight; x far from unit RMS, so a norm left out or applied twice
+    fails."""
+    m, k, ns, bits, group_size, block_sizes = case
+    case_id = "norm_" + _multi_id(case)
+    x, weights = _multi_inputs(case_id, m, k, ns, bits, group_size)
+    x = 3.0 * x + 1.0
+    norm = jax.random.uniform(jax.random.key(zlib.crc32(case_id.encode())), (k,), jnp.float32, 0.5, 1.5)
+    kw = dict(bits=bits, group_size=group_size, norm=norm, eps=1e-5)
+    if len(ns) == 1:
+        ys = (quant_matmul(x, *weights[0], block_sizes=block_sizes, interpret=interpret, **kw),)
+    else:
+        ys = quant_matmul_multi(x, weights, block_sizes=block_sizes, interpret=interpret, **kw)
+    refs = quant_matmul_multi_ref(x, weights, **kw)
+    plain = quant_matmul_multi_ref(x, weights, bits=bits, group_size=group_size)
+    for i, (y, ref, raw) in enumerate(zip(ys, refs, plain)):
+        assert not np.isnan(np.asarray(y)).any(), f"weight {i}: unwritten output"
+        np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-4, atol=1e-4, err_msg=f"weight {i}")
+        assert not np.allclose(np.asarray(ref), np.asarray(raw), rtol=1e-2, atol=1e-2)  # the norm matters
+
+
+def test_norm_of_the_wrong_shape_or_dtype_raises():
+    x, q, scale = _inputs("norm_bad", 1, 256, 64, 8, 256, jnp.float32)
+    with pytest.raises(ValueError, match=r"norm must be \[256\] float32.*\(128,\)"):
+        quant_matmul(x, q, scale, bits=8, group_size=256, norm=jnp.ones((128,)), interpret=INTERPRET)
+    with pytest.raises(ValueError, match="norm must be.*bfloat16"):
+        quant_matmul_multi(x, [(q, scale)], bits=8, group_size=256, norm=jnp.ones((256,), jnp.bfloat16),
+                           interpret=INTERPRET)
+
+
 # Compiled only (too large for interpret mode): bf16 x, default tiles, ragged and irregular shapes
 # at Llama sizes, one weight per call and several. (M, K, N_i per weight, bits, group_size, blocks)
 LARGE_CASES = [

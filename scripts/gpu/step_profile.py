@@ -93,8 +93,18 @@ def format_table(title: str, wall_ms: float, t: dict, top: int = 18) -> str:
     return "\n".join(lines)
 
 
+def sequence(kernels: list[tuple[str, float, float]], start: int, count: int) -> str:
+    """Kernels start .. start + count in launch order: name, microseconds, idle gap before it."""
+    ks = sorted(kernels, key=lambda k: k[1])[start:start + count]
+    lines = [f"{'#':>5s} {'kernel':60s} {'us':>7s} {'gap us':>7s}"]
+    for i, (name, t, d) in enumerate(ks):
+        gap = t - (ks[i - 1][1] + ks[i - 1][2]) if i else 0.0
+        lines.append(f"{start + i:5d} {name[:60]:60s} {d:7.1f} {gap:7.1f}")
+    return "\n".join(lines)
+
+
 def profile(cfg, params, plan, batch: int, steps: int, prompt_len: int, trace_dir: str,
-            device: str = "GPU") -> tuple[float, dict]:
+            device: str = "GPU", show: int = 0) -> tuple[float, dict]:
     """Prefill prompt_len random tokens, then trace `steps` decode steps -> (wall ms per step, table)."""
     from jllm.generate import bucket, decode, prefill
     from jllm.kvcache import init_cache
@@ -119,7 +129,11 @@ def profile(cfg, params, plan, batch: int, steps: int, prompt_len: int, trace_di
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         out, cache, _ = decode(params, token, cache, sampling, key, cfg=cfg, n_steps=steps, plan=plan)
         jax.block_until_ready(out)
-    return wall, kernel_table(device_kernels(read_trace(trace_dir), device), steps)
+    kernels = device_kernels(read_trace(trace_dir), device)
+    table = kernel_table(kernels, steps)
+    if show:  # a run of kernels from the middle of the traced steps: a few layers in order
+        table["sequence"] = sequence(kernels, len(kernels) // 2, show)
+    return wall, table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--device", default="GPU", help="process-name filter of the device streams in the trace")
     ap.add_argument("--out", default=None, help="write the tables here (summary.txt) and keep the traces")
+    ap.add_argument("--sequence", type=int, default=0, metavar="N",
+                    help="also list N kernels in launch order from the middle of the trace")
     args = ap.parse_args(argv)
     cfg = LlamaConfig.from_name(args.config)
     out_dir = args.out or tempfile.mkdtemp(prefix="jllm-profile-")
@@ -148,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             for batch in args.batch:
                 title = f"{args.config} {mode if mode != 'none' else 'bf16'} matmul={plan.matmul_impl} B={batch}"
                 wall, table = profile(cfg, params, plan, batch, args.steps, args.prompt_len,
-                                      os.path.join(out_dir, re.sub(r"\W+", "_", title)), args.device)
-                report.append(format_table(title, wall, table))
+                                      os.path.join(out_dir, re.sub(r"\W+", "_", title)), args.device,
+                                      args.sequence)
+                report.append(format_table(title, wall, table) + ("\n" + table["sequence"] if args.sequence else ""))
                 print(report[-1], flush=True)
         del params
     with open(os.path.join(out_dir, "summary.txt"), "w") as f:
