@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jllm.plan import Plan
-from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.decode_attention import decode_attention, decode_attention_append
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.kv_quant import dequantize_kv
 from pallas_kernels.paged_attention import paged_attention as paged_decode_kernel
@@ -113,6 +113,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array, kv_
         return local(q, k, v, q_offset, kv_len, *scales)
     return per_shard(local, plan, q, (k, v), (q_offset, kv_len), ("batch", "seq", "kv_heads", "head_dim"),
                      scales, ("batch", "kv_heads", "seq"))
+
+
+def decode_append(q: jax.Array, k: jax.Array, v: jax.Array, k_new: jax.Array, v_new: jax.Array,
+                  lengths: jax.Array, kv_len: jax.Array, plan: Plan) -> tuple | None:
+    """One decode step over a static float cache with the write in the attention kernel: q
+    [B, 1, H, K], k_new, v_new [B, 1, G, K] stored at lengths -> (out [B, 1, H, K], k, v). None
+    where the plan runs no kernels on one device, or the shapes don't tile (the caller writes,
+    then attends)."""
+    if plan.attn_impl != "pallas" or plan.sharded or not supported(q, k):
+        return None
+    out, k, v = decode_attention_append(q[:, 0], k, v, lengths, kv_len, k_new[:, 0], v_new[:, 0],
+                                        interpret=plan.interpreted)
+    return out[:, None], k, v
 
 
 def _paged_xla(q, k_pages, v_pages, block_tables, q_offset, kv_len, k_scale_pages=None,

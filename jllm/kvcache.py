@@ -1,12 +1,16 @@
 """KV caches: the static `KVCache` and the paged `PagedKVCache`, with one interface the model calls.
 
 Both are pytrees passed into the model and returned (donated by the jitted steps, so their buffers
-are updated in place). Per layer the model asks the cache three things:
+are updated in place). The model asks the cache these things:
 
     pos = cache.positions(T)                                  # [B, T] positions of the new tokens
-    layer = cache.write(i, k, v, n_tokens, fresh)             # new k, v [B, T, G, K] stored
-    o = cache.attend(layer, q, k, v, n_tokens, fresh, plan)   # q [B, T, H, K] -> [B, T, H, K]
+    layer, o = cache.write_attend(i, q, k, v, n_tokens, fresh, plan)  # per layer, both of:
+    layer = cache.write(i, k, v, n_tokens, fresh)             #   new k, v [B, T, G, K] stored
+    o = cache.attend(layer, q, k, v, n_tokens, fresh, plan)   #   q [B, T, H, K] -> [B, T, H, K]
     cache = cache.updated(layers, n_tokens)                   # after the last layer
+
+`write_attend` is `write` then `attend` (`CacheOps`); the static float cache's decode step with the
+Pallas kernels does both in one kernel, which stores the new key while it attends.
 
 An int8 cache (either kind) stores codes with one float32 scale per token and KV head
 (pallas_kernels.kv_quant): half the bytes of bf16 (plus 4 per head_dim), which is what decode at
@@ -41,9 +45,19 @@ def _check_dtype(dtype) -> jnp.dtype:
     return dtype
 
 
+class CacheOps:
+    """What every cache answers with its own `write` and `attend`."""
+
+    def write_attend(self, i: int, q: jax.Array, k: jax.Array, v: jax.Array, n_tokens: jax.Array,
+                     fresh: bool, plan: Plan) -> tuple[LayerKV, jax.Array]:
+        """Store layer i's new k, v, then attend q over the layer -> (layer's buffers, [B, T, H, K])."""
+        layer = self.write(i, k, v, n_tokens, fresh)
+        return layer, self.attend(layer, q, k, v, n_tokens, fresh, plan)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class KVCache:
+class KVCache(CacheOps):
     """Static KV cache: one buffer per layer, so each is updated in place by the donated step.
 
     Key s of head g in an int8 cache is k[b, s, g] * k_scale[b, g, s]; the scales are [B, G, S]
@@ -91,6 +105,17 @@ class KVCache:
             return attn.attention(q, dequantize_kv(ck, cks, q.dtype), dequantize_kv(cv, cvs, q.dtype),
                                   start, kv_len, plan)
         return attn.attention(q, ck, cv, start, kv_len, plan, cks, cvs)  # decode reads the codes
+
+    def write_attend(self, i: int, q: jax.Array, k: jax.Array, v: jax.Array, n_tokens: jax.Array,
+                     fresh: bool, plan: Plan) -> tuple[LayerKV, jax.Array]:
+        """`CacheOps.write_attend`; a decode step over a float cache runs as one Pallas kernel
+        where the plan's attention allows (attention.decode_append)."""
+        if q.shape[1] == 1 and not fresh and not self.quantized:
+            fused = attn.decode_append(q, self.k[i], self.v[i], k, v, self.lengths, self.lengths + n_tokens, plan)
+            if fused is not None:
+                o, ck, cv = fused
+                return (ck, cv, None, None), o
+        return super().write_attend(i, q, k, v, n_tokens, fresh, plan)
 
     def updated(self, layers: list[LayerKV], n_tokens: jax.Array) -> "KVCache":
         k, v, ks, vs = (list(b) for b in zip(*layers))
@@ -145,7 +170,7 @@ class PageTable:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class PagedKVCache:
+class PagedKVCache(CacheOps):
     """Every layer's pages and one page table (module docstring)."""
     k_pages: list[jax.Array]   # L x [P, page_size, G, K]
     v_pages: list[jax.Array]   # L x [P, page_size, G, K]

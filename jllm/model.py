@@ -23,6 +23,7 @@ from jllm import quant
 from jllm.config import LlamaConfig
 from jllm.kvcache import KVCache, PagedKVCache, init_cache  # noqa: F401 (forward's caches, re-exported)
 from jllm.plan import Plan
+from jllm.quant import rms_norm
 
 Cache = KVCache | PagedKVCache
 
@@ -127,12 +128,6 @@ def _weight_initializer(shape: tuple[int, ...], dtype, init: str, sharding):
     return jax.jit(make, out_shardings=sharding)
 
 
-def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
-    x32 = x.astype(jnp.float32)  # [B, T, D]
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return y.astype(x.dtype) * w
-
-
 def rope(x: jax.Array, pos: jax.Array, theta: float) -> jax.Array:
     """Rotate-half RoPE. x [B, T, N, K], pos [B, T] -> [B, T, N, K]; angles in float32."""
     half = x.shape[-1] // 2
@@ -161,24 +156,22 @@ def transformer(params: Params, tokens: jax.Array, cache: Cache, cfg: LlamaConfi
     def linear(x, w, name):
         return quant.linear(x, w, plan, spec=specs.get(name))
 
-    def linears(x, ws, names):  # projections of one input: one kernel launch with "pallas-fused"
-        return quant.linears(x, ws, plan, specs=[specs.get(n) for n in names])
+    def normed_linears(x, norm, ws, names):  # rms_norm(x) @ each w: one launch with "pallas-fused"
+        return quant.linears(x, ws, plan, specs=[specs.get(n) for n in names], norm=norm, eps=cfg.norm_eps)
 
     x = params.tok_embeddings[tokens]                                             # [B, T, D]
     written = []
     for i, layer in enumerate(params.layers):
         # Attention block: norm, project, rotate, write the cache, attend, project back.
-        h = rms_norm(x, layer.attention_norm, cfg.norm_eps)
-        q, k, v = linears(h, (layer.wq, layer.wk, layer.wv), ("wq", "wk", "wv"))
+        q, k, v = normed_linears(x, layer.attention_norm, (layer.wq, layer.wk, layer.wv), ("wq", "wk", "wv"))
         q = rope(q.reshape(B, T, H, K), pos, cfg.rope_theta)                      # [B, T, H, K]
         k = rope(k.reshape(B, T, G, K), pos, cfg.rope_theta)                      # [B, T, G, K]
         v = v.reshape(B, T, G, K)                                                 # [B, T, G, K]
-        written.append(cache.write(i, k, v, n_tokens, fresh))
-        o = cache.attend(written[-1], q, k, v, n_tokens, fresh, plan)             # [B, T, H, K]
+        layer_kv, o = cache.write_attend(i, q, k, v, n_tokens, fresh, plan)      # o [B, T, H, K]
+        written.append(layer_kv)
         x = x + linear(o.reshape(B, T, H * K), layer.wo, "wo")
         # Feed-forward block: SwiGLU.
-        h = rms_norm(x, layer.ffn_norm, cfg.norm_eps)
-        gate, up = linears(h, (layer.w1, layer.w3), ("w1", "w3"))                # [B, T, F]
+        gate, up = normed_linears(x, layer.ffn_norm, (layer.w1, layer.w3), ("w1", "w3"))  # [B, T, F]
         x = x + linear(jax.nn.silu(gate) * up, layer.w2, "w2")
     x = rms_norm(x, params.norm, cfg.norm_eps)                                    # [B, T, D]
     return x, cache.updated(written, n_tokens)

@@ -31,7 +31,7 @@ from pallas_kernels.split_k import (
     online_softmax_step, resolve_splits, split_outputs, split_range, store_result,
 )
 
-__all__ = ["BlockSizes", "decode_attention", "decode_attention_ref"]
+__all__ = ["BlockSizes", "decode_attention", "decode_attention_append", "decode_attention_ref"]
 
 
 def _decode_kernel(
@@ -39,8 +39,10 @@ def _decode_kernel(
     q_ref,  # [H, K] all query heads of row b
     k_ref,  # [S, K] kv head g of row b
     v_ref,  # [S, K]
-    *refs,  # [ks_ref, vs_ref [S] float32 scales, int8 cache only], o_ref, [m_ref, l_ref]
+    *refs,  # [ks_ref, vs_ref [S] float32 scales, int8 cache only], [append inputs], o_ref,
+    # [m_ref, l_ref], [append outputs]
     quantized: bool,
+    append: bool,
     group: int,
     rows: int,
     block_k: int,
@@ -50,9 +52,17 @@ def _decode_kernel(
     """Attention of the R heads of KV head g of row b over the keys of split j.
 
     o_ref [H, K] is the q.dtype output (num_splits == 1) or the float32 partial of split j, then
-    m_ref, l_ref [H] float32 when num_splits > 1.
+    m_ref, l_ref [H] float32 when num_splits > 1. With `append` the inputs go on with kv_len_ref
+    [B] int32, kn_ref, vn_ref [K] (the new key and value of head g) and the outputs with
+    k_out_ref, v_out_ref [S, K] (k_ref, v_ref's buffers): the keys s < lengths[b] are read from
+    the cache, the new key at position lengths[b] comes from kn_ref (visible if kv_len[b] exceeds
+    lengths[b]) and joins the last split, and split 0 stores it in the cache, at a position no
+    program reads.
     """
-    scale_refs, (o_ref, *ml_refs) = (refs[:2], refs[2:]) if quantized else ((), refs)
+    scale_refs, refs = (refs[:2], refs[2:]) if quantized else ((), refs)
+    new_refs, refs = (refs[:3], refs[3:]) if append else ((), refs)
+    o_ref, *ml_refs = refs
+    out_refs, ml_refs = (ml_refs[-2:], ml_refs[:-2]) if append else ((), ml_refs)
     b, g, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     head_dim = k_ref.shape[-1]
     length = jnp.minimum(lengths_ref[b], k_ref.shape[0])  # never read past the cache
@@ -75,7 +85,32 @@ def _decode_kernel(
         return online_softmax_step(q, k, v, key_ok, carry, qk_scale, k_scale=ks, v_scale=vs)
 
     acc, m, l = lax.fori_loop(lo, hi, body, init_carry(rows, head_dim))  # splits past the length run zero steps
+    if append:
+        acc, m, l = _append_key(q, new_refs, out_refs, lengths_ref[b], k_ref.shape[0], b, j, num_splits,
+                                qk_scale, (acc, m, l))
     store_result(o_ref, tuple(ml_refs), (pl.ds(head, rows),), row_ok, acc, m, l)
+
+
+def _append_key(q, new_refs, out_refs, old, seq_len, b, j, num_splits, qk_scale, carry):
+    """The new key of `_decode_kernel`'s append mode: one more online-softmax step in the last
+    split (elementwise: a dot needs 16 keys), and its store into the cache by split 0."""
+    kv_len_ref, kn_ref, vn_ref = new_refs
+    kn, vn = plgpu.load(kn_ref), plgpu.load(vn_ref)  # [K]
+    acc, m, l = carry
+    take = (kv_len_ref[b] > old) & (old < seq_len) & (j == num_splits - 1)
+    s = jnp.sum(q.astype(jnp.float32) * kn.astype(jnp.float32)[None, :], axis=1) * qk_scale  # [rows]
+    m_new = jnp.where(take, jnp.maximum(m, s), m)
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.where(take, jnp.exp2(s - m_new), 0.0)  # [rows]
+    acc = acc * alpha[:, None] + p[:, None] * vn.astype(jnp.float32)[None, :]
+
+    @pl.when((j == 0) & (old < seq_len))
+    def _():
+        k_out_ref, v_out_ref = out_refs
+        plgpu.store(k_out_ref.at[pl.ds(old, 1), :], kn[None, :].astype(k_out_ref.dtype))
+        plgpu.store(v_out_ref.at[pl.ds(old, 1), :], vn[None, :].astype(v_out_ref.dtype))
+
+    return acc, m_new, l * alpha + p
 
 
 def _decode_call(
@@ -87,16 +122,19 @@ def _decode_call(
     v_scale: jax.Array | None,  # [B, G, S] float32, int8 cache only
     block_sizes: BlockSizes,
     interpret: bool,
-) -> jax.Array:  # [B, H, K]
+    new: tuple = (),  # append mode: (kv_len [B] int32, k_new, v_new [B, G, K] in the cache dtype)
+):  # [B, H, K]; append mode: (out, k, v)
     batch, num_heads, head_dim = q.shape
     seq_len, num_kv_heads = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
     quantized = k_scale is not None
     block_k = min(block_sizes.block_k, max(16, pl.next_power_of_2(seq_len)))
     num_splits = resolve_splits(dataclasses.replace(block_sizes, block_k=block_k), batch * num_kv_heads, seq_len)
+    append = bool(new)
     kernel = functools.partial(
         _decode_kernel,
         quantized=quantized,
+        append=append,
         group=group,
         rows=max(16, pl.next_power_of_2(group)),
         block_k=block_k,
@@ -116,19 +154,34 @@ def _decode_call(
         scale_spec = pl.BlockSpec((None, None, seq_len), lambda b, g, j: (b, g, 0))
         in_specs += [scale_spec, scale_spec]
         args += [k_scale, v_scale]
+    aliases = {}
+    if append:  # the new key and value of head g of row b; the cache buffers are also outputs
+        new_spec = pl.BlockSpec((None, None, head_dim), lambda b, g, j: (b, g, 0))
+        in_specs += [pl.BlockSpec((batch,), lambda b, g, j: (0,)), new_spec, new_spec]
+        args += list(new)
+        out_specs = [*(out_specs if num_splits > 1 else [out_specs]), kv_spec, kv_spec]
+        out_shape = [*(out_shape if num_splits > 1 else [out_shape]),
+                     jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+        aliases = {2: len(out_shape) - 2, 3: len(out_shape) - 1}
     out = pl.pallas_call(
         kernel,
         grid=(batch, num_kv_heads, num_splits),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=_triton.compiler_params(block_sizes.num_warps, block_sizes.num_stages),
         interpret=interpret,
-        name="jllm_decode_attention_int8" if quantized else "jllm_decode_attention",
+        name="jllm_decode_attention_int8" if quantized else
+        "jllm_decode_attention_append" if append else "jllm_decode_attention",
     )(*args)
-    if num_splits == 1:
-        return out
-    return merge_splits(*out, group=group, dtype=q.dtype, interpret=interpret)
+    cache = ()
+    if append:
+        *out, k_out, v_out = out
+        out, cache = (out[0] if num_splits == 1 else out), (k_out, v_out)
+    if num_splits > 1:
+        out = merge_splits(*out, group=group, dtype=q.dtype, interpret=interpret)
+    return (out, *cache) if append else out
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
@@ -150,6 +203,34 @@ def decode_attention(
     check_shapes(q, k.shape[2], k.shape[3])
     return _decode_call(q, k, v, lengths.astype(jnp.int32), k_scale, v_scale, block_sizes or BlockSizes(),
                         interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def decode_attention_append(
+    q: jax.Array,  # [B, H, K]
+    k: jax.Array,  # [B, S, G, K] float
+    v: jax.Array,  # [B, S, G, K] float
+    lengths: jax.Array,  # [B] int32 keys already cached
+    kv_len: jax.Array,  # [B] int32: the new key is visible where kv_len[b] > lengths[b]
+    k_new: jax.Array,  # [B, G, K]
+    v_new: jax.Array,  # [B, G, K]
+    *,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Decode with the cache write in the same kernel: store k_new, v_new at position lengths[b]
+    of k, v (dropped where lengths[b] >= S) and attend q over keys s < lengths[b] plus the new one
+    -> (out [B, H, K], k, v). k and v are updated in place where the caller donates them."""
+    if k.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0]:
+        raise ValueError(f"expected k = v [B, S, G, K]; got {q.shape=} {k.shape=} {v.shape=}")
+    check_kv_dtypes(k, v, None, None)
+    check_shapes(q, k.shape[2], k.shape[3])
+    want = (k.shape[0], k.shape[2], k.shape[3])
+    if k_new.shape != want or v_new.shape != want:
+        raise ValueError(f"expected k_new = v_new [B, G, K] = {want}; got {k_new.shape=} {v_new.shape=}")
+    new = (kv_len.astype(jnp.int32), k_new.astype(k.dtype), v_new.astype(v.dtype))
+    return _decode_call(q, k, v, lengths.astype(jnp.int32), None, None, block_sizes or BlockSizes(),
+                        interpret, new)
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.decode_attention import BlockSizes, decode_attention, decode_attention_ref
+from pallas_kernels.decode_attention import (BlockSizes, decode_attention, decode_attention_append,
+                                             decode_attention_ref)
 from pallas_kernels.kv_quant import quantize_kv
 from kernel_checks import GPU, MODES, assert_close, gpu_marked_needs_gpu, reference  # noqa: F401 (autouse fixture)
 
@@ -76,6 +77,68 @@ def test_decode_never_reads_past_length(interpret):
     assert_close(out, ref, jnp.float32)
 
 
+# Append mode: (B, S, H, G, K, dtype, lengths before the step, kv_len, num_splits). kv_len equal to
+# the length hides the new key (a padding row); a length of S drops the write.
+APPEND_CASES = [
+    (2, 64, 8, 2, 64, jnp.float32, [5, 40], [6, 41], None),
+    (3, 100, 8, 1, 128, jnp.bfloat16, [0, 99, 31], [1, 100, 32], 3),
+    (3, 64, 8, 8, 64, jnp.float32, [63, 64, 17], [64, 65, 17], 16),  # a full row; a hidden new key
+    (1, 300, 16, 2, 128, jnp.float32, [256], [257], 1),  # one split: normalised in the kernel
+]
+
+
+def _append_inputs(case, case_id: str):
+    B, S, H, G, K, dtype, lengths, kv_len, _ = case
+    q, k, v, _ = _inputs((B, S, H, G, K, dtype, lengths, None), case_id)
+    kn, vn = (jax.random.normal(key, (B, G, K), jnp.float32).astype(dtype)
+              for key in jax.random.split(jax.random.key(zlib.crc32(case_id.encode()) + 1)))
+    return q, k, v, jnp.array(lengths, jnp.int32), jnp.array(kv_len, jnp.int32), kn, vn
+
+
+def _append_ref(q, k, v, lengths, kv_len, kn, vn):
+    """The cache written as the model's scatter writes it, and decode_attention_ref over it."""
+    rows = jnp.arange(q.shape[0])
+    k = k.at[rows, lengths].set(kn, mode="drop")
+    v = v.at[rows, lengths].set(vn, mode="drop")
+    return reference(decode_attention_ref, q, k, v, jnp.minimum(kv_len, k.shape[1])), k, v
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("case", APPEND_CASES, ids=[f"append_{i}" for i in range(len(APPEND_CASES))])
+def test_decode_append_writes_the_cache_and_attends_the_new_key(case, interpret):
+    q, k, v, lengths, kv_len, kn, vn = _append_inputs(case, f"append_{case}")
+    block_sizes = BlockSizes(block_k=16, num_splits=case[8])
+    out, k2, v2 = decode_attention_append(q, k, v, lengths, kv_len, kn, vn, block_sizes=block_sizes,
+                                          interpret=interpret)
+    ref, k_want, v_want = _append_ref(q, k, v, lengths, kv_len, kn, vn)
+    np.testing.assert_array_equal(np.asarray(k2, np.float32), np.asarray(k_want, np.float32))
+    np.testing.assert_array_equal(np.asarray(v2, np.float32), np.asarray(v_want, np.float32))
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert_close(out, ref, case[5])
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_decode_append_reads_the_new_key_from_its_input_not_the_cache(interpret):
+    """NaN at and past each row's length in the cache: the new key comes from k_new."""
+    case = (3, 80, 8, 2, 64, jnp.float32, [79, 1, 33], [80, 2, 34], 2)
+    q, k, v, lengths, kv_len, kn, vn = _append_inputs(case, "append_nan_tail")
+    ref, _, _ = _append_ref(q, k, v, lengths, kv_len, kn, vn)
+    tail = (jnp.arange(80)[None, :] >= lengths[:, None])[:, :, None, None]  # [B, S, 1, 1]
+    out, _, _ = decode_attention_append(q, jnp.where(tail, jnp.nan, k), jnp.where(tail, jnp.nan, v), lengths,
+                                        kv_len, kn, vn, block_sizes=BlockSizes(block_k=16, num_splits=2),
+                                        interpret=interpret)
+    assert np.isfinite(np.asarray(out)).all()
+    assert_close(out, ref, jnp.float32)
+
+
+def test_decode_append_refuses_an_int8_cache_and_wrong_new_shapes():
+    q, k, v, lengths, kv_len, kn, vn = _append_inputs(APPEND_CASES[0], "append_bad")
+    with pytest.raises(TypeError, match="k_scale and v_scale"):
+        decode_attention_append(q, k.astype(jnp.int8), v.astype(jnp.int8), lengths, kv_len, kn, vn, interpret=True)
+    with pytest.raises(ValueError, match=r"k_new = v_new \[B, G, K\] = \(2, 2, 64\)"):
+        decode_attention_append(q, k, v, lengths, kv_len, kn[:, :1], vn, interpret=True)
+
+
 # Compiled only (too large for interpret mode): Llama shapes over a 4096-slot cache, default
 # tiling, lengths 1, block boundaries and full. (H, G, K, lengths)
 LONG_CASES = [
@@ -101,6 +164,11 @@ def test_decode_long_ragged_rows_match_ref(case, cache):
         scales = dict(k_scale=k_scale, v_scale=v_scale)
     out = decode_attention(q, k, v, lengths, **scales)
     assert_close(out, reference(decode_attention_ref, q, k, v, lengths, **scales), jnp.bfloat16)
+    if cache == "bf16":  # the same rows as one decode step that appends the last key
+        out, k2, _ = decode_attention_append(q, k, v, lengths - 1, lengths, k[jnp.arange(len(lengths)), lengths - 1],
+                                             v[jnp.arange(len(lengths)), lengths - 1])
+        assert_close(out, reference(decode_attention_ref, q, k, v, lengths), jnp.bfloat16)
+        assert bool(jnp.all(k2 == k))
 
 
 @pytest.mark.parametrize("field,kwargs", [

@@ -237,3 +237,36 @@ def test_reserve_and_release_never_give_a_page_twice(ops):
             assert (tables[b] >= 0).sum() >= -(-want[b] // PAGE)
     table = release(table, jnp.ones(B, bool))
     assert bool(table.free.all()) and bool((table.block_tables < 0).all())
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+def test_static_write_attend_equals_write_then_attend(kv_dtype):
+    """A decode step's write_attend with the Pallas kernels (one kernel that stores the new key
+    while it attends, float caches only) gives the buffers and output of write, then attend."""
+    cfg = LlamaConfig.from_name("tiny")
+    B, S, H, G, K = 3, 32, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    keys = jax.random.split(jax.random.key(7), 5)
+    cache = init_cache(cfg, B, S, jnp.dtype(kv_dtype))
+    # rows 0 and 1 hold 9 and 31 keys; row 2 is full, so its write is dropped
+    old_k, old_v = (jax.random.normal(key, (B, S, G, K)) for key in keys[:2])
+    first = jnp.zeros((B,), jnp.int32)
+    cache = dataclasses.replace(cache, lengths=first)
+    layer = cache.write(0, old_k, old_v, jnp.full((B,), S), fresh=True)
+    cache = dataclasses.replace(cache, k=[layer[0]] + cache.k[1:], v=[layer[1]] + cache.v[1:],
+                                k_scale=None if layer[2] is None else [layer[2]] + cache.k_scale[1:],
+                                v_scale=None if layer[3] is None else [layer[3]] + cache.v_scale[1:],
+                                lengths=jnp.array([9, 31, S], jnp.int32))
+    q = jax.random.normal(keys[2], (B, 1, H, K))
+    k, v = (jax.random.normal(key, (B, 1, G, K)) for key in keys[3:])
+    n = jnp.ones((B,), jnp.int32)
+    got_layer, got = cache.write_attend(0, q, k, v, n, False, Plan(attn_impl="pallas"))
+    want_layer = cache.write(0, k, v, n, False)
+    want = cache.attend(want_layer, q, k, v, n, False, Plan(attn_impl="xla"))
+    for a, b in zip(got_layer, want_layer):
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_close(got, want, jnp.float32)
+    jaxpr = str(jax.make_jaxpr(lambda c, q, k, v: c.write_attend(0, q, k, v, n, False, Plan(attn_impl="pallas")))(
+        cache, q, k, v))
+    assert ("jllm_decode_attention_append" in jaxpr) == (kv_dtype == "float32")

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from jllm import attention as attn
 from jllm.config import LlamaConfig
-from jllm.kvcache import LayerKV, init_paged_cache
+from jllm.kvcache import CacheOps, LayerKV, init_paged_cache
 from jllm.model import Params, logits, transformer
 from jllm.plan import Plan
 from jllm.sampling import Sampling, sample
@@ -95,7 +95,7 @@ class StepOutput:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class StepCache:
+class StepCache(CacheOps):
     """The model's cache interface over the page pool for one step's flat token layout."""
     k_pages: list[jax.Array]
     v_pages: list[jax.Array]
