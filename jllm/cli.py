@@ -391,7 +391,7 @@ def cmd_bench(args) -> int:
         runs = [(a, m, kv, p, b) for a in args.attn_impl for m in args.matmul_impl
                 for kv in args.kv_cache for p in args.prompt_len for b in args.batch]
         for attn_impl, matmul_impl, kv_cache, prompt_len, batch in runs:
-            with parallel.mesh_context(mesh) if mesh is not None else contextlib.nullcontext():
+            with parallel.mesh_context(mesh):
                 r = bench.run(cfg, args.config, dtype=args.dtype, batch=batch, prompt_len=prompt_len,
                               new_tokens=args.new_tokens, attn_impl=attn_impl,
                               matmul_impl=matmul_impl, kv_cache_dtype=_kv_cache_dtype(kv_cache),

@@ -11,6 +11,7 @@ the mesh over `jax.devices()` (every process's devices), then `jllm.load(path, m
 process restores only the shards of its own devices, and `generate` runs the same program in every
 process.
 """
+import contextlib
 import functools
 import math
 import os
@@ -162,8 +163,11 @@ def data_size(mesh: Mesh) -> int:
     return rules.axis_size(mesh, "batch")
 
 
-def mesh_context(mesh: Mesh):
-    """Make `mesh` the current mesh (jax.set_mesh; jax.sharding.use_mesh on jax without it)."""
+def mesh_context(mesh: Mesh | None):
+    """Make `mesh` the current mesh (jax.set_mesh; jax.sharding.use_mesh on jax without it); no
+    mesh (one device) changes nothing."""
+    if mesh is None:
+        return contextlib.nullcontext()
     set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
     return set_mesh(mesh)
 
