@@ -9,7 +9,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jllm import checkpoint, plan, quant, runtime
+from jllm import checkpoint, parallel, plan, quant, runtime
 from jllm.config import CONFIGS, LlamaConfig
 from jllm import speculative as _speculative  # `speculative` is also generate's argument
 from jllm.generate import Completion, Delta, Model, check_impls, check_kv_cache_dtype
@@ -45,22 +45,20 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
     check_kv_cache_dtype(kv_cache_dtype)
     check_impls(attn_impl, matmul_impl)
     path = os.path.expanduser(os.fspath(path))
-    say = runtime.say if progress else None
+    say = runtime.say if progress else (lambda msg: None)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     tok_path = os.path.join(path, "tokenizer.model")
     if not os.path.isfile(os.path.join(path, checkpoint.META)) and os.path.isfile(os.path.join(path, "config.json")):
         from jllm import hf
         cfg = hf.read_config(path)
-        if mesh is None:
-            def place(name, w):
-                return jnp.asarray(w)
-        else:
-            from jllm import parallel
-            shardings = parallel.param_shardings(cfg, mesh)
+        shardings = None if mesh is None else parallel.param_shardings(cfg, mesh)
 
-            def place(name, w):  # each process puts only its devices' slices
-                return jax.make_array_from_callback(w.shape, shardings[name], lambda idx: w[idx])
+        def place(name, w):
+            if shardings is None:
+                return jnp.asarray(w)
+            # Each process puts only its devices' slices.
+            return jax.make_array_from_callback(w.shape, shardings[name], lambda idx: w[idx])
         # Each tensor goes to the device as soon as it is converted: host memory holds one at a time.
         cfg, flat, tok_path = hf.load_hf(path, dtype or "bfloat16", progress=progress, place=place)
         stored = None
@@ -69,24 +67,18 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
         dt = checkpoint.parse_dtype(dtype, default=meta["dtype"])
         stored = meta.get("quant") or None
         mode, gs = (stored["mode"], stored.get("group_size")) if stored else (None, None)
-        shardings = None
-        if mesh is not None:
-            from jllm import parallel
-            shardings = parallel.param_shardings(cfg, mesh, quant=mode)
+        shardings = None if mesh is None else parallel.param_shardings(cfg, mesh, quant=mode)
         shapes = {name: info.shape for name, info in param_infos(cfg).items()}
         target = quant.abstract_flat(shapes, dt, mode, gs, shardings)
         flat = checkpoint.restore(path, target, progress=say)
     if quantize is not None and stored is not None and stored["mode"] != quantize:
         raise ValueError(f"{path!r} is stored as {stored['mode']}; cannot load it as {quantize}")
     if quantize is not None and stored is None:
-        if say:
-            say(f"quantizing linear weights to {quantize}")
+        say(f"quantizing linear weights to {quantize}")
         flat, err = quant.quantize_flat(flat, quantize, group_size, progress=progress)
-        if say:
-            say(f"largest absolute weight error {err:.3g}")
+        say(f"largest absolute weight error {err:.3g}")
         stored = {"mode": quantize, "group_size": group_size}
         if mesh is not None:
-            from jllm import parallel
             flat = parallel.shard_flat(flat, cfg, mesh)
     params = from_flat(flat, cfg)
     tokenizer = Tokenizer(tok_path) if tok_path and os.path.isfile(tok_path) else None
