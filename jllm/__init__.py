@@ -9,13 +9,12 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jllm import checkpoint, parallel, plan, quant, runtime
+from jllm import checkpoint, hf, parallel, plan, quant, runtime
 from jllm.config import CONFIGS, LlamaConfig
 from jllm import speculative as _speculative  # `speculative` is also generate's argument
 from jllm.generate import Completion, Delta, Model, check_impls, check_kv_cache_dtype
 from jllm.generate import generate as _generate
 from jllm.model import from_flat, param_infos
-from jllm.tokenizer import Tokenizer
 
 __all__ = ["CONFIGS", "Completion", "LlamaConfig", "Model", "generate", "load"]
 
@@ -50,7 +49,6 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     tok_path = os.path.join(path, "tokenizer.model")
     if not os.path.isfile(os.path.join(path, checkpoint.META)) and os.path.isfile(os.path.join(path, "config.json")):
-        from jllm import hf
         cfg = hf.read_config(path)
         shardings = None if mesh is None else parallel.param_shardings(cfg, mesh)
 
@@ -81,10 +79,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
         if mesh is not None:
             flat = parallel.shard_flat(flat, cfg, mesh)
     params = from_flat(flat, cfg)
-    tokenizer = Tokenizer(tok_path) if tok_path and os.path.isfile(tok_path) else None
-    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer.model has {tokenizer.vocab_size} pieces but the model's "
-                         f"vocab_size is {cfg.vocab_size}")
+    tokenizer = hf.load_tokenizer(tok_path, cfg) if tok_path and os.path.isfile(tok_path) else None
     return Model(params=params, cfg=cfg, tokenizer=tokenizer, quant=stored and stored["mode"],
                  attn_impl=attn_impl or plan.default_attn_impl(),
                  matmul_impl=matmul_impl or plan.default_matmul_impl(), mesh=mesh,
