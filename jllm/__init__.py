@@ -45,9 +45,8 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
     check_impls(attn_impl, matmul_impl)
     path = os.path.expanduser(os.fspath(path))
     say = runtime.say if progress else (lambda msg: None)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     tok_path = os.path.join(path, "tokenizer.model")
+    # A directory that does not exist is neither: read_meta refuses it.
     if not os.path.isfile(os.path.join(path, checkpoint.META)) and os.path.isfile(os.path.join(path, "config.json")):
         cfg = hf.read_config(path)
         shardings = None if mesh is None else parallel.param_shardings(cfg, mesh)

@@ -305,10 +305,6 @@ def restore(path: str | os.PathLike, target: dict[str, jax.ShapeDtypeStruct],
         raise ValueError(f"corrupt checkpoint {path!r}: {e}") from None
 
 
-def dtype_name(dtype) -> str:
-    return jnp.dtype(dtype).name
-
-
 def parse_dtype(name: str | None, default: str = "bfloat16"):
     name = name or default
     if name not in ("bfloat16", "float16", "float32"):

@@ -254,7 +254,7 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = 
     """
     hf_dir = os.path.expanduser(os.fspath(hf_dir))
     quant.check_mode(quantize, group_size)
-    dtype_name = checkpoint.dtype_name(checkpoint.parse_dtype(dtype))
+    dtype_name = checkpoint.parse_dtype(dtype).name
     read_config(hf_dir)
     tok_config = read_tokenizer_config(hf_dir)
     tok_config = tok_config and tok_config[0]
