@@ -387,7 +387,6 @@ def cmd_bench(args) -> int:
             + (" in shards" if mesh is not None else f" on {jax.devices()[0].device_kind}"))
         params = parallel.random_params(cfg, mesh, jax.random.key(0), args.dtype,
                                         quantize=args.quantize, group_size=args.group_size)
-        sharded = {} if mesh is None else {"mesh": mesh}
         runs = [(a, m, kv, p, b) for a in args.attn_impl for m in args.matmul_impl
                 for kv in args.kv_cache for p in args.prompt_len for b in args.batch]
         for attn_impl, matmul_impl, kv_cache, prompt_len, batch in runs:
@@ -398,7 +397,7 @@ def cmd_bench(args) -> int:
                               prefill_compiler_options=prefill_options,
                               warm_compile=args.warm_compile and not results,
                               bandwidth=args.bandwidth, peak_tflops=args.peak_tflops, params=params,
-                              **sharded)
+                              mesh=mesh)
             args.bandwidth, args.peak_tflops = r.bandwidth_tb_s, r.peak_tflops  # measure once
             results.append(r)
             say(bench.format_table([r]).splitlines()[-1])

@@ -157,20 +157,24 @@ def weight_files(hf_dir: str) -> list[str]:
                      f"with model.safetensors.index.json, or pytorch_model*.bin")
 
 
+def _read_json_object(path: str) -> dict:
+    """The JSON object in the file `path`; ValueError naming the file for anything else."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path!r}: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path!r} holds a JSON {type(obj).__name__}; expected an object")
+    return obj
+
+
 def read_config(hf_dir: str | os.PathLike) -> LlamaConfig:
     """The LlamaConfig of an HF directory's config.json."""
     hf_dir = os.path.expanduser(os.fspath(hf_dir))
-    path = os.path.join(hf_dir, "config.json")
     if not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"Hugging Face directory {hf_dir!r} does not exist")
-    try:
-        with open(path) as f:
-            hf = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path!r}: {e}") from None
-    if not isinstance(hf, dict):
-        raise ValueError(f"{path!r} holds a JSON {type(hf).__name__}; expected an object")
-    return LlamaConfig.from_hf(hf)
+    return LlamaConfig.from_hf(_read_json_object(os.path.join(hf_dir, "config.json")))
 
 
 def load_tokenizer(path: str, cfg: LlamaConfig) -> Tokenizer:
@@ -231,16 +235,7 @@ def read_tokenizer_config(model_dir: str) -> tuple[str, dict] | None:
     """(path, contents) of DIR/tokenizer_config.json (it may hold a chat template), None if absent;
     ValueError naming the file when it is not a readable JSON object (before any weight is read)."""
     path = os.path.join(model_dir, checkpoint.TOKENIZER_CONFIG)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path!r}: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path!r} must hold a JSON object, got {type(config).__name__}")
-    return path, config
+    return (path, _read_json_object(path)) if os.path.isfile(path) else None
 
 
 def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "bfloat16",
