@@ -9,13 +9,12 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jllm import checkpoint, plan, quant, runtime
+from jllm import checkpoint, hf, parallel, plan, quant, runtime
 from jllm.config import CONFIGS, LlamaConfig
 from jllm import speculative as _speculative  # `speculative` is also generate's argument
 from jllm.generate import Completion, Delta, Model, check_impls, check_kv_cache_dtype
 from jllm.generate import generate as _generate
 from jllm.model import from_flat, param_infos
-from jllm.tokenizer import Tokenizer
 
 __all__ = ["CONFIGS", "Completion", "LlamaConfig", "Model", "generate", "load"]
 
@@ -45,22 +44,18 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
     check_kv_cache_dtype(kv_cache_dtype)
     check_impls(attn_impl, matmul_impl)
     path = os.path.expanduser(os.fspath(path))
-    say = runtime.say if progress else None
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    say = runtime.say if progress else (lambda msg: None)
     tok_path = os.path.join(path, "tokenizer.model")
+    # A directory that does not exist is neither: read_meta refuses it.
     if not os.path.isfile(os.path.join(path, checkpoint.META)) and os.path.isfile(os.path.join(path, "config.json")):
-        from jllm import hf
         cfg = hf.read_config(path)
-        if mesh is None:
-            def place(name, w):
-                return jnp.asarray(w)
-        else:
-            from jllm import parallel
-            shardings = parallel.param_shardings(cfg, mesh)
+        shardings = None if mesh is None else parallel.param_shardings(cfg, mesh)
 
-            def place(name, w):  # each process puts only its devices' slices
-                return jax.make_array_from_callback(w.shape, shardings[name], lambda idx: w[idx])
+        def place(name, w):
+            if shardings is None:
+                return jnp.asarray(w)
+            # Each process puts only its devices' slices.
+            return jax.make_array_from_callback(w.shape, shardings[name], lambda idx: w[idx])
         # Each tensor goes to the device as soon as it is converted: host memory holds one at a time.
         cfg, flat, tok_path = hf.load_hf(path, dtype or "bfloat16", progress=progress, place=place)
         stored = None
@@ -69,30 +64,21 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
         dt = checkpoint.parse_dtype(dtype, default=meta["dtype"])
         stored = meta.get("quant") or None
         mode, gs = (stored["mode"], stored.get("group_size")) if stored else (None, None)
-        shardings = None
-        if mesh is not None:
-            from jllm import parallel
-            shardings = parallel.param_shardings(cfg, mesh, quant=mode)
+        shardings = None if mesh is None else parallel.param_shardings(cfg, mesh, quant=mode)
         shapes = {name: info.shape for name, info in param_infos(cfg).items()}
         target = quant.abstract_flat(shapes, dt, mode, gs, shardings)
         flat = checkpoint.restore(path, target, progress=say)
     if quantize is not None and stored is not None and stored["mode"] != quantize:
         raise ValueError(f"{path!r} is stored as {stored['mode']}; cannot load it as {quantize}")
     if quantize is not None and stored is None:
-        if say:
-            say(f"quantizing linear weights to {quantize}")
+        say(f"quantizing linear weights to {quantize}")
         flat, err = quant.quantize_flat(flat, quantize, group_size, progress=progress)
-        if say:
-            say(f"largest absolute weight error {err:.3g}")
+        say(f"largest absolute weight error {err:.3g}")
         stored = {"mode": quantize, "group_size": group_size}
         if mesh is not None:
-            from jllm import parallel
             flat = parallel.shard_flat(flat, cfg, mesh)
     params = from_flat(flat, cfg)
-    tokenizer = Tokenizer(tok_path) if tok_path and os.path.isfile(tok_path) else None
-    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer.model has {tokenizer.vocab_size} pieces but the model's "
-                         f"vocab_size is {cfg.vocab_size}")
+    tokenizer = hf.load_tokenizer(tok_path, cfg) if tok_path and os.path.isfile(tok_path) else None
     return Model(params=params, cfg=cfg, tokenizer=tokenizer, quant=stored and stored["mode"],
                  attn_impl=attn_impl or plan.default_attn_impl(),
                  matmul_impl=matmul_impl or plan.default_matmul_impl(), mesh=mesh,

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jllm import parallel, quant
 from jllm import plan as _plan
-from jllm import quant
 from jllm.runtime import say
 from jllm.config import LlamaConfig
 from jllm.generate import bucket, check_kv_cache_dtype, decode, prefill
@@ -63,17 +63,6 @@ def _median_time(fn, repeats: int) -> float:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def best_time(fn, repeats: int) -> float:
-    """Seconds of the fastest of `repeats` calls of fn() (after one warm-up), each waited for."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def _device_time(fn, repeats: int) -> float:
@@ -146,7 +135,6 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
     matmul_impl = matmul_impl or _plan.default_matmul_impl()  # per shard on a mesh
     dt = jnp.dtype(dtype)
     if params is None:
-        from jllm import parallel
         say(f"initializing random {name} weights ({dtype}) on {jax.devices()[0].device_kind}")
         params = parallel.random_params(cfg, None, jax.random.key(seed), dtype)
     T = min(bucket(prompt_len), cfg.max_seq_len)
@@ -157,16 +145,13 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
     sampling = Sampling.make(batch)
     key = jax.random.key(seed)
     token0 = jnp.zeros((batch,), jnp.int32)
-    if mesh is not None:  # global arrays, so several processes can run one program
-        from jllm import parallel
-        tokens, n_tokens, sampling, key, token0 = parallel.put_batch(
-            (tokens, n_tokens, sampling, key, token0), mesh)
-    kw = dict(cfg=cfg, plan=_plan.make_plan(cfg, mesh, attn_impl, matmul_impl))
     kv_dt = jnp.dtype(kv_cache_dtype or dt)
     new_cache = functools.partial(init_cache, cfg, batch, S, kv_dt)
-    if mesh is not None:
-        from jllm import parallel
+    if mesh is not None:  # global arrays, so several processes can run one program
+        tokens, n_tokens, sampling, key, token0 = parallel.put_batch(
+            (tokens, n_tokens, sampling, key, token0), mesh)
         new_cache = functools.partial(parallel.init_cache, cfg, batch, S, kv_dt, mesh)
+    kw = dict(cfg=cfg, plan=_plan.make_plan(cfg, mesh, attn_impl, matmul_impl))
 
     # The cache's shapes and shardings, to compile against (a sharded cache must match exactly).
     abstract_cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),

@@ -90,19 +90,15 @@ def _remove_empty(dirs: list[str]) -> None:
 def _make_temp(path: str) -> str:
     """Create the marked temporary directory beside `path` (mode: 0o777 less the umask)."""
     parent, name = os.path.split(path)
-    while True:
-        tmp = os.path.join(parent, f".{name}.tmp-{secrets.token_hex(4)}")
-        try:
-            os.mkdir(tmp)
-            break
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise ValueError(f"cannot write to {parent!r}: {e.strerror}") from None
     try:
+        while True:
+            tmp = os.path.join(parent, f".{name}.tmp-{secrets.token_hex(4)}")
+            with contextlib.suppress(FileExistsError):  # taken: draw another name
+                os.mkdir(tmp)
+                break
         _mark(tmp)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing there when mkdir itself failed
         raise ValueError(f"cannot write to {parent!r}: {e.strerror}") from None
     return tmp
 
@@ -191,18 +187,15 @@ def staging(path: str | os.PathLike, *, overwrite: bool = False,
     check_target(path, overwrite, tuple(os.fspath(p) for p in protect))
     if os.path.islink(path):  # replace the checkpoint the link points to, and keep the link
         path = os.path.realpath(path)
-    created = _make_parents(path)
+    created, tmp = _make_parents(path), None
     try:
         tmp = _make_temp(path)
-    except BaseException:
-        _remove_empty(created)
-        raise
-    try:
         remove_stale(os.path.dirname(path))
         yield tmp
         _commit(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
         raise
 
@@ -303,10 +296,6 @@ def restore(path: str | os.PathLike, target: dict[str, jax.ShapeDtypeStruct],
         return ocp.StandardCheckpointer().restore(params_dir, target)
     except (ValueError, KeyError, FileNotFoundError, OSError) as e:
         raise ValueError(f"corrupt checkpoint {path!r}: {e}") from None
-
-
-def dtype_name(dtype) -> str:
-    return jnp.dtype(dtype).name
 
 
 def parse_dtype(name: str | None, default: str = "bfloat16"):

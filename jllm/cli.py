@@ -7,25 +7,29 @@ one reading of the whole command line; the server's own flags are jllm/serve/cli
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import sys
 import tempfile
 
-from jllm import argtypes, quant
+import jax
+
+import jllm
+from jllm import bench, hf, parallel, quant, runtime, speculative
+from jllm.argtypes import non_negative_float, non_negative_int, positive_float, positive_int, probability
+from jllm.config import CONFIGS, LlamaConfig
+from jllm.generate import Model
+from jllm.plan import default_attn_impl, default_matmul_impl
 from jllm.runtime import say
-from jllm.config import CONFIGS
+from jllm.tokenizer import format_chat
+from sharding import rules
 
 CHAT_HELP = ("commands: /help (this list), /stats (the last reply's timings), /reset (clear the "
              "conversation), /exit (or Ctrl-D); Ctrl-C stops a reply; start a message with // to "
              "send a literal /")
 _INTERRUPT = "\x03"  # Ctrl-C at the chat prompt, as process 0 sends it to the others
-
-
-_positive_int, _non_negative_int = argtypes.positive_int, argtypes.non_negative_int
-_positive_float, _non_negative_float = argtypes.positive_float, argtypes.non_negative_float
-_probability = argtypes.probability
 
 
 def _utf8_problem(text: str) -> str | None:
@@ -57,10 +61,10 @@ def _address(text: str) -> str:
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
-    p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 means greedy")
-    p.add_argument("--top-k", type=_positive_int, default=None)
-    p.add_argument("--top-p", type=_probability, default=None, help="in (0, 1]")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--top-p", type=probability, default=None, help="in (0, 1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", type=_text, action="append", default=None, help="stop string (repeatable)")
 
@@ -91,28 +95,25 @@ def _add_quant(p: argparse.ArgumentParser) -> None:
 def _add_parallel(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallelism", "a mesh of tp x dp devices; several processes (one per "
                              "host) join through jax.distributed")
-    g.add_argument("--tp", type=_positive_int, default=1,
+    g.add_argument("--tp", type=positive_int, default=1,
                    help="tensor-parallel ways: heads and ffn split over devices")
-    g.add_argument("--dp", type=_positive_int, default=1,
+    g.add_argument("--dp", type=positive_int, default=1,
                    help="data-parallel ways: the batch split over devices")
     # String defaults from the environment go through `type` too, so they are checked the same way.
     g.add_argument("--coordinator", type=_address, default=os.environ.get("JAX_COORDINATOR_ADDRESS") or None,
                    help="host:port of process 0 in a multi-process run (default $JAX_COORDINATOR_ADDRESS)")
-    g.add_argument("--num-processes", type=_positive_int, default=os.environ.get("JAX_NUM_PROCESSES") or None,
+    g.add_argument("--num-processes", type=positive_int, default=os.environ.get("JAX_NUM_PROCESSES") or None,
                    help="processes in the run (default $JAX_NUM_PROCESSES, or detected)")
-    g.add_argument("--process-id", type=_non_negative_int, default=os.environ.get("JAX_PROCESS_ID") or None,
+    g.add_argument("--process-id", type=non_negative_int, default=os.environ.get("JAX_PROCESS_ID") or None,
                    help="this process's index (default $JAX_PROCESS_ID, or detected)")
     g.add_argument("--distributed", action="store_true",
                    help="join a multi-process run that jax detects (SLURM, Open MPI, Kubernetes)")
-    g.add_argument("--distributed-timeout", type=_positive_float, default=300, metavar="SECONDS",
+    g.add_argument("--distributed-timeout", type=positive_float, default=300, metavar="SECONDS",
                    help="how long to wait for every process to join before giving up (default 300)")
 
 
 def _mesh(args):
     """Join the multi-process run if asked; the (dp, tp) mesh, or None for one device."""
-    import jax
-    from jllm import parallel
-    from sharding import rules
     if args.distributed or args.coordinator or args.num_processes or args.process_id is not None:
         # Printed by every process (which one is process 0 is not known yet): a missing peer
         # otherwise looks like a hang.
@@ -130,12 +131,10 @@ def _mesh(args):
 
 def _main_process() -> bool:
     """Only process 0 prints; the others run the same program silently."""
-    import jax
     return jax.process_index() == 0
 
 
 def _load(args):
-    import jllm
     return jllm.load(args.model, args.dtype, quantize=args.quantize, group_size=args.group_size,
                      attn_impl=args.attn_impl, mesh=_mesh(args), progress=_main_process(),
                      kv_cache_dtype=_kv_cache_dtype(args.kv_cache))
@@ -144,12 +143,11 @@ def _load(args):
 def _print_stats(results) -> None:
     if not _main_process():
         return
-    from jllm.speculative import format_stats
     for i, r in enumerate(results):
         s = r.stats
         extra = [f"compiling took {s.compile_s:.1f} s (not counted above)"] if s.compile_s > 0 else []
-        if format_stats(s):
-            extra.append(format_stats(s))
+        if speculative.format_stats(s):
+            extra.append(speculative.format_stats(s))
         print(f"[{i}] prompt {s.prompt_tokens} tokens, generated {s.generated_tokens} "
               f"({r.finish_reason}), TTFT {s.ttft_s * 1e3:.1f} ms, decode {s.decode_tokens_per_s:.1f} tokens/s"
               + "".join(f"; {e}" for e in extra), file=sys.stderr)
@@ -158,12 +156,12 @@ def _print_stats(results) -> None:
 def _add_speculation(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speculative decoding", "--speculate K with one proposer: a draft model, "
                              "the model's own quantized copy, or prompt lookup")
-    g.add_argument("--speculate", type=_positive_int, default=None, metavar="K",
+    g.add_argument("--speculate", type=positive_int, default=None, metavar="K",
                    help="tokens drafted and verified per target step")
     g.add_argument("--draft", default=None, metavar="DIR", help="a draft checkpoint with the same tokenizer")
     g.add_argument("--draft-quantize", choices=["int8", "int4"], default=None,
                    help="draft with the model's own weights quantized in memory")
-    g.add_argument("--prompt-lookup", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--prompt-lookup", type=positive_int, default=None, metavar="N",
                    help="draft the tokens that followed the longest earlier n-gram (n <= N)")
 
 
@@ -186,13 +184,11 @@ def _check_speculation(args) -> None:
 
 def _speculative(args, model):
     """The Speculative the flags ask for, or None."""
-    from jllm import speculative
     return speculative.from_args(model, args.speculate, draft=args.draft and os.path.expanduser(args.draft),
                                  draft_quantize=args.draft_quantize, prompt_lookup=args.prompt_lookup)
 
 
 def cmd_generate(args) -> int:
-    import jllm
     model = _load(args)
     prompt = args.prompt
     if model.tokenizer is None:
@@ -226,7 +222,6 @@ def _read_line() -> str:
     Ctrl-D reads as /exit and Ctrl-C as _INTERRUPT (after ending the prompt's line); a line that
     is not valid UTF-8 is refused with a message and the prompt shown again.
     """
-    import jax
     line = None
     while _main_process() and line is None:
         try:
@@ -245,15 +240,12 @@ def _read_line() -> str:
             say(f"(not sent: {problem}; the conversation is kept)")
             line = None
     if jax.process_count() > 1:
-        from jllm import parallel
         line = parallel.broadcast_text(line)
     return line
 
 
 def _reply(model, ids, args, max_new_tokens: int, spec=None):
     """Generate and stream one chat reply -> (Completion or None if Ctrl-C stopped it, its text)."""
-    import jax
-    import jllm
     main, parts = _main_process(), []
 
     def stream(delta):
@@ -278,7 +270,6 @@ def _reply(model, ids, args, max_new_tokens: int, spec=None):
 
 
 def cmd_chat(args) -> int:
-    from jllm.tokenizer import format_chat
     # Bytes typed that are not UTF-8 then arrive as lone surrogates that _read_line reports,
     # instead of an exception that loses the line (and, from a pipe, the lines read with it).
     reconfigure = getattr(sys.stdin, "reconfigure", None)
@@ -309,11 +300,10 @@ def cmd_chat(args) -> int:
                 say("(no reply yet)")
             else:
                 s = last.stats
-                from jllm.speculative import format_stats
                 say(f"prefill: {s.prompt_tokens} tokens in {s.ttft_s * 1e3:.1f} ms "
                     f"({s.prompt_tokens / max(s.ttft_s, 1e-9):.1f} tokens/s); decode: "
                     f"{s.generated_tokens} tokens at {s.decode_tokens_per_s:.1f} tokens/s"
-                    + (f"; {format_stats(s)}" if format_stats(s) else "")
+                    + (f"; {speculative.format_stats(s)}" if speculative.format_stats(s) else "")
                     + (f"; compiling took {s.compile_s:.1f} s" if s.compile_s > 0 else ""))
             continue
         if line.startswith("/") and not line.startswith("//"):
@@ -338,7 +328,6 @@ def cmd_chat(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from jllm import hf
     hf.convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
                quantize=args.quantize, group_size=args.group_size)
     print(f"wrote {args.out_dir}", file=sys.stderr)
@@ -355,19 +344,20 @@ def _check_bench(args, cfg) -> None:
     for batch in args.batch:
         if batch % args.dp:
             raise ValueError(f"--batch {batch} is not a multiple of --dp {args.dp}")
+    _check_outputs(args, writes=args.process_id in (None, 0))  # only process 0 writes them
+
+
+def _check_outputs(args, writes: bool = True) -> None:
+    """That --plot has matplotlib and, where this process `writes` them, that the files of --json
+    and --plot can be created."""
     if args.plot:
-        _check_plot_available()
-    if args.process_id in (None, 0):  # only process 0 writes them
-        for flag, path in (("--json", args.json), ("--plot", args.plot)):
-            if path:
-                _check_writable(flag, path)
-
-
-def _check_plot_available() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as e:
-        raise ValueError(f"--plot needs matplotlib ({e}): pip install 'jllm[bench]'") from None
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            raise ValueError(f"--plot needs matplotlib ({e}): pip install 'jllm[bench]'") from None
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and writes:
+            _check_writable(flag, path)
 
 
 def _check_writable(flag: str, path: str) -> None:
@@ -383,10 +373,6 @@ def _check_writable(flag: str, path: str) -> None:
 
 
 def cmd_bench(args) -> int:
-    import jax
-    from jllm import bench, parallel, runtime
-    from jllm.config import LlamaConfig
-    from jllm.plan import default_attn_impl, default_matmul_impl
     cfg = LlamaConfig.from_name(args.config)
     _check_bench(args, cfg)
     prefill_options = _xla_options(args.prefill_xla_option)
@@ -401,23 +387,21 @@ def cmd_bench(args) -> int:
             + (" in shards" if mesh is not None else f" on {jax.devices()[0].device_kind}"))
         params = parallel.random_params(cfg, mesh, jax.random.key(0), args.dtype,
                                         quantize=args.quantize, group_size=args.group_size)
-        sharded = {} if mesh is None else {"mesh": mesh}
         runs = [(a, m, kv, p, b) for a in args.attn_impl for m in args.matmul_impl
                 for kv in args.kv_cache for p in args.prompt_len for b in args.batch]
         for attn_impl, matmul_impl, kv_cache, prompt_len, batch in runs:
-            with parallel.mesh_context(mesh) if mesh is not None else contextlib.nullcontext():
+            with parallel.mesh_context(mesh):
                 r = bench.run(cfg, args.config, dtype=args.dtype, batch=batch, prompt_len=prompt_len,
                               new_tokens=args.new_tokens, attn_impl=attn_impl,
                               matmul_impl=matmul_impl, kv_cache_dtype=_kv_cache_dtype(kv_cache),
                               prefill_compiler_options=prefill_options,
                               warm_compile=args.warm_compile and not results,
                               bandwidth=args.bandwidth, peak_tflops=args.peak_tflops, params=params,
-                              **sharded)
+                              mesh=mesh)
             args.bandwidth, args.peak_tflops = r.bandwidth_tb_s, r.peak_tflops  # measure once
             results.append(r)
             say(bench.format_table([r]).splitlines()[-1])
         if args.speculate:
-            from jllm.generate import Model
             model = Model(params=params, cfg=cfg, attn_impl=args.attn_impl[0] or default_attn_impl(),
                           matmul_impl=args.matmul_impl[0] or default_matmul_impl())
             for prompt_len in args.prompt_len:
@@ -458,19 +442,17 @@ def _xla_options(items: list[str]) -> dict | None:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--prefill-xla-option {item!r}: expected KEY=VALUE")
-        lowered = value.lower()
-        if lowered in ("true", "false"):
-            out[key] = lowered == "true"
-            continue
-        for kind in (int, float):
-            try:
-                out[key] = kind(value)
-                break
-            except ValueError:
-                pass
-        else:
-            out[key] = value
+        out[key] = _xla_value(value)
     return out or None
+
+
+def _xla_value(value: str) -> bool | int | float | str:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            return kind(value)
+    return value
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -517,10 +499,10 @@ def parser() -> argparse.ArgumentParser:
                         "only mode (nothing is downloaded or read)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     _add_quant(p)
-    p.add_argument("--batch", type=_positive_int, nargs="+", default=[1])
-    p.add_argument("--prompt-len", type=_positive_int, nargs="+", default=[128],
+    p.add_argument("--batch", type=positive_int, nargs="+", default=[1])
+    p.add_argument("--prompt-len", type=positive_int, nargs="+", default=[128],
                    help="prompt length(s); with --new-tokens within the config's max_seq_len")
-    p.add_argument("--new-tokens", type=_positive_int, default=128)
+    p.add_argument("--new-tokens", type=positive_int, default=128)
     p.add_argument("--attn-impl", choices=["xla", "pallas"], nargs="+", default=[None])
     p.add_argument("--matmul-impl", choices=["xla", "pallas", "pallas-fused"], nargs="+", default=[None],
                    help="quantized matmul: the Pallas kernel, the kernel with one launch for q/k/v and "
@@ -530,8 +512,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-xla-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an XLA option for the prefill program only, e.g. "
                         "xla_gpu_enable_triton_gemm=false (repeatable)")
-    p.add_argument("--bandwidth", type=_positive_float, default=None, help="TB/s for MBU (default: measured)")
-    p.add_argument("--peak-tflops", type=_positive_float, default=None, help="for MFU (default: measured)")
+    p.add_argument("--bandwidth", type=positive_float, default=None, help="TB/s for MBU (default: measured)")
+    p.add_argument("--peak-tflops", type=positive_float, default=None, help="for MFU (default: measured)")
     p.add_argument("--cache-dir", default=None, help="persistent compilation cache (default: a fresh temporary one)")
     p.add_argument("--warm-compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also time a second compile served by the persistent cache (first run only)")
@@ -565,15 +547,15 @@ def _add_engine_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     _add_quant(p)
     p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default="auto")
-    p.add_argument("--requests", type=_positive_int, default=1000)
-    p.add_argument("--prompt-len", type=_positive_int, nargs=2, default=[64, 1024], metavar=("LO", "HI"),
+    p.add_argument("--requests", type=positive_int, default=1000)
+    p.add_argument("--prompt-len", type=positive_int, nargs=2, default=[64, 1024], metavar=("LO", "HI"),
                    help="prompt lengths uniform in [LO, HI]")
-    p.add_argument("--output-len", type=_positive_int, nargs=2, default=[64, 512], metavar=("LO", "HI"),
+    p.add_argument("--output-len", type=positive_int, nargs=2, default=[64, 512], metavar=("LO", "HI"),
                    help="output lengths uniform in [LO, HI] (no stop tokens)")
-    p.add_argument("--max-seqs", type=_positive_int, default=256)
-    p.add_argument("--max-tokens-per-step", type=_positive_int, default=512)
-    p.add_argument("--page-size", type=_positive_int, default=16)
-    p.add_argument("--num-pages", type=_positive_int, default=None)
+    p.add_argument("--max-seqs", type=positive_int, default=256)
+    p.add_argument("--max-tokens-per-step", type=positive_int, default=512)
+    p.add_argument("--page-size", type=positive_int, default=16)
+    p.add_argument("--num-pages", type=positive_int, default=None)
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the same requests through generate in static batches of 64")
     p.add_argument("--seed", type=int, default=0)
@@ -582,22 +564,12 @@ def _add_engine_bench(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench_engine(args) -> int:
-    import dataclasses as dc
 
-    import jax
-    from jllm import parallel
-    from jllm.config import LlamaConfig
     from jllm.engine.bench import format_result, run_engine_bench
-    from jllm.generate import Model
-    from jllm.plan import default_attn_impl, default_matmul_impl
     cfg = LlamaConfig.from_name(args.config)
     if args.prompt_len[0] > args.prompt_len[1] or args.output_len[0] > args.output_len[1]:
         raise ValueError(f"--prompt-len {args.prompt_len} and --output-len {args.output_len}: LO must be <= HI")
-    if args.plot:
-        _check_plot_available()
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path:
-            _check_writable(flag, path)
+    _check_outputs(args)
     say(f"initializing random {args.config} weights ({args.dtype})")
     params = parallel.random_params(cfg, None, jax.random.key(args.seed), args.dtype,
                                     quantize=args.quantize, group_size=args.group_size)
@@ -611,7 +583,7 @@ def cmd_bench_engine(args) -> int:
                          plot=args.plot, engine_kwargs=kw)
     print(format_result(r))
     if args.json:
-        _write_atomic(args.json, json.dumps(dc.asdict(r), indent=2, allow_nan=False))
+        _write_atomic(args.json, json.dumps(dataclasses.asdict(r), indent=2, allow_nan=False))
     return 0
 
 

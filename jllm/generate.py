@@ -1,5 +1,4 @@
 """Prefill, decode and the host-side `generate` loop with streaming and stop handling."""
-import contextlib
 import dataclasses
 import functools
 import math
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jllm.config import LlamaConfig
-from jllm import costs
+from jllm import costs, parallel
 from jllm.kvcache import KVCache, init_cache
 from jllm.model import Params, logits, transformer
 from jllm.plan import Plan, check_impls, make_plan
@@ -140,9 +139,9 @@ def decode(params: Params, token: jax.Array, cache: KVCache, sampling: Sampling,
 _BYTES = (bytes, bytearray, memoryview)
 
 
-def _check_number(name: str, x, integer: bool = False) -> None:
+def _check_number(name: str, x, ok: Callable[[float], bool], expected: str, integer: bool = False) -> None:
     """TypeError unless x is a number (numpy scalars too; a bool is not); ValueError for a float
-    where an int belongs, NaN or infinity."""
+    where an int belongs, NaN, infinity, or a value without ok(x), naming what was `expected`."""
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name}={x!r} must be {'an int' if integer else 'a number'}, "
                         f"not {type(x).__name__}")
@@ -150,6 +149,8 @@ def _check_number(name: str, x, integer: bool = False) -> None:
         raise ValueError(f"{name}={x!r} must be an int")
     if not math.isfinite(x):
         raise ValueError(f"{name}={x!r} must be finite")
+    if not ok(x):
+        raise ValueError(f"{name}={x!r} must be {expected}")
 
 
 def _check_args(model: Model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
@@ -187,23 +188,14 @@ def _check_args(model: Model, prompts, max_new_tokens, temperature, top_k, top_p
             ids.append([int(t) for t in p])
         else:
             raise TypeError(f"prompt {i} must be a str or a list of int token ids; got {type(p).__name__}")
-    _check_number("max_new_tokens", max_new_tokens, integer=True)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
-    _check_number("temperature", temperature)
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature!r} must be a number >= 0")
+    _check_number("max_new_tokens", max_new_tokens, lambda x: x >= 1, "an int >= 1", integer=True)
+    _check_number("temperature", temperature, lambda x: x >= 0, "a number >= 0")
     if top_k is not None:
-        _check_number("top_k", top_k, integer=True)
-        if top_k < 1:
-            raise ValueError(f"top_k={top_k!r} must be None or an int >= 1")
+        _check_number("top_k", top_k, lambda x: x >= 1, "None or an int >= 1", integer=True)
     if top_p is not None:
-        _check_number("top_p", top_p)
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p={top_p!r} must be None or in (0, 1]")
-    _check_number("seed", seed, integer=True)
-    if not 0 <= seed < 2**32:  # the PRNG key keeps 32 bits: other seeds would repeat these
-        raise ValueError(f"seed={seed!r} must be an int in [0, 2**32)")
+        _check_number("top_p", top_p, lambda x: 0 < x <= 1, "None or in (0, 1]")
+    # The PRNG key keeps 32 bits: other seeds would repeat these.
+    _check_number("seed", seed, lambda x: 0 <= x < 2**32, "an int in [0, 2**32)", integer=True)
     if stop is not None:
         if isinstance(stop, _BYTES) or not isinstance(stop, Collection):
             raise TypeError(f"stop={stop!r} must be a str or a list of str")
@@ -255,17 +247,14 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
         stop_token_ids = [model.tokenizer.eos_id] if model.tokenizer is not None else []
     stop_ids = {int(t) for t in stop_token_ids}
     cfg, n = model.cfg, len(ids)
-    dp = 1
-    if model.mesh is not None:  # the batch is split over the mesh's data axis
-        from jllm import parallel
-        dp = parallel.data_size(model.mesh)
+    dp = 1 if model.mesh is None else parallel.data_size(model.mesh)  # the batch split over data
     T = bucket(max(map(len, ids)), buckets=model.prompt_buckets)
     S = min(bucket(T + max_new_tokens + DECODE_CHUNK), cfg.max_seq_len)
     T = min(T, S)
     per_run = _prompts_per_run(model, n, T, S, dp)
     B = _padded_batch(per_run, dp)
     results: list[Completion] = []
-    with _on_mesh(model.mesh), costs.CompileClock() as clock:
+    with parallel.mesh_context(model.mesh), costs.CompileClock() as clock:
         for part, first in enumerate(range(0, n, per_run)):
             part_ids = ids[first:first + per_run]
             tokens = np.zeros((B, T), np.int32)
@@ -329,13 +318,6 @@ def _row_stats(row: Row, t_call: float, t_first: float, clock: costs.CompileCloc
                  clock.seconds())
 
 
-def _on_mesh(mesh):
-    if mesh is None:
-        return contextlib.nullcontext()
-    from jllm import parallel  # sharded runs only
-    return parallel.mesh_context(mesh)
-
-
 def _run(model: Model, rows: list[Row], tokens: np.ndarray, n_tokens: np.ndarray, S: int,
          sampling: Sampling, seed: int, max_new_tokens: int, stream, t_call: float,
          clock: costs.CompileClock) -> list[Completion]:
@@ -356,7 +338,6 @@ def _run(model: Model, rows: list[Row], tokens: np.ndarray, n_tokens: np.ndarray
         cache = init_cache(cfg, B, S, model.cache_dtype)
         tokens_d, n_tokens_d, host = jnp.asarray(tokens), jnp.asarray(n_tokens), np.asarray
     else:
-        from jllm import parallel
         cache = parallel.init_cache(cfg, B, S, model.cache_dtype, model.mesh)
         # Global arrays with the batch over the data axis: in a multi-process run every process
         # holds the same host inputs and contributes its devices' part; results come back whole.

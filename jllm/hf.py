@@ -59,25 +59,18 @@ def key_map(cfg: LlamaConfig) -> dict[str, tuple[str, bool]]:
     return {hf_key(name)[0]: (name, hf_key(name)[1]) for name in param_infos(cfg)}
 
 
-def jllm_name(key: str, cfg: LlamaConfig, keys: dict | None = None) -> tuple[str | None, bool]:
-    """Our name for an HF key and whether to transpose; (None, False) for keys we skip."""
-    keys = keys or key_map(cfg)
-    if key in keys:
-        return keys[key]
-    if key == TOP_KEYS["output"][0] and cfg.tie_embeddings:
-        return None, False  # tied: lm_head repeats embed_tokens
-    if any(re.fullmatch(p, key) for p in IGNORED):
-        return None, False
-    raise ValueError(f"unexpected tensor {key!r} in the checkpoint: not a weight of {cfg}")
-
-
 def convert_weight(key: str, value: np.ndarray, cfg: LlamaConfig, dtype,
-                   keys: dict | None = None) -> tuple[str, np.ndarray] | None:
+                   keys: dict[str, tuple[str, bool]]) -> tuple[str, np.ndarray] | None:
     """One HF tensor -> (our name, array in `dtype` and our layout), checking its shape and that
-    every value is finite (in the source and after the cast to `dtype`)."""
-    name, transpose = jllm_name(key, cfg, keys)
-    if name is None:
-        return None
+    every value is finite (in the source and after the cast to `dtype`); None for a tensor we skip.
+
+    keys: key_map(cfg). A key neither there nor skipped is refused."""
+    if key not in keys:
+        # Tied embeddings: lm_head repeats embed_tokens.
+        if (key == TOP_KEYS["output"][0] and cfg.tie_embeddings) or any(re.fullmatch(p, key) for p in IGNORED):
+            return None
+        raise ValueError(f"unexpected tensor {key!r} in the checkpoint: not a weight of {cfg}")
+    name, transpose = keys[key]
     infos = param_infos(cfg)
     # HF's q/k projections already use the rotate-half RoPE layout jllm uses (jllm/model.py), so
     # they need no permutation; Meta's original checkpoints (interleaved pairs) would.
@@ -164,28 +157,34 @@ def weight_files(hf_dir: str) -> list[str]:
                      f"with model.safetensors.index.json, or pytorch_model*.bin")
 
 
+def _read_json_object(path: str) -> dict:
+    """The JSON object in the file `path`; ValueError naming the file for anything else."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path!r}: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path!r} holds a JSON {type(obj).__name__}; expected an object")
+    return obj
+
+
 def read_config(hf_dir: str | os.PathLike) -> LlamaConfig:
     """The LlamaConfig of an HF directory's config.json."""
     hf_dir = os.path.expanduser(os.fspath(hf_dir))
-    path = os.path.join(hf_dir, "config.json")
     if not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"Hugging Face directory {hf_dir!r} does not exist")
-    try:
-        with open(path) as f:
-            hf = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path!r}: {e}") from None
-    if not isinstance(hf, dict):
-        raise ValueError(f"{path!r} holds a JSON {type(hf).__name__}; expected an object")
-    return LlamaConfig.from_hf(hf)
+    return LlamaConfig.from_hf(_read_json_object(os.path.join(hf_dir, "config.json")))
 
 
-def check_tokenizer(path: str, cfg: LlamaConfig) -> None:
-    """Refuse a tokenizer.model that SentencePiece cannot load or that has more pieces than the
-    model has embeddings."""
-    n = Tokenizer(path).vocab_size  # ValueError naming the file if it is not a SentencePiece model
-    if n > cfg.vocab_size:
-        raise ValueError(f"{path!r} has {n} pieces but the model's vocab_size is {cfg.vocab_size}")
+def load_tokenizer(path: str, cfg: LlamaConfig) -> Tokenizer:
+    """The tokenizer.model at `path`, refused if SentencePiece cannot load it or if it has more
+    pieces than the model has embeddings."""
+    tokenizer = Tokenizer(path)  # ValueError naming the file if it is not a SentencePiece model
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{path!r} has {tokenizer.vocab_size} pieces but the model's vocab_size "
+                         f"is {cfg.vocab_size}")
+    return tokenizer
 
 
 def load_hf(hf_dir: str | os.PathLike, dtype="bfloat16", progress: bool = True,
@@ -201,7 +200,7 @@ def load_hf(hf_dir: str | os.PathLike, dtype="bfloat16", progress: bool = True,
     dtype = checkpoint.parse_dtype(dtype)
     tok = os.path.join(hf_dir, "tokenizer.model")
     if os.path.isfile(tok):
-        check_tokenizer(tok, cfg)  # before the weights: a bad tokenizer fails in seconds
+        load_tokenizer(tok, cfg)  # before the weights: a bad tokenizer fails in seconds
     else:
         tok = None
     infos, keys = param_infos(cfg), key_map(cfg)
@@ -236,16 +235,7 @@ def read_tokenizer_config(model_dir: str) -> tuple[str, dict] | None:
     """(path, contents) of DIR/tokenizer_config.json (it may hold a chat template), None if absent;
     ValueError naming the file when it is not a readable JSON object (before any weight is read)."""
     path = os.path.join(model_dir, checkpoint.TOKENIZER_CONFIG)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path!r}: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path!r} must hold a JSON object, got {type(config).__name__}")
-    return path, config
+    return (path, _read_json_object(path)) if os.path.isfile(path) else None
 
 
 def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "bfloat16",
@@ -259,7 +249,7 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = 
     """
     hf_dir = os.path.expanduser(os.fspath(hf_dir))
     quant.check_mode(quantize, group_size)
-    dtype_name = checkpoint.dtype_name(checkpoint.parse_dtype(dtype))
+    dtype_name = checkpoint.parse_dtype(dtype).name
     read_config(hf_dir)
     tok_config = read_tokenizer_config(hf_dir)
     tok_config = tok_config and tok_config[0]

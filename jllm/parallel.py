@@ -11,6 +11,7 @@ the mesh over `jax.devices()` (every process's devices), then `jllm.load(path, m
 process restores only the shards of its own devices, and `generate` runs the same program in every
 process.
 """
+import contextlib
 import functools
 import math
 import os
@@ -44,12 +45,6 @@ def _abstract_qarray(shape: tuple[int, int], mode: str, group_size: int | None) 
     return jax.eval_shape(lambda w: _quant.quantize(w, _quant.MODES[mode], group_size)[0], w)
 
 
-def _spec(name: str, shape: tuple[int, ...], axes, rl: dict, mesh: Mesh) -> PartitionSpec:
-    spec = rules.logical_to_spec(axes, rl)
-    rules.check_divisible(name, shape, spec, mesh)
-    return spec
-
-
 def param_shardings(cfg: LlamaConfig, mesh: Mesh, quant: str | None = None,
                     group_size: int | None = None) -> dict[str, NamedSharding | QArray]:
     """{flat name: NamedSharding}, keyed like model.param_infos.
@@ -58,15 +53,10 @@ def param_shardings(cfg: LlamaConfig, mesh: Mesh, quant: str | None = None,
     QArrays as `quant.quantize` lays them out, and their entries are QArrays of shardings.
     """
     _quant.check_mode(quant, group_size)
-    rl = model_rules(cfg, mesh)
-    out = {}
-    for name, info in model.param_infos(cfg).items():
-        spec = _spec(name, info.shape, info.axes, rl, mesh)
-        if quant is not None and _quant.is_linear(name):
-            out[name] = qarray_sharding(_abstract_qarray(info.shape, quant, group_size), spec, mesh)
-        else:
-            out[name] = named(mesh, spec)
-    return out
+    layout = {name: _abstract_qarray(info.shape, quant, group_size)
+              if quant is not None and _quant.is_linear(name) else None
+              for name, info in model.param_infos(cfg).items()}
+    return flat_shardings(layout, cfg, mesh)
 
 
 def flat_shardings(flat: dict, cfg: LlamaConfig, mesh: Mesh) -> dict[str, NamedSharding | QArray]:
@@ -75,7 +65,8 @@ def flat_shardings(flat: dict, cfg: LlamaConfig, mesh: Mesh) -> dict[str, NamedS
     infos = model.param_infos(cfg)
     out = {}
     for name, value in flat.items():
-        spec = _spec(name, infos[name].shape, infos[name].axes, rl, mesh)
+        spec = rules.logical_to_spec(infos[name].axes, rl)
+        rules.check_divisible(name, infos[name].shape, spec, mesh)
         out[name] = (qarray_sharding(value, spec, mesh) if isinstance(value, QArray)
                      else named(mesh, spec))
     return out
@@ -116,12 +107,6 @@ def cache_shardings(cfg: LlamaConfig, mesh: Mesh, quantized: bool = False) -> KV
                    k_scale=scale if quantized else None, v_scale=scale if quantized else None)
 
 
-@functools.cache
-def _cache_initializer(cfg: LlamaConfig, mesh: Mesh, quantized: bool):
-    return jax.jit(kvcache.init_cache, static_argnums=(0, 1, 2, 3),
-                   out_shardings=cache_shardings(cfg, mesh, quantized))
-
-
 def paged_cache_shardings(cfg: LlamaConfig, mesh: Mesh, quantized: bool = False) -> PagedKVCache:
     """PagedKVCache of shardings: pages [P, page_size, G, K] with G per kv_heads_rule (the pool
     and the page table are shared by all rows, so nothing splits over data)."""
@@ -136,16 +121,17 @@ def paged_cache_shardings(cfg: LlamaConfig, mesh: Mesh, quantized: bool = False)
 
 
 @functools.cache
-def _paged_initializer(cfg: LlamaConfig, mesh: Mesh, quantized: bool):
-    return jax.jit(kvcache.init_paged_cache, static_argnums=(0, 1, 2, 3, 4, 5),
-                   out_shardings=paged_cache_shardings(cfg, mesh, quantized))
+def _initializer(init, n_args: int, shardings, cfg: LlamaConfig, mesh: Mesh, quantized: bool):
+    """`init` of n_args static arguments, jitted to create the cache in shardings(cfg, mesh, quantized)."""
+    return jax.jit(init, static_argnums=tuple(range(n_args)), out_shardings=shardings(cfg, mesh, quantized))
 
 
 def init_paged_cache(cfg: LlamaConfig, num_pages: int, page_size: int, batch: int, max_pages: int,
                      dtype, mesh: Mesh) -> PagedKVCache:
     """An empty paged cache created in its shards."""
     dtype = jnp.dtype(dtype)
-    return _paged_initializer(cfg, mesh, dtype == jnp.int8)(cfg, num_pages, page_size, batch, max_pages, dtype)
+    return _initializer(kvcache.init_paged_cache, 6, paged_cache_shardings, cfg, mesh, dtype == jnp.int8)(
+        cfg, num_pages, page_size, batch, max_pages, dtype)
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype, mesh: Mesh) -> KVCache:
@@ -154,7 +140,7 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype, mesh: Mesh) ->
     if batch % dp:
         raise ValueError(f"{batch=} must be a multiple of the data axis size {dp}")
     dtype = jnp.dtype(dtype)
-    return _cache_initializer(cfg, mesh, dtype == jnp.int8)(cfg, batch, max_len, dtype)
+    return _initializer(kvcache.init_cache, 4, cache_shardings, cfg, mesh, dtype == jnp.int8)(cfg, batch, max_len, dtype)
 
 
 def data_size(mesh: Mesh) -> int:
@@ -162,8 +148,11 @@ def data_size(mesh: Mesh) -> int:
     return rules.axis_size(mesh, "batch")
 
 
-def mesh_context(mesh: Mesh):
-    """Make `mesh` the current mesh (jax.set_mesh; jax.sharding.use_mesh on jax without it)."""
+def mesh_context(mesh: Mesh | None):
+    """Make `mesh` the current mesh (jax.set_mesh; jax.sharding.use_mesh on jax without it); no
+    mesh (one device) changes nothing."""
+    if mesh is None:
+        return contextlib.nullcontext()
     set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
     return set_mesh(mesh)
 

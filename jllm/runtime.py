@@ -17,6 +17,10 @@ def quiet_triton_deprecation() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*[Tt]riton.*")
 
 
+_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                  "jax_persistent_cache_min_entry_size_bytes")
+
+
 def enable_compilation_cache(path: str | None = None) -> str | None:
     """Turn on jax's persistent compilation cache so a second start skips XLA compilation.
 
@@ -29,14 +33,9 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jllm", "xla")
     if path == "off":
         return None
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    for name, value in zip(_CACHE_OPTIONS, (path, 0.0, 0)):  # every compiled program is cached
+        jax.config.update(name, value)
     return path
-
-
-_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                  "jax_persistent_cache_min_entry_size_bytes")
 
 
 @contextlib.contextmanager
