@@ -457,6 +457,8 @@ def test_benchmark_measures_self_drafts_and_the_cost_model(tmp_path):
     want = (1 + a + a * a) * r["t_target_ms"] / (r["t_draft_ms"]["int4"][2] + r["t_verify_ms"][2])
     assert run["curve"][sb.ACCEPTANCE_GRID.index(a)] == pytest.approx(want)
     assert sb.expected_tokens(1.0, k) == 3 and sb.expected_tokens(0.0, k) == 1
+    assert run["predicted_at_tokens"] == pytest.approx(
+        run["tokens_per_step"] * r["t_target_ms"] / (r["t_draft_ms"]["int4"][2] + r["t_verify_ms"][2]))
     table = sb.format_table(r)
     assert "verify k+1 vs 1-token step: k=2" in table and "int4" in table.splitlines()[-1]
     path = str(tmp_path / "spec.png")

@@ -9,6 +9,9 @@ proposal; it predicts the speed-up at acceptance a as
     tokens per round (1 - a^(k+1)) / (1 - a)  x  t_target / (t_draft(k) + t_verify(k))
 
 where t_draft(k) is the draft's whole proposal of k tokens (k steps) and t_target one plain step.
+The first factor assumes each draft is accepted independently; on random weights agreement comes in
+runs, so each run also gets the time model alone, at its measured tokens per round
+("predicted at tok/step": tokens per round x t_target / (t_draft(k) + t_verify(k))).
 
     PYTHONPATH=. python3 -m scripts.gpu speculative --config llama-2-7b --plot spec.png --json spec.json
 """
@@ -149,6 +152,7 @@ def measure(model: Model, drafts: dict[str, Model], ks=(2, 4, 6), prompt_len: in
         args = (k, t["target"], t["draft"][name][k], t["verify"][k])
         run["t_draft_ms"], run["t_verify_ms"] = 1e3 * args[2], 1e3 * args[3]
         run["predicted"] = predicted_speedup(run["acceptance"], *args)
+        run["predicted_at_tokens"] = run["tokens_per_step"] * args[1] / (args[2] + args[3])
         run["curve"] = [predicted_speedup(a, *args) for a in ACCEPTANCE_GRID]
     return result
 
@@ -161,10 +165,12 @@ def format_table(result: dict) -> str:
              "draft step: " + ", ".join(f"{n} {v:.3f} ms ({v / result['t_target_ms']:.2f}x)"
                                         for n, v in result["t_draft_step_ms"].items()),
              f"{'draft':<6} {'k':>2} {'accept':>7} {'tok/step':>8} {'tok/s':>8} {'speed-up':>8} "
-             f"{'predicted':>9} {'same':>5}  predicted at a = " + " ".join(f"{a:.2f}" for a in ACCEPTANCE_GRID[::2])]
+             f"{'predicted':>9} {'at tok/step':>11} {'same':>5}  predicted at a = "
+             + " ".join(f"{a:.2f}" for a in ACCEPTANCE_GRID[::2])]
     for r in result["runs"]:
         lines.append(f"{r['draft']:<6} {r['k']:>2} {100 * r['acceptance']:>6.1f}% {r['tokens_per_step']:>8.2f} "
-                     f"{r['tok_s']:>8.1f} {r['speedup']:>7.2f}x {r['predicted']:>8.2f}x {str(r['same_tokens']):>5}  "
+                     f"{r['tok_s']:>8.1f} {r['speedup']:>7.2f}x {r['predicted']:>8.2f}x "
+                     f"{r['predicted_at_tokens']:>10.2f}x {str(r['same_tokens']):>5}  "
                      + " ".join(f"{s:.2f}" for s in r["curve"][::2]))
     return "\n".join(lines)
 
