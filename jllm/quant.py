@@ -149,8 +149,8 @@ def linears(x: jax.Array, ws, plan: Plan = Plan(), *, specs=None, norm: jax.Arra
     through one kernel launch (quant_matmul_multi): one grid over all their output blocks, where
     small projections alone would leave the GPU part idle. Plain float weights take the same
     kernel's bits=16 GEMV at M = 1 (XLA above M = 1). That launch also computes the norm in its
-    prologue (on one device, norm in x's dtype). Under a mesh the launch runs per shard. Other
-    impls run one `linear` per weight.
+    prologue (norm in x's dtype; under a mesh where the input axis is not split). Under a mesh the
+    launch runs per shard. Other impls run one `linear` per weight.
     """
     impl = plan.matmul_impl
     specs = tuple(specs) if specs is not None else (None,) * len(ws)
@@ -166,13 +166,12 @@ def linears(x: jax.Array, ws, plan: Plan = Plan(), *, specs=None, norm: jax.Arra
         groups = [list(range(len(ws)))]
     if norm is not None:
         w = ws[0]
-        in_kernel = fused and not plan.sharded and norm.shape == (k,) and norm.dtype == x.dtype and (
+        in_kernel = fused and norm.shape == (k,) and norm.dtype == x.dtype and (
             m == 1 if not isinstance(w, QArray) else m <= _max_pallas_m(w))
-        if in_kernel:
-            return tuple(y.reshape(*lead, w.shape[1]) for y, w in
-                         zip(_kernel(x2, list(ws), list(specs), plan, norm=(norm, eps)), ws))
-        x = rms_norm(x, norm, eps)
-        return linears(x, ws, plan, specs=specs)
+        out = _kernel(x2, list(ws), list(specs), plan, norm=(norm, eps)) if in_kernel else None
+        if out is not None:
+            return tuple(y.reshape(*lead, w.shape[1]) for y, w in zip(out, ws))
+        return linears(rms_norm(x, norm, eps), ws, plan, specs=specs)
     ys = [None] * len(ws)
     for idx in groups:
         group, w = [ws[i] for i in idx], ws[idx[0]]
@@ -199,13 +198,13 @@ def linears(x: jax.Array, ws, plan: Plan = Plan(), *, specs=None, norm: jax.Arra
 
 def _kernel(x2: jax.Array, group: list, specs: list, plan: Plan, norm=None) -> list | None:
     """x2 [M, in] @ each weight of group through the Pallas kernel, one launch: QArrays of one
-    layout or plain float weights (bits=16); norm=(weight, eps) normalizes x2 in the kernel (one
-    device only). Under a mesh it runs per shard when every weight's spec is known; None where it
-    cannot (the caller falls back)."""
+    layout or plain float weights (bits=16); norm=(weight, eps) normalizes x2 in the kernel. Under
+    a mesh it runs per shard when every weight's spec is known; None where it cannot (the caller
+    falls back)."""
     if plan.sharded:
         if None in specs:
             return None
-        return sharded_matmul(x2, group, specs, plan)
+        return sharded_matmul(x2, group, specs, plan, norm=norm)
     w = group[0]
     pairs = [(g.q, g.scale) for g in group] if isinstance(w, QArray) else [(g, None) for g in group]
     bits, group_size = (w.bits, w.group_size) if isinstance(w, QArray) else (16, 0)
@@ -237,7 +236,7 @@ def qarray_sharding(qa: QArray, spec: PartitionSpec, mesh) -> QArray:
 
 
 def sharded_matmul(x: jax.Array, ws: Sequence, specs: Sequence[PartitionSpec],
-                   plan: Plan) -> list | None:
+                   plan: Plan, norm=None) -> list | None:
     """x [M, K] @ each weight of ws (QArrays of one layout, or plain float weights: the kernel's
     bits=16 GEMV), whose float weights have `specs` (mesh axes of in, out), run per shard: one
     kernel launch per device for all of them (quant_matmul_multi).
@@ -246,11 +245,15 @@ def sharded_matmul(x: jax.Array, ws: Sequence, specs: Sequence[PartitionSpec],
     (in split, x split the same way) give partial sums, all-reduced here in float32. Rows of x
     split over the data axis. Returns None where the quantized layout does not split like x
     (int4 groups that do not divide over the input axis, or weights split differently along the
-    input): the caller then uses XLA or one call per weight.
+    input): the caller then uses XLA or one call per weight. norm=(weight, eps): the kernel's
+    RMSNorm of x, for weights whose input axis is not split (each device holds whole rows of x);
+    None otherwise.
     """
     mesh = plan.mesh
     in_axis = specs[0][0]
     split_in = in_axis if in_axis is not None and mesh.shape[in_axis] > 1 else None
+    if norm is not None and in_axis is not None:
+        return None
     w0 = ws[0]
     quantized = isinstance(w0, QArray)
     w_specs = []
@@ -268,15 +271,22 @@ def sharded_matmul(x: jax.Array, ws: Sequence, specs: Sequence[PartitionSpec],
     row_axis = plan.spec(("batch",))[0]
     per_channel = quantized and w0.bits == 8 and w0.scale.shape[0] == 1
 
-    def local(x, *parts):  # x [M/dp, K/tp or K]; parts: this device's part of each weight
+    def local(x, *parts):  # x [M/dp, K/tp or K]; parts: this device's part of each weight[, norm]
+        kw = {}
+        if norm is not None:
+            *parts, n = parts
+            kw = dict(norm=n, eps=norm[1])
         pairs = list(zip(parts[::2], parts[1::2])) if quantized else [(w, None) for w in parts]
         bits, group_size = (w0.bits, x.shape[1] if per_channel else w0.group_size) if quantized else (16, 0)
-        ys = qmm.quant_matmul_multi(x, pairs, bits=bits, group_size=group_size, interpret=plan.interpreted)
+        ys = qmm.quant_matmul_multi(x, pairs, bits=bits, group_size=group_size, interpret=plan.interpreted, **kw)
         if in_axis is not None:
             ys = tuple(jax.lax.psum(y.astype(jnp.float32), in_axis).astype(x.dtype) for y in ys)
         return ys
 
     arrays = [a for w in ws for a in ((w.q, w.scale) if quantized else (w,))]
+    if norm is not None:  # replicated: every device normalizes its whole rows
+        arrays.append(norm[0])
+        w_specs.append(PartitionSpec())
     return list(jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(row_axis, in_axis), *w_specs),
                               out_specs=tuple(PartitionSpec(row_axis, spec[1]) for spec in specs),
                               check_vma=False)(x, *arrays))
