@@ -1,6 +1,6 @@
 """The engine with prompt-lookup speculation against `jllm.generate` on each prompt alone:
-greedy tokens equal (drafts accepted), stop ids and max_tokens exact, sampled rows untouched,
-page accounting, no compilation after start-up, bad options refused.
+greedy tokens equal (drafts accepted), stop ids and max_tokens exact, seeded sampled rows equal
+and distributed as plain sampling (a chi-square test), page accounting, no compilation after start-up, bad options refused.
 
 Shapes as in test_engine.py (4 slots, pages of 4 tokens, 24 pages, 16 tokens per step in chunk
 rows of 8); prompts repeat a random n-gram so that drafts are found and accepted.
@@ -91,17 +91,22 @@ def test_greedy_with_prompt_lookup_matches_generate(tiny_model_no_tokenizer, k):
     _all_free(engine)
 
 
-def test_sampled_and_logprob_rows_do_not_speculate(tiny_model_no_tokenizer):
-    """Sampled requests (seeded) and greedy ones asking for logprobs decode plainly under a
-    speculative engine: their tokens equal generate's and nothing is drafted for them."""
+def test_sampled_rows_speculate_with_generates_tokens_and_logprob_rows_do_not(tiny_model_no_tokenizer):
+    """Seeded sampled requests speculate under a speculative engine and still give generate's
+    tokens (a verified row samples each position with the key plain decoding would use); greedy
+    ones asking for logprobs decode plainly: nothing is drafted for them."""
     m = tiny_model_no_tokenizer
     engine = Engine(m, **KW, speculative=Speculative(PromptLookup(2), 3))
     prompts = _prompts(np.random.default_rng(7), 4)
     params = [SamplingParams(max_tokens=12, temperature=t, top_k=5, seed=11 + i, stop_token_ids=())
               for i, t in enumerate((0.8, 1.0, 1.3))] + [SamplingParams(max_tokens=12, logprobs=2, stop_token_ids=())]
-    got = _run(engine, prompts, params)
-    for i, (p, sp) in enumerate(zip(prompts, params)):
+    got = _run(engine, prompts[:3], params[:3])
+    for i, (p, sp) in enumerate(zip(prompts[:3], params[:3])):
         assert got[i] == (_reference(m, p, sp), "length"), i
+    assert engine.stats().drafted_tokens > 0
+    _all_free(engine)
+    engine = Engine(m, **KW, speculative=Speculative(PromptLookup(2), 3))
+    assert _run(engine, prompts[3:], params[3:])[0] == (_reference(m, prompts[3], params[3]), "length")
     assert engine.stats().drafted_tokens == 0
     _all_free(engine)
 
