@@ -334,6 +334,7 @@ def test_a_speculating_sampled_request_is_the_same_alone_batched_and_preempted(v
     assert engine_step._cache_size() == compiled
 
     engine = Engine(model, **KW, speculative=spec)
+    compiled = engine_step._cache_size()
     got = _steps(engine, others + [(prompt, sp)], abort={1: 6})
     stats = engine.stats()
     assert stats.preemptions > 0 and got[-1][2] > 0, "the target request was meant to be preempted"
