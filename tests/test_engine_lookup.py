@@ -1,9 +1,11 @@
 """The engine with prompt-lookup speculation against `jllm.generate` on each prompt alone:
 greedy tokens equal (drafts accepted), stop ids and max_tokens exact, seeded sampled rows equal
-and distributed as plain sampling (a chi-square test), page accounting, no compilation after start-up, bad options refused.
+(alone, batched, preempted) and distributed as plain sampling (a chi-square test), page
+accounting, no compilation after start-up, bad options refused.
 
 Shapes as in test_engine.py (4 slots, pages of 4 tokens, 24 pages, 16 tokens per step in chunk
-rows of 8); prompts repeat a random n-gram so that drafts are found and accepted.
+rows of 8); prompts repeat a random n-gram so that drafts are found and accepted. The sampling
+tests use a 32-token model, whose continuations can be enumerated.
 """
 import dataclasses
 
