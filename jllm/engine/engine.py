@@ -81,10 +81,12 @@ class Engine:
     max_model_len (prompt + output tokens of one request; default the model's max_seq_len: a
     smaller one shrinks the block tables, which the XLA attention path gathers whole).
 
-    speculative=Speculative(PromptLookup(n), k): each greedy decode (no logprobs) whose context
-    has an n-gram match verifies up to k drafted tokens as one chunk row and takes every
-    accepted token at once, exactly the tokens it would decode one by one. The engine then runs
-    synchronously (drafting needs the last token on the host): for low-concurrency serving.
+    speculative=Speculative(PromptLookup(n), k): each decode (greedy or sampled, no logprobs)
+    whose context has an n-gram match verifies up to k drafted tokens as one chunk row and takes
+    every accepted token at once, exactly the tokens it would decode one by one (a sampled row
+    samples each position with the key plain decoding would use: the exact rejection rule for
+    one-hot drafts). The engine then runs synchronously (drafting needs the last token on the
+    host): for low-concurrency serving.
     """
 
     def __init__(self, model: Model, max_seqs: int = 64, page_size: int = 16, num_pages: int | None = None,

@@ -48,7 +48,8 @@ class Request:
         self.sampled = False         # sampled in its current slot: the device holds its last token
         self.status = Status.WAITING
         self.preemptions = 0
-        self.key_skip = 0            # samples before its current admission (its PRNG key resumes there)
+        self.key_skip = 0            # samples before its current admission (its PRNG key resumes there:
+                                     # one split per sampled token, verified drafts included)
         self.cached_tokens: int | None = None  # prefix-cache hit at its first admission
         self.t_arrival, self.t_scheduled, self.t_first, self.t_last = now, None, None, None
         p = params
@@ -318,10 +319,11 @@ class Scheduler:
 
     def _drafts(self, req: Request, budget: int, chunk_room: int, rows_left: int) -> list[int]:
         """Prompt-lookup drafts for a decoding request (verified as a chunk row), or [] where it
-        decodes plainly: speculation off, a sampled row or one asking for logprobs, a sample still
-        in flight, no n-gram match, or no room (budget, chunk tokens, chunk rows, free pages)."""
+        decodes plainly: speculation off, a row asking for logprobs, a sample still in flight, no
+        n-gram match, or no room (budget, chunk tokens, chunk rows, free pages). Greedy and
+        sampled rows alike: a verified row's tokens are those of plain decoding (step.verify_rows)."""
         k = min(self.spec_k, req.params.max_tokens - req.n_sampled - 1, budget - 1, chunk_room - 1)
-        if k < 1 or req.temperature > 0 or req.want_logprobs or req.pending or rows_left < 1:
+        if k < 1 or req.want_logprobs or req.pending or rows_left < 1:
             return []
         drafts = lookup(req.tokens, self.max_ngram, k)
         need = -(-(req.computed + len(drafts) + 1) // self.page_size) - len(req.pages)

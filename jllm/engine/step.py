@@ -22,8 +22,9 @@ key, splits it (key, sub = split(key)) and samples its [1, V] logits with `sub`,
 alone. Device state (pages, per-slot keys and last tokens) is donated and updated in place.
 
 Prompt-lookup speculation (docs/ENGINE.md): a chunk row may be [last, d1..dm] of a decoding
-request; `verify_rows` accepts its drafts by the greedy rule and makes the row's sample the
-target's token after them.
+request; `verify_rows` samples each of its m + 1 positions as plain decoding would, with the
+next m + 1 keys of the slot's chain, accepts the drafts equal to those samples, and makes the
+row's sample the one after them; the slot's key moves one split per token taken.
 """
 import dataclasses
 import functools
@@ -156,6 +157,12 @@ class StepCache(CacheOps):
         return StepCache(kp, vp, ksp if self.quantized else None, vsp if self.quantized else None, self.batch)
 
 
+def _sample_row(row: jax.Array, key: jax.Array, t: jax.Array, k: jax.Array, p: jax.Array, greedy: bool,
+                ) -> jax.Array:
+    """One row's logits [V] -> its token, sampled as `generate` does for a batch of one."""
+    return sample(row[None], key, Sampling(t[None], k[None], p[None], greedy=greedy))[0]
+
+
 def sample_rows(lg: jax.Array, keys: jax.Array, s: Sampling) -> tuple[jax.Array, jax.Array]:
     """lg [S, V] float32, keys [S, *key_shape] key data -> tokens [S] int32 and the next keys.
 
@@ -165,11 +172,19 @@ def sample_rows(lg: jax.Array, keys: jax.Array, s: Sampling) -> tuple[jax.Array,
     XLA:GPU would run by reading the predicate back to the host (stalling the next dispatch)."""
     pair = jax.vmap(jax.random.split)(jax.random.wrap_key_data(keys))                # [S, 2]
     nxt, sub = pair[:, 0], pair[:, 1]
-
-    def one(row, key, t, k, p):
-        return sample(row[None], key, Sampling(t[None], k[None], p[None], greedy=s.greedy))[0]
-
+    one = functools.partial(_sample_row, greedy=s.greedy)
     return jax.vmap(one)(lg, sub, s.temperature, s.top_k, s.top_p), jax.random.key_data(nxt)
+
+
+def _key_chain(key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """key data [*key_shape] -> the keys after 1..n splits [n, *key_shape] (data) and the sub-key
+    of each split [n]: what n plain samples of a slot would use and leave."""
+    def split(k, _):
+        nxt, sub = jax.random.split(k)
+        return nxt, (jax.random.key_data(nxt), sub)
+
+    _, (nxts, subs) = jax.lax.scan(split, jax.random.wrap_key_data(key), length=n)
+    return nxts, subs
 
 
 def top_logprobs(lg: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -180,24 +195,36 @@ def top_logprobs(lg: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array
     return chosen, ids.astype(jnp.int32), top
 
 
-def verify_rows(params: Params, h: jax.Array, batch: StepBatch, sampled: jax.Array, plan: Plan,
-                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """Greedy draft verification of chunk rows, h [N, dim], sampled [S] -> the sampled tokens
-    with each verifying row's replaced by the target's token after its accepted drafts, and
-    (spec_out [R, k+1], spec_n [R]): jllm.speculative's greedy rule (the longest prefix of
-    drafts equal to the argmax, then the argmax after it)."""
+def verify_rows(params: Params, h: jax.Array, batch: StepBatch, sampled: jax.Array, keys: jax.Array,
+                nxt: jax.Array, plan: Plan) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
+    """Draft verification of chunk rows, h [N, dim], sampled [S], keys [S, *key_shape] the rows'
+    keys before the step, nxt [S, *key_shape] after it -> sampled and nxt with each verifying
+    row's replaced, and (spec_out [R, k+1], spec_n [R]).
+
+    A verifying row samples its positions 0..m with the sub-keys of m + 1 successive splits of
+    its key, each as a plain decode step would (greedy rows: the argmax), accepts the longest
+    prefix of drafts equal to those samples (jllm.speculative's greedy rule, applied to the
+    samples) and takes the sample after it; its key moves n + 1 splits, one per token taken. So
+    its tokens are those of plain decoding, and with deterministic (one-hot) drafts this is the
+    exact rejection rule: draft d_i is accepted with probability p_i(d_i), a rejection draws from
+    p_i without d_i (the sample, given it is not d_i), and after m acceptances from p_m."""
     R, k1 = batch.spec_tok.shape
     if k1 == 1 or R == 0:  # speculation off: nothing to verify (static)
-        return sampled, (jnp.zeros((R, k1), jnp.int32), jnp.zeros((R,), jnp.int32))
-    drafts, m = batch.spec_drafts, batch.spec_m
-    greedy = jnp.argmax(logits(params, h[batch.spec_tok], plan), axis=-1).astype(jnp.int32)  # [R, k+1]
-    n = _greedy_accept(greedy, drafts, m)                                           # [R]
-    rows = jnp.arange(R)
-    nxt = greedy[rows, n]
-    out = jnp.concatenate([drafts, drafts[:, :1]], axis=1).at[rows, n].set(nxt)      # [R, k+1]
+        return sampled, nxt, (jnp.zeros((R, k1), jnp.int32), jnp.zeros((R,), jnp.int32))
     D = sampled.shape[0] - R
-    sampled = sampled.at[D:].set(jnp.where(m > 0, nxt, sampled[D:]))
-    return sampled, (out, n)
+    drafts, m = batch.spec_drafts, batch.spec_m
+    lg = logits(params, h[batch.spec_tok], plan)                                    # [R, k+1, V]
+    chain, subs = jax.vmap(_key_chain, in_axes=(0, None))(keys[D:], k1)             # [R, k+1, *ks], [R, k+1]
+    per_pos = jax.vmap(functools.partial(_sample_row, greedy=False), in_axes=(0, 0, None, None, None))
+    tok = jax.vmap(per_pos)(lg, subs, batch.temperature[D:], batch.top_k[D:], batch.top_p[D:])  # [R, k+1]
+    n = _greedy_accept(tok, drafts, m)                                              # [R]
+    rows = jnp.arange(R)
+    after = tok[rows, n]
+    out = jnp.concatenate([drafts, drafts[:, :1]], axis=1).at[rows, n].set(after)   # [R, k+1]
+    spec = (m > 0).reshape((-1,) + (1,) * (nxt.ndim - 1))
+    sampled = sampled.at[D:].set(jnp.where(m > 0, after, sampled[D:]))
+    nxt = nxt.at[D:].set(jnp.where(spec, chain[rows, n], nxt[D:]))
+    return sampled, nxt, (out, n)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "plan", "greedy"), donate_argnames=("state",))
@@ -215,8 +242,9 @@ def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: Llama
     lg = logits(params, h[0, batch.sample_tok], plan)                               # [S, V]
     slot = jnp.minimum(batch.sample_slot, max_seqs - 1)
     s = Sampling(batch.temperature, batch.top_k, batch.top_p, greedy=greedy)
-    sampled, nxt = sample_rows(lg, state.keys[slot], s)
-    sampled, spec = verify_rows(params, h[0], batch, sampled, plan)
+    keys = state.keys[slot]
+    sampled, nxt = sample_rows(lg, keys, s)
+    sampled, nxt, spec = verify_rows(params, h[0], batch, sampled, keys, nxt, plan)
     if greedy:
         S = sampled.shape[0]
         lp = (jnp.zeros((S,), jnp.float32), jnp.zeros((S, MAX_LOGPROBS), jnp.int32),
