@@ -5,6 +5,9 @@ advances every running request, and returns what each request produced. With
 async_scheduling (the default) step n+1 is dispatched before step n's tokens are read back, so
 the host's scheduling and detokenizing overlap the device's work; step() then returns the
 outputs of the step before the one it dispatched.
+
+Over 400 lines: the public API, start-up compilation, the dispatch/read-back pipeline and
+request bookkeeping share the engine's state; the scheduler and the device step are apart.
 """
 import contextlib
 import dataclasses

@@ -12,6 +12,9 @@ decode finds no page, the newest running request is preempted: its pages go back
 and it waits at the head of the queue, to be recomputed (prompt and samples so far, often from
 the prefix cache) when pages free up. The oldest request is never preempted for a newer one, and
 a lone request always fits (the engine checks that at add_request), so every request finishes.
+
+Over 400 lines: the request state, the step's schedule and its batch arrays are one policy,
+read together.
 """
 import collections
 import dataclasses
