@@ -628,7 +628,8 @@ def test_cli_checks_flags_a_busy_port_and_the_template_before_loading(tiny_check
     assert serve_cli.served_name(args) == os.path.basename(tiny_checkpoint)
     assert (args.host, args.port, args.shutdown_timeout) == ("127.0.0.1", 8000, 30.0)
     for bad in (["--port", "70000"], ["--max-seqs", "0"], ["--memory-fraction", "1.5"],
-                ["--shutdown-timeout", "-1"], ["--quantize", "int3"], ["--decode-buckets", "0"]):
+                ["--shutdown-timeout", "-1"], ["--quantize", "int3"], ["--decode-buckets", "0"],
+                ["--speculate", "0"], ["--prompt-lookup", "-1"]):
         with pytest.raises(SystemExit):
             p.parse_args(["--model", tiny_checkpoint, *bad])
     busy = bind("127.0.0.1", 0)
@@ -646,7 +647,12 @@ def test_cli_checks_flags_a_busy_port_and_the_template_before_loading(tiny_check
         assert serve_cli.main(["--model", tiny_checkpoint, "--port", "0", "--max-seqs", "8",
                                "--decode-buckets", "2", "4"]) == 2
         assert "--decode-buckets 2 4: the largest must be >= --max-seqs 8" in capsys.readouterr().err
-        assert time.monotonic() - t0 < 10     # neither loaded the model
+        assert serve_cli.main(["--model", tiny_checkpoint, "--port", "0", "--speculate", "4"]) == 2
+        assert "--speculate K and --prompt-lookup N go together" in capsys.readouterr().err
+        assert serve_cli.main(["--model", tiny_checkpoint, "--port", "0", "--speculate", "4",
+                               "--prompt-lookup", "3", "--tp", "2"]) == 2
+        assert "--speculate runs on one device; got --tp 2" in capsys.readouterr().err
+        assert time.monotonic() - t0 < 10     # none loaded the model
     finally:
         busy.close()
         for x, (handlers, propagate) in zip(loggers, saved):  # its handler writes to capsys
@@ -695,7 +701,8 @@ def test_cli_serves_a_checkpoint_with_its_chat_template_and_exits_0_on_sigint(ti
     (ck / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE}))
     proc = subprocess.Popen([sys.executable, "-m", "jllm.serve.cli", "--model", str(ck), "--port", "0",
                              "--max-seqs", "2", "--max-tokens-per-step", "32", "--num-pages", "64",
-                             "--decode-buckets", "2", "1", "2", "--log-json"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             "--decode-buckets", "2", "1", "2", "--log-json", "--speculate", "3",
+                             "--prompt-lookup", "2"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "JLLM_CACHE_DIR": "off"})
     try:
         url = _wait_listening(proc)

@@ -49,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-buckets", type=_positive_int, nargs="+", default=None, metavar="N",
                    help="decode row counts compiled at start-up, the largest >= --max-seqs (default "
                         "max-seqs / 4^k); one near the usual concurrency pads fewer rows per step")
+    g = p.add_argument_group("speculative decoding (prompt lookup: for low concurrency)")
+    g.add_argument("--speculate", type=_positive_int, default=None, metavar="K",
+                   help="verify up to K drafted tokens per step for each decode (with --prompt-lookup)")
+    g.add_argument("--prompt-lookup", type=_positive_int, default=None, metavar="N",
+                   help="draft what followed the longest earlier n-gram (n <= N) of the prompt or output")
     p.add_argument("--shutdown-timeout", type=_seconds, default=30.0,
                    help="on SIGTERM/SIGINT, how long requests in flight may take (default 30 s)")
     p.add_argument("--log-json", action="store_true", help="log lines as JSON objects")
@@ -66,6 +71,11 @@ def run(args) -> int:
         if args.decode_buckets[-1] < args.max_seqs:
             raise ValueError(f"--decode-buckets {' '.join(map(str, args.decode_buckets))}: the largest must "
                              f"be >= --max-seqs {args.max_seqs}")
+    if (args.speculate is None) != (args.prompt_lookup is None):
+        raise ValueError("--speculate K and --prompt-lookup N go together (prompt lookup is the engine's "
+                         f"proposer); got --speculate {args.speculate} --prompt-lookup {args.prompt_lookup}")
+    if args.speculate is not None and args.tp > 1:
+        raise ValueError(f"--speculate runs on one device; got --tp {args.tp}")
     model_dir = os.path.expanduser(args.model)
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"--model {args.model!r} is not a directory (a jllm checkpoint or "
@@ -87,11 +97,15 @@ def run(args) -> int:
             from sharding import rules
             mesh = rules.make_mesh(args.tp, 1)
         model = jllm.load(model_dir, args.dtype, quantize=args.quantize, mesh=mesh)
+        spec = None
+        if args.speculate is not None:
+            from jllm.speculative import PromptLookup, Speculative
+            spec = Speculative(PromptLookup(args.prompt_lookup), args.speculate)
         engine = Engine(model, max_seqs=args.max_seqs, num_pages=args.num_pages,
                         memory_fraction=args.memory_fraction,
                         max_tokens_per_step=args.max_tokens_per_step,
                         kv_cache_dtype=None if args.kv_cache == "auto" else args.kv_cache,
-                        max_queue=args.max_queue, decode_buckets=args.decode_buckets)
+                        max_queue=args.max_queue, decode_buckets=args.decode_buckets, speculative=spec)
         app = create_app(EngineRunner(engine), served_name(args), cfg=model.cfg,
                          tokenizer=model.tokenizer, chat_template=template)
         return serve(app, sock, shutdown_timeout=args.shutdown_timeout)
