@@ -47,6 +47,26 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array,
     return out.reshape(B, T, H, K).astype(q.dtype)
 
 
+def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
+    """The rotate-half RoPE frequencies [K / 2] float32: pair i turns by position * theta^(-2i/K)."""
+    half = head_dim // 2
+    return 1.0 / theta ** (jnp.arange(0, half, dtype=jnp.float32) / half)
+
+
+def rope(x: jax.Array, pos: jax.Array, theta: float) -> jax.Array:
+    """Rotate-half RoPE. x [B, T, N, K], pos [B, T] -> [B, T, N, K]; angles in float32.
+
+    With x = (x1, x2) halves: (x1 cos - x2 sin, x2 cos + x1 sin), written as x * cos + reversed
+    halves * (-sin, sin): elementwise with a reversed index, which XLA fuses into one pass where a
+    concatenate of the two halves ran as a slow kernel of its own (prefill)."""
+    B, T, N, K = x.shape
+    angles = pos.astype(jnp.float32)[..., None] * rope_frequencies(K, theta)   # [B, T, K/2]
+    cos, sin = jnp.cos(angles)[:, :, None, None, :], jnp.sin(angles)[:, :, None, None, :]  # [B, T, 1, 1, K/2]
+    halves = x.astype(jnp.float32).reshape(B, T, N, 2, K // 2)                  # [B, T, N, 2, K/2]
+    signed_sin = sin * jnp.array([-1.0, 1.0], jnp.float32)[:, None]             # [B, T, 1, 2, K/2]
+    return (halves * cos + halves[..., ::-1, :] * signed_sin).reshape(B, T, N, K).astype(x.dtype)
+
+
 def supported(q: jax.Array, k: jax.Array) -> bool:
     """Shapes the Triton kernels tile: head_dim a power of two >= 16, a power-of-two GQA ratio."""
     K, R = q.shape[-1], q.shape[2] // k.shape[2]
@@ -116,15 +136,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array, kv_
 
 
 def decode_append(q: jax.Array, k: jax.Array, v: jax.Array, k_new: jax.Array, v_new: jax.Array,
-                  lengths: jax.Array, kv_len: jax.Array, plan: Plan) -> tuple | None:
+                  lengths: jax.Array, kv_len: jax.Array, plan: Plan, theta: float | None = None,
+                  ) -> tuple | None:
     """One decode step over a static float cache with the write in the attention kernel: q
-    [B, 1, H, K], k_new, v_new [B, 1, G, K] stored at lengths -> (out [B, 1, H, K], k, v). None
-    where the plan runs no kernels on one device, or the shapes don't tile (the caller writes,
-    then attends)."""
+    [B, 1, H, K], k_new, v_new [B, 1, G, K] stored at lengths -> (out [B, 1, H, K], k, v); with
+    theta, q and k_new come before RoPE and the kernel rotates them at lengths. None where the
+    plan runs no kernels on one device, or the shapes don't tile (the caller writes, then attends)."""
     if plan.attn_impl != "pallas" or plan.sharded or not supported(q, k):
         return None
+    inv_freq = None if theta is None else rope_frequencies(q.shape[-1], theta)
     out, k, v = decode_attention_append(q[:, 0], k, v, lengths, kv_len, k_new[:, 0], v_new[:, 0],
-                                        interpret=plan.interpreted)
+                                        inv_freq=inv_freq, interpret=plan.interpreted)
     return out[:, None], k, v
 
 

@@ -4,13 +4,14 @@ Both are pytrees passed into the model and returned (donated by the jitted steps
 are updated in place). The model asks the cache these things:
 
     pos = cache.positions(T)                                  # [B, T] positions of the new tokens
-    layer, o = cache.write_attend(i, q, k, v, n_tokens, fresh, plan)  # per layer, both of:
+    layer, o = cache.write_attend(i, q, k, v, pos, n_tokens, fresh, plan, theta)  # per layer:
     layer = cache.write(i, k, v, n_tokens, fresh)             #   new k, v [B, T, G, K] stored
     o = cache.attend(layer, q, k, v, n_tokens, fresh, plan)   #   q [B, T, H, K] -> [B, T, H, K]
     cache = cache.updated(layers, n_tokens)                   # after the last layer
 
-`write_attend` is `write` then `attend` (`CacheOps`); the static float cache's decode step with the
-Pallas kernels does both in one kernel, which stores the new key while it attends.
+`write_attend` takes q and k before RoPE: it rotates them at `pos`, then runs `write` and `attend`
+(`CacheOps`). The static float cache's decode step with the Pallas kernels does all three in one
+kernel, which rotates q and the new key and stores the key while it attends.
 
 An int8 cache (either kind) stores codes with one float32 scale per token and KV head
 (pallas_kernels.kv_quant): half the bytes of bf16 (plus 4 per head_dim), which is what decode at
@@ -48,9 +49,12 @@ def _check_dtype(dtype) -> jnp.dtype:
 class CacheOps:
     """What every cache answers with its own `write` and `attend`."""
 
-    def write_attend(self, i: int, q: jax.Array, k: jax.Array, v: jax.Array, n_tokens: jax.Array,
-                     fresh: bool, plan: Plan) -> tuple[LayerKV, jax.Array]:
-        """Store layer i's new k, v, then attend q over the layer -> (layer's buffers, [B, T, H, K])."""
+    def write_attend(self, i: int, q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array,
+                     n_tokens: jax.Array, fresh: bool, plan: Plan, theta: float,
+                     ) -> tuple[LayerKV, jax.Array]:
+        """RoPE on q [B, T, H, K] and k [B, T, G, K] at pos [B, T], store layer i's new k, v, then
+        attend q over the layer -> (layer's buffers, [B, T, H, K])."""
+        q, k = attn.rope(q, pos, theta), attn.rope(k, pos, theta)
         layer = self.write(i, k, v, n_tokens, fresh)
         return layer, self.attend(layer, q, k, v, n_tokens, fresh, plan)
 
@@ -106,16 +110,18 @@ class KVCache(CacheOps):
                                   start, kv_len, plan)
         return attn.attention(q, ck, cv, start, kv_len, plan, cks, cvs)  # decode reads the codes
 
-    def write_attend(self, i: int, q: jax.Array, k: jax.Array, v: jax.Array, n_tokens: jax.Array,
-                     fresh: bool, plan: Plan) -> tuple[LayerKV, jax.Array]:
+    def write_attend(self, i: int, q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array,
+                     n_tokens: jax.Array, fresh: bool, plan: Plan, theta: float,
+                     ) -> tuple[LayerKV, jax.Array]:
         """`CacheOps.write_attend`; a decode step over a float cache runs as one Pallas kernel
-        where the plan's attention allows (attention.decode_append)."""
+        where the plan's attention allows (attention.decode_append; pos is then self.lengths)."""
         if q.shape[1] == 1 and not fresh and not self.quantized:
-            fused = attn.decode_append(q, self.k[i], self.v[i], k, v, self.lengths, self.lengths + n_tokens, plan)
+            fused = attn.decode_append(q, self.k[i], self.v[i], k, v, self.lengths, self.lengths + n_tokens,
+                                       plan, theta)
             if fused is not None:
                 o, ck, cv = fused
                 return (ck, cv, None, None), o
-        return super().write_attend(i, q, k, v, n_tokens, fresh, plan)
+        return super().write_attend(i, q, k, v, pos, n_tokens, fresh, plan, theta)
 
     def updated(self, layers: list[LayerKV], n_tokens: jax.Array) -> "KVCache":
         k, v, ks, vs = (list(b) for b in zip(*layers))

@@ -128,16 +128,6 @@ def _weight_initializer(shape: tuple[int, ...], dtype, init: str, sharding):
     return jax.jit(make, out_shardings=sharding)
 
 
-def rope(x: jax.Array, pos: jax.Array, theta: float) -> jax.Array:
-    """Rotate-half RoPE. x [B, T, N, K], pos [B, T] -> [B, T, N, K]; angles in float32."""
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / theta ** (jnp.arange(0, half, dtype=jnp.float32) / half)  # [K/2]
-    angles = pos.astype(jnp.float32)[..., None] * inv_freq                      # [B, T, K/2]
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]  # [B, T, 1, K/2]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)                      # [B, T, N, K/2]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
 def transformer(params: Params, tokens: jax.Array, cache: Cache, cfg: LlamaConfig,
                 plan: Plan = Plan(), *, n_tokens: jax.Array | None = None, fresh: bool = False,
                 ) -> tuple[jax.Array, Cache]:
@@ -164,10 +154,8 @@ def transformer(params: Params, tokens: jax.Array, cache: Cache, cfg: LlamaConfi
     for i, layer in enumerate(params.layers):
         # Attention block: norm, project, rotate, write the cache, attend, project back.
         q, k, v = normed_linears(x, layer.attention_norm, (layer.wq, layer.wk, layer.wv), ("wq", "wk", "wv"))
-        q = rope(q.reshape(B, T, H, K), pos, cfg.rope_theta)                      # [B, T, H, K]
-        k = rope(k.reshape(B, T, G, K), pos, cfg.rope_theta)                      # [B, T, G, K]
-        v = v.reshape(B, T, G, K)                                                 # [B, T, G, K]
-        layer_kv, o = cache.write_attend(i, q, k, v, n_tokens, fresh, plan)      # o [B, T, H, K]
+        q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, G, K), v.reshape(B, T, G, K)
+        layer_kv, o = cache.write_attend(i, q, k, v, pos, n_tokens, fresh, plan, cfg.rope_theta)  # [B, T, H, K]
         written.append(layer_kv)
         x = x + linear(o.reshape(B, T, H * K), layer.wo, "wo")
         # Feed-forward block: SwiGLU.

@@ -13,6 +13,11 @@ int8 cache: k, v may be int8 with per-token, per-KV-head float32 scales k_scale,
 (key s of head g = k[b, s, g] * k_scale[b, g, s]; [B, G, S] so one head's scales are contiguous). The kernel dequantizes in registers: the int8 block is converted to
 q's dtype for the dots (exact in bf16), k_scale multiplies the score columns and v_scale the
 probabilities before the PV dot, so it reads K + 4 bytes per key and head for each of k and v.
+
+`decode_attention_append` also stores the new key and value (the cache write of a decode step) and,
+given RoPE frequencies, rotates q and the new key itself (rotate-half RoPE at position lengths[b]):
+the q rows and each key are then read as two halves of K / 2 columns, and the scores are the sum of
+two dots.
 """
 import dataclasses
 import functools
@@ -43,6 +48,7 @@ def _decode_kernel(
     # [m_ref, l_ref], [append outputs]
     quantized: bool,
     append: bool,
+    rope: bool,
     group: int,
     rows: int,
     block_k: int,
@@ -57,25 +63,37 @@ def _decode_kernel(
     k_out_ref, v_out_ref [S, K] (k_ref, v_ref's buffers): the keys s < lengths[b] are read from
     the cache, the new key at position lengths[b] comes from kn_ref (visible if kv_len[b] exceeds
     lengths[b]) and joins the last split, and split 0 stores it in the cache, at a position no
-    program reads.
+    program reads. With `rope` the append inputs end with inv_ref [K / 2] float32 and q and the new
+    key are rotated at position lengths[b]; q, the cached keys and the new key are then handled as
+    (first half, second half) column pairs.
     """
     scale_refs, refs = (refs[:2], refs[2:]) if quantized else ((), refs)
-    new_refs, refs = (refs[:3], refs[3:]) if append else ((), refs)
+    n_new = 3 + rope if append else 0
+    new_refs, refs = refs[:n_new], refs[n_new:]
     o_ref, *ml_refs = refs
     out_refs, ml_refs = (ml_refs[-2:], ml_refs[:-2]) if append else ((), ml_refs)
     b, g, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     head_dim = k_ref.shape[-1]
+    cols = (pl.ds(0, head_dim // 2), pl.ds(head_dim // 2, head_dim // 2)) if rope else (slice(None),)
     length = jnp.minimum(lengths_ref[b], k_ref.shape[0])  # never read past the cache
     lo, hi = split_range(length, block_k, num_splits, j)
     head = g * group
     row_ok = jnp.arange(rows) < group  # [rows]; rows past R are zero padding for the dot
-    q = plgpu.load(q_ref.at[pl.ds(head, rows), :], mask=row_ok[:, None], other=0.0)  # [rows, K]
+    q = tuple(plgpu.load(q_ref.at[pl.ds(head, rows), c], mask=row_ok[:, None], other=0.0) for c in cols)
+    rotation = None
+    if rope:  # q [rows, K / 2] x 2, rotated at the new key's position
+        rotation = _rotation(new_refs[3], lengths_ref[b])
+        q = _rotate(*q, *rotation, q_ref.dtype)
+    else:
+        q = q[0]  # [rows, K]
     qk_scale = scale * LOG2_E
 
     def body(i, carry):
         start = i * block_k
         key_ok = start + jnp.arange(block_k) < length  # [block_k]
-        k = plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=key_ok[:, None], other=0.0)  # [block_k, K]
+        k = tuple(plgpu.load(k_ref.at[pl.ds(start, block_k), c], mask=key_ok[:, None], other=0.0)
+                  for c in cols)  # [block_k, K] or two [block_k, K / 2]
+        k = k if rope else k[0]
         v = plgpu.load(v_ref.at[pl.ds(start, block_k), :], mask=key_ok[:, None], other=0.0)  # [block_k, K]
         if not quantized:
             return online_softmax_step(q, k, v, key_ok, carry, qk_scale)
@@ -87,18 +105,38 @@ def _decode_kernel(
     acc, m, l = lax.fori_loop(lo, hi, body, init_carry(rows, head_dim))  # splits past the length run zero steps
     if append:
         acc, m, l = _append_key(q, new_refs, out_refs, lengths_ref[b], k_ref.shape[0], b, j, num_splits,
-                                qk_scale, (acc, m, l))
+                                qk_scale, (acc, m, l), cols, rotation)
     store_result(o_ref, tuple(ml_refs), (pl.ds(head, rows),), row_ok, acc, m, l)
 
 
-def _append_key(q, new_refs, out_refs, old, seq_len, b, j, num_splits, qk_scale, carry):
+def _rotation(inv_ref, position) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [K / 2] float32 of the angles position * inv_freq."""
+    angles = position.astype(jnp.float32) * plgpu.load(inv_ref)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def _rotate(x1, x2, cos, sin, dtype) -> tuple[jax.Array, jax.Array]:
+    """Rotate-half RoPE of the halves x1, x2 [..., K / 2] in float32, rounded to dtype."""
+    x1, x2 = x1.astype(jnp.float32), x2.astype(jnp.float32)
+    return (x1 * cos - x2 * sin).astype(dtype), (x2 * cos + x1 * sin).astype(dtype)
+
+
+def _append_key(q, new_refs, out_refs, old, seq_len, b, j, num_splits, qk_scale, carry, cols, rotation):
     """The new key of `_decode_kernel`'s append mode: one more online-softmax step in the last
-    split (elementwise: a dot needs 16 keys), and its store into the cache by split 0."""
-    kv_len_ref, kn_ref, vn_ref = new_refs
-    kn, vn = plgpu.load(kn_ref), plgpu.load(vn_ref)  # [K]
+    split (elementwise: a dot needs 16 keys), and its store into the cache by split 0 (rotated
+    first where `rotation` is given; q is then a pair of halves)."""
+    kv_len_ref, kn_ref, vn_ref = new_refs[:3]
+    kn, vn = tuple(plgpu.load(kn_ref.at[c]) for c in cols), plgpu.load(vn_ref)  # [K] or two [K / 2]; [K]
+    k_out_ref, v_out_ref = out_refs
+    if rotation is not None:
+        kn = _rotate(*kn, *rotation, k_out_ref.dtype)
+    qs = q if rotation is not None else (q,)
     acc, m, l = carry
     take = (kv_len_ref[b] > old) & (old < seq_len) & (j == num_splits - 1)
-    s = jnp.sum(q.astype(jnp.float32) * kn.astype(jnp.float32)[None, :], axis=1) * qk_scale  # [rows]
+    s = jnp.sum(qs[0].astype(jnp.float32) * kn[0].astype(jnp.float32)[None, :], axis=1)  # [rows]
+    for qc, kc in zip(qs[1:], kn[1:]):
+        s = s + jnp.sum(qc.astype(jnp.float32) * kc.astype(jnp.float32)[None, :], axis=1)
+    s = s * qk_scale
     m_new = jnp.where(take, jnp.maximum(m, s), m)
     alpha = jnp.exp2(m - m_new)
     p = jnp.where(take, jnp.exp2(s - m_new), 0.0)  # [rows]
@@ -106,8 +144,8 @@ def _append_key(q, new_refs, out_refs, old, seq_len, b, j, num_splits, qk_scale,
 
     @pl.when((j == 0) & (old < seq_len))
     def _():
-        k_out_ref, v_out_ref = out_refs
-        plgpu.store(k_out_ref.at[pl.ds(old, 1), :], kn[None, :].astype(k_out_ref.dtype))
+        for c, kc in zip(cols, kn):
+            plgpu.store(k_out_ref.at[pl.ds(old, 1), c], kc[None, :].astype(k_out_ref.dtype))
         plgpu.store(v_out_ref.at[pl.ds(old, 1), :], vn[None, :].astype(v_out_ref.dtype))
 
     return acc, m_new, l * alpha + p
@@ -122,7 +160,8 @@ def _decode_call(
     v_scale: jax.Array | None,  # [B, G, S] float32, int8 cache only
     block_sizes: BlockSizes,
     interpret: bool,
-    new: tuple = (),  # append mode: (kv_len [B] int32, k_new, v_new [B, G, K] in the cache dtype)
+    new: tuple = (),  # append mode: (kv_len [B] int32, k_new, v_new [B, G, K] in the cache dtype
+    # [, inv_freq [K / 2] float32: rotate q and k_new])
 ):  # [B, H, K]; append mode: (out, k, v)
     batch, num_heads, head_dim = q.shape
     seq_len, num_kv_heads = k.shape[1], k.shape[2]
@@ -135,6 +174,7 @@ def _decode_call(
         _decode_kernel,
         quantized=quantized,
         append=append,
+        rope=len(new) == 4,
         group=group,
         rows=max(16, pl.next_power_of_2(group)),
         block_k=block_k,
@@ -158,6 +198,8 @@ def _decode_call(
     if append:  # the new key and value of head g of row b; the cache buffers are also outputs
         new_spec = pl.BlockSpec((None, None, head_dim), lambda b, g, j: (b, g, 0))
         in_specs += [pl.BlockSpec((batch,), lambda b, g, j: (0,)), new_spec, new_spec]
+        if len(new) == 4:
+            in_specs.append(pl.BlockSpec((head_dim // 2,), lambda b, g, j: (0,)))
         args += list(new)
         out_specs = [*(out_specs if num_splits > 1 else [out_specs]), kv_spec, kv_spec]
         out_shape = [*(out_shape if num_splits > 1 else [out_shape]),
@@ -215,12 +257,17 @@ def decode_attention_append(
     k_new: jax.Array,  # [B, G, K]
     v_new: jax.Array,  # [B, G, K]
     *,
+    inv_freq: jax.Array | None = None,  # [K / 2] float32 RoPE frequencies
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Decode with the cache write in the same kernel: store k_new, v_new at position lengths[b]
     of k, v (dropped where lengths[b] >= S) and attend q over keys s < lengths[b] plus the new one
-    -> (out [B, H, K], k, v). k and v are updated in place where the caller donates them."""
+    -> (out [B, H, K], k, v). k and v are updated in place where the caller donates them.
+
+    With inv_freq, q and k_new are given before RoPE: the kernel rotates both (rotate-half, angles
+    lengths[b] * inv_freq, in float32, rounded to q's and the cache's dtype) before it uses them,
+    and the rotated key is what it stores."""
     if k.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0]:
         raise ValueError(f"expected k = v [B, S, G, K]; got {q.shape=} {k.shape=} {v.shape=}")
     check_kv_dtypes(k, v, None, None)
@@ -228,7 +275,12 @@ def decode_attention_append(
     want = (k.shape[0], k.shape[2], k.shape[3])
     if k_new.shape != want or v_new.shape != want:
         raise ValueError(f"expected k_new = v_new [B, G, K] = {want}; got {k_new.shape=} {v_new.shape=}")
-    new = (kv_len.astype(jnp.int32), k_new.astype(k.dtype), v_new.astype(v.dtype))
+    # A key to rotate keeps its dtype: the kernel rounds it to the cache's once, after RoPE.
+    new = (kv_len.astype(jnp.int32), k_new if inv_freq is not None else k_new.astype(k.dtype), v_new.astype(v.dtype))
+    if inv_freq is not None:
+        if inv_freq.shape != (k.shape[3] // 2,):
+            raise ValueError(f"expected inv_freq [K / 2] = ({k.shape[3] // 2},); got {inv_freq.shape}")
+        new = (*new, inv_freq.astype(jnp.float32))
     return _decode_call(q, k, v, lengths.astype(jnp.int32), None, None, block_sizes or BlockSizes(),
                         interpret, new)
 

@@ -101,7 +101,9 @@ def online_softmax_step(
     k_scale: jax.Array | None = None,
     v_scale: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One flash step: q [rows, K], k, v [block_k, K] -> updated (acc, m, l).
+    """One flash step: q [rows, K], k, v [block_k, K] -> updated (acc, m, l). q and k may also be
+    tuples of matching column blocks (q1 [rows, K1], ...; k1 [block_k, K1], ...): the scores are
+    then the sum of their dots.
 
     key_ok: None (every key visible to every row), [block_k] (per key) or [rows, block_k] (per row
     and key, e.g. causal). A row whose keys are all masked so far keeps m = MASK_VALUE; its l and
@@ -113,9 +115,12 @@ def online_softmax_step(
     (cast to q's dtype there: for float16 q, p * v_scale under 6e-5 keeps fewer bits as a subnormal).
     """
     acc, m, l = carry  # [rows, K] f32, [rows] f32, [rows] f32 (m in log2 units)
+    qs, ks = (q, k) if isinstance(q, tuple) else ((q,), (k,))
     if k_scale is not None:  # |int8| <= 127 converts exactly to bf16 (8-bit significand) and f32
-        k, v = k.astype(q.dtype), v.astype(q.dtype)
-    s = plgpu.dot(q, k, trans_b=True, allow_tf32=_triton.tf32_ok(q))  # [rows, block_k]
+        ks, v = tuple(kc.astype(qs[0].dtype) for kc in ks), v.astype(qs[0].dtype)
+    s = plgpu.dot(qs[0], ks[0], trans_b=True, allow_tf32=_triton.tf32_ok(qs[0]))  # [rows, block_k]
+    for qc, kc in zip(qs[1:], ks[1:]):
+        s = s + plgpu.dot(qc, kc, trans_b=True, allow_tf32=_triton.tf32_ok(qc))
     s = s * qk_scale if k_scale is None else s * (k_scale * qk_scale)[None, :]
     if key_ok is not None:
         s = jnp.where(key_ok if key_ok.ndim == 2 else key_ok[None, :], s, MASK_VALUE)

@@ -15,6 +15,7 @@ import pytest
 from pallas_kernels.decode_attention import (BlockSizes, decode_attention, decode_attention_append,
                                              decode_attention_ref)
 from pallas_kernels.kv_quant import quantize_kv
+from jllm.attention import rope, rope_frequencies
 from kernel_checks import GPU, MODES, assert_close, gpu_marked_needs_gpu, reference  # noqa: F401 (autouse fixture)
 
 # Relative L2 error and max abs error bounds per dtype (float32: reordering only; bf16: the
@@ -118,6 +119,27 @@ def test_decode_append_writes_the_cache_and_attends_the_new_key(case, interpret)
 
 
 @pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("case", APPEND_CASES, ids=[f"append_rope_{i}" for i in range(len(APPEND_CASES))])
+def test_decode_append_rotates_q_and_the_new_key(case, interpret):
+    """With inv_freq the kernel applies RoPE at lengths[b] to q and the new key: the same as the
+    model's rope before a plain append (theta 1e4, positions up to 299)."""
+    q, k, v, lengths, kv_len, kn, vn = _append_inputs(case, f"append_rope_{case}")
+    theta = 10000.0
+    out, k2, v2 = decode_attention_append(q, k, v, lengths, kv_len, kn, vn,
+                                          inv_freq=rope_frequencies(q.shape[-1], theta),
+                                          block_sizes=BlockSizes(block_k=16, num_splits=case[8]), interpret=interpret)
+    pos = lengths[:, None]  # [B, 1]
+    q_rot, kn_rot = (rope(x[:, None], pos, theta)[:, 0] for x in (q, kn))
+    ref, k_want, v_want = _append_ref(q_rot, k, v, lengths, kv_len, kn_rot, vn)
+    assert_close(k2, k_want, case[5])  # the rotated key is what is stored
+    np.testing.assert_array_equal(np.asarray(v2, np.float32), np.asarray(v_want, np.float32))
+    assert_close(out, ref, case[5])
+    plain, _, _ = decode_attention_append(q, k, v, lengths, kv_len, kn, vn, interpret=True,
+                                          block_sizes=BlockSizes(block_k=16, num_splits=case[8]))
+    assert float(jnp.max(jnp.abs(plain.astype(jnp.float32) - out.astype(jnp.float32)))) > 1e-2  # it did rotate
+
+
+@pytest.mark.parametrize("interpret", MODES)
 def test_decode_append_reads_the_new_key_from_its_input_not_the_cache(interpret):
     """NaN at and past each row's length in the cache: the new key comes from k_new."""
     case = (3, 80, 8, 2, 64, jnp.float32, [79, 1, 33], [80, 2, 34], 2)
@@ -137,6 +159,8 @@ def test_decode_append_refuses_an_int8_cache_and_wrong_new_shapes():
         decode_attention_append(q, k.astype(jnp.int8), v.astype(jnp.int8), lengths, kv_len, kn, vn, interpret=True)
     with pytest.raises(ValueError, match=r"k_new = v_new \[B, G, K\] = \(2, 2, 64\)"):
         decode_attention_append(q, k, v, lengths, kv_len, kn[:, :1], vn, interpret=True)
+    with pytest.raises(ValueError, match=r"inv_freq \[K / 2\] = \(32,\); got \(64,\)"):
+        decode_attention_append(q, k, v, lengths, kv_len, kn, vn, inv_freq=jnp.ones(64), interpret=True)
 
 
 # Compiled only (too large for interpret mode): Llama shapes over a 4096-slot cache, default

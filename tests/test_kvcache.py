@@ -10,6 +10,7 @@ import pytest
 
 from conftest import random_params
 from jllm import kvcache
+from jllm.attention import rope
 from jllm.config import LlamaConfig
 from jllm.kvcache import init_cache, init_paged_cache, release, reserve
 from jllm.model import logits, transformer
@@ -259,7 +260,9 @@ def test_static_write_attend_equals_write_then_attend(kv_dtype):
     q = jax.random.normal(keys[2], (B, 1, H, K))
     k, v = (jax.random.normal(key, (B, 1, G, K)) for key in keys[3:])
     n = jnp.ones((B,), jnp.int32)
-    got_layer, got = cache.write_attend(0, q, k, v, n, False, Plan(attn_impl="pallas"))
+    pos, theta = cache.lengths[:, None], cfg.rope_theta
+    got_layer, got = cache.write_attend(0, q, k, v, pos, n, False, Plan(attn_impl="pallas"), theta)
+    q, k = rope(q, pos, theta), rope(k, pos, theta)
     want_layer = cache.write(0, k, v, n, False)
     want = cache.attend(want_layer, q, k, v, n, False, Plan(attn_impl="xla"))
     for a, b in zip(got_layer, want_layer):
@@ -267,6 +270,6 @@ def test_static_write_attend_equals_write_then_attend(kv_dtype):
         if a is not None:
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert_close(got, want, jnp.float32)
-    jaxpr = str(jax.make_jaxpr(lambda c, q, k, v: c.write_attend(0, q, k, v, n, False, Plan(attn_impl="pallas")))(
-        cache, q, k, v))
+    jaxpr = str(jax.make_jaxpr(lambda c, q, k, v: c.write_attend(0, q, k, v, pos, n, False, Plan(attn_impl="pallas"),
+                                                                 theta))(cache, q, k, v))
     assert ("jllm_decode_attention_append" in jaxpr) == (kv_dtype == "float32")
