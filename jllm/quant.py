@@ -118,6 +118,19 @@ def _xla_qmatmul(x: jax.Array, w: QArray) -> jax.Array:
         # Per-channel scales commute with the matmul: scale the [M, out] output, not the weight.
         y = jnp.dot(x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)
         return y * w.scale.astype(jnp.float32)
+    if w.bits == 4:
+        # Low and high nibbles as two matmuls of K/2 rows each, every weight element dequantized
+        # elementwise from its byte: unpacking into one [K, N] weight interleaves the halves of each
+        # group, and XLA ran that concatenate as a separate slow kernel (3x the int8 prefill).
+        m, (kh, n) = x.shape[0], w.q.shape
+        g = w.group_size
+        q = w.q.reshape(kh * 2 // g, g // 2, n)                                  # [K/G, G/2, N]
+        s = w.scale.astype(jnp.float32)[:, None, :]                              # [K/G, 1, N]
+        xg = x.reshape(m, kh * 2 // g, 2, g // 2)                                # [M, K/G, 2, G/2]
+        lo, hi = ((codes.astype(jnp.float32) * s).astype(x.dtype).reshape(kh, n)  # [K/2, N] each
+                  for codes in ((q << 4) >> 4, q >> 4))  # sign-extended low, high nibbles
+        return (jnp.dot(xg[:, :, 0].reshape(m, kh), lo, preferred_element_type=jnp.float32)
+                + jnp.dot(xg[:, :, 1].reshape(m, kh), hi, preferred_element_type=jnp.float32))
     return jnp.dot(x, dequantize(w, x.dtype), preferred_element_type=jnp.float32)
 
 
