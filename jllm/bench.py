@@ -19,7 +19,7 @@ from jllm import parallel, quant
 from jllm import plan as _plan
 from jllm.runtime import say
 from jllm.config import LlamaConfig
-from jllm.generate import bucket, check_kv_cache_dtype, decode, prefill
+from jllm.generate import bucket, check_kv_cache_dtype, decode, prefill_program
 from jllm.kvcache import init_cache
 from jllm.model import param_infos, to_flat
 from jllm.sampling import Sampling
@@ -123,8 +123,9 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
 
     mesh: params already sharded on it (parallel.random_params); call inside its mesh_context.
     MBU and MFU then count the bandwidth and peak of all the mesh's devices. kv_cache_dtype:
-    "int8" for an int8 cache (default: dtype). prefill_compiler_options: XLA options for the
-    prefill program only (e.g. {"xla_gpu_enable_triton_gemm": False}), to compare GEMM back ends.
+    "int8" for an int8 cache (default: dtype). prefill_compiler_options: XLA options added to
+    the prefill program's own (generate.FLOAT_PREFILL_OPTIONS for float weights), e.g.
+    {"xla_gpu_enable_triton_gemm": True}, to compare GEMM back ends.
     batch, prompt_len and new_tokens are ints >= 1 and prompt_len + new_tokens must fit
     cfg.max_seq_len (ValueError otherwise). compile_warm_s is None with warm_compile=False.
     """
@@ -159,7 +160,7 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
 
     def compile_all():
         t = time.perf_counter()
-        p = prefill.lower(params, tokens, n_tokens, abstract_cache, sampling, key, **kw).compile(
+        p = prefill_program(params).lower(params, tokens, n_tokens, abstract_cache, sampling, key, **kw).compile(
             prefill_compiler_options)
         d = decode.lower(params, token0, abstract_cache, sampling, key, n_steps=new_tokens, **kw).compile()
         return p, d, time.perf_counter() - t

@@ -375,7 +375,7 @@ def _check_writable(flag: str, path: str) -> None:
 def cmd_bench(args) -> int:
     cfg = LlamaConfig.from_name(args.config)
     _check_bench(args, cfg)
-    prefill_options = _xla_options(args.prefill_xla_option)
+    prefill_options = xla_options(args.prefill_xla_option)
     mesh = _mesh(args)  # with several processes, each runs the same benchmark on its devices
     # A fresh cache directory, so "cold" is a real first compile and "warm" a persistent-cache hit.
     with tempfile.TemporaryDirectory() as cache_dir, (
@@ -435,13 +435,13 @@ def _finite_or_none(x):
     return x
 
 
-def _xla_options(items: list[str]) -> dict | None:
+def xla_options(items: list[str]) -> dict | None:
     """["key=value", ...] -> {key: bool | int | float | str}, or None for none."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--prefill-xla-option {item!r}: expected KEY=VALUE")
+            raise ValueError(f"XLA option {item!r}: expected KEY=VALUE")
         out[key] = _xla_value(value)
     return out or None
 
@@ -511,7 +511,7 @@ def parser() -> argparse.ArgumentParser:
                    help="KV cache dtype(s) to run: auto (the weights') and/or int8")
     p.add_argument("--prefill-xla-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an XLA option for the prefill program only, e.g. "
-                        "xla_gpu_enable_triton_gemm=false (repeatable)")
+                        "xla_gpu_enable_triton_gemm=true (float weights' prefill sets it false; repeatable)")
     p.add_argument("--bandwidth", type=positive_float, default=None, help="TB/s for MBU (default: measured)")
     p.add_argument("--peak-tflops", type=positive_float, default=None, help="for MFU (default: measured)")
     p.add_argument("--cache-dir", default=None, help="persistent compilation cache (default: a fresh temporary one)")

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jllm.config import LlamaConfig
-from jllm import costs, parallel
+from jllm import costs, parallel, quant
 from jllm.kvcache import KVCache, init_cache
 from jllm.model import Params, logits, transformer
 from jllm.plan import Plan, check_impls, make_plan
@@ -108,15 +108,36 @@ def bucket(n: int, minimum: int = MIN_BUCKET, buckets: Sequence[int] | None = No
     return max(minimum, 1 << math.ceil(math.log2(max(n, 1))))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("cache",))
-def prefill(params: Params, tokens: jax.Array, n_tokens: jax.Array, cache: KVCache,
-            sampling: Sampling, key: jax.Array, cfg: LlamaConfig, plan: Plan = Plan(),
-            ) -> tuple[jax.Array, KVCache, jax.Array]:
-    """Run padded prompts tokens [B, T] (n_tokens [B] real) into an empty cache -> first tokens [B]."""
+def _prefill(params: Params, tokens: jax.Array, n_tokens: jax.Array, cache: KVCache,
+             sampling: Sampling, key: jax.Array, cfg: LlamaConfig, plan: Plan = Plan(),
+             ) -> tuple[jax.Array, KVCache, jax.Array]:
     h, cache = transformer(params, tokens, cache, cfg, plan, n_tokens=n_tokens, fresh=True)  # [B, T, D]
     last = h[jnp.arange(tokens.shape[0]), n_tokens - 1]                       # [B, D]
     key, sub = jax.random.split(key)
     return sample(logits(params, last, plan), sub, sampling), cache, key
+
+
+# The prefill of float weights runs its GEMMs on cuBLAS rather than XLA's Triton GEMM fusions: TTFT
+# at 2048 tokens 48.7 against 49.7 ms on an H200. Quantized weights keep the fusions, which fold the
+# int8 dequantize into the GEMM (cuBLAS: 17.1 against 10.2 ms at 128 tokens; docs/PERFORMANCE.md).
+FLOAT_PREFILL_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+_PREFILL = {quantized: jax.jit(_prefill, static_argnames=("cfg", "plan"), donate_argnames=("cache",),
+                               compiler_options=None if quantized else FLOAT_PREFILL_OPTIONS)
+            for quantized in (False, True)}
+
+
+def prefill_program(params: Params):
+    """The jitted prefill for these weights (see FLOAT_PREFILL_OPTIONS); `.lower` it to compile ahead."""
+    return _PREFILL[any(isinstance(w, quant.QArray) for w in jax.tree.leaves(
+        params, is_leaf=lambda x: isinstance(x, quant.QArray)))]
+
+
+def prefill(params: Params, tokens: jax.Array, n_tokens: jax.Array, cache: KVCache,
+            sampling: Sampling, key: jax.Array, cfg: LlamaConfig, plan: Plan = Plan(),
+            ) -> tuple[jax.Array, KVCache, jax.Array]:
+    """Run padded prompts tokens [B, T] (n_tokens [B] real) into an empty cache -> first tokens [B]
+    (jitted; the cache is donated)."""
+    return prefill_program(params)(params, tokens, n_tokens, cache, sampling, key, cfg=cfg, plan=plan)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n_steps", "plan"), donate_argnames=("cache",))

@@ -12,7 +12,7 @@ import pytest
 
 import jllm
 from jllm.config import LlamaConfig
-from jllm.generate import Delta, bucket, decode, prefill
+from jllm.generate import Delta, bucket, decode, prefill_program
 
 N = 24  # default max_new_tokens: 16 + 24 + 8 -> a 64-slot cache
 
@@ -50,7 +50,8 @@ def test_new_prompt_length_and_sampling_values_do_not_recompile(tiny_model):
     m = tiny_model
     jllm.generate(m, [_ids(m, 5)], max_new_tokens=N)
     jllm.generate(m, [_ids(m, 5)], max_new_tokens=N, temperature=1.0)  # sampled: the second program
-    compiled = prefill._cache_size(), decode._cache_size()
+    program = prefill_program(tiny_model.params)
+    compiled = program._cache_size(), decode._cache_size()
     calls = [dict(prompts=[_ids(m, 9, 1)], temperature=0.8, top_k=20, seed=3),
              dict(prompts=[_ids(m, 16, 2)], temperature=1.3, top_p=0.5, seed=7),
              dict(prompts=[_ids(m, 2, 3)], temperature=0.5, top_k=3, top_p=0.9, seed=11),
@@ -58,7 +59,7 @@ def test_new_prompt_length_and_sampling_values_do_not_recompile(tiny_model):
     for kw in calls:
         [r] = jllm.generate(m, kw.pop("prompts"), max_new_tokens=N, stop_token_ids=[], **kw)
         assert len(r.tokens) == N
-    assert (prefill._cache_size(), decode._cache_size()) == compiled
+    assert (program._cache_size(), decode._cache_size()) == compiled
 
 
 # --- stopping -----------------------------------------------------------------------------------
