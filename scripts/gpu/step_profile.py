@@ -136,6 +136,37 @@ def profile(cfg, params, plan, batch: int, steps: int, prompt_len: int, trace_di
     return wall, table
 
 
+def profile_prefill(cfg, params, plan, batch: int, prompt_len: int, trace_dir: str, device: str = "GPU",
+                    options: dict | None = None, reps: int = 3) -> tuple[float, dict]:
+    """Trace `reps` prefills of prompt_len random tokens (compiled with XLA `options`) -> (wall ms
+    per prefill, table per prefill)."""
+    from jllm.generate import bucket, prefill_program
+    from jllm.kvcache import init_cache
+    from jllm.sampling import Sampling
+    T = bucket(prompt_len)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (batch, T)), jnp.int32)
+    n = jnp.full((batch,), prompt_len, jnp.int32)
+    sampling, key = Sampling.make(batch), jax.random.key(0)
+    new_cache = lambda: init_cache(cfg, batch, bucket(T + 16), params.norm.dtype)  # noqa: E731
+    fn = prefill_program(params).lower(params, tokens, n, new_cache(), sampling, key, cfg=cfg, plan=plan).compile(options)
+    jax.block_until_ready(fn(params, tokens, n, new_cache(), sampling, key))
+    caches = [new_cache() for _ in range(reps)]
+    jax.block_until_ready(caches)
+    t = time.perf_counter()
+    for c in caches:
+        out = fn(params, tokens, n, c, sampling, key)
+    jax.block_until_ready(out)
+    wall = (time.perf_counter() - t) / reps * 1e3
+    caches = [new_cache() for _ in range(reps)]
+    jax.block_until_ready(caches)
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for c in caches:
+            out = fn(params, tokens, n, c, sampling, key)
+        jax.block_until_ready(out)
+    return wall, kernel_table(device_kernels(read_trace(trace_dir), device), reps)
+
+
 def main(argv: list[str] | None = None) -> int:
     from jllm import parallel
     from jllm.config import LlamaConfig
@@ -151,7 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write the tables here (summary.txt) and keep the traces")
     ap.add_argument("--sequence", type=int, default=0, metavar="N",
                     help="also list N kernels in launch order from the middle of the trace")
+    ap.add_argument("--prefill", action="store_true",
+                    help="profile the prefill of --prompt-len tokens instead of decode steps")
+    ap.add_argument("--xla-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --prefill: an XLA option for the prefill program (repeatable); "
+                         "each profile runs without and with the options")
     args = ap.parse_args(argv)
+    from jllm.cli import xla_options
+    options = xla_options(args.xla_option)
     cfg = LlamaConfig.from_name(args.config)
     out_dir = args.out or tempfile.mkdtemp(prefix="jllm-profile-")
     os.makedirs(out_dir, exist_ok=True)
@@ -163,6 +201,15 @@ def main(argv: list[str] | None = None) -> int:
             plan = make_plan(cfg, None, None, impl)
             for batch in args.batch:
                 title = f"{args.config} {mode if mode != 'none' else 'bf16'} matmul={plan.matmul_impl} B={batch}"
+                if args.prefill:
+                    for opts in [None] + ([options] if options else []):
+                        name = f"{title} prefill {args.prompt_len}" + (f" {opts}" if opts else "")
+                        wall, table = profile_prefill(cfg, params, plan, batch, args.prompt_len,
+                                                      os.path.join(out_dir, re.sub(r"\W+", "_", name)),
+                                                      args.device, opts)
+                        report.append(format_table(name, wall, table).replace("/step", "/prefill"))
+                        print(report[-1], flush=True)
+                    continue
                 wall, table = profile(cfg, params, plan, batch, args.steps, args.prompt_len,
                                       os.path.join(out_dir, re.sub(r"\W+", "_", title)), args.device,
                                       args.sequence)
