@@ -19,7 +19,7 @@ from jllm import parallel, quant
 from jllm import plan as _plan
 from jllm.runtime import say
 from jllm.config import LlamaConfig
-from jllm.generate import bucket, check_kv_cache_dtype, decode, prefill_program
+from jllm.generate import bucket, check_kv_cache_dtype, decode, prefill
 from jllm.kvcache import init_cache
 from jllm.model import param_infos, to_flat
 from jllm.sampling import Sampling
@@ -160,7 +160,7 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
 
     def compile_all():
         t = time.perf_counter()
-        p = prefill_program(params).lower(params, tokens, n_tokens, abstract_cache, sampling, key, **kw).compile(
+        p = prefill.lower(params, tokens, n_tokens, abstract_cache, sampling, key, **kw).compile(
             prefill_compiler_options)
         d = decode.lower(params, token0, abstract_cache, sampling, key, n_steps=new_tokens, **kw).compile()
         return p, d, time.perf_counter() - t

@@ -127,17 +127,24 @@ _PREFILL = {quantized: jax.jit(_prefill, static_argnames=("cfg", "plan"), donate
 
 
 def prefill_program(params: Params):
-    """The jitted prefill for these weights (see FLOAT_PREFILL_OPTIONS); `.lower` it to compile ahead."""
+    """The jitted prefill for these weights (see FLOAT_PREFILL_OPTIONS)."""
     return _PREFILL[any(isinstance(w, quant.QArray) for w in jax.tree.leaves(
         params, is_leaf=lambda x: isinstance(x, quant.QArray)))]
 
 
-def prefill(params: Params, tokens: jax.Array, n_tokens: jax.Array, cache: KVCache,
-            sampling: Sampling, key: jax.Array, cfg: LlamaConfig, plan: Plan = Plan(),
-            ) -> tuple[jax.Array, KVCache, jax.Array]:
-    """Run padded prompts tokens [B, T] (n_tokens [B] real) into an empty cache -> first tokens [B]
-    (jitted; the cache is donated)."""
-    return prefill_program(params)(params, tokens, n_tokens, cache, sampling, key, cfg=cfg, plan=plan)
+class _Prefill:
+    """`prefill(params, tokens, n_tokens, cache, sampling, key, cfg=, plan=)`: run padded prompts
+    tokens [B, T] (n_tokens [B] real) into an empty cache -> (first tokens [B], cache, key). Jitted
+    (the cache is donated) by `prefill_program(params)`; `prefill.lower(...)` compiles ahead."""
+
+    def __call__(self, params: Params, *args, **kwargs) -> tuple[jax.Array, KVCache, jax.Array]:
+        return prefill_program(params)(params, *args, **kwargs)
+
+    def lower(self, params: Params, *args, **kwargs):
+        return prefill_program(params).lower(params, *args, **kwargs)
+
+
+prefill = _Prefill()
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n_steps", "plan"), donate_argnames=("cache",))

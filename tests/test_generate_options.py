@@ -42,8 +42,9 @@ def test_streamed_text_never_shows_a_stop_string_prefix_that_completes(scripted_
 def test_configured_prompt_buckets_pad_to_the_next_listed_length(tiny_model):
     import dataclasses
 
-    from jllm.generate import prefill
+    from jllm.generate import prefill_program
     model = dataclasses.replace(tiny_model, prompt_buckets=(24, 48))
+    prefill = prefill_program(model.params)
     jllm.generate(model, [list(range(3, 23))], max_new_tokens=2)       # 20 tokens -> 24
     before = prefill._cache_size()
     jllm.generate(model, [list(range(3, 26))], max_new_tokens=2)       # 23 tokens -> 24 again

@@ -140,7 +140,7 @@ def profile_prefill(cfg, params, plan, batch: int, prompt_len: int, trace_dir: s
                     options: dict | None = None, reps: int = 3) -> tuple[float, dict]:
     """Trace `reps` prefills of prompt_len random tokens (compiled with XLA `options`) -> (wall ms
     per prefill, table per prefill)."""
-    from jllm.generate import bucket, prefill_program
+    from jllm.generate import bucket, prefill
     from jllm.kvcache import init_cache
     from jllm.sampling import Sampling
     T = bucket(prompt_len)
@@ -149,7 +149,7 @@ def profile_prefill(cfg, params, plan, batch: int, prompt_len: int, trace_dir: s
     n = jnp.full((batch,), prompt_len, jnp.int32)
     sampling, key = Sampling.make(batch), jax.random.key(0)
     new_cache = lambda: init_cache(cfg, batch, bucket(T + 16), params.norm.dtype)  # noqa: E731
-    fn = prefill_program(params).lower(params, tokens, n, new_cache(), sampling, key, cfg=cfg, plan=plan).compile(options)
+    fn = prefill.lower(params, tokens, n, new_cache(), sampling, key, cfg=cfg, plan=plan).compile(options)
     jax.block_until_ready(fn(params, tokens, n, new_cache(), sampling, key))
     caches = [new_cache() for _ in range(reps)]
     jax.block_until_ready(caches)
