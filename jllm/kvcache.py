@@ -49,6 +49,9 @@ def _check_dtype(dtype) -> jnp.dtype:
 class CacheOps:
     """What every cache answers with its own `write` and `attend`."""
 
+    def positions(self, T: int) -> jax.Array:
+        return self.lengths[:, None] + jnp.arange(T)                                  # [B, T]
+
     def write_attend(self, i: int, q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array,
                      n_tokens: jax.Array, fresh: bool, plan: Plan, theta: float,
                      ) -> tuple[LayerKV, jax.Array]:
@@ -80,9 +83,6 @@ class KVCache(CacheOps):
     @property
     def quantized(self) -> bool:
         return self.k_scale is not None
-
-    def positions(self, T: int) -> jax.Array:
-        return self.lengths[:, None] + jnp.arange(T)                                  # [B, T]
 
     def write(self, i: int, k: jax.Array, v: jax.Array, n_tokens: jax.Array, fresh: bool) -> LayerKV:
         """Store new k, v [B, T, G, K] of layer i at each row's length -> the layer's buffers.
@@ -203,9 +203,6 @@ class PagedKVCache(CacheOps):
     @property
     def quantized(self) -> bool:
         return self.k_scale_pages is not None
-
-    def positions(self, T: int) -> jax.Array:
-        return self.lengths[:, None] + jnp.arange(T)                                  # [B, T]
 
     def slots(self, n_tokens: jax.Array, T: int) -> tuple[jax.Array, jax.Array]:
         """Pool page and slot in page of each new token [B, T]; page P (dropped by the scatter)
