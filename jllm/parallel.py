@@ -34,17 +34,6 @@ from sharding import rules
 from sharding.rules import named
 
 
-def model_rules(cfg: LlamaConfig, mesh: Mesh) -> dict[str, str | None]:
-    """RULES for this config on this mesh (KV heads split or replicated: the plan decides)."""
-    return make_plan(cfg, mesh).rules
-
-
-def _abstract_qarray(shape: tuple[int, int], mode: str, group_size: int | None) -> QArray:
-    """The QArray (shapes only) that `quant.quantize` makes of a [in, out] weight."""
-    w = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-    return jax.eval_shape(lambda w: _quant.quantize(w, _quant.MODES[mode], group_size)[0], w)
-
-
 def param_shardings(cfg: LlamaConfig, mesh: Mesh, quant: str | None = None,
                     group_size: int | None = None) -> dict[str, NamedSharding | QArray]:
     """{flat name: NamedSharding}, keyed like model.param_infos.
@@ -53,19 +42,16 @@ def param_shardings(cfg: LlamaConfig, mesh: Mesh, quant: str | None = None,
     QArrays as `quant.quantize` lays them out, and their entries are QArrays of shardings.
     """
     _quant.check_mode(quant, group_size)
-    layout = {name: _abstract_qarray(info.shape, quant, group_size)
-              if quant is not None and _quant.is_linear(name) else None
-              for name, info in model.param_infos(cfg).items()}
-    return flat_shardings(layout, cfg, mesh)
+    shapes = {name: info.shape for name, info in model.param_infos(cfg).items()}
+    return flat_shardings(_quant.abstract_flat(shapes, jnp.bfloat16, quant, group_size), cfg, mesh)
 
 
 def flat_shardings(flat: dict, cfg: LlamaConfig, mesh: Mesh) -> dict[str, NamedSharding | QArray]:
     """Shardings for flat params as they are (a QArray of shardings where they hold a QArray)."""
-    rl = model_rules(cfg, mesh)
-    infos = model.param_infos(cfg)
+    plan, infos = make_plan(cfg, mesh), model.param_infos(cfg)
     out = {}
     for name, value in flat.items():
-        spec = rules.logical_to_spec(infos[name].axes, rl)
+        spec = plan.spec(infos[name].axes)
         rules.check_divisible(name, infos[name].shape, spec, mesh)
         out[name] = (qarray_sharding(value, spec, mesh) if isinstance(value, QArray)
                      else named(mesh, spec))
@@ -99,11 +85,10 @@ def random_params(cfg: LlamaConfig, mesh: Mesh | None, key: jax.Array, dtype=jnp
 def cache_shardings(cfg: LlamaConfig, mesh: Mesh, quantized: bool = False) -> KVCache:
     """KVCache of shardings: k, v [B, S, G, K] with B over data and G per kv_heads_rule; an int8
     cache's scales [B, G, S] the same way."""
-    rl = model_rules(cfg, mesh)
-    kv = named(mesh, rules.logical_to_spec(("batch", "seq", "kv_heads", "head_dim"), rl))
-    scale = [named(mesh, rules.logical_to_spec(("batch", "kv_heads", "seq"), rl))] * cfg.n_layers
-    return KVCache(k=[kv] * cfg.n_layers, v=[kv] * cfg.n_layers,
-                   lengths=named(mesh, rules.logical_to_spec(("batch",), rl)),
+    plan = make_plan(cfg, mesh)
+    kv = named(mesh, plan.spec(("batch", "seq", "kv_heads", "head_dim")))
+    scale = [named(mesh, plan.spec(("batch", "kv_heads", "seq")))] * cfg.n_layers
+    return KVCache(k=[kv] * cfg.n_layers, v=[kv] * cfg.n_layers, lengths=named(mesh, plan.spec(("batch",))),
                    k_scale=scale if quantized else None, v_scale=scale if quantized else None)
 
 
@@ -112,9 +97,9 @@ def paged_cache_shardings(cfg: LlamaConfig, mesh: Mesh, quantized: bool = False)
     and the page table are shared by all rows, so nothing splits over data)."""
     if data_size(mesh) > 1:
         raise ValueError(f"a paged cache runs on a model-parallel mesh; got data={data_size(mesh)}")
-    rl = model_rules(cfg, mesh)
-    pages = [named(mesh, rules.logical_to_spec((None, None, "kv_heads", "head_dim"), rl))] * cfg.n_layers
-    scales = [named(mesh, rules.logical_to_spec((None, "kv_heads", None), rl))] * cfg.n_layers
+    plan = make_plan(cfg, mesh)
+    pages = [named(mesh, plan.spec((None, None, "kv_heads", "head_dim")))] * cfg.n_layers
+    scales = [named(mesh, plan.spec((None, "kv_heads", None)))] * cfg.n_layers
     rep = named(mesh, PartitionSpec())
     return PagedKVCache(k_pages=pages, v_pages=pages, table=PageTable(free=rep, block_tables=rep, lengths=rep),
                         k_scale_pages=scales if quantized else None, v_scale_pages=scales if quantized else None)
