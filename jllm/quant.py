@@ -58,6 +58,11 @@ class QArray:
     def ndim(self) -> int:
         return 2
 
+    @property
+    def per_channel(self) -> bool:
+        """int8 with one scale row: a scale per output channel (group_size == in)."""
+        return self.bits == 8 and self.scale.shape[0] == 1
+
 
 def quantize(w: jax.Array, bits: int = 8, group_size: int | None = None,
              ) -> tuple[QArray, jax.Array]:
@@ -108,13 +113,12 @@ def dequantize(qa: QArray, dtype: jnp.dtype = jnp.bfloat16) -> jax.Array:
 
 
 def _max_pallas_m(w: QArray) -> int:
-    per_channel = w.bits == 8 and w.group_size == w.q.shape[0]
-    return MAX_PALLAS_M_PER_CHANNEL if per_channel else MAX_PALLAS_M_GROUPED
+    return MAX_PALLAS_M_PER_CHANNEL if w.per_channel else MAX_PALLAS_M_GROUPED
 
 
 def _xla_qmatmul(x: jax.Array, w: QArray) -> jax.Array:
     """x [M, in] @ w -> [M, out] float32, in plain XLA."""
-    if w.bits == 8 and w.group_size == w.q.shape[0]:
+    if w.per_channel:
         # Per-channel scales commute with the matmul: scale the [M, out] output, not the weight.
         y = jnp.dot(x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)
         return y * w.scale.astype(jnp.float32)
@@ -165,48 +169,40 @@ def linears(x: jax.Array, ws, plan: Plan = Plan(), *, specs=None, norm: jax.Arra
     prologue (norm in x's dtype; under a mesh where the input axis is not split). Under a mesh the
     launch runs per shard. Other impls run one `linear` per weight.
     """
-    impl = plan.matmul_impl
     specs = tuple(specs) if specs is not None else (None,) * len(ws)
     *lead, k = x.shape
     for w in ws:
         if len(w.shape) != 2 or w.shape[0] != k:
             raise ValueError(f"linear: {x.shape=} does not match weight shape {w.shape}")
     x2 = x.reshape(-1, k)  # [M, in]
-    m = x2.shape[0]
-    groups = [[i] for i in range(len(ws))]
-    fused = impl == "pallas-fused" and _same_layout(ws)
-    if fused:
-        groups = [list(range(len(ws)))]
+    fused = plan.matmul_impl == "pallas-fused" and _same_layout(ws)
     if norm is not None:
-        w = ws[0]
-        in_kernel = fused and norm.shape == (k,) and norm.dtype == x.dtype and (
-            m == 1 if not isinstance(w, QArray) else m <= _max_pallas_m(w))
-        out = _kernel(x2, list(ws), list(specs), plan, norm=(norm, eps)) if in_kernel else None
-        if out is not None:
-            return tuple(y.reshape(*lead, w.shape[1]) for y, w in zip(out, ws))
-        return linears(rms_norm(x, norm, eps), ws, plan, specs=specs)
-    ys = [None] * len(ws)
-    for idx in groups:
-        group, w = [ws[i] for i in idx], ws[idx[0]]
-        group_specs = [specs[i] for i in idx]
-        out = None
-        if not isinstance(w, QArray):
-            if len(group) > 1 and m == 1:  # pallas-fused float weights: the kernel's bits=16 GEMV
-                out = _kernel(x2, group, group_specs, plan)
-            if out is None:
-                out = [jnp.matmul(x2, g).astype(x.dtype) for g in group]
-        elif impl != "xla" and m <= _max_pallas_m(w):
-            out = _kernel(x2, group, group_specs, plan)
-            if out is None and len(group) > 1:  # laid out differently: one call per weight
-                one = dataclasses.replace(plan, matmul_impl="pallas")
-                out = [linear(x2, g, one, spec=s) for g, s in zip(group, group_specs)]
-            elif out is None:
-                out = [_xla_qmatmul(x2, w).astype(x.dtype)]
-        else:
-            out = [_xla_qmatmul(x2, g).astype(x.dtype) for g in group]
-        for i, y in zip(idx, out):
-            ys[i] = y.reshape(*lead, ws[i].shape[1])  # [..., out]
-    return tuple(ys)
+        w, m, out = ws[0], x2.shape[0], None
+        if fused and norm.shape == (k,) and norm.dtype == x.dtype and (
+                m <= _max_pallas_m(w) if isinstance(w, QArray) else m == 1):
+            out = _kernel(x2, list(ws), list(specs), plan, norm=(norm, eps))
+        if out is None:
+            return linears(rms_norm(x, norm, eps), ws, plan, specs=specs)
+    elif fused:
+        out = _matmuls(x2, list(ws), list(specs), plan)
+    else:
+        out = [_matmuls(x2, [w], [spec], plan)[0] for w, spec in zip(ws, specs)]
+    return tuple(y.reshape(*lead, w.shape[1]) for y, w in zip(out, ws))  # [..., out] each
+
+
+def _matmuls(x2: jax.Array, group: list, specs: list, plan: Plan) -> list:
+    """x2 [M, in] @ each weight of group (several only where `_same_layout`) -> [M, out] each in
+    x2's dtype: through the Pallas kernel where the plan and M allow it (see `linear`), else XLA."""
+    w, m, out = group[0], x2.shape[0], None
+    if not isinstance(w, QArray):
+        if len(group) > 1 and m == 1:  # pallas-fused float weights: the kernel's bits=16 GEMV
+            out = _kernel(x2, group, specs, plan)
+        return out if out is not None else [jnp.matmul(x2, g).astype(x2.dtype) for g in group]
+    if plan.matmul_impl != "xla" and m <= _max_pallas_m(w):
+        out = _kernel(x2, group, specs, plan)
+        if out is None and len(group) > 1:  # laid out differently: one call per weight
+            out = [_matmuls(x2, [g], [spec], plan)[0] for g, spec in zip(group, specs)]
+    return out if out is not None else [_xla_qmatmul(x2, g).astype(x2.dtype) for g in group]
 
 
 def _kernel(x2: jax.Array, group: list, specs: list, plan: Plan, norm=None) -> list | None:
@@ -215,18 +211,21 @@ def _kernel(x2: jax.Array, group: list, specs: list, plan: Plan, norm=None) -> l
     a mesh it runs per shard when every weight's spec is known; None where it cannot (the caller
     falls back)."""
     if plan.sharded:
-        if None in specs:
-            return None
-        return sharded_matmul(x2, group, specs, plan, norm=norm)
-    w = group[0]
-    pairs = [(g.q, g.scale) for g in group] if isinstance(w, QArray) else [(g, None) for g in group]
-    bits, group_size = (w.bits, w.group_size) if isinstance(w, QArray) else (16, 0)
-    kw = dict(bits=bits, group_size=group_size, interpret=plan.interpreted)
-    if norm is not None:
-        kw.update(norm=norm[0], eps=norm[1])
-    if len(group) == 1:
-        return [qmm.quant_matmul(x2, *pairs[0], **kw)]
-    return list(qmm.quant_matmul_multi(x2, pairs, **kw))
+        return None if None in specs else sharded_matmul(x2, group, specs, plan, norm=norm)
+    pairs = [(g.q, g.scale) if isinstance(g, QArray) else (g, None) for g in group]
+    return _launch(x2, pairs, group[0], plan.interpreted, norm)
+
+
+def _launch(x: jax.Array, pairs: list, w0, interpret: bool, norm=None) -> list:
+    """One quant_matmul_multi launch: x [M, K] @ each (q, scale) of pairs (scale None: float
+    weights, the kernel's bits=16 GEMV), all laid out like w0; pairs and x may be one device's
+    parts (per-channel scales then cover its K rows). norm=(weight, eps): RMSNorm of x first."""
+    if isinstance(w0, QArray):
+        bits, group_size = w0.bits, x.shape[1] if w0.per_channel else w0.group_size
+    else:
+        bits, group_size = 16, 0
+    kw = {} if norm is None else dict(norm=norm[0], eps=norm[1])
+    return list(qmm.quant_matmul_multi(x, pairs, bits=bits, group_size=group_size, interpret=interpret, **kw))
 
 
 def qarray_sharding(qa: QArray, spec: PartitionSpec, mesh) -> QArray:
@@ -240,11 +239,10 @@ def qarray_sharding(qa: QArray, spec: PartitionSpec, mesh) -> QArray:
     n_groups = qa.scale.shape[0]
     ways = 1 if in_axis is None else mesh.shape[in_axis]
     groups_axis = in_axis if n_groups % ways == 0 else None
-    per_channel = qa.bits == 8 and n_groups == 1
     # int4 packs two rows of one group into a byte, so its packed rows split only with the groups.
-    q_axis = in_axis if per_channel else groups_axis
+    q_axis = in_axis if qa.per_channel else groups_axis
     return QArray(q=rules.named(mesh, PartitionSpec(q_axis, out_axis)),
-                  scale=rules.named(mesh, PartitionSpec(None if per_channel else groups_axis, out_axis)),
+                  scale=rules.named(mesh, PartitionSpec(None if qa.per_channel else groups_axis, out_axis)),
                   bits=qa.bits, group_size=qa.group_size)
 
 
@@ -282,19 +280,17 @@ def sharded_matmul(x: jax.Array, ws: Sequence, specs: Sequence[PartitionSpec],
             return None
         w_specs += [q_spec, shardings.scale.spec]
     row_axis = plan.spec(("batch",))[0]
-    per_channel = quantized and w0.bits == 8 and w0.scale.shape[0] == 1
 
     def local(x, *parts):  # x [M/dp, K/tp or K]; parts: this device's part of each weight[, norm]
-        kw = {}
+        local_norm = None
         if norm is not None:
             *parts, n = parts
-            kw = dict(norm=n, eps=norm[1])
+            local_norm = (n, norm[1])
         pairs = list(zip(parts[::2], parts[1::2])) if quantized else [(w, None) for w in parts]
-        bits, group_size = (w0.bits, x.shape[1] if per_channel else w0.group_size) if quantized else (16, 0)
-        ys = qmm.quant_matmul_multi(x, pairs, bits=bits, group_size=group_size, interpret=plan.interpreted, **kw)
+        ys = _launch(x, pairs, w0, plan.interpreted, local_norm)
         if in_axis is not None:
-            ys = tuple(jax.lax.psum(y.astype(jnp.float32), in_axis).astype(x.dtype) for y in ys)
-        return ys
+            ys = [jax.lax.psum(y.astype(jnp.float32), in_axis).astype(x.dtype) for y in ys]
+        return tuple(ys)
 
     arrays = [a for w in ws for a in ((w.q, w.scale) if quantized else (w,))]
     if norm is not None:  # replicated: every device normalizes its whole rows
