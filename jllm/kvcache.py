@@ -220,19 +220,18 @@ class PagedKVCache(CacheOps):
         if self.quantized and not (jnp.issubdtype(k.dtype, jnp.floating) and jnp.issubdtype(v.dtype, jnp.floating)):
             raise TypeError(f"an int8 cache quantizes float k, v itself; got {k.dtype=} {v.dtype=}")
         page, slot = self.slots(n_tokens, k.shape[1])                                 # [B, T]
+
+        def put(pages, new):  # new [B, T, G, K]
+            return pages.at[page, slot].set(new.astype(pages.dtype), mode="drop")
+
+        def put_scale(pages, new):  # new [B, G, T]; advanced indices around a slice: the view is [B, T, G]
+            return pages.at[page, :, slot].set(new.transpose(0, 2, 1), mode="drop")
+
         if not self.quantized:
-            return (self.k_pages[i].at[page, slot].set(k.astype(self.k_pages[i].dtype), mode="drop"),
-                    self.v_pages[i].at[page, slot].set(v.astype(self.v_pages[i].dtype), mode="drop"),
-                    None, None)
-        out = []
-        for x, pages, scale_pages in ((k, self.k_pages[i], self.k_scale_pages[i]),
-                                      (v, self.v_pages[i], self.v_scale_pages[i])):
-            codes, scale = quantize_kv(x)                                              # [B, T, G, K], [B, G, T]
-            # Advanced indices around a slice: the indexed view is [B, T, G].
-            out.append((pages.at[page, slot].set(codes, mode="drop"),
-                        scale_pages.at[page, :, slot].set(scale.transpose(0, 2, 1), mode="drop")))
-        (kp, ksp), (vp, vsp) = out
-        return kp, vp, ksp, vsp
+            return put(self.k_pages[i], k), put(self.v_pages[i], v), None, None
+        (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+        return (put(self.k_pages[i], kq), put(self.v_pages[i], vq),
+                put_scale(self.k_scale_pages[i], ks), put_scale(self.v_scale_pages[i], vs))
 
     def attend(self, layer: LayerKV, q: jax.Array, k: jax.Array, v: jax.Array, n_tokens: jax.Array,
                fresh: bool, plan: Plan) -> jax.Array:
