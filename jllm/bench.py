@@ -20,7 +20,6 @@ from jllm import plan as _plan
 from jllm.runtime import say
 from jllm.config import LlamaConfig
 from jllm.generate import bucket, check_kv_cache_dtype, decode, prefill
-from jllm.kvcache import init_cache
 from jllm.model import param_infos, to_flat
 from jllm.sampling import Sampling
 
@@ -147,11 +146,10 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
     key = jax.random.key(seed)
     token0 = jnp.zeros((batch,), jnp.int32)
     kv_dt = jnp.dtype(kv_cache_dtype or dt)
-    new_cache = functools.partial(init_cache, cfg, batch, S, kv_dt)
-    if mesh is not None:  # global arrays, so several processes can run one program
-        tokens, n_tokens, sampling, key, token0 = parallel.put_batch(
-            (tokens, n_tokens, sampling, key, token0), mesh)
-        new_cache = functools.partial(parallel.init_cache, cfg, batch, S, kv_dt, mesh)
+    new_cache = functools.partial(parallel.init_cache, cfg, batch, S, kv_dt, mesh)
+    # On a mesh, global arrays, so several processes can run one program.
+    tokens, n_tokens, sampling, key, token0 = parallel.put_batch(
+        (tokens, n_tokens, sampling, key, token0), mesh)
     kw = dict(cfg=cfg, plan=_plan.make_plan(cfg, mesh, attn_impl, matmul_impl))
 
     # The cache's shapes and shardings, to compile against (a sharded cache must match exactly).

@@ -119,8 +119,11 @@ def init_paged_cache(cfg: LlamaConfig, num_pages: int, page_size: int, batch: in
         cfg, num_pages, page_size, batch, max_pages, dtype)
 
 
-def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype, mesh: Mesh) -> KVCache:
-    """An empty cache created in its shards (no device ever holds the whole cache)."""
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype, mesh: Mesh | None) -> KVCache:
+    """An empty cache created in its shards (no device ever holds the whole cache); without a mesh,
+    kvcache.init_cache on the default device."""
+    if mesh is None:
+        return kvcache.init_cache(cfg, batch, max_len, dtype)
     dp = data_size(mesh)
     if batch % dp:
         raise ValueError(f"{batch=} must be a multiple of the data axis size {dp}")
@@ -142,9 +145,13 @@ def mesh_context(mesh: Mesh | None):
     return set_mesh(mesh)
 
 
-def put_batch(tree, mesh: Mesh):
+def put_batch(tree, mesh: Mesh | None):
     """Host values that every process holds whole -> global arrays on `mesh`: the leading axis of
-    each leaf is the batch (split over data); scalars, PRNG keys included, are replicated."""
+    each leaf is the batch (split over data); scalars, PRNG keys included, are replicated. Without
+    a mesh: arrays on the default device."""
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, tree)
+
     def put_array(x, batched: bool) -> jax.Array:
         x = np.asarray(x)
         axes = (("batch",) + (None,) * (x.ndim - 1)) if batched else (None,) * x.ndim
