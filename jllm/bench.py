@@ -17,7 +17,7 @@ import numpy as np
 
 from jllm import parallel, quant
 from jllm import plan as _plan
-from jllm.runtime import say
+from jllm.runtime import say, write_atomic
 from jllm.config import LlamaConfig
 from jllm.generate import bucket, check_kv_cache_dtype, decode, prefill
 from jllm.model import param_infos, to_flat
@@ -270,11 +270,9 @@ def plot(results: list[BenchResult], path: str) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"jllm decode on {results[0].device} (jax {results[0].jax_version})")
     fig.tight_layout()
-    # Written beside `path`, then renamed: an interrupted run leaves no half-written image.
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1][1:] or "png")
+    # An interrupted run leaves no half-written image.
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1][1:] or "png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def speculative(model, spec, prompt_len: int, new_tokens: int, seed: int = 0) -> dict:

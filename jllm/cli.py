@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 import sys
 import tempfile
 
@@ -272,9 +273,8 @@ def _reply(model, ids, args, max_new_tokens: int, spec=None):
 def cmd_chat(args) -> int:
     # Bytes typed that are not UTF-8 then arrive as lone surrogates that _read_line reports,
     # instead of an exception that loses the line (and, from a pipe, the lines read with it).
-    reconfigure = getattr(sys.stdin, "reconfigure", None)
-    if reconfigure is not None:
-        reconfigure(errors="surrogateescape")
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     model = _load(args)
     if model.tokenizer is None:
         sys.exit("chat needs a model with a tokenizer.model")
@@ -290,41 +290,33 @@ def cmd_chat(args) -> int:
             return 130
         if line == "/help":
             say(CHAT_HELP)
-            continue
-        if line == "/reset":
+        elif line == "/reset":
             messages = messages[:1] if args.system else []
             say("(conversation cleared)")
-            continue
-        if line == "/stats":
-            if last is None:
-                say("(no reply yet)")
-            else:
-                s = last.stats
-                say(f"prefill: {s.prompt_tokens} tokens in {s.ttft_s * 1e3:.1f} ms "
-                    f"({s.prompt_tokens / max(s.ttft_s, 1e-9):.1f} tokens/s); decode: "
-                    f"{s.generated_tokens} tokens at {s.decode_tokens_per_s:.1f} tokens/s"
-                    + (f"; {speculative.format_stats(s)}" if speculative.format_stats(s) else "")
-                    + (f"; compiling took {s.compile_s:.1f} s" if s.compile_s > 0 else ""))
-            continue
-        if line.startswith("/") and not line.startswith("//"):
+        elif line == "/stats" and last is None:
+            say("(no reply yet)")
+        elif line == "/stats":
+            s = last.stats
+            say(f"prefill: {s.prompt_tokens} tokens in {s.ttft_s * 1e3:.1f} ms "
+                f"({s.prompt_tokens / max(s.ttft_s, 1e-9):.1f} tokens/s); decode: "
+                f"{s.generated_tokens} tokens at {s.decode_tokens_per_s:.1f} tokens/s"
+                + (f"; {speculative.format_stats(s)}" if speculative.format_stats(s) else "")
+                + (f"; compiling took {s.compile_s:.1f} s" if s.compile_s > 0 else ""))
+        elif line.startswith("/") and not line.startswith("//"):
             say(f"unknown command {line.split()[0]!r}; {CHAT_HELP}")
-            continue
-        if line.startswith("//"):
-            line = line[1:]
-        if not line:
-            continue
-        messages.append({"role": "user", "content": line})
-        ids = format_chat(messages, model.tokenizer)
-        room = model.cfg.max_seq_len - len(ids)
-        if room < 1:
-            messages.pop()
-            say(f"(the conversation has {len(ids)} tokens, the model's context is "
-                 f"{model.cfg.max_seq_len}: /reset to start over)")
-            continue
-        out, text = _reply(model, ids, args, min(args.max_new_tokens, room), spec)
-        last = out or last
-        # A stopped reply stays in the conversation as far as it got (perhaps empty).
-        messages.append({"role": "assistant", "content": text})
+        elif line:  # a message; "//..." sends "/..."
+            messages.append({"role": "user", "content": line.removeprefix("/")})
+            ids = format_chat(messages, model.tokenizer)
+            room = model.cfg.max_seq_len - len(ids)
+            if room < 1:
+                messages.pop()
+                say(f"(the conversation has {len(ids)} tokens, the model's context is "
+                    f"{model.cfg.max_seq_len}: /reset to start over)")
+                continue
+            out, text = _reply(model, ids, args, min(args.max_new_tokens, room), spec)
+            last = out or last
+            # A stopped reply stays in the conversation as far as it got (perhaps empty).
+            messages.append({"role": "assistant", "content": text})
 
 
 def cmd_convert(args) -> int:
@@ -417,8 +409,7 @@ def cmd_bench(args) -> int:
           + (f", prefill XLA options {results[0].prefill_compiler_options}"
              if results[0].prefill_compiler_options else ""))
     if args.json:
-        rows = [_finite_or_none(r.__dict__) for r in results]
-        _write_atomic(args.json, json.dumps(rows, indent=2, allow_nan=False))
+        _write_json(args.json, [_finite_or_none(r.__dict__) for r in results])
     if args.plot:
         bench.plot(results, args.plot)
     return 0
@@ -433,6 +424,11 @@ def _finite_or_none(x):
     if isinstance(x, (list, tuple)):
         return [_finite_or_none(v) for v in x]
     return x
+
+
+def _write_json(path: str, obj) -> None:
+    text = json.dumps(obj, indent=2, allow_nan=False)
+    runtime.write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
 def xla_options(items: list[str]) -> dict | None:
@@ -453,17 +449,6 @@ def _xla_value(value: str) -> bool | int | float | str:
         with contextlib.suppress(ValueError):
             return kind(value)
     return value
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -583,7 +568,7 @@ def cmd_bench_engine(args) -> int:
                          plot=args.plot, engine_kwargs=kw)
     print(format_result(r))
     if args.json:
-        _write_atomic(args.json, json.dumps(dataclasses.asdict(r), indent=2, allow_nan=False))
+        _write_json(args.json, dataclasses.asdict(r))
     return 0
 
 

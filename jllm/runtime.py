@@ -5,6 +5,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 
 import jax
 import tqdm
@@ -54,6 +55,18 @@ def compilation_cache(path: str):
         for name, value in before.items():
             jax.config.update(name, value)
         cc.reset_cache()
+
+
+def write_atomic(path: str, write: Callable[[str], None]) -> None:
+    """write(tmp) to a temporary file beside `path`, then rename it to `path`: an interrupted or
+    failed write leaves no half-written file (and no temporary one)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def say(msg: str) -> None:
