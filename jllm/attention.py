@@ -8,6 +8,8 @@ sees keys s <= its position with s < kv_len[b].
 Under a mesh the kernels run per shard in shard_map: XLA cannot partition a custom call and would
 otherwise gather every head onto every device.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -93,7 +95,10 @@ def per_shard(local, plan: Plan, q: jax.Array, kv: tuple, rows: tuple, kv_axes: 
     kv_axes / scale_axes name the logical axes of the kv and scale arrays (a static cache's
     ("batch", "seq", "kv_heads", "head_dim"), a paged pool's (None, None, "kv_heads", "head_dim")).
     With replicated KV heads each shard's query heads all read one KV head, which is sliced out.
+    Without a sharded plan `local` runs once, on the whole arrays.
     """
+    if not plan.sharded:
+        return local(q, *kv, *rows, *scales)
     G = kv[0].shape[kv_axes.index("kv_heads")]
     g_axis, s_axis = kv_axes.index("kv_heads"), scale_axes.index("kv_heads") if scales else 0
     q_spec = plan.spec(("batch", "seq", "heads", "head_dim"))
@@ -119,8 +124,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array, kv_
               v_scale: jax.Array | None = None) -> jax.Array:
     """Attention over a static cache, as the plan says -> [B, T, H, K]."""
     if plan.attn_impl == "pallas":
-        def local(q, k, v, q_offset, kv_len, *scales):
-            return _kernel_attention(q, k, v, q_offset, kv_len, *scales, interpret=plan.interpreted)
+        local = functools.partial(_kernel_attention, interpret=plan.interpreted)
     elif plan.sharded and plan.kv_replicated:
         # KV heads replicated over the model axis: left to itself XLA splits the cache's head axis
         # to match the query heads and gathers the cache back every step; per shard, each device
@@ -129,8 +133,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array, kv_
     else:
         return attention_xla(q, k, v, q_offset, kv_len, k_scale, v_scale)
     scales = () if k_scale is None else (k_scale, v_scale)
-    if not plan.sharded:
-        return local(q, k, v, q_offset, kv_len, *scales)
     return per_shard(local, plan, q, (k, v), (q_offset, kv_len), ("batch", "seq", "kv_heads", "head_dim"),
                      scales, ("batch", "kv_heads", "seq"))
 
@@ -181,12 +183,9 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_
     """Attention over a paged cache, as the plan says -> [B, T, H, K]."""
     scales = () if k_scale_pages is None else (k_scale_pages, v_scale_pages)
     if plan.attn_impl == "pallas":
-        def local(q, kp, vp, tables, q_offset, kv_len, *scales):
-            return _paged_kernel(q, kp, vp, tables, q_offset, kv_len, *scales, interpret=plan.interpreted)
+        local = functools.partial(_paged_kernel, interpret=plan.interpreted)
     else:
         local = _paged_xla
-    if not plan.sharded:
-        return local(q, k_pages, v_pages, block_tables, q_offset, kv_len, *scales)
     # The pool's page axes are not sharded; block tables and lengths follow the batch.
     return per_shard(local, plan, q, (k_pages, v_pages), (block_tables, q_offset, kv_len),
                      (None, None, "kv_heads", "head_dim"), scales, (None, "kv_heads", None))
