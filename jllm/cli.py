@@ -419,10 +419,8 @@ def _finite_or_none(x):
     """JSON for strict parsers: NaN and infinities (no measurement) become null."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
-    if isinstance(x, dict):
+    if isinstance(x, dict):  # a BenchResult's fields, and its prefill_compiler_options
         return {k: _finite_or_none(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite_or_none(v) for v in x]
     return x
 
 
