@@ -212,18 +212,19 @@ def _kernel(x2: jax.Array, group: list, specs: list, plan: Plan, norm=None) -> l
     falls back)."""
     if plan.sharded:
         return None if None in specs else sharded_matmul(x2, group, specs, plan, norm=norm)
-    pairs = [(g.q, g.scale) if isinstance(g, QArray) else (g, None) for g in group]
-    return _launch(x2, pairs, group[0], plan.interpreted, norm)
+    return _launch(x2, group, plan.interpreted, norm)
 
 
-def _launch(x: jax.Array, pairs: list, w0, interpret: bool, norm=None) -> list:
-    """One quant_matmul_multi launch: x [M, K] @ each (q, scale) of pairs (scale None: float
-    weights, the kernel's bits=16 GEMV), all laid out like w0; pairs and x may be one device's
-    parts (per-channel scales then cover its K rows). norm=(weight, eps): RMSNorm of x first."""
+def _launch(x: jax.Array, group: list, interpret: bool, norm=None) -> list:
+    """One quant_matmul_multi launch: x [M, K] @ each weight of group (QArrays of one layout, or
+    float weights: the kernel's bits=16 GEMV); x and the weights may be one device's parts
+    (per-channel scales then cover its K rows). norm=(weight, eps): RMSNorm of x first."""
+    w0 = group[0]
     if isinstance(w0, QArray):
+        pairs = [(w.q, w.scale) for w in group]
         bits, group_size = w0.bits, x.shape[1] if w0.per_channel else w0.group_size
     else:
-        bits, group_size = 16, 0
+        pairs, bits, group_size = [(w, None) for w in group], 16, 0
     kw = {} if norm is None else dict(norm=norm[0], eps=norm[1])
     return list(qmm.quant_matmul_multi(x, pairs, bits=bits, group_size=group_size, interpret=interpret, **kw))
 
@@ -265,40 +266,27 @@ def sharded_matmul(x: jax.Array, ws: Sequence, specs: Sequence[PartitionSpec],
     split_in = in_axis if in_axis is not None and mesh.shape[in_axis] > 1 else None
     if norm is not None and in_axis is not None:
         return None
-    w0 = ws[0]
-    quantized = isinstance(w0, QArray)
-    w_specs = []
+    w_specs = []  # a plain weight splits as its spec says; a QArray's q and scale per qarray_sharding
     for w, spec in zip(ws, specs):
         if spec[0] != in_axis:
             return None
-        if not quantized:  # a plain weight is split as its spec says
-            w_specs.append(spec)
-            continue
-        shardings = qarray_sharding(w, spec, mesh)
-        q_spec = shardings.q.spec
-        if (q_spec[0] if len(q_spec) else None) != split_in:
-            return None
-        w_specs += [q_spec, shardings.scale.spec]
+        if isinstance(w, QArray):
+            spec = jax.tree.map(lambda sharding: sharding.spec, qarray_sharding(w, spec, mesh))
+            if (spec.q[0] if len(spec.q) else None) != split_in:
+                return None
+        w_specs.append(spec)
     row_axis = plan.spec(("batch",))[0]
 
-    def local(x, *parts):  # x [M/dp, K/tp or K]; parts: this device's part of each weight[, norm]
-        local_norm = None
-        if norm is not None:
-            *parts, n = parts
-            local_norm = (n, norm[1])
-        pairs = list(zip(parts[::2], parts[1::2])) if quantized else [(w, None) for w in parts]
-        ys = _launch(x, pairs, w0, plan.interpreted, local_norm)
+    def local(x, ws, norm_w):  # x [M/dp, K/tp or K]; ws: this device's part of each weight
+        ys = _launch(x, ws, plan.interpreted, None if norm is None else (norm_w, norm[1]))
         if in_axis is not None:
             ys = [jax.lax.psum(y.astype(jnp.float32), in_axis).astype(x.dtype) for y in ys]
         return tuple(ys)
 
-    arrays = [a for w in ws for a in ((w.q, w.scale) if quantized else (w,))]
-    if norm is not None:  # replicated: every device normalizes its whole rows
-        arrays.append(norm[0])
-        w_specs.append(PartitionSpec())
-    return list(jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(row_axis, in_axis), *w_specs),
+    # A norm is replicated: every device normalizes its whole rows.
+    return list(jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(row_axis, in_axis), w_specs, PartitionSpec()),
                               out_specs=tuple(PartitionSpec(row_axis, spec[1]) for spec in specs),
-                              check_vma=False)(x, *arrays))
+                              check_vma=False)(x, list(ws), None if norm is None else norm[0]))
 
 
 def _same_layout(ws) -> bool:
