@@ -142,19 +142,26 @@ def _write(buf: jax.Array, new: jax.Array, start: jax.Array, fresh: bool) -> jax
     return buf.at[jnp.arange(B)[:, None], pos].set(new.astype(buf.dtype), mode="drop")
 
 
+def _empty_layers(n_layers: int, shape: tuple, scale_shape: tuple, dtype: jnp.dtype) -> tuple:
+    """k, v: n_layers zero buffers of `shape` each; for int8 also k, v scales: n_layers float32 zero
+    buffers of `scale_shape` each (else None). Separate buffers: a donated cache must not hold one
+    array twice."""
+    def zeros(shape, dtype):
+        return [jnp.zeros(shape, dtype) for _ in range(n_layers)]
+    k, v = zeros(shape, dtype), zeros(shape, dtype)
+    if dtype != jnp.int8:
+        return k, v, None, None
+    return k, v, zeros(scale_shape, jnp.float32), zeros(scale_shape, jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
     """An empty static cache (one jitted call: eager zeros would be one dispatch per buffer).
 
     dtype int8 makes an int8 cache with per-token, per-head scales."""
-    dtype = _check_dtype(dtype)
-    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-    zeros = [jnp.zeros(shape, dtype) for _ in range(2 * cfg.n_layers)]
-    scales = None
-    if dtype == jnp.int8:
-        scales = [jnp.zeros((batch, cfg.n_kv_heads, max_len), jnp.float32) for _ in range(2 * cfg.n_layers)]
-    return KVCache(k=zeros[:cfg.n_layers], v=zeros[cfg.n_layers:], lengths=jnp.zeros((batch,), jnp.int32),
-                   k_scale=scales and scales[:cfg.n_layers], v_scale=scales and scales[cfg.n_layers:])
+    k, v, ks, vs = _empty_layers(cfg.n_layers, (batch, max_len, cfg.n_kv_heads, cfg.head_dim),
+                                 (batch, cfg.n_kv_heads, max_len), _check_dtype(dtype))
+    return KVCache(k=k, v=v, lengths=jnp.zeros((batch,), jnp.int32), k_scale=ks, v_scale=vs)
 
 
 # --- The paged cache ------------------------------------------------------------------------------
@@ -262,15 +269,10 @@ def init_paged_cache(cfg: LlamaConfig, num_pages: int, page_size: int, batch: in
                      dtype=jnp.bfloat16) -> PagedKVCache:
     """An empty paged cache: num_pages pages of page_size tokens per layer, `batch` rows of up to
     max_pages pages each. dtype int8 makes int8 pages with float32 scale pages [P, G, page_size]."""
-    dtype = _check_dtype(dtype)
-    shape = (num_pages, page_size, cfg.n_kv_heads, cfg.head_dim)
-    L = cfg.n_layers
-    pages = [jnp.zeros(shape, dtype) for _ in range(2 * L)]
-    scales = None
-    if dtype == jnp.int8:  # separate buffers: a donated cache must not hold one array twice
-        scales = [jnp.zeros((num_pages, cfg.n_kv_heads, page_size), jnp.float32) for _ in range(2 * L)]
-    return PagedKVCache(k_pages=pages[:L], v_pages=pages[L:], table=init_page_table(num_pages, batch, max_pages),
-                        k_scale_pages=scales and scales[:L], v_scale_pages=scales and scales[L:])
+    k, v, ks, vs = _empty_layers(cfg.n_layers, (num_pages, page_size, cfg.n_kv_heads, cfg.head_dim),
+                                 (num_pages, cfg.n_kv_heads, page_size), _check_dtype(dtype))
+    return PagedKVCache(k_pages=k, v_pages=v, table=init_page_table(num_pages, batch, max_pages),
+                        k_scale_pages=ks, v_scale_pages=vs)
 
 
 def _take_free(free: jax.Array, need: jax.Array) -> tuple[jax.Array, jax.Array]:
