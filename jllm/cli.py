@@ -8,6 +8,7 @@ one reading of the whole command line; the server's own flags are jllm/serve/cli
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -379,9 +380,8 @@ def cmd_bench(args) -> int:
             + (" in shards" if mesh is not None else f" on {jax.devices()[0].device_kind}"))
         params = parallel.random_params(cfg, mesh, jax.random.key(0), args.dtype,
                                         quantize=args.quantize, group_size=args.group_size)
-        runs = [(a, m, kv, p, b) for a in args.attn_impl for m in args.matmul_impl
-                for kv in args.kv_cache for p in args.prompt_len for b in args.batch]
-        for attn_impl, matmul_impl, kv_cache, prompt_len, batch in runs:
+        for attn_impl, matmul_impl, kv_cache, prompt_len, batch in itertools.product(
+                args.attn_impl, args.matmul_impl, args.kv_cache, args.prompt_len, args.batch):
             with parallel.mesh_context(mesh):
                 r = bench.run(cfg, args.config, dtype=args.dtype, batch=batch, prompt_len=prompt_len,
                               new_tokens=args.new_tokens, attn_impl=attn_impl,
