@@ -84,10 +84,9 @@ def make_plan(cfg: LlamaConfig, mesh=None, attn_impl: str | None = None,
               matmul_impl: str | None = None) -> Plan:
     """The plan for `cfg` on `mesh` (None: one device); None impls pick this backend's default."""
     check_impls(attn_impl, matmul_impl)
-    kv_replicated = False
-    if mesh is not None and mesh.size > 1:
-        tp = rules.axis_size(mesh, "heads")
-        kv_replicated = tp > 1 and rules.kv_heads_rule(cfg.n_heads, cfg.n_kv_heads, tp)["kv_heads"] is None
+    if mesh is not None and mesh.size == 1:
+        mesh = None  # one device: nothing to shard
+    tp = 1 if mesh is None else rules.axis_size(mesh, "heads")
     return Plan(attn_impl=attn_impl or default_attn_impl(),
-                matmul_impl=matmul_impl or default_matmul_impl(),
-                mesh=mesh if mesh is not None and mesh.size > 1 else None, kv_replicated=kv_replicated)
+                matmul_impl=matmul_impl or default_matmul_impl(), mesh=mesh,
+                kv_replicated=tp > 1 and rules.kv_heads_rule(cfg.n_heads, cfg.n_kv_heads, tp)["kv_heads"] is None)
