@@ -47,7 +47,8 @@ def _check_dtype(dtype) -> jnp.dtype:
 
 
 class CacheOps:
-    """What every cache answers with its own `write` and `attend`."""
+    """What every cache answers the same way: positions from its lengths, and `write_attend`
+    through its own `write` and `attend`."""
 
     def positions(self, T: int) -> jax.Array:
         return self.lengths[:, None] + jnp.arange(T)                                  # [B, T]
