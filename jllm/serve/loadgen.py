@@ -23,6 +23,8 @@ import string
 import sys
 import time
 
+from jllm.runtime import write_atomic
+
 
 PERCENTILES = (50, 90, 99)
 
@@ -317,21 +319,11 @@ def format_row(s: dict) -> str:
                                               f"; goodput {s['goodput']:.2f} req/s"))
 
 
-def _write_atomic(path: str, write) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_json(report: dict, path: str) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(report, f, indent=2, allow_nan=False)
-    _write_atomic(path, write)
+    write_atomic(path, write)
 
 
 def plot(report: dict, path: str) -> None:
@@ -361,7 +353,7 @@ def plot(report: dict, path: str) -> None:
 
     def write(tmp):
         fig.savefig(tmp, format="png", dpi=110)
-    _write_atomic(path, write)
+    write_atomic(path, write)
     plt.close(fig)
 
 
