@@ -127,9 +127,9 @@ _PREFILL = {quantized: jax.jit(_prefill, static_argnames=("cfg", "plan"), donate
 
 
 def prefill_program(params: Params):
-    """The jitted prefill for these weights (see FLOAT_PREFILL_OPTIONS)."""
-    return _PREFILL[any(isinstance(w, quant.QArray) for w in jax.tree.leaves(
-        params, is_leaf=lambda x: isinstance(x, quant.QArray)))]
+    """The jitted prefill for these weights (see FLOAT_PREFILL_OPTIONS); a model's linear weights
+    are all quantized or none (quant.quantize_flat)."""
+    return _PREFILL[isinstance(params.layers[0].wq, quant.QArray)]
 
 
 class _Prefill:
