@@ -14,8 +14,9 @@ Grid: (N blocks, K splits, M blocks). Each program walks its share of K in tiles
 a tile never straddles a scale group, so grouped scales apply once per tile. With k_splits > 1 the
 programs write float32 partials [S, M, N] that XLA sums (or, with fused_reduce, the last split of
 each output block to arrive sums them in split order); batch-1 GEMV over N = 4096 has too few N
-blocks to fill 132 SMs otherwise. M == 1 uses a register FMA reduction; larger M a
-tensor-core dot with M padded to 16.
+blocks to fill 132 SMs otherwise. M == 1 uses a register FMA reduction (int8/int4 with an
+inline-PTX step per 4 bytes; bf16 read as int32 words of 2 columns, a PTX step per column);
+larger M a tensor-core dot with M padded to 16.
 
 With `norm` the kernel multiplies RMSNorm(x) instead of x: each program sums the squares of its
 rows of x before its loop and normalizes every x tile as it loads it, so the norm before q/k/v and
@@ -53,7 +54,12 @@ class BlockSizes:
     feeds the dot float32 tiles (tf32 is exact for the integer codes and for bf16 x) instead of
     casting them to x's dtype. asm=True runs the M == 1 int8/int4 inner step as inline PTX
     (`_ptx_dequant_fma`): about 3 instructions per weight instead of 7 (interpret mode, which
-    cannot run PTX, uses the jnp formulation of the same arithmetic). Programs number
+    cannot run PTX, uses the jnp formulation of the same arithmetic); and it reads an M == 1 bf16
+    weight (N even) as int32 words of 2 adjacent columns, one PTX step per column
+    (`_ptx_bf16_fma`; `bf16_half` in interpret mode): 3.04 against 2.77 TB/s per 7B layer on an
+    H200, as fast as XLA's GEMV, where loading bf16 tiles cost unpacking and repacking
+    instructions and registers. (int8/int4 read as words measured no faster end to end: their
+    step is not bound by those instructions.) Programs number
     floor(target_programs / N blocks) * N blocks, so a grid never spills into a second, mostly
     empty wave. fused_reduce=True sums the K splits inside the kernel: the last split of each
     output block to finish (counted by an atomic) adds all partials in split order, deterministic
@@ -96,7 +102,7 @@ class BlockSizes:
 
 
 def default_block_sizes(m: int, k: int, n: int, bits: int) -> BlockSizes:
-    """The tiling that measured best on an H100 in our sweeps (docs/perf_quant.md)."""
+    """The tiling that measured best in our sweeps (docs/perf_quant.md, docs/PERFORMANCE.md)."""
     del k, n
     if m == 1 and bits == 4:  # 64 packed rows x 128 columns per tile, 2 tiles in flight
         return BlockSizes(block_n=128, block_k=128, prefetch=2, fold=True)
@@ -218,9 +224,23 @@ def _ptx_int4_folded() -> tuple[str, str]:
     return "{\n" + "\n".join(lines) + "\n}", constraints
 
 
+def bf16_half(w, half: int):
+    """int32 words of 2 bf16 weights -> float32 weights of column `half` of each word (the jnp
+    form of `_ptx_bf16_fma`, for interpret mode)."""
+    return lax.bitcast_convert_type(w << 16 if half == 0 else w & -65536, jnp.float32)
+
+
+def _ptx_bf16_fma(half: int) -> tuple[str, str]:
+    """Inline PTX for half `half` of a word of 2 bf16 weights (2 adjacent columns of one row):
+    acc += x * w. Operands: output 0, 1 the word, 2 x (float32), 3 the old acc. A bf16 is the top
+    half of its float32, so the low half costs a shift and the high one an AND before the FMA."""
+    get = "shl.b32 v, $1, 16;" if half == 0 else "and.b32 v, $1, 0xFFFF0000;"
+    return "{\n.reg .b32 v;\n" + get + "\nfma.rn.f32 $0, $2, v, $3;\n}", "=r,r,r,r"
+
+
 def _quant_matmul_kernel(
     x_ref,  # [M, K]
-    q_ref,  # [Kq, N]: Kq = K // 2 for int4, else K
+    q_ref,  # [Kq, N]: Kq = K // 2 for int4, else K; with words, bf16 pairs as int32 [K, N // 2]
     s_ref,  # [K // G, N], or None for bits=16
     o_ref,  # [M, N] in x's dtype, or [S, M, Nc] float32 partials when split and not fused
     p_ref,  # fused split: [S, M, Nc] float32 partials, else None
@@ -241,6 +261,8 @@ def _quant_matmul_kernel(
     prefetch: int,
     tf32_dot: bool,
     asm: bool,
+    words: bool,
+    ptx: bool,
     fold: bool,
     barrier: bool,
     n_ref=None,  # [K] RMSNorm weight applied to x in the prologue, or None
@@ -254,6 +276,10 @@ def _quant_matmul_kernel(
     """
     m_size, k_size = x_ref.shape
     kq_size, n_size = q_ref.shape
+    # words: a bf16 weight read as int32 words of 2 adjacent columns, each a PTX step of its own
+    per_word = 2 if words else 1  # columns per loaded element
+    wn = block_n // per_word  # weight tile columns
+    n_size = n_size * per_word
     pid, pid_s, pid_m = pids
     pid_n = pid - block0 if block0 else pid  # this weight's N block
     n0 = pl.multiple_of(pid_n * block_n, block_n)
@@ -276,12 +302,14 @@ def _quant_matmul_kernel(
         """Tile t: ([weight tiles], [x tiles], scale row or None), all raw; `valid` masks it off."""
         p0 = pl.multiple_of(t * block_kq, block_kq)
         rows = (p0 + jnp.arange(block_kq)) < kq_size if k_ragged else None  # [bkq]
-        w_mask = and_(n_mask[None, :] if n_ragged else None,
+        w_cols = (n0 // per_word + jnp.arange(wn)) * per_word < n_size if words else n_mask
+        w_mask = and_(w_cols[None, :] if n_ragged else None,
                       None if rows is None else rows[:, None])
         w_mask = and_(w_mask, valid)
-        w = plgpu.load(q_ref.at[pl.ds(p0, block_kq), pl.ds(n0, block_n)],
+        c0 = pl.multiple_of(pid_n * wn, wn) if words else n0  # first weight column (word)
+        w = plgpu.load(q_ref.at[pl.ds(p0, block_kq), pl.ds(c0, wn)],
                        **({} if w_mask is None else dict(mask=w_mask, other=0)),
-                       eviction_policy="evict_first")  # [bkq, bn]
+                       eviction_policy="evict_first")  # [bkq, wn]
         k_offsets = [p0] if bits != 4 else [p0 + (p0 // gq) * gq, p0 + (p0 // gq) * gq + gq]
         xs, nws = [], []
         for k0 in k_offsets:  # int4: the group's first and second half of x
@@ -335,6 +363,15 @@ def _quant_matmul_kernel(
         (w,), xs, nws, scale = tile
         if nws:
             xs = [normed(xk, nw) for xk, nw in zip(xs, nws)]
+        if words:  # one step per column of each word: acc holds one [bkq, wn] tile per column
+            shape = (block_kq, wn)
+            xb = jnp.broadcast_to(xs[0].astype(jnp.float32)[:, None], shape)
+            if not ptx:  # interpret mode: the same arithmetic in jnp, on the same words
+                return tuple(acc[i] + xb * bf16_half(w, i) for i in range(2))
+            return tuple(plgpu.elementwise_inline_asm(
+                _ptx_bf16_fma(i)[0], args=[w, xb, acc[i]], constraints=_ptx_bf16_fma(i)[1],
+                pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])[0]
+                for i in range(2))
         if asm and fold and scale is not None:
             code, constraints = _ptx_int4_folded()
             shape = (block_kq, block_n)
@@ -368,7 +405,8 @@ def _quant_matmul_kernel(
         return acc + t
 
     acc_shape = (block_kq, block_n) if fma else (block_m, block_n)
-    acc = jnp.zeros(acc_shape, jnp.float32)
+    acc = (tuple(jnp.zeros((block_kq, wn), jnp.float32) for _ in range(per_word)) if words
+           else jnp.zeros(acc_shape, jnp.float32))
     if prefetch > 1:
         def body(i, carry):
             acc, tiles = carry
@@ -384,23 +422,38 @@ def _quant_matmul_kernel(
         inv_rms = row_inv_rms() if n_ref is not None else None
         acc = lax.fori_loop(0, t_count, lambda i, acc: compute(acc, load_tile(t_start + i, None)),
                             acc)
-    if fma:
-        acc = acc.sum(axis=0, keepdims=True)  # [1, bn]: the one cross-thread reduction
-    if bits != 16 and not per_group:
-        acc = acc * load_scale(jnp.int32(0)).astype(jnp.float32)[None, :]
-    cols, pcols = pl.ds(n0, block_n), pl.ds(n0 + col if col else n0, block_n)  # output, partials
-    if fma:
-        idx, pidx, val = (m0, cols), (m0, pcols), acc[0]
-        mask = dict(mask=n_mask) if n_ragged else {}
+    # The result as pieces (first column, column stride, value): one [bm, bn] (or [bn] when fma)
+    # block, or with words one [bn / 2] piece per column of a word, at n0 + i + 2 j.
+    if words:
+        vals = [a.sum(axis=0) for a in acc]  # the one cross-thread reduction per piece
+        pieces = ([(n0 + i, per_word, v) for i, v in enumerate(vals)] if ptx  # strided stores
+                  else [(n0, 1, jnp.stack(vals, axis=1).reshape(block_n))])  # interpret mode
     else:
-        idx, pidx, val = (pl.ds(m0, block_m), cols), (pl.ds(m0, block_m), pcols), acc
-        mask = dict(mask=m_mask[:, None] & n_mask[None, :])
+        if fma:
+            acc = acc.sum(axis=0, keepdims=True)  # [1, bn]: the one cross-thread reduction
+        if bits != 16 and not per_group:
+            acc = acc * load_scale(jnp.int32(0)).astype(jnp.float32)[None, :]
+        pieces = [(n0, 1, acc[0] if fma else acc)]
+    stores = []  # (output index, partials index, value, mask)
+    for start, stride, val in pieces:
+        size = block_n // stride
+        cmask = (start + stride * jnp.arange(size)) < n_size  # [size]
+        cols = pl.ds(start, size, stride if stride > 1 else None)
+        pcols = pl.ds(start + col if col else start, size, stride if stride > 1 else None)
+        if fma:
+            stores.append(((m0, cols), (m0, pcols), val, dict(mask=cmask) if n_ragged else {}))
+        else:
+            stores.append(((pl.ds(m0, block_m), cols), (pl.ds(m0, block_m), pcols), val,
+                           dict(mask=m_mask[:, None] & cmask[None, :])))
     if not split:
-        plgpu.store(o_ref.at[idx], val.astype(o_ref.dtype), **mask)
+        for idx, _, val, mask in stores:
+            plgpu.store(o_ref.at[idx], val.astype(o_ref.dtype), **mask)
     elif p_ref is None:  # XLA sums the partials
-        plgpu.store(o_ref.at[(pid_s, *pidx)], val, **mask)
+        for _, pidx, val, mask in stores:
+            plgpu.store(o_ref.at[(pid_s, *pidx)], val, **mask)
     else:
-        plgpu.store(p_ref.at[(pid_s, *pidx)], val, **mask)
+        for _, pidx, val, mask in stores:
+            plgpu.store(p_ref.at[(pid_s, *pidx)], val, **mask)
         if barrier:  # every thread's partial is stored before the count is released
             plgpu.debug_barrier()
         # acquire-release at GPU scope: the last to arrive sees every other split's partial
@@ -408,12 +461,13 @@ def _quant_matmul_kernel(
 
         @pl.when(arrived == num_splits - 1)
         def _():  # the last split of this block: add every split's partial, in split order
-            total = lax.fori_loop(
-                0, num_splits,
-                lambda j, t: t + plgpu.load(p_ref.at[(j, *pidx)], **mask, **(
-                    dict(other=0.0) if mask else {})),
-                jnp.zeros(val.shape, jnp.float32))
-            plgpu.store(o_ref.at[idx], total.astype(o_ref.dtype), **mask)
+            for idx, pidx, val, mask in stores:
+                total = lax.fori_loop(
+                    0, num_splits,
+                    lambda j, t, pidx=pidx, mask=mask: t + plgpu.load(
+                        p_ref.at[(j, *pidx)], **mask, **(dict(other=0.0) if mask else {})),
+                    jnp.zeros(val.shape, jnp.float32))
+                plgpu.store(o_ref.at[idx], total.astype(o_ref.dtype), **mask)
 
 
 def _check_norm(x, norm):
@@ -492,12 +546,19 @@ def _quant_matmul(x, weights, *, bits, group_size, block_sizes, interpret, norm=
     splits = pl.cdiv(n_tiles, tiles_per_split)  # no empty splits
     split = splits > 1
     fused = split and bs.fused_reduce
+    # an M == 1 bf16 weight is read as int32 words of 2 adjacent columns (a bitcast, no copy)
+    words = (bs.asm and fma and bits == 16 and weights[0][0].dtype == jnp.bfloat16
+             and bs.block_n % 2 == 0 and all(n % 2 == 0 for n in ns))
+    if words:
+        weights = [(lax.bitcast_convert_type(q.reshape(kq, q.shape[1] // 2, 2), jnp.int32), s)
+                   for q, s in weights]
     kernel = functools.partial(
         _quant_matmul_kernel, bits=bits, group_size=group_size, block_m=block_m,
         block_n=bs.block_n, block_kq=block_kq, tiles_per_split=tiles_per_split, fma=fma,
         split=split, num_splits=splits, prefetch=bs.prefetch,
         tf32_dot=bs.tf32_dot and bits != 16,
         asm=bs.asm and fma and bits in (4, 8) and not interpret and bs.block_n % 4 == 0,
+        words=words, ptx=not interpret,
         fold=bs.fold and bits == 4, barrier=not interpret, eps=eps)
     per_weight = 1 if bits == 16 else 2  # refs per weight: q, and scale unless bits=16
     normed = norm is not None

@@ -8,12 +8,13 @@ import re
 import numpy as np
 import pytest
 
-from pallas_kernels.quant_matmul import _ptx_dequant_fma, _ptx_int4_folded, fold_operands, pack_int4
+from pallas_kernels.quant_matmul import (_ptx_bf16_fma, _ptx_dequant_fma, _ptx_int4_folded, bf16_half,
+                                         fold_operands, pack_int4)
 
 
-def _run_ptx(code: str, operands: list[np.ndarray]) -> list[np.ndarray]:
-    """Execute `code` elementwise over uint32 operand arrays; returns outputs $0..$3 (uint32)."""
-    regs = {f"${i}": v.astype(np.uint32) for i, v in enumerate(operands, start=4)}
+def _run_ptx(code: str, operands: list[np.ndarray], n_out: int = 4) -> list[np.ndarray]:
+    """Execute `code` elementwise over uint32 operand arrays; returns outputs $0..$(n_out - 1)."""
+    regs = {f"${i}": v.astype(np.uint32) for i, v in enumerate(operands, start=n_out)}
     f32 = lambda a: a.view(np.float32)  # noqa: E731
     u32 = lambda a: np.asarray(a, np.float32).view(np.uint32)  # noqa: E731
 
@@ -46,6 +47,8 @@ def _run_ptx(code: str, operands: list[np.ndarray]) -> list[np.ndarray]:
             r = a[0] & a[1]
         elif op == "shr.u32":
             r = a[0] >> a[1]
+        elif op == "shl.b32":
+            r = a[0] << a[1]
         elif op == "prmt.b32":
             r = prmt(a[0], a[1], int(srcs[2], 16))
         elif op == "sub.f32":
@@ -60,7 +63,7 @@ def _run_ptx(code: str, operands: list[np.ndarray]) -> list[np.ndarray]:
             raise AssertionError(f"opcode {op} has no interpreter rule")
         assert re.fullmatch(r"\$\d+|[a-z]+\d*", d), d
         regs[d] = np.asarray(r, np.uint32)
-    return [regs[f"${i}"] for i in range(4)]
+    return [regs[f"${i}"] for i in range(n_out)]
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -129,3 +132,23 @@ def test_folded_int4_ptx_matches_arithmetic():
     ops_old += [scale[:, i].view(np.uint32) for i in range(4)] + [acc[:, i].view(np.uint32) for i in range(4)]
     out_old = np.stack([o.view(np.float32) for o in _run_ptx(old, ops_old)], axis=1)
     assert (np.abs(out - out_old) <= 2 * bound).all()
+
+
+def test_bf16_word_step_matches_arithmetic():
+    """`_ptx_bf16_fma` and its interpret-mode twin `bf16_half`: a word holds 2 bf16 weights of
+    adjacent columns (column 0 in the low half, as memory orders them); each column's step adds
+    x * weight to that column's acc."""
+    rng = np.random.default_rng(3)
+    n = 256
+    w = rng.normal(size=(n, 2)).astype(np.float32)
+    bits16 = (w.view(np.uint32) >> 16).astype(np.uint32)  # truncated to bf16
+    word = bits16[:, 0] | bits16[:, 1] << 16
+    wb = (bits16 << 16).view(np.float32)  # the bf16 values, as float32
+    x = rng.normal(size=n).astype(np.float32)
+    acc = rng.normal(size=(n, 2)).astype(np.float32)
+    for i in range(2):
+        code, constraints = _ptx_bf16_fma(i)
+        assert constraints == "=r,r,r,r"
+        [out] = _run_ptx(code, [word, x.view(np.uint32), acc[:, i].view(np.uint32)], n_out=1)
+        np.testing.assert_allclose(out.view(np.float32), acc[:, i] + x * wb[:, i], rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(bf16_half(word.view(np.int32), i)), wb[:, i])
