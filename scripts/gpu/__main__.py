@@ -35,6 +35,9 @@ def parser() -> argparse.ArgumentParser:
     parts = {name: sub.add_parser(name, help=help_) for name, (_, _, help_) in PARTS.items()}
     for name in ("decode-attention", "paged-attention", "paged-prefill", "flash-attention"):
         parts[name].add_argument("--tune", action="store_true", help="also sweep some BlockSizes")
+    parts["paged-attention"].add_argument(
+        "--shape", type=int, nargs=2, metavar=("B", "S"),
+        help="only this batch and length (pages of 16; with --tune, a wider sweep)")
     variants = importlib.import_module("scripts.gpu.gemv").VARIANTS
     p = parts["quant-matmul"]
     p.add_argument("--m", type=int, nargs="+", default=[1, 8, 64], help="batch rows")

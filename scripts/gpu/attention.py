@@ -147,13 +147,19 @@ def paged(args) -> None:
         BlockSizes(block_k=64, num_splits=ns, num_warps=4, num_stages=st)
         for ns, st in [(4, 4), (8, 4), (32, 4), (16, 3)]
     ]
-    for page_size in (16, 64):
-        for batch, seq_len, heads, kv_heads, head_dim in SHAPES:
+    shapes, page_sizes = SHAPES, (16, 64)
+    if args.shape:  # one shape, pages of 16 (the engine's), a wider sweep without forced splits
+        shapes, page_sizes = [(*args.shape, 32, 32, 128)], (16,)
+        tuned = {tuple(args.shape)}
+        candidates = [BlockSizes(block_k=bk, num_warps=w, num_stages=st)
+                      for bk in (16, 32, 64, 128) for w in (4, 8) for st in (2, 3, 4)]
+    for page_size in page_sizes:
+        for batch, seq_len, heads, kv_heads, head_dim in shapes:
             q = jax.random.normal(jax.random.key(0), (batch, heads, head_dim), jnp.bfloat16)
             lengths = jnp.full((batch,), seq_len, jnp.int32)
             name = f"page={page_size} B={batch} S={seq_len} H={heads} G={kv_heads}"
             configs = [None] + (candidates if args.tune and (batch, seq_len) in tuned else [])
-            for cache in ("bf16", "int8"):  # each against decode_attention over the same kind of cache
+            for cache in ("bf16",) if args.shape else ("bf16", "int8"):  # each against decode_attention
                 if cache == "bf16":
                     make_pool = functools.partial(scattered_pool, dtype=jnp.bfloat16)
                     kernel, xla = paged_attention, paged_attention_ref
