@@ -1,0 +1,56 @@
+"""scripts.kernel_asm: our Pallas kernels lowered for CUDA on the CPU, compiled for sm_90 with the
+standalone Triton, and the inner loop of the SASS counted."""
+import jax.numpy as jnp
+import pytest
+
+from scripts import kernel_asm
+
+
+def test_triton_modules_are_lowered_without_a_gpu():
+    kernels = kernel_asm.quant_matmul_kernels(8, 1, 256, [128, 64])  # one multi-weight launch
+    assert [k.name for k in kernels] == ["quant_matmul_int8_x2"]
+    [k] = kernels
+    assert (k.num_warps, k.num_stages) == (4, 3)  # the batch-1 default tiling
+    assert "tt.func" in k.ttir and "tt.elementwise_inline_asm" in k.ttir  # the PTX step is in it
+
+
+def test_block_sizes_option_reaches_the_kernel():
+    bs = kernel_asm._block_sizes("block_n=64,num_warps=2,fold=true")
+    assert (bs.block_n, bs.num_warps, bs.fold) == (64, 2, True)
+    [k] = kernel_asm.quant_matmul_kernels(4, 1, 256, [128], bs)
+    assert k.num_warps == 2
+    with pytest.raises(SystemExit, match="'block_x' is not a BlockSizes field"):
+        kernel_asm._block_sizes("block_x=3")
+
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;            /* 0x00000a0000017a02 */
+        /*0010*/                   FFMA R2, R3, R4, R2 ;             /* 0x0000000403027223 */
+        /*0020*/              @P0 BRA 0x10 ;                          /* 0xfffffffc00000947 */
+        /*0030*/                   LDG.E.128 R4, desc[UR6][R2.64] ;   /* 0x0000000602047981 */
+        /*0040*/                   PRMT R5, R4, 0x7610, R5 ;         /* 0x0000761004057816 */
+        /*0050*/                   FFMA R6, R5, R5, R6 ;             /* 0x0000000505067223 */
+        /*0060*/                   FFMA.FTZ R6, R5, R5, R6 ;         /* 0x0000000505067223 */
+        /*0070*/              @!P1 BRA 0x30 ;                         /* 0xfffffffc00000947 */
+        /*0080*/                   EXIT ;                             /* 0x000000000000794d */
+        /*0090*/                   BRA 0x90;                          /* 0xfffffffc00fc7947 */
+"""
+
+
+def test_loop_mix_counts_the_longest_loop():
+    mix = kernel_asm.loop_mix(SASS)  # the loop 0x30..0x70, not 0x10..0x20 nor the final self-branch
+    assert mix == {"LDG": 1, "PRMT": 1, "FFMA": 2, "BRA": 1}
+    assert kernel_asm.loop_mix("no code") == {}
+
+
+def test_compiled_for_sm90_registers_and_loop():
+    """The bf16 batch-1 GEMV reads int32 words and runs one PTX step per column: its loop is FMAs
+    fed by the word's halves (IMAD.U32 or SHF for the low half, LOP3 for the high one)."""
+    [k] = kernel_asm.quant_matmul_kernels(16, 1, 512, [512])
+    info = kernel_asm.compile_sm90(k)
+    assert 0 < info["registers"] <= 255 and info["spill_bytes"] == 0
+    mix = kernel_asm.loop_mix(info["sass"])
+    assert mix["FFMA"] >= 32 and mix["LDG"] >= 1
+    assert mix["LOP3"] >= mix["FFMA"] // 2  # the high halves: one AND each
+    line = kernel_asm.report(k)
+    assert line.startswith("quant_matmul_int16 warps=4 stages=3 registers=") and "FFMA:" in line
