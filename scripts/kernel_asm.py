@@ -5,6 +5,8 @@ loop (the longest backward branch of its SASS).
     pip install triton==3.9.0      # the Triton compiler with ptxas and cuobjdump (in jllm[test])
     python -m scripts.kernel_asm quant-matmul --bits 4 --m 1 --k 4096 --n 22016 \\
         [--n ...] [--block-sizes block_n=512,block_k=32,prefetch=2] [--norm] [--out DIR]
+    python -m scripts.kernel_asm attention --kind flash|decode|paged --batch 1 --seq 2048 \\
+        [--heads 32 --kv-heads 32 --head-dim 128] [--block-sizes block_k=64,num_stages=2] [--out DIR]
 
 jax lowers the kernel for CUDA on the CPU (`lowering_platforms=("cuda",)`), which builds the
 Triton module each pallas_call carries; this script keeps that module's text and compiles it with
@@ -123,8 +125,14 @@ def report(kernel: Kernel, out_dir: str | None = None) -> str:
             f"shared={info['shared_bytes']} | loop {sum(mix.values())} instructions: {ops}")
 
 
-def _block_sizes(text: str | None):
-    from pallas_kernels.quant_matmul import BlockSizes
+def _block_sizes(text: str | None, kind: str = "quant-matmul"):
+    """'field=value,...' -> the BlockSizes of that kernel family (None for no text)."""
+    if kind == "flash":
+        from pallas_kernels.flash_attention import BlockSizes
+    elif kind in ("decode", "paged"):
+        from pallas_kernels.split_k import BlockSizes
+    else:
+        from pallas_kernels.quant_matmul import BlockSizes
 
     if not text:
         return None
@@ -134,7 +142,8 @@ def _block_sizes(text: str | None):
         key, _, value = item.partition("=")
         if key not in fields:
             raise SystemExit(f"--block-sizes: {key!r} is not a BlockSizes field ({', '.join(fields)})")
-        kw[key] = value.lower() == "true" if value.lower() in ("true", "false") else int(value)
+        low = value.lower()
+        kw[key] = low == "true" if low in ("true", "false") else None if low == "none" else int(value)
     return BlockSizes(**kw)
 
 
@@ -156,6 +165,36 @@ def quant_matmul_kernels(bits: int, m: int, k: int, ns: list[int], block_sizes=N
         x, ws, bits=bits, group_size=group, block_sizes=block_sizes, norm=w), x, weights, w)
 
 
+def attention_kernels(kind: str, batch: int, seq: int, heads: int = 32, kv_heads: int = 32,
+                      head_dim: int = 128, block_sizes=None, page_size: int = 16) -> list[Kernel]:
+    """The Triton modules of one bf16 attention call: causal flash prefill of `seq` tokens, decode
+    (with the cache append and RoPE, as the model runs it) over a `seq`-slot cache, or paged
+    decode over `seq` keys per row in pages of `page_size`."""
+    from pallas_kernels.decode_attention import decode_attention_append
+    from pallas_kernels.flash_attention import flash_attention
+    from pallas_kernels.paged_attention import paged_attention
+
+    bf16, i32 = jnp.bfloat16, jnp.int32
+    spec = jax.ShapeDtypeStruct
+    rows = spec((batch,), i32)
+    if kind == "flash":
+        q, kv = spec((batch, seq, heads, head_dim), bf16), spec((batch, seq, kv_heads, head_dim), bf16)
+        return triton_modules(lambda q, k, v, o, n: flash_attention(q, k, v, o, n, block_sizes=block_sizes),
+                              q, kv, kv, rows, rows)
+    q = spec((batch, heads, head_dim), bf16)
+    if kind == "decode":
+        kv, new = spec((batch, seq, kv_heads, head_dim), bf16), spec((batch, kv_heads, head_dim), bf16)
+        freq = spec((head_dim // 2,), jnp.float32)
+        return triton_modules(lambda q, k, v, n, m, kn, vn, f: decode_attention_append(
+            q, k, v, n, m, kn, vn, inv_freq=f, block_sizes=block_sizes), q, kv, kv, rows, rows, new, new, freq)
+    if kind == "paged":
+        pages = -(-seq // page_size)
+        pool = spec((batch * pages, page_size, kv_heads, head_dim), bf16)
+        return triton_modules(lambda q, kp, vp, t, n: paged_attention(q, kp, vp, t, n, block_sizes=block_sizes),
+                              q, pool, pool, spec((batch, pages), i32), rows)
+    raise ValueError(f"kind={kind!r}: expected flash, decode or paged")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m scripts.kernel_asm", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="part", required=True)
@@ -167,9 +206,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-sizes", help="BlockSizes fields, e.g. block_n=512,block_k=16,prefetch=2")
     p.add_argument("--norm", action="store_true", help="with the RMSNorm prologue")
     p.add_argument("--out", help="also write each kernel's .ttir, .ptx and .sass here")
+    a = sub.add_parser("attention", help="one bf16 attention call: flash prefill, decode or paged decode")
+    a.add_argument("--kind", choices=("flash", "decode", "paged"), required=True)
+    a.add_argument("--batch", type=int, default=1)
+    a.add_argument("--seq", type=int, default=2048, help="prompt tokens (flash), cache slots or keys")
+    a.add_argument("--heads", type=int, default=32)
+    a.add_argument("--kv-heads", type=int, default=32)
+    a.add_argument("--head-dim", type=int, default=128)
+    a.add_argument("--block-sizes", help="BlockSizes fields of that kernel, e.g. block_k=64,num_stages=2")
+    a.add_argument("--out", help="also write each kernel's .ttir, .ptx and .sass here")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    for kernel in quant_matmul_kernels(args.bits, args.m, args.k, args.n, _block_sizes(args.block_sizes),
-                                       args.norm):
+    if args.part == "attention":
+        kernels = attention_kernels(args.kind, args.batch, args.seq, args.heads, args.kv_heads,
+                                    args.head_dim, _block_sizes(args.block_sizes, args.kind))
+    else:
+        kernels = quant_matmul_kernels(args.bits, args.m, args.k, args.n, _block_sizes(args.block_sizes),
+                                       args.norm)
+    for kernel in kernels:
         print(report(kernel, args.out), flush=True)
     return 0
 

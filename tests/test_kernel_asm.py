@@ -1,6 +1,5 @@
 """scripts.kernel_asm: our Pallas kernels lowered for CUDA on the CPU, compiled for sm_90 with the
 standalone Triton, and the inner loop of the SASS counted."""
-import jax.numpy as jnp
 import pytest
 
 from scripts import kernel_asm
@@ -54,3 +53,20 @@ def test_compiled_for_sm90_registers_and_loop():
     assert mix["LOP3"] >= mix["FFMA"] // 2  # the high halves: one AND each
     line = kernel_asm.report(k)
     assert line.startswith("quant_matmul_int16 warps=4 stages=3 registers=") and "FFMA:" in line
+
+
+@pytest.mark.parametrize("kind,names", [
+    ("flash", ["jllm_flash_attention"]), ("decode", ["jllm_decode_attention_append"]),
+    ("paged", ["jllm_paged_attention"])])
+def test_attention_kernels_are_lowered(kind, names):
+    kernels = kernel_asm.attention_kernels(kind, 2, 256, heads=8, kv_heads=2, head_dim=64)
+    assert [k.name for k in kernels][:1] == names  # split decode may add its merge kernel after
+
+
+def test_attention_block_sizes_reach_the_kernel():
+    bs = kernel_asm._block_sizes("block_k=32,num_stages=2,num_splits=none", "paged")
+    assert (bs.block_k, bs.num_stages, bs.num_splits) == (32, 2, None)
+    [k, *_] = kernel_asm.attention_kernels("paged", 2, 256, block_sizes=bs)
+    assert k.num_stages == 2
+    with pytest.raises(ValueError, match="kind='prefill'"):
+        kernel_asm.attention_kernels("prefill", 1, 16)
