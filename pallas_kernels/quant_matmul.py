@@ -262,9 +262,8 @@ def _quant_matmul_kernel(
     tf32_dot: bool,
     asm: bool,
     words: bool,
-    ptx: bool,
     fold: bool,
-    barrier: bool,
+    compiled: bool,  # not interpret mode: inline PTX, strided stores, barriers
     n_ref=None,  # [K] RMSNorm weight applied to x in the prologue, or None
     eps: float = 0.0,
 ):
@@ -366,7 +365,7 @@ def _quant_matmul_kernel(
         if words:  # one step per column of each word: acc holds one [bkq, wn] tile per column
             shape = (block_kq, wn)
             xb = jnp.broadcast_to(xs[0].astype(jnp.float32)[:, None], shape)
-            if not ptx:  # interpret mode: the same arithmetic in jnp, on the same words
+            if not compiled:  # interpret mode: the same arithmetic in jnp, on the same words
                 return tuple(acc[i] + xb * bf16_half(w, i) for i in range(2))
             return tuple(plgpu.elementwise_inline_asm(
                 _ptx_bf16_fma(i)[0], args=[w, xb, acc[i]], constraints=_ptx_bf16_fma(i)[1],
@@ -426,7 +425,7 @@ def _quant_matmul_kernel(
     # block, or with words one [bn / 2] piece per column of a word, at n0 + i + 2 j.
     if words:
         vals = [a.sum(axis=0) for a in acc]  # the one cross-thread reduction per piece
-        pieces = ([(n0 + i, per_word, v) for i, v in enumerate(vals)] if ptx  # strided stores
+        pieces = ([(n0 + i, per_word, v) for i, v in enumerate(vals)] if compiled  # strided stores
                   else [(n0, 1, jnp.stack(vals, axis=1).reshape(block_n))])  # interpret mode
     else:
         if fma:
@@ -454,7 +453,7 @@ def _quant_matmul_kernel(
     else:
         for _, pidx, val, mask in stores:
             plgpu.store(p_ref.at[(pid_s, *pidx)], val, **mask)
-        if barrier:  # every thread's partial is stored before the count is released
+        if compiled:  # every thread's partial is stored before the count is released
             plgpu.debug_barrier()
         # acquire-release at GPU scope: the last to arrive sees every other split's partial
         arrived = plgpu.atomic_add(c_ref, (pid * pl.num_programs(2) + pid_m,), jnp.int32(1))
@@ -558,8 +557,7 @@ def _quant_matmul(x, weights, *, bits, group_size, block_sizes, interpret, norm=
         split=split, num_splits=splits, prefetch=bs.prefetch,
         tf32_dot=bs.tf32_dot and bits != 16,
         asm=bs.asm and fma and bits in (4, 8) and not interpret and bs.block_n % 4 == 0,
-        words=words, ptx=not interpret,
-        fold=bs.fold and bits == 4, barrier=not interpret, eps=eps)
+        words=words, fold=bs.fold and bits == 4, compiled=not interpret, eps=eps)
     per_weight = 1 if bits == 16 else 2  # refs per weight: q, and scale unless bits=16
     normed = norm is not None
     args = [x] + ([norm] if normed else []) + [a for w in weights for a in w[:per_weight]]

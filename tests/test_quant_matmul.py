@@ -246,6 +246,8 @@ LARGE_CASES = [
     (3, 1000, (300, 130, 48), 8, 1000, None),
     (1, 4096, (4096, 1000), 8, 4096, BlockSizes(block_n=256, block_k=32, fused_reduce=True)),
     (1, 4096, (11008, 11008), 4, 128, BlockSizes(block_n=128, block_k=128, prefetch=2, fold=True)),
+    # bf16 words with the in-kernel split sum: its strided partial loads and stores
+    (1, 4096, (4096, 1000), 16, 0, BlockSizes(block_n=256, block_k=32, fused_reduce=True)),
 ]
 
 

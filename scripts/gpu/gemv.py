@@ -46,7 +46,8 @@ VARIANTS = {  # name -> BlockSizes (None: the default for the shape)
     "n64k32p3": qmm.BlockSizes(block_n=64, block_k=32, prefetch=3),
     "n128k16p3": qmm.BlockSizes(block_n=128, block_k=16, prefetch=3),
     "n64k64p2w2": qmm.BlockSizes(block_n=64, block_k=64, prefetch=2, num_warps=2),
-    # word loads (the M == 1 PTX step over int32 words): occupancy-sized grids
+    # tilings of the 2026-12-04 third-round sweep (sized for the int8/int4 word-path trial, which
+    # was not kept; they now tile the byte path), with grids sized to programs per SM
     "n512k16p2": qmm.BlockSizes(block_n=512, block_k=16, prefetch=2),
     "n256k32p2t660": qmm.BlockSizes(block_n=256, block_k=32, prefetch=2, target_programs=660),
     "n256k32p3t660": qmm.BlockSizes(block_n=256, block_k=32, prefetch=3, target_programs=660),
