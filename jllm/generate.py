@@ -111,8 +111,9 @@ def bucket(n: int, minimum: int = MIN_BUCKET, buckets: Sequence[int] | None = No
 def _prefill(params: Params, tokens: jax.Array, n_tokens: jax.Array, cache: KVCache,
              sampling: Sampling, key: jax.Array, cfg: LlamaConfig, plan: Plan = Plan(),
              ) -> tuple[jax.Array, KVCache, jax.Array]:
-    h, cache = transformer(params, tokens, cache, cfg, plan, n_tokens=n_tokens, fresh=True)  # [B, T, D]
-    last = h[jnp.arange(tokens.shape[0]), n_tokens - 1]                       # [B, D]
+    h, cache = transformer(params, tokens, cache, cfg, plan, n_tokens=n_tokens, fresh=True,
+                           only=(n_tokens - 1)[:, None])                      # [B, 1, D]
+    last = h[:, 0]                                                            # [B, D]
     key, sub = jax.random.split(key)
     return sample(logits(params, last, plan), sub, sampling), cache, key
 

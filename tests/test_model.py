@@ -123,6 +123,24 @@ def test_prefill_padded_batch_first_logits_match_unpadded(tiny_model):
     assert np.asarray(first).tolist() == np.argmax(np.asarray(padded), -1).tolist()
 
 
+@pytest.mark.parametrize("name", ["gqa", "mqa_tied"])
+def test_only_positions_give_those_hidden_states_and_the_same_cache(name):
+    cfg = CFGS[name]
+    params = init_params(cfg, jax.random.key(3), jnp.float32)
+    tokens = jnp.asarray(_tokens(3, 12, cfg.vocab_size, seed=4))
+    n_tokens = jnp.asarray([12, 5, 9], jnp.int32)
+    only = jnp.asarray([[11, 0], [4, 2], [8, 8]], jnp.int32)
+    full, c_full = transformer(params, tokens, init_cache(cfg, 3, 32, jnp.float32), cfg,
+                               n_tokens=n_tokens, fresh=True)
+    some, c_some = transformer(params, tokens, init_cache(cfg, 3, 32, jnp.float32), cfg,
+                               n_tokens=n_tokens, fresh=True, only=only)
+    assert some.shape == (3, 2, cfg.dim)
+    np.testing.assert_allclose(some, jnp.take_along_axis(full, only[:, :, None], axis=1),
+                               rtol=RTOL, atol=ATOL)
+    for a, b in zip(jax.tree.leaves(c_full), jax.tree.leaves(c_some)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_mixed_length_batch_generates_what_each_prompt_does_alone(tiny_model):
     model = tiny_model
     prompts = [_tokens(1, n, model.cfg.vocab_size, seed=20 + n)[0].tolist() for n in (3, 11, 16)]

@@ -195,11 +195,11 @@ def top_logprobs(lg: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array
     return chosen, ids.astype(jnp.int32), top
 
 
-def verify_rows(params: Params, h: jax.Array, batch: StepBatch, sampled: jax.Array, keys: jax.Array,
+def verify_rows(params: Params, h: jax.Array | None, batch: StepBatch, sampled: jax.Array, keys: jax.Array,
                 nxt: jax.Array, plan: Plan) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
-    """Draft verification of chunk rows, h [N, dim], sampled [S], keys [S, *key_shape] the rows'
-    keys before the step, nxt [S, *key_shape] after it -> sampled and nxt with each verifying
-    row's replaced, and (spec_out [R, k+1], spec_n [R]).
+    """Draft verification of chunk rows, h [R, k+1, dim] (the hidden states at batch.spec_tok;
+    None when k = 0), sampled [S], keys [S, *key_shape] the rows' keys before the step, nxt
+    [S, *key_shape] after it -> sampled and nxt with each verifying row's replaced, and (spec_out [R, k+1], spec_n [R]).
 
     A verifying row samples its positions 0..m with the sub-keys of m + 1 successive splits of
     its key, each as a plain decode step would (greedy rows: the argmax), accepts the longest
@@ -213,7 +213,7 @@ def verify_rows(params: Params, h: jax.Array, batch: StepBatch, sampled: jax.Arr
         return sampled, nxt, (jnp.zeros((R, k1), jnp.int32), jnp.zeros((R,), jnp.int32))
     D = sampled.shape[0] - R
     drafts, m = batch.spec_drafts, batch.spec_m
-    lg = logits(params, h[batch.spec_tok], plan)                                    # [R, k+1, V]
+    lg = logits(params, h, plan)                                                    # [R, k+1, V]
     chain, subs = jax.vmap(_key_chain, in_axes=(0, None))(keys[D:], k1)             # [R, k+1, *ks], [R, k+1]
     per_pos = jax.vmap(functools.partial(_sample_row, greedy=False), in_axes=(0, 0, None, None, None))
     tok = jax.vmap(per_pos)(lg, subs, batch.temperature[D:], batch.top_k[D:], batch.top_p[D:])  # [R, k+1]
@@ -238,13 +238,16 @@ def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: Llama
     D = batch.dec_slot.shape[0]
     tokens = batch.tokens.at[:D].set(state.last_token[jnp.minimum(batch.dec_slot, max_seqs - 1)])  # [N]
     view = StepCache(state.k_pages, state.v_pages, state.k_scale_pages, state.v_scale_pages, batch)
-    h, view = transformer(params, tokens[None], view, cfg, plan)                    # [1, N, D]
-    lg = logits(params, h[0, batch.sample_tok], plan)                               # [S, V]
+    S, (R, k1) = batch.sample_tok.shape[0], batch.spec_tok.shape
+    read = batch.sample_tok if k1 == 1 else jnp.concatenate([batch.sample_tok, batch.spec_tok.reshape(-1)])
+    h, view = transformer(params, tokens[None], view, cfg, plan, only=read[None])  # [1, S (+ R(k+1)), D]
+    lg = logits(params, h[0, :S], plan)                                             # [S, V]
     slot = jnp.minimum(batch.sample_slot, max_seqs - 1)
     s = Sampling(batch.temperature, batch.top_k, batch.top_p, greedy=greedy)
     keys = state.keys[slot]
     sampled, nxt = sample_rows(lg, keys, s)
-    sampled, nxt, spec = verify_rows(params, h[0], batch, sampled, keys, nxt, plan)
+    h_spec = h[0, S:].reshape(R, k1, h.shape[-1]) if k1 > 1 else None               # [R, k+1, D]
+    sampled, nxt, spec = verify_rows(params, h_spec, batch, sampled, keys, nxt, plan)
     if greedy:
         S = sampled.shape[0]
         lp = (jnp.zeros((S,), jnp.float32), jnp.zeros((S, MAX_LOGPROBS), jnp.int32),

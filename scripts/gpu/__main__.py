@@ -26,6 +26,7 @@ PARTS = {
     "speculative": ("speculative_bench", "main", "self-drafted speculative decoding: speed-up and the cost model"),
     "serve": ("serve", "main", "jllm serve on random weights under the load generator, with the engine offline"),
     "engine": ("engine", "main", "the engine against generate on the tiny model, then the offline benchmark"),
+    "stream": ("stream", "main", "read bandwidth of a Pallas kernel by tile shape and weight layout"),
 }
 
 
@@ -72,7 +73,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    own = {"step-profile": "step_profile", "engine": "engine", "speculative": "speculative_bench", "serve": "serve"}  # parts that parse their own options
+    own = {"step-profile": "step_profile", "engine": "engine", "speculative": "speculative_bench", "serve": "serve",
+           "stream": "stream"}  # parts that parse their own options
     if argv[:1] and argv[0] in own:
         return importlib.import_module(f"scripts.gpu.{own[argv[0]]}").main(argv[1:]) or 0
     args = parser().parse_args(argv)
