@@ -454,11 +454,12 @@ def test_benchmark_measures_self_drafts_and_the_cost_model(tmp_path):
     assert run["same_tokens"] and 0 <= run["acceptance"] <= 1 and run["tok_s"] > 0
     assert run["speedup"] == pytest.approx(run["tok_s"] / r["plain_tok_s"])
     a, k = 0.7, 2
-    want = (1 + a + a * a) * r["t_target_ms"] / (r["t_draft_ms"]["int4"][2] + r["t_verify_ms"][2])
+    assert r["t_plain_ms"] == pytest.approx(1e3 / r["plain_tok_s"])  # the speed-up's own baseline
+    want = (1 + a + a * a) * r["t_plain_ms"] / (r["t_draft_ms"]["int4"][2] + r["t_verify_ms"][2])
     assert run["curve"][sb.ACCEPTANCE_GRID.index(a)] == pytest.approx(want)
     assert sb.expected_tokens(1.0, k) == 3 and sb.expected_tokens(0.0, k) == 1
     assert run["predicted_at_tokens"] == pytest.approx(
-        run["tokens_per_step"] * r["t_target_ms"] / (r["t_draft_ms"]["int4"][2] + r["t_verify_ms"][2]))
+        run["tokens_per_step"] * r["t_plain_ms"] / (r["t_draft_ms"]["int4"][2] + r["t_verify_ms"][2]))
     table = sb.format_table(r)
     assert "verify k+1 vs 1-token step: k=2" in table and "int4" in table.splitlines()[-1]
     path = str(tmp_path / "spec.png")

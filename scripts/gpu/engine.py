@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, nargs=2, default=(64, 1024))
     ap.add_argument("--output-len", type=int, nargs=2, default=(64, 512))
     ap.add_argument("--max-seqs", type=int, default=256)
-    ap.add_argument("--budget", type=int, default=512)
+    ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--decode-buckets", type=int, nargs="*")
     ap.add_argument("--chunk-buckets", type=int, nargs="*")

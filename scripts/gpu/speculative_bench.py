@@ -6,12 +6,15 @@ speed-up over plain decode in the same run. The cost model times the jitted step
 target's verify step over k+1 positions against a 1-token decode step, and each draft's k-token
 proposal; it predicts the speed-up at acceptance a as
 
-    tokens per round (1 - a^(k+1)) / (1 - a)  x  t_target / (t_draft(k) + t_verify(k))
+    tokens per round (1 - a^(k+1)) / (1 - a)  x  t_plain / (t_draft(k) + t_verify(k))
 
-where t_draft(k) is the draft's whole proposal of k tokens (k steps) and t_target one plain step.
-The first factor assumes each draft is accepted independently; on random weights agreement comes in
-runs, so each run also gets the time model alone, at its measured tokens per round
-("predicted at tok/step": tokens per round x t_target / (t_draft(k) + t_verify(k))).
+where t_draft(k) is the draft's whole proposal of k tokens (k steps) and t_plain plain decode's
+time per token in the same run (1 / its tokens/s: the measured speed-up's own denominator; plain
+`generate` runs many steps per device call, so it is ~7% below one jitted 1-token step, t_target,
+which the verify step is compared with). The first factor assumes each draft is accepted
+independently; on random weights agreement comes in runs, so each run also gets the time model
+alone, at its measured tokens per round ("predicted at tok/step": tokens per round x t_plain /
+(t_draft(k) + t_verify(k))).
 
     PYTHONPATH=. python3 -m scripts.gpu speculative --config llama-2-7b --plot spec.png --json spec.json
 """
@@ -42,9 +45,10 @@ def expected_tokens(a: float, k: int) -> float:
     return k + 1.0 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
 
 
-def predicted_speedup(a: float, k: int, t_target: float, t_draft_k: float, t_verify: float) -> float:
-    """The cost model's speed-up over plain decode at acceptance a (t_draft_k: all k draft steps)."""
-    return expected_tokens(a, k) * t_target / (t_draft_k + t_verify)
+def predicted_speedup(a: float, k: int, t_plain: float, t_draft_k: float, t_verify: float) -> float:
+    """The cost model's speed-up over plain decode at acceptance a (t_plain: plain decode's time
+    per token; t_draft_k: all k draft steps)."""
+    return expected_tokens(a, k) * t_plain / (t_draft_k + t_verify)
 
 
 def _timed(fn, state, repeats: int) -> tuple[float, object]:
@@ -144,12 +148,13 @@ def measure(model: Model, drafts: dict[str, Model], ks=(2, 4, 6), prompt_len: in
                                              for key, val in result["runs"][-1].items()), flush=True)
     t = step_times(model, drafts, ks, prompt_len, step_repeats)
     result["t_target_ms"] = 1e3 * t["target"]
+    result["t_plain_ms"] = 1e3 / result["plain_tok_s"]
     result["t_verify_ms"] = {k: 1e3 * v for k, v in t["verify"].items()}
     result["t_draft_step_ms"] = {n: 1e3 * v for n, v in t["draft_step"].items()}
     result["t_draft_ms"] = {n: {k: 1e3 * v for k, v in d.items()} for n, d in t["draft"].items()}
     for run in result["runs"]:
         k, name = run["k"], run["draft"]
-        args = (k, t["target"], t["draft"][name][k], t["verify"][k])
+        args = (k, result["t_plain_ms"] / 1e3, t["draft"][name][k], t["verify"][k])
         run["t_draft_ms"], run["t_verify_ms"] = 1e3 * args[2], 1e3 * args[3]
         run["predicted"] = predicted_speedup(run["acceptance"], *args)
         run["predicted_at_tokens"] = run["tokens_per_step"] * args[1] / (args[2] + args[3])
@@ -159,7 +164,8 @@ def measure(model: Model, drafts: dict[str, Model], ks=(2, 4, 6), prompt_len: in
 
 def format_table(result: dict) -> str:
     """The cost model's step times and each run's measured and predicted speed-up."""
-    lines = [f"plain decode {result['plain_tok_s']:.1f} tok/s; target step {result['t_target_ms']:.3f} ms",
+    lines = [f"plain decode {result['plain_tok_s']:.1f} tok/s ({result['t_plain_ms']:.3f} ms per token); "
+             f"one target step {result['t_target_ms']:.3f} ms",
              "verify k+1 vs 1-token step: " + ", ".join(
                  f"k={k} {v:.3f} ms ({v / result['t_target_ms']:.2f}x)" for k, v in result["t_verify_ms"].items()),
              "draft step: " + ", ".join(f"{n} {v:.3f} ms ({v / result['t_target_ms']:.2f}x)"
@@ -186,7 +192,7 @@ def plot(result: dict, path: str) -> None:
     grid = np.linspace(low, 1.0, 60)
     for i, r in enumerate(result["runs"]):
         color = f"C{i % 10}"
-        curve = [predicted_speedup(a, r["k"], result["t_target_ms"], r["t_draft_ms"], r["t_verify_ms"]) for a in grid]
+        curve = [predicted_speedup(a, r["k"], result["t_plain_ms"], r["t_draft_ms"], r["t_verify_ms"]) for a in grid]
         ax.plot(grid, curve, "-", color=color, label=f"{r['draft']} k={r['k']}")
         ax.plot([r["acceptance"]], [r["speedup"]], "o", color=color)
         ax.plot([r["acceptance"]], [r["predicted"]], "x", color=color)
