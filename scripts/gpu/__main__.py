@@ -27,6 +27,7 @@ PARTS = {
     "serve": ("serve", "main", "jllm serve on random weights under the load generator, with the engine offline"),
     "engine": ("engine", "main", "the engine against generate on the tiny model, then the offline benchmark"),
     "stream": ("stream", "main", "read bandwidth of a Pallas kernel by tile shape and weight layout"),
+    "ttft": ("ttft", "main", "one prefill's TTFT on the host: cache, dispatch, wait"),
 }
 
 
@@ -74,7 +75,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     own = {"step-profile": "step_profile", "engine": "engine", "speculative": "speculative_bench", "serve": "serve",
-           "stream": "stream"}  # parts that parse their own options
+           "stream": "stream", "ttft": "ttft"}  # parts that parse their own options
     if argv[:1] and argv[0] in own:
         return importlib.import_module(f"scripts.gpu.{own[argv[0]]}").main(argv[1:]) or 0
     args = parser().parse_args(argv)

@@ -1,0 +1,33 @@
+"""The GPU benchmark parts added for the H200 rounds, run on CPU: what they compute is right."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jllm.config import LlamaConfig
+from scripts.gpu import stream, ttft
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+@pytest.mark.parametrize("prefetch", [2, 3])
+def test_stream_kernel_sums_every_column_in_either_layout(tiled, prefetch):
+    w = jax.random.randint(jax.random.key(0), (256, 512), -1000, 1000, jnp.int32)
+    x = stream.to_tiled(w, 64) if tiled else w
+    out = stream.read_sum(x, tiled=tiled, bk=32, bn=64, splits=2, prefetch=prefetch, warps=4, interpret=True)
+    assert out.shape == (2, 512)
+    np.testing.assert_array_equal(out.sum(axis=0), w.sum(axis=0))
+
+
+def test_to_tiled_keeps_each_column_block_contiguous():
+    w = jnp.arange(8 * 12, dtype=jnp.int32).reshape(8, 12)
+    t = stream.to_tiled(w, 4)
+    assert t.shape == (3, 8, 4)
+    np.testing.assert_array_equal(t[1], w[:, 4:8])
+
+
+def test_ttft_rows_are_timed_and_ordered():
+    rows = ttft.measure(LlamaConfig.from_name("tiny"), prompt_len=16, repeats=2)
+    assert list(rows) == list(ttft.ROWS)
+    assert all(len(v) == 2 and all(t > 0 for t in v) for v in rows.values())
+    for name in ("jit", "compiled"):  # the dispatch is part of the synchronous call
+        assert all(d <= t for d, t in zip(rows[f"dispatch {name}"], rows[f"{name} pre-made cache"]))
