@@ -283,6 +283,35 @@ def test_prompt_chunks_stop_at_a_bucket_rather_than_pad_a_quarter(taken, budget,
     assert sched._chunk_cap(taken, budget, pending=budget) == taken + min(budget, 512 - taken)
 
 
+def test_prompt_chunks_fill_the_budget_beside_the_whole_decode_bucket():
+    """7 decodes are computed as the 8 rows of their bucket: a 32-token budget leaves 24 prompt
+    tokens (a 32-token step, the 24 bucket) rather than 25 padded to 32 (a 40-token step)."""
+    from jllm.engine.api import SamplingParams
+    from jllm.engine.pages import PagePool
+    from jllm.engine.scheduler import Request, Scheduler, default_shapes
+    from jllm.streaming import Row
+    shapes = default_shapes(8, 32, 4, 8)
+    assert shapes.decode_buckets == (2, 8) and shapes.chunk_buckets == (4, 8, 16, 24, 32)
+    assert default_shapes(64, 512, None, 4).chunk_buckets == (128, 256, 512)  # 448: not a row multiple
+    sched = Scheduler(PagePool(256, prefix_caching=False), 4, 8, 64, 32, shapes)
+
+    def request(i, n):
+        prompt = list(range(3 + i, 3 + i + n))
+        return Request(f"r{i}", prompt, SamplingParams(max_tokens=20), Row(i, prompt, None, [], set(), 20), 0.0)
+
+    for i in range(7):
+        sched.add(request(i, 4))
+    first = sched.schedule()
+    assert len(first.chunks) == 7 and all(p.samples for p in first.chunks)
+    for p in first.chunks:  # their first samples are read back: now they decode
+        p.req.tokens.append(1)
+        p.req.pending -= 1
+    sched.add(request(7, 100))
+    step = sched.schedule()
+    assert len(step.decodes) == 7
+    assert [p.n for p in step.chunks] == [24]
+
+
 def test_greedy_decode_steps_take_the_greedy_program(tiny_model, monkeypatch):
     """Pure decode steps of greedy requests without logprobs run the program that traces no sort;
     a sampled request or one asking for logprobs puts its steps back on the full program. The

@@ -135,7 +135,9 @@ class StepShapes:
 def default_shapes(max_seqs: int, budget: int, chunk_row: int | None, max_prompts: int,
                    decode_buckets=None, chunk_buckets=None) -> StepShapes:
     """Decode buckets max_seqs / 4^k (padding decode rows cost little: the step reads the weights
-    once either way); chunk buckets chunk_row * 2^k up to the budget."""
+    once either way); chunk buckets chunk_row * 2^k up to the budget, and the room beside the
+    largest decode bucket (budget - max_seqs, e.g. 768 of 1024 beside 256) when it is a multiple of
+    chunk_row."""
     if decode_buckets is None:
         decode_buckets, d = [], max_seqs
         while True:
@@ -151,6 +153,9 @@ def default_shapes(max_seqs: int, budget: int, chunk_row: int | None, max_prompt
             chunk_buckets.append(c)
             c *= 2
         chunk_buckets.append(budget)
+        room = budget - decode_buckets[-1]  # the chunk room beside a full decode bucket
+        if room > 0 and room % chunk_row == 0 and room not in chunk_buckets:
+            chunk_buckets = sorted(chunk_buckets + [room])
     return StepShapes(tuple(decode_buckets), tuple(chunk_buckets), chunk_row, max_prompts)
 
 
@@ -269,7 +274,12 @@ class Scheduler:
             self.register(req)
             budget -= 1
 
-        chunk_cap = self._chunk_cap(chunk_tokens, budget, self._prompt_tokens())
+        # The step computes every row of its decode bucket, padding included, so the chunks get
+        # what the budget leaves beside the whole bucket: 225 decodes in a 256 bucket and a 1024
+        # budget take 768 prompt tokens (a 1024-token step), not 799 padded to 1024 (1280).
+        pad = StepShapes.pick(max(len(decodes), 1), self.shapes.decode_buckets) - len(decodes)
+        room = max(budget - pad, min(budget, self.shapes.chunk_row))
+        chunk_cap = self._chunk_cap(chunk_tokens, room, self._prompt_tokens())
 
         def add_chunk(req: Request) -> None:
             nonlocal budget, chunk_tokens
