@@ -31,3 +31,21 @@ def test_ttft_rows_are_timed_and_ordered():
     assert all(len(v) == 2 and all(t > 0 for t in v) for v in rows.values())
     for name in ("jit", "compiled"):  # the dispatch is part of the synchronous call
         assert all(d <= t for d, t in zip(rows[f"dispatch {name}"], rows[f"{name} pre-made cache"]))
+
+
+def test_ttft_call_breakdown_splits_each_call_around_its_kernels():
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "Stream #13"}}]
+    calls = [{"ph": "X", "name": ttft.CALL, "pid": 1, "tid": 1, "ts": 0.0, "dur": 10_000.0},
+             {"ph": "X", "name": ttft.CALL, "pid": 1, "tid": 1, "ts": 20_000.0, "dur": 5_000.0}]
+    kernels = [{"ph": "X", "name": n, "pid": 2, "tid": 7, "ts": ts, "dur": dur}
+               for n, ts, dur in [("a", 3_000.0, 2_000.0), ("b", 4_000.0, 2_000.0), ("c", 7_000.0, 1_000.0)]]
+    [first, second] = ttft.call_breakdown(meta + calls + kernels)
+    assert first == pytest.approx(dict(call=10.0, before=3.0, busy=4.0, idle=1.0, after=2.0, kernels=3))
+    assert second == {"call": 5.0}  # no kernel started inside it
+
+
+def test_ttft_trace_finds_every_traced_call(tmp_path):
+    calls = ttft.trace_calls(LlamaConfig.from_name("tiny"), 16, 2, str(tmp_path), device="no such device")
+    assert len(calls) == 2 and all(set(c) == {"call"} and c["call"] > 0 for c in calls)

@@ -1,6 +1,6 @@
 """Where one prefill's TTFT goes on the host: the cache, the dispatch, the wait.
 
-    python -m scripts.gpu ttft [--config llama-2-7b] [--prompt-len 2048] [--repeats 10]
+    python -m scripts.gpu ttft [--config llama-2-7b] [--prompt-len 2048] [--repeats 10] [--trace DIR]
 
 Each row is the median (and min) over `repeats` single, synchronous prefills of one random prompt,
 as `jllm bench` times TTFT:
@@ -11,6 +11,10 @@ as `jllm bench` times TTFT:
 - "dispatch ...": until the call returns, before waiting for its result.
 Set XLA_FLAGS (e.g. --xla_gpu_enable_command_buffer=) to compare XLA's launch settings. The
 kernels' own time is `python -m scripts.gpu step-profile --prefill`.
+
+--trace DIR then traces `repeats` more single prefills (jax.profiler, cache made before each) and
+splits each call: from the call to its first kernel, the kernels' span (busy and idle), and from
+the last kernel to the call's return.
 """
 import argparse
 import statistics
@@ -27,6 +31,9 @@ from jllm.generate import bucket, prefill
 from jllm.kvcache import init_cache
 from jllm.sampling import Sampling
 from scripts.gpu.common import header
+from scripts.gpu.step_profile import device_kernels, read_trace
+
+CALL = "ttft call"  # the host annotation around each traced prefill
 
 ROWS = ("cache", "jit all", "compiled all", "jit pre-made cache", "compiled pre-made cache",
         "dispatch jit", "dispatch compiled")
@@ -68,14 +75,62 @@ def measure(cfg: LlamaConfig, prompt_len: int, repeats: int) -> dict[str, list[f
     return rows
 
 
+def call_breakdown(events: list[dict], device: str = "GPU") -> list[dict[str, float]]:
+    """Per host annotation CALL in a perfetto trace: ms from its start to its first device kernel
+    ("before"), of kernels busy and idle between them, and from the last kernel's end to its end
+    ("after"), over the kernels that start inside it (none: only "call")."""
+    kernels = sorted(device_kernels(events, device), key=lambda k: k[1])
+    rows = []
+    for e in sorted((e for e in events if e.get("ph") == "X" and e.get("name") == CALL), key=lambda e: e["ts"]):
+        t0, t1 = float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))
+        inside = [(s, s + d) for _, s, d in kernels if t0 <= s <= t1]
+        row = {"call": (t1 - t0) / 1e3}
+        if inside:
+            busy, end = 0.0, inside[0][0]
+            for s, e_ in inside:  # union of the kernel intervals
+                busy += max(0.0, e_ - max(s, end))
+                end = max(end, e_)
+            span = end - inside[0][0]
+            row.update(before=(inside[0][0] - t0) / 1e3, busy=busy / 1e3, idle=(span - busy) / 1e3,
+                       after=(t1 - end) / 1e3, kernels=len(inside))
+        rows.append(row)
+    return rows
+
+
+def trace_calls(cfg: LlamaConfig, prompt_len: int, repeats: int, trace_dir: str, device: str = "GPU"):
+    """`repeats` traced single prefills -> call_breakdown of each."""
+    params = parallel.random_params(cfg, None, jax.random.key(0), jnp.bfloat16)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (1, prompt_len)), jnp.int32)
+    n = jnp.full((1,), prompt_len, jnp.int32)
+    sampling, key = Sampling.make(1), jax.random.key(0)
+    kw = dict(cfg=cfg, plan=_plan.make_plan(cfg, None, _plan.default_attn_impl(), _plan.default_matmul_impl()))
+    S = bucket(prompt_len + 16)
+    jax.block_until_ready(prefill(params, tokens, n, init_cache(cfg, 1, S, jnp.bfloat16), sampling, key, **kw))
+    caches = [jax.block_until_ready(init_cache(cfg, 1, S, jnp.bfloat16)) for _ in range(repeats)]
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for c in caches:
+            time.sleep(0.05)  # the GPU idles between calls, as between a user's requests
+            with jax.profiler.TraceAnnotation(CALL):
+                jax.block_until_ready(prefill(params, tokens, n, c, sampling, key, **kw))
+    return call_breakdown(read_trace(trace_dir), device)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m scripts.gpu ttft", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="llama-2-7b")
     ap.add_argument("--prompt-len", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--trace", default=None, metavar="DIR", help="also trace single prefills into DIR")
+    ap.add_argument("--device", default="GPU", help="process-name filter of the device streams in the trace")
     args = ap.parse_args(argv)
     header()
-    rows = measure(LlamaConfig.from_name(args.config), args.prompt_len, args.repeats)
+    cfg = LlamaConfig.from_name(args.config)
+    rows = measure(cfg, args.prompt_len, args.repeats)
     for name, v in rows.items():
         print(f"ttft {name:24s} median {statistics.median(v) * 1e3:7.2f} ms  min {min(v) * 1e3:7.2f}")
+    if args.trace:
+        calls = trace_calls(cfg, args.prompt_len, args.repeats, args.trace, args.device)
+        for i, c in enumerate(calls):
+            print(f"ttft traced call {i}: " + ", ".join(
+                f"{k} {v:.2f} ms" if k != "kernels" else f"{v} kernels" for k, v in c.items()))
