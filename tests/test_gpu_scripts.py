@@ -26,7 +26,7 @@ def test_to_tiled_keeps_each_column_block_contiguous():
 
 
 def test_ttft_rows_are_timed_and_ordered():
-    rows = ttft.measure(LlamaConfig.from_name("tiny"), prompt_len=16, repeats=2)
+    rows = ttft.measure(ttft.Setup(LlamaConfig.from_name("tiny"), 16), repeats=2)
     assert list(rows) == list(ttft.ROWS)
     assert all(len(v) == 2 and all(t > 0 for t in v) for v in rows.values())
     for name in ("jit", "compiled"):  # the dispatch is part of the synchronous call
@@ -47,5 +47,6 @@ def test_ttft_call_breakdown_splits_each_call_around_its_kernels():
 
 
 def test_ttft_trace_finds_every_traced_call(tmp_path):
-    calls = ttft.trace_calls(LlamaConfig.from_name("tiny"), 16, 2, str(tmp_path), device="no such device")
+    calls = ttft.trace_calls(ttft.Setup(LlamaConfig.from_name("tiny"), 16), 2, str(tmp_path),
+                             device="no such device")
     assert len(calls) == 2 and all(set(c) == {"call"} and c["call"] > 0 for c in calls)

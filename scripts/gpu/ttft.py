@@ -17,6 +17,7 @@ splits each call: from the call to its first kernel, the kernels' span (busy and
 the last kernel to the call's return.
 """
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -39,21 +40,40 @@ ROWS = ("cache", "jit all", "compiled all", "jit pre-made cache", "compiled pre-
         "dispatch jit", "dispatch compiled")
 
 
-def measure(cfg: LlamaConfig, prompt_len: int, repeats: int) -> dict[str, list[float]]:
+@dataclasses.dataclass
+class Setup:
+    """A random-weight model's prefill of one random prompt: its arguments, and a fresh cache."""
+    cfg: LlamaConfig
+    prompt_len: int
+
+    def __post_init__(self):
+        cfg, T = self.cfg, self.prompt_len
+        self.params = parallel.random_params(cfg, None, jax.random.key(0), jnp.bfloat16)
+        self.args = (jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (1, T)), jnp.int32),
+                     jnp.full((1,), T, jnp.int32))
+        self.sampling, self.key = Sampling.make(1), jax.random.key(0)
+        self.kw = dict(cfg=cfg, plan=_plan.make_plan(cfg, None, _plan.default_attn_impl(),
+                                                     _plan.default_matmul_impl()))
+
+    def new_cache(self):
+        return init_cache(self.cfg, 1, bucket(self.prompt_len + 16), jnp.bfloat16)
+
+    def __call__(self, cache, fn=None):
+        """The prefill into `cache`, through the jitted function or the compiled `fn`."""
+        if fn is None:
+            return prefill(self.params, *self.args, cache, self.sampling, self.key, **self.kw)
+        return fn(self.params, *self.args, cache, self.sampling, self.key)
+
+    def compiled(self):
+        return prefill.lower(self.params, *self.args, self.new_cache(), self.sampling, self.key,
+                             **self.kw).compile()
+
+
+def measure(setup: Setup, repeats: int) -> dict[str, list[float]]:
     """Seconds per row of ROWS, `repeats` samples each (module docstring)."""
-    params = parallel.random_params(cfg, None, jax.random.key(0), jnp.bfloat16)
-    tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (1, prompt_len)), jnp.int32)
-    n = jnp.full((1,), prompt_len, jnp.int32)
-    sampling, key = Sampling.make(1), jax.random.key(0)
-    kw = dict(cfg=cfg, plan=_plan.make_plan(cfg, None, _plan.default_attn_impl(), _plan.default_matmul_impl()))
-    S = bucket(prompt_len + 16)
-
-    def new():
-        return init_cache(cfg, 1, S, jnp.bfloat16)
-
-    compiled = prefill.lower(params, tokens, n, new(), sampling, key, **kw).compile()
-    calls = {"jit": lambda c: prefill(params, tokens, n, c, sampling, key, **kw),
-             "compiled": lambda c: compiled(params, tokens, n, c, sampling, key)}
+    new = setup.new_cache
+    compiled = setup.compiled()
+    calls = {"jit": setup, "compiled": lambda c: setup(c, compiled)}
     for call in calls.values():
         jax.block_until_ready(call(new()))
     rows = {name: [] for name in ROWS}
@@ -97,21 +117,15 @@ def call_breakdown(events: list[dict], device: str = "GPU") -> list[dict[str, fl
     return rows
 
 
-def trace_calls(cfg: LlamaConfig, prompt_len: int, repeats: int, trace_dir: str, device: str = "GPU"):
+def trace_calls(setup: Setup, repeats: int, trace_dir: str, device: str = "GPU") -> list[dict[str, float]]:
     """`repeats` traced single prefills -> call_breakdown of each."""
-    params = parallel.random_params(cfg, None, jax.random.key(0), jnp.bfloat16)
-    tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (1, prompt_len)), jnp.int32)
-    n = jnp.full((1,), prompt_len, jnp.int32)
-    sampling, key = Sampling.make(1), jax.random.key(0)
-    kw = dict(cfg=cfg, plan=_plan.make_plan(cfg, None, _plan.default_attn_impl(), _plan.default_matmul_impl()))
-    S = bucket(prompt_len + 16)
-    jax.block_until_ready(prefill(params, tokens, n, init_cache(cfg, 1, S, jnp.bfloat16), sampling, key, **kw))
-    caches = [jax.block_until_ready(init_cache(cfg, 1, S, jnp.bfloat16)) for _ in range(repeats)]
+    jax.block_until_ready(setup(setup.new_cache()))
+    caches = [jax.block_until_ready(setup.new_cache()) for _ in range(repeats)]
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for c in caches:
             time.sleep(0.05)  # the GPU idles between calls, as between a user's requests
             with jax.profiler.TraceAnnotation(CALL):
-                jax.block_until_ready(prefill(params, tokens, n, c, sampling, key, **kw))
+                jax.block_until_ready(setup(c))
     return call_breakdown(read_trace(trace_dir), device)
 
 
@@ -125,12 +139,12 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="GPU", help="process-name filter of the device streams in the trace")
     args = ap.parse_args(argv)
     header()
-    cfg = LlamaConfig.from_name(args.config)
-    rows = measure(cfg, args.prompt_len, args.repeats)
+    setup = Setup(LlamaConfig.from_name(args.config), args.prompt_len)
+    rows = measure(setup, args.repeats)
     for name, v in rows.items():
         print(f"ttft {name:24s} median {statistics.median(v) * 1e3:7.2f} ms  min {min(v) * 1e3:7.2f}")
     if args.trace:
-        calls = trace_calls(cfg, args.prompt_len, args.repeats, args.trace, args.device)
+        calls = trace_calls(setup, args.repeats, args.trace, args.device)
         for i, c in enumerate(calls):
             print(f"ttft traced call {i}: " + ", ".join(
                 f"{k} {v:.2f} ms" if k != "kernels" else f"{v} kernels" for k, v in c.items()))
