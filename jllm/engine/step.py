@@ -199,7 +199,8 @@ def verify_rows(params: Params, h: jax.Array | None, batch: StepBatch, sampled: 
                 nxt: jax.Array, plan: Plan) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
     """Draft verification of chunk rows, h [R, k+1, dim] (the hidden states at batch.spec_tok;
     None when k = 0), sampled [S], keys [S, *key_shape] the rows' keys before the step, nxt
-    [S, *key_shape] after it -> sampled and nxt with each verifying row's replaced, and (spec_out [R, k+1], spec_n [R]).
+    [S, *key_shape] after it -> sampled and nxt with each verifying row's replaced, and
+    (spec_out [R, k+1], spec_n [R]).
 
     A verifying row samples its positions 0..m with the sub-keys of m + 1 successive splits of
     its key, each as a plain decode step would (greedy rows: the argmax), accepts the longest
