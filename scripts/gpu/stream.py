@@ -25,7 +25,7 @@ from pallas_kernels import _triton
 from scripts.gpu.common import header
 from scripts.gpu.timing import loop_us
 
-# (layout, words per run bn, rows per tile bk, tiles in flight, warps, programs per N block or None)
+# (layout, words per run bn, rows per tile bk, tiles in flight, warps, K splits or None: from --programs)
 CASES = [
     ("rows", 32, 64, 2, 4, None), ("rows", 64, 32, 2, 4, None), ("rows", 128, 16, 2, 4, None),
     ("rows", 256, 8, 2, 4, None), ("rows", 64, 64, 2, 4, None), ("rows", 64, 32, 3, 4, None),
