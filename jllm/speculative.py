@@ -43,7 +43,7 @@ from jllm.generate import Completion, Delta, Model, Stats, _check_args, bucket, 
 from jllm.streaming import Row
 from jllm.kvcache import KVCache, init_cache
 from jllm.model import Params, from_flat, logits, to_flat, transformer
-from jllm.plan import Plan
+from jllm.plan import XLA_OPTIONS, Plan
 from jllm.sampling import Sampling, _filtered_logits  # the exact filtering `sample` applies
 
 Rule = Callable[..., tuple[jax.Array, jax.Array]]
@@ -90,7 +90,8 @@ def _probs(lg: jax.Array, s: Sampling) -> jax.Array:
     return jax.nn.softmax(_filtered_logits(lg.reshape(B * T, V), rep), axis=-1).reshape(B, T, V)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "plan", "rule"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "plan", "rule"), donate_argnames=("cache",),
+                   compiler_options=XLA_OPTIONS)
 def verify(params: Params, last: jax.Array, drafts: jax.Array, m: jax.Array, q: jax.Array | None,
            active: jax.Array, cache: KVCache, sampling: Sampling, key: jax.Array, cfg: LlamaConfig,
            plan: Plan = Plan(), rule: Rule = rejection,

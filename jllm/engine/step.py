@@ -36,7 +36,7 @@ from jllm import attention as attn
 from jllm.config import LlamaConfig
 from jllm.kvcache import CacheOps, LayerKV, init_paged_cache
 from jllm.model import Params, logits, transformer
-from jllm.plan import Plan
+from jllm.plan import XLA_OPTIONS, Plan
 from jllm.sampling import Sampling, sample
 from jllm.speculative import _greedy_accept
 from pallas_kernels.kv_quant import quantize_kv
@@ -228,7 +228,8 @@ def verify_rows(params: Params, h: jax.Array | None, batch: StepBatch, sampled: 
     return sampled, nxt, (out, n)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "plan", "greedy"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("cfg", "plan", "greedy"), donate_argnames=("state",),
+                   compiler_options=XLA_OPTIONS)
 def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: LlamaConfig,
                 plan: Plan, greedy: bool = False) -> tuple[EngineState, StepOutput]:
     """One engine step (module docstring) -> the new state and a token per sample row.
