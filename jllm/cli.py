@@ -19,7 +19,7 @@ import tempfile
 import jax
 
 import jllm
-from jllm import bench, hf, parallel, quant, runtime, speculative
+from jllm import argtypes, bench, hf, parallel, quant, runtime, speculative
 from jllm.argtypes import non_negative_float, non_negative_int, positive_float, positive_int, probability
 from jllm.config import CONFIGS, LlamaConfig
 from jllm.generate import Model
@@ -541,6 +541,7 @@ def _add_engine_bench(p: argparse.ArgumentParser) -> None:
                         "with 256 decodes; the Engine and jllm serve default to 512 for latency)")
     p.add_argument("--page-size", type=positive_int, default=16)
     p.add_argument("--num-pages", type=positive_int, default=None)
+    p.add_argument("--device-memory-fraction", type=probability, default=0.9, help=argtypes.DEVICE_MEMORY_HELP)
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the same requests through generate in static batches of 64")
     p.add_argument("--seed", type=int, default=0)
@@ -549,7 +550,7 @@ def _add_engine_bench(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench_engine(args) -> int:
-
+    runtime.set_device_memory_fraction(args.device_memory_fraction)  # before the first device use
     from jllm.engine.bench import format_result, run_engine_bench
     cfg = LlamaConfig.from_name(args.config)
     if args.prompt_len[0] > args.prompt_len[1] or args.output_len[0] > args.output_len[1]:

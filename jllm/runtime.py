@@ -57,6 +57,31 @@ def compilation_cache(path: str):
         cc.reset_cache()
 
 
+MEM_FRACTION_VARS = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+
+
+def set_device_memory_fraction(fraction: float) -> bool:
+    """Let JAX's GPU allocator take `fraction` of each GPU (JAX's own default is 0.75), for a process
+    that sizes its KV pages from what is left after the weights (the engine). Only before the first
+    device use, and the environment wins (XLA_CLIENT_MEM_FRACTION, or the older
+    XLA_PYTHON_CLIENT_MEM_FRACTION, which this sets: jax 0.10 and 0.11 read both). Returns whether it
+    took effect."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"device memory fraction {fraction!r}; expected a number in (0, 1]")
+    if any(os.environ.get(v) for v in MEM_FRACTION_VARS) or _backends_initialized():
+        return False
+    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{fraction:g}"
+    return True
+
+
+def _backends_initialized() -> bool:
+    try:
+        from jax._src import xla_bridge
+        return xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):  # no such helper: assume the worst, change nothing
+        return True
+
+
 def write_atomic(path: str, write: Callable[[str], None]) -> None:
     """write(tmp) to a temporary file beside `path`, then rename it to `path`: an interrupted or
     failed write leaves no half-written file (and no temporary one)."""

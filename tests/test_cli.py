@@ -3,7 +3,9 @@ import io
 import json
 import os
 import re
+import subprocess
 import sys
+import textwrap
 
 import jax.numpy as jnp
 import pytest
@@ -190,6 +192,36 @@ def test_bench_engine_runs_the_offline_benchmark_and_writes_json(tmp_path, capsy
     assert r["n_requests"] == 6 and r["output_tokens"] == sum(r["output_lens"])
     assert r["baseline_output_tokens_per_s"] > 0 and r["speedup"] > 0
     assert "engine / generate" in capsys.readouterr().out
+
+
+def test_device_memory_fraction_is_set_before_the_first_device_use_and_the_environment_wins():
+    """`jllm serve` / `jllm bench engine` let JAX take --device-memory-fraction of the GPU: the
+    allocator reads it when the backend starts, so it is set only before that, and never over a
+    value the user exported."""
+    from jllm import runtime
+    for bad in (0, 1.5, True, "0.9"):
+        with pytest.raises(ValueError, match="device memory fraction"):
+            runtime.set_device_memory_fraction(bad)
+    assert not runtime.set_device_memory_fraction(0.8)  # this process's backend already started
+    fresh = textwrap.dedent("""
+        import os, jax
+        from jllm import runtime
+        assert runtime.set_device_memory_fraction(0.9)
+        assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.9"
+        del os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"]
+        jax.devices()
+        assert not runtime.set_device_memory_fraction(0.8)
+        assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ
+    """)
+    exported = textwrap.dedent("""
+        import os
+        from jllm import runtime
+        assert not runtime.set_device_memory_fraction(0.9)
+        assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in runtime.MEM_FRACTION_VARS}
+    subprocess.run([sys.executable, "-c", fresh], env=env, check=True)
+    subprocess.run([sys.executable, "-c", exported], env={**env, "XLA_CLIENT_MEM_FRACTION": "0.5"}, check=True)
 
 
 def test_serve_and_bench_serve_are_jllm_subcommands(capsys):

@@ -39,8 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel devices")
     g = p.add_argument_group("engine")
     g.add_argument("--max-seqs", type=_positive_int, default=64, help="decode slots (default 64)")
+    g.add_argument("--device-memory-fraction", type=_fraction, default=0.9, help=argtypes.DEVICE_MEMORY_HELP)
     g.add_argument("--memory-fraction", type=_fraction, default=0.9,
-                   help="of free device memory for KV pages, when --num-pages is not given")
+                   help="of the device memory JAX holds free after the weights, for KV pages, when "
+                        "--num-pages is not given")
     g.add_argument("--num-pages", type=_positive_int, default=None, help="KV cache pages")
     g.add_argument("--max-queue", type=_positive_int, default=None,
                    help="waiting requests beyond this get 429 (default: no limit)")
@@ -89,6 +91,8 @@ def run(args) -> int:
     sock = bind(args.host, args.port)   # before the load: a busy port fails in a second
     try:
         import jllm
+        from jllm import runtime
+        runtime.set_device_memory_fraction(args.device_memory_fraction)
         from jllm.engine import Engine
         from jllm.serve.app import create_app
         from jllm.serve.runner import EngineRunner
