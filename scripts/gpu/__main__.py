@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
     parts["paged-attention"].add_argument(
         "--shape", type=int, nargs=2, metavar=("B", "S"),
         help="only this batch and length (pages of 16; with --tune, a wider sweep)")
+    parts["paged-attention"].add_argument("--cache", nargs="+", choices=["bf16", "int8"], default=["bf16", "int8"],
+                                          help="page types (default both)")
     variants = importlib.import_module("scripts.gpu.gemv").VARIANTS
     p = parts["quant-matmul"]
     p.add_argument("--m", type=int, nargs="+", default=[1, 8, 64], help="batch rows")

@@ -159,7 +159,7 @@ def paged(args) -> None:
             lengths = jnp.full((batch,), seq_len, jnp.int32)
             name = f"page={page_size} B={batch} S={seq_len} H={heads} G={kv_heads}"
             configs = [None] + (candidates if args.tune and (batch, seq_len) in tuned else [])
-            for cache in ("bf16",) if args.shape else ("bf16", "int8"):  # each against decode_attention
+            for cache in args.cache:  # each against decode_attention
                 if cache == "bf16":
                     make_pool = functools.partial(scattered_pool, dtype=jnp.bfloat16)
                     kernel, xla = paged_attention, paged_attention_ref

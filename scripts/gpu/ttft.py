@@ -8,7 +8,9 @@ as `jllm bench` times TTFT:
 - "jit all" / "compiled all": cache creation plus the prefill, through the jitted function
   (`jllm.generate.prefill`) or its AOT-compiled executable (what `jllm bench` calls);
 - "... pre-made cache": the prefill alone, its cache made and waited for before the clock starts;
-- "dispatch ...": until the call returns, before waiting for its result.
+- "dispatch ...": until the call returns, before waiting for its result;
+- "jit after idle": as "jit pre-made cache", after the GPU idled IDLE_S (a lone request reaching an
+  idle server; the rows above run their calls back to back, as `jllm bench` does).
 Set XLA_FLAGS (e.g. --xla_gpu_enable_command_buffer=) to compare XLA's launch settings. The
 kernels' own time is `python -m scripts.gpu step-profile --prefill`.
 
@@ -37,7 +39,8 @@ from scripts.gpu.step_profile import device_kernels, read_trace
 CALL = "ttft call"  # the host annotation around each traced prefill
 
 ROWS = ("cache", "jit all", "compiled all", "jit pre-made cache", "compiled pre-made cache",
-        "dispatch jit", "dispatch compiled")
+        "dispatch jit", "dispatch compiled", "jit after idle")
+IDLE_S = 0.05  # the GPU's rest before an "after idle" call and before each traced call
 
 
 @dataclasses.dataclass
@@ -92,6 +95,11 @@ def measure(setup: Setup, repeats: int) -> dict[str, list[float]]:
             jax.block_until_ready(out)
             rows[f"{name} pre-made cache"].append(time.perf_counter() - t)
             del out
+        c = jax.block_until_ready(new())
+        time.sleep(IDLE_S)
+        t = time.perf_counter()
+        jax.block_until_ready(setup(c))
+        rows["jit after idle"].append(time.perf_counter() - t)
     return rows
 
 
@@ -123,7 +131,7 @@ def trace_calls(setup: Setup, repeats: int, trace_dir: str, device: str = "GPU")
     caches = [jax.block_until_ready(setup.new_cache()) for _ in range(repeats)]
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for c in caches:
-            time.sleep(0.05)  # the GPU idles between calls, as between a user's requests
+            time.sleep(IDLE_S)  # the GPU idles between calls, as between a user's requests
             with jax.profiler.TraceAnnotation(CALL):
                 jax.block_until_ready(setup(c))
     return call_breakdown(read_trace(trace_dir), device)
