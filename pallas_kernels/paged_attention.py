@@ -269,18 +269,21 @@ def paged_attention(
     out = _paged_call(
         q[:, None], k_pages, v_pages, block_tables.astype(jnp.int32), lengths, lengths - 1,
         jnp.ones_like(lengths), k_scale_pages, v_scale_pages,
-        block_sizes or decode_block_sizes(q.shape[0] * k_pages.shape[2]), interpret,
+        block_sizes or decode_block_sizes(q.shape[0] * k_pages.shape[2], k_scale_pages is not None), interpret,
     )
     return out[:, 0]
 
 
-def decode_block_sizes(programs: int) -> BlockSizes:
+def decode_block_sizes(programs: int, quantized: bool = False) -> BlockSizes:
     """The default tiling of `paged_attention` over `programs` (row, KV head) pairs. With at least
     two per SM there are no length splits, and 2 pipeline stages beat 4: 550.5 against 568.4 us
     for 256 rows of 544 keys (7B, pages of 16) on an H200, an engine decode step of 25.13 against
-    25.61 ms (docs/PERFORMANCE.md)."""
+    25.61 ms. int8 pages (quantized) then take 128 keys per step: 496.1 against 525.1 us, the
+    fastest of 24 tilings (docs/PERFORMANCE.md, 2026-12-04, fifth round)."""
     many = programs >= 2 * getattr(jax.devices()[0], "core_count", 132)
-    return BlockSizes(num_stages=2) if many else BlockSizes()
+    if not many:
+        return BlockSizes()
+    return BlockSizes(block_k=128, num_stages=2) if quantized else BlockSizes(num_stages=2)
 
 
 def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:

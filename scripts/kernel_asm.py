@@ -166,10 +166,12 @@ def quant_matmul_kernels(bits: int, m: int, k: int, ns: list[int], block_sizes=N
 
 
 def attention_kernels(kind: str, batch: int, seq: int, heads: int = 32, kv_heads: int = 32,
-                      head_dim: int = 128, block_sizes=None, page_size: int = 16) -> list[Kernel]:
+                      head_dim: int = 128, block_sizes=None, page_size: int = 16,
+                      kv: str = "bf16") -> list[Kernel]:
     """The Triton modules of one bf16 attention call: causal flash prefill of `seq` tokens, decode
     (with the cache append and RoPE, as the model runs it) over a `seq`-slot cache, or paged
-    decode over `seq` keys per row in pages of `page_size`."""
+    decode over `seq` keys per row in pages of `page_size` (kv="int8": int8 pages with float32
+    scales)."""
     from pallas_kernels.decode_attention import decode_attention_append
     from pallas_kernels.flash_attention import flash_attention
     from pallas_kernels.paged_attention import paged_attention
@@ -189,9 +191,16 @@ def attention_kernels(kind: str, batch: int, seq: int, heads: int = 32, kv_heads
             q, k, v, n, m, kn, vn, inv_freq=f, block_sizes=block_sizes), q, kv, kv, rows, rows, new, new, freq)
     if kind == "paged":
         pages = -(-seq // page_size)
+        tables = spec((batch, pages), i32)
+        if kv == "int8":
+            pool = spec((batch * pages, page_size, kv_heads, head_dim), jnp.int8)
+            scales = spec((batch * pages, kv_heads, page_size), jnp.float32)
+            return triton_modules(lambda q, kp, vp, t, n, ks, vs: paged_attention(
+                q, kp, vp, t, n, k_scale_pages=ks, v_scale_pages=vs, block_sizes=block_sizes),
+                q, pool, pool, tables, rows, scales, scales)
         pool = spec((batch * pages, page_size, kv_heads, head_dim), bf16)
         return triton_modules(lambda q, kp, vp, t, n: paged_attention(q, kp, vp, t, n, block_sizes=block_sizes),
-                              q, pool, pool, spec((batch, pages), i32), rows)
+                              q, pool, pool, tables, rows)
     raise ValueError(f"kind={kind!r}: expected flash, decode or paged")
 
 
@@ -214,11 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--kv-heads", type=int, default=32)
     a.add_argument("--head-dim", type=int, default=128)
     a.add_argument("--block-sizes", help="BlockSizes fields of that kernel, e.g. block_k=64,num_stages=2")
+    a.add_argument("--kv", choices=("bf16", "int8"), default="bf16", help="page type (paged)")
     a.add_argument("--out", help="also write each kernel's .ttir, .ptx and .sass here")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     if args.part == "attention":
         kernels = attention_kernels(args.kind, args.batch, args.seq, args.heads, args.kv_heads,
-                                    args.head_dim, _block_sizes(args.block_sizes, args.kind))
+                                    args.head_dim, _block_sizes(args.block_sizes, args.kind), kv=args.kv)
     else:
         kernels = quant_matmul_kernels(args.bits, args.m, args.k, args.n, _block_sizes(args.block_sizes),
                                        args.norm)

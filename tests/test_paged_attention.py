@@ -74,6 +74,13 @@ def test_paged_matches_decode_ref_on_the_tokens_written(case, interpret):
     assert_close(out, reference(decode_attention_ref, q, k, v, lengths), dtype)  # over the tokens written
 
 
+def test_decode_tiling_takes_longer_steps_for_int8_pages_when_programs_fill_the_gpu():
+    few, many = 8, 4 * 132
+    assert pa.decode_block_sizes(few) == pa.decode_block_sizes(few, quantized=True) == BlockSizes()
+    assert pa.decode_block_sizes(many) == BlockSizes(num_stages=2)
+    assert pa.decode_block_sizes(many, quantized=True) == BlockSizes(block_k=128, num_stages=2)
+
+
 @pytest.mark.parametrize("interpret", MODES)
 def test_paged_default_blocks_match_paged_ref(interpret):
     k_pages, v_pages, tables, _, _ = _paged_tokens(jax.random.key(7), 2, 100, 16, 8, 2, 64, jnp.float32, num_pages=20)
@@ -308,6 +315,7 @@ INT8_CASES = [
     (1, [64], 64, 2, 2, 128, jnp.float32, 16, None),  # R 1; one full page of 4 blocks
     (3, [65, 1, 128], 64, 4, 4, 64, jnp.float32, 32, 3),  # R 1; a page boundary + 1; two full pages
     (3, [33, 32, 1], 16, 16, 2, 128, jnp.bfloat16, 64, 1),  # R 8; a block spans 4 pages; one split
+    (2, [200, 130], 16, 2, 2, 128, jnp.bfloat16, 128, 1),  # R 1; 128 keys (8 pages) per step, as at 256 rows
 ]
 
 
