@@ -13,15 +13,16 @@ from jllm.config import LlamaConfig
 from sharding import rules
 
 ATTN_IMPLS = ("xla", "pallas")
-# XLA options of the jitted model programs that pass over the weights once per call: the prefill
-# of float weights, speculative verification and the engine step. XLA's dot merger joins two matmuls of one input into
-# one (q and k: a [D, 2D] weight); the weights are arguments, so the joined weight is a copy made on
-# every call: 128 MB per 7B layer, 1.07 ms of a 2048-token prefill on an H200. Without it: TTFT
-# 44.35 -> 42.69 ms, the engine's 256-row decode step 26.10 -> 25.53 ms. The decode and draft
-# loops keep it: there the copy is made once before the loop, and the joined GEMM is the faster
-# one at batch 8 (239.2 against 236.2 tok/s). docs/PERFORMANCE.md, 2026-12-04, fifth round.
-XLA_OPTIONS = {"xla_disable_hlo_passes": "dot-merger"}
 MATMUL_IMPLS = ("xla", "pallas", "pallas-fused")
+# XLA options of the jitted model programs that pass over the weights once per call: the prefill
+# of float weights, speculative verification and the engine step. XLA's dot merger joins two
+# matmuls of one input into one (q and k: a [D, 2D] weight); the weights are arguments, so the
+# joined weight is a copy made on every call: 128 MB per 7B layer, 1.07 ms of a 2048-token
+# prefill on an H200. Without it: TTFT 44.35 -> 42.69 ms, the engine's 256-row decode step
+# 26.10 -> 25.53 ms. The decode and draft loops keep it: there the copy is made once before the
+# loop, and the joined GEMM is the faster one at batch 8 (239.2 against 236.2 tok/s).
+# docs/PERFORMANCE.md, 2026-12-04, fifth round.
+XLA_OPTIONS = {"xla_disable_hlo_passes": "dot-merger"}
 
 
 def check_impls(attn_impl: str | None, matmul_impl: str | None) -> None:

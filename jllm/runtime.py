@@ -64,7 +64,7 @@ def set_device_memory_fraction(fraction: float) -> bool:
     """Let JAX's GPU allocator take `fraction` of each GPU (JAX's own default is 0.75), for a process
     that sizes its KV pages from what is left after the weights (the engine). Only before the first
     device use, and the environment wins (XLA_CLIENT_MEM_FRACTION, or the older
-    XLA_PYTHON_CLIENT_MEM_FRACTION, which this sets: jax 0.10 and 0.11 read both). Returns whether it
+    XLA_PYTHON_CLIENT_MEM_FRACTION, which this sets and jax 0.10 and 0.11 read). Returns whether it
     took effect."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ValueError(f"device memory fraction {fraction!r}; expected a number in (0, 1]")
