@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -194,7 +195,7 @@ def test_bench_engine_runs_the_offline_benchmark_and_writes_json(tmp_path, capsy
     assert "engine / generate" in capsys.readouterr().out
 
 
-def test_device_memory_fraction_is_set_before_the_first_device_use_and_the_environment_wins():
+def test_device_memory_fraction_is_set_before_the_first_device_use_and_the_environment_wins(monkeypatch):
     """`jllm serve` / `jllm bench engine` let JAX take --device-memory-fraction of the GPU: the
     allocator reads it when the backend starts, so it is set only before that, and never over a
     value the user exported."""
@@ -202,7 +203,11 @@ def test_device_memory_fraction_is_set_before_the_first_device_use_and_the_envir
     for bad in (0, 1.5, True, "0.9"):
         with pytest.raises(ValueError, match="device memory fraction"):
             runtime.set_device_memory_fraction(bad)
-    assert not runtime.set_device_memory_fraction(0.8)  # this process's backend already started
+    for var in runtime.MEM_FRACTION_VARS:
+        monkeypatch.delenv(var, raising=False)
+    jax.devices()
+    assert not runtime.set_device_memory_fraction(0.8)  # this process's backend has started
+    assert not any(var in os.environ for var in runtime.MEM_FRACTION_VARS)
     fresh = textwrap.dedent("""
         import os, jax
         from jllm import runtime
