@@ -11,6 +11,8 @@ import time
 
 import jax
 
+from jllm import argtypes
+
 
 def say(msg: str) -> None:
     print(msg, flush=True)
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", type=int, nargs=2, metavar=("START", "STEPS"),
                     help="first trace STEPS steps of the offline run from step START (per KV page type)")
     ap.add_argument("--device", default="GPU", help="process-name filter of the device streams in the trace")
-    ap.add_argument("--device-memory-fraction", type=float, default=0.9,
+    ap.add_argument("--device-memory-fraction", type=argtypes.probability, default=0.9,
                     help="as `jllm bench engine`'s (runs before 2026-12-04's fifth round had JAX's 0.75)")
     args = ap.parse_args(argv)
 
