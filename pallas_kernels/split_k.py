@@ -35,13 +35,16 @@ class BlockSizes:
     block_k: keys per inner-loop step. num_splits: programs per (row, KV head) along the length;
     None picks about one program per SM for decode (programs_per_sm of resolve_splits). block_q
     (paged_attention_mq only): query tokens per program, a power of 2; None fills about 64 rows
-    (64 / R tokens, at least 1).
+    (64 / R tokens, at least 1). fma (paged_attention over int8 pages with one query head per KV
+    head, R = 1): True or None runs the keys through a register FMA reduction over the codes'
+    bytes (`int8_dot4`, `int8_axpy4`) instead of the tensor-core dots, False keeps the dots.
     """
     block_k: int = 64
     num_splits: int | None = None
     num_warps: int = 4
     num_stages: int = 4
     block_q: int | None = None
+    fma: bool | None = None
 
     def __post_init__(self):
         if not isinstance(self.block_k, int) or self.block_k < 16 or not is_pow2(self.block_k):
@@ -54,6 +57,8 @@ class BlockSizes:
             raise ValueError(f"num_stages={self.num_stages!r} must be an int >= 1")
         if self.block_q is not None and (not isinstance(self.block_q, int) or not is_pow2(self.block_q)):
             raise ValueError(f"block_q={self.block_q!r} must be None or a power of 2")
+        if self.fma not in (None, True, False):
+            raise ValueError(f"fma={self.fma!r} must be None, True or False")
 
 
 def resolve_splits(
@@ -131,6 +136,82 @@ def online_softmax_step(
     pv = p if v_scale is None else p * v_scale[None, :]  # [rows, block_k]
     acc = acc * alpha[:, None] + plgpu.dot(pv.astype(v.dtype), v, allow_tf32=_triton.tf32_ok(v))
     return acc, m_new, l
+
+
+# int8 codes as float32 without a conversion instruction (the batch-1 GEMV's trick). XOR 0x80 turns
+# a code c into the byte u = c + 128, and one PRMT writes u into the mantissa of a float constant:
+#   exact: 0x4B0000uu is 2**23 + u, and one subtraction gives c;
+#   fold:  0x3F80uu00 is f = 1 + u / 2**15, used as it is: a sum of x * c is recovered once per sum
+#          as FOLD_SCALE * sum(x * f) - FOLD_OFFSET * sum(x). That saves the subtraction (2
+#          instructions per byte instead of 3) and keeps about 16 bits of each float32 sum: far
+#          finer than the int8 rounding itself, but not float32-exact.
+FOLD_SCALE, FOLD_OFFSET = 32768.0, 32896.0  # 2**15, 2**15 + 128
+_CONSTANT = {True: ("0x3F800000", lambda i: 0x3240 + 16 * i), False: ("0x4B000000", lambda i: 0x3104 + i)}
+
+
+def _ptx_byte_value(fold: bool, word: str, i: int) -> list[str]:
+    """PTX lines leaving byte i of `word` (already XOR 0x80808080: bytes u) as a float in v."""
+    const, sel = _CONSTANT[fold]
+    lines = [".reg .b32 k;", ".reg .f32 v;", f"mov.b32 k, {const};", f"prmt.b32 v, k, {word}, 0x{sel(i):04X};"]
+    return lines if fold else lines + ["sub.f32 v, v, 0f4B000080;"]  # 2**23 + u - (2**23 + 128)
+
+
+def ptx_int8_dot4(fold: bool) -> tuple[str, str]:
+    """Inline PTX for one int32 word of 4 biased int8 codes u (elements 4w..4w+3 of a row): the
+    sum over i of x_i times the value of byte i (c, or f when folded). Operands: $0 the result, $1
+    the word, $2-$5 x_0..x_3 (float32)."""
+    lines = [".reg .f32 t;"]
+    for i in range(4):
+        body = _ptx_byte_value(fold, "$1", i)
+        step = "mul.f32 t, $2, v;" if i == 0 else f"fma.rn.f32 {'$0' if i == 3 else 't'}, ${2 + i}, v, t;"
+        lines += ["{", *body, step, "}"]
+    return "{\n" + "\n".join(lines) + "\n}", "=r,r,r,r,r,r"
+
+
+def ptx_int8_axpy(fold: bool, i: int) -> tuple[str, str]:
+    """Inline PTX for one int32 word of 4 biased int8 codes: acc + x times the value of byte i.
+    Operands: $0 the new acc, $1 the word, $2 x, $3 the old acc (float32). (One result per asm:
+    Pallas-Triton lowers a multi-result asm as one value; ptxas shares the constant across the 4.)"""
+    lines = _ptx_byte_value(fold, "$1", i) + ["fma.rn.f32 $0, $2, v, $3;"]
+    return "{\n" + "\n".join(lines) + "\n}", "=r,r,r,r"
+
+
+def bias_codes(words: jax.Array) -> jax.Array:
+    """int32 words of 4 int8 codes c -> the same words with bytes u = c + 128 (one XOR per word,
+    shared by every asm that reads the word)."""
+    return words ^ jnp.int32(-0x7F7F7F80)  # 0x80808080 as an int32
+
+
+def byte_value(words: jax.Array, i: int, fold: bool) -> jax.Array:
+    """The jnp form of the PTX above: byte i of each biased word as float32 (c, or f when folded)."""
+    u = (words >> (8 * i)) & 0xFF
+    if fold:
+        return lax.bitcast_convert_type((u << 8) | 0x3F800000, jnp.float32)
+    return lax.bitcast_convert_type(u | 0x4B000000, jnp.float32) - float(2**23 + 128)
+
+
+def int8_dot4(words: jax.Array, xs: list, fold: bool, compiled: bool) -> jax.Array:
+    """words [..., W] int32 (4 biased int8 codes each, `bias_codes`), xs 4 float32 arrays
+    broadcastable to it (x_i for byte i) -> [..., W] float32: sum over i of x_i * value(byte i).
+    compiled=False (interpret mode, which cannot run PTX) computes the same values in jnp."""
+    xs = [jnp.broadcast_to(x, words.shape) for x in xs]
+    if not compiled:
+        return sum(x * byte_value(words, i, fold) for i, x in enumerate(xs))
+    code, constraints = ptx_int8_dot4(fold)
+    return plgpu.elementwise_inline_asm(code, args=[words, *xs], constraints=constraints, pack=1,
+                                        result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.float32)])[0]
+
+
+def int8_axpy4(words: jax.Array, x: jax.Array, accs: tuple, fold: bool, compiled: bool) -> tuple:
+    """words [..., W] int32 (biased), x broadcastable to it, accs 4 float32 [..., W] -> (acc_i + x *
+    value(byte i) for i < 4)."""
+    x = jnp.broadcast_to(x, words.shape)
+    if not compiled:
+        return tuple(a + x * byte_value(words, i, fold) for i, a in enumerate(accs))
+    shape = jax.ShapeDtypeStruct(words.shape, jnp.float32)
+    return tuple(plgpu.elementwise_inline_asm(
+        ptx_int8_axpy(fold, i)[0], args=[words, x, a], constraints=ptx_int8_axpy(fold, i)[1], pack=1,
+        result_shape_dtypes=[shape])[0] for i, a in enumerate(accs))
 
 
 def store_result(

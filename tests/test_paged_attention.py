@@ -79,6 +79,9 @@ def test_decode_tiling_takes_longer_steps_for_int8_pages_when_programs_fill_the_
     assert pa.decode_block_sizes(few) == pa.decode_block_sizes(few, quantized=True) == BlockSizes()
     assert pa.decode_block_sizes(many) == BlockSizes(num_stages=2)
     assert pa.decode_block_sizes(many, quantized=True) == BlockSizes(block_k=128, num_stages=2)
+    # the FMA path (int8 pages, R = 1) keeps 64 keys a step: its registers grow with block_k
+    assert pa.decode_block_sizes(few, True, fma=True) == pa.decode_block_sizes(many, True, fma=True)
+    assert pa.decode_block_sizes(many, True, fma=True).block_k == 64
 
 
 @pytest.mark.parametrize("interpret", MODES)
@@ -345,6 +348,61 @@ def test_paged_int8_matches_int8_ref(case, interpret):
                              v_scale_pages=poisoned[3], block_sizes=block_sizes, interpret=interpret)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert_close(out, ref, dtype)
+
+
+# int8 pages with one query head per KV head (R = 1) take the FMA path by default. (B, lengths,
+# page_size, H, K, q dtype, block_k, num_splits, num_warps): q bf16 sums folded, float32 exact;
+# blocks spanning pages and pages spanning blocks; one key; splits; a slice per 16 or 32 keys.
+FMA_CASES = [
+    (3, [1, 40, 130], 16, 4, 128, jnp.bfloat16, 64, None, 4),
+    (2, [200, 64], 64, 2, 64, jnp.float32, 32, 3, 4),
+    (2, [17, 96], 8, 2, 128, jnp.float32, 64, 1, 2),
+    (1, [300], 16, 2, 128, jnp.bfloat16, 128, 2, 8),
+]
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("case", FMA_CASES, ids=[f"fma{i}" for i in range(len(FMA_CASES))])
+def test_paged_int8_fma_path_matches_ref_and_the_dot_path(case, interpret):
+    """The FMA path (fma None or True) against the float32 reference, within the bounds of a float
+    pool of q's dtype, and against the tensor-core path (fma=False) on the same pages. Scales
+    are NaN at every slot past the lengths, so a key read but not masked reaches the output."""
+    batch, lengths, page_size, heads, head_dim, dtype, block_k, num_splits, num_warps = case
+    case_id = f"fma_{case}"
+    num_pages = batch * (-(-max(lengths) // page_size)) + 3
+    _, pages, tables, poisoned = _int8_paged_data(case_id, batch, lengths, page_size, heads, head_dim, num_pages)
+    lengths = jnp.array(lengths, jnp.int32)
+    q = jax.random.normal(jax.random.key(zlib.crc32(case_id.encode())), (batch, heads, head_dim),
+                          jnp.float32).astype(dtype)
+    ref = reference(pa.paged_attention_ref, q, *pages[:2], tables, lengths, k_scale_pages=pages[2],
+                    v_scale_pages=pages[3])
+    outs = {}
+    for fma in (None, True, False):
+        bs = BlockSizes(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=2, fma=fma)
+        outs[fma] = pa.paged_attention(q, *pages[:2], tables, lengths, k_scale_pages=poisoned[2],
+                                       v_scale_pages=poisoned[3], block_sizes=bs, interpret=interpret)
+        assert outs[fma].shape == q.shape and outs[fma].dtype == q.dtype
+        assert_close(outs[fma], ref, dtype)
+    np.testing.assert_array_equal(np.asarray(outs[None].astype(jnp.float32)), np.asarray(outs[True].astype(jnp.float32)))
+    assert_close(outs[True], outs[False], dtype)
+
+
+def test_paged_int8_fma_path_is_the_default_for_one_head_per_kv_head():
+    """jnp.dot never runs on the FMA path (it has none), and does on the dot path: which path a
+    call takes, read from its jaxpr."""
+    _, pages, tables, _ = _int8_paged_data("fma_default", 2, [20, 5], 16, 4, 64, 6)
+    lengths = jnp.array([20, 5], jnp.int32)
+
+    def dots(q, **kw):
+        text = str(jax.make_jaxpr(lambda q: pa.paged_attention(
+            q, *pages[:2], tables, lengths, k_scale_pages=pages[2], v_scale_pages=pages[3], interpret=True, **kw))(q))
+        return text.count("dot_general")
+
+    q1 = jnp.zeros((2, 4, 64), jnp.bfloat16)  # R = 1
+    assert dots(q1) == 0 and dots(q1, block_sizes=BlockSizes(fma=True)) == 0
+    assert dots(q1, block_sizes=BlockSizes(fma=False)) > 0
+    q4 = jnp.zeros((2, 16, 64), jnp.bfloat16)  # R = 4: the dot path, whatever fma says
+    assert dots(q4) > 0 and dots(q4, block_sizes=BlockSizes(fma=True)) > 0
 
 
 @pytest.mark.parametrize("interpret", MODES)

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 
+from pallas_kernels.split_k import FOLD_OFFSET, FOLD_SCALE, bias_codes, byte_value, ptx_int8_axpy, ptx_int8_dot4
 from pallas_kernels.quant_matmul import (_ptx_bf16_fma, _ptx_dequant_fma, _ptx_int4_folded, bf16_half,
                                          fold_operands, pack_int4)
 
@@ -152,3 +153,38 @@ def test_bf16_word_step_matches_arithmetic():
         [out] = _run_ptx(code, [word, x.view(np.uint32), acc[:, i].view(np.uint32)], n_out=1)
         np.testing.assert_allclose(out.view(np.float32), acc[:, i] + x * wb[:, i], rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(np.asarray(bf16_half(word.view(np.int32), i)), wb[:, i])
+
+
+@pytest.mark.parametrize("fold", [False, True], ids=["exact", "fold"])
+def test_int8_attention_steps_match_arithmetic(fold):
+    """The int8 pages' FMA steps (`ptx_int8_dot4`, `ptx_int8_axpy`) and their interpret-mode twin
+    `byte_value`, on words of 4 codes over the full range: exact gives the codes themselves,
+    fold gives f = 1 + (c + 128) / 2**15, from which FOLD_SCALE * f - FOLD_OFFSET recovers c."""
+    rng = np.random.default_rng(5 + fold)
+    n = 512
+    codes = rng.integers(-128, 128, (n, 4)).astype(np.int8)
+    codes[0] = [-128, 127, 0, -1]
+    words = bias_codes(codes.view(np.int32)[:, 0])  # little-endian: byte i is element 4w + i
+    words = np.asarray(words)
+    values = np.stack([np.asarray(byte_value(words, i, fold)) for i in range(4)], axis=1)  # [n, 4]
+    c = codes.astype(np.float64)
+    if fold:
+        np.testing.assert_array_equal(values, 1 + (c + 128) / 2**15)
+        np.testing.assert_array_equal(FOLD_SCALE * values.astype(np.float64) - FOLD_OFFSET, c)
+    else:
+        np.testing.assert_array_equal(values, c)
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    code, constraints = ptx_int8_dot4(fold)
+    assert constraints == "=r,r,r,r,r,r"
+    [dot] = _run_ptx(code, [words.view(np.uint32)] + [x[:, i].view(np.uint32) for i in range(4)], n_out=1)
+    terms = x.astype(np.float64) * values
+    want = terms.sum(axis=1)
+    bound = 4 * 2.0**-24 * np.abs(terms).sum(axis=1)  # a float32 rounding per FMA of the chain
+    assert (np.abs(dot.view(np.float32) - want) <= bound).all()
+    acc = rng.normal(size=n).astype(np.float32)
+    for i in range(4):
+        code, constraints = ptx_int8_axpy(fold, i)
+        assert constraints == "=r,r,r,r"
+        [out] = _run_ptx(code, [words.view(np.uint32), x[:, 0].view(np.uint32), acc.view(np.uint32)], n_out=1)
+        want = acc.astype(np.float64) + x[:, 0].astype(np.float64) * values[:, i]
+        assert (np.abs(out.view(np.float32) - want) <= 2.0**-24 * np.abs(want)).all()  # one rounding

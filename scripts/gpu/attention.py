@@ -148,18 +148,24 @@ def paged(args) -> None:
         for ns, st in [(4, 4), (8, 4), (32, 4), (16, 3)]
     ]
     shapes, page_sizes = SHAPES, (16, 64)
+    int8_candidates = candidates
     if args.shape:  # one shape, pages of 16 (the engine's), a wider sweep without forced splits
         shapes, page_sizes = [(*args.shape, 32, 32, 128)], (16,)
         tuned = {tuple(args.shape)}
         candidates = [BlockSizes(block_k=bk, num_warps=w, num_stages=st)
                       for bk in (16, 32, 64, 128) for w in (4, 8) for st in (2, 3, 4)]
+        # int8 pages at R = 1: the FMA path's tilings (stages do not apply), and the dot path's best
+        int8_candidates = [BlockSizes(block_k=bk, num_warps=w, num_stages=1)
+                           for bk, w in ((32, 2), (32, 4), (64, 2), (64, 4), (64, 8), (128, 4), (128, 8))]
+        int8_candidates += [BlockSizes(block_k=bk, num_stages=2, fma=False) for bk in (64, 128)]
     for page_size in page_sizes:
         for batch, seq_len, heads, kv_heads, head_dim in shapes:
             q = jax.random.normal(jax.random.key(0), (batch, heads, head_dim), jnp.bfloat16)
             lengths = jnp.full((batch,), seq_len, jnp.int32)
             name = f"page={page_size} B={batch} S={seq_len} H={heads} G={kv_heads}"
-            configs = [None] + (candidates if args.tune and (batch, seq_len) in tuned else [])
             for cache in args.cache:  # each against decode_attention
+                sweep = int8_candidates if cache == "int8" and args.shape and heads == kv_heads else candidates
+                configs = [None] + (sweep if args.tune and (batch, seq_len) in tuned else [])
                 if cache == "bf16":
                     make_pool = functools.partial(scattered_pool, dtype=jnp.bfloat16)
                     kernel, xla = paged_attention, paged_attention_ref
