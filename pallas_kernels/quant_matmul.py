@@ -16,7 +16,8 @@ programs write float32 partials [S, M, N] that XLA sums (or, with fused_reduce, 
 each output block to arrive sums them in split order); batch-1 GEMV over N = 4096 has too few N
 blocks to fill 132 SMs otherwise. M == 1 uses a register FMA reduction (int8/int4 with an
 inline-PTX step per 4 bytes; bf16 read as int32 words of 2 columns, a PTX step per column);
-larger M a tensor-core dot with M padded to 16.
+larger M a tensor-core dot with M padded to 16. BlockSizes(mma=True) runs int4 at any M as a
+tensor-core dot of the transposed problem, y^T = W^T x^T, on bf16 codes made by inline PTX.
 
 With `norm` the kernel multiplies RMSNorm(x) instead of x: each program sums the squares of its
 rows of x before its loop and normalizes every x tile as it loads it, so the norm before q/k/v and
@@ -66,7 +67,13 @@ class BlockSizes:
     and without a separate reduction kernel. It measured slower on the H100 (105.9 vs 98.7 us per
     int8 layer, 224.6 vs 260.4 tokens/s end to end: docs/perf_quant.md), so XLA sums by default.
     fold=True (int4 with group scales, asm): `_ptx_int4_folded`, 25 instructions per 8 codes
-    instead of 33 (the int4 M == 1 default; docs/perf_quant.md).
+    instead of 33 (the int4 M == 1 default; docs/perf_quant.md). mma=True (int4, every N a
+    multiple of 4; any M, used instead of fma): the weight is read as int32 words of 4 columns,
+    `_ptx_int4_bf16` turns each word into bf16 codes (12 instructions per 8 codes) and a
+    tensor-core dot of the transposed tile, [bn, bk] @ [bk, bm] (wgmma on Hopper, with the weight
+    as the register operand), multiplies them; the group scale is applied to the float32 tile
+    result. About 2.6 instructions per code in the sm_90 loop against 6.2 for fold
+    (scripts/kernel_asm.py; docs/perf_quant.md).
     """
     block_n: int = 128
     block_k: int = 128
@@ -81,6 +88,7 @@ class BlockSizes:
     asm: bool = True
     fused_reduce: bool = False
     fold: bool = False
+    mma: bool = False
 
     def __post_init__(self):
         for name in ("block_n", "block_k", "block_m"):
@@ -99,6 +107,8 @@ class BlockSizes:
             raise ValueError(f"{self.prefetch=} must be 1 to 4")
         if self.target_programs < 1:
             raise ValueError(f"{self.target_programs=} must be >= 1")
+        if self.mma and self.block_k < 32:
+            raise ValueError(f"{self.block_k=} must be >= 32 with mma (16 packed int4 rows)")
 
 
 def default_block_sizes(m: int, k: int, n: int, bits: int) -> BlockSizes:
@@ -238,9 +248,66 @@ def _ptx_bf16_fma(half: int) -> tuple[str, str]:
     return "{\n.reg .b32 v;\n" + get + "\nfma.rn.f32 $0, $2, v, $3;\n}", "=r,r,r,r"
 
 
+# bf16 with bits 0x4300 is 128, whose mantissa ulp is 1: OR-ing a nibble u < 16 into it gives
+# exactly 128 + u. With u = code + 8 (the nibble's sign bit flipped), one packed FMA by 1 and -136
+# leaves the code, exact in bf16.
+_BF16_128 = 0x4300
+
+
+def int4_words_bf16(w, half: int):
+    """int32 words of 4 packed int4 bytes (4 adjacent columns) [R, C] -> bf16 codes [R, 4 C] of
+    the low (half=0) or high (half=1) nibbles, in column order: the jnp form of `_ptx_int4_bf16`,
+    for interpret mode, with the same arithmetic."""
+    cols = []
+    for i in range(4):  # byte i of each word: column 4 c + i
+        u = ((w >> (8 * i + 4 * half)) & 0x0F) ^ (_BF16_128 | 0x08)  # 128 + code + 8, as bits
+        v = lax.bitcast_convert_type(u.astype(jnp.uint16), jnp.bfloat16)
+        cols.append(v - jnp.asarray(136, jnp.bfloat16))  # exact: integers below 256
+    r, c = w.shape
+    return jnp.stack(cols, axis=-1).reshape(r, 4 * c)
+
+
+def _ptx_int4_bf16(half: int) -> tuple[str, str]:
+    """Inline PTX for one int32 word of 4 packed int4 bytes: the bf16 codes of its low (half=0)
+    or high (half=1) nibbles. Operands: outputs 0 (bytes 0 and 1) and 1 (bytes 2 and 3), each 2
+    bf16; then the word 4 times (the kernel hands it over once per output bf16). A PRMT orders
+    the bytes 0, 2, 1, 3; per output a shift (but the first), one LOP3 ((t & 0x000F000F) ^
+    0x43084308: both nibbles into bf16 128 + u, the sign bit flipped) and an FMA.bf16x2 (times 1,
+    minus 136): 12 instructions per 8 codes, the PRMT shared by both halves."""
+    lut = 0x6A  # (a & b) ^ c over a = 0xF0, b = 0xCC, c = 0xAA
+    magic = (_BF16_128 | 0x08) * 0x10001
+    lines = [".reg .b32 t, s, one, off;", "mov.b32 one, 0x3F803F80;", "mov.b32 off, 0xC308C308;",
+             "prmt.b32 t, $2, $2, 0x3120;"]  # bytes 0, 2, 1, 3: pairs (0, 1) and (2, 3) 16 bits apart
+    for out in range(2):
+        shift = 8 * out + 4 * half
+        src = "t"
+        if shift:
+            lines.append(f"shr.u32 s, t, {shift};")
+            src = "s"
+        lines += [f"lop3.b32 ${out}, {src}, 0x000F000F, 0x{magic:08X}, 0x{lut:02X};",
+                  f"fma.rn.bf16x2 ${out}, ${out}, one, off;"]
+    return "{\n" + "\n".join(lines) + "\n}", "=r,=r,r,r,r,r"
+
+
+def _int4_codes(w, half: int, compiled: bool):
+    """int32 words [bkq, bn / 4] -> bf16 codes [bkq, bn] of one nibble half: `_ptx_int4_bf16`
+    compiled, `int4_words_bf16` in interpret mode."""
+    if not compiled:
+        return int4_words_bf16(w, half)
+    r, c = w.shape
+    w4 = jnp.stack([w, w], axis=-1)
+    w4 = jnp.stack([w4, w4], axis=-1)  # [bkq, bn / 4, 2, 2]: one copy per output bf16
+    code, constraints = _ptx_int4_bf16(half)
+    out = plgpu.elementwise_inline_asm(
+        code, args=[w4], constraints=constraints, pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(w4.shape, jnp.bfloat16)])[0]
+    return out.reshape(r, 4 * c)  # the joined axes are in-thread: no data movement
+
+
 def _quant_matmul_kernel(
     x_ref,  # [M, K]
-    q_ref,  # [Kq, N]: Kq = K // 2 for int4, else K; with words, bf16 pairs as int32 [K, N // 2]
+    q_ref,  # [Kq, N]: Kq = K // 2 for int4, else K; with words, bf16 pairs as int32 [K, N // 2];
+    #         with mma, int4 words of 4 columns as int32 [K // 2, N // 4]
     s_ref,  # [K // G, N], or None for bits=16
     o_ref,  # [M, N] in x's dtype, or [S, M, Nc] float32 partials when split and not fused
     p_ref,  # fused split: [S, M, Nc] float32 partials, else None
@@ -263,6 +330,7 @@ def _quant_matmul_kernel(
     asm: bool,
     words: bool,
     fold: bool,
+    mma: bool,
     compiled: bool,  # not interpret mode: inline PTX, strided stores, barriers
     n_ref=None,  # [K] RMSNorm weight applied to x in the prologue, or None
     eps: float = 0.0,
@@ -276,7 +344,8 @@ def _quant_matmul_kernel(
     m_size, k_size = x_ref.shape
     kq_size, n_size = q_ref.shape
     # words: a bf16 weight read as int32 words of 2 adjacent columns, each a PTX step of its own
-    per_word = 2 if words else 1  # columns per loaded element
+    # mma: int4 read as int32 words of 4 adjacent columns (4 packed bytes), for `_int4_codes`
+    per_word = 2 if words else 4 if mma else 1  # columns per loaded element
     wn = block_n // per_word  # weight tile columns
     n_size = n_size * per_word
     pid, pid_s, pid_m = pids
@@ -301,11 +370,11 @@ def _quant_matmul_kernel(
         """Tile t: ([weight tiles], [x tiles], scale row or None), all raw; `valid` masks it off."""
         p0 = pl.multiple_of(t * block_kq, block_kq)
         rows = (p0 + jnp.arange(block_kq)) < kq_size if k_ragged else None  # [bkq]
-        w_cols = (n0 // per_word + jnp.arange(wn)) * per_word < n_size if words else n_mask
+        w_cols = (n0 // per_word + jnp.arange(wn)) * per_word < n_size if per_word > 1 else n_mask
         w_mask = and_(w_cols[None, :] if n_ragged else None,
                       None if rows is None else rows[:, None])
         w_mask = and_(w_mask, valid)
-        c0 = pl.multiple_of(pid_n * wn, wn) if words else n0  # first weight column (word)
+        c0 = pl.multiple_of(pid_n * wn, wn) if per_word > 1 else n0  # first weight column (word)
         w = plgpu.load(q_ref.at[pl.ds(p0, block_kq), pl.ds(c0, wn)],
                        **({} if w_mask is None else dict(mask=w_mask, other=0)),
                        eviction_policy="evict_first")  # [bkq, wn]
@@ -389,6 +458,17 @@ def _quant_matmul_kernel(
             return plgpu.elementwise_inline_asm(
                 code, args=[*args, acc], constraints=constraints, pack=4,
                 result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])[0]
+        if mma:  # y^T = W^T x^T: the weight tile is the dot's first operand, [bn, bkq]
+            t = None
+            for half, xk in enumerate(xs):
+                codes = _int4_codes(w, half, compiled)  # [bkq, bn] bf16
+                if x_ref.dtype != jnp.bfloat16:
+                    codes = codes.astype(x_ref.dtype)  # exact: small integers
+                part = lax.dot_general(  # [bn, bm]
+                    codes, xk, (((0,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                    precision=lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None)
+                t = part if t is None else t + part
+            return acc + (t if scale is None else t * scale.astype(jnp.float32)[:, None])
         t = None
         for xk, wk in zip(xs, _dequant_f32(w, bits)):
             if fma:
@@ -403,7 +483,7 @@ def _quant_matmul_kernel(
             t = t * scale.astype(jnp.float32)[None, :]
         return acc + t
 
-    acc_shape = (block_kq, block_n) if fma else (block_m, block_n)
+    acc_shape = (block_kq, block_n) if fma else (block_n, block_m) if mma else (block_m, block_n)
     acc = (tuple(jnp.zeros((block_kq, wn), jnp.float32) for _ in range(per_word)) if words
            else jnp.zeros(acc_shape, jnp.float32))
     if prefetch > 1:
@@ -421,6 +501,8 @@ def _quant_matmul_kernel(
         inv_rms = row_inv_rms() if n_ref is not None else None
         acc = lax.fori_loop(0, t_count, lambda i, acc: compute(acc, load_tile(t_start + i, None)),
                             acc)
+    if mma:
+        acc = acc.T  # [bm, bn]
     # The result as pieces (first column, column stride, value): one [bm, bn] (or [bn] when fma)
     # block, or with words one [bn / 2] piece per column of a word, at n0 + i + 2 j.
     if words:
@@ -527,7 +609,9 @@ def _quant_matmul(x, weights, *, bits, group_size, block_sizes, interpret, norm=
     kq = weights[0][0].shape[0]
     ns = [q.shape[1] for q, _ in weights]
     bs = block_sizes or default_block_sizes(m, k, sum(ns), bits)
-    fma = bs.fma and m == 1
+    # mma: int4 read as int32 words of 4 columns (a bitcast, no copy), so every N is a multiple of 4
+    mma = bs.mma and bits == 4 and all(n % 4 == 0 for n in ns)
+    fma = bs.fma and m == 1 and not mma
     block_k = bs.block_k
     if bits != 16 and group_size < k:
         block_k = min(block_k, group_size)  # a tile stays inside one scale group
@@ -548,8 +632,9 @@ def _quant_matmul(x, weights, *, bits, group_size, block_sizes, interpret, norm=
     # an M == 1 bf16 weight is read as int32 words of 2 adjacent columns (a bitcast, no copy)
     words = (bs.asm and fma and bits == 16 and weights[0][0].dtype == jnp.bfloat16
              and bs.block_n % 2 == 0 and all(n % 2 == 0 for n in ns))
-    if words:
-        weights = [(lax.bitcast_convert_type(q.reshape(kq, q.shape[1] // 2, 2), jnp.int32), s)
+    if words or mma:
+        per = 2 if words else 4
+        weights = [(lax.bitcast_convert_type(q.reshape(kq, q.shape[1] // per, per), jnp.int32), s)
                    for q, s in weights]
     kernel = functools.partial(
         _quant_matmul_kernel, bits=bits, group_size=group_size, block_m=block_m,
@@ -557,7 +642,7 @@ def _quant_matmul(x, weights, *, bits, group_size, block_sizes, interpret, norm=
         split=split, num_splits=splits, prefetch=bs.prefetch,
         tf32_dot=bs.tf32_dot and bits != 16,
         asm=bs.asm and fma and bits in (4, 8) and not interpret and bs.block_n % 4 == 0,
-        words=words, fold=bs.fold and bits == 4, compiled=not interpret, eps=eps)
+        words=words, fold=bs.fold and bits == 4, mma=mma, compiled=not interpret, eps=eps)
     per_weight = 1 if bits == 16 else 2  # refs per weight: q, and scale unless bits=16
     normed = norm is not None
     args = [x] + ([norm] if normed else []) + [a for w in weights for a in w[:per_weight]]

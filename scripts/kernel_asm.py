@@ -69,7 +69,7 @@ def triton_modules(fn, *args) -> list[Kernel]:
 
 def compile_sm90(kernel: Kernel, out_dir: str | None = None) -> dict:
     """Compile with the standalone Triton for sm_90 -> {registers, spill_bytes, shared_bytes, sass}.
-    With out_dir, also writes NAME.ttir, .ptx and .sass there."""
+    With out_dir, also writes NAME.ttir, .ttgir, .ptx and .sass there."""
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -92,7 +92,8 @@ def compile_sm90(kernel: Kernel, out_dir: str | None = None) -> dict:
                                capture_output=True, text=True, check=True).stdout
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        for ext, text in (("ttir", kernel.ttir), ("ptx", compiled.asm["ptx"]), ("sass", sass)):
+        for ext, text in (("ttir", kernel.ttir), ("ttgir", compiled.asm["ttgir"]),
+                          ("ptx", compiled.asm["ptx"]), ("sass", sass)):
             with open(os.path.join(out_dir, f"{kernel.name}.{ext}"), "w") as f:
                 f.write(text)
     field = lambda key: int(re.search(rf"{key}:(\d+)", usage).group(1))  # noqa: E731
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, nargs="+", default=[22016])
     p.add_argument("--block-sizes", help="BlockSizes fields, e.g. block_n=512,block_k=16,prefetch=2")
     p.add_argument("--norm", action="store_true", help="with the RMSNorm prologue")
-    p.add_argument("--out", help="also write each kernel's .ttir, .ptx and .sass here")
+    p.add_argument("--out", help="also write each kernel's .ttir, .ttgir, .ptx and .sass here")
     a = sub.add_parser("attention", help="one bf16 attention call: flash prefill, decode or paged decode")
     a.add_argument("--kind", choices=("flash", "decode", "paged"), required=True)
     a.add_argument("--batch", type=int, default=1)
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--head-dim", type=int, default=128)
     a.add_argument("--block-sizes", help="BlockSizes fields of that kernel, e.g. block_k=64,num_stages=2")
     a.add_argument("--kv", choices=("bf16", "int8"), default="bf16", help="page type (paged)")
-    a.add_argument("--out", help="also write each kernel's .ttir, .ptx and .sass here")
+    a.add_argument("--out", help="also write each kernel's .ttir, .ttgir, .ptx and .sass here")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     if args.part == "attention":
         kernels = attention_kernels(args.kind, args.batch, args.seq, args.heads, args.kv_heads,

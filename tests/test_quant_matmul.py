@@ -49,6 +49,11 @@ CASES = [
     (20, 256, 96, 4, 64, BlockSizes(block_m=16)),
     (1, 300, 130, 16, 0, None),
     (3, 256, 200, 16, 0, None),
+    # mma: int4 as int32 words of 4 columns, a dot of the transposed tile (N % 4 == 0, ragged)
+    (1, 512, 200, 4, 64, BlockSizes(mma=True)),
+    (1, 256, 96, 4, 32, BlockSizes(mma=True, block_n=64, prefetch=1)),
+    (3, 512, 200, 4, 128, BlockSizes(mma=True, k_splits=2)),
+    (1, 256, 130, 4, 128, BlockSizes(mma=True)),  # N % 4 != 0: the plain dot path instead
 ]
 
 
@@ -96,12 +101,33 @@ def test_pack_unpack_int4_round_trip():
                                       np.asarray(codes))
 
 
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("m,n,group_size", [(1, 200, 32), (1, 384, 64), (1, 100, 128), (3, 200, 64)],
+                         ids=lambda v: str(v))
+def test_mma_bf16_input_matches_ref(m, n, group_size, interpret):
+    """mma with bf16 x, the arithmetic it is built for (bf16 codes, float32 accumulation): only
+    the order of the float32 sums and the final rounding to bf16 differ from the ref."""
+    x, q, scale = _inputs(f"mma_bf16_{m}_{n}_{group_size}", m, 512, n, 4, group_size, jnp.bfloat16)
+    y = quant_matmul(x, q, scale, bits=4, group_size=group_size, interpret=interpret,
+                     block_sizes=BlockSizes(mma=True, block_n=64, prefetch=1))
+    ref = quant_matmul_ref(x.astype(jnp.float32), q, scale.astype(jnp.float32), bits=4,
+                           group_size=group_size)
+    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+    y, ref = np.asarray(y, np.float32), np.asarray(ref)
+    assert not np.isnan(y).any()
+    # one bf16 rounding of y (2**-8 relative), far below one code's weight (|x| scale ~ 0.1)
+    np.testing.assert_allclose(y, ref, rtol=2**-7, atol=1e-3)
+
+
 @pytest.mark.parametrize("field,value", [("block_n", 96), ("block_k", 8), ("block_m", 128),
                                          ("k_splits", 0), ("num_warps", 3), ("num_stages", 0),
                                          ("prefetch", 5)])
 def test_block_sizes_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         BlockSizes(**{field: value})
+    if field == "block_k":
+        with pytest.raises(ValueError, match="block_k.*mma"):
+            BlockSizes(block_k=16, mma=True)
 
 
 def test_bad_arguments_raise():
@@ -125,6 +151,8 @@ MULTI_CASES = [
     (16, 256, (130, 96), 4, 64, None),  # int4, dot path, unsplit
     (1, 256, (384, 100, 100), 4, 32, None),  # int4, a wide q and two narrow k/v, split
     (1, 300, (130, 40), 16, 0, BlockSizes(k_splits=3, fused_reduce=True)),  # bf16, in-kernel sum
+    (1, 256, (200, 72, 64), 4, 64, BlockSizes(mma=True)),  # int4 mma, q/k/v-like, split
+    (1, 256, (384, 100), 4, 32, BlockSizes(mma=True, block_n=64, k_splits=1)),  # mma, unsplit
 ]
 
 
@@ -198,6 +226,8 @@ NORM_CASES = [
     (16, 512, (200, 96), 8, 64, BlockSizes(k_splits=4, prefetch=3)),
     (1, 300, (130, 40), 16, 0, None),  # bf16 GEMV, ragged K
     (3, 256, (200,), 16, 0, None),
+    (1, 512, (256, 64, 64), 4, 64, BlockSizes(mma=True)),  # int4 mma q/k/v, split
+    (1, 256, (200,), 4, 128, BlockSizes(mma=True, k_splits=1)),  # int4 mma, unsplit
 ]
 
 
@@ -248,6 +278,13 @@ LARGE_CASES = [
     (1, 4096, (11008, 11008), 4, 128, BlockSizes(block_n=128, block_k=128, prefetch=2, fold=True)),
     # bf16 words with the in-kernel split sum: its strided partial loads and stores
     (1, 4096, (4096, 1000), 16, 0, BlockSizes(block_n=256, block_k=32, fused_reduce=True)),
+    # int4 mma (inline PTX codes, wgmma on Hopper): gate/up, q/k/v with GQA, ragged N, g32, M > 1
+    (1, 4096, (11008, 11008), 4, 128, BlockSizes(block_n=128, block_k=128, prefetch=1,
+                                                 num_stages=1, mma=True)),
+    (1, 4096, (4096, 1000, 1000), 4, 128, BlockSizes(block_n=256, block_k=128, prefetch=1,
+                                                     num_stages=1, num_warps=8, mma=True)),
+    (1, 11008, (4096,), 4, 32, BlockSizes(block_n=128, block_k=128, prefetch=2, mma=True)),
+    (8, 4096, (4096, 512, 512), 4, 128, BlockSizes(prefetch=1, num_stages=3, mma=True)),
 ]
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels.split_k import FOLD_OFFSET, FOLD_SCALE, bias_codes, byte_value, ptx_int8_axpy, ptx_int8_dot4
-from pallas_kernels.quant_matmul import (_ptx_bf16_fma, _ptx_dequant_fma, _ptx_int4_folded, bf16_half,
-                                         fold_operands, pack_int4)
+from pallas_kernels.quant_matmul import (_ptx_bf16_fma, _ptx_dequant_fma, _ptx_int4_bf16, _ptx_int4_folded,
+                                         bf16_half, fold_operands, int4_words_bf16, pack_int4)
 
 
 def _run_ptx(code: str, operands: list[np.ndarray], n_out: int = 4) -> list[np.ndarray]:
@@ -25,6 +25,20 @@ def _run_ptx(code: str, operands: list[np.ndarray], n_out: int = 4) -> list[np.n
         if tok.startswith("0x") or tok.isdigit():
             return np.full_like(operands[0], int(tok, 0), dtype=np.uint32)
         return regs[tok]
+
+    def bf16x2(a):  # the two bf16 halves of each word, as float32
+        return [((a >> (16 * h)) << 16).astype(np.uint32).view(np.float32) for h in range(2)]
+
+    def to_bf16(v):  # float64 -> bf16 bits, rounded to nearest even (as the .rn instructions do)
+        bits = np.asarray(v, np.float32).view(np.uint32).astype(np.uint64)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint32)
+
+    def lop3(a, b, c, lut):  # bit i of lut is f at (a, b, c) = (bit 2, bit 1, bit 0 of i)
+        out = np.zeros_like(a)
+        for i in range(8):
+            if lut >> i & 1:
+                out |= (a if i & 4 else ~a) & (b if i & 2 else ~b) & (c if i & 1 else ~c)
+        return out
 
     def prmt(a, b, sel):
         src = [(a >> (8 * k)) & 0xFF for k in range(4)] + [(b >> (8 * k)) & 0xFF for k in range(4)]
@@ -52,6 +66,12 @@ def _run_ptx(code: str, operands: list[np.ndarray], n_out: int = 4) -> list[np.n
             r = a[0] << a[1]
         elif op == "prmt.b32":
             r = prmt(a[0], a[1], int(srcs[2], 16))
+        elif op == "lop3.b32":
+            r = lop3(a[0], a[1], a[2], int(srcs[3], 16))
+        elif op == "fma.rn.bf16x2":
+            halves = [to_bf16(x.astype(np.float64) * y + z)
+                      for x, y, z in zip(bf16x2(a[0]), bf16x2(a[1]), bf16x2(a[2]))]
+            r = halves[0] | halves[1] << 16
         elif op == "sub.f32":
             r = u32(f32(a[0]) - f32(a[1]))
         elif op == "add.f32":
@@ -188,3 +208,25 @@ def test_int8_attention_steps_match_arithmetic(fold):
         [out] = _run_ptx(code, [words.view(np.uint32), x[:, 0].view(np.uint32), acc.view(np.uint32)], n_out=1)
         want = acc.astype(np.float64) + x[:, 0].astype(np.float64) * values[:, i]
         assert (np.abs(out.view(np.float32) - want) <= 2.0**-24 * np.abs(want)).all()  # one rounding
+
+
+def test_int4_bf16_ptx_and_jnp_twin_match_codes():
+    """`_ptx_int4_bf16` on int32 words of 4 packed bytes (the mma path) and its interpret-mode twin
+    `int4_words_bf16` both give the bf16 codes of each half, in column order."""
+    rng = np.random.default_rng(11)
+    n = 256  # words
+    codes = rng.integers(-8, 8, (2, n, 4)).astype(np.int8)  # [half, word, byte]
+    codes[:, 0] = [-8, 7, 0, -1]
+    packed = ((codes[0] & 0x0F) | (codes[1] << 4)).astype(np.int8)  # low nibble: half 0
+    words = packed.view(np.uint8).astype(np.uint32)
+    word = words[:, 0] | words[:, 1] << 8 | words[:, 2] << 16 | words[:, 3] << 24
+    for half in range(2):
+        code, constraints = _ptx_int4_bf16(half)
+        assert constraints.count("=r") == 2 and constraints.count(",") + 1 == 2 + 4
+        outs = _run_ptx(code, [word] * 4, n_out=2)  # the kernel passes the word once per bf16
+        got = np.stack([((o >> (16 * h)) << 16).astype(np.uint32).view(np.float32)
+                        for o in outs for h in range(2)], axis=1)  # [word, byte]
+        np.testing.assert_array_equal(got, codes[half].astype(np.float32))
+        twin = int4_words_bf16(word.view(np.int32)[None, :], half)  # [1, 4 n]
+        np.testing.assert_array_equal(np.asarray(twin, np.float32).reshape(n, 4),
+                                      codes[half].astype(np.float32))

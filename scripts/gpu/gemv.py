@@ -73,6 +73,15 @@ VARIANTS = {  # name -> BlockSizes (None: the default for the shape)
                                               num_warps=8, target_programs=132),
     "int4-fold-n512k32t264": qmm.BlockSizes(block_n=512, block_k=32, prefetch=2, fold=True,
                                             target_programs=264),
+    # int4 as a tensor-core dot of the transposed tile on PTX-made bf16 codes (docs/perf_quant.md,
+    # instruction counts): no prefetch (fewest instructions), 8 warps, register prefetch, cp.async
+    "int4-mma": qmm.BlockSizes(block_n=128, block_k=128, prefetch=1, num_stages=1, mma=True),
+    "int4-mma-n256w8": qmm.BlockSizes(block_n=256, block_k=128, prefetch=1, num_stages=1,
+                                      num_warps=8, mma=True),
+    "int4-mma-t1056": qmm.BlockSizes(block_n=128, block_k=128, prefetch=1, num_stages=1,
+                                     target_programs=1056, mma=True),
+    "int4-mma-p2": qmm.BlockSizes(block_n=128, block_k=128, prefetch=2, num_stages=1, mma=True),
+    "int4-mma-s3": qmm.BlockSizes(block_n=128, block_k=128, prefetch=1, num_stages=3, mma=True),
 }
 # Weights that read the same x, per shard: name -> (K, N of each weight).
 MULTI_SHAPES = {
