@@ -81,6 +81,12 @@ def _kernel_attention(q, k, v, q_offset, kv_len, k_scale=None, v_scale=None, *, 
         # The model dequantizes an int8 cache itself before a multi-token step, so the second
         # case is a direct caller's.
         return attention_xla(q, k, v, q_offset, kv_len, k_scale, v_scale)
+    if q.shape[1] == 1 and k_scale is not None and q.shape[2] == k.shape[2]:
+        # int8 cache, one query head per KV head: the paged kernel's FMA path, each row its own
+        # page of S slots (the static [B, G, S] scales are those pages' scales as they are)
+        rows = jnp.arange(q.shape[0], dtype=jnp.int32)[:, None]                    # [B, 1] tables
+        return paged_decode_kernel(q[:, 0], k, v, rows, kv_len, k_scale_pages=k_scale, v_scale_pages=v_scale,
+                                   interpret=interpret)[:, None]
     if q.shape[1] == 1:  # decode: the one query sits at kv_len - 1 and sees every cached key
         return decode_attention(q[:, 0], k, v, kv_len, k_scale=k_scale, v_scale=v_scale,
                                 interpret=interpret)[:, None]

@@ -53,6 +53,22 @@ def test_int8_kv_cache_generates_the_same_tokens_with_pallas_and_xla_attention(t
     assert [t[0] for t in xla] == [t[0] for t in _greedy(tiny_model, prompts)]
 
 
+def test_int8_kv_cache_one_head_per_kv_head_takes_the_fma_kernel_and_its_tokens(tiny_cfg, tokenizer, monkeypatch):
+    """With R = 1 (Llama-2-7B's heads), decode over a static int8 cache runs the paged kernel's
+    FMA path (each row one page) and generates the XLA path's greedy tokens."""
+    from jllm import attention
+    mha = dataclasses.replace(make_model(dataclasses.replace(tiny_cfg, n_kv_heads=tiny_cfg.n_heads), tokenizer),
+                              kv_cache_dtype="int8")
+    calls = []
+    real = attention.paged_decode_kernel
+    monkeypatch.setattr(attention, "paged_decode_kernel", lambda *a, **k: calls.append(a[3].shape) or real(*a, **k))
+    prompts = [[1, 5, 9, 22, 40], list(range(3, 40))]
+    xla = _greedy(mha, prompts)
+    assert not calls
+    assert _greedy(dataclasses.replace(mha, attn_impl="pallas"), prompts) == xla
+    assert calls and all(shape == (2, 1) for shape in calls)  # tables [B, 1]: row b is page b
+
+
 def test_kv_cache_dtype_is_checked_before_loading(tiny_model, tiny_checkpoint):
     with pytest.raises(ValueError, match="kv_cache_dtype='fp8'"):
         dataclasses.replace(tiny_model, kv_cache_dtype="fp8")
