@@ -73,7 +73,9 @@ class BlockSizes:
     tensor-core dot of the transposed tile, [bn, bk] @ [bk, bm] (wgmma on Hopper, with the weight
     as the register operand), multiplies them; the group scale is applied to the float32 tile
     result. About 2.6 instructions per code in the sm_90 loop against 6.2 for fold
-    (scripts/kernel_asm.py; docs/perf_quant.md).
+    (scripts/kernel_asm.py), yet slower on an H200: 97.8 against 72.4 us per 7B layer, 312.6
+    against 414.1 tokens/s end to end (latency-bound: one tile in flight, a shared-memory round
+    trip and a wgmma wait per tile; docs/perf_quant.md). Off by default.
     """
     block_n: int = 128
     block_k: int = 128

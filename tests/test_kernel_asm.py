@@ -70,3 +70,17 @@ def test_attention_block_sizes_reach_the_kernel():
     assert k.num_stages == 2
     with pytest.raises(ValueError, match="kind='prefill'"):
         kernel_asm.attention_kernels("prefill", 1, 16)
+
+
+def test_int8_pages_with_one_head_per_kv_head_compile_to_fmas_without_tensor_cores():
+    """The FMA path of int8 paged decode (R = 1): its loop turns bytes into floats with PRMT and
+    multiplies with FFMA, with no MMA and no byte-wise shared-memory reads; the dot path (fma=False)
+    on the same shape has both (HMMA, LDS)."""
+    fma = kernel_asm.compile_sm90(kernel_asm.attention_kernels("paged", 8, 256, heads=4, kv_heads=4, kv="int8")[0])
+    mix = kernel_asm.loop_mix(fma["sass"])
+    assert fma["spill_bytes"] == 0 and mix["PRMT"] >= 64 and mix["FFMA"] >= 64
+    assert not any(op.startswith(("HMMA", "HGMMA")) for op in mix) and mix["LDS"] <= 2  # the block max only
+    dot = kernel_asm.attention_kernels("paged", 8, 256, heads=4, kv_heads=4, kv="int8",
+                                       block_sizes=kernel_asm._block_sizes("fma=false", "paged"))[0]
+    dot_mix = kernel_asm.loop_mix(kernel_asm.compile_sm90(dot)["sass"])
+    assert dot_mix["HMMA"] > 0 and dot_mix["LDS"] > mix["LDS"]
