@@ -148,7 +148,9 @@ def paged(args) -> None:
         for ns, st in [(4, 4), (8, 4), (32, 4), (16, 3)]
     ]
     shapes, page_sizes = SHAPES, (16, 64)
-    int8_candidates = candidates
+    # int8 pages at R = 1 and few rows: the FMA path with fewer or more splits, and the dot path
+    int8_candidates = [BlockSizes(num_splits=ns, num_stages=1) for ns in (2, 4, 16)]
+    int8_candidates += [BlockSizes(num_stages=st, fma=False) for st in (2, 4)]
     if args.shape:  # one shape, pages of 16 (the engine's), a wider sweep without forced splits
         shapes, page_sizes = [(*args.shape, 32, 32, 128)], (16,)
         tuned = {tuple(args.shape)}
@@ -164,7 +166,7 @@ def paged(args) -> None:
             lengths = jnp.full((batch,), seq_len, jnp.int32)
             name = f"page={page_size} B={batch} S={seq_len} H={heads} G={kv_heads}"
             for cache in args.cache:  # each against decode_attention
-                sweep = int8_candidates if cache == "int8" and args.shape and heads == kv_heads else candidates
+                sweep = int8_candidates if cache == "int8" and heads == kv_heads else candidates
                 configs = [None] + (sweep if args.tune and (batch, seq_len) in tuned else [])
                 if cache == "bf16":
                     make_pool = functools.partial(scattered_pool, dtype=jnp.bfloat16)
