@@ -50,6 +50,7 @@ def _paged_fma_kernel(
     slice_k: int,
     num_splits: int,
     fold: bool,
+    row_max: bool,
     compiled: bool,
 ):
     """Query head g of row b (R = 1) over the int8 pages of split j, without tensor cores.
@@ -62,7 +63,9 @@ def _paged_fma_kernel(
     in each, so the V sums ([slice_k, W] x 4, one float per thread and byte) take the slices in
     turn with FMAs and are reduced over keys once at the end. A step has one cross-thread
     reduction per slice (the scores over K) and one block max; the sums are rescaled only when the
-    max grows by more than RESCALE_SLACK.
+    max grows by more than RESCALE_SLACK. With row_max, each key slot (row of the sums) keeps its
+    own running max instead: no cross-warp max and no barrier per step, every step rescales its
+    rows, and the rows are brought to one max at the end.
     """
     b, g, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     words = k_ref.shape[-1]
@@ -88,7 +91,7 @@ def _paged_fma_kernel(
         return tuple(out)
 
     def step(carry, block):
-        accs, l, w_sum, m = carry  # 4 x [slice_k, W], [slice_k], [slice_k], scalar
+        accs, l, w_sum, m = carry  # 4 x [slice_k, W], [slice_k], [slice_k], scalar ([slice_k] if row_max)
         scores = []
         for kw, _, ks, _, ok in block:
             s = jnp.sum(int8_dot4(bias_codes(kw), qs, fold, compiled), axis=1)  # [slice_k]: q . codes
@@ -96,16 +99,22 @@ def _paged_fma_kernel(
                 s = s * FOLD_SCALE - q_sum * FOLD_OFFSET
             scores.append(jnp.where(ok, s * ks, MASK_VALUE))
         top = functools.reduce(jnp.maximum, scores)  # elementwise first: one cross-thread max
-        top = jnp.max(top)
+        if row_max:
+            m_new = jnp.maximum(m, top)  # [slice_k]
+            alpha = jnp.exp2(m - m_new)
+            accs, l, w_sum, m = tuple(a * alpha[:, None] for a in accs), l * alpha, w_sum * alpha, m_new
+        else:
+            top = jnp.max(top)
 
-        def rescale(c):
-            accs, l, w_sum, m = c
-            alpha = jnp.exp2(m - top)
-            return tuple(a * alpha for a in accs), l * alpha, w_sum * alpha, top
+            def rescale(c):
+                accs, l, w_sum, m = c
+                alpha = jnp.exp2(m - top)
+                return tuple(a * alpha for a in accs), l * alpha, w_sum * alpha, top
 
-        accs, l, w_sum, m = lax.cond(top > m + RESCALE_SLACK, rescale, lambda c: c, (accs, l, w_sum, m))
+            accs, l, w_sum, m = lax.cond(top > m + RESCALE_SLACK, rescale, lambda c: c, (accs, l, w_sum, m))
         for s, (_, vw, _, vs, ok) in zip(scores, block):
-            p = jnp.exp2(s - m)  # [slice_k], <= 2**RESCALE_SLACK
+            # [slice_k], <= 2**RESCALE_SLACK; 0 for a masked key even where its slot has seen none
+            p = jnp.where(ok, jnp.exp2(s - m), 0.0)
             w = jnp.where(ok, p * vs, 0.0)  # a masked key's scale may be anything, even NaN
             accs = int8_axpy4(bias_codes(vw), w[:, None], accs, fold, compiled)
             l, w_sum = l + p, w_sum + w
@@ -113,7 +122,7 @@ def _paged_fma_kernel(
 
     zeros = jnp.zeros((slice_k, words), jnp.float32)
     row = jnp.zeros((slice_k,), jnp.float32)
-    init = (zeros,) * 4, row, row, jnp.float32(MASK_VALUE)
+    init = (zeros,) * 4, row, row, jnp.full((slice_k,), MASK_VALUE) if row_max else jnp.float32(MASK_VALUE)
 
     def body(blk, c):
         # issued before this block's arithmetic, to be in flight meanwhile; the last step reloads
@@ -123,6 +132,10 @@ def _paged_fma_kernel(
 
     carry, _ = lax.fori_loop(lo, hi, body, (init, load_block(lo)))
     accs, l, w_sum, m = carry
+    if row_max:  # every slot's sums to the program's max (a slot that saw no key weighs 0)
+        top = jnp.max(m)
+        alpha = jnp.exp2(m - top)
+        accs, l, w_sum, m = tuple(a * alpha[:, None] for a in accs), l * alpha, w_sum * alpha, top
     out = [jnp.sum(a, axis=0) for a in accs]  # [W] each
     if fold:
         total = jnp.sum(w_sum)
@@ -159,7 +172,8 @@ def paged_int8_fma(q, k_pages, v_pages, block_tables, lengths, k_scale_pages, v_
     # one key row per thread in each slice: 4 words (16 bytes) a thread, W words a row
     slice_k = min(block_k, max(1, 128 * block_sizes.num_warps // words))
     kernel = functools.partial(_paged_fma_kernel, page_size=page_size, block_k=block_k, slice_k=slice_k,
-                               num_splits=num_splits, fold=fold, compiled=not interpret)
+                               num_splits=num_splits, fold=fold, row_max=block_sizes.row_max,
+                               compiled=not interpret)
     kv_spec = pl.BlockSpec((pool_rows, None, words), lambda b, g, j: (0, g, 0))
     scale_spec = pl.BlockSpec((num_pages, None, page_size), lambda b, g, j: (0, g, 0))
     out_specs, out_shape = split_outputs(batch, num_splits, (num_heads, 4), words, q.dtype)

@@ -38,6 +38,8 @@ class BlockSizes:
     (64 / R tokens, at least 1). fma (paged_attention over int8 pages with one query head per KV
     head, R = 1): True or None runs the keys through a register FMA reduction over the codes'
     bytes (`int8_dot4`, `int8_axpy4`) instead of the tensor-core dots, False keeps the dots.
+    row_max (FMA path): a running max per key slot instead of one per program (no cross-warp max
+    per step; paged_int8_fma).
     """
     block_k: int = 64
     num_splits: int | None = None
@@ -45,6 +47,7 @@ class BlockSizes:
     num_stages: int = 4
     block_q: int | None = None
     fma: bool | None = None
+    row_max: bool = False
 
     def __post_init__(self):
         if not isinstance(self.block_k, int) or self.block_k < 16 or not is_pow2(self.block_k):
@@ -59,6 +62,8 @@ class BlockSizes:
             raise ValueError(f"block_q={self.block_q!r} must be None or a power of 2")
         if self.fma not in (None, True, False):
             raise ValueError(f"fma={self.fma!r} must be None, True or False")
+        if self.row_max not in (True, False):
+            raise ValueError(f"row_max={self.row_max!r} must be True or False")
 
 
 def resolve_splits(

@@ -84,3 +84,16 @@ def test_int8_pages_with_one_head_per_kv_head_compile_to_fmas_without_tensor_cor
                                        block_sizes=kernel_asm._block_sizes("fma=false", "paged"))[0]
     dot_mix = kernel_asm.loop_mix(kernel_asm.compile_sm90(dot)["sass"])
     assert dot_mix["HMMA"] > 0 and dot_mix["LDS"] > mix["LDS"]
+
+
+def test_int8_fma_path_with_a_max_per_key_slot_has_no_barrier_in_its_loop():
+    """row_max: each key slot keeps its own running max, so a step needs no block max across
+    warps: no BAR (and no branch for the rescale) in the loop, where the per-program max has both."""
+    def mix(row_max):
+        bs = kernel_asm._block_sizes(f"row_max={row_max}", "paged")
+        [k, *_] = kernel_asm.attention_kernels("paged", 8, 256, heads=4, kv_heads=4, kv="int8", block_sizes=bs)
+        return kernel_asm.loop_mix(kernel_asm.compile_sm90(k)["sass"])
+
+    per_slot, per_program = mix("true"), mix("false")
+    assert per_program["BAR"] > 0 and "BAR" not in per_slot
+    assert per_slot["PRMT"] == per_program["PRMT"] >= 64

@@ -364,9 +364,10 @@ FMA_CASES = [
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("case", FMA_CASES, ids=[f"fma{i}" for i in range(len(FMA_CASES))])
 def test_paged_int8_fma_path_matches_ref_and_the_dot_path(case, interpret):
-    """The FMA path (fma None or True) against the float32 reference, within the bounds of a float
-    pool of q's dtype, and against the tensor-core path (fma=False) on the same pages. Scales
-    are NaN at every slot past the lengths, so a key read but not masked reaches the output."""
+    """The FMA path (fma None or True, with one running max per program or per key slot) against
+    the float32 reference, within the bounds of a float pool of q's dtype, and against the
+    tensor-core path (fma=False) on the same pages. Scales are NaN at every slot past the lengths,
+    so a key read but not masked reaches the output."""
     batch, lengths, page_size, heads, head_dim, dtype, block_k, num_splits, num_warps = case
     case_id = f"fma_{case}"
     num_pages = batch * (-(-max(lengths) // page_size)) + 3
@@ -377,14 +378,17 @@ def test_paged_int8_fma_path_matches_ref_and_the_dot_path(case, interpret):
     ref = reference(pa.paged_attention_ref, q, *pages[:2], tables, lengths, k_scale_pages=pages[2],
                     v_scale_pages=pages[3])
     outs = {}
-    for fma in (None, True, False):
-        bs = BlockSizes(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=2, fma=fma)
-        outs[fma] = pa.paged_attention(q, *pages[:2], tables, lengths, k_scale_pages=poisoned[2],
-                                       v_scale_pages=poisoned[3], block_sizes=bs, interpret=interpret)
-        assert outs[fma].shape == q.shape and outs[fma].dtype == q.dtype
-        assert_close(outs[fma], ref, dtype)
-    np.testing.assert_array_equal(np.asarray(outs[None].astype(jnp.float32)), np.asarray(outs[True].astype(jnp.float32)))
-    assert_close(outs[True], outs[False], dtype)
+    for fma, row_max in ((None, False), (True, False), (False, False), (True, True)):
+        bs = BlockSizes(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=2, fma=fma,
+                        row_max=row_max)
+        out = outs[fma, row_max] = pa.paged_attention(q, *pages[:2], tables, lengths, k_scale_pages=poisoned[2],
+                                                      v_scale_pages=poisoned[3], block_sizes=bs, interpret=interpret)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert_close(out, ref, dtype)
+    f32 = {key: np.asarray(out.astype(jnp.float32)) for key, out in outs.items()}
+    np.testing.assert_array_equal(f32[None, False], f32[True, False])  # None means the FMA path
+    assert_close(outs[True, False], outs[False, False], dtype)
+    assert_close(outs[True, True], outs[True, False], dtype)  # a max per key slot: the same result
 
 
 def test_paged_int8_fma_path_is_the_default_for_one_head_per_kv_head():

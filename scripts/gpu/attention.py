@@ -150,6 +150,7 @@ def paged(args) -> None:
     shapes, page_sizes = SHAPES, (16, 64)
     # int8 pages at R = 1 and few rows: the FMA path with fewer or more splits, and the dot path
     int8_candidates = [BlockSizes(num_splits=ns, num_stages=1) for ns in (2, 4, 16)]
+    int8_candidates += [BlockSizes(num_stages=1, row_max=True), BlockSizes(block_k=32, num_stages=1, row_max=True)]
     int8_candidates += [BlockSizes(num_stages=st, fma=False) for st in (2, 4)]
     if args.shape:  # one shape, pages of 16 (the engine's), a wider sweep without forced splits
         shapes, page_sizes = [(*args.shape, 32, 32, 128)], (16,)
@@ -159,6 +160,8 @@ def paged(args) -> None:
         # int8 pages at R = 1: the FMA path's tilings (stages do not apply), and the dot path's best
         int8_candidates = [BlockSizes(block_k=bk, num_warps=w, num_stages=1)
                            for bk, w in ((32, 2), (32, 4), (64, 2), (64, 4), (64, 8), (128, 4), (128, 8))]
+        int8_candidates += [BlockSizes(block_k=bk, num_warps=w, num_stages=1, row_max=True)
+                            for bk, w in ((32, 4), (64, 4), (32, 8), (64, 8))]
         int8_candidates += [BlockSizes(block_k=bk, num_stages=2, fma=False) for bk in (64, 128)]
     for page_size in page_sizes:
         for batch, seq_len, heads, kv_heads, head_dim in shapes:
