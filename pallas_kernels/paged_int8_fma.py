@@ -113,8 +113,9 @@ def _paged_fma_kernel(
 
             accs, l, w_sum, m = lax.cond(top > m + RESCALE_SLACK, rescale, lambda c: c, (accs, l, w_sum, m))
         for s, (_, vw, _, vs, ok) in zip(scores, block):
-            # [slice_k], <= 2**RESCALE_SLACK; 0 for a masked key even where its slot has seen none
-            p = jnp.where(ok, jnp.exp2(s - m), 0.0)
+            p = jnp.exp2(s - m)  # [slice_k], <= 2**RESCALE_SLACK
+            if row_max:  # a slot may have seen no key yet (m = MASK_VALUE): mask its p too
+                p = jnp.where(ok, p, 0.0)
             w = jnp.where(ok, p * vs, 0.0)  # a masked key's scale may be anything, even NaN
             accs = int8_axpy4(bias_codes(vw), w[:, None], accs, fold, compiled)
             l, w_sum = l + p, w_sum + w
