@@ -104,8 +104,9 @@ def sequence(kernels: list[tuple[str, float, float]], start: int, count: int) ->
 
 
 def profile(cfg, params, plan, batch: int, steps: int, prompt_len: int, trace_dir: str,
-            device: str = "GPU", show: int = 0) -> tuple[float, dict]:
-    """Prefill prompt_len random tokens, then trace `steps` decode steps -> (wall ms per step, table)."""
+            device: str = "GPU", show: int = 0, kv_dtype=None) -> tuple[float, dict]:
+    """Prefill prompt_len random tokens, then trace `steps` decode steps -> (wall ms per step, table).
+    kv_dtype: the cache's dtype (default the weights' float dtype; jnp.int8 for an int8 cache)."""
     from jllm.generate import bucket, decode, prefill
     from jllm.kvcache import init_cache
     from jllm.sampling import Sampling
@@ -115,7 +116,7 @@ def profile(cfg, params, plan, batch: int, steps: int, prompt_len: int, trace_di
     tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (batch, T)), jnp.int32)
     n = jnp.full((batch,), prompt_len, jnp.int32)
     sampling, key = Sampling.make(batch), jax.random.key(0)
-    token, cache, key = prefill(params, tokens, n, init_cache(cfg, batch, S, params.norm.dtype), sampling, key,
+    token, cache, key = prefill(params, tokens, n, init_cache(cfg, batch, S, kv_dtype or params.norm.dtype), sampling, key,
                                 cfg=cfg, plan=plan)
     saved = jax.tree.map(jnp.copy, cache)
     out, cache, _ = decode(params, token, cache, sampling, key, cfg=cfg, n_steps=steps, plan=plan)  # compile
@@ -177,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--matmul-impl", nargs="+", default=[None], choices=["xla", "pallas", "pallas-fused"])
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--kv-cache", nargs="+", default=["auto"], choices=["auto", "int8"],
+                    help="decode over a cache of the weights' float dtype (auto) or int8")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--device", default="GPU", help="process-name filter of the device streams in the trace")
     ap.add_argument("--out", default=None, help="write the tables here (summary.txt) and keep the traces")
@@ -210,11 +213,13 @@ def main(argv: list[str] | None = None) -> int:
                         report.append(format_table(name, wall, table).replace("/step", "/prefill"))
                         print(report[-1], flush=True)
                     continue
-                wall, table = profile(cfg, params, plan, batch, args.steps, args.prompt_len,
-                                      os.path.join(out_dir, re.sub(r"\W+", "_", title)), args.device,
-                                      args.sequence)
-                report.append(format_table(title, wall, table) + ("\n" + table["sequence"] if args.sequence else ""))
-                print(report[-1], flush=True)
+                for kv in args.kv_cache:
+                    name = title + (" kv=int8" if kv == "int8" else "")
+                    wall, table = profile(cfg, params, plan, batch, args.steps, args.prompt_len,
+                                          os.path.join(out_dir, re.sub(r"\W+", "_", name)), args.device,
+                                          args.sequence, jnp.int8 if kv == "int8" else None)
+                    report.append(format_table(name, wall, table) + ("\n" + table["sequence"] if args.sequence else ""))
+                    print(report[-1], flush=True)
         del params
     with open(os.path.join(out_dir, "summary.txt"), "w") as f:
         f.write("\n\n".join(report) + "\n")
