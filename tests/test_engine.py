@@ -434,7 +434,7 @@ def test_bad_prompts_and_a_full_queue_are_refused(tiny_model, tiny_model_no_toke
 # --- the offline benchmark -----------------------------------------------------------------
 
 def test_offline_bench_runs_and_reports_sane_numbers(tiny_model_no_tokenizer, tmp_path):
-    png = tmp_path / "timeline.png"
+    png = tmp_path / "plots" / "timeline.png"  # a directory that does not exist yet
     r = run_engine_bench(tiny_model_no_tokenizer, n_requests=10, prompt_len=(4, 24), output_len=(2, 10), seed=0,
                          baseline_batch=4, plot=str(png), engine_kwargs=KW)
     assert r.output_tokens == sum(r.output_lens) and len(r.output_lens) == 10

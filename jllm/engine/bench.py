@@ -114,7 +114,8 @@ def run_baseline(model: Model, prompts: list[list[int]], output_lens: list[int],
 
 
 def plot_timeline(timeline: list[tuple[float, int, int]], path: str) -> None:
-    """Running requests and output tokens/s over time, as a PNG at `path` (written, then renamed)."""
+    """Running requests and output tokens/s over time, as a PNG at `path` (written, then renamed;
+    missing directories are made)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -132,6 +133,7 @@ def plot_timeline(timeline: list[tuple[float, int, int]], path: str) -> None:
     b.set_ylabel("output tokens/s")
     b.set_xlabel("seconds since submission")
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}.png"
     fig.savefig(tmp)
     plt.close(fig)
