@@ -18,7 +18,7 @@ from pallas_kernels.decode_attention import decode_attention, decode_attention_a
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.kv_quant import dequantize_kv
 from pallas_kernels.paged_attention import paged_attention as paged_decode_kernel
-from pallas_kernels.paged_attention import gather_pages, gather_scale_pages, paged_attention_mq
+from pallas_kernels.paged_attention import gather_pages, gather_scale_pages, paged_attention_append, paged_attention_mq
 
 
 def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array,
@@ -156,6 +156,25 @@ def decode_append(q: jax.Array, k: jax.Array, v: jax.Array, k_new: jax.Array, v_
     out, k, v = decode_attention_append(q[:, 0], k, v, lengths, kv_len, k_new[:, 0], v_new[:, 0],
                                         inv_freq=inv_freq, interpret=plan.interpreted)
     return out[:, None], k, v
+
+
+def decode_append_int8(q: jax.Array, k_new: jax.Array, v_new: jax.Array, pos: jax.Array, k: jax.Array,
+                       v: jax.Array, k_scale: jax.Array, v_scale: jax.Array, lengths: jax.Array,
+                       kv_len: jax.Array, plan: Plan, theta: float) -> tuple | None:
+    """One decode step over a static int8 cache with one query head per KV head, the cache write
+    in the attention kernel: q [B, 1, H, K] and k_new, v_new [B, 1, G, K] before RoPE (rotated
+    here at pos [B, 1]), the new key and value rounded to int8 and stored at lengths by the kernel
+    -> (out [B, 1, H, K], k, v, k_scale, v_scale). None where the plan runs no kernels on one
+    device or the shapes don't take that kernel (the caller writes, then attends)."""
+    if (plan.attn_impl != "pallas" or plan.sharded or not supported(q, k) or q.shape[1] != 1
+            or q.shape[2] != k.shape[2]):
+        return None
+    q, k_new = rope(q, pos, theta), rope(k_new, pos, theta)
+    rows = jnp.arange(q.shape[0], dtype=jnp.int32)[:, None]  # [B, 1] tables: row b is page b of S slots
+    out, k, v, k_scale, v_scale = paged_attention_append(
+        q[:, 0], k, v, rows, lengths, kv_len, k_new[:, 0], v_new[:, 0], k_scale_pages=k_scale,
+        v_scale_pages=v_scale, interpret=plan.interpreted)
+    return out[:, None], k, v, k_scale, v_scale
 
 
 def _paged_xla(q, k_pages, v_pages, block_tables, q_offset, kv_len, k_scale_pages=None,

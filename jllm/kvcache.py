@@ -114,14 +114,22 @@ class KVCache(CacheOps):
     def write_attend(self, i: int, q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array,
                      n_tokens: jax.Array, fresh: bool, plan: Plan, theta: float,
                      ) -> tuple[LayerKV, jax.Array]:
-        """`CacheOps.write_attend`; a decode step over a float cache runs as one Pallas kernel
-        where the plan's attention allows (attention.decode_append; pos is then self.lengths)."""
+        """`CacheOps.write_attend`; a decode step runs as one Pallas kernel where the plan's
+        attention allows: over a float cache (attention.decode_append; pos is then self.lengths),
+        and over an int8 cache with one query head per KV head (attention.decode_append_int8,
+        which also rounds the new key and value to int8)."""
         if q.shape[1] == 1 and not fresh and not self.quantized:
             fused = attn.decode_append(q, self.k[i], self.v[i], k, v, self.lengths, self.lengths + n_tokens,
                                        plan, theta)
             if fused is not None:
                 o, ck, cv = fused
                 return (ck, cv, None, None), o
+        if q.shape[1] == 1 and not fresh and self.quantized:
+            fused = attn.decode_append_int8(q, k, v, pos, self.k[i], self.v[i], self.k_scale[i], self.v_scale[i],
+                                            self.lengths, self.lengths + n_tokens, plan, theta)
+            if fused is not None:
+                o, *layer = fused
+                return tuple(layer), o
         return super().write_attend(i, q, k, v, pos, n_tokens, fresh, plan, theta)
 
     def updated(self, layers: list[LayerKV], n_tokens: jax.Array) -> "KVCache":

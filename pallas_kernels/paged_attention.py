@@ -28,6 +28,8 @@ dequantizes in registers exactly as the decode kernel does (`online_softmax_step
 head per KV head (R = 1: Llama-2-7B and 13B), `paged_attention` runs int8 pages through
 `paged_int8_fma` instead: register FMAs over the codes' bytes, no tensor-core dots (379.8
 against 495.5 us for 256 rows of 544 keys on an H200; docs/PERFORMANCE.md, sixth round).
+`paged_attention_append` is that path with the decode step's cache write inside the kernel: the
+new key and value are rounded to int8 and stored there, so a step runs no XLA quantize or scatter.
 """
 import dataclasses
 import functools
@@ -47,7 +49,7 @@ from pallas_kernels.split_k import (
     online_softmax_step, resolve_splits, split_outputs, split_range, store_result,
 )
 
-__all__ = ["BlockSizes", "paged_attention", "paged_attention_ref", "paged_attention_mq", "paged_attention_mq_ref",
+__all__ = ["BlockSizes", "paged_attention", "paged_attention_append", "paged_attention_ref", "paged_attention_mq", "paged_attention_mq_ref",
            "gather_pages", "gather_scale_pages"]
 
 
@@ -283,18 +285,56 @@ def paged_attention(
     return out[:, 0]
 
 
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def paged_attention_append(
+    q: jax.Array,  # [B, H, K], H = G
+    k_pages: jax.Array,  # [P, page_size, G, K] int8
+    v_pages: jax.Array,  # [P, page_size, G, K] int8
+    block_tables: jax.Array,  # [B, max_pages] int32
+    lengths: jax.Array,  # [B] int32 keys already stored
+    kv_len: jax.Array,  # [B] int32: the new key is visible where kv_len[b] > lengths[b]
+    k_new: jax.Array,  # [B, G, K] after RoPE
+    v_new: jax.Array,  # [B, G, K]
+    *,
+    k_scale_pages: jax.Array,  # [P, G, page_size] float32
+    v_scale_pages: jax.Array,  # [P, G, page_size] float32
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """A decode step over int8 pages with one query head per KV head (R = 1) and the cache write
+    in the kernel: k_new, v_new are rounded to int8 codes and scales as `quantize_kv` rounds them,
+    stored at slot lengths[b] of row b's pages (dropped where that slot's page is not in the
+    table) and attended with the lengths[b] keys before them -> (out [B, H, K], k_pages, v_pages,
+    k_scale_pages, v_scale_pages), the pages updated in place where the caller donates them."""
+    _check_args(q, k_pages, v_pages, block_tables, k_scale_pages, v_scale_pages,
+                dict(lengths=lengths, kv_len=kv_len), "[B, H, K]")
+    if k_scale_pages is None or q.shape[1] != k_pages.shape[2]:
+        raise ValueError(f"paged_attention_append takes int8 pages with one query head per KV head; got "
+                         f"{k_pages.dtype} pages, {q.shape[1]} query heads over {k_pages.shape[2]} KV heads")
+    want = (q.shape[0], k_pages.shape[2], k_pages.shape[3])
+    if k_new.shape != want or v_new.shape != want:
+        raise ValueError(f"expected k_new = v_new [B, G, K] = {want}; got {k_new.shape=} {v_new.shape=}")
+    if block_sizes is not None and block_sizes.fma is False:
+        raise ValueError("paged_attention_append runs the FMA path only; got BlockSizes(fma=False)")
+    block_sizes = block_sizes or decode_block_sizes(q.shape[0] * k_pages.shape[2], True, True)
+    return paged_int8_fma(q, k_pages, v_pages, block_tables.astype(jnp.int32), lengths.astype(jnp.int32),
+                          k_scale_pages, v_scale_pages, block_sizes, interpret,
+                          new=(kv_len.astype(jnp.int32), k_new, v_new))
+
+
 def decode_block_sizes(programs: int, quantized: bool = False, fma: bool = False) -> BlockSizes:
     """The default tiling of `paged_attention` over `programs` (row, KV head) pairs. With at least
     two per SM there are no length splits, and 2 pipeline stages beat 4: 550.5 against 568.4 us
     for 256 rows of 544 keys (7B, pages of 16) on an H200, an engine decode step of 25.13 against
     25.61 ms. int8 pages (quantized) on the dot path then take 128 keys per step: 496.1 against
     525.1 us, the fastest of 24 tilings (docs/PERFORMANCE.md, 2026-12-04, fifth round). The FMA
-    path (fma: int8 pages, R = 1) keeps 64 keys per step and 4 warps at any program count: its
-    registers grow with block_k (at 256 x 544: 379.8 us; 32 keys 372.3, 128 keys 448-457, 8 warps
-    431.3; sixth round)."""
+    path (fma: int8 pages, R = 1) takes 4 warps: its registers grow with block_k and warps (at 256
+    x 544: 64 keys 379.8 us, 128 keys 448-457, 8 warps 431.3; sixth round). With two programs per
+    SM it takes 32 keys a step and a running max per key slot (row_max): 366.6 against 379.0 us
+    for 64 keys and one max (seventh round); below that, 64 keys and one max."""
     many = programs >= 2 * getattr(jax.devices()[0], "core_count", 132)
     if fma:
-        return BlockSizes(num_stages=1)
+        return BlockSizes(block_k=32, num_stages=1, row_max=True) if many else BlockSizes(num_stages=1)
     if not many:
         return BlockSizes()
     return BlockSizes(block_k=128, num_stages=2) if quantized else BlockSizes(num_stages=2)

@@ -240,11 +240,14 @@ def test_reserve_and_release_never_give_a_page_twice(ops):
     assert bool(table.free.all()) and bool((table.block_tables < 0).all())
 
 
-@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
-def test_static_write_attend_equals_write_then_attend(kv_dtype):
+@pytest.mark.parametrize("kv_dtype,mha", [("float32", False), ("int8", False), ("int8", True)])
+def test_static_write_attend_equals_write_then_attend(kv_dtype, mha):
     """A decode step's write_attend with the Pallas kernels (one kernel that stores the new key
-    while it attends, float caches only) gives the buffers and output of write, then attend."""
+    while it attends: float caches, and int8 caches with one query head per KV head, where the
+    kernel also rounds the new key and value) gives the buffers and output of write, then attend."""
     cfg = LlamaConfig.from_name("tiny")
+    if mha:
+        cfg = dataclasses.replace(cfg, n_kv_heads=cfg.n_heads)
     B, S, H, G, K = 3, 32, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     keys = jax.random.split(jax.random.key(7), 5)
     cache = init_cache(cfg, B, S, jnp.dtype(kv_dtype))
@@ -273,3 +276,4 @@ def test_static_write_attend_equals_write_then_attend(kv_dtype):
     jaxpr = str(jax.make_jaxpr(lambda c, q, k, v: c.write_attend(0, q, k, v, pos, n, False, Plan(attn_impl="pallas"),
                                                                  theta))(cache, q, k, v))
     assert ("jllm_decode_attention_append" in jaxpr) == (kv_dtype == "float32")
+    assert ("jllm_paged_attention_int8_fma_append" in jaxpr) == (kv_dtype == "int8" and mha)

@@ -55,13 +55,15 @@ def test_int8_kv_cache_generates_the_same_tokens_with_pallas_and_xla_attention(t
 
 def test_int8_kv_cache_one_head_per_kv_head_takes_the_fma_kernel_and_its_tokens(tiny_cfg, tokenizer, monkeypatch):
     """With R = 1 (Llama-2-7B's heads), decode over a static int8 cache runs the paged kernel's
-    FMA path (each row one page) and generates the XLA path's greedy tokens."""
+    FMA path with the cache write inside (each row one page) and generates the XLA path's greedy
+    tokens."""
     from jllm import attention
     mha = dataclasses.replace(make_model(dataclasses.replace(tiny_cfg, n_kv_heads=tiny_cfg.n_heads), tokenizer),
                               kv_cache_dtype="int8")
     calls = []
-    real = attention.paged_decode_kernel
-    monkeypatch.setattr(attention, "paged_decode_kernel", lambda *a, **k: calls.append(a[3].shape) or real(*a, **k))
+    real = attention.paged_attention_append
+    monkeypatch.setattr(attention, "paged_attention_append",
+                        lambda *a, **k: calls.append(a[3].shape) or real(*a, **k))
     prompts = [[1, 5, 9, 22, 40], list(range(3, 40))]
     xla = _greedy(mha, prompts)
     assert not calls

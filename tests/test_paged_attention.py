@@ -4,6 +4,7 @@ compiled on a GPU too (`pytest -m gpu`; kernel_checks.MODES).
 Interpret mode fills pallas outputs with NaN and pads out-of-bounds reads with NaN, so "no NaN
 where the reference is finite" proves every output element was written.
 """
+import functools
 import zlib
 
 import jax
@@ -79,9 +80,10 @@ def test_decode_tiling_takes_longer_steps_for_int8_pages_when_programs_fill_the_
     assert pa.decode_block_sizes(few) == pa.decode_block_sizes(few, quantized=True) == BlockSizes()
     assert pa.decode_block_sizes(many) == BlockSizes(num_stages=2)
     assert pa.decode_block_sizes(many, quantized=True) == BlockSizes(block_k=128, num_stages=2)
-    # the FMA path (int8 pages, R = 1) keeps 64 keys a step: its registers grow with block_k
-    assert pa.decode_block_sizes(few, True, fma=True) == pa.decode_block_sizes(many, True, fma=True)
-    assert pa.decode_block_sizes(many, True, fma=True).block_k == 64
+    # the FMA path (int8 pages, R = 1): 64 keys a step and one max below two programs per SM, 32
+    # keys and a max per key slot from there
+    assert pa.decode_block_sizes(few, True, fma=True) == BlockSizes(num_stages=1)
+    assert pa.decode_block_sizes(many, True, fma=True) == BlockSizes(block_k=32, num_stages=1, row_max=True)
 
 
 @pytest.mark.parametrize("interpret", MODES)
@@ -389,6 +391,78 @@ def test_paged_int8_fma_path_matches_ref_and_the_dot_path(case, interpret):
     np.testing.assert_array_equal(f32[None, False], f32[True, False])  # None means the FMA path
     assert_close(outs[True, False], outs[False, False], dtype)
     assert_close(outs[True, True], outs[True, False], dtype)  # a max per key slot: the same result
+
+
+# paged_attention_append: (B, lengths, kv_len - lengths, page_size, H, K, q dtype, block_k,
+# num_splits, num_warps, row_max). A row whose next slot is on a page the table lacks (64 keys in
+# pages of 64: the next entry is -1) drops its new key; a row with kv_len = lengths stores it unseen.
+APPEND_CASES = [
+    (3, [1, 40, 130], [1, 1, 1], 16, 4, 128, jnp.bfloat16, 64, None, 4, False),
+    (2, [200, 64], [1, 1], 64, 2, 64, jnp.float32, 32, 3, 4, False),
+    (2, [17, 95], [0, 1], 8, 2, 128, jnp.float32, 64, 1, 2, True),
+    (1, [300], [1], 16, 2, 128, jnp.bfloat16, 128, 2, 8, True),
+]
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("case", APPEND_CASES, ids=[f"append{i}" for i in range(len(APPEND_CASES))])
+def test_paged_int8_append_equals_quantize_write_then_attend(case, interpret):
+    """The kernel's cache write equals quantize_kv's codes and scales written at slot lengths[b]
+    (bit for bit, every other slot untouched, NaN scales included), and its output equals the
+    reference over the pages so written, the new key counted where kv_len[b] > lengths[b]."""
+    batch, lengths, extra, page_size, heads, head_dim, dtype, block_k, num_splits, num_warps, row_max = case
+    case_id = f"append_{case}"
+    num_pages = batch * (-(-max(lengths) // page_size) + 1) + 3
+    _, pages, tables, poisoned = _int8_paged_data(case_id, batch, lengths, page_size, heads, head_dim, num_pages)
+    rng = np.random.default_rng(zlib.crc32(case_id.encode()))
+    q, k_new, v_new = (jnp.asarray(rng.normal(size=(batch, heads, head_dim)) * scale, jnp.float32).astype(dtype)
+                       for scale in (1.0, 2.0, 0.5))
+    k_new = k_new.at[0, 0].set(0)  # an all-zero key: scale 0, codes 0
+    # The expected pages: quantize_kv's rounding written where the slot's page is in the table.
+    old = np.asarray(lengths)
+    entry, slot = old // page_size, old % page_size
+    page = np.asarray(tables)[np.arange(batch), np.minimum(entry, tables.shape[1] - 1)]
+    fits = (entry < tables.shape[1]) & (page >= 0)
+    if lengths == [200, 64]:
+        assert fits.tolist() == [True, False]  # the 64-key row's next page is not in the table
+    (kc, ks), (vc, vs) = quantize_kv(k_new[:, None]), quantize_kv(v_new[:, None])  # [B, 1, G, K], [B, G, 1]
+    want = [np.array(a) for a in (pages[0], pages[1], poisoned[2], poisoned[3])]
+    for b in np.flatnonzero(fits):
+        want[0][page[b], slot[b]], want[1][page[b], slot[b]] = kc[b, 0], vc[b, 0]
+        want[2][page[b], :, slot[b]], want[3][page[b], :, slot[b]] = ks[b, :, 0], vs[b, :, 0]
+    lengths = jnp.asarray(old, jnp.int32)
+    kv_len = lengths + jnp.asarray(extra, jnp.int32)
+    bs = BlockSizes(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=1, row_max=row_max)
+    out, *new_pages = pa.paged_attention_append(
+        q, *pages[:2], tables, lengths, kv_len, k_new, v_new, k_scale_pages=poisoned[2], v_scale_pages=poisoned[3],
+        block_sizes=bs, interpret=interpret)
+    for got, w in zip(new_pages, want):
+        np.testing.assert_array_equal(np.asarray(got), w)
+    seen = jnp.where(jnp.asarray(fits), kv_len, lengths)
+    full = [jnp.asarray(np.where(np.isnan(w), 1.0, w)) if w.dtype == np.float32 else jnp.asarray(w) for w in want]
+    ref = reference(pa.paged_attention_ref, q, full[0], full[1], tables, seen, k_scale_pages=full[2],
+                    v_scale_pages=full[3])
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert_close(out, ref, dtype)
+
+
+def test_paged_int8_append_validation():
+    q = jnp.zeros((2, 4, 64), jnp.float32)
+    pages = jnp.zeros((4, 16, 4, 64), jnp.int8)
+    scales = jnp.ones((4, 4, 16), jnp.float32)
+    tables, lengths, new = jnp.zeros((2, 2), jnp.int32), jnp.array([3, 1], jnp.int32), jnp.zeros((2, 4, 64))
+    call = functools.partial(pa.paged_attention_append, interpret=True)
+    with pytest.raises(ValueError, match="one query head per KV head.*8 query heads over 4"):
+        call(jnp.zeros((2, 8, 64)), pages, pages, tables, lengths, lengths + 1, new, new, k_scale_pages=scales,
+             v_scale_pages=scales)
+    with pytest.raises(ValueError, match=r"k_new = v_new \[B, G, K\] = \(2, 4, 64\).*\(2, 4, 32\)"):
+        call(q, pages, pages, tables, lengths, lengths + 1, new, new[..., :32], k_scale_pages=scales,
+             v_scale_pages=scales)
+    with pytest.raises(ValueError, match=r"kv_len \[B\] = \(2,\)"):
+        call(q, pages, pages, tables, lengths, lengths[:1], new, new, k_scale_pages=scales, v_scale_pages=scales)
+    with pytest.raises(ValueError, match="FMA path only"):
+        call(q, pages, pages, tables, lengths, lengths + 1, new, new, k_scale_pages=scales, v_scale_pages=scales,
+             block_sizes=BlockSizes(fma=False))
 
 
 def test_paged_int8_fma_path_is_the_default_for_one_head_per_kv_head():
