@@ -50,3 +50,20 @@ def test_ttft_trace_finds_every_traced_call(tmp_path):
     calls = ttft.trace_calls(ttft.Setup(LlamaConfig.from_name("tiny"), 16), 2, str(tmp_path),
                              device="no such device")
     assert len(calls) == 2 and all(set(c) == {"call"} and c["call"] > 0 for c in calls)
+
+
+def test_loop_timer_calls_the_kernel_once_per_set_and_pass():
+    """loop_time_us runs fn on every set in every pass of one on-device loop (after one warm-up
+    call, 5 timed calls), with the first argument scaled by exactly 1."""
+    from scripts.gpu.timing import loop_time_us
+    seen = []
+
+    def fn(x, y):
+        jax.debug.callback(lambda v: seen.append(float(v)), x[0])
+        return x + y
+
+    sets = [(jnp.full((4,), 2.0), jnp.ones((4,))), (jnp.full((4,), 3.0), jnp.ones((4,)))]
+    us = loop_time_us(fn, sets, iters=3)
+    assert us > 0
+    assert len(seen) == 6 * 3 * len(sets)
+    assert sorted(set(seen)) == [2.0, 3.0]

@@ -37,6 +37,10 @@ def parser() -> argparse.ArgumentParser:
     parts = {name: sub.add_parser(name, help=help_) for name, (_, _, help_) in PARTS.items()}
     for name in ("decode-attention", "paged-attention", "paged-prefill", "flash-attention"):
         parts[name].add_argument("--tune", action="store_true", help="also sweep some BlockSizes")
+    for name in ("decode-attention", "paged-attention"):
+        parts[name].add_argument("--loop", action="store_true",
+                                 help="time the kernels in an on-device loop (timing.loop_time_us), below "
+                                      "the dispatch floor of the default timer")
     parts["paged-attention"].add_argument(
         "--shape", type=int, nargs=2, metavar=("B", "S"),
         help="only this batch and length (pages of 16; with --tune, a wider sweep)")

@@ -2,8 +2,11 @@
 the KV bytes read), with an optional tiling sweep (`--tune`); and paged chunked prefill
 (paged_attention_mq) against flash_attention over a static cache of the same keys.
 
-    python -m scripts.gpu decode-attention [--tune]
-    python -m scripts.gpu paged-attention [--tune]
+    python -m scripts.gpu decode-attention [--tune] [--loop]
+    python -m scripts.gpu paged-attention [--tune] [--loop] [--shape B S] [--cache bf16 int8]
+
+--loop times each kernel in an on-device loop (`timing.loop_time_us`) instead of `time_us`,
+whose dispatch floor (about 18-20 µs a call on an H200) hides kernels at one to a few rows.
     python -m scripts.gpu paged-prefill [--tune]
 """
 import functools
@@ -20,7 +23,7 @@ from pallas_kernels.paged_attention import (
     paged_attention, paged_attention_mq, paged_attention_mq_ref, paged_attention_ref,
 )
 from scripts.gpu.common import PEAK_TBS, best_config, header
-from scripts.gpu.timing import num_sets, time_us
+from scripts.gpu.timing import loop_time_us, num_sets, time_us
 
 SHAPES = [(b, s, 32, 32, 128) for b in (1, 8, 64) for s in (512, 2048, 4096)]  # (B, S, H, G, K)
 
@@ -60,6 +63,7 @@ def kv_bytes(batch: int, seq_len: int, kv_heads: int, head_dim: int, cache: str)
 def decode(args) -> None:
     """decode_attention, bf16 and int8 cache, full lengths, against the jitted `_ref` (XLA)."""
     header()
+    timer = loop_time_us if args.loop else time_us
     rows = []
     tuned = {(1, 4096), (1, 2048), (1, 512), (8, 512)}
     shapes = SHAPES + [(1, 4096, 64, 8, 128), (8, 4096, 64, 8, 128), (1, 4096, 32, 8, 128)]
@@ -86,8 +90,8 @@ def decode(args) -> None:
             sets = [make(jax.random.key(10 + i), batch, seq_len, heads, kv_heads, head_dim)
                     for i in range(num_sets(nbytes))]
             best = best_config(f"{name} {cache}", kernel, configs, inputs, ref, sets,
-                               lambda us, nbytes=nbytes: f"{nbytes / us / 1e6:5.2f} TB/s")
-            xla_us = time_us(xla, sets)
+                               lambda us, nbytes=nbytes: f"{nbytes / us / 1e6:5.2f} TB/s", timer=timer)
+            xla_us = timer(xla, sets)
             if best is not None:
                 rows.append((name, cache, nbytes, best[0], best[1], xla_us, best[2]))
             del sets, inputs
@@ -141,6 +145,7 @@ def paged(args) -> None:
     """paged_attention (one query per row), bf16 and int8 pages, pages randomly permuted, against
     decode_attention over a static cache of the same kind."""
     header()
+    timer = loop_time_us if args.loop else time_us
     rows = []
     tuned = {(1, 4096), (1, 2048)}
     candidates = [
@@ -190,12 +195,12 @@ def paged(args) -> None:
                 nbytes = kv_bytes(batch, seq_len, kv_heads, head_dim, cache)
                 sets = [make(jax.random.key(10 + i)) for i in range(num_sets(nbytes))]
                 best = best_config(f"{name} {cache}", kernel, configs, inputs, ref, sets,
-                                   lambda us, nbytes=nbytes: f"{nbytes / us / 1e6:5.2f} TB/s")
+                                   lambda us, nbytes=nbytes: f"{nbytes / us / 1e6:5.2f} TB/s", timer=timer)
                 del sets, inputs
                 dense = [make_dense(jax.random.key(10 + i), batch, seq_len, heads, kv_heads, head_dim)
                          for i in range(num_sets(nbytes))]
                 with _triton.quiet():
-                    dense_us = time_us(dense_kernel, dense)
+                    dense_us = timer(dense_kernel, dense)
                 del dense
                 if best is not None:
                     rows.append((name, cache, nbytes, best[0], best[1], dense_us, best[2]))

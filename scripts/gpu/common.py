@@ -21,17 +21,18 @@ def rel_err(out: jax.Array, ref: jax.Array) -> float:
 
 
 def best_config(name: str, kernel, configs: list, args: tuple, ref: jax.Array, arg_sets: list,
-                rate) -> tuple | None:
+                rate, timer=time_us) -> tuple | None:
     """For each tiling (None: the default), check kernel(*args, block_sizes=cfg) against ref and time
-    it over arg_sets, printing one line each (`rate(us)` formats the throughput). Returns the
-    fastest (us, rel err, cfg), or None when every tiling failed."""
+    it over arg_sets with `timer` (timing.time_us or timing.loop_time_us), printing one line each
+    (`rate(us)` formats the throughput). Returns the fastest (us, rel err, cfg), or None when every
+    tiling failed."""
     best = None
     for cfg in configs:
         op = functools.partial(kernel, block_sizes=cfg)
         try:
             with _triton.quiet():
                 err = rel_err(op(*args), ref)
-                us = time_us(op, arg_sets)
+                us = timer(op, arg_sets)
         except Exception as e:  # a tiling that fails to compile is reported, and the sweep goes on
             print(f"{name} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue

@@ -7,11 +7,14 @@ Two ways to time, for two kinds of work:
   dispatch overlaps GPU work. The figure is the median per call, launch gaps included.
 - `loop_us(fn, steps)`: fn is a jitted call that runs `steps` steps in one on-device loop (a
   `fori_loop` over GEMVs, a chain of all-reduces); the figure is the fastest of `repeats` calls
-  divided by steps, so no host dispatch is left in it.
+  divided by steps, so no host dispatch is left in it. `loop_time_us(fn, arg_sets)` builds such a
+  loop over fn and input sets: a kernel whose call is shorter than the dispatch floor of
+  `time_us` (about 18-20 µs on an H200) measures itself there, as between a model's layers.
 """
 import time
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 L2_BYTES = 50 * 2**20  # H100 and H200
@@ -37,6 +40,23 @@ def time_us(fn, arg_sets: list[tuple], trials: int = 15, reps: int = 8) -> float
         samples.append((time.perf_counter() - start) / (reps * len(arg_sets)))
     samples.sort()
     return samples[len(samples) // 2] * 1e6
+
+
+def loop_time_us(fn, arg_sets: list[tuple], iters: int = 20) -> float:
+    """Microseconds per call of fn(*args): one jitted `fori_loop` of `iters` passes, each calling
+    fn on every input set in turn. Each call's first argument is scaled by 1 + 0 * i (a traced
+    zero), so XLA hoists no call out of the loop; that costs one small elementwise kernel per call
+    on the first argument (q for attention), which a model step also has before its kernel."""
+    @jax.jit
+    def run(sets, zero):
+        def body(i, outs):
+            step = (1 + zero * i).astype(jnp.float32)
+            return [fn((args[0] * step).astype(args[0].dtype), *args[1:]) for args in sets]
+        init = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(body, 0, None))
+        return jax.lax.fori_loop(0, iters, body, init)
+
+    zero = jnp.float32(0)
+    return loop_us(lambda: run(arg_sets, zero), iters * len(arg_sets))
 
 
 def loop_us(fn, steps: int, repeats: int = 5) -> float:
