@@ -158,17 +158,19 @@ def decode_append(q: jax.Array, k: jax.Array, v: jax.Array, k_new: jax.Array, v_
     return out[:, None], k, v
 
 
-def decode_append_int8(q: jax.Array, k_new: jax.Array, v_new: jax.Array, pos: jax.Array, k: jax.Array,
-                       v: jax.Array, k_scale: jax.Array, v_scale: jax.Array, lengths: jax.Array,
-                       kv_len: jax.Array, plan: Plan, theta: float) -> tuple | None:
-    """One decode step over a static int8 cache with one query head per KV head, the cache write
-    in the attention kernel: q [B, 1, H, K] and k_new, v_new [B, 1, G, K] before RoPE (rotated
-    here at pos [B, 1]), the new key and value rounded to int8 and stored at lengths by the kernel
-    -> (out [B, 1, H, K], k, v, k_scale, v_scale). None where the plan runs no kernels on one
-    device or the shapes don't take that kernel (the caller writes, then attends)."""
+def decode_append_int8(q: jax.Array, k: jax.Array, v: jax.Array, k_scale: jax.Array, v_scale: jax.Array,
+                       k_new: jax.Array, v_new: jax.Array, lengths: jax.Array, kv_len: jax.Array, plan: Plan,
+                       theta: float) -> tuple | None:
+    """`decode_append` over a static int8 cache (k, v [B, S, G, K] int8 with k_scale, v_scale
+    [B, G, S]) with one query head per KV head: q [B, 1, H, K] and k_new, v_new [B, 1, G, K]
+    before RoPE (rotated here, at lengths), the new key and value rounded to int8 and stored at
+    lengths by the kernel -> (out [B, 1, H, K], k, v, k_scale, v_scale). None where the plan runs
+    no kernels on one device or the shapes don't take that kernel (the caller writes, then
+    attends)."""
     if (plan.attn_impl != "pallas" or plan.sharded or not supported(q, k) or q.shape[1] != 1
             or q.shape[2] != k.shape[2]):
         return None
+    pos = lengths[:, None]                                                            # [B, 1]
     q, k_new = rope(q, pos, theta), rope(k_new, pos, theta)
     rows = jnp.arange(q.shape[0], dtype=jnp.int32)[:, None]  # [B, 1] tables: row b is page b of S slots
     out, k, v, k_scale, v_scale = paged_attention_append(

@@ -115,7 +115,7 @@ class KVCache(CacheOps):
                      n_tokens: jax.Array, fresh: bool, plan: Plan, theta: float,
                      ) -> tuple[LayerKV, jax.Array]:
         """`CacheOps.write_attend`; a decode step runs as one Pallas kernel where the plan's
-        attention allows: over a float cache (attention.decode_append; pos is then self.lengths),
+        attention allows (pos is then self.lengths): over a float cache (attention.decode_append),
         and over an int8 cache with one query head per KV head (attention.decode_append_int8,
         which also rounds the new key and value to int8)."""
         if q.shape[1] == 1 and not fresh and not self.quantized:
@@ -125,7 +125,7 @@ class KVCache(CacheOps):
                 o, ck, cv = fused
                 return (ck, cv, None, None), o
         if q.shape[1] == 1 and not fresh and self.quantized:
-            fused = attn.decode_append_int8(q, k, v, pos, self.k[i], self.v[i], self.k_scale[i], self.v_scale[i],
+            fused = attn.decode_append_int8(q, self.k[i], self.v[i], self.k_scale[i], self.v_scale[i], k, v,
                                             self.lengths, self.lengths + n_tokens, plan, theta)
             if fused is not None:
                 o, *layer = fused

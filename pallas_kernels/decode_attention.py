@@ -33,7 +33,8 @@ from pallas_kernels import _triton
 from pallas_kernels.kv_quant import dequantize_kv
 from pallas_kernels.split_k import (
     LOG2_E, MASK_VALUE, BlockSizes, check_kv_dtypes, check_shapes, init_carry, merge_splits,
-    online_softmax_step, resolve_splits, split_outputs, split_range, store_result,
+    online_softmax_step, resolve_splits, split_aliased_outputs, split_outputs, split_range, store_result,
+    with_aliased_outputs,
 )
 
 __all__ = ["BlockSizes", "decode_attention", "decode_attention_append", "decode_attention_ref"]
@@ -201,10 +202,8 @@ def _decode_call(
         if len(new) == 4:
             in_specs.append(pl.BlockSpec((head_dim // 2,), lambda b, g, j: (0,)))
         args += list(new)
-        out_specs = [*(out_specs if num_splits > 1 else [out_specs]), kv_spec, kv_spec]
-        out_shape = [*(out_shape if num_splits > 1 else [out_shape]),
-                     jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-        aliases = {2: len(out_shape) - 2, 3: len(out_shape) - 1}
+        out_specs, out_shape, aliases = with_aliased_outputs(out_specs, out_shape, num_splits,
+                                                             [(2, kv_spec, k), (3, kv_spec, v)])
     out = pl.pallas_call(
         kernel,
         grid=(batch, num_kv_heads, num_splits),
@@ -219,8 +218,7 @@ def _decode_call(
     )(*args)
     cache = ()
     if append:
-        *out, k_out, v_out = out
-        out, cache = (out[0] if num_splits == 1 else out), (k_out, v_out)
+        out, cache = split_aliased_outputs(out, num_splits, 2)
     if num_splits > 1:
         out = merge_splits(*out, group=group, dtype=q.dtype, interpret=interpret)
     return (out, *cache) if append else out

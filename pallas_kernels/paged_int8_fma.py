@@ -26,7 +26,7 @@ from pallas_kernels import _triton
 from pallas_kernels.kv_quant import INV_127
 from pallas_kernels.split_k import (
     FOLD_OFFSET, FOLD_SCALE, LOG2_E, MASK_VALUE, BlockSizes, bias_codes, int8_axpy4, int8_dot4, merge_splits,
-    resolve_splits, split_outputs, split_range,
+    resolve_splits, split_aliased_outputs, split_outputs, split_range, with_aliased_outputs,
 )
 
 
@@ -297,10 +297,9 @@ def paged_int8_fma(q, k_pages, v_pages, block_tables, lengths, k_scale_pages, v_
         new_spec = pl.BlockSpec((None, None, words, 4), lambda b, g, j: (b, g, 0, 0))
         in_specs += [pl.BlockSpec((batch,), lambda b, g, j: (0,)), new_spec, new_spec]
         args += [kv_len, *(x.reshape(batch, num_kv_heads, words, 4) for x in (k_new, v_new))]
-        out_specs = [*(out_specs if num_splits > 1 else [out_specs]), kv_spec, kv_spec, scale_spec, scale_spec]
-        out_shape = [*(out_shape if num_splits > 1 else [out_shape]),
-                     *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args[3:7])]
-        aliases = {3 + i: len(out_shape) - 4 + i for i in range(4)}
+        out_specs, out_shape, aliases = with_aliased_outputs(
+            out_specs, out_shape, num_splits,
+            [(3 + i, spec, args[3 + i]) for i, spec in enumerate((kv_spec, kv_spec, scale_spec, scale_spec))])
     out = pl.pallas_call(
         kernel,
         grid=(batch, num_kv_heads, num_splits),
@@ -314,8 +313,7 @@ def paged_int8_fma(q, k_pages, v_pages, block_tables, lengths, k_scale_pages, v_
     )(*args)
     pages = ()
     if append:
-        *out, k_words, v_words, k_scale_pages, v_scale_pages = out
-        out = out if num_splits > 1 else out[0]
+        out, (k_words, v_words, k_scale_pages, v_scale_pages) = split_aliased_outputs(out, num_splits, 4)
         pages = (*(lax.bitcast_convert_type(w, jnp.int8).reshape(k_pages.shape) for w in (k_words, v_words)),
                  k_scale_pages, v_scale_pages)
     if num_splits == 1:

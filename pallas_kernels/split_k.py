@@ -326,6 +326,25 @@ def split_outputs(batch: int, num_splits: int, rows: tuple[int, ...], head_dim: 
     return specs, shapes
 
 
+def with_aliased_outputs(out_specs, out_shape, num_splits: int, aliased: list[tuple]) -> tuple[list, list, dict]:
+    """`split_outputs`' specs and shapes followed by outputs that update inputs in place (a cache
+    the kernel writes): aliased = [(input index, spec, array)] -> (out_specs, out_shape,
+    input_output_aliases) for pallas_call. `split_aliased_outputs` takes the results apart."""
+    specs = list(out_specs) if num_splits > 1 else [out_specs]
+    shapes = list(out_shape) if num_splits > 1 else [out_shape]
+    aliases = {index: len(shapes) + n for n, (index, _, _) in enumerate(aliased)}
+    specs += [spec for _, spec, _ in aliased]
+    shapes += [jax.ShapeDtypeStruct(a.shape, a.dtype) for _, _, a in aliased]
+    return specs, shapes, aliases
+
+
+def split_aliased_outputs(outs: list, num_splits: int, n_aliased: int) -> tuple:
+    """pallas_call results of `with_aliased_outputs` -> (the split outputs as `split_outputs`
+    shapes them: one array, or [o, m, l]; the n_aliased updated inputs)."""
+    split, aliased = outs[:len(outs) - n_aliased], outs[len(outs) - n_aliased:]
+    return (split if num_splits > 1 else split[0]), tuple(aliased)
+
+
 def check_shapes(q: jax.Array, num_kv_heads: int, head_dim: int, layout: str = "[B, H, K]") -> None:
     """q in `layout` (ending in H, K): K a power of 2 >= 16 and H a multiple of the KV heads."""
     if q.ndim != layout.count(",") + 1 or q.shape[-1] != head_dim:

@@ -7,7 +7,7 @@
 
 `quant-matmul` times each op per call over rotated weight sets (`timing.time_us`, host dispatch
 overlapped): one Llama-2-7B layer's four shapes at batch 1, 8 and 64, XLA against the kernel.
-`gemv` and `gemv-multi` time each op inside one jitted loop over the weight sets (`timing.loop_us`),
+`gemv` and `gemv-multi` time each op inside one jitted loop over the weight sets (`timing.loop_time_us`),
 so the figure is kernel time plus the launch gap between kernels, as in a decode step. Every
 kernel variant is checked against `quant_matmul_ref` before it is timed.
 """
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from pallas_kernels import _triton
 from pallas_kernels import quant_matmul as qmm
 from scripts.gpu.common import PEAK_TBS, header, rel_err
-from scripts.gpu.timing import loop_us, time_us
+from scripts.gpu.timing import loop_time_us, time_us
 
 SHAPES = ((4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096))  # K x N, one Llama-2-7B layer
 VARIANTS = {  # name -> BlockSizes (None: the default for the shape)
@@ -224,18 +224,9 @@ def quant_matmul(args) -> None:
 
 def loop_time(op, x, weights, iters: int = 20) -> float:
     """Microseconds per op: one jitted loop applies op(x, *w) to every weight set w, `iters` times
-    (w is (q, scale), or for gemv-multi a tuple of them)."""
-    @jax.jit
-    def run(x, ws, tiny):
-        def body(i, ys):
-            xi = x * (1 + tiny * i).astype(x.dtype)  # loop-variant, so no call is hoisted
-            return tuple(op(xi, *w) for w in ws)
-        init = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(body, 0, None))
-        return jax.lax.fori_loop(0, iters, body, init)
-
-    tiny = jnp.float32(0)
+    (w is (q, scale), or for gemv-multi a tuple of them; timing.loop_time_us)."""
     with _triton.quiet():
-        return loop_us(lambda: run(x, weights, tiny), iters * len(weights))
+        return loop_time_us(op, [(x, *w) for w in weights], iters)
 
 
 def gemv(args) -> None:
