@@ -15,7 +15,8 @@ a tile never straddles a scale group, so grouped scales apply once per tile. Wit
 programs write float32 partials [S, M, N] that XLA sums (or, with fused_reduce, the last split of
 each output block to arrive sums them in split order); batch-1 GEMV over N = 4096 has too few N
 blocks to fill 132 SMs otherwise. M == 1 uses a register FMA reduction (int8/int4 with an
-inline-PTX step per 4 bytes; bf16 read as int32 words of 2 columns, a PTX step per column);
+inline-PTX step per 4 bytes; bf16 read as int32 words of 2 columns, a PTX step per column;
+int4 with bf16/f16 x by default as integer dot products on int8 limbs of x, BlockSizes.idp4a);
 larger M a tensor-core dot with M padded to 16. BlockSizes(mma=True) runs int4 at any M as a
 tensor-core dot of the transposed problem, y^T = W^T x^T, on bf16 codes made by inline PTX.
 
@@ -76,6 +77,19 @@ class BlockSizes:
     (scripts/kernel_asm.py), yet slower on an H200: 97.8 against 72.4 us per 7B layer, 312.6
     against 414.1 tokens/s end to end (latency-bound: one tile in flight, a shared-memory round
     trip and a wgmma wait per tile; docs/perf_quant.md). Off by default.
+    words=True (M == 1, every N a multiple of 4; int4 with group scales, int8 per channel): the
+    weight is read as int32 words of 4 columns and each column is a PTX step of its own
+    (`_ptx_int4_word_fold`, `_ptx_int8_word_fma`), with no byte unpacking around the PTX; the
+    tile is `sub_tiles` sub-tiles loaded apart, so one accumulator per column serves the same
+    element of each. Fewer instructions and registers, yet no faster on an H200 (int4 75.8-81.0
+    against 72.1-75.6 us per 7B layer, int8 89.3-91.5 against 84.0-86.0; docs/PERFORMANCE.md,
+    eighth round). Off by default. idp4a=True (int4 with group scales, bf16 or f16 x, M == 1):
+    integer dot products (`_ptx_int4_idp4a`). Each program splits x into two int8 limbs per 8
+    values, x = peak / 127 * (hi + lo / 254) (about 15 bits: the float path's result up to the
+    output's rounding), loads 4 packed rows 4 apart as 4 sub-tiles, gathers one column's 4
+    codes into a word and sums 8 codes with 4 DP4A and one float FMA; bf16 x, norm weight and
+    scales are read as int32 pairs. 59.0 against 73.5 us per 7B layer, int4 decode 412.3 ->
+    517.1 tokens/s (the int4 M == 1 default; float32 x takes the fold path).
     """
     block_n: int = 128
     block_k: int = 128
@@ -91,6 +105,9 @@ class BlockSizes:
     fused_reduce: bool = False
     fold: bool = False
     mma: bool = False
+    words: bool = False
+    sub_tiles: int = 1
+    idp4a: bool = False
 
     def __post_init__(self):
         for name in ("block_n", "block_k", "block_m"):
@@ -109,6 +126,8 @@ class BlockSizes:
             raise ValueError(f"{self.prefetch=} must be 1 to 4")
         if self.target_programs < 1:
             raise ValueError(f"{self.target_programs=} must be >= 1")
+        if self.sub_tiles < 1 or self.sub_tiles & (self.sub_tiles - 1):
+            raise ValueError(f"{self.sub_tiles=} must be a power of two >= 1")
         if self.mma and self.block_k < 32:
             raise ValueError(f"{self.block_k=} must be >= 32 with mma (16 packed int4 rows)")
 
@@ -116,8 +135,8 @@ class BlockSizes:
 def default_block_sizes(m: int, k: int, n: int, bits: int) -> BlockSizes:
     """The tiling that measured best in our sweeps (docs/perf_quant.md, docs/PERFORMANCE.md)."""
     del k, n
-    if m == 1 and bits == 4:  # 64 packed rows x 128 columns per tile, 2 tiles in flight
-        return BlockSizes(block_n=128, block_k=128, prefetch=2, fold=True)
+    if m == 1 and bits == 4:  # 64 packed rows x 128 columns per tile, 2 tiles in flight; DP4A
+        return BlockSizes(block_n=128, block_k=128, prefetch=2, fold=True, idp4a=True)
     if m == 1:  # 32 rows x 256 columns per tile, 2 tiles in flight
         return BlockSizes(block_n=256, block_k=32, prefetch=2)
     # Skinny GEMM: a bf16 tensor-core dot, pipelined by Triton (num_stages) rather than by hand.
@@ -236,6 +255,124 @@ def _ptx_int4_folded() -> tuple[str, str]:
     return "{\n" + "\n".join(lines) + "\n}", constraints
 
 
+def int4_word_bytes(w):
+    """int32 words of 4 packed int4 bytes -> (c_lo, c_hi): each byte of a word becomes 0x80 | u,
+    u = code + 8, for the low and the high nibbles (the operands of `_ptx_int4_word_fold`)."""
+    flip = jnp.int32(-0x77777778)  # 0x88888888: the float's high mantissa bit and the code's + 8
+    return (w & 0x0F0F0F0F) ^ flip, ((w >> 4) & 0x0F0F0F0F) ^ flip
+
+
+def int4_word_values(c, i: int):
+    """A word from `int4_word_bytes` -> the float32 1 + u / 128 of its byte i (the jnp form of the
+    PRMT in `_ptx_int4_word_fold`, for interpret mode)."""
+    return lax.bitcast_convert_type(_F32_ONE_HI | (((c >> (8 * i)) & 0xFF) << 16), jnp.float32)
+
+
+def _ptx_int4_word_fold(i: int, subs: int = 1) -> tuple[str, str]:
+    """Inline PTX for column i (byte i) of a word of 4 packed int4 bytes, after `int4_word_bytes`:
+    acc += scale * (x_lo c_lo + x_hi c_hi), the x terms from `fold_operands`. Operands: output 0,
+    then c_lo, c_hi of each of `subs` words (the same column of `subs` packed rows), 128 x_lo,
+    128 x_hi of each, r (summed over the words), the scale, the old acc, and the constant
+    0x3F000000 loaded from memory: given as an immediate, ptxas puts the PRMT's other operand,
+    the byte selector, in a register instead, and with registers short it re-creates that
+    register before every PRMT (an extra instruction per code). A PRMT and an FMA per code and
+    one FMA with the scale per `subs` words: (16 subs + 1) instructions per column and
+    8 subs codes, plus the 4 of `int4_word_bytes` per word, shared by its 4 columns. The weight
+    reaches the PTX as the loaded word: no byte unpacking and repacking around it
+    (`_ptx_int4_folded` takes 4 separate bytes, which Triton unpacks from its vector loads with
+    a PRMT each and packs again)."""
+    sel = f"0x7{i}54"  # bytes: 0x00, 0x00, byte i of c, 0x3F
+    n = 2 * subs  # codes per column: c operands $1..$n, x operands $n+1..$2n
+    r, sc, acc, mg = 2 * n + 1, 2 * n + 2, 2 * n + 3, 2 * n + 4
+    lines = [".reg .b32 m;", ".reg .f32 t;"]
+    for j in range(n):
+        lines += [f"prmt.b32 m, ${1 + j}, ${mg}, {sel};",
+                  f"fma.rn.f32 t, ${n + 1 + j}, m, {'$' + str(r) if j == 0 else 't'};"]
+    lines.append(f"fma.rn.f32 $0, t, ${sc}, ${acc};")
+    return "{\n" + "\n".join(lines) + "\n}", "=r," + ",".join(["r"] * (mg))
+
+
+def int8_word_values(w, i: int):
+    """int32 words of 4 int8 codes (4 adjacent columns) -> the float32 codes of byte i, by the
+    2**23 trick of `_dequant_f32` (the jnp form of `_ptx_int8_word_fma`, for interpret mode)."""
+    u = ((w >> (8 * i)) & 0xFF) ^ (_F32_TWO_23 | 0x80)
+    return lax.bitcast_convert_type(u, jnp.float32) - float(2**23 + 128)
+
+
+def _ptx_int8_word_fma(i: int, subs: int = 1) -> tuple[str, str]:
+    """Inline PTX for column i (byte i) of `subs` words of 4 int8 codes (the same column of
+    `subs` rows), after each word's sign bits are flipped (w ^ 0x80808080: code + 128):
+    acc += the sum of x * code. Operands: output 0, then the flipped words, their x, the old acc,
+    and the constant 0x4B000000 loaded from memory (as in `_ptx_int4_word_fold`). A PRMT
+    (2**23 + code + 128), a SUB and an FMA per code."""
+    acc, mg = 2 * subs + 1, 2 * subs + 2
+    lines = [".reg .b32 m;", ".reg .f32 v, t;"]
+    for j in range(subs):
+        dst = "$0" if j == subs - 1 else "t"
+        lines += [f"prmt.b32 m, ${1 + j}, ${mg}, 0x765{i};", "sub.f32 v, m, 0f4B000080;",
+                  f"fma.rn.f32 {dst}, ${1 + subs + j}, v, {'$' + str(acc) if j == 0 else 't'};"]
+    return "{\n" + "\n".join(lines) + "\n}", "=r," + ",".join(["r"] * mg)
+
+
+# idp4a: x = peak / 127 * (hi + lo / 254) in int8 limbs, codes as 16 c (a nibble in the high half
+# of a byte is its value times 16): the DP4A sums 16 c hi and 16 c lo, and the float result is
+# (254 * those + these) * peak / (127 * 16 * 254).
+_IDP4A_SCALE = 1.0 / (127 * 16 * 254)
+_F32_ROUND = "0f4B400000"  # 1.5 * 2**23: adding it rounds |v| < 2**22 to an integer in the low bits
+
+
+def x_limb_values(x, inv):
+    """float32 x [R] and 127 / peak [R] -> int32 (hi, lo): x * inv rounded, and the remainder
+    times 254 rounded (the jnp form of `_ptx_x_limbs`, for interpret mode)."""
+    a = x * inv
+    hi = jnp.round(a)
+    return hi.astype(jnp.int32), jnp.round((a - hi) * 254.0).astype(jnp.int32)
+
+
+def _ptx_x_limbs(limb: int) -> tuple[str, str]:
+    """Inline PTX: 4 float32 x values and 127 / peak -> one int32 word of their int8 limbs, x_s
+    in byte s: limb 0 round(x * inv), limb 1 round(254 * (x * inv - round(x * inv))). Operands:
+    output 0, x_0..x_3, inv. Each rounding is an FMA with 1.5 * 2**23 (the integer lands in the
+    low byte) and PRMTs gather the 4 low bytes."""
+    lines = [".reg .f32 a<4>, v, r, m;", ".reg .b32 t, u;", f"mov.f32 m, {_F32_ROUND};"]
+    for j in range(4):
+        lines.append(f"fma.rn.f32 a{j}, ${1 + j}, $5, m;")
+        if limb:
+            lines += [f"sub.f32 v, m, a{j};",  # -round(x * inv), exact
+                      f"fma.rn.f32 r, ${1 + j}, $5, v;",  # the remainder, in [-0.5, 0.5]
+                      f"fma.rn.f32 a{j}, r, 0f437E0000, m;"]  # 254 r, rounded
+    lines += ["prmt.b32 t, a0, a1, 0x0040;", "prmt.b32 u, a2, a3, 0x0040;",
+              "prmt.b32 $0, t, u, 0x5410;"]
+    return "{\n" + "\n".join(lines) + "\n}", "=r,r,r,r,r,r"
+
+
+def x_limbs_word(xs, inv, limb: int):
+    """4 float32 x vectors [R] and inv [R] -> int32 [R] words of their int8 limbs (`_ptx_x_limbs`)."""
+    code, constraints = _ptx_x_limbs(limb)
+    return plgpu.elementwise_inline_asm(
+        code, args=[*xs, inv], constraints=constraints, pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(xs[0].shape, jnp.int32)])[0]
+
+
+def _ptx_int4_idp4a(i: int) -> tuple[str, str]:
+    """Inline PTX for column i of 4 words of packed int4 bytes from 4 interleaved packed rows:
+    acc += float(254 h + l) * scale, h and l the DP4A sums of the column's 8 codes (times 16)
+    with x's int8 limbs. Operands: output 0, the 4 words, the limb words (hi limb of the group's
+    low-code x, of its high-code x, then the lo limb of each), the scale, the old acc. Three
+    PRMTs gather byte i of the 4 words, a shift and two ANDs leave each nibble times 16 in its
+    byte, then 4 DP4A, a MAD, a CVT and an FMA: 14 instructions per 8 codes."""
+    sel = f"0x{4 + i}{i}"  # byte i of the first word, then byte i of the second
+    lines = [".reg .b32 a, b, t, lo, hi, h, l;", ".reg .f32 f;",
+             f"prmt.b32 a, $1, $2, {sel};", f"prmt.b32 b, $3, $4, {sel};",
+             "prmt.b32 t, a, b, 0x5410;",  # byte s: byte i of word s
+             "shl.b32 lo, t, 4;", "and.b32 lo, lo, 0xF0F0F0F0;", "and.b32 hi, t, 0xF0F0F0F0;",
+             "dp4a.s32.s32 h, lo, $5, 0;", "dp4a.s32.s32 h, hi, $6, h;",
+             "dp4a.s32.s32 l, lo, $7, 0;", "dp4a.s32.s32 l, hi, $8, l;",
+             "mad.lo.s32 h, h, 254, l;", "cvt.rn.f32.s32 f, h;",
+             "fma.rn.f32 $0, f, $9, $10;"]
+    return "{\n" + "\n".join(lines) + "\n}", "=r," + ",".join(["r"] * 10)
+
+
 def bf16_half(w, half: int):
     """int32 words of 2 bf16 weights -> float32 weights of column `half` of each word (the jnp
     form of `_ptx_bf16_fma`, for interpret mode)."""
@@ -308,8 +445,8 @@ def _int4_codes(w, half: int, compiled: bool):
 
 def _quant_matmul_kernel(
     x_ref,  # [M, K]
-    q_ref,  # [Kq, N]: Kq = K // 2 for int4, else K; with words, bf16 pairs as int32 [K, N // 2];
-    #         with mma, int4 words of 4 columns as int32 [K // 2, N // 4]
+    q_ref,  # [Kq, N]: Kq = K // 2 for int4, else K; with words, bf16 pairs as int32 [K, N // 2]
+    #         or int4 words of 4 columns as int32 [K // 2, N // 4]; with mma, int4 words too
     s_ref,  # [K // G, N], or None for bits=16
     o_ref,  # [M, N] in x's dtype, or [S, M, Nc] float32 partials when split and not fused
     p_ref,  # fused split: [S, M, Nc] float32 partials, else None
@@ -333,8 +470,13 @@ def _quant_matmul_kernel(
     words: bool,
     fold: bool,
     mma: bool,
+    sub_tiles: int,
+    idp4a: bool,
     compiled: bool,  # not interpret mode: inline PTX, strided stores, barriers
     n_ref=None,  # [K] RMSNorm weight applied to x in the prologue, or None
+    g_ref=None,  # int4 words, compiled: [1] int32 holding _F32_ONE_HI (see _ptx_int4_word_fold)
+    xw_ref=None,  # idp4a with bf16 x and scales: x as int32 words of 2 [M, K // 2] (s_ref too)
+    nw_ref=None,  # and the norm weight as words [K // 2], or None
     eps: float = 0.0,
 ):
     """One (N block, K split, M block) program of one weight; `pids` are its program ids. Grid axis
@@ -345,10 +487,15 @@ def _quant_matmul_kernel(
     """
     m_size, k_size = x_ref.shape
     kq_size, n_size = q_ref.shape
-    # words: a bf16 weight read as int32 words of 2 adjacent columns, each a PTX step of its own
+    # words: a bf16 weight read as int32 words of 2 adjacent columns, or an int4 one as words of
+    # 4 (4 packed bytes), each column a PTX step of its own (M == 1)
     # mma: int4 read as int32 words of 4 adjacent columns (4 packed bytes), for `_int4_codes`
-    per_word = 2 if words else 4 if mma else 1  # columns per loaded element
+    per_word = (2 if bits == 16 else 4) if words else 4 if mma else 1  # columns per element
     wn = block_n // per_word  # weight tile columns
+    subs = min(sub_tiles, block_kq) if words and bits != 16 else 1  # sub-tiles of rs rows
+    if idp4a:
+        subs = 4  # a DP4A's 4 codes: one column of 4 interleaved packed rows
+    rs = block_kq // subs
     n_size = n_size * per_word
     pid, pid_s, pid_m = pids
     pid_n = pid - block0 if block0 else pid  # this weight's N block
@@ -368,33 +515,86 @@ def _quant_matmul_kernel(
     def and_(a, b):
         return b if a is None else (a if b is None else a & b)
 
+    magic = g_ref[0] if g_ref is not None else None
+
     def load_tile(t, valid):
-        """Tile t: ([weight tiles], [x tiles], scale row or None), all raw; `valid` masks it off."""
+        """Tile t: ([weight tiles], [x tiles], [norm weight tiles], scales or None), all raw;
+        `valid` masks it off. With words, the tile is `subs` sub-tiles of rs rows, loaded apart
+        (the same layout: a thread holds the same element of each) with their x in order
+        (int4: the low and high halves of each sub-tile in turn)."""
         p0 = pl.multiple_of(t * block_kq, block_kq)
-        rows = (p0 + jnp.arange(block_kq)) < kq_size if k_ragged else None  # [bkq]
         w_cols = (n0 // per_word + jnp.arange(wn)) * per_word < n_size if per_word > 1 else n_mask
-        w_mask = and_(w_cols[None, :] if n_ragged else None,
-                      None if rows is None else rows[:, None])
-        w_mask = and_(w_mask, valid)
         c0 = pl.multiple_of(pid_n * wn, wn) if per_word > 1 else n0  # first weight column (word)
-        w = plgpu.load(q_ref.at[pl.ds(p0, block_kq), pl.ds(c0, wn)],
-                       **({} if w_mask is None else dict(mask=w_mask, other=0)),
-                       eviction_policy="evict_first")  # [bkq, wn]
-        k_offsets = [p0] if bits != 4 else [p0 + (p0 // gq) * gq, p0 + (p0 // gq) * gq + gq]
-        xs, nws = [], []
-        for k0 in k_offsets:  # int4: the group's first and second half of x
-            if fma:
-                mask = and_(rows, valid)
-                ref = x_ref.at[m0, pl.ds(k0, block_kq)]  # [bkq]
-            else:
-                mask = and_(and_(m_mask[:, None], None if rows is None else rows[None, :]), valid)
-                ref = x_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_kq)]  # [bm, bkq]
-            xs.append(plgpu.load(ref, **({} if mask is None else dict(mask=mask, other=0))))
-            if n_ref is not None:  # the norm weight of these rows of x
-                mask = and_(rows, valid)
-                nws.append(plgpu.load(n_ref.at[pl.ds(k0, block_kq)],
-                                      **({} if mask is None else dict(mask=mask, other=0))))
-        return [w], xs, nws, (load_scale(p0 // gq, valid) if per_group else None)
+        ws, xs, nws = [], [], []
+        if idp4a:  # sub-tile s: packed rows p0 + s + 4 r, r < rs (never ragged: K % G == 0)
+            w_mask = and_(w_cols[None, :] if n_ragged else None, valid)
+            kw = {} if w_mask is None else dict(mask=w_mask, other=0)
+            ws = interleaved(lambda rows: plgpu.load(q_ref.at[rows, pl.ds(c0, wn)], **kw,
+                                                     eviction_policy="evict_first"), p0, axis=0)
+            kl = p0 + (p0 // gq) * gq  # the x of the group's low codes; its high ones are gq on
+            kw = {} if valid is None else dict(mask=valid, other=0)
+            for k0 in (kl, kl + gq):
+                if xw_ref is None:
+                    xs += interleaved(lambda cols: plgpu.load(x_ref.at[m0, cols], **kw), k0)
+                    if n_ref is not None:
+                        nws += interleaved(lambda cols: plgpu.load(n_ref.at[cols], **kw), k0)
+                    continue
+                # bf16 pairs: word t of a row holds the x of sub-tiles 2 t and 2 t + 1
+                for at, out in ((lambda c: xw_ref.at[m0, c], xs), (lambda c: nw_ref.at[c], nws)):
+                    if out is nws and nw_ref is None:
+                        continue
+                    for w2 in interleaved(lambda cols: plgpu.load(at(cols), **kw), k0 // 2, n=2):
+                        out += [bf16_half(w2, h) if n_ref is None  # float32 already
+                                else bf16_half(w2, h).astype(x_ref.dtype) for h in (0, 1)]
+        for sub in range(0 if idp4a else subs):
+            ps = p0 + sub * rs if sub else p0
+            rows = (ps + jnp.arange(rs)) < kq_size if k_ragged else None  # [rs]
+            w_mask = and_(w_cols[None, :] if n_ragged else None,
+                          None if rows is None else rows[:, None])
+            w_mask = and_(w_mask, valid)
+            ws.append(plgpu.load(q_ref.at[pl.ds(ps, rs), pl.ds(c0, wn)],
+                                 **({} if w_mask is None else dict(mask=w_mask, other=0)),
+                                 eviction_policy="evict_first"))  # [rs, wn]
+            k_offsets = [ps] if bits != 4 else [ps + (ps // gq) * gq, ps + (ps // gq) * gq + gq]
+            for k0 in k_offsets:  # int4: the group's first and second half of x
+                if fma:
+                    mask = and_(rows, valid)
+                    ref = x_ref.at[m0, pl.ds(k0, rs)]  # [rs]
+                else:
+                    mask = and_(and_(m_mask[:, None], None if rows is None else rows[None, :]), valid)
+                    ref = x_ref.at[pl.ds(m0, block_m), pl.ds(k0, rs)]  # [bm, rs]
+                xs.append(plgpu.load(ref, **({} if mask is None else dict(mask=mask, other=0))))
+                if n_ref is not None:  # the norm weight of these rows of x
+                    mask = and_(rows, valid)
+                    nws.append(plgpu.load(n_ref.at[pl.ds(k0, rs)],
+                                          **({} if mask is None else dict(mask=mask, other=0))))
+        if not per_group:
+            scale = None
+        elif xw_ref is not None:  # bf16 pairs: word t of each 4 columns holds 2 t and 2 t + 1
+            cmask = (n0 + per_word * jnp.arange(wn)) < n_size
+            scale = []
+            for t_, w2 in enumerate(interleaved(lambda cols: plgpu.load(
+                    s_ref.at[p0 // gq, cols], **mask_kw(cols, cmask, valid)), 2 * c0, n=2, size=wn)):
+                scale += [bf16_half(w2, h) for h in (0, 1)]
+        elif words and compiled:  # one [bn / 4] row of scales per column of a word
+            scale = [load_scale(p0 // gq, valid, i) for i in range(per_word)]
+        elif words:  # interpret mode has no strided loads: the same rows from one [bn] load
+            row = load_scale(p0 // gq, valid).reshape(wn, per_word)
+            scale = [row[:, i] for i in range(per_word)]
+        else:
+            scale = load_scale(p0 // gq, valid)
+        return ws, xs, nws, scale
+
+    def interleaved(load, start, axis=-1, n=None, size=None):
+        """The n (default subs) interleaved slices [start + s + n r for r < size (default rs)]
+        along `axis` of what load(index) reads: strided loads compiled; one contiguous load split
+        in interpret mode, which has no strided loads."""
+        n, size = n or subs, size or rs
+        if compiled:
+            return [load(pl.ds(start + s, size, n)) for s in range(n)]
+        v = load(pl.ds(start, size * n))
+        v = v.reshape(size, n, *v.shape[1:]) if axis == 0 else v.reshape(size, n)
+        return [v[:, s] for s in range(n)]
 
     def normed(xk, nw):
         """x tile -> RMSNorm(x) tile, rounded as the model's norm is: x * inv_rms in float32,
@@ -424,15 +624,100 @@ def _quant_matmul_kernel(
         total = jnp.sum(lax.fori_loop(0, pl.cdiv(k_size, chunk), body, zero), axis=-1)
         return lax.rsqrt(total / k_size + eps)
 
-    def load_scale(row, valid=None):
-        mask = and_(n_mask if n_ragged else None, valid)
-        return plgpu.load(s_ref.at[row, pl.ds(n0, block_n)],
-                          **({} if mask is None else dict(mask=mask, other=0)))  # [bn]
+    def mask_kw(cols, cmask, valid):
+        """Load keywords for `cols` (a strided slice compiled, else the contiguous pairs) of
+        word columns masked by cmask [wn] where the block is ragged, and by `valid`."""
+        if n_ragged and not compiled:
+            cmask = jnp.repeat(cmask, 2)
+        mask = and_(cmask if n_ragged else None, valid)
+        return {} if mask is None else dict(mask=mask, other=0)
+
+    def load_scale(row, valid=None, column=None):
+        """The scales of row `row`: [bn], or with `column` i those of columns n0 + i + 4 j."""
+        if column is None:
+            cols, cmask = pl.ds(n0, block_n), n_mask
+        else:
+            cols = pl.ds(n0 + column, wn, per_word)
+            cmask = (n0 + column + per_word * jnp.arange(wn)) < n_size
+        mask = and_(cmask if n_ragged else None, valid)
+        return plgpu.load(s_ref.at[row, cols], **({} if mask is None else dict(mask=mask, other=0)))
+
+    def idp4a_step(acc, ws, xs, scale):
+        """int4 words by integer dot products (`_ptx_int4_idp4a`): x in two int8 limbs per 8
+        values (`x_limbs`), the codes of 4 interleaved rows transposed into one word per
+        column, 4 DP4A and one float FMA per column and 8 codes."""
+        xs = [xk.astype(jnp.float32) for xk in xs]  # [lo of sub-tiles 0-3, hi of sub-tiles 0-3]
+        peak = functools.reduce(jnp.maximum, [jnp.abs(xk) for xk in xs])  # [rs]
+        peak = jnp.maximum(peak, jnp.float32(1e-30))
+        inv = jnp.float32(127.0) / peak
+        sx = peak * jnp.float32(_IDP4A_SCALE)  # [rs]: x = sx * 16 * (254 hi + lo) / 16
+        shape = (rs, wn)
+        bcast = lambda v: jnp.broadcast_to(v[:, None], shape)  # noqa: E731
+        out = []
+        if compiled:
+            limbs = [x_limbs_word(xs[h * subs:(h + 1) * subs], inv, limb)
+                     for limb in (0, 1) for h in (0, 1)]  # hi-limb lo, hi-limb hi, lo-limb lo, lo-limb hi
+            for i in range(per_word):
+                se = bcast(sx) * jnp.broadcast_to(scale[i].astype(jnp.float32)[None, :], shape)
+                code, constraints = _ptx_int4_idp4a(i)
+                out.append(plgpu.elementwise_inline_asm(
+                    code, args=[*ws, *map(bcast, limbs), se, acc[i]], constraints=constraints,
+                    pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])[0])
+            return tuple(out)
+        vals = [x_limb_values(xk, inv) for xk in xs]  # (hi, lo) int32 [rs] per x vector
+        for i in range(per_word):
+            total = None
+            for j, w_s in enumerate(ws):
+                for h in (0, 1):  # the low and high nibbles: x of the group's halves
+                    code = ((w_s >> (8 * i + 4 * h)) << 28) >> 28  # sign-extended nibble
+                    hi, lo = vals[h * subs + j]
+                    part = code * 16 * bcast(254 * hi + lo)
+                    total = part if total is None else total + part
+            se = bcast(sx) * jnp.broadcast_to(scale[i].astype(jnp.float32)[None, :], shape)
+            out.append(acc[i] + total.astype(jnp.float32) * se)
+        return tuple(out)
 
     def compute(acc, tile):
-        (w,), xs, nws, scale = tile
+        ws, xs, nws, scale = tile
+        w = ws[0]
         if nws:
             xs = [normed(xk, nw) for xk, nw in zip(xs, nws)]
+        if idp4a:
+            return idp4a_step(acc, ws, xs, scale)
+        if words and bits != 16:  # per column of each word, over the words of the sub-tiles
+            shape = (rs, wn)
+            bcast = lambda v: jnp.broadcast_to(v[:, None], shape)  # noqa: E731
+            xs = [xk.astype(jnp.float32) for xk in xs]
+            if bits == 8:  # acc += x * code (scaled at the end)
+                cs = [c ^ jnp.int32(-0x7F7F7F80) for c in ws]  # 0x80808080: each code + 128
+                args, rest = [*cs, *map(bcast, xs)], []
+            else:  # scale * (sum of 128 x_lo v_lo + 128 x_hi v_hi + r) (`fold_operands`)
+                cs = [c for w_s in ws for c in int4_word_bytes(w_s)]
+                terms = [fold_operands(*xs[2 * j:2 * j + 2]) for j in range(subs)]
+                r = functools.reduce(lambda a, b: a + b, [t[2] for t in terms])
+                args = [*cs, *(bcast(v) for t in terms for v in t[:2]), bcast(r)]
+            out = []
+            for i in range(per_word):
+                rest = [] if bits == 8 else [jnp.broadcast_to(scale[i].astype(jnp.float32)[None, :], shape)]
+                if compiled:
+                    code, constraints = (_ptx_int8_word_fma(i, subs) if bits == 8
+                                         else _ptx_int4_word_fold(i, subs))
+                    out.append(plgpu.elementwise_inline_asm(
+                        code, args=[*args, *rest, acc[i], jnp.broadcast_to(magic, shape)],
+                        constraints=constraints, pack=1,
+                        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])[0])
+                elif bits == 8:  # interpret mode: the same arithmetic in jnp, on the same words
+                    t = acc[i]
+                    for w_s, xb in zip(ws, args[subs:]):
+                        t = t + xb * int8_word_values(w_s, i)
+                    out.append(t)
+                else:
+                    t = args[-1]
+                    for j in range(subs):
+                        lo, hi = (int4_word_values(c, i) for c in cs[2 * j:2 * j + 2])
+                        t = t + args[2 * subs + 2 * j] * lo + args[2 * subs + 2 * j + 1] * hi
+                    out.append(acc[i] + t * rest[0])
+            return tuple(out)
         if words:  # one step per column of each word: acc holds one [bkq, wn] tile per column
             shape = (block_kq, wn)
             xb = jnp.broadcast_to(xs[0].astype(jnp.float32)[:, None], shape)
@@ -486,7 +771,7 @@ def _quant_matmul_kernel(
         return acc + t
 
     acc_shape = (block_kq, block_n) if fma else (block_n, block_m) if mma else (block_m, block_n)
-    acc = (tuple(jnp.zeros((block_kq, wn), jnp.float32) for _ in range(per_word)) if words
+    acc = (tuple(jnp.zeros((rs, wn), jnp.float32) for _ in range(per_word)) if words
            else jnp.zeros(acc_shape, jnp.float32))
     if prefetch > 1:
         def body(i, carry):
@@ -506,9 +791,16 @@ def _quant_matmul_kernel(
     if mma:
         acc = acc.T  # [bm, bn]
     # The result as pieces (first column, column stride, value): one [bm, bn] (or [bn] when fma)
-    # block, or with words one [bn / 2] piece per column of a word, at n0 + i + 2 j.
+    # block, or with words one [bn / per_word] piece per column of a word, at n0 + i + per_word j.
     if words:
         vals = [a.sum(axis=0) for a in acc]  # the one cross-thread reduction per piece
+        if bits == 8:  # one scale row (per output channel), per column of a word
+            if compiled:
+                vals = [v * load_scale(jnp.int32(0), None, i).astype(jnp.float32)
+                        for i, v in enumerate(vals)]
+            else:  # interpret mode has no strided loads
+                row = load_scale(jnp.int32(0)).astype(jnp.float32).reshape(wn, per_word)
+                vals = [v * row[:, i] for i, v in enumerate(vals)]
         pieces = ([(n0 + i, per_word, v) for i, v in enumerate(vals)] if compiled  # strided stores
                   else [(n0, 1, jnp.stack(vals, axis=1).reshape(block_n))])  # interpret mode
     else:
@@ -631,11 +923,20 @@ def _quant_matmul(x, weights, *, bits, group_size, block_sizes, interpret, norm=
     splits = pl.cdiv(n_tiles, tiles_per_split)  # no empty splits
     split = splits > 1
     fused = split and bs.fused_reduce
-    # an M == 1 bf16 weight is read as int32 words of 2 adjacent columns (a bitcast, no copy)
+    # an M == 1 bf16 weight is read as int32 words of 2 adjacent columns (a bitcast, no copy);
+    # with BlockSizes.words, an int4 one with group scales or an int8 one with per-channel scales
+    # as words of 4
     words = (bs.asm and fma and bits == 16 and weights[0][0].dtype == jnp.bfloat16
              and bs.block_n % 2 == 0 and all(n % 2 == 0 for n in ns))
+    fits4 = bs.block_n % 4 == 0 and all(n % 4 == 0 for n in ns)
+    # idp4a: int4 words by integer dot products; needs a 16-bit float x and whole 4-row sub-tiles
+    idp4a = (bs.idp4a and fma and bits == 4 and group_size < k and fits4
+             and x.dtype in (jnp.bfloat16, jnp.float16) and block_kq % 4 == 0)
+    words4 = idp4a or (bs.words and fma and fits4 and (
+        (bits == 4 and group_size < k) or (bits == 8 and group_size == k)))
+    words = words or words4
     if words or mma:
-        per = 2 if words else 4
+        per = 2 if bits == 16 else 4
         weights = [(lax.bitcast_convert_type(q.reshape(kq, q.shape[1] // per, per), jnp.int32), s)
                    for q, s in weights]
     kernel = functools.partial(
@@ -644,10 +945,25 @@ def _quant_matmul(x, weights, *, bits, group_size, block_sizes, interpret, norm=
         split=split, num_splits=splits, prefetch=bs.prefetch,
         tf32_dot=bs.tf32_dot and bits != 16,
         asm=bs.asm and fma and bits in (4, 8) and not interpret and bs.block_n % 4 == 0,
-        words=words, fold=bs.fold and bits == 4, mma=mma, compiled=not interpret, eps=eps)
+        words=words, fold=bs.fold and bits == 4, mma=mma, sub_tiles=bs.sub_tiles, idp4a=idp4a,
+        compiled=not interpret, eps=eps)
     per_weight = 1 if bits == 16 else 2  # refs per weight: q, and scale unless bits=16
     normed = norm is not None
-    args = [x] + ([norm] if normed else []) + [a for w in weights for a in w[:per_weight]]
+    # idp4a with bf16 x and scales: x, the norm weight and the scales also as int32 words of 2
+    pairs = idp4a and x.dtype == jnp.bfloat16 and all(s.dtype == jnp.bfloat16 for _, s in weights)
+
+    def as_words(a):  # [..., 2 n] 16-bit -> [..., n] int32 (a bitcast, no copy)
+        return lax.bitcast_convert_type(a.reshape(*a.shape[:-1], a.shape[-1] // 2, 2), jnp.int32)
+
+    extra = []
+    if pairs:
+        weights = [(q, as_words(s)) for q, s in weights]
+        extra = [as_words(x)] + ([as_words(norm)] if norm is not None else [])
+    magic = words4 and not interpret  # the PRMT constant of the word steps, as data
+    magic_value = _F32_ONE_HI if bits == 4 else _F32_TWO_23
+    args = ([x] + ([norm] if normed else []) + ([jnp.full((1,), magic_value, jnp.int32)] if magic else [])
+            + extra
+            + [a for w in weights for a in w[:per_weight]])
     partials = jax.ShapeDtypeStruct((splits, m, sum(ns)), jnp.float32)
     out_shape = ([partials] if split and not fused
                  else [jax.ShapeDtypeStruct((m, n), x.dtype) for n in ns])
@@ -660,6 +976,11 @@ def _quant_matmul(x, weights, *, bits, group_size, block_sizes, interpret, norm=
 
     def body(x_ref, *refs):
         n_ref, refs = (refs[0], refs[1:]) if normed else (None, refs)
+        g_ref, refs = (refs[0], refs[1:]) if magic else (None, refs)
+        xw_ref, nw_ref = None, None
+        if pairs:
+            xw_ref, refs = refs[0], refs[1:]
+            nw_ref, refs = (refs[0], refs[1:]) if normed else (None, refs)
         w_refs = [(*refs[i * per_weight:(i + 1) * per_weight], None)[:2] for i in range(len(ns))]
         outs = refs[len(ns) * per_weight + fused:]  # past the count input, aliased to its output
         p_ref, c_ref = outs[-2:] if fused else (None, None)
@@ -670,7 +991,7 @@ def _quant_matmul(x, weights, *, bits, group_size, block_sizes, interpret, norm=
         def run(i):
             o_ref = outs[0] if split and not fused else outs[i]
             kernel(x_ref, *w_refs[i], o_ref, p_ref, c_ref, pids=pids, block0=block0s[i],
-                   col=cols[i], n_ref=n_ref)
+                   col=cols[i], n_ref=n_ref, g_ref=g_ref, xw_ref=xw_ref, nw_ref=nw_ref)
 
         if len(ns) == 1:
             return run(0)

@@ -1,6 +1,7 @@
 """pallas_kernels.quant_matmul against its float32 ref: Pallas interpret mode on the CPU, and the
 same tests compiled on a GPU (`pytest -m gpu`; kernel_checks.MODES), where the batch-1 step runs
 its inline PTX (tests/test_quant_ptx.py checks that PTX on the CPU)."""
+import dataclasses
 import zlib
 
 import jax
@@ -54,6 +55,22 @@ CASES = [
     (1, 256, 96, 4, 32, BlockSizes(mma=True, block_n=64, prefetch=1)),
     (3, 512, 200, 4, 128, BlockSizes(mma=True, k_splits=2)),
     (1, 256, 130, 4, 128, BlockSizes(mma=True)),  # N % 4 != 0: the plain dot path instead
+    # int4_words: int4 read as int32 words of 4 columns, a folded PTX step per column (M == 1)
+    (1, 512, 200, 4, 64, BlockSizes(words=True)),  # ragged N: masked scales and stores
+    (1, 512, 384, 4, 128, BlockSizes(words=True, block_n=64, k_splits=2, prefetch=3)),
+    (1, 256, 96, 4, 32, BlockSizes(words=True, k_splits=1)),  # unsplit
+    (1, 256, 130, 4, 64, BlockSizes(words=True)),  # N % 4 != 0: the byte path instead
+    (1, 512, 200, 4, 512, BlockSizes(words=True)),  # per-channel: the byte path instead
+    (1, 300, 200, 8, 300, BlockSizes(words=True)),  # int8 words, per channel, ragged N and K
+    (1, 512, 384, 8, 512, BlockSizes(words=True, block_n=256, block_k=32, k_splits=4)),
+    (1, 512, 200, 8, 64, BlockSizes(words=True)),  # int8 with group scales: the byte path
+    # words in sub-tiles: one accumulator per column for the same element of each sub-tile
+    (1, 512, 200, 4, 128, BlockSizes(words=True, sub_tiles=4)),
+    (1, 512, 384, 4, 64, BlockSizes(words=True, sub_tiles=2, block_n=64, prefetch=3)),
+    (1, 300, 200, 8, 300, BlockSizes(words=True, sub_tiles=4)),  # ragged K: masked sub-tiles
+    (1, 512, 384, 8, 512, BlockSizes(words=True, sub_tiles=2, block_k=64, k_splits=2)),
+    # int4 by integer dot products (bf16/f16 x only): float32 x takes the float word path
+    (1, 512, 200, 4, 128, BlockSizes(words=True, idp4a=True)),
 ]
 
 
@@ -92,6 +109,41 @@ def test_kernel_bf16_input_within_bf16_tolerance(m, bits, group_size, n, interpr
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("dtype,n,block_sizes,norm", [
+    (jnp.bfloat16, 200, BlockSizes(words=True, idp4a=True), False),  # ragged N, split
+    (jnp.float16, 384, BlockSizes(words=True, idp4a=True, block_n=64, k_splits=1), False),
+    (jnp.bfloat16, 256, BlockSizes(words=True, idp4a=True, prefetch=3, k_splits=2), False),
+    (jnp.bfloat16, 200, BlockSizes(words=True, idp4a=True), True),  # the norm prologue
+    (jnp.float16, 256, BlockSizes(words=True, idp4a=True), True)],
+    ids=["bf16-ragged", "f16-unsplit", "bf16-prefetch3", "bf16-norm", "f16-norm"])
+def test_idp4a_matches_ref_and_the_float_path(dtype, n, block_sizes, norm, interpret):
+    """int4 by integer dot products: x in two int8 limbs per 8 values is ~15 bits of x, so the
+    result is the float path's up to the output's rounding, also with an outlier 300x the rest
+    of x in the same 8-value set. bf16 x reads x, the scales and the norm weight as int32 pairs."""
+    k, g = 512, 128
+    x, q, scale = _inputs(f"idp4a_{n}_{norm}", 1, k, n, 4, g, dtype)
+    x = x.at[0, 5].set(300.0)  # an outlier in the first set of 8 (rows 5 - 5 % 4 + 4 r)
+    kw = dict(bits=4, group_size=g, interpret=interpret)
+    if norm:
+        kw.update(norm=jax.random.uniform(jax.random.key(3), (k,), jnp.float32, 0.5, 1.5).astype(dtype),
+                  eps=1e-5)
+    y = quant_matmul(x, q, scale, block_sizes=block_sizes, **kw)
+    floats = quant_matmul(x, q, scale, block_sizes=dataclasses.replace(block_sizes, idp4a=False), **kw)
+    kw.pop("interpret")
+    if norm:  # the model's rounding: x * inv_rms to x's dtype, times the weight in x's dtype
+        xf = x.astype(jnp.float32)
+        inv = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + 1e-5)
+        x = (xf * inv).astype(dtype) * kw.pop("norm")
+        kw.pop("eps")
+    ref = np.asarray(quant_matmul_ref(x.astype(jnp.float32), q, scale.astype(jnp.float32), **kw))
+    y, floats = np.asarray(y, np.float32), np.asarray(floats, np.float32)
+    assert y.shape == (1, n) and y.dtype == np.float32 and np.isfinite(y).all()
+    tol = 4e-3 * np.abs(ref).max()  # two roundings to 16 bits of outputs up to |ref|.max()
+    np.testing.assert_allclose(y, ref, rtol=1e-2, atol=tol)
+    np.testing.assert_allclose(y, floats, rtol=1e-2, atol=tol)
+
+
 def test_pack_unpack_int4_round_trip():
     codes = jax.random.randint(jax.random.key(0), (256, 24), -8, 8).astype(jnp.int8)
     for group_size in (32, 64, 128):
@@ -121,7 +173,7 @@ def test_mma_bf16_input_matches_ref(m, n, group_size, interpret):
 
 @pytest.mark.parametrize("field,value", [("block_n", 96), ("block_k", 8), ("block_m", 128),
                                          ("k_splits", 0), ("num_warps", 3), ("num_stages", 0),
-                                         ("prefetch", 5)])
+                                         ("prefetch", 5), ("sub_tiles", 3)])
 def test_block_sizes_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         BlockSizes(**{field: value})
@@ -228,6 +280,9 @@ NORM_CASES = [
     (3, 256, (200,), 16, 0, None),
     (1, 512, (256, 64, 64), 4, 64, BlockSizes(mma=True)),  # int4 mma q/k/v, split
     (1, 256, (200,), 4, 128, BlockSizes(mma=True, k_splits=1)),  # int4 mma, unsplit
+    (1, 512, (256, 64, 64), 4, 64, BlockSizes(words=True)),  # int4 words q/k/v, split
+    (1, 512, (256, 64, 64), 8, 512, BlockSizes(words=True)),  # int8 words q/k/v, split
+    (1, 512, (256, 64, 64), 4, 128, BlockSizes(words=True, sub_tiles=4)),  # and sub-tiles
 ]
 
 

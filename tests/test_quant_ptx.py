@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 
 from pallas_kernels.split_k import FOLD_OFFSET, FOLD_SCALE, bias_codes, byte_value, ptx_int8_axpy, ptx_int8_dot4
-from pallas_kernels.quant_matmul import (_ptx_bf16_fma, _ptx_dequant_fma, _ptx_int4_bf16, _ptx_int4_folded,
-                                         bf16_half, fold_operands, int4_words_bf16, pack_int4)
+from pallas_kernels.quant_matmul import (_IDP4A_SCALE, _ptx_bf16_fma, _ptx_dequant_fma, _ptx_int4_bf16,
+                                         _ptx_int4_folded, _ptx_int4_idp4a, _ptx_int4_word_fold,
+                                         _ptx_int8_word_fma, _ptx_x_limbs, bf16_half, fold_operands,
+                                         int4_word_bytes, int4_word_values, int4_words_bf16,
+                                         int8_word_values, pack_int4, x_limb_values)
 
 
 def _run_ptx(code: str, operands: list[np.ndarray], n_out: int = 4) -> list[np.ndarray]:
@@ -54,8 +57,17 @@ def _run_ptx(code: str, operands: list[np.ndarray], n_out: int = 4) -> list[np.n
         op, rest = line.split(None, 1)
         d, *srcs = [t.strip() for t in rest.split(",")]
         a = [val(t) for t in srcs]
-        if op == "mov.b32":
+        if op in ("mov.b32", "mov.f32"):
             r = a[0]
+        elif op == "dp4a.s32.s32":  # c + the sum of the 4 signed byte products
+            sb = lambda v, k: ((v >> (8 * k)) & 0xFF).astype(np.uint8).view(np.int8).astype(np.int64)  # noqa: E731
+            r = (a[2].view(np.int32).astype(np.int64)
+                 + sum(sb(a[0], k) * sb(a[1], k) for k in range(4))).astype(np.int32).view(np.uint32)
+        elif op == "mad.lo.s32":
+            r = (a[0].view(np.int32).astype(np.int64) * a[1].view(np.int32) + a[2].view(np.int32)
+                 ).astype(np.int64).astype(np.int32).view(np.uint32)
+        elif op == "cvt.rn.f32.s32":
+            r = u32(a[0].view(np.int32).astype(np.float32))
         elif op == "xor.b32":
             r = a[0] ^ a[1]
         elif op == "and.b32":
@@ -230,3 +242,113 @@ def test_int4_bf16_ptx_and_jnp_twin_match_codes():
         twin = int4_words_bf16(word.view(np.int32)[None, :], half)  # [1, 4 n]
         np.testing.assert_array_equal(np.asarray(twin, np.float32).reshape(n, 4),
                                       codes[half].astype(np.float32))
+
+
+def _words(rng, n):
+    """n random int32 words of 4 bytes (any bytes: int4 codes, int8 codes), as uint32."""
+    return rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)
+
+
+def _nibble(w, byte, high):
+    """The signed int4 code in nibble `high` of byte `byte` of each word."""
+    v = (w >> (8 * byte + 4 * high)) & 0xF
+    return np.where(v >= 8, v.astype(np.int64) - 16, v.astype(np.int64))
+
+
+def test_x_limbs_ptx_rebuild_x_to_15_bits():
+    """`_ptx_x_limbs`: x = peak / 127 * (hi + lo / 254) to half a lo step, and the same limbs as
+    the interpret-mode twin `x_limb_values` but for rounding ties."""
+    rng = np.random.default_rng(11)
+    n = 512
+    x = (rng.normal(size=(4, n)) * np.exp(rng.normal(size=(4, n)) * 2)).astype(np.float32)
+    x[:, 0] = [300.0, 1.0, -1.0, 0.0]  # an outlier in its set of 8
+    x[:, 1] = 0.0  # all zero: peak clamped, no NaN
+    peak = np.maximum(np.abs(x).max(axis=0), np.float32(1e-30)).astype(np.float32)
+    inv = (np.float32(127.0) / peak).astype(np.float32)
+    limbs = []
+    for limb in (0, 1):
+        code, constraints = _ptx_x_limbs(limb)
+        assert constraints == "=r,r,r,r,r,r"
+        (w,) = _run_ptx(code, [v.view(np.uint32) for v in x] + [inv.view(np.uint32)], n_out=1)
+        limbs.append(np.stack([((w >> (8 * s)) & 0xFF).astype(np.uint8).view(np.int8) for s in range(4)]))
+    hi, lo = (v.astype(np.float64) for v in limbs)
+    assert np.abs(hi).max() <= 127 and np.abs(lo).max() <= 127
+    rebuilt = peak / 127.0 * (hi + lo / 254.0)
+    assert (np.abs(rebuilt - x) <= peak / 127.0 / 254.0 * 0.5 * (1 + 1e-3) + 1e-30).all()  # + f32 rounding
+    twin = [np.asarray(v) for v in x_limb_values(x, inv[None, :])]
+    assert (twin[0] == hi).mean() > 0.99 and (twin[1] == lo).mean() > 0.98
+
+
+def test_idp4a_ptx_matches_arithmetic():
+    """`_ptx_int4_idp4a`: column i of 4 packed words (4 rows), with x's limbs, adds
+    float(254 h + l) * scale, which is scale / _IDP4A_SCALE times x . c to the limbs' precision."""
+    rng = np.random.default_rng(12)
+    n = 256
+    ws = [_words(rng, n) for _ in range(4)]
+    limbs = [_words(rng, n) for _ in range(4)]  # hi-limb lo, hi-limb hi, lo-limb lo, lo-limb hi
+    for v in limbs:  # keep the bytes in [-127, 127], as _ptx_x_limbs makes them
+        b = v.view(np.uint8).reshape(n, 4)
+        b[b == 0x80] = 0x81
+    se = rng.uniform(0.5, 2, n).astype(np.float32)
+    acc = rng.normal(size=n).astype(np.float32)
+    byte = lambda v, k: ((v >> (8 * k)) & 0xFF).astype(np.uint8).view(np.int8).astype(np.int64)  # noqa: E731
+    for i in range(4):
+        code, constraints = _ptx_int4_idp4a(i)
+        assert constraints.count("=r") == 1 and constraints.count(",") == 10
+        (out,) = _run_ptx(code, ws + limbs + [se.view(np.uint32), acc.view(np.uint32)], n_out=1)
+        comb = sum(16 * _nibble(ws[s], i, h) * (254 * byte(limbs[h], s) + byte(limbs[2 + h], s))
+                   for s in range(4) for h in (0, 1))
+        want = acc.astype(np.float64) + comb.astype(np.float32).astype(np.float64) * se
+        np.testing.assert_allclose(out.view(np.float32), want, rtol=1e-6, atol=1e-6)
+    assert _IDP4A_SCALE == 1.0 / (127 * 16 * 254)
+
+
+@pytest.mark.parametrize("subs", [1, 4])
+def test_int4_word_fold_ptx_matches_arithmetic(subs):
+    """`_ptx_int4_word_fold` over `subs` words (the same column of `subs` rows) and its twin
+    `int4_word_values`: acc + scale * x . c, the offsets folded into r (`fold_operands`)."""
+    rng = np.random.default_rng(13 + subs)
+    n = 256
+    ws = [_words(rng, n) for _ in range(subs)]
+    x = rng.normal(size=(subs, 2, n)).astype(np.float32) * 3
+    terms = [[np.asarray(v, np.float32) for v in fold_operands(x[j, 0], x[j, 1])] for j in range(subs)]
+    r = sum(t[2] for t in terms).astype(np.float32)
+    scale = rng.uniform(0.5, 2, n).astype(np.float32)
+    acc = rng.normal(size=n).astype(np.float32)
+    magic = np.full(n, 0x3F000000, np.uint32)
+    for i in range(4):
+        cs = [c for w in ws for c in (np.asarray(v).view(np.uint32) for v in int4_word_bytes(w.view(np.int32)))]
+        xs = [t[h].view(np.uint32) for t in terms for h in (0, 1)]
+        code, _ = _ptx_int4_word_fold(i, subs)
+        (out,) = _run_ptx(code, cs + xs + [r.view(np.uint32), scale.view(np.uint32), acc.view(np.uint32), magic],
+                          n_out=1)
+        dot = sum(x[j, h].astype(np.float64) * _nibble(ws[j], i, h) for j in range(subs) for h in (0, 1))
+        want = acc + scale * dot
+        bound = 8 * subs * 2.0**-24 * (136 * np.abs(x).sum(axis=(0, 1)) * scale + np.abs(want))
+        assert (np.abs(out.view(np.float32) - want) <= bound).all()
+        # the twin: 1 + u / 128 per code, u = c + 8
+        for j, w in enumerate(ws):
+            lo, hi = (np.asarray(int4_word_values(np.asarray(c).view(np.int32), i))
+                      for c in int4_word_bytes(w.view(np.int32)))
+            np.testing.assert_array_equal(lo, 1 + (_nibble(w, i, 0) + 8) / 128)
+            np.testing.assert_array_equal(hi, 1 + (_nibble(w, i, 1) + 8) / 128)
+
+
+@pytest.mark.parametrize("subs", [1, 4])
+def test_int8_word_ptx_matches_arithmetic(subs):
+    """`_ptx_int8_word_fma` over `subs` words and its twin `int8_word_values`: acc + x . code."""
+    rng = np.random.default_rng(17 + subs)
+    n = 256
+    ws = [_words(rng, n) for _ in range(subs)]
+    x = rng.normal(size=(subs, n)).astype(np.float32)
+    acc = rng.normal(size=n).astype(np.float32)
+    magic = np.full(n, 0x4B000000, np.uint32)
+    byte = lambda v, k: ((v >> (8 * k)) & 0xFF).astype(np.uint8).view(np.int8).astype(np.int64)  # noqa: E731
+    for i in range(4):
+        flipped = [w ^ np.uint32(0x80808080) for w in ws]
+        code, _ = _ptx_int8_word_fma(i, subs)
+        (out,) = _run_ptx(code, flipped + [v.view(np.uint32) for v in x] + [acc.view(np.uint32), magic], n_out=1)
+        want = acc + sum(x[j].astype(np.float64) * byte(ws[j], i) for j in range(subs))
+        np.testing.assert_allclose(out.view(np.float32), want, rtol=1e-5, atol=1e-4)
+        for w in ws:
+            np.testing.assert_array_equal(np.asarray(int8_word_values(w.view(np.int32), i)), byte(w, i))
