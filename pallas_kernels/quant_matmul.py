@@ -354,31 +354,23 @@ def x_limbs_word(xs, inv, limb: int):
         result_shape_dtypes=[jax.ShapeDtypeStruct(xs[0].shape, jnp.int32)])[0]
 
 
-def _ptx_byte_pairs(high: int) -> tuple[str, str]:
-    """Inline PTX, the first half of a 4 x 4 byte transpose: words w0, w1 -> bytes 0 and 1
-    (high=0) or 2 and 3 (high=1) of each, interleaved [w0.b, w1.b, w0.b', w1.b']. Operands:
-    output 0, w0, w1."""
-    return f"prmt.b32 $0, $1, $2, {'0x7362' if high else '0x5140'};", "=r,r,r"
-
-
 def _ptx_int4_idp4a(i: int) -> tuple[str, str]:
     """Inline PTX for column i of 4 words of packed int4 bytes from 4 interleaved packed rows:
     acc += float(254 h + l) * scale, h and l the DP4A sums of the column's 8 codes (times 16)
-    with x's int8 limbs. Operands: output 0, the `_ptx_byte_pairs` words of rows 0, 1 and of
-    rows 2, 3 (high = i // 2), the limb words (hi limb of the group's low-code x, of its
-    high-code x, then the lo limb of each), the scale, the old acc. A PRMT finishes the
-    transpose (byte s: byte i of word s), a shift and two ANDs leave each nibble times 16 in its
-    byte, then 4 DP4A, a MAD, a CVT and an FMA: 12 instructions per 8 codes, plus the 4 PRMTs
-    of `_ptx_byte_pairs` per 4 columns."""
-    sel = "0x7632" if i % 2 else "0x5410"
-    lines = [".reg .b32 t, lo, hi, h, l;", ".reg .f32 f;",
-             f"prmt.b32 t, $1, $2, {sel};",
+    with x's int8 limbs. Operands: output 0, the 4 words, the limb words (hi limb of the group's
+    low-code x, of its high-code x, then the lo limb of each), the scale, the old acc. Three
+    PRMTs gather byte i of the 4 words, a shift and two ANDs leave each nibble times 16 in its
+    byte, then 4 DP4A, a MAD, a CVT and an FMA: 14 instructions per 8 codes."""
+    sel = f"0x{4 + i}{i}"  # byte i of the first word, then byte i of the second
+    lines = [".reg .b32 a, b, t, lo, hi, h, l;", ".reg .f32 f;",
+             f"prmt.b32 a, $1, $2, {sel};", f"prmt.b32 b, $3, $4, {sel};",
+             "prmt.b32 t, a, b, 0x5410;",  # byte s: byte i of word s
              "shl.b32 lo, t, 4;", "and.b32 lo, lo, 0xF0F0F0F0;", "and.b32 hi, t, 0xF0F0F0F0;",
-             "dp4a.s32.s32 h, lo, $3, 0;", "dp4a.s32.s32 h, hi, $4, h;",
-             "dp4a.s32.s32 l, lo, $5, 0;", "dp4a.s32.s32 l, hi, $6, l;",
+             "dp4a.s32.s32 h, lo, $5, 0;", "dp4a.s32.s32 h, hi, $6, h;",
+             "dp4a.s32.s32 l, lo, $7, 0;", "dp4a.s32.s32 l, hi, $8, l;",
              "mad.lo.s32 h, h, 254, l;", "cvt.rn.f32.s32 f, h;",
-             "fma.rn.f32 $0, f, $7, $8;"]
-    return "{\n" + "\n".join(lines) + "\n}", "=r," + ",".join(["r"] * 8)
+             "fma.rn.f32 $0, f, $9, $10;"]
+    return "{\n" + "\n".join(lines) + "\n}", "=r," + ",".join(["r"] * 10)
 
 
 def bf16_half(w, half: int):
@@ -665,18 +657,12 @@ def _quant_matmul_kernel(
         if compiled:
             limbs = [x_limbs_word(xs[h * subs:(h + 1) * subs], inv, limb)
                      for limb in (0, 1) for h in (0, 1)]  # hi-limb lo, hi-limb hi, lo-limb lo, lo-limb hi
-            i32 = [jax.ShapeDtypeStruct(shape, jnp.int32)]
-            pairs_ = [[plgpu.elementwise_inline_asm(
-                _ptx_byte_pairs(high)[0], args=ws[2 * j:2 * j + 2], constraints=_ptx_byte_pairs(high)[1],
-                pack=1, result_shape_dtypes=i32)[0] for j in (0, 1)]
-                for high in (0, 1)]  # [high][rows 0-1, rows 2-3]
             for i in range(per_word):
                 se = bcast(sx) * jnp.broadcast_to(scale[i].astype(jnp.float32)[None, :], shape)
                 code, constraints = _ptx_int4_idp4a(i)
                 out.append(plgpu.elementwise_inline_asm(
-                    code, args=[*pairs_[i // 2], *map(bcast, limbs), se, acc[i]],
-                    constraints=constraints, pack=1,
-                    result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])[0])
+                    code, args=[*ws, *map(bcast, limbs), se, acc[i]], constraints=constraints,
+                    pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])[0])
             return tuple(out)
         vals = [x_limb_values(xk, inv) for xk in xs]  # (hi, lo) int32 [rs] per x vector
         for i in range(per_word):
@@ -788,19 +774,13 @@ def _quant_matmul_kernel(
     acc = (tuple(jnp.zeros((rs, wn), jnp.float32) for _ in range(per_word)) if words
            else jnp.zeros(acc_shape, jnp.float32))
     if prefetch > 1:
-        def ahead_tile(j):
-            """Tile t_start + j, which may lie past this split: with idp4a the index is clamped
-            to the last tile instead (a redundant, unused load: no masks, no zeroed registers)."""
-            if idp4a:
-                return load_tile(jnp.minimum(t_start + j, n_tiles - 1), None)
-            return load_tile(t_start + j, j < t_count)
-
         def body(i, carry):
             acc, tiles = carry
-            nxt = ahead_tile(i + prefetch - 1)
+            ahead = i + prefetch - 1
+            nxt = load_tile(t_start + ahead, ahead < t_count)
             return compute(acc, tiles[0]), (*tiles[1:], nxt)
 
-        tiles = tuple(ahead_tile(j) for j in range(prefetch - 1))
+        tiles = tuple(load_tile(t_start + j, j < t_count) for j in range(prefetch - 1))
         # the norm's sum of squares after the first weight loads are issued: it runs while they fly
         inv_rms = row_inv_rms() if n_ref is not None else None
         acc, _ = lax.fori_loop(0, t_count, body, (acc, tiles))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.split_k import FOLD_OFFSET, FOLD_SCALE, bias_codes, byte_value, ptx_int8_axpy, ptx_int8_dot4
-from pallas_kernels.quant_matmul import (_IDP4A_SCALE, _ptx_bf16_fma, _ptx_byte_pairs, _ptx_dequant_fma, _ptx_int4_bf16,
+from pallas_kernels.quant_matmul import (_IDP4A_SCALE, _ptx_bf16_fma, _ptx_dequant_fma, _ptx_int4_bf16,
                                          _ptx_int4_folded, _ptx_int4_idp4a, _ptx_int4_word_fold,
                                          _ptx_int8_word_fma, _ptx_x_limbs, bf16_half, fold_operands,
                                          int4_word_bytes, int4_word_values, int4_words_bf16,
@@ -292,13 +292,10 @@ def test_idp4a_ptx_matches_arithmetic():
     se = rng.uniform(0.5, 2, n).astype(np.float32)
     acc = rng.normal(size=n).astype(np.float32)
     byte = lambda v, k: ((v >> (8 * k)) & 0xFF).astype(np.uint8).view(np.int8).astype(np.int64)  # noqa: E731
-    pairs = [[_run_ptx(_ptx_byte_pairs(high)[0], ws[2 * j:2 * j + 2], n_out=1)[0]
-              for j in (0, 1)] for high in (0, 1)]  # the transpose's first half, 2 columns each
     for i in range(4):
         code, constraints = _ptx_int4_idp4a(i)
-        assert constraints.count("=r") == 1 and constraints.count(",") == 8
-        operands = pairs[i // 2] + limbs + [se.view(np.uint32), acc.view(np.uint32)]
-        (out,) = _run_ptx(code, operands, n_out=1)
+        assert constraints.count("=r") == 1 and constraints.count(",") == 10
+        (out,) = _run_ptx(code, ws + limbs + [se.view(np.uint32), acc.view(np.uint32)], n_out=1)
         comb = sum(16 * _nibble(ws[s], i, h) * (254 * byte(limbs[h], s) + byte(limbs[2 + h], s))
                    for s in range(4) for h in (0, 1))
         want = acc.astype(np.float64) + comb.astype(np.float32).astype(np.float64) * se
