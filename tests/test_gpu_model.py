@@ -2,7 +2,8 @@
 
 Small random Llama shapes in float32 and bf16: logits of a full forward (the prefill kernel), and
 logits of 64 teacher-forced decode steps after a prefill (the decode kernel, also over an int8 KV
-cache; float weights through the fused Pallas GEMV at batch 1) against the XLA path. Teacher
+cache; float weights through the fused Pallas GEMV at batch 1; int4 weights through the DP4A
+GEMV) against the XLA path. Teacher
 forcing keeps one near-tie from derailing the rest. The kernels alone are checked against their
 references in the kernel tests (their `gpu` cases).
 """
@@ -13,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jllm import quant
 from jllm.config import LlamaConfig
-from jllm.model import forward, init_cache, init_params
+from jllm.model import forward, init_cache, init_params, to_flat, from_flat
 from jllm.plan import Plan
 from kernel_checks import gpu_marked_needs_gpu  # noqa: F401 (autouse fixture)
 
@@ -103,5 +105,18 @@ def test_fused_float_gemv_matches_xla(cfg, dtype):
     with jax.default_matmul_precision("highest"):
         want = _stepwise(params, tokens, cfg, dtype, "xla", "xla")
         got = _stepwise(params, tokens, cfg, dtype, "xla", "pallas-fused")
+    assert _rel(got, want) < TOL[dtype]
+    _assert_top1_up_to_ties(got, want)
+
+
+@pytest.mark.parametrize("group_size", [128, 32])
+def test_int4_decode_gemv_matches_xla(group_size):
+    """int4 weights at batch 1 in bf16: the fused Pallas GEMVs (integer dot products on int8
+    limbs of x, the RMSNorm in their prologue) against XLA's int4 formulation, same weights."""
+    cfg, dtype = MODELS[1]
+    flat, _ = quant.quantize_flat(dict(to_flat(_params(cfg, dtype))), "int4", group_size)
+    params, tokens = from_flat(flat, cfg), _tokens(cfg, 1, 300)
+    want = _stepwise(params, tokens, cfg, dtype, "xla", "xla")
+    got = _stepwise(params, tokens, cfg, dtype, "xla", "pallas-fused")
     assert _rel(got, want) < TOL[dtype]
     _assert_top1_up_to_ties(got, want)
