@@ -664,18 +664,16 @@ def _quant_matmul_kernel(
                     code, args=[*ws, *map(bcast, limbs), se, acc[i]], constraints=constraints,
                     pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])[0])
             return tuple(out)
-        vals = [x_limb_values(xk, inv) for xk in xs]  # (hi, lo) int32 [rs] per x vector
-        for i in range(per_word):
-            total = None
-            for j, w_s in enumerate(ws):
-                for h in (0, 1):  # the low and high nibbles: x of the group's halves
-                    code = ((w_s >> (8 * i + 4 * h)) << 28) >> 28  # sign-extended nibble
-                    hi, lo = vals[h * subs + j]
-                    part = code * 16 * bcast(254 * hi + lo)
-                    total = part if total is None else total + part
-            se = bcast(sx) * jnp.broadcast_to(scale[i].astype(jnp.float32)[None, :], shape)
-            out.append(acc[i] + total.astype(jnp.float32) * se)
-        return tuple(out)
+        # Interpret mode: the same integers in a few whole-tile ops (nibble 2 i + h of a word is
+        # column i's code of half h). Many small ops would make the interpreted kernel slow to build.
+        hi, lo = x_limb_values(jnp.stack(xs).reshape(2, subs, rs), inv)  # [half, sub-tile, rs]
+        limbs = jnp.moveaxis(254 * hi + lo, 0, -1)[:, :, None, None, :]  # [subs, rs, 1, 1, 2]
+        nib = 4 * jnp.arange(2 * per_word, dtype=jnp.int32)
+        codes = (jnp.stack(ws)[..., None] << (28 - nib)) >> 28  # [subs, rs, wn, 8] sign-extended
+        codes = codes.reshape(subs, rs, wn, per_word, 2)
+        total = (16 * codes * limbs).sum(axis=(0, 4)).astype(jnp.float32)  # [rs, wn, 4]
+        return tuple(acc[i] + total[..., i] * (bcast(sx) * scale[i].astype(jnp.float32)[None, :])
+                     for i in range(per_word))
 
     def compute(acc, tile):
         ws, xs, nws, scale = tile
