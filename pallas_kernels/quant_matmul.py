@@ -573,8 +573,8 @@ def _quant_matmul_kernel(
         elif xw_ref is not None:  # bf16 pairs: word t of each 4 columns holds 2 t and 2 t + 1
             cmask = (n0 + per_word * jnp.arange(wn)) < n_size
             scale = []
-            for t_, w2 in enumerate(interleaved(lambda cols: plgpu.load(
-                    s_ref.at[p0 // gq, cols], **mask_kw(cols, cmask, valid)), 2 * c0, n=2, size=wn)):
+            for w2 in interleaved(lambda cols: plgpu.load(
+                    s_ref.at[p0 // gq, cols], **mask_kw(cols, cmask, valid)), 2 * c0, n=2, size=wn):
                 scale += [bf16_half(w2, h) for h in (0, 1)]
         elif words and compiled:  # one [bn / 4] row of scales per column of a word
             scale = [load_scale(p0 // gq, valid, i) for i in range(per_word)]
@@ -957,7 +957,7 @@ def _quant_matmul(x, weights, *, bits, group_size, block_sizes, interpret, norm=
     if pairs:
         weights = [(q, as_words(s)) for q, s in weights]
         extra = [as_words(x)] + ([as_words(norm)] if norm is not None else [])
-    magic = words4 and not interpret  # the PRMT constant of the word steps, as data
+    magic = words4 and not idp4a and not interpret  # the word steps' PRMT constant, as data
     magic_value = _F32_ONE_HI if bits == 4 else _F32_TWO_23
     args = ([x] + ([norm] if normed else []) + ([jnp.full((1,), magic_value, jnp.int32)] if magic else [])
             + extra
