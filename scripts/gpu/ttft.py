@@ -20,6 +20,7 @@ the last kernel to the call's return.
 """
 import argparse
 import dataclasses
+import re
 import statistics
 import time
 
@@ -125,6 +126,31 @@ def call_breakdown(events: list[dict], device: str = "GPU") -> list[dict[str, fl
     return rows
 
 
+def host_events(events: list[dict], device: str = "GPU", top: int = 25) -> list[tuple[str, int, float]]:
+    """Host events (off the device's process) that start between each CALL's start and its first
+    kernel, grouped by name with numbers stripped: (name, count, total ms) per call on average,
+    the `top` longest. Nested events each count, so a parent spans its children again."""
+    kernels = sorted(device_kernels(events, device), key=lambda k: k[1])
+    procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    host = [e for e in events if e.get("ph") == "X" and device not in procs.get(e.get("pid"), "")
+            and e.get("name") != CALL]
+    calls = sorted((e for e in events if e.get("ph") == "X" and e.get("name") == CALL), key=lambda e: e["ts"])
+    totals: dict[str, list] = {}
+    for c in calls:
+        t0, t1 = float(c["ts"]), float(c["ts"]) + float(c.get("dur", 0.0))
+        first = next((s for _, s, _ in kernels if t0 <= s <= t1), t1)
+        for e in host:
+            if t0 <= float(e["ts"]) < first:
+                name = re.sub(r"\d+", "N", e["name"])[:90]
+                row = totals.setdefault(name, [0, 0.0])
+                row[0] += 1
+                row[1] += float(e.get("dur", 0.0)) / 1e3
+    n = max(len(calls), 1)
+    rows = sorted(((k, v[0] // n, v[1] / n) for k, v in totals.items()), key=lambda r: -r[2])
+    return rows[:top]
+
+
 def trace_calls(setup: Setup, repeats: int, trace_dir: str, device: str = "GPU") -> list[dict[str, float]]:
     """`repeats` traced single prefills -> call_breakdown of each."""
     jax.block_until_ready(setup(setup.new_cache()))
@@ -134,7 +160,10 @@ def trace_calls(setup: Setup, repeats: int, trace_dir: str, device: str = "GPU")
             time.sleep(IDLE_S)  # the GPU idles between calls, as between a user's requests
             with jax.profiler.TraceAnnotation(CALL):
                 jax.block_until_ready(setup(c))
-    return call_breakdown(read_trace(trace_dir), device)
+    events = read_trace(trace_dir)
+    for name, count, ms in host_events(events, device):
+        print(f"ttft host before the first kernel: {ms:8.3f} ms  x{count:<5d} {name}")
+    return call_breakdown(events, device)
 
 
 def main(argv=None) -> None:
