@@ -121,14 +121,18 @@ def profile_window(model, engine_kwargs: dict, n: int, prompt_len, output_len, s
             engine.step()
         jax.block_until_ready(engine.state)
         wall = 1e3 * (time.perf_counter() - t) / steps
-    table = sp.kernel_table(sp.device_kernels(sp.read_trace(trace_dir), device), steps)
+    events = sp.read_trace(trace_dir)
+    table = sp.kernel_table(sp.device_kernels(events, device), steps)
+    ts = [float(e["ts"]) for e in events if e.get("ph") == "X"]
+    host = "".join(f"\nhost per step: {ms / steps:8.3f} ms  x{count // steps:<5d} {name}"
+                   for name, count, ms in sp.host_table(events, [(min(ts), max(ts) + 1)], device, top=20))
     while engine.has_unfinished():  # bounded: every request has a finite max_tokens
         for r in list(engine.requests):
             engine.abort(r)
         engine.step()
     kv = engine_kwargs.get("kv_cache_dtype") or "bf16"
     return sp.format_table(f"engine steps {start}..{start + steps}, {kv} pages, {running} running, "
-                           f"{waiting} waiting (wall under the profiler)", wall, table)
+                           f"{waiting} waiting (wall under the profiler)", wall, table) + host
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,26 @@ def device_kernels(events: list[dict], device: str = "GPU") -> list[tuple[str, f
             if e.get("ph") == "X" and e.get("pid") in pids and keep(e)]
 
 
+def host_table(events: list[dict], windows: list[tuple[float, float]], device: str = "GPU",
+               top: int = 25, skip: tuple[str, ...] = ()) -> list[tuple[str, int, float]]:
+    """Host events (on processes whose name lacks `device`) that start inside the windows (start,
+    end in trace us), grouped by name with digits as N: (name, count, ms) per window on average,
+    the `top` longest. Nested events each count: a parent spans its children again."""
+    procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    totals: dict[str, list] = {}
+    for e in events:
+        if e.get("ph") != "X" or device in procs.get(e.get("pid"), "") or e.get("name") in skip:
+            continue
+        ts = float(e["ts"])
+        if any(t0 <= ts < t1 for t0, t1 in windows):
+            row = totals.setdefault(re.sub(r"\d+", "N", e["name"])[:90], [0, 0.0])
+            row[0] += 1
+            row[1] += float(e.get("dur", 0.0)) / 1e3
+    n = max(len(windows), 1)
+    return sorted(((k, c // n, ms / n) for k, (c, ms) in totals.items()), key=lambda r: -r[2])[:top]
+
+
 def _group(name: str) -> str:
     """Kernel families: XLA numbers its fusions (loop_add_fusion_12); strip the numbers."""
     return re.sub(r"[._]\d+$", "", re.sub(r"(_\d+)+(?=[^_]*$)", "", name))

@@ -10,7 +10,9 @@ as `jllm bench` times TTFT:
 - "... pre-made cache": the prefill alone, its cache made and waited for before the clock starts;
 - "dispatch ...": until the call returns, before waiting for its result;
 - "jit after idle": as "jit pre-made cache", after the GPU idled IDLE_S (a lone request reaching an
-  idle server; the rows above run their calls back to back, as `jllm bench` does).
+  idle server; the rows above run their calls back to back, as `jllm bench` does);
+- "jit after idle, same cache": the same, into the cache the call before returned (its lengths
+  zeroed), so the cache's buffers keep their device addresses from call to call.
 Set XLA_FLAGS (e.g. --xla_gpu_enable_command_buffer=) to compare XLA's launch settings. The
 kernels' own time is `python -m scripts.gpu step-profile --prefill`.
 
@@ -20,7 +22,6 @@ the last kernel to the call's return.
 """
 import argparse
 import dataclasses
-import re
 import statistics
 import time
 
@@ -35,12 +36,12 @@ from jllm.generate import bucket, prefill
 from jllm.kvcache import init_cache
 from jllm.sampling import Sampling
 from scripts.gpu.common import header
-from scripts.gpu.step_profile import device_kernels, read_trace
+from scripts.gpu.step_profile import device_kernels, host_table, read_trace
 
 CALL = "ttft call"  # the host annotation around each traced prefill
 
 ROWS = ("cache", "jit all", "compiled all", "jit pre-made cache", "compiled pre-made cache",
-        "dispatch jit", "dispatch compiled", "jit after idle")
+        "dispatch jit", "dispatch compiled", "jit after idle", "jit after idle, same cache")
 IDLE_S = 0.05  # the GPU's rest before an "after idle" call and before each traced call
 
 
@@ -67,6 +68,10 @@ class Setup:
         if fn is None:
             return prefill(self.params, *self.args, cache, self.sampling, self.key, **self.kw)
         return fn(self.params, *self.args, cache, self.sampling, self.key)
+
+    def again(self, out):
+        """The cache a prefill returned, emptied again (lengths 0): the same buffers as before."""
+        return dataclasses.replace(out[1], lengths=jnp.zeros_like(out[1].lengths))
 
     def compiled(self):
         return prefill.lower(self.params, *self.args, self.new_cache(), self.sampling, self.key,
@@ -101,6 +106,13 @@ def measure(setup: Setup, repeats: int) -> dict[str, list[float]]:
         t = time.perf_counter()
         jax.block_until_ready(setup(c))
         rows["jit after idle"].append(time.perf_counter() - t)
+    out = jax.block_until_ready(setup(new()))
+    for _ in range(repeats):  # the returned cache back in: its buffers keep their addresses
+        c = jax.block_until_ready(setup.again(out))
+        time.sleep(IDLE_S)
+        t = time.perf_counter()
+        out = jax.block_until_ready(setup(c))
+        rows["jit after idle, same cache"].append(time.perf_counter() - t)
     return rows
 
 
@@ -126,40 +138,28 @@ def call_breakdown(events: list[dict], device: str = "GPU") -> list[dict[str, fl
     return rows
 
 
-def host_events(events: list[dict], device: str = "GPU", top: int = 25) -> list[tuple[str, int, float]]:
-    """Host events (off the device's process) that start between each CALL's start and its first
-    kernel, grouped by name with numbers stripped: (name, count, total ms) per call on average,
-    the `top` longest. Nested events each count, so a parent spans its children again."""
+def host_events(events: list[dict], device: str = "GPU") -> list[tuple[str, int, float]]:
+    """step_profile.host_table over each CALL's span from its start to its first kernel."""
     kernels = sorted(device_kernels(events, device), key=lambda k: k[1])
-    procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    host = [e for e in events if e.get("ph") == "X" and device not in procs.get(e.get("pid"), "")
-            and e.get("name") != CALL]
-    calls = sorted((e for e in events if e.get("ph") == "X" and e.get("name") == CALL), key=lambda e: e["ts"])
-    totals: dict[str, list] = {}
-    for c in calls:
+    windows = []
+    for c in (e for e in events if e.get("ph") == "X" and e.get("name") == CALL):
         t0, t1 = float(c["ts"]), float(c["ts"]) + float(c.get("dur", 0.0))
-        first = next((s for _, s, _ in kernels if t0 <= s <= t1), t1)
-        for e in host:
-            if t0 <= float(e["ts"]) < first:
-                name = re.sub(r"\d+", "N", e["name"])[:90]
-                row = totals.setdefault(name, [0, 0.0])
-                row[0] += 1
-                row[1] += float(e.get("dur", 0.0)) / 1e3
-    n = max(len(calls), 1)
-    rows = sorted(((k, v[0] // n, v[1] / n) for k, v in totals.items()), key=lambda r: -r[2])
-    return rows[:top]
+        windows.append((t0, next((s for _, s, _ in kernels if t0 <= s <= t1), t1)))
+    return host_table(events, windows, device, skip=(CALL,))
 
 
-def trace_calls(setup: Setup, repeats: int, trace_dir: str, device: str = "GPU") -> list[dict[str, float]]:
-    """`repeats` traced single prefills -> call_breakdown of each."""
-    jax.block_until_ready(setup(setup.new_cache()))
-    caches = [jax.block_until_ready(setup.new_cache()) for _ in range(repeats)]
+def trace_calls(setup: Setup, repeats: int, trace_dir: str, device: str = "GPU",
+                same_cache: bool = False) -> list[dict[str, float]]:
+    """`repeats` traced single prefills -> call_breakdown of each; each into a new cache, or with
+    same_cache into the one the call before returned."""
+    out = jax.block_until_ready(setup(setup.new_cache()))
+    caches = [jax.block_until_ready(setup.new_cache()) for _ in range(0 if same_cache else repeats)]
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        for c in caches:
+        for i in range(repeats):
+            c = jax.block_until_ready(setup.again(out)) if same_cache else caches[i]
             time.sleep(IDLE_S)  # the GPU idles between calls, as between a user's requests
             with jax.profiler.TraceAnnotation(CALL):
-                jax.block_until_ready(setup(c))
+                out = jax.block_until_ready(setup(c))
     events = read_trace(trace_dir)
     for name, count, ms in host_events(events, device):
         print(f"ttft host before the first kernel: {ms:8.3f} ms  x{count:<5d} {name}")
@@ -173,6 +173,8 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-len", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--trace", default=None, metavar="DIR", help="also trace single prefills into DIR")
+    ap.add_argument("--same-cache", action="store_true",
+                    help="trace prefills into the cache the call before returned (same buffers)")
     ap.add_argument("--device", default="GPU", help="process-name filter of the device streams in the trace")
     args = ap.parse_args(argv)
     header()
@@ -181,7 +183,7 @@ def main(argv=None) -> None:
     for name, v in rows.items():
         print(f"ttft {name:24s} median {statistics.median(v) * 1e3:7.2f} ms  min {min(v) * 1e3:7.2f}")
     if args.trace:
-        calls = trace_calls(setup, args.repeats, args.trace, args.device)
+        calls = trace_calls(setup, args.repeats, args.trace, args.device, args.same_cache)
         for i, c in enumerate(calls):
             print(f"ttft traced call {i}: " + ", ".join(
                 f"{k} {v:.2f} ms" if k != "kernels" else f"{v} kernels" for k, v in c.items()))
