@@ -41,6 +41,9 @@ def parser() -> argparse.ArgumentParser:
         parts[name].add_argument("--loop", action="store_true",
                                  help="time the kernels in an on-device loop (timing.loop_time_us), below "
                                       "the dispatch floor of the default timer")
+    parts["flash-attention"].add_argument(
+        "--shape", type=int, nargs=5, metavar=("B", "T", "H", "G", "K"),
+        help="only this shape (with --tune, a wider sweep)")
     parts["paged-attention"].add_argument(
         "--shape", type=int, nargs=2, metavar=("B", "S"),
         help="only this batch and length (pages of 16; with --tune, a wider sweep)")

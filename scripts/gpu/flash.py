@@ -1,7 +1,7 @@
 """Causal prefill attention on the GPU: flash_attention checked against its `_ref`, then timed
 against XLA (the jitted `_ref`) and cuDNN, with an optional tiling sweep (`--tune`).
 
-    python -m scripts.gpu flash-attention [--tune]
+    python -m scripts.gpu flash-attention [--tune] [--shape B T H G K]
 """
 import jax
 import jax.numpy as jnp
@@ -37,10 +37,12 @@ def flash(args) -> None:
         (1, 2048, 32, 32, 64),
         (4, 1024, 32, 32, 128),
     ]
-    candidates = [
-        BlockSizes(block_q=q, block_k=k, num_warps=w, num_stages=s)
-        for q, k, w, s in [(64, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 32, 4, 4), (64, 64, 4, 4)]
-    ]
+    tilings = [(64, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 32, 4, 4), (64, 64, 4, 4)]
+    if args.shape:  # one shape: a wider sweep
+        shapes = [tuple(args.shape)]
+        tilings += [(64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2),
+                    (64, 128, 4, 2), (128, 64, 4, 3), (256, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3)]
+    candidates = [BlockSizes(block_q=q, block_k=k, num_warps=w, num_stages=s) for q, k, w, s in tilings]
     for batch, seq_len, heads, kv_heads, head_dim in shapes:
         inputs = _inputs(jax.random.key(0), batch, seq_len, heads, kv_heads, head_dim, jnp.bfloat16)
         with jax.default_matmul_precision("highest"):
