@@ -103,6 +103,11 @@ class KVCache(CacheOps):
         """q [B, T, H, K] over the layer's keys (the new ones included) -> [B, T, H, K]."""
         start, kv_len = self.lengths, self.lengths + n_tokens
         ck, cv, cks, cvs = layer
+        if fresh and not self.quantized and plan.attn_impl == "pallas" and attn.supported(q, ck):
+            # The flash kernel reads only the keys below kv_len, so the cache costs it no more than
+            # the new keys do; read there, the rotated keys have one consumer, and XLA writes them
+            # into the cache in place instead of to a buffer of their own and then a copy.
+            return attn.attention(q, ck, cv, start, kv_len, plan)
         if fresh:  # every row starts empty: attend the new keys (a float cache's dtype first)
             kd = k.dtype if self.quantized else ck.dtype
             return attn.attention(q, k.astype(kd), v.astype(kd), start, n_tokens, plan)

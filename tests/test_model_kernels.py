@@ -171,3 +171,26 @@ def test_pallas_attention_falls_back_to_xla_for_shapes_the_kernels_do_not_tile(t
     model = make_model(cfg, tokenizer)
     assert _greedy(dataclasses.replace(model, attn_impl="pallas"), [[1, 5, 9]], n=5) == \
         _greedy(model, [[1, 5, 9]], n=5)
+
+
+def test_fresh_prefill_reads_nothing_of_the_cache_past_each_row(tiny_model):
+    """A first prefill attends over the cache it writes (the flash kernel reads only below each
+    row's length): a cache full of NaN gives the hidden states of a zeroed one, ragged rows too."""
+    from jllm.model import transformer
+    cfg = tiny_model.cfg
+    tokens = jnp.asarray(np.random.default_rng(1).integers(3, cfg.vocab_size, (2, 40)), jnp.int32)
+    n_tokens = jnp.asarray([40, 17], jnp.int32)
+    zero = init_cache(cfg, 2, 64, jnp.float32)
+    nan = dataclasses.replace(zero, k=[jnp.full_like(a, jnp.nan) for a in zero.k],
+                              v=[jnp.full_like(a, jnp.nan) for a in zero.v])
+    out = {}
+    for name, cache in (("zero", zero), ("nan", nan)):
+        h, c = transformer(tiny_model.params, tokens, cache, cfg, Plan(attn_impl="pallas"),
+                           n_tokens=n_tokens, fresh=True)
+        out[name] = (np.asarray(h), np.asarray(c.k[0][1, :17]))
+    ref, _ = transformer(tiny_model.params, tokens, zero, cfg, Plan(attn_impl="xla"), n_tokens=n_tokens, fresh=True)
+    for name in ("zero", "nan"):
+        h, keys = out[name]
+        assert np.isfinite(keys).all()
+        np.testing.assert_allclose(h[0], np.asarray(ref)[0], rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(h[1, :17], np.asarray(ref)[1, :17], rtol=2e-5, atol=2e-5)
