@@ -114,8 +114,8 @@ class BlockSizes:
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name}={v} must be a power of two >= 16")
-        if self.block_m > 64:
-            raise ValueError(f"{self.block_m=} must be <= 64")
+        if self.block_m > 128:
+            raise ValueError(f"{self.block_m=} must be <= 128")
         if self.k_splits is not None and self.k_splits < 1:
             raise ValueError(f"{self.k_splits=} must be >= 1 or None")
         if self.num_warps not in (1, 2, 4, 8, 16):
@@ -140,8 +140,13 @@ def default_block_sizes(m: int, k: int, n: int, bits: int) -> BlockSizes:
     if m == 1:  # 32 rows x 256 columns per tile, 2 tiles in flight
         return BlockSizes(block_n=256, block_k=32, prefetch=2)
     # Skinny GEMM: a bf16 tensor-core dot, pipelined by Triton (num_stages) rather than by hand.
-    return BlockSizes(block_n=128, block_k=128, block_m=16 if m <= 16 else 64, fma=False,
-                      prefetch=1, num_stages=4, tf32_dot=False)
+    if m <= 64:
+        return BlockSizes(block_n=128, block_k=128, block_m=16 if m <= 16 else 64, fma=False,
+                          prefetch=1, num_stages=4, tf32_dot=False)
+    # A prefill's GEMM (jllm.quant routes it here only up to MAX_PALLAS_M_*): 128 x 128 tiles,
+    # two warp groups, each weight tile dequantized once per 128 rows of x. Not yet timed.
+    return BlockSizes(block_n=128, block_k=128, block_m=128, fma=False, prefetch=1, num_warps=8,
+                      num_stages=3, tf32_dot=False)
 
 
 def pack_int4(q: jax.Array, group_size: int) -> jax.Array:

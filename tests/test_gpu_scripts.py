@@ -67,3 +67,16 @@ def test_loop_timer_calls_the_kernel_once_per_set_and_pass():
     assert us > 0
     assert len(seen) == 6 * 3 * len(sets)
     assert sorted(set(seen)) == [2.0, 3.0]
+
+
+def test_host_table_counts_host_events_inside_the_windows_only():
+    from scripts.gpu.step_profile import host_table
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}}]
+    host = [{"ph": "X", "name": n, "pid": 1, "tid": 1, "ts": ts, "dur": dur}
+            for n, ts, dur in [("command_buffer_3", 0.0, 2_000.0), ("command_buffer_12", 10_000.0, 4_000.0),
+                               ("launch", 500.0, 1_000.0), ("late", 30_000.0, 9_000.0), ("skip me", 0.0, 5.0)]]
+    device = [{"ph": "X", "name": "command_buffer_1", "pid": 2, "tid": 7, "ts": 600.0, "dur": 50_000.0}]
+    rows = host_table(meta + host + device, [(0.0, 1_000.0), (10_000.0, 11_000.0)], skip=("skip me",))
+    # per window on average: the numbered names group, the device's event and "late" are out
+    assert rows == [("command_buffer_N", 1, 3.0), ("launch", 0, 0.5)]

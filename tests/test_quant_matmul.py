@@ -60,6 +60,10 @@ CASES = [
     (1, 512, 384, 4, 128, BlockSizes(words=True, block_n=64, k_splits=2, prefetch=3)),
     (1, 256, 96, 4, 32, BlockSizes(words=True, k_splits=1)),  # unsplit
     (1, 256, 130, 4, 64, BlockSizes(words=True)),  # N % 4 != 0: the byte path instead
+    # a prefill's rows: 128-row tiles (the default past M = 64), ragged M and N, split or not
+    (200, 256, 200, 4, 128, None),
+    (130, 512, 96, 4, 64, BlockSizes(block_m=128, block_n=64, block_k=64, fma=False, prefetch=1, k_splits=1)),
+    (129, 256, 200, 8, 256, None),
     (1, 512, 200, 4, 512, BlockSizes(words=True)),  # per-channel: the byte path instead
     (1, 300, 200, 8, 300, BlockSizes(words=True)),  # int8 words, per channel, ragged N and K
     (1, 512, 384, 8, 512, BlockSizes(words=True, block_n=256, block_k=32, k_splits=4)),
@@ -171,7 +175,7 @@ def test_mma_bf16_input_matches_ref(m, n, group_size, interpret):
     np.testing.assert_allclose(y, ref, rtol=2**-7, atol=1e-3)
 
 
-@pytest.mark.parametrize("field,value", [("block_n", 96), ("block_k", 8), ("block_m", 128),
+@pytest.mark.parametrize("field,value", [("block_n", 96), ("block_k", 8), ("block_m", 256),
                                          ("k_splits", 0), ("num_warps", 3), ("num_stages", 0),
                                          ("prefetch", 5), ("sub_tiles", 3)])
 def test_block_sizes_validation_names_the_field(field, value):

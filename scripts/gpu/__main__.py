@@ -12,6 +12,7 @@ PARTS = {
     "decode-attention": ("attention", "decode", "decode_attention vs XLA, bf16 and int8 cache"),
     "paged-attention": ("attention", "paged", "paged_attention vs decode_attention, bf16 and int8 pages"),
     "paged-prefill": ("attention", "paged_prefill", "paged_attention_mq chunks vs flash_attention, bf16 pages"),
+    "int4-prefill": ("gemv", "int4_prefill", "int4 at prefill sizes: XLA against the kernel's tilings, TTFT"),
     "flash-attention": ("flash", "flash", "flash_attention vs XLA and cuDNN, causal prefill"),
     "quant-matmul": ("gemv", "quant_matmul", "quantized matmul per call, one 7B layer, batch 1/8/64"),
     "gemv": ("gemv", "gemv", "quantized GEMV variants in an on-device loop"),
@@ -58,6 +59,10 @@ def parser() -> argparse.ArgumentParser:
         p = parts[name]
         p.add_argument("--bits", type=int, nargs="+", default=[8, 4] if name != "gemv-multi" else [8, 4, 16])
         p.add_argument("--m", type=int, nargs="+", default=[1, 8] if name != "gemv-one" else [1])
+    p = parts["int4-prefill"]
+    p.add_argument("--m", type=int, nargs="+", default=[128, 512, 2048], help="rows of x (prompt tokens)")
+    p.add_argument("--bench", type=int, nargs="*", metavar="PROMPT_LEN",
+                   help="then jllm bench TTFT at these prompt lengths per prefill path")
     parts["gemv"].add_argument("--variants", nargs="+", choices=list(variants), help="only these")
     for name in ("gemv-one", "bf16-e2e"):
         parts[name].add_argument("--variant", default="default", choices=list(variants))

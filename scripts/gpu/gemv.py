@@ -4,6 +4,7 @@
     python -m scripts.gpu gemv [--bits 8 4] [--m 1 8] [--variants VARIANT ...]
     python -m scripts.gpu gemv-multi [--bits 8 4 16] [--m 1 8]
     python -m scripts.gpu bf16-e2e [--variant VARIANT]
+    python -m scripts.gpu int4-prefill [--m 128 512 2048] [--bench 128 2048]
 
 `quant-matmul` times each op per call over rotated weight sets (`timing.time_us`, host dispatch
 overlapped): one Llama-2-7B layer's four shapes at batch 1, 8 and 64, XLA against the kernel.
@@ -377,3 +378,66 @@ def bf16_e2e(args) -> None:
         print(f"bf16 GEMV {impl} ({args.variant}): {r.decode_tok_s_per_seq:.1f} tok/s, "
               f"TPOT {r.tpot_ms:.3f} ms", flush=True)
     print(bench.format_table(rows))
+
+
+# int4 prefill tilings: the tensor-core dot of 128-row tiles (the default past M = 64) and the
+# transposed dot with the weight as the register operand (BlockSizes.mma).
+PREFILL_VARIANTS = {
+    "dot": None,
+    "mma": qmm.BlockSizes(block_m=128, block_n=128, block_k=128, mma=True, fma=False, prefetch=1,
+                          num_warps=8, num_stages=3, tf32_dot=False),
+}
+
+
+def int4_prefill(args) -> None:
+    """int4 (groups of 128) at prefill sizes: one 7B layer per M through XLA's formulation
+    (`jllm.quant._xla_qmatmul`, what the model runs past quant.MAX_PALLAS_M_GROUPED), the
+    kernel's tilings, and XLA's bf16 GEMM for scale; µs per layer and TFLOP/s. With --bench, then
+    `jllm bench` TTFT with int4 weights, the prefill through XLA and through each tiling."""
+    from jllm import quant
+
+    header()
+    key = jax.random.key(0)
+    rows = {}
+    for k, n in SHAPES:
+        w4, w16 = weight_sets(key, k, n, 4, 128), weight_sets(key, k, n, 16, 0)
+        for m in args.m:
+            x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
+            ops = {"xla int4": (w4, lambda x, q, s: quant._xla_qmatmul(x, quant.QArray(q, s, 4, 128)).astype(x.dtype)),
+                   "xla bf16": (w16, _xla_bf16)}
+            for name, bs in PREFILL_VARIANTS.items():
+                check(x, w4[:1], 4, 128, bs)
+                ops[name] = (w4, functools.partial(_pallas, bits=4, group_size=128, block_sizes=bs))
+            for name, (ws, op) in ops.items():
+                us = _per_call_us(op, x, ws, trials=7, reps=3)
+                rows.setdefault((m, name), []).append(us)
+                print(f"K={k:6d} N={n:6d} M={m:5d} {name:9s} {us:9.1f} us {2 * m * k * n / us / 1e6:6.1f} TFLOP/s",
+                      flush=True)
+    flops = {m: sum(2 * m * k * n for k, n in SHAPES) for m in args.m}
+    print("\nint4 prefill GEMMs, one 7B layer (four shapes):")
+    for (m, name), v in rows.items():
+        if len(v) == len(SHAPES):
+            print(f"M={m:5d} {name:9s} {sum(v):9.1f} us/layer {flops[m] / sum(v) / 1e6:6.1f} TFLOP/s")
+    if args.bench:
+        _int4_prefill_bench(args.bench)
+
+
+def _int4_prefill_bench(prompt_lens, config: str = "llama-2-7b", extra: tuple = ()) -> None:
+    """`jllm bench` TTFT, int4 weights, with the prefill's GEMMs through XLA and each tiling
+    (`extra`: more bench options)."""
+    from jllm import cli, quant
+
+    default_max, default_bs = quant.MAX_PALLAS_M_GROUPED, qmm.default_block_sizes
+    for name, bs in {"xla": None, **PREFILL_VARIANTS}.items():
+        quant.MAX_PALLAS_M_GROUPED = default_max if name == "xla" else 1 << 20
+        qmm.default_block_sizes = (default_bs if bs is None else
+                                   lambda m, k, n, bits, bs=bs: bs if m > 64 else default_bs(m, k, n, bits))
+        jax.clear_caches()
+        print(f"== int4 prefill through {name}", flush=True)
+        try:
+            rc = cli.main(["bench", "--config", config, "--quantize", "int4", "--batch", "1", "--new-tokens", "16",
+                           "--no-warm-compile", *extra, "--prompt-len", *map(str, prompt_lens)])
+            if rc:
+                raise RuntimeError(f"jllm bench exited with {rc} (int4 prefill through {name})")
+        finally:
+            quant.MAX_PALLAS_M_GROUPED, qmm.default_block_sizes = default_max, default_bs
