@@ -120,14 +120,16 @@ def _flash_kernel(
         else:
             k = plgpu.load(k_ref.at[kv_slice, :])  # [block_k, K]
             v = plgpu.load(v_ref.at[kv_slice, :])  # [block_k, K]
-        # [rows, block_k] f32, log2 units
-        s = plgpu.dot(q, k, trans_b=True, allow_tf32=_triton.tf32_ok(q)) * qk_scale
+        # [rows, block_k] f32 scores; the running max m stays in these units, and the softmax
+        # scale goes into exp2's argument as one FMA per score: exp2(s * c - m * c)
+        s = plgpu.dot(q, k, trans_b=True, allow_tf32=_triton.tf32_ok(q))
         if masked:
             visible = (key_pos[None, :] <= row_pos[:, None]) & key_ok[None, :]
             s = jnp.where(visible, s, _MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))  # [rows]
-        alpha = jnp.exp2(m - m_new)  # [rows] rescales the old sums
-        p = jnp.exp2(s - m_new[:, None])  # [rows, block_k]
+        mc = m_new * qk_scale
+        alpha = jnp.exp2(m * qk_scale - mc)  # [rows] rescales the old sums
+        p = jnp.exp2(s * qk_scale - mc[:, None])  # [rows, block_k]
         l = l * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, allow_tf32=_triton.tf32_ok(v))
         return acc, m_new, l
