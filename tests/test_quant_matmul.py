@@ -158,14 +158,15 @@ def test_pack_unpack_int4_round_trip():
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("m,n,group_size", [(1, 200, 32), (1, 384, 64), (1, 100, 128), (3, 200, 64)],
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize("m,n,group_size", [(1, 200, 32), (1, 384, 64), (1, 100, 128), (3, 200, 64),
+                                            (130, 200, 128)], ids=lambda v: str(v))
 def test_mma_bf16_input_matches_ref(m, n, group_size, interpret):
     """mma with bf16 x, the arithmetic it is built for (bf16 codes, float32 accumulation): only
-    the order of the float32 sums and the final rounding to bf16 differ from the ref."""
+    the order of the float32 sums and the final rounding to bf16 differ from the ref. M = 130:
+    a prefill's rows in 128-row tiles, the last one ragged."""
     x, q, scale = _inputs(f"mma_bf16_{m}_{n}_{group_size}", m, 512, n, 4, group_size, jnp.bfloat16)
     y = quant_matmul(x, q, scale, bits=4, group_size=group_size, interpret=interpret,
-                     block_sizes=BlockSizes(mma=True, block_n=64, prefetch=1))
+                     block_sizes=BlockSizes(mma=True, block_n=64, prefetch=1, block_m=128 if m > 64 else 16))
     ref = quant_matmul_ref(x.astype(jnp.float32), q, scale.astype(jnp.float32), bits=4,
                            group_size=group_size)
     assert y.shape == (m, n) and y.dtype == jnp.bfloat16
