@@ -5,6 +5,15 @@ import jax
 import jax.numpy as jnp
 
 
+TOP_K_MAX = 2 ** 31 - 1  # the int32 the sampler reads; any top_k past the vocabulary keeps every token
+
+
+def top_k_code(top_k: int | None) -> int:
+    """A top_k (None or an int >= 1) as the int32 the sampler reads: 0 for no cut, and values
+    past int32 clamped, which keeps their meaning (a cut at or past the vocabulary keeps all)."""
+    return 0 if top_k is None else min(int(top_k), TOP_K_MAX)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Sampling:
@@ -23,7 +32,7 @@ class Sampling:
     def make(cls, batch: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None) -> "Sampling":
         return cls(temperature=jnp.full((batch,), temperature, jnp.float32),
-                   top_k=jnp.full((batch,), top_k or 0, jnp.int32),
+                   top_k=jnp.full((batch,), top_k_code(top_k), jnp.int32),
                    top_p=jnp.full((batch,), 1.0 if top_p is None else top_p, jnp.float32),
                    greedy=temperature == 0)
 
@@ -41,7 +50,8 @@ def _filtered_logits(logits: jax.Array, s: Sampling) -> jax.Array:
     probs = jax.nn.softmax(sorted_x, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     keep = mass_before < s.top_p[:, None]
-    n_keep = jnp.sum(keep, axis=-1)                                            # [B] >= 1
+    # >= 1: a top_p that rounds to 0 in float32 keeps (only) the first token too
+    n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)                            # [B]
     pth = jnp.take_along_axis(sorted_x, (n_keep - 1)[:, None], axis=-1)        # [B, 1]
     cut = jnp.maximum(kth, pth)
     return jnp.where(x >= cut, x, -jnp.inf)

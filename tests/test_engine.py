@@ -153,6 +153,10 @@ def test_seeded_sampling_matches_generate_per_request(tiny_model_no_tokenizer):
     p = SamplingParams(max_tokens=12, temperature=1.0, seed=5, stop_token_ids=())
     a, b, c = engine.generate([script[1][1]] * 3, [p, p, dataclasses.replace(p, seed=6)])
     assert a.token_ids == b.token_ids != c.token_ids
+    # A top_k past the vocabulary, even past int32, is no cut (it once overflowed the step's
+    # int32 array and stalled every request).
+    [d] = engine.generate([script[1][1]], [dataclasses.replace(p, top_k=2 ** 40)])
+    assert d.token_ids == a.token_ids
 
 
 def test_preemption_completes_requests_larger_than_the_pool_shares(tiny_model_no_tokenizer):

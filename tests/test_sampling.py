@@ -114,3 +114,20 @@ def test_new_sampling_values_do_not_recompile():
     for values in [(0.7, 5, None), (1.3, None, 0.8), (2.0, 40, 0.3), (0.0, 1, 1.0)]:
         sample_jit(logits, jax.random.key(values[1] or 1), Sampling.make(5, *values)).block_until_ready()
     assert sample_jit._cache_size() == compiled
+
+
+def test_top_k_past_int32_means_no_cut():
+    """A top_k at or past the vocabulary keeps every token, however large (it is clamped to the
+    int32 the sampler reads, not overflowed)."""
+    row = _logits(5)[0]
+    plain = _draw(row, _rows(1.0))
+    for k in (V, 2 ** 31, 10 ** 20):
+        np.testing.assert_array_equal(_draw(row, _rows(1.0, top_k=k)), plain)
+
+
+def test_top_p_that_rounds_to_zero_keeps_the_best_token():
+    """top_p = 1e-50 is 0.0 in float32: the nucleus is then the first token alone, never empty
+    (an empty nucleus used to cut nothing)."""
+    row = _logits(6)[0]
+    for p in (1e-50, 1e-6):
+        assert set(_draw(row, _rows(1.0, top_p=p)).tolist()) == {int(np.argmax(row))}

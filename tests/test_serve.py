@@ -344,6 +344,8 @@ BAD = [  # id, endpoint, body, status, param
      _json({**CHAT, "top_logprobs": 2}), 400, "top_logprobs"),
     ("chat_unknown_model", "chat/completions", _json({**CHAT, "model": "x"}), 404, "model"),
     ("chat_huge_max_tokens", "chat/completions", _json({**CHAT, "max_tokens": 10 ** 6}), 400, "max_tokens"),
+    ("prompt_lone_surrogate", "completions", _json({**OK, "prompt": "abc\udfff"}), 400, "prompt"),
+    ("deeply_nested_json", "completions", b"[" * 100_000 + b"]" * 100_000, 400, None),
 ]
 
 
@@ -380,6 +382,7 @@ def test_openai_client_raises_its_own_error_types(srv):
 
 def test_models_health_and_metrics(srv):
     c = srv.client()
+    c.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=N, temperature=0)  # counted below
     assert [m.id for m in c.models.list().data] == [NAME]
     assert c.models.retrieve(NAME).id == NAME
     assert httpx.get(f"{srv.url}/health", timeout=10).json() == {"status": "ok"}
@@ -423,6 +426,60 @@ def test_an_engine_failure_answers_503_and_health_says_so(tiny_model):
         with httpx.stream("POST", f"{s.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
             assert r.status_code == 503   # refused up front: the engine thread is gone
         assert httpx.get(f"{s.url}/health", timeout=10).status_code == 503
+
+
+class DyingEngine(SlowEngine):
+    """Fails at the end of a step's delay: requests that arrive during that step are queued."""
+    fail = False
+
+    def step(self):
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
+        if self.fail:
+            raise RuntimeError("device lost")
+        return super(SlowEngine, self).step()
+
+
+def test_a_request_queued_when_the_engine_fails_is_answered_503_not_left_waiting(tiny_model):
+    engine = DyingEngine(tiny_model, max_seqs=16, max_tokens_per_step=64, num_pages=64, progress=False)
+    body = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": 200, "temperature": 0}
+    with ThreadServer(engine, tiny_model) as s:
+        engine.step_delay_s = 0.3
+        with httpx.stream("POST", f"{s.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {")
+            engine.fail = True                      # the step under way fails after its delay
+            t = time.monotonic()
+            late = httpx.post(f"{s.url}/v1/completions", json={**body, "max_tokens": 4}, timeout=20)
+            assert late.status_code == 503 and "device lost" in late.json()["error"]["message"]
+            assert time.monotonic() - t < 10
+            assert [x for x in lines if x][-1] == "data: [DONE]"
+
+
+def test_a_pool_smaller_than_the_context_bounds_the_default_output_not_the_request(tiny_model):
+    """16 pages of 16 tokens hold 256 of the model's 512 positions: the server's context is 256.
+    A chat request without max_tokens is answered (its output capped there), /v1/models says
+    256, and an explicit max_tokens past it is a 400 naming max_tokens."""
+    with ThreadServer(make_engine(tiny_model, num_pages=16), tiny_model) as s:
+        assert httpx.get(f"{s.url}/v1/models", timeout=10).json()["data"][0]["max_model_len"] == 256
+        chat = {"model": NAME, "messages": [{"role": "user", "content": PROMPTS[0]}], "temperature": 0}
+        r = httpx.post(f"{s.url}/v1/chat/completions", json=chat, timeout=120)
+        assert r.status_code == 200, r.text
+        assert 0 < r.json()["usage"]["total_tokens"] <= 256
+        r = httpx.post(f"{s.url}/v1/chat/completions", json={**chat, "max_tokens": 300}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+        s.wait_idle()
+
+
+def test_top_k_past_the_vocabulary_keeps_every_token(srv):
+    body = {"model": NAME, "prompt": PROMPTS[1], "max_tokens": 8, "temperature": 1.0, "seed": 7}
+    plain = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
+    for top_k in (512, 2 ** 31, 10 ** 20):
+        r = httpx.post(f"{srv.url}/v1/completions", json={**body, "top_k": top_k}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
+    assert httpx.get(f"{srv.url}/health", timeout=10).json() == {"status": "ok"}
 
 
 def test_a_model_without_tokenizer_takes_and_returns_token_ids(tiny_model_no_tokenizer):

@@ -210,6 +210,12 @@ class Engine:
             raise ValueError(f"prompt has token ids outside [0, {self.cfg.vocab_size}): {bad[:5]}")
         return [int(t) for t in prompt]
 
+    @property
+    def context(self) -> int:
+        """The most tokens one request can hold, prompt and output: max_model_len, or the whole
+        pool where that is smaller."""
+        return min(self.max_len, self.num_pages * self.page_size)
+
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         """Queue a request -> its id. Raises ValueError/TypeError for bad input, QueueFull when

@@ -26,6 +26,7 @@ import numpy as np
 from jllm.engine.api import SamplingParams
 from jllm.engine.pages import PagePool, block_hash
 from jllm.engine.step import StepBatch
+from jllm.sampling import top_k_code
 from jllm.speculative import lookup
 from jllm.streaming import Row
 
@@ -57,7 +58,7 @@ class Request:
         self.t_arrival, self.t_scheduled, self.t_first, self.t_last = now, None, None, None
         p = params
         self.temperature = float(p.temperature)
-        self.top_k = p.top_k or 0
+        self.top_k = top_k_code(p.top_k)
         self.top_p = 1.0 if p.top_p is None else float(p.top_p)
         self.want_logprobs = p.logprobs is not None
 

@@ -122,12 +122,14 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
                tokenizer: Tokenizer | None, chat_template: str | None = None) -> FastAPI:
     """The server app around a (not yet started) EngineRunner; its lifespan starts and stops it.
 
-    cfg gives the context (max_seq_len) and vocab_size requests are checked against;
-    chat_template is a Hugging Face jinja2 template (None: Llama-2's chat format).
+    Requests are checked against the engine's context (`Engine.context`: its max_model_len, or
+    its whole page pool where that is smaller) and cfg's vocab_size; chat_template is a Hugging
+    Face jinja2 template (None: Llama-2's chat format).
     """
     if chat_template is not None and tokenizer is None:
         raise ValueError("a chat_template needs a tokenizer; this model has none")
     template = ChatTemplate(chat_template, tokenizer) if chat_template is not None else None
+    context = runner.engine.context  # a request's prompt and output tokens at most
     metrics = Metrics(lambda: runner.stats)
     state = ServerState()
     created = int(time.time())
@@ -196,7 +198,10 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
             if tokenizer is None:
                 raise bad_request("this model has no tokenizer: send the prompt as a list of "
                                   "token ids", "prompt")
-            return tokenizer.encode(prompt, bos=True)
+            try:
+                return tokenizer.encode(prompt, bos=True)
+            except ValueError as e:  # text the tokenizer cannot take (a lone surrogate)
+                raise bad_request(f"the prompt cannot be tokenized: {e}", "prompt") from None
         bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
         if bad:
             raise bad_request(f"the prompt has token ids outside [0, {cfg.vocab_size}): {bad[:5]}",
@@ -205,17 +210,17 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
 
     def token_budget(n_prompt: int, requested: int | None, default: int | None,
                      prompt_param: str, limit_param: str) -> int:
-        room = cfg.max_seq_len - n_prompt
+        room = context - n_prompt
         if room < 1:
-            raise bad_request(f"the {prompt_param} has {n_prompt} tokens; the model's context is "
-                              f"{cfg.max_seq_len} tokens, with no room left for a completion",
+            raise bad_request(f"the {prompt_param} has {n_prompt} tokens; the server's context is "
+                              f"{context} tokens, with no room left for a completion",
                               prompt_param, "context_length_exceeded")
         if requested is None:
             return room if default is None else min(default, room)
         if requested > room:
             raise bad_request(f"{limit_param}={requested} plus the {prompt_param}'s {n_prompt} "
-                              f"tokens is {n_prompt + requested}, over the model's context of "
-                              f"{cfg.max_seq_len} tokens", limit_param, "context_length_exceeded")
+                              f"tokens is {n_prompt + requested}, over the server's context of "
+                              f"{context} tokens", limit_param, "context_length_exceeded")
         return requested
 
     def sampling(req, max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -300,7 +305,7 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
 
     def model_card() -> dict:
         return {"id": served_model_name, "object": "model", "created": created,
-                "owned_by": "jllm", "max_model_len": cfg.max_seq_len}
+                "owned_by": "jllm", "max_model_len": context}
 
     @app.get("/v1/models")
     async def models():

@@ -213,6 +213,8 @@ def decode_json(body: bytes) -> dict:
         obj = json.loads(text, parse_constant=no_constant)
     except (json.JSONDecodeError, ValueError) as e:
         raise bad_request(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise bad_request("the request body is not valid JSON here: it nests too deeply") from None
     if not isinstance(obj, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(obj).__name__}")
     return obj

@@ -59,6 +59,8 @@ class EngineRunner:
         self._streams: dict[str, RequestStream] = {}   # touched only on the event loop
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False              # the engine thread has ended: no command is taken any more
+        self._lock = threading.Lock()     # orders a command's put against that end
 
     # --- event-loop side --------------------------------------------------------------------
 
@@ -93,7 +95,12 @@ class EngineRunner:
         stream = RequestStream(request_id)
         self._streams[request_id] = stream  # before the engine can produce anything for it
         added = self._loop.create_future()
-        self._commands.put(("add", request_id, prompt, params, added))
+        with self._lock:  # a thread that ends after this put refuses the add (_close)
+            if self._closed:
+                del self._streams[request_id]
+                raise EngineUnavailable(f"the engine is not running ({self.error!r})" if self.error
+                                        else "the engine is not running")
+            self._commands.put(("add", request_id, prompt, params, added))
         try:
             await added
         except asyncio.CancelledError:  # the client left while the add was queued
@@ -155,6 +162,8 @@ class EngineRunner:
 
     def _run(self) -> None:
         live: set[str] = set()   # ids the engine holds and has not finished
+        commands: list = []      # taken from the queue and not yet carried out
+        error: BaseException = EngineUnavailable("the engine is not running (stopped)")
         try:
             while True:
                 block = not self.engine.has_unfinished()
@@ -164,7 +173,8 @@ class EngineRunner:
                         commands.append(self._commands.get_nowait())
                     except queue.Empty:
                         break
-                for command in commands:
+                while commands:
+                    command = commands.pop(0)
                     if command[0] == "stop":
                         return
                     self._command(command, live)
@@ -177,7 +187,24 @@ class EngineRunner:
         except Exception as e:  # an engine failure: every request gets an error, health says so
             log.exception("the engine failed; no more requests are served")
             self.error = e
-            self._post(self._fail_all, EngineUnavailable(f"the engine failed: {e!r}"))
+            error = EngineUnavailable(f"the engine failed: {e!r}")
+            self._post(self._fail_all, error)
+        finally:
+            self._close(commands, error)
+
+    def _close(self, commands: list, error: BaseException) -> None:
+        """The thread ends: every add it did not carry out (taken, or still queued) gets `error`,
+        so no client waits on it; adds after this are refused in `add`."""
+        with self._lock:
+            self._closed = True
+            while True:
+                try:
+                    commands.append(self._commands.get_nowait())
+                except queue.Empty:
+                    break
+        for command in commands:
+            if command[0] == "add":
+                self._post(self._resolve, command[-1], error)
 
     def _command(self, command: tuple, live: set[str]) -> None:
         if command[0] == "abort":
