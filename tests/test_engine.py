@@ -465,3 +465,14 @@ def test_engine_on_a_tp2_mesh_matches_generate_on_one_device(tmp_path):
     assert res["split"]["got"] == res["split"]["want"] and not res["split"]["kv_replicated"]
     assert res["split"]["page_shards"] == [[40, 4, 1, 16]] * 2      # 2 KV heads, one per device
     assert res["replicated"]["got"] == res["replicated"]["want"] and res["replicated"]["kv_replicated"]
+
+
+def test_prefix_cache_keys_are_sha256_chains_of_page_and_prefix():
+    """A page's key digests its tokens and its parent's key: equal pages after different prefixes
+    differ, the chain is deterministic, and it is a 32-byte SHA-256 digest (a hit is trusted
+    without comparing tokens, so the key must not be forgeable like Python's hash())."""
+    from jllm.engine.pages import block_hash
+    a, b, page = block_hash(None, [1, 2, 3, 4]), block_hash(None, [1, 2, 3, 5]), [7, 8, 9, 10]
+    assert len(a) == 32 and a != b and block_hash(None, [1, 2, 3, 4]) == a
+    assert block_hash(a, page) != block_hash(b, page) and block_hash(a, page) == block_hash(a, list(page))
+    assert block_hash(None, page) != block_hash(a, page)

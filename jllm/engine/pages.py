@@ -7,13 +7,18 @@ later request with the same prefix takes the page (one more reference) instead o
 it. Allocation takes free pages first, then evicts the least recently released cached page.
 """
 import collections
+import hashlib
+import struct
 from collections.abc import Sequence
 
 
-def block_hash(parent: int | None, tokens: Sequence[int]) -> int:
+def block_hash(parent: bytes | None, tokens: Sequence[int]) -> bytes:
     """The prefix-cache key of a full page: its tokens and (through `parent`, the previous page's
-    key) every token before it."""
-    return hash((parent, tuple(tokens)))
+    key) every token before it. SHA-256, because a hit is trusted without comparing tokens: with
+    Python's hash(), which can be inverted, a crafted prompt could take another user's pages."""
+    h = hashlib.sha256(b"\0" if parent is None else b"\1" + parent)
+    h.update(struct.pack(f"<{len(tokens)}q", *tokens))
+    return h.digest()
 
 
 class PagePool:
@@ -24,8 +29,8 @@ class PagePool:
         self.prefix_caching = prefix_caching
         self.refs = [0] * num_pages
         self.free = collections.deque(range(num_pages))
-        self.cached: dict[int, int] = {}        # block hash -> page
-        self.page_key: dict[int, int] = {}      # page -> block hash, for every cached page
+        self.cached: dict[bytes, int] = {}      # block hash -> page
+        self.page_key: dict[int, bytes] = {}    # page -> block hash, for every cached page
         self.lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # unreferenced cached pages, oldest first
         self.used = 0                            # pages with a reference
 
@@ -63,7 +68,7 @@ class PagePool:
                 else:
                     self.free.append(page)
 
-    def lookup(self, keys: Sequence[int]) -> list[int]:
+    def lookup(self, keys: Sequence[bytes]) -> list[int]:
         """The cached pages of the longest prefix of `keys` (block hashes), without taking them."""
         pages = []
         if self.prefix_caching:
@@ -82,7 +87,7 @@ class PagePool:
                 self.used += 1
             self.refs[page] += 1
 
-    def register(self, page: int, key: int) -> None:
+    def register(self, page: int, key: bytes) -> None:
         """Put an owned, full page in the prefix cache under `key` (kept out if the key or the page
         is there already: a twin prompt computed in the same steps stays private)."""
         if self.prefix_caching and key not in self.cached and page not in self.page_key:

@@ -46,7 +46,7 @@ class Request:
         self.pending = 0             # samples dispatched but not read back
         self.computed = 0            # tokens whose keys are written by dispatched steps
         self.pages: list[int] = []
-        self.keys: list[int] = []    # prefix-cache keys of the full pages of `tokens`
+        self.keys: list[bytes] = []  # prefix-cache keys of the full pages of `tokens`
         self.registered = 0          # leading pages offered to the prefix cache
         self.slot: int | None = None
         self.sampled = False         # sampled in its current slot: the device holds its last token
@@ -84,7 +84,7 @@ class Request:
         """Prompt (or recomputed) tokens are left to compute before it decodes."""
         return self.computed < self.total and not self.is_decode()
 
-    def block_keys(self, n: int, ps: int) -> list[int]:
+    def block_keys(self, n: int, ps: int) -> list[bytes]:
         """Prefix-cache keys of the first n full pages of ps tokens (their tokens must be known)."""
         while len(self.keys) < n:
             i = len(self.keys)
