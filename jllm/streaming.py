@@ -13,8 +13,16 @@ class Delta:
     token_ids: list[int]
 
 
+FIX_EVERY = 16  # tokens decoded anew at most (plus a split character) before their text is fixed
+
+
 class Row:
-    """Host-side state of one prompt: tokens so far, stop checks, streamed text."""
+    """Host-side state of one prompt: tokens so far, stop checks, streamed text.
+
+    The text is decoded incrementally: once the tokens after the last fixed point reach FIX_EVERY
+    and their text ends on a whole character, it is fixed (a later token decodes after it and
+    cannot change it), so each new token costs a decode of at most about FIX_EVERY tokens and a
+    stop-string search over the new text, not over the whole output."""
 
     def __init__(self, index: int, prompt: list[int], tokenizer: Tokenizer | None, stop: list[str],
                  stop_ids: set[int], max_new: int):
@@ -25,9 +33,27 @@ class Row:
         self.text = "" if self.tok is not None else None
         self.emitted = 0
         self.t_done = 0.0
+        self._fixed, self._fixed_text = 0, ""  # the text of tokens[:_fixed], final
+        self._searched = 0  # text[:_searched] is final and holds no stop string
+        self._longest_stop = max(map(len, stop), default=0)
 
     def _decoded(self) -> str:
-        return self.tok.decode_after(self.prompt[-1], self.tokens)
+        """The text of the tokens so far as it reads after the prompt."""
+        context = self.tokens[self._fixed - 1] if self._fixed else self.prompt[-1]
+        tail = self.tok.decode_after(context, self.tokens[self._fixed:])
+        text = self._fixed_text + tail
+        if len(self.tokens) - self._fixed >= FIX_EVERY and not tail.endswith("\ufffd"):
+            self._fixed, self._fixed_text = len(self.tokens), text
+        return text
+
+    def _stop_at(self, text: str) -> int:
+        """Where the first stop string begins in text, or -1; only text past what earlier calls
+        searched (less a stop string's length) is searched again."""
+        start = max(0, self._searched - self._longest_stop + 1)
+        cut = min((i for i in (text.find(s, start) for s in self.stop) if i >= 0), default=-1)
+        if cut < 0:
+            self._searched = len(text.rstrip("\ufffd"))  # a split character may still change
+        return cut
 
     def push(self, new: list[int], now: float) -> Delta | None:
         """Take new token ids; return what to stream (or None), marking the row finished.
@@ -44,7 +70,7 @@ class Row:
             self.tokens.append(t)
             if self.stop:
                 text = self._decoded()
-                cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+                cut = self._stop_at(text)
                 if cut >= 0:
                     text, self.finish = text[:cut], "stop"
                     break
