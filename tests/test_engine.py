@@ -426,6 +426,13 @@ def test_bad_prompts_and_a_full_queue_are_refused(tiny_model, tiny_model_no_toke
     engine.add_request([5, 6], sp)
     with pytest.raises(QueueFull):
         engine.add_request([5, 6], sp)
+    # An aborted id is taken again only after step() has handed out its final output: the two
+    # requests' outputs would otherwise come out of one step under one id.
+    engine.abort("a")
+    with pytest.raises(ValueError, match="aborted"):
+        engine.add_request([5, 6], sp, request_id="a")
+    assert [(o.request_id, o.finish_reason) for o in engine.step() if o.request_id == "a"] == [("a", "abort")]
+    engine.add_request([5, 6], sp, request_id="a")
     with pytest.raises(ValueError, match="tokenizer"):
         _engine(tiny_model_no_tokenizer).add_request([5], SamplingParams(max_tokens=4, stop=("x",)))
     for kw, match in [(dict(max_tokens_per_step=2), "max_tokens_per_step"), (dict(memory_fraction=0), "memory_fraction"),

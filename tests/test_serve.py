@@ -346,6 +346,8 @@ BAD = [  # id, endpoint, body, status, param
     ("chat_huge_max_tokens", "chat/completions", _json({**CHAT, "max_tokens": 10 ** 6}), 400, "max_tokens"),
     ("prompt_lone_surrogate", "completions", _json({**OK, "prompt": "abc\udfff"}), 400, "prompt"),
     ("deeply_nested_json", "completions", b"[" * 100_000 + b"]" * 100_000, 400, None),
+    ("long_prompt_over_context", "completions", _json({**OK, "prompt": "word " * 5000}), 400, "prompt"),
+    ("long_prompt_lone_surrogate", "completions", _json({**OK, "prompt": "x" * 20_000 + "\udfff"}), 400, "prompt"),
 ]
 
 
@@ -470,6 +472,19 @@ def test_a_pool_smaller_than_the_context_bounds_the_default_output_not_the_reque
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
         assert r.json()["error"]["code"] == "context_length_exceeded"
         s.wait_idle()
+
+
+def test_prompts_tokenized_off_the_event_loop_give_the_same_answers(srv, tiny_model, monkeypatch):
+    from jllm.serve import app as app_module
+    monkeypatch.setattr(app_module, "OFF_LOOP_CHARS", 0)  # every prompt through the worker thread
+    c = srv.client()
+    out = c.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=N, temperature=0)
+    assert out.choices[0].text == ref(tiny_model, PROMPTS[2]).text
+    chat = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": PROMPTS[0]}],
+                                     max_tokens=N, temperature=0)
+    [want] = jllm.generate(tiny_model, [format_chat([{"role": "user", "content": PROMPTS[0]}], tiny_model.tokenizer)],
+                           max_new_tokens=N)
+    assert chat.choices[0].message.content == want.text
 
 
 def test_top_k_past_the_vocabulary_keeps_every_token(srv):

@@ -240,6 +240,9 @@ class Engine:
             raise TypeError(f"request_id={request_id!r}; expected a non-empty str or None")
         elif request_id in self.requests:
             raise ValueError(f"request_id={request_id!r} is already running or waiting")
+        elif any(o.request_id == request_id for o in self._outputs):
+            raise ValueError(f"request_id={request_id!r} was aborted and its final output is not out yet: "
+                             f"step() first, or take another id")
         if self.max_queue is not None and len(self.scheduler.waiting) >= self.max_queue:
             raise QueueFull(f"{len(self.scheduler.waiting)} requests wait already (max_queue={self.max_queue})")
         stop_ids = params.stop_token_ids

@@ -34,6 +34,13 @@ from jllm.tokenizer import Tokenizer
 log = logging.getLogger("jllm.serve")
 DEFAULT_COMPLETION_TOKENS = 16   # OpenAI's default max_tokens for /v1/completions
 RETRY_AFTER_S = 1                # what a 429 or 503 tells the client to wait
+OFF_LOOP_CHARS = 16_384          # longer texts are tokenized in a thread (~4 ms of the event loop)
+
+
+async def _tokenize(fn: Callable, *args, chars: int):
+    """fn(*args) on the event loop for short texts, in a worker thread for long ones, so that one
+    large prompt does not stall every other request's stream (a 7.5 MB one took 1.7 s)."""
+    return fn(*args) if chars <= OFF_LOOP_CHARS else await asyncio.to_thread(fn, *args)
 
 
 @dataclasses.dataclass
@@ -322,7 +329,7 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
         accepting()
         req = validate(CompletionRequest, await _read_body(request))
         check_model(req.model)
-        ids = prompt_ids(req.prompt)
+        ids = await _tokenize(prompt_ids, req.prompt, chars=len(req.prompt))
         max_tokens = token_budget(len(ids), req.max_tokens, DEFAULT_COMPLETION_TOKENS,
                                   "prompt", "max_tokens")
         request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -379,7 +386,8 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
                               "with token ids", "messages")
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
         try:
-            ids = chat_ids(messages, tokenizer, template)
+            ids = await _tokenize(chat_ids, messages, tokenizer, template,
+                                  chars=sum(len(str(m["content"])) for m in messages))
         except ValueError as e:
             raise bad_request(str(e), "messages") from None
         limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
