@@ -70,6 +70,9 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
         flat = checkpoint.restore(path, target, progress=say)
     if quantize is not None and stored is not None and stored["mode"] != quantize:
         raise ValueError(f"{path!r} is stored as {stored['mode']}; cannot load it as {quantize}")
+    if group_size is not None and stored is not None and (stored.get("group_size") or 128) != group_size:
+        raise ValueError(f"{path!r} is stored as int4 in groups of {stored.get('group_size') or 128}; "
+                         f"cannot load it with group_size={group_size}")
     if quantize is not None and stored is None:
         say(f"quantizing linear weights to {quantize}")
         flat, err = quant.quantize_flat(flat, quantize, group_size, progress=progress)

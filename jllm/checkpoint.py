@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from jllm import quant
 from jllm.config import LlamaConfig
 
 FORMAT = 1
@@ -241,11 +242,31 @@ def read_meta(path: str | os.PathLike) -> tuple[LlamaConfig, dict]:
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-        cfg = LlamaConfig(**meta["config"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"corrupt checkpoint metadata {meta_path!r}: {e!r}") from None
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        raise ValueError(f"cannot read checkpoint metadata {meta_path!r}: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"corrupt checkpoint metadata {meta_path!r}: a JSON {type(meta).__name__}, "
+                         f"not an object")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path!r} has format {meta.get('format')!r}; this jllm reads {FORMAT}")
+    try:
+        cfg = LlamaConfig(**meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"corrupt checkpoint metadata {meta_path!r}: {e!r}") from None
+    if meta.get("dtype") not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"corrupt checkpoint metadata {meta_path!r}: dtype={meta.get('dtype')!r}; "
+                         f"expected bfloat16, float16 or float32")
+    q = meta.get("quant")
+    if q is not None:
+        if not isinstance(q, dict):
+            raise ValueError(f"corrupt checkpoint metadata {meta_path!r}: quant={q!r}; expected null or "
+                             f"an object with mode and group_size")
+        try:
+            quant.check_mode(q.get("mode"), q.get("group_size"))
+            if q.get("mode") is None:
+                raise ValueError("quant has no mode")
+        except ValueError as e:
+            raise ValueError(f"corrupt checkpoint metadata {meta_path!r}: quant={q!r}: {e}") from None
     return cfg, meta
 
 

@@ -614,6 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         _quiet_stdout()
         return 1
+    except OSError as e:  # a full disk, a permission: what the system said, not a traceback
+        print(f"jllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # Ctrl-C: end the line being written, exit with 128 + SIGINT
         print()
         return 130

@@ -84,6 +84,8 @@ class LlamaConfig:
         rope_theta = hf.get("rope_theta", 10000.0)
         rope = hf.get("rope_parameters")  # newer transformers nest rope_theta here
         if rope is not None:
+            if not isinstance(rope, dict):
+                raise ValueError(f"config.json rope_parameters={rope!r}; expected an object")
             if rope.get("rope_type", "default") != "default":
                 raise ValueError(f"config.json rope_parameters={rope!r}: only the default RoPE is supported")
             rope_theta = rope.get("rope_theta", rope_theta)
@@ -99,12 +101,18 @@ class LlamaConfig:
         unknown = sorted(set(hf) - known - _HF_IGNORED)
         if unknown:
             raise ValueError(f"config.json has fields jllm does not handle: {unknown}")
+        def number(name: str, value) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"config.json {name}={value!r}; expected a number")
+            return float(value)
+
         try:
             n_heads = hf["num_attention_heads"]
             cfg = cls(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
                       n_kv_heads=hf.get("num_key_value_heads") or n_heads,
                       ffn_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
-                      norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(rope_theta),
+                      norm_eps=number("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)),
+                      rope_theta=number("rope_theta", rope_theta),
                       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                       max_seq_len=hf.get("max_position_embeddings", 4096))
         except KeyError as e:

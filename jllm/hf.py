@@ -126,8 +126,13 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file
         raise ValueError(f"cannot read PyTorch checkpoint {path!r}: {e}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path!r} holds a {type(state).__name__}; expected a state dict of tensors")
     out = {}
     for key, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{path!r}: {key!r} is a {type(t).__name__}, not a tensor; expected a flat "
+                             f"state dict of the model's tensors")
         if t.dtype == torch.bfloat16:
             out[key] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         else:
@@ -257,7 +262,7 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = 
         cfg, flat, tok = load_hf(hf_dir, dtype, progress=progress)
         meta = None
         if quantize is not None:
-            flat, err = quant.quantize_flat(flat, quantize, group_size)
+            flat, err = quant.quantize_flat(flat, quantize, group_size, progress=progress)
             meta = {"mode": quantize, "group_size": group_size, "max_abs_error": err}
             if progress:
                 runtime.say(f"quantized linear weights to {quantize}; largest absolute error {err:.3g}")

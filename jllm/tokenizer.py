@@ -43,13 +43,20 @@ class Tokenizer:
         check_text(text)
         return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
 
+    def _known(self, ids: list[int]) -> list[int]:
+        """ids without those the tokenizer lacks: a model's vocabulary may be larger than its
+        tokenizer's (e.g. 32001 ids over 32000 pieces), and those ids have no text."""
+        n = self.sp.vocab_size()
+        return ids if all(0 <= i < n for i in ids) else [i for i in ids if 0 <= i < n]
+
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(ids)
+        return self.sp.decode(self._known(ids))
 
     def decode_after(self, context: int | None, ids: list[int]) -> str:
         """Text of `ids` as it reads after the token `context`: SentencePiece drops the leading
         space of the first piece of a sequence, which would glue a continuation to its prompt."""
-        if context is None or self.sp.is_control(context):
+        ids = self._known(ids)
+        if context is None or not 0 <= context < self.sp.vocab_size() or self.sp.is_control(context):
             return self.sp.decode(ids)
         anchor, text = self.sp.decode([context]), self.sp.decode([context] + ids)
         # A byte piece alone reads as U+FFFD; if `ids` complete its character the anchor is gone.

@@ -364,6 +364,76 @@ def test_metadata_that_disagrees_with_the_stored_arrays_is_refused_at_load(tiny_
         jllm.load(ck, progress=False)
 
 
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.update(quant="int8"), r"quant='int8'; expected null or an object"),
+    (lambda m: m.update(quant={"mode": "int9"}), r"quant=\{'mode': 'int9'\}: quantize='int9'"),
+    (lambda m: m.update(quant={"group_size": 32}), r"quant=\{'group_size': 32\}"),
+    (lambda m: m.pop("dtype"), r"dtype=None; expected bfloat16, float16 or float32"),
+    (lambda m: m.update(format=2, config={**m["config"], "new_field": 1}), r"has format 2; this jllm reads 1"),
+], ids=["quant_string", "quant_mode", "quant_without_mode", "no_dtype", "newer_format"])
+def test_edited_metadata_is_refused_naming_the_file_and_field(tiny_hf, tmp_path, edit, match):
+    ck = tmp_path / "ck"
+    convert(tiny_hf, ck)
+    meta = json.loads((ck / checkpoint.META).read_text())
+    edit(meta)
+    (ck / checkpoint.META).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=match) as e:
+        jllm.load(ck, progress=False)
+    assert checkpoint.META in str(e.value)
+
+
+@pytest.mark.parametrize("content, match", [
+    ({"rope_parameters": [1, 2]}, r"rope_parameters=\[1, 2\]; expected an object"),
+    ({"rope_theta": None}, r"rope_theta=None; expected a number"),
+    ({"rms_norm_eps": "1e-6"}, r"rms_norm_eps='1e-6'; expected a number"),
+    ({"rope_parameters": {"rope_theta": None}}, r"rope_theta=None; expected a number"),
+], ids=["rope_parameters_list", "rope_theta_null", "eps_string", "nested_theta_null"])
+def test_config_fields_of_the_wrong_type_are_refused_naming_them(src, tmp_path, content, match):
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, **content}))
+    with pytest.raises(ValueError, match=match):
+        convert(src, tmp_path / "ck")
+    assert os.listdir(tmp_path) == ["hf"]
+
+
+@pytest.mark.parametrize("state", ["wrapped", "list"])
+def test_a_pytorch_file_that_is_not_a_flat_state_dict_is_refused(src, tmp_path, state):
+    torch = pytest.importorskip("torch")
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in load_file(src / "model.safetensors").items()}
+    os.remove(src / "model.safetensors")
+    torch.save({"state_dict": tensors, "step": 5} if state == "wrapped" else list(tensors.values()),
+               src / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=quoted(src / "pytorch_model.bin")):
+        convert(src, tmp_path / "ck")
+    assert os.listdir(tmp_path) == ["hf"]
+
+
+def test_a_stored_int4_checkpoint_refuses_another_group_size(tmp_path):
+    hf = make_tiny_hf(str(tmp_path / "hf"), LlamaConfig.from_name("tiny", ffn_dim=192), tokenizer=False)
+    ck = tmp_path / "ck"
+    convert(hf, ck, quantize="int4", group_size=32)
+    with pytest.raises(ValueError, match="groups of 32; cannot load it with group_size=64"):
+        jllm.load(ck, quantize="int4", group_size=64, progress=False)
+    assert jllm.load(ck, quantize="int4", group_size=32, progress=False).quant == "int4"
+
+
+def test_a_full_disk_while_writing_is_a_one_line_cli_error(tiny_hf, tokenizer_path, tmp_path, monkeypatch, capsys):
+    """OSError (here ENOSPC from the tokenizer copy) ends `jllm convert` with a message and exit 2;
+    nothing is left behind."""
+    from jllm import cli
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny_hf, hf)
+    shutil.copy(tokenizer_path, hf / "tokenizer.model")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out"))
+    monkeypatch.setattr(checkpoint.shutil, "copyfile", full)
+    assert cli.main(["convert", str(hf), str(tmp_path / "out"), "--dtype", "float32"]) == 2
+    err = capsys.readouterr().err
+    assert "jllm convert: error:" in err and "No space left on device" in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
 # --- 6. `~` in paths -----------------------------------------------------------------------------
 
 def test_tilde_in_paths_means_home(tiny_hf, tmp_path, monkeypatch):

@@ -342,3 +342,17 @@ def test_load_corrupt_checkpoint_is_value_error(tiny_checkpoint, tmp_path, damag
                         fh.truncate(100)
     with pytest.raises(ValueError, match=match):
         jllm.load(path, progress=False)
+
+
+def test_a_model_vocabulary_larger_than_its_tokenizer_generates_text(tokenizer):
+    """Ids the tokenizer lacks (a vocabulary of 1024 over 512 pieces, like 32001 over 32000) are
+    sampled like any other and have no text: they stop neither the decode nor the stream."""
+    from conftest import make_model
+    model = make_model(LlamaConfig.from_name("tiny", vocab_size=1024), tokenizer)
+    deltas = []
+    [r] = jllm.generate(model, ["Hello world"], max_new_tokens=24, temperature=5.0, seed=0,
+                        stop_token_ids=[], stream=deltas.append)
+    assert any(t >= tokenizer.vocab_size for t in r.tokens)
+    prompt = tokenizer.encode("Hello world")
+    assert r.text == tokenizer.decode_after(prompt[-1], [t for t in r.tokens if t < tokenizer.vocab_size])
+    assert "".join(d.text for d in deltas) == r.text

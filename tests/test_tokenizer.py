@@ -111,3 +111,13 @@ def test_chat_each_finished_turn_has_bos_and_eos(tokenizer):
 def test_chat_refuses_bad_role_order(tokenizer, roles):
     with pytest.raises(ValueError):
         format_chat([{"role": r, "content": "x"} for r in roles], tokenizer)
+
+
+def test_ids_past_the_tokenizer_decode_to_nothing(tokenizer):
+    """A model's vocabulary may be larger than its tokenizer's (32001 ids over 32000 pieces): ids
+    the tokenizer lacks have no text, and never stop a decode or a stream."""
+    n = tokenizer.vocab_size
+    ids = tokenizer.encode("Hello world", bos=False)
+    assert tokenizer.decode(ids[:1] + [n, n + 5] + ids[1:]) == tokenizer.decode(ids)
+    assert tokenizer.decode_after(n, ids) == tokenizer.decode(ids)
+    assert tokenizer.decode_after(ids[0], [n] + ids[1:]) == tokenizer.decode_after(ids[0], ids[1:])
