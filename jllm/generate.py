@@ -185,16 +185,20 @@ def _check_number(name: str, x, ok: Callable[[float], bool], expected: str, inte
 
 
 def _check_args(model: Model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
-                stop_token_ids) -> list[list[int]]:
+                stop_token_ids, stream=None) -> list[list[int]]:
     """Validate the public arguments; return the prompts as token ids."""
+    if stream is not None and not callable(stream):
+        raise TypeError(f"stream={stream!r:.80} must be a callable taking a Delta, or None")
     if not isinstance(model, Model):
         raise TypeError(f"model={model!r:.80} is a {type(model).__name__}, not a jllm Model: "
                         f"call model = jllm.load(path) first and pass that")
     if isinstance(prompts, _BYTES):
         raise TypeError(f"prompts is {type(prompts).__name__}; prompts must be str or token-id "
                         f"lists: decode bytes first, e.g. prompts.decode('utf-8')")
-    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
-                                    and all(isinstance(t, (int, np.integer)) for t in prompts)):
+    def is_id(t) -> bool:  # an int or numpy int, never a bool
+        return isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_))
+
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and all(map(is_id, prompts))):
         prompts = [prompts]
     if not isinstance(prompts, Sequence) or isinstance(prompts, str) or len(prompts) == 0:
         raise ValueError(f"prompts must be a str or a non-empty list of str or of token-id lists; got {prompts!r}")
@@ -210,7 +214,7 @@ def _check_args(model: Model, prompts, max_new_tokens, temperature, top_k, top_p
         elif isinstance(p, _BYTES):
             raise TypeError(f"prompt {i} is {type(p).__name__}; prompts must be str or token-id "
                             f"lists: decode bytes first, e.g. .decode('utf-8')")
-        elif isinstance(p, Sequence) and all(isinstance(t, (int, np.integer)) for t in p):
+        elif isinstance(p, Sequence) and all(map(is_id, p)):
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is an empty token list")
             bad = [t for t in p if not 0 <= t < model.cfg.vocab_size]
@@ -243,7 +247,7 @@ def _check_args(model: Model, prompts, max_new_tokens, temperature, top_k, top_p
             raise TypeError(f"stop_token_ids={stop_token_ids!r} must be a list of int token ids")
         if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in stop_token_ids):
             raise ValueError(f"stop_token_ids={stop_token_ids!r} must be a list of ints")
-    longest = max(len(p) for p in ids)
+    longest, max_new_tokens = max(len(p) for p in ids), int(max_new_tokens)  # a numpy int would wrap
     if longest + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"the longest prompt has {longest} tokens; with {max_new_tokens=} that needs "
                          f"{longest + max_new_tokens} positions, over the model's context of "
@@ -269,7 +273,7 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     if isinstance(stop, str):
         stop = [stop]
     ids = _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
-                      stop_token_ids)
+                      stop_token_ids, stream)
     max_new_tokens, seed, temperature = int(max_new_tokens), int(seed), float(temperature)
     top_k = None if top_k is None else int(top_k)
     top_p = None if top_p is None else float(top_p)

@@ -214,6 +214,11 @@ class DraftModel:
     model: Model
     reads_contexts = False  # drafts on the device: the next round is dispatched before this one is read
 
+    def __post_init__(self):
+        if not isinstance(self.model, Model):
+            raise TypeError(f"DraftModel(model={self.model!r:.80}): a {type(self.model).__name__}, not a "
+                            f"jllm Model; load the draft first, e.g. DraftModel(jllm.load(path))")
+
     def check(self, target: Model) -> None:
         d = self.model
         if d.cfg.vocab_size != target.cfg.vocab_size:
@@ -388,7 +393,7 @@ def generate(model: Model, prompts, spec: Speculative, *, max_new_tokens: int,
     if isinstance(stop, str):
         stop = [stop]
     ids = _check_args(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                      top_p=top_p, seed=seed, stop=stop, stop_token_ids=stop_token_ids)
+                      top_p=top_p, seed=seed, stop=stop, stop_token_ids=stop_token_ids, stream=stream)
     max_new_tokens, seed, temperature = int(max_new_tokens), int(seed), float(temperature)
     top_k = None if top_k is None else int(top_k)
     top_p = None if top_p is None else float(top_p)

@@ -116,6 +116,10 @@ BAD_ARGUMENTS = [
     (dict(top_p=np.float32("inf")), ValueError, "top_p="),
     (dict(top_k=2.0), ValueError, "top_k=2.0"),
     (dict(max_new_tokens="4"), TypeError, "max_new_tokens='4'"),
+    # a numpy int past int32 once wrapped in the context check and decoded without end
+    (dict(max_new_tokens=np.int32(2**31 - 1)), ValueError, "over the model's context"),
+    (dict(max_new_tokens=np.int64(2**63 - 1)), ValueError, "over the model's context"),
+    (dict(stream=[]), TypeError, "stream=.* must be a callable"),
 ]
 
 
@@ -129,6 +133,13 @@ def test_bad_sampling_arguments_name_the_value(tiny_model, kw, error, match):
 def test_something_else_where_the_model_belongs_says_to_load_it(model):
     msg = _raises(TypeError, "model=", model, "Hello")
     assert "jllm.load(path)" in msg and type(model).__name__ in msg
+
+
+def test_bool_token_ids_and_a_draft_that_is_not_a_model_are_refused(tiny_model):
+    _raises(TypeError, "prompt 0 must be a str or a list of int token ids", tiny_model, [[True, False]])
+    from jllm.speculative import DraftModel
+    with pytest.raises(TypeError, match=r"DraftModel\(model='path/to/draft'\).*jllm\.load"):
+        DraftModel("path/to/draft")
 
 
 def test_numpy_scalars_work_like_python_numbers(tiny_model):
