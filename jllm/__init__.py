@@ -64,7 +64,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
         dt = checkpoint.parse_dtype(dtype, default=meta["dtype"])
         stored = meta.get("quant") or None
         mode, gs = (stored["mode"], stored.get("group_size")) if stored else (None, None)
-        shardings = None if mesh is None else parallel.param_shardings(cfg, mesh, quant=mode)
+        shardings = None if mesh is None else parallel.param_shardings(cfg, mesh, quant=mode, group_size=gs)
         shapes = {name: info.shape for name, info in param_infos(cfg).items()}
         target = quant.abstract_flat(shapes, dt, mode, gs, shardings)
         flat = checkpoint.restore(path, target, progress=say)

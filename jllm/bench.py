@@ -22,6 +22,7 @@ from jllm.config import LlamaConfig
 from jllm.generate import bucket, check_kv_cache_dtype, decode, prefill
 from jllm.model import param_infos, to_flat
 from jllm.sampling import Sampling
+from sharding import rules
 
 
 @dataclasses.dataclass
@@ -88,15 +89,16 @@ def measure_peak_tflops() -> float:
     return 2 * n ** 3 / _device_time(lambda: f(a), 10) / 1e12
 
 
-def step_bytes(params, cfg: LlamaConfig, kv_itemsize: float, batch: int, context: float) -> float:
+def step_bytes(params, cfg: LlamaConfig, kv_itemsize: float, batch: int, context: float,
+               replicas: int = 1) -> float:
     """Bytes one decode step must read: the weights as stored (quantized or not; one embedding row
-    per sequence) plus the KV cache up to `context`."""
+    per sequence), by each of `replicas` data-parallel copies, plus the KV cache up to `context`."""
     flat = to_flat(params)
     emb = flat.pop("tok_embeddings")
     weights = sum(x.nbytes for x in jax.tree.leaves(flat))
-    weights += batch * emb.nbytes // emb.shape[0]
     if cfg.tie_embeddings:  # the output projection reads the embedding table whole
         weights += emb.nbytes
+    weights = weights * replicas + batch * emb.nbytes // emb.shape[0]
     kv = 2 * cfg.n_layers * batch * context * cfg.n_kv_heads * cfg.head_dim * kv_itemsize
     return weights + kv
 
@@ -194,7 +196,8 @@ def run(cfg: LlamaConfig, name: str, *, dtype: str = "bfloat16", batch: int = 1,
     # Bytes per cached element; an int8 cache adds a float32 scale per head_dim elements.
     item = kv_dt.itemsize + (4 / cfg.head_dim if kv_dt == jnp.int8 else 0)
     n_dev = 1 if mesh is None else mesh.size
-    mbu = step_bytes(params, cfg, item, batch, prompt_len + new_tokens / 2) / tpot / (n_dev * bw * 1e12)
+    replicas = 1 if mesh is None else rules.axis_size(mesh, "batch")  # each reads the weights
+    mbu = step_bytes(params, cfg, item, batch, prompt_len + new_tokens / 2, replicas) / tpot / (n_dev * bw * 1e12)
     mfu = prefill_flops(cfg, batch, prompt_len) / ttft / (n_dev * peak * 1e12)
     stats = jax.local_devices()[0].memory_stats() or {}
     weight_gb = sum(x.nbytes for x in jax.tree.leaves(params)) / 1e9

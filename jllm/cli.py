@@ -182,6 +182,9 @@ def _check_speculation(args) -> None:
         raise ValueError(f"--speculate runs on one device; got --tp {args.tp} --dp {args.dp}")
     if args.draft is not None and not os.path.isdir(os.path.expanduser(args.draft)):
         raise FileNotFoundError(f"--draft {args.draft!r} is not a directory (a jllm checkpoint)")
+    if args.draft_quantize is not None and getattr(args, "quantize", None) is not None:
+        raise ValueError(f"--draft-quantize {args.draft_quantize} quantizes a float target's own weights; "
+                         f"the target is already --quantize {args.quantize}")
 
 
 def _speculative(args, model):
@@ -345,9 +348,14 @@ def _check_outputs(args, writes: bool = True) -> None:
     and --plot can be created."""
     if args.plot:
         try:
-            import matplotlib  # noqa: F401
+            from matplotlib.backend_bases import FigureCanvasBase
         except ImportError as e:
             raise ValueError(f"--plot needs matplotlib ({e}): pip install 'jllm[bench]'") from None
+        ext = os.path.splitext(args.plot)[1][1:].lower()
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if ext and ext not in formats:
+            raise ValueError(f"--plot {args.plot!r}: matplotlib cannot write .{ext} files; name one of "
+                             f"{', '.join(sorted(formats))} (or no extension, for PNG)")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path and writes:
             _check_writable(flag, path)
@@ -395,7 +403,7 @@ def cmd_bench(args) -> int:
             say(bench.format_table([r]).splitlines()[-1])
         if args.speculate:
             model = Model(params=params, cfg=cfg, attn_impl=args.attn_impl[0] or default_attn_impl(),
-                          matmul_impl=args.matmul_impl[0] or default_matmul_impl())
+                          matmul_impl=args.matmul_impl[0] or default_matmul_impl(), quant=args.quantize)
             for prompt_len in args.prompt_len:
                 r = bench.speculative(model, _speculative(args, model), prompt_len, args.new_tokens)
                 say(f"speculative k={r['k']} prompt {prompt_len}: {r['speculative_tok_s']:.1f} tok/s against "
@@ -601,8 +609,24 @@ def _quiet_stdout() -> None:
     os.close(devnull)
 
 
+def _bench_mode_misplaced(argv: list[str], mode: str) -> list[str]:
+    """The options written between `bench` and its mode (`engine`, `serve`): the mode parses its
+    own, so those would be dropped without a word."""
+    start = argv.index("bench") + 1
+    end = argv.index(mode, start)
+    return [a for a in argv[start:end] if a.startswith("-")]
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
+    if getattr(args, "bench_mode", None):
+        misplaced = _bench_mode_misplaced(argv, args.bench_mode)
+        if misplaced:
+            print(f"jllm bench: error: {' '.join(misplaced)} before {args.bench_mode!r} would be ignored: "
+                  f"`jllm bench {args.bench_mode}` takes its own options after it "
+                  f"(jllm bench {args.bench_mode} --help)", file=sys.stderr)
+            return 2
     try:
         _check(args)
         status = args.fn(args)

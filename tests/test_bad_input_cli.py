@@ -342,6 +342,30 @@ def test_bench_output_paths_are_checked_before_running(flag, where, tmp_path, ca
     assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
+def test_a_plot_name_matplotlib_cannot_write_is_refused_before_running(tmp_path, capsys, no_load):
+    assert cli.main(["bench", "--config", "tiny", "--plot", str(tmp_path / "res.out")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write .out files" in err and "png" in err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("mode, extra", [("engine", ["--requests", "2"]),
+                                         ("serve", ["--url", "http://127.0.0.1:9", "--model", "tiny"])])
+def test_bench_options_before_a_mode_are_refused_not_dropped(mode, extra, tmp_path, capsys, no_load):
+    """`jllm bench --json a.json engine` parsed --json for the model benchmark, then ran the engine
+    benchmark with its own defaults: the file was never written."""
+    assert cli.main(["bench", "--json", str(tmp_path / "a.json"), "--tp", "4", mode, *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"--json --tp before {mode!r} would be ignored" in err and f"jllm bench {mode} --help" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_self_draft_of_a_quantized_target_is_refused_before_running(capsys, no_load):
+    assert cli.main(["bench", "--config", "tiny", "--quantize", "int8", "--speculate", "2",
+                     "--draft-quantize", "int4"]) == 2
+    assert "the target is already --quantize int8" in capsys.readouterr().err
+
+
 def test_bench_help_lists_the_config_names_and_says_random_weights_is_the_only_mode(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "--help"])

@@ -417,6 +417,20 @@ def test_a_stored_int4_checkpoint_refuses_another_group_size(tmp_path):
     assert jllm.load(ck, quantize="int4", group_size=32, progress=False).quant == "int4"
 
 
+def test_a_stored_int4_checkpoint_on_a_mesh_is_sharded_for_its_own_group_size(tmp_path, monkeypatch):
+    """jllm.load(mesh=...) lays out the stored scales: [K / 32, N] here, not the default groups'
+    [K / 128, N] (on tp > 1 those could be told to split rows they do not have)."""
+    from jllm import parallel
+    from sharding.rules import make_mesh
+    hf = make_tiny_hf(str(tmp_path / "hf"), LlamaConfig.from_name("tiny", ffn_dim=192), tokenizer=False)
+    convert(hf, tmp_path / "ck", quantize="int4", group_size=32)
+    seen, real = [], parallel.param_shardings
+    monkeypatch.setattr(parallel, "param_shardings", lambda *a, **k: seen.append(k) or real(*a, **k))
+    model = jllm.load(tmp_path / "ck", mesh=make_mesh(1), progress=False)
+    assert seen and all(k.get("group_size") == 32 for k in seen)
+    assert model.params.layers[0].w2.scale.shape == (192 // 32, 64)
+
+
 def test_a_full_disk_while_writing_is_a_one_line_cli_error(tiny_hf, tokenizer_path, tmp_path, monkeypatch, capsys):
     """OSError (here ENOSPC from the tokenizer copy) ends `jllm convert` with a message and exit 2;
     nothing is left behind."""

@@ -235,3 +235,16 @@ def test_serve_and_bench_serve_are_jllm_subcommands(capsys):
             cli.main(argv)
         assert e.value.code == 0
     assert "--max-seqs" in capsys.readouterr().out
+
+
+def test_mbu_bytes_count_the_weights_once_per_data_parallel_replica(tiny_cfg):
+    """Each dp replica reads every weight; the KV cache and the embedding rows are per sequence."""
+    from conftest import random_params
+    from jllm import bench
+    from jllm.model import to_flat
+    params = random_params(tiny_cfg, 0)
+    flat = to_flat(params)
+    emb = flat.pop("tok_embeddings")
+    weights = sum(x.nbytes for x in jax.tree.leaves(flat)) + (emb.nbytes if tiny_cfg.tie_embeddings else 0)
+    one = bench.step_bytes(params, tiny_cfg, 2, batch=4, context=10)
+    assert bench.step_bytes(params, tiny_cfg, 2, batch=4, context=10, replicas=3) == one + 2 * weights

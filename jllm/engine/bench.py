@@ -15,6 +15,7 @@ import numpy as np
 from jllm.engine.api import SamplingParams
 from jllm.engine.engine import Engine
 from jllm.generate import DECODE_CHUNK, Model, bucket, generate
+from jllm.runtime import write_atomic
 
 
 @dataclasses.dataclass
@@ -114,8 +115,8 @@ def run_baseline(model: Model, prompts: list[list[int]], output_lens: list[int],
 
 
 def plot_timeline(timeline: list[tuple[float, int, int]], path: str) -> None:
-    """Running requests and output tokens/s over time, as a PNG at `path` (written, then renamed;
-    missing directories are made)."""
+    """Running requests and output tokens/s over time, as an image at `path` in the format its
+    extension names (PNG without one; written, then renamed; missing directories are made)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -134,10 +135,10 @@ def plot_timeline(timeline: list[tuple[float, int, int]], path: str) -> None:
     b.set_xlabel("seconds since submission")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format=os.path.splitext(path)[1][1:] or "png"))
+    finally:
+        plt.close(fig)
 
 
 def run_engine_bench(model: Model, n_requests: int = 1000, prompt_len: tuple[int, int] = (64, 1024),
