@@ -32,8 +32,8 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
     dtype: "bfloat16" | "float16" | "float32" (default: the checkpoint's). quantize: "int8" |
     "int4" quantizes the linear weights after loading (group_size for int4, default 128); a
     checkpoint converted with --quantize is already quantized. attn_impl/matmul_impl: "xla" |
-    "pallas" (default: pallas on GPU, xla elsewhere); matmul_impl "pallas-fused" also runs q/k/v
-    and gate/up of a quantized model as one kernel launch each. prompt_buckets: padded prompt lengths
+    "pallas" (default: pallas on GPU, xla elsewhere); matmul_impl "pallas-fused" (the GPU default)
+    also runs q/k/v and gate/up as one kernel launch each. prompt_buckets: padded prompt lengths
     (default: powers of two), each compiled once. mesh (sharding.rules.make_mesh): each weight
     is restored straight into its shards on the mesh, each process reading only the shards of its
     own devices. kv_cache_dtype: "int8" keeps the KV cache as int8 with per-token, per-head

@@ -171,7 +171,9 @@ def _check_speculation(args) -> None:
     """--speculate with exactly one proposer, checked before anything loads."""
     if not hasattr(args, "speculate"):
         return
-    given = [f for f, v in (("--draft", args.draft), ("--draft-quantize", args.draft_quantize),
+    # `jllm serve` takes --speculate with --prompt-lookup only (the engine's proposer)
+    draft, draft_quantize = getattr(args, "draft", None), getattr(args, "draft_quantize", None)
+    given = [f for f, v in (("--draft", draft), ("--draft-quantize", draft_quantize),
                             ("--prompt-lookup", args.prompt_lookup)) if v is not None]
     if args.speculate is None and given:
         raise ValueError(f"{', '.join(given)} needs --speculate K")
@@ -180,10 +182,10 @@ def _check_speculation(args) -> None:
                          f"--prompt-lookup; got {', '.join(given) or 'none'}")
     if args.speculate is not None and (getattr(args, "tp", 1) > 1 or getattr(args, "dp", 1) > 1):
         raise ValueError(f"--speculate runs on one device; got --tp {args.tp} --dp {args.dp}")
-    if args.draft is not None and not os.path.isdir(os.path.expanduser(args.draft)):
-        raise FileNotFoundError(f"--draft {args.draft!r} is not a directory (a jllm checkpoint)")
-    if args.draft_quantize is not None and getattr(args, "quantize", None) is not None:
-        raise ValueError(f"--draft-quantize {args.draft_quantize} quantizes a float target's own weights; "
+    if draft is not None and not os.path.isdir(os.path.expanduser(draft)):
+        raise FileNotFoundError(f"--draft {draft!r} is not a directory (a jllm checkpoint)")
+    if draft_quantize is not None and getattr(args, "quantize", None) is not None:
+        raise ValueError(f"--draft-quantize {draft_quantize} quantizes a float target's own weights; "
                          f"the target is already --quantize {args.quantize}")
 
 
@@ -497,7 +499,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-impl", choices=["xla", "pallas"], nargs="+", default=[None])
     p.add_argument("--matmul-impl", choices=["xla", "pallas", "pallas-fused"], nargs="+", default=[None],
                    help="quantized matmul: the Pallas kernel, the kernel with one launch for q/k/v and "
-                        "for gate/up (pallas-fused), or XLA (default: pallas on GPU)")
+                        "for gate/up (pallas-fused), or XLA (default: pallas-fused on GPU)")
     p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, nargs="+", default=["auto"],
                    help="KV cache dtype(s) to run: auto (the weights') and/or int8")
     p.add_argument("--prefill-xla-option", action="append", default=[], metavar="KEY=VALUE",
@@ -588,8 +590,8 @@ def _check(args) -> None:
         raise ValueError(f"--group-size {group_size} applies to --quantize int4 only "
                          f"(got --quantize {quantize})")
     _check_speculation(args)
-    model = getattr(args, "model", None)
-    if model is not None and not os.path.isdir(os.path.expanduser(model)):
+    model = getattr(args, "model", None)  # `jllm bench serve --model` names the served model instead
+    if model is not None and args.command != "bench" and not os.path.isdir(os.path.expanduser(model)):
         raise FileNotFoundError(f"--model {model!r} is not a directory (a jllm checkpoint or a "
                                 "Hugging Face Llama directory)")
     num, pid = getattr(args, "num_processes", None), getattr(args, "process_id", None)

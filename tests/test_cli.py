@@ -248,3 +248,18 @@ def test_mbu_bytes_count_the_weights_once_per_data_parallel_replica(tiny_cfg):
     weights = sum(x.nbytes for x in jax.tree.leaves(flat)) + (emb.nbytes if tiny_cfg.tie_embeddings else 0)
     one = bench.step_bytes(params, tiny_cfg, 2, batch=4, context=10)
     assert bench.step_bytes(params, tiny_cfg, 2, batch=4, context=10, replicas=3) == one + 2 * weights
+
+
+def test_jllm_serve_and_bench_serve_pass_the_cli_checks_to_their_runners(tiny_checkpoint, monkeypatch):
+    """`jllm serve` has --speculate but no --draft (the check of the proposers once raised an
+    AttributeError at every start), and `jllm bench serve --model` names the served model, which
+    is not a directory here."""
+    from jllm.serve import cli as serve_cli
+    from jllm.serve import loadgen
+    ran = []
+    monkeypatch.setattr(serve_cli, "run", lambda args: ran.append(("serve", args.model)) or 0)
+    monkeypatch.setattr(loadgen, "run_cli", lambda args: ran.append(("bench serve", args.model)) or 0)
+    assert cli.main(["serve", "--model", str(tiny_checkpoint), "--port", "0"]) == 0
+    assert cli.main(["serve", "--model", str(tiny_checkpoint), "--speculate", "2", "--prompt-lookup", "3"]) == 0
+    assert cli.main(["bench", "serve", "--url", "http://127.0.0.1:9", "--model", "llama-2-7b"]) == 0
+    assert ran == [("serve", str(tiny_checkpoint))] * 2 + [("bench serve", "llama-2-7b")]
