@@ -790,3 +790,44 @@ def test_cli_serves_a_checkpoint_with_its_chat_template_and_exits_0_on_sigint(ti
         if proc.poll() is None:
             proc.kill()
         proc.stderr.close()
+
+
+def _sse(*events: str) -> bytes:
+    return "".join(f"data: {e}\n\n" for e in events).encode()
+
+
+CHUNK = json.dumps({"choices": [{"index": 0, "text": "Hi", "finish_reason": None}]})
+LAST = json.dumps({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]})
+USAGE = json.dumps({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
+
+
+@pytest.mark.parametrize("body, error", [
+    (_sse(CHUNK, CHUNK, LAST, USAGE, "[DONE]"), None),
+    (_sse(CHUNK, CHUNK, LAST, USAGE), "without data: [DONE]"),
+    (b'{"choices": [{"text": "Hi"}]}', "without data: [DONE]"),
+    (_sse(CHUNK, json.dumps({"choices": [{"index": 0, "text": "", "finish_reason": "abort"}]}), USAGE, "[DONE]"),
+     "finish_reason 'abort'"),
+    (_sse(CHUNK, "null", "[DONE]"), "not a JSON object"),
+], ids=["complete", "no_done", "not_sse", "aborted", "null_event"])
+def test_load_generator_counts_only_streams_that_finish(body, error):
+    """A request counts as completed only when its stream ends with [DONE] after a finish_reason
+    of stop or length; anything else (an abort at the server's shutdown, a cut stream, a bad
+    event) is a failure with its reason, never an exception that ends the client's worker."""
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body))
+    cfg = loadgen.LoadConfig(url="http://127.0.0.1:9", model=NAME, output_len=2)
+
+    async def run():
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await loadgen.send(client, "http://127.0.0.1:9/v1/completions", cfg, [5, 6, 7])
+    result = asyncio.run(run())
+    assert result.ok == (error is None)
+    if error is None:
+        assert (result.output_tokens, result.prompt_tokens) == (2, 3) and result.e2e_s > 0
+    else:
+        assert error in result.error
+
+
+@pytest.mark.parametrize("field", ["max_duration_s", "request_timeout_s", "slo_ttft_s"])
+def test_load_generator_refuses_infinite_limits_before_running(field):
+    with pytest.raises(ValueError, match=f"{field}=inf must be a finite number > 0"):
+        loadgen.LoadConfig(url="http://127.0.0.1:9", model=NAME, **{field: float("inf")})

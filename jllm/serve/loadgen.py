@@ -61,11 +61,11 @@ class LoadConfig:
         if self.vocab_size <= 3 and self.prompts == "random-ids":
             raise ValueError(f"vocab_size={self.vocab_size} leaves no ids to draw from [3, vocab_size)")
         for name in ("max_duration_s", "request_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a finite number > 0")
         for name in ("slo_ttft_s", "slo_tpot_s", "slo_e2e_s"):
-            if getattr(self, name) is not None and not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+            if getattr(self, name) is not None and not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a finite number > 0")
 
 
 @dataclasses.dataclass
@@ -157,6 +157,7 @@ async def send(client, url: str, cfg: LoadConfig, prompt) -> RequestResult:
     t0 = time.perf_counter()
     last = None
     chunks = 0
+    done, finish = False, None
     try:
         async with client.stream("POST", url, json=_payload(cfg, prompt)) as response:
             if response.status_code != 200:
@@ -168,11 +169,17 @@ async def send(client, url: str, cfg: LoadConfig, prompt) -> RequestResult:
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    done = True
                     break
                 obj = json.loads(data)
+                if not isinstance(obj, dict):
+                    result.error = f"a stream event that is not a JSON object: {data[:100]}"
+                    return result
                 if "error" in obj:
                     result.error = str(obj["error"])[:200]
                     return result
+                for c in obj.get("choices") or []:
+                    finish = c.get("finish_reason") or finish
                 now = time.perf_counter()
                 if _has_output(obj):
                     chunks += 1
@@ -185,8 +192,14 @@ async def send(client, url: str, cfg: LoadConfig, prompt) -> RequestResult:
                 if usage:
                     result.prompt_tokens = usage.get("prompt_tokens")
                     result.output_tokens = usage.get("completion_tokens", 0)
-    except (httpx.HTTPError, json.JSONDecodeError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 (any failure is this request's, never the worker's end)
         result.error = f"{type(e).__name__}: {e}"[:200]
+        return result
+    if not done:
+        result.error = "the stream ended without data: [DONE]"
+        return result
+    if finish not in ("stop", "length"):  # "abort": the server cut it off (e.g. its shutdown)
+        result.error = f"finish_reason {finish!r}"
         return result
     result.e2e_s = time.perf_counter() - t0
     result.output_tokens = result.output_tokens or chunks
@@ -219,11 +232,11 @@ async def _run_point(cfg: LoadConfig, prompts: list, rate: float, concurrency: i
 
             tasks = [asyncio.ensure_future(worker()) for _ in range(min(concurrency, len(prompts)))]
         else:
-            for prompt in prompts:
+            for i, prompt in enumerate(prompts):
                 if time.perf_counter() >= deadline:
                     break
                 tasks.append(asyncio.ensure_future(one(prompt)))
-                if math.isfinite(rate):
+                if math.isfinite(rate) and i + 1 < len(prompts):  # no idle gap after the last one
                     await asyncio.sleep(min(rng.expovariate(rate), max(0.0, deadline - time.perf_counter())))
         pending = set()
         if tasks:
