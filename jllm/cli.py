@@ -22,7 +22,7 @@ import jllm
 from jllm import argtypes, bench, hf, parallel, quant, runtime, speculative
 from jllm.argtypes import non_negative_float, non_negative_int, positive_float, positive_int, probability
 from jllm.config import CONFIGS, LlamaConfig
-from jllm.generate import Model
+from jllm.generate import Model, _check_args
 from jllm.plan import default_attn_impl, default_matmul_impl
 from jllm.runtime import say
 from jllm.tokenizer import format_chat
@@ -67,7 +67,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 means greedy")
     p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--top-p", type=probability, default=None, help="in (0, 1]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=argtypes.seed, default=0)
     p.add_argument("--stop", type=_text, action="append", default=None, help="stop string (repeatable)")
 
 
@@ -210,13 +210,16 @@ def cmd_generate(args) -> int:
         sys.stdout.flush()
 
     main = _main_process()
+    spec = _speculative(args, model)  # before the prompt is echoed: an error stays on its own line
+    _check_args(model, [prompt], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                args.seed, args.stop, None)
     if main:
         say("preparing prefill and decode (compiled on first use of a shape, then cached on disk)")
         sys.stdout.write(args.prompt if model.tokenizer is not None else "")
     results = jllm.generate(model, [prompt], max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, stop=args.stop, stream=stream if main else None,
-                            speculative=_speculative(args, model))
+                            speculative=spec)
     if main:
         print()
     _print_stats(results)
@@ -286,6 +289,11 @@ def cmd_chat(args) -> int:
         sys.exit("chat needs a model with a tokenizer.model")
     spec = _speculative(args, model)
     messages = [{"role": "system", "content": args.system}] if args.system else []
+    if args.system:  # with a one-word message and a one-token reply it must still fit
+        n = len(format_chat(messages + [{"role": "user", "content": "hi"}], model.tokenizer))
+        if n >= model.cfg.max_seq_len:
+            raise ValueError(f"--system takes {n} of the model's {model.cfg.max_seq_len} tokens of context "
+                             f"with a one-word message: no room to reply; shorten it")
     last = None
     say(f"jllm chat: {CHAT_HELP}")
     while True:
@@ -621,6 +629,8 @@ def _bench_mode_misplaced(argv: list[str], mode: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    with contextlib.suppress(AttributeError, ValueError):  # a replaced stdout (tests) may not reconfigure
+        sys.stdout.reconfigure(errors="replace")  # a character the terminal lacks is shown, not fatal
     args = parser().parse_args(argv)
     if getattr(args, "bench_mode", None):
         misplaced = _bench_mode_misplaced(argv, args.bench_mode)

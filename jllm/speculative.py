@@ -390,6 +390,7 @@ def generate(model: Model, prompts, spec: Speculative, *, max_new_tokens: int,
     t_call = time.perf_counter()
     if not isinstance(spec, Speculative):
         raise TypeError(f"speculative must be a jllm.speculative.Speculative; got {type(spec).__name__}")
+    _check_k(spec.k, model)
     if isinstance(stop, str):
         stop = [stop]
     ids = _check_args(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -457,11 +458,16 @@ def _run(model: Model, spec: Speculative, rows: list[Row], tokens: np.ndarray, n
             for i in np.nonzero(was_active)[0]:
                 if rows[i].finish is not None:  # ended in an earlier round: this one's tokens are dropped
                     continue
-                push(rows[i], out[i, :n[i] + 1].tolist())
+                row, new = rows[i], out[i, :n[i] + 1].tolist()
+                before = len(row.tokens)
+                push(row, new)
+                kept = len(row.tokens) - before  # a stop or max_new_tokens inside the run drops the rest
+                if kept < len(new) and row.finish == "stop" and new[kept] in row.stop_ids:
+                    kept += 1  # the stop id that ends the row: produced, though not part of the text
                 steps[i] += 1
                 drafted[i] += m[i]
-                accepted[i] += n[i]
-                produced[i] += n[i] + 1
+                accepted[i] += n[i]  # verified; drafts past a stop were checked all the same
+                produced[i] += kept
             active = running()
         inflight = launched
     results = []
@@ -483,6 +489,12 @@ def _run(model: Model, spec: Speculative, rows: list[Row], tokens: np.ndarray, n
 
 # --- What the CLI calls ----------------------------------------------------------------------------
 
+def _check_k(k: int, model: Model) -> None:
+    if k >= model.cfg.max_seq_len:
+        raise ValueError(f"k={k}: a step checks k + 1 positions, more than the model's context of "
+                         f"{model.cfg.max_seq_len} (max_seq_len)")
+
+
 def from_args(model: Model, speculate: int | None, draft=None, draft_quantize: str | None = None,
               prompt_lookup: int | None = None, group_size: int | None = None) -> Speculative | None:
     """The Speculative for `--speculate K` with one of `--draft DIR` (a checkpoint directory or a
@@ -498,6 +510,7 @@ def from_args(model: Model, speculate: int | None, draft=None, draft_quantize: s
     if len(given) != 1:
         raise ValueError(f"speculate needs exactly one of draft, draft_quantize, prompt_lookup; "
                          f"got {sorted(given) or 'none'}")
+    _check_k(speculate, model)
     if draft is not None:
         if not isinstance(draft, Model):
             from jllm import load  # the package imports this module's importers

@@ -181,6 +181,7 @@ def test_chat_survives_a_line_that_cannot_be_decoded(tiny_checkpoint, capsys, mo
     ("--num-processes", "0", "an int >= 1"), ("--process-id", "-1", "an int >= 0"),
     ("--distributed-timeout", "0", "a number > 0"), ("--coordinator", "localhost", "HOST:PORT"),
     ("--stop", "", "non-empty text"), ("--prompt", "", "non-empty text"),
+    ("--seed", "-1", r"an int in [0, 2**32)"), ("--seed", "4294967296", r"an int in [0, 2**32)"),
 ])
 def test_generate_refuses_bad_values_before_loading(flag, value, expected, tiny_checkpoint, capsys, no_load):
     argv = ["generate", "--model", tiny_checkpoint, "--prompt", "Hi", flag, value]
@@ -385,3 +386,31 @@ def test_quickstart_says_where_the_demo_model_is_and_what_to_run_next(tmp_path, 
     ck = os.path.join(str(demo), "jllm")
     assert f"The demo model is in {demo}" in err and os.path.join(str(demo), "hf") in err
     assert f"jllm chat --model {ck}" in err
+
+
+def test_generate_checks_its_arguments_before_echoing_the_prompt(tiny_checkpoint, capsys):
+    """A prompt too long for the context (and a K past it) is refused on its own line: nothing
+    of the prompt is printed first."""
+    assert cli.main(["generate", "--model", str(tiny_checkpoint), "--prompt", "word " * 600]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "over the model's context" in err
+    assert cli.main(["generate", "--model", str(tiny_checkpoint), "--prompt", "Hi",
+                     "--speculate", "100000", "--prompt-lookup", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "k=100000: a step checks k + 1 positions" in err
+
+
+def test_a_character_the_terminal_cannot_show_is_replaced_not_fatal(tiny_checkpoint):
+    """PYTHONIOENCODING=ascii: generated text outside ASCII prints as '?', and the run ends 0."""
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "PYTHONPATH": ROOT}
+    r = subprocess.run([sys.executable, "-m", "jllm", "generate", "--model", str(tiny_checkpoint),
+                        "--prompt", "Hello", "--max-new-tokens", "24", "--temperature", "5", "--seed", "3"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-500:]
+    assert "error" not in r.stderr
+
+
+def test_a_system_prompt_that_fills_the_context_is_refused_at_start(tiny_checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr("builtins.input", lambda prompt="": pytest.fail("read a line before refusing --system"))
+    assert cli.main(["chat", "--model", str(tiny_checkpoint), "--system", "word " * 600]) == 2
+    assert "--system takes" in capsys.readouterr().err

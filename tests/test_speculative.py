@@ -93,8 +93,12 @@ def test_identical_draft_accepts_everything_and_stops_inside_a_run(tiny_model, s
     # Runs of k + 1 tokens follow the prefill's token: the stop at token 9 lands inside the second.
     assert len(plain[0].tokens) % (k + 1) != 1
     for r in got:
-        assert r.stats.acceptance == 1.0 and r.stats.tokens_per_step == k + 1
-        assert r.stats.target_steps == -(-(len(r.tokens) - 1) // (k + 1)) or r.finish_reason == "stop"
+        assert r.stats.acceptance == 1.0 and r.stats.tokens_per_step <= k + 1
+        assert r.stats.target_steps == -(-(len(r.tokens) - 1) // (k + 1))
+        # tokens per step count what the row kept (and the stop id that ended it), not the run
+        # past a stop: every step but the last gives k + 1
+        produced = round(r.stats.tokens_per_step * r.stats.target_steps)
+        assert produced in (len(r.tokens) - 1, len(r.tokens))
 
 
 def _bigram(scripted_model, shift: int) -> Model:
@@ -466,3 +470,12 @@ def test_benchmark_measures_self_drafts_and_the_cost_model(tmp_path):
     sb.plot(r, path)
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tokens_per_step_count_only_what_max_new_tokens_keeps(tiny_model):
+    """An identical draft accepts all 4 drafts, but max_new_tokens=3 keeps 2 tokens after the
+    prefill's: the one target step produced 2, not 5."""
+    [r] = jllm.generate(tiny_model, [[1, 5, 9]], max_new_tokens=3, stop_token_ids=[],
+                        speculative=sp.Speculative(sp.DraftModel(tiny_model), 4))
+    assert len(r.tokens) == 3 and r.stats.target_steps == 1
+    assert r.stats.tokens_per_step == 2 and r.stats.acceptance == 1.0
