@@ -22,7 +22,7 @@ import jllm
 from jllm import argtypes, bench, hf, parallel, quant, runtime, speculative
 from jllm.argtypes import non_negative_float, non_negative_int, positive_float, positive_int, probability
 from jllm.config import CONFIGS, LlamaConfig
-from jllm.generate import Model, _check_args
+from jllm.generate import Model
 from jllm.plan import default_attn_impl, default_matmul_impl
 from jllm.runtime import say
 from jllm.tokenizer import format_chat
@@ -204,23 +204,30 @@ def cmd_generate(args) -> int:
         except ValueError:
             sys.exit("this model has no tokenizer: pass --prompt as space-separated token ids")
 
+    echoed = False
+
+    def echo():  # the prompt, once generate has checked the arguments: an error keeps its own line
+        nonlocal echoed
+        if not echoed:
+            sys.stdout.write(args.prompt if model.tokenizer is not None else "")
+            echoed = True
+
     def stream(delta):
+        echo()
         sys.stdout.write(delta.text if model.tokenizer is not None
                          else "".join(f" {t}" for t in delta.token_ids))
         sys.stdout.flush()
 
     main = _main_process()
-    spec = _speculative(args, model)  # before the prompt is echoed: an error stays on its own line
-    _check_args(model, [prompt], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                args.seed, args.stop, None)
+    spec = _speculative(args, model)
     if main:
         say("preparing prefill and decode (compiled on first use of a shape, then cached on disk)")
-        sys.stdout.write(args.prompt if model.tokenizer is not None else "")
     results = jllm.generate(model, [prompt], max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, stop=args.stop, stream=stream if main else None,
                             speculative=spec)
     if main:
+        echo()  # a reply with no text streams nothing
         print()
     _print_stats(results)
     return 0
