@@ -229,8 +229,8 @@ def _check_args(model: Model, prompts, max_new_tokens, temperature, top_k, top_p
         _check_number("top_k", top_k, lambda x: x >= 1, "None or an int >= 1", integer=True)
     if top_p is not None:
         _check_number("top_p", top_p, lambda x: 0 < x <= 1, "None or in (0, 1]")
-    # The PRNG key keeps 32 bits: other seeds would repeat these.
-    _check_number("seed", seed, lambda x: 0 <= x < 2**32, "an int in [0, 2**32)", integer=True)
+    # The PRNG key keeps 32 bits: other seeds would repeat these (s < 0 is s + 2**32, as in the engine).
+    _check_number("seed", seed, lambda x: -2**31 <= x < 2**32, "an int in [-2**31, 2**32)", integer=True)
     if stop is not None:
         if isinstance(stop, _BYTES) or not isinstance(stop, Collection):
             raise TypeError(f"stop={stop!r} must be a str or a list of str")
@@ -264,7 +264,7 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
 
     stop_token_ids=None stops on the tokenizer's EOS; [] never stops on a token. `stop` strings are
     matched on the decoded text and cut from it. `stream(delta)` receives text and ids as they come.
-    seed: an int in [0, 2**32). A batch whose KV cache would not fit the device's free memory runs
+    seed: an int in [0, 2**32) (a negative one is that plus 2**32). A batch whose KV cache would not fit the device's free memory runs
     in parts (the largest power-of-two number of prompts that fits, one after another); results
     keep the prompts' order and stream indices, and each part after the first samples from its own
     seed derived from `seed`.
@@ -274,7 +274,7 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
         stop = [stop]
     ids = _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
                       stop_token_ids, stream)
-    max_new_tokens, seed, temperature = int(max_new_tokens), int(seed), float(temperature)
+    max_new_tokens, seed, temperature = int(max_new_tokens), int(seed) % 2**32, float(temperature)
     top_k = None if top_k is None else int(top_k)
     top_p = None if top_p is None else float(top_p)
     stop = list(stop or [])

@@ -101,7 +101,7 @@ BAD_ARGUMENTS = [
     (dict(seed=None), TypeError, "seed=None"),
     (dict(seed=True), TypeError, "seed=True"),
     (dict(seed=1.5), ValueError, "seed=1.5"),
-    (dict(seed=-1), ValueError, r"seed=-1 must be an int in \[0, 2\*\*32\)"),
+    (dict(seed=-2**31 - 1), ValueError, r"seed=-2147483649 must be an int in \[-2\*\*31, 2\*\*32\)"),
     (dict(seed=2**32), ValueError, "seed=4294967296"),
     (dict(seed=2**64), ValueError, "seed=18446744073709551616"),
     (dict(stop=5), TypeError, "stop=5"),
@@ -152,10 +152,13 @@ def test_numpy_scalars_work_like_python_numbers(tiny_model):
     assert np_[0].tokens == py[0].tokens and len(py[0].tokens) == N
 
 
-def test_largest_seed_is_accepted(tiny_model):
-    [r] = jllm.generate(tiny_model, [[1, 2]], max_new_tokens=4, temperature=1.0, seed=2**32 - 1,
-                        stop_token_ids=[])
-    assert len(r.tokens) == 4
+def test_seeds_at_both_ends_are_accepted_and_a_negative_one_is_it_plus_2_pow_32(tiny_model):
+    def run(seed):
+        [r] = jllm.generate(tiny_model, [[1, 2]], max_new_tokens=8, temperature=1.0, seed=seed,
+                            stop_token_ids=[])
+        return r.tokens
+    top = run(2**32 - 1)
+    assert len(top) == 8 and run(-1) == top and run(-2**31) == run(2**31) != top
 
 
 # --- compile time in the stats ------------------------------------------------------------------

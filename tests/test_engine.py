@@ -153,6 +153,10 @@ def test_seeded_sampling_matches_generate_per_request(tiny_model_no_tokenizer):
     p = SamplingParams(max_tokens=12, temperature=1.0, seed=5, stop_token_ids=())
     a, b, c = engine.generate([script[1][1]] * 3, [p, p, dataclasses.replace(p, seed=6)])
     assert a.token_ids == b.token_ids != c.token_ids
+    # generate's seeds past int32 are the engine's too (s and s - 2**32 are one seed).
+    high = dataclasses.replace(p, seed=2 ** 32 - 7)
+    e, f = engine.generate([script[1][1]] * 2, [high, dataclasses.replace(p, seed=-7)])
+    assert e.token_ids == f.token_ids == _reference(m, script[1][1], high) != a.token_ids
     # A top_k past the vocabulary, even past int32, is no cut (it once overflowed the step's
     # int32 array and stalled every request).
     [d] = engine.generate([script[1][1]], [dataclasses.replace(p, top_k=2 ** 40)])

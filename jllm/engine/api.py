@@ -5,7 +5,14 @@ import math
 import numpy as np
 
 MAX_LOGPROBS = 20          # the most top alternatives a request may ask for
-SEED_RANGE = (-2 ** 31, 2 ** 31)  # jax.random.key takes an int32 seed (without jax_enable_x64)
+# A seed is 32 bits (jax.random.key's without jax_enable_x64): s and s - 2**32 are one seed, and
+# a seed s in [0, 2**32) gives the tokens `jllm.generate(..., seed=s)` gives.
+SEED_RANGE = (-2 ** 31, 2 ** 32)
+
+
+def seed_int32(seed: int) -> int:
+    """The seed in SEED_RANGE as the int32 with its bits (the engine's per-slot seed array)."""
+    return (int(seed) + 2 ** 31) % 2 ** 32 - 2 ** 31
 
 
 class QueueFull(RuntimeError):

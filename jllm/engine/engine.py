@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jllm.engine.api import EngineStats, QueueFull, RequestMetrics, RequestOutput, SamplingParams
+from jllm.engine.api import EngineStats, QueueFull, RequestMetrics, RequestOutput, SamplingParams, seed_int32
 from jllm.engine.pages import PagePool
 from jllm.engine.scheduler import Request, Schedule, Scheduler, Status, build_batch, default_shapes
 from jllm.engine.step import StepOutput, engine_step, init_state, reset_keys
@@ -294,7 +294,7 @@ class Engine:
             mask, seeds, skips = np.zeros(self.max_seqs, bool), np.zeros(self.max_seqs, np.int32), \
                 np.zeros(self.max_seqs, np.int32)
             for r in sched.admitted:
-                mask[r.slot], seeds[r.slot], skips[r.slot] = True, r.params.seed, r.key_skip
+                mask[r.slot], seeds[r.slot], skips[r.slot] = True, seed_int32(r.params.seed), r.key_skip
                 if r.t_scheduled is None:
                     r.t_scheduled = now
             with self._on_mesh():

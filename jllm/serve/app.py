@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jllm.config import LlamaConfig
 from jllm.engine import QueueFull, SamplingParams
+from jllm.engine.api import seed_int32
 from jllm.serve import responses as R
 from jllm.serve.chat import ChatTemplate, chat_ids
 from jllm.serve.metrics import CONTENT_TYPE, Metrics
@@ -231,8 +232,8 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
         return requested
 
     def sampling(req, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        # OpenAI takes any int64 seed, the engine an int32 one: fold it (in-range seeds are kept).
-        seed = secrets.randbelow(2 ** 31) if req.seed is None else (req.seed + 2 ** 31) % 2 ** 32 - 2 ** 31
+        # OpenAI takes any int64 seed, the engine a 32-bit one: fold it (generate's seeds are kept).
+        seed = secrets.randbelow(2 ** 31) if req.seed is None else seed_int32(req.seed)
         try:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
