@@ -19,13 +19,12 @@ import tempfile
 import jax
 
 import jllm
-from jllm import argtypes, bench, hf, parallel, quant, runtime, speculative
+from jllm import argtypes, bench, chat, hf, parallel, quant, runtime, speculative
 from jllm.argtypes import non_negative_float, non_negative_int, positive_float, positive_int, probability
 from jllm.config import CONFIGS, LlamaConfig
 from jllm.generate import Model
 from jllm.plan import default_attn_impl, default_matmul_impl
 from jllm.runtime import say
-from jllm.tokenizer import format_chat
 from sharding import rules
 
 CHAT_HELP = ("commands: /help (this list), /stats (the last reply's timings), /reset (clear the "
@@ -261,7 +260,7 @@ def _read_line() -> str:
     return line
 
 
-def _reply(model, ids, args, max_new_tokens: int, spec=None):
+def _reply(model, ids, args, max_new_tokens: int, spec, seed: int):
     """Generate and stream one chat reply -> (Completion or None if Ctrl-C stopped it, its text)."""
     main, parts = _main_process(), []
 
@@ -274,7 +273,7 @@ def _reply(model, ids, args, max_new_tokens: int, spec=None):
     try:
         [out] = jllm.generate(model, [ids], max_new_tokens=max_new_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              seed=args.seed, stop=args.stop, stream=stream, speculative=spec)
+                              seed=seed, stop=args.stop, stream=stream, speculative=spec)
     except KeyboardInterrupt:
         if jax.process_count() > 1:  # the other processes cannot be told mid-reply: end the run
             raise
@@ -291,13 +290,20 @@ def cmd_chat(args) -> int:
     # instead of an exception that loses the line (and, from a pipe, the lines read with it).
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")
+    # The checkpoint's chat template (tokenizer_config.json), else Llama-2's format; a broken
+    # template fails before the load.
+    model_dir = os.path.expanduser(args.model)
+    source = chat.read_template(model_dir) if os.path.isdir(model_dir) else None
+    if source is not None:
+        chat.compile_template(source)
     model = _load(args)
     if model.tokenizer is None:
         sys.exit("chat needs a model with a tokenizer.model")
     spec = _speculative(args, model)
+    template = None if source is None else chat.ChatTemplate(source, model.tokenizer)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     if args.system:  # with a one-word message and a one-token reply it must still fit
-        n = len(format_chat(messages + [{"role": "user", "content": "hi"}], model.tokenizer))
+        n = len(chat.chat_ids(messages + [{"role": "user", "content": "hi"}], model.tokenizer, template))
         if n >= model.cfg.max_seq_len:
             raise ValueError(f"--system takes {n} of the model's {model.cfg.max_seq_len} tokens of context "
                              f"with a one-word message: no room to reply; shorten it")
@@ -327,14 +333,22 @@ def cmd_chat(args) -> int:
             say(f"unknown command {line.split()[0]!r}; {CHAT_HELP}")
         elif line:  # a message; "//..." sends "/..."
             messages.append({"role": "user", "content": line.removeprefix("/")})
-            ids = format_chat(messages, model.tokenizer)
+            try:
+                ids = chat.chat_ids(messages, model.tokenizer, template)
+            except ValueError as e:  # the checkpoint's template refused the conversation
+                messages.pop()
+                say(f"(not sent: {e})")
+                continue
             room = model.cfg.max_seq_len - len(ids)
             if room < 1:
                 messages.pop()
                 say(f"(the conversation has {len(ids)} tokens, the model's context is "
                     f"{model.cfg.max_seq_len}: /reset to start over)")
                 continue
-            out, text = _reply(model, ids, args, min(args.max_new_tokens, room), spec)
+            # Each reply of a conversation samples from its own seed (the same ones after /reset).
+            turn = sum(m["role"] == "assistant" for m in messages)
+            out, text = _reply(model, ids, args, min(args.max_new_tokens, room), spec,
+                               seed=(args.seed + turn) % 2**32)
             last = out or last
             # A stopped reply stays in the conversation as far as it got (perhaps empty).
             messages.append({"role": "assistant", "content": text})
@@ -485,7 +499,7 @@ def parser() -> argparse.ArgumentParser:
     _add_speculation(p)
     _add_parallel(p)
     p.set_defaults(fn=cmd_generate)
-    p = sub.add_parser("chat", help="interactive Llama-2 chat")
+    p = sub.add_parser("chat", help="interactive chat (the checkpoint's chat template, else Llama-2's format)")
     _add_model(p)
     p.add_argument("--system", type=_text, default=None, help="system prompt")
     _add_sampling(p)

@@ -74,6 +74,60 @@ def test_chat_answers_reports_stats_resets_and_exits(tiny_dirs, capsys, monkeypa
     assert "(conversation cleared)" in err
 
 
+# A template unlike Llama-2's, refusing a message that says "forbidden".
+SIMPLE_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if 'forbidden' in m['content'] %}"
+                   "{{ raise_exception('no forbidden words') }}{% endif %}"
+                   "[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                   "{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+@pytest.fixture()
+def templated_checkpoint(tiny_dirs, tmp_path):
+    import shutil
+    ck = str(tmp_path / "templated")
+    shutil.copytree(tiny_dirs[1], ck)
+    with open(os.path.join(ck, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": SIMPLE_TEMPLATE}, f)
+    return ck
+
+
+def test_chat_renders_the_checkpoints_template_and_seeds_each_reply(templated_checkpoint, capsys, monkeypatch):
+    """Each turn's prompt is the template's rendering of the conversation so far (the replies
+    included), a message the template refuses is not sent and not kept, and each reply samples
+    from its own seed."""
+    import jllm
+    from jllm.chat import ChatTemplate
+    calls, real = [], jllm.generate
+
+    def spy(model, prompts, **kw):
+        out = real(model, prompts, **kw)
+        calls.append((model, prompts[0], kw["seed"], out[0].text))
+        return out
+
+    monkeypatch.setattr("jllm.generate", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\nsay forbidden\nAnd again\n/exit\n"))
+    assert cli.main(["chat", "--model", templated_checkpoint, "--system", "Be brief.", "--max-new-tokens", "4",
+                     "--attn-impl", "xla", "--seed", "7"]) == 0
+    assert "(not sent: the chat template refused the messages: no forbidden words)" in capsys.readouterr().err
+    assert [c[2] for c in calls] == [7, 8]
+    model = calls[0][0]
+    template = ChatTemplate(SIMPLE_TEMPLATE, model.tokenizer)
+    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    second = first + [{"role": "assistant", "content": calls[0][3]}, {"role": "user", "content": "And again"}]
+    assert calls[0][1] == template.encode(first)
+    assert calls[1][1] == template.encode(second)
+    # (the tiny tokenizer normalizes the newlines to spaces)
+    assert model.tokenizer.decode(calls[0][1]).split() == "[system] Be brief. [user] Hello there [assistant]".split()
+
+
+def test_chat_refuses_a_template_that_does_not_compile_before_loading(templated_checkpoint, capsys, monkeypatch):
+    with open(os.path.join(templated_checkpoint, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": "{% for m in messages %}"}, f)
+    monkeypatch.setattr("jllm.load", lambda *a, **k: pytest.fail("loaded the model"))
+    assert cli.main(["chat", "--model", templated_checkpoint]) == 2
+    assert "the chat_template does not compile" in capsys.readouterr().err
+
+
 def test_bench_writes_json_with_every_metric(tmp_path, capsys):
     out = tmp_path / "bench.json"
     plot = tmp_path / "bench.png"

@@ -32,7 +32,7 @@ import jllm
 from jllm.serve import cli as serve_cli
 from jllm.serve import loadgen
 from jllm.serve.app import create_app
-from jllm.serve.chat import ChatTemplate, chat_ids, read_template
+from jllm.chat import ChatTemplate, chat_ids, read_template
 from jllm.serve.main import bind, make_server
 from jllm.serve.runner import EngineRunner
 from jllm.tokenizer import format_chat

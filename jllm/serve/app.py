@@ -25,7 +25,7 @@ from jllm.config import LlamaConfig
 from jllm.engine import QueueFull, SamplingParams
 from jllm.engine.api import seed_int32
 from jllm.serve import responses as R
-from jllm.serve.chat import ChatTemplate, chat_ids
+from jllm.chat import ChatTemplate, chat_ids
 from jllm.serve.metrics import CONTENT_TYPE, Metrics
 from jllm.serve.protocol import (MAX_BODY_BYTES, APIError, ChatRequest, CompletionRequest,
                                  bad_request, decode_json, validate)

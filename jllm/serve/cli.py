@@ -82,7 +82,7 @@ def run(args) -> int:
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"--model {args.model!r} is not a directory (a jllm checkpoint or "
                                 "a Hugging Face Llama directory)")
-    from jllm.serve.chat import compile_template, read_template
+    from jllm.chat import compile_template, read_template
     from jllm.serve.main import bind, serve, setup_logging
     setup_logging(args.log_json)
     template = read_template(model_dir)

@@ -1,4 +1,5 @@
-"""Chat prompts: a Hugging Face `chat_template` rendered as transformers renders it, else Llama-2's.
+"""Chat prompts (`jllm chat`, `jllm serve`): a Hugging Face `chat_template` rendered as
+transformers renders it, else Llama-2's.
 
 A checkpoint directory may carry the `tokenizer_config.json` of the Hugging Face model it was
 converted from; its `chat_template` (jinja2) is rendered in a sandbox with the settings and
