@@ -227,6 +227,87 @@ def test_stop_strings_cut_the_text_like_generate(srv, tiny_model):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+# --- several choices: n, and a batch of prompts ------------------------------------------------
+
+def _by_index(chunks, field):
+    """Streamed chunks -> {choice index: concatenated text, finish reasons}."""
+    texts, finishes = {}, {}
+    for ch in chunks:
+        for c in ch.choices:
+            texts[c.index] = texts.get(c.index, "") + (field(c) or "")
+            if c.finish_reason is not None:
+                finishes.setdefault(c.index, []).append(c.finish_reason)
+    return texts, finishes
+
+
+def test_n_choices_of_a_prompt_batch_are_generate_with_seed_plus_their_index(srv, tiny_model):
+    """OpenAI numbers prompt i's n choices i*n ... i*n+n-1; choice j samples as generate with
+    seed + j; usage counts each prompt once and every choice's output; streaming gives the same
+    texts, each choice finishing once, then the usage."""
+    prompts, n, seed = PROMPTS[:2], 2, 11
+    expected = [ref(tiny_model, prompts[j // n], temperature=1.0, seed=seed + j) for j in range(len(prompts) * n)]
+    c = srv.client()
+    kw = dict(model=NAME, prompt=prompts, n=n, max_tokens=N, temperature=1.0, seed=seed)
+    r = c.completions.create(**kw)
+    assert [ch.index for ch in r.choices] == list(range(4))
+    assert [(ch.text, ch.finish_reason) for ch in r.choices] == [(e.text, e.finish_reason) for e in expected]
+    assert r.choices[0].text != r.choices[1].text   # two samples of one prompt
+    n_prompt = sum(len(tiny_model.tokenizer.encode(p, bos=True)) for p in prompts)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (n_prompt, sum(len(e.tokens) for e in expected))
+    *content, last = list(c.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    texts, finishes = _by_index(content, lambda ch: ch.text)
+    assert texts == {j: e.text for j, e in enumerate(expected)}
+    assert finishes == {j: [e.finish_reason] for j, e in enumerate(expected)}
+    assert last.choices == [] and last.usage == r.usage
+    srv.wait_idle()
+
+
+def test_chat_n_choices_stream_a_role_each_and_match_generate(srv, tiny_model):
+    messages = [{"role": "user", "content": "Hi there"}]
+    ids = format_chat(messages, tiny_model.tokenizer)
+    expected = [ref(tiny_model, ids, temperature=0.8, top_k=20, seed=4 + j) for j in range(3)]
+    c = srv.client()
+    kw = dict(model=NAME, messages=messages, n=3, max_tokens=N, temperature=0.8, seed=4,
+              extra_body={"top_k": 20})
+    r = c.chat.completions.create(**kw)
+    assert [(ch.index, ch.message.content, ch.finish_reason) for ch in r.choices] == \
+        [(j, e.text, e.finish_reason) for j, e in enumerate(expected)]
+    assert r.usage.prompt_tokens == len(ids)
+    chunks = list(c.chat.completions.create(stream=True, **kw))
+    roles = [ch.choices[0].index for ch in chunks if ch.choices[0].delta.role == "assistant"]
+    assert sorted(roles) == [0, 1, 2]
+    texts, finishes = _by_index(chunks, lambda ch: ch.delta.content)
+    assert texts == {j: e.text for j, e in enumerate(expected)}
+    assert all(len(f) == 1 for f in finishes.values()) and len(finishes) == 3
+
+
+def test_a_client_leaving_a_request_of_several_choices_aborts_them_all(srv):
+    aborted = srv.metric("jllm_requests_aborted_total")
+    with slow_steps(srv.engine, 0.05):
+        body = {"model": NAME, "prompt": PROMPTS[2:4], "n": 2, "max_tokens": N, "temperature": 0,
+                "stream": True, "ignore_eos": True}
+        with httpx.Client(timeout=30) as client:
+            with client.stream("POST", f"{srv.url}/v1/completions", json=body) as response:
+                assert response.status_code == 200
+                lines = response.iter_lines()
+                while not next(lines).startswith("data: {"):
+                    pass
+        srv.wait_idle(timeout_s=5)
+        assert srv.metric("jllm_requests_aborted_total") == aborted + 4
+
+
+def test_choices_past_the_queue_are_refused_together_and_leave_nothing_queued(tiny_model):
+    engine = make_engine(tiny_model, max_seqs=1, max_queue=2, num_pages=64)
+    with ThreadServer(engine, tiny_model) as s:
+        r = httpx.post(f"{s.url}/v1/completions", json={"model": NAME, "prompt": "Hi", "n": 4,
+                                                        "max_tokens": N}, timeout=30)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        s.wait_idle()
+        assert s.metric("jllm_requests_aborted_total") == 2   # the two choices the queue took
+        ok = s.client().completions.create(model=NAME, prompt="Hi", n=2, max_tokens=N, temperature=0)
+        assert ok.choices[0].text == ok.choices[1].text == ref(tiny_model, "Hi").text
+
+
 # --- concurrency, cancellation ---------------------------------------------------------------
 
 def test_64_concurrent_clients_half_streaming_all_correct_then_no_page_in_use(srv, tiny_model):
@@ -324,9 +405,15 @@ BAD = [  # id, endpoint, body, status, param
     ("prompt_plus_max_tokens_over_context", "completions",
      _json({**OK, "prompt": list(range(3, 503)), "max_tokens": 20}), 400, "max_tokens"),
     ("unknown_model", "completions", _json({**OK, "model": "gpt-4"}), 404, "model"),
-    ("n_two", "completions", _json({**OK, "n": 2}), 400, "n"),
-    ("best_of_two", "completions", _json({**OK, "best_of": 2}), 400, "best_of"),
-    ("prompt_batch", "completions", _json({**OK, "prompt": ["a", "b"]}), 400, "prompt"),
+    ("n_too_many", "completions", _json({**OK, "n": 65}), 400, "n"),
+    ("n_zero", "completions", _json({**OK, "n": 0}), 400, "n"),
+    ("best_of_not_n", "completions", _json({**OK, "n": 2, "best_of": 3}), 400, "best_of"),
+    ("prompts_times_n_too_many", "completions", _json({**OK, "prompt": ["a", "b"], "n": 33}), 400, "n"),
+    ("prompt_batch_too_large", "completions", _json({**OK, "prompt": ["a"] * 65}), 400, "prompt"),
+    ("prompt_batch_with_an_empty_prompt", "completions", _json({**OK, "prompt": ["a", ""]}), 400, "prompt"),
+    ("prompt_batch_with_an_empty_id_list", "completions", _json({**OK, "prompt": [[1], []]}), 400, "prompt"),
+    ("prompt_batch_one_over_context", "completions", _json({**OK, "prompt": ["a", "word " * 600]}), 400, "prompt"),
+    ("prompt_batch_id_out_of_vocab", "completions", _json({**OK, "prompt": [[1], [2, 99999]]}), 400, "prompt"),
     ("logprobs_too_many", "completions", _json({**OK, "logprobs": 50}), 400, "logprobs"),
     ("stream_options_without_stream", "completions",
      _json({**OK, "stream_options": {"include_usage": True}}), 400, "stream_options"),
@@ -339,7 +426,7 @@ BAD = [  # id, endpoint, body, status, param
      _json({**CHAT, "messages": [{"role": "assistant", "content": "x"}]}), 400, "messages"),
     ("chat_image_part", "chat/completions", _json({**CHAT, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]}), 400, "messages[0].content"),
-    ("chat_n_three", "chat/completions", _json({**CHAT, "n": 3}), 400, "n"),
+    ("chat_n_too_many", "chat/completions", _json({**CHAT, "n": 100}), 400, "n"),
     ("chat_top_logprobs_without_logprobs", "chat/completions",
      _json({**CHAT, "top_logprobs": 2}), 400, "top_logprobs"),
     ("chat_unknown_model", "chat/completions", _json({**CHAT, "model": "x"}), 404, "model"),

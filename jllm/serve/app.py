@@ -15,6 +15,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -56,6 +57,7 @@ class Generation:
 
     def __init__(self, stream: RequestStream, metrics: Metrics, t_arrival: float):
         self.stream, self.metrics, self.t_arrival = stream, metrics, t_arrival
+        self.request_id = stream.request_id
         self.prompt_tokens = self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.t_first: float | None = None
@@ -83,10 +85,10 @@ class Generation:
                 self.metrics.latency.observe(now - self.t_arrival)
             yield out
 
-    def log(self, request_id: str, endpoint: str, stream: bool, status: int = 200) -> None:
+    def log(self, endpoint: str, stream: bool, status: int = 200) -> None:
         now = time.perf_counter()
         log.info("%s %d %s", endpoint, status, self.finish_reason or "unfinished", extra={"fields": {
-            "request_id": request_id, "endpoint": endpoint, "status": status, "stream": stream,
+            "request_id": self.request_id, "endpoint": endpoint, "status": status, "stream": stream,
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
             "ttft_s": None if self.t_first is None else round(self.t_first - self.t_arrival, 6),
             "total_s": round(now - self.t_arrival, 6), "finish_reason": self.finish_reason}})
@@ -111,6 +113,38 @@ async def _disconnected(request: Request) -> None:
     """Return when the client closes the connection (the body has been read already)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+async def _merged(gens: list[Generation]) -> AsyncIterator[tuple[int, Any]]:
+    """(choice index, output) of every generation as each arrives; an error of one ends it."""
+    if len(gens) == 1:
+        async for out in gens[0].outputs():
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, gen: Generation) -> None:
+        try:
+            async for out in gen.outputs():
+                queue.put_nowait((i, out))
+        except Exception as e:
+            queue.put_nowait((i, e))
+        queue.put_nowait((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        left = len(gens)
+        while left:
+            i, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 async def _read_body(request: Request) -> dict:
@@ -201,7 +235,7 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
             raise APIError(404, f"the model {name!r} does not exist; this server serves "
                                 f"{served_model_name!r}", param="model", code="model_not_found")
 
-    def prompt_ids(prompt: str | list[int]) -> list[int]:
+    def prompt_ids(prompt: str | list[int], name: str = "the prompt") -> list[int]:
         if isinstance(prompt, str):
             if tokenizer is None:
                 raise bad_request("this model has no tokenizer: send the prompt as a list of "
@@ -209,31 +243,33 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
             try:
                 return tokenizer.encode(prompt, bos=True)
             except ValueError as e:  # text the tokenizer cannot take (a lone surrogate)
-                raise bad_request(f"the prompt cannot be tokenized: {e}", "prompt") from None
+                raise bad_request(f"{name} cannot be tokenized: {e}", "prompt") from None
         bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
         if bad:
-            raise bad_request(f"the prompt has token ids outside [0, {cfg.vocab_size}): {bad[:5]}",
+            raise bad_request(f"{name} has token ids outside [0, {cfg.vocab_size}): {bad[:5]}",
                               "prompt")
         return prompt
 
     def token_budget(n_prompt: int, requested: int | None, default: int | None,
-                     prompt_param: str, limit_param: str) -> int:
+                     prompt_param: str, limit_param: str, name: str | None = None) -> int:
+        name = name or f"the {prompt_param}"
         room = context - n_prompt
         if room < 1:
-            raise bad_request(f"the {prompt_param} has {n_prompt} tokens; the server's context is "
+            raise bad_request(f"{name} has {n_prompt} tokens; the server's context is "
                               f"{context} tokens, with no room left for a completion",
                               prompt_param, "context_length_exceeded")
         if requested is None:
             return room if default is None else min(default, room)
         if requested > room:
-            raise bad_request(f"{limit_param}={requested} plus the {prompt_param}'s {n_prompt} "
+            raise bad_request(f"{limit_param}={requested} plus {name}'s {n_prompt} "
                               f"tokens is {n_prompt + requested}, over the server's context of "
                               f"{context} tokens", limit_param, "context_length_exceeded")
         return requested
 
-    def sampling(req, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling(req, max_tokens: int, logprobs: int | None, index: int = 0) -> SamplingParams:
         # OpenAI takes any int64 seed, the engine a 32-bit one: fold it (generate's seeds are kept).
-        seed = secrets.randbelow(2 ** 31) if req.seed is None else seed_int32(req.seed)
+        # Choice i of a request samples with seed + i.
+        seed = secrets.randbelow(2 ** 31) if req.seed is None else seed_int32(req.seed + index)
         try:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
@@ -242,45 +278,61 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
         except (ValueError, TypeError) as e:
             raise bad_request(str(e)) from None
 
-    async def start(request_id: str, ids: list[int], params: SamplingParams,
-                    t_arrival: float) -> Generation:
+    async def start(request_id: str, choices: list[tuple[list[int], SamplingParams]],
+                    t_arrival: float) -> list[Generation]:
+        """Add one engine request per choice (all at once); if any is refused, none stays."""
         accepting()  # again: the body may have taken a while
-        try:
-            stream = await runner.add(request_id, ids, params)
-        except QueueFull as e:
-            metrics.rejected.labels("queue_full").inc()
-            raise APIError(429, f"the server is at capacity ({e}); retry later",
-                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-        except (ValueError, TypeError) as e:
-            raise bad_request(str(e)) from None
-        except EngineUnavailable as e:
-            raise APIError(503, str(e)) from None
-        state.in_flight += 1
-        return Generation(stream, metrics, t_arrival)
+        ids = [request_id] if len(choices) == 1 else [f"{request_id}-{i}" for i in range(len(choices))]
+        added = await asyncio.gather(*(runner.add(rid, prompt, params)
+                                       for rid, (prompt, params) in zip(ids, choices)),
+                                     return_exceptions=True)
+        errors = [e for e in added if isinstance(e, BaseException)]
+        if errors:
+            for stream in added:
+                if not isinstance(stream, BaseException):
+                    runner.abort(stream.request_id)
+            e = errors[0]
+            if isinstance(e, QueueFull):
+                metrics.rejected.labels("queue_full").inc()
+                raise APIError(429, f"the server is at capacity ({e}); retry later",
+                               code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            if isinstance(e, (ValueError, TypeError)):
+                raise bad_request(str(e)) from None
+            if isinstance(e, EngineUnavailable):
+                raise APIError(503, str(e)) from None
+            raise e
+        return [Generation(stream, metrics, t_arrival) for stream in added]
 
-    async def respond(request: Request, request_id: str, gen: Generation, stream: bool,
+    async def respond(request: Request, gens: list[Generation], stream: bool,
                       events: Callable[[], AsyncIterator[str]], body: Callable[[], dict]):
         """Stream the events, or collect the outputs and answer `body()`; abort if the client goes."""
         endpoint = request.url.path
+        state.in_flight += 1
+
+        def close() -> None:
+            for gen in gens:
+                if not gen.finished:
+                    runner.abort(gen.request_id)
+                    gen.finish_reason = gen.finish_reason or "abort"
+            state.in_flight -= 1
+            for gen in gens:
+                gen.log(endpoint, stream)
+
         if stream:
             closed = False
 
             def on_close() -> None:
                 nonlocal closed
-                if closed:
-                    return
-                closed = True
-                if not gen.finished:
-                    runner.abort(request_id)
-                    gen.finish_reason = gen.finish_reason or "abort"
-                state.in_flight -= 1
-                gen.log(request_id, endpoint, True)
+                if not closed:
+                    closed = True
+                    close()
 
             return EventStream(events(), on_close)
 
         async def abort_on_disconnect() -> None:
             await _disconnected(request)
-            runner.abort(request_id)
+            for gen in gens:
+                runner.abort(gen.request_id)
 
         watcher = asyncio.ensure_future(abort_on_disconnect())
         try:
@@ -289,11 +341,13 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
             raise APIError(503, str(e)) from None
         finally:
             watcher.cancel()
-            if not gen.finished:
-                runner.abort(request_id)
-            state.in_flight -= 1
-            gen.log(request_id, endpoint, False)
+            close()
         return JSONResponse(result)
+
+    def usage(gens: list[Generation], per_prompt: int) -> dict:
+        """Each prompt's tokens once (a prompt with n choices is read once), every choice's output."""
+        return R.usage(sum(g.prompt_tokens for g in gens[::per_prompt]),
+                       sum(g.completion_tokens for g in gens))
 
     def error_event(e: Exception) -> str:
         return R.sse(APIError(503, str(e)).body())
@@ -330,11 +384,17 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
         accepting()
         req = validate(CompletionRequest, await _read_body(request))
         check_model(req.model)
-        ids = await _tokenize(prompt_ids, req.prompt, chars=len(req.prompt))
-        max_tokens = token_budget(len(ids), req.max_tokens, DEFAULT_COMPLETION_TOKENS,
-                                  "prompt", "max_tokens")
+        names = ["the prompt"] if len(req.prompt) == 1 else [f"prompt {i}" for i in range(len(req.prompt))]
+        prompts = [await _tokenize(prompt_ids, p, name, chars=len(p) if isinstance(p, str) else 0)
+                   for p, name in zip(req.prompt, names)]
+        n = req.choices_per_prompt
+        choices = []   # prompt i's choices are i * n ... i * n + n - 1, as OpenAI numbers them
+        for ids, name in zip(prompts, names):
+            max_tokens = token_budget(len(ids), req.max_tokens, DEFAULT_COMPLETION_TOKENS, "prompt",
+                                      "max_tokens", name)
+            choices += [(ids, sampling(req, max_tokens, req.logprobs, len(choices) + j)) for j in range(n)]
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        gen = await start(request_id, ids, sampling(req, max_tokens, req.logprobs), t_arrival)
+        gens = await start(request_id, choices, t_arrival)
         want_logprobs = req.logprobs is not None
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         ids_out = tokenizer is None   # no text to send: send the token ids
@@ -343,38 +403,41 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
             return R.completion_logprobs(out.logprobs or [], tokenizer, offset) if want_logprobs else None
 
         async def events() -> AsyncIterator[str]:
-            offset = 0
+            offsets = [0] * len(gens)
             try:
-                async for out in gen.outputs():
-                    lp = logprobs_of(out, offset)
+                async for i, out in _merged(gens):
+                    lp = logprobs_of(out, offsets[i])
                     if out.text or out.token_ids and (lp or ids_out):
                         yield R.sse(R.completion_chunk(request_id, created, served_model_name,
                                                        out.text, None, lp, include_usage,
-                                                       out.token_ids if ids_out else None))
-                    offset += sum(map(len, lp["tokens"])) if lp else 0
+                                                       out.token_ids if ids_out else None, i))
+                    offsets[i] += sum(map(len, lp["tokens"])) if lp else 0
                     if out.finished:
                         yield R.sse(R.completion_chunk(request_id, created, served_model_name, "",
                                                        out.finish_reason, None, include_usage,
-                                                       [] if ids_out else None))
+                                                       [] if ids_out else None, i))
             except EngineUnavailable as e:
                 yield error_event(e)
-            if include_usage and gen.finish_reason:
+            if include_usage and all(g.finish_reason for g in gens):
                 yield R.sse(R.usage_chunk(request_id, created, served_model_name, "text_completion",
-                                          R.usage(gen.prompt_tokens, gen.completion_tokens)))
+                                          usage(gens, n)))
             yield R.sse("[DONE]")
 
         async def body() -> dict:
-            text, entries, token_ids = [], [], []
-            async for out in gen.outputs():
-                text.append(out.text)
-                entries += out.logprobs or []
-                token_ids += out.token_ids
-            lp = R.completion_logprobs(entries, tokenizer, 0) if want_logprobs else None
-            return R.completion(request_id, created, served_model_name, "".join(text),
-                                gen.finish_reason, lp, R.usage(gen.prompt_tokens, gen.completion_tokens),
-                                token_ids if ids_out else None)
+            text = [[] for _ in gens]
+            entries = [[] for _ in gens]
+            token_ids = [[] for _ in gens]
+            async for i, out in _merged(gens):
+                text[i].append(out.text)
+                entries[i] += out.logprobs or []
+                token_ids[i] += out.token_ids
+            return R.completion(request_id, created, served_model_name, [
+                R.completion_choice(i, "".join(text[i]), g.finish_reason,
+                                    R.completion_logprobs(entries[i], tokenizer, 0) if want_logprobs else None,
+                                    token_ids[i] if ids_out else None)
+                for i, g in enumerate(gens)], usage(gens, n))
 
-        return await respond(request, request_id, gen, bool(req.stream), events, body)
+        return await respond(request, gens, bool(req.stream), events, body)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -395,42 +458,46 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
         max_tokens = token_budget(len(ids), req.token_limit, None, "messages", limit_param)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         n_logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        gen = await start(request_id, ids, sampling(req, max_tokens, n_logprobs), t_arrival)
+        n = req.choices_per_prompt
+        gens = await start(request_id, [(ids, sampling(req, max_tokens, n_logprobs, i)) for i in range(n)],
+                           t_arrival)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def logprobs_of(out) -> dict | None:
             return R.chat_logprobs(out.logprobs or [], tokenizer) if req.logprobs else None
 
         async def events() -> AsyncIterator[str]:
-            def chunk(delta: dict, finish: str | None = None, lp: dict | None = None) -> str:
+            def chunk(i: int, delta: dict, finish: str | None = None, lp: dict | None = None) -> str:
                 return R.sse(R.chat_chunk(request_id, created, served_model_name, delta, finish, lp,
-                                          include_usage))
+                                          include_usage, i))
 
-            yield chunk({"role": "assistant", "content": ""})
+            for i in range(n):
+                yield chunk(i, {"role": "assistant", "content": ""})
             try:
-                async for out in gen.outputs():
+                async for i, out in _merged(gens):
                     lp = logprobs_of(out)
                     if out.text or out.token_ids and lp:
-                        yield chunk({"content": out.text}, None, lp)
+                        yield chunk(i, {"content": out.text}, None, lp)
                     if out.finished:
-                        yield chunk({}, out.finish_reason)
+                        yield chunk(i, {}, out.finish_reason)
             except EngineUnavailable as e:
                 yield error_event(e)
-            if include_usage and gen.finish_reason:
+            if include_usage and all(g.finish_reason for g in gens):
                 yield R.sse(R.usage_chunk(request_id, created, served_model_name,
-                                          "chat.completion.chunk",
-                                          R.usage(gen.prompt_tokens, gen.completion_tokens)))
+                                          "chat.completion.chunk", usage(gens, n)))
             yield R.sse("[DONE]")
 
         async def body() -> dict:
-            text, entries = [], []
-            async for out in gen.outputs():
-                text.append(out.text)
-                entries += out.logprobs or []
-            lp = R.chat_logprobs(entries, tokenizer) if req.logprobs else None
-            return R.chat(request_id, created, served_model_name, "".join(text), gen.finish_reason,
-                          lp, R.usage(gen.prompt_tokens, gen.completion_tokens))
+            text = [[] for _ in gens]
+            entries = [[] for _ in gens]
+            async for i, out in _merged(gens):
+                text[i].append(out.text)
+                entries[i] += out.logprobs or []
+            return R.chat(request_id, created, served_model_name, [
+                R.chat_choice(i, "".join(text[i]), g.finish_reason,
+                              R.chat_logprobs(entries[i], tokenizer) if req.logprobs else None)
+                for i, g in enumerate(gens)], usage(gens, n))
 
-        return await respond(request, request_id, gen, bool(req.stream), events, body)
+        return await respond(request, gens, bool(req.stream), events, body)
 
     return app

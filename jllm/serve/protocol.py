@@ -13,6 +13,7 @@ from pydantic_core import PydanticCustomError
 MAX_BODY_BYTES = 8 << 20   # a longer body is refused (413) before it is parsed
 MAX_STOP = 16              # stop strings per request: each is checked after every token
 MAX_LOGPROBS = 20          # alternatives per token (OpenAI's top_logprobs limit)
+MAX_CHOICES = 64           # choices per request: n, times the prompts of a completions batch
 
 _ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error",
                 405: "invalid_request_error", 413: "invalid_request_error",
@@ -87,11 +88,14 @@ class _Common(BaseModel):
             raise _custom("stop strings must be non-empty")
         return v
 
+    @property
+    def choices_per_prompt(self) -> int:
+        return 1 if self.n is None else self.n
+
     def unsupported(self) -> None:
         """Refuse what this server cannot do rather than silently ignore it."""
-        if self.n not in (None, 1):
-            raise bad_request(f"n={self.n} is not supported: this server returns one choice per "
-                              "request (n=1)", "n")
+        if self.choices_per_prompt > MAX_CHOICES:
+            raise bad_request(f"n={self.n}: at most {MAX_CHOICES} choices per request", "n")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0):
                 raise bad_request(f"{name}={getattr(self, name)} is not supported (only 0)", name)
@@ -110,28 +114,35 @@ class CompletionRequest(_Common):
 
     @field_validator("prompt")
     @classmethod
-    def _prompt(cls, v: Any) -> str | list[int]:
-        """A string or a list of token ids; a batch of exactly one of either is unwrapped."""
-        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
-            v = v[0]
-        if isinstance(v, str):
-            if not v:
-                raise _custom("the prompt is empty")
-            return v
-        if isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
-            if not v:
+    def _prompt(cls, v: Any) -> list[str | list[int]]:
+        """The prompts: a string, a list of token ids, or a batch (a list) of either kind."""
+        if isinstance(v, str) or isinstance(v, list) and v and all(_is_id(t) for t in v):
+            v = [v]
+        elif not isinstance(v, list) or not v or not all(isinstance(p, (str, list)) for p in v):
+            if v == []:
                 raise _custom("the prompt is an empty list of token ids")
-            return v
-        if isinstance(v, list) and v and all(isinstance(p, (str, list)) for p in v):
-            raise _custom(f"one prompt per request is supported, got a batch of {len(v)}")
-        raise _custom(f"expected a string or a list of int token ids, got {_short(v)}")
+            raise _custom(f"expected a string, a list of int token ids, or a list of either, got {_short(v)}")
+        if len(v) > MAX_CHOICES:
+            raise _custom(f"at most {MAX_CHOICES} prompts per request, got {len(v)}")
+        for i, p in enumerate(v):
+            where = "the prompt" if len(v) == 1 else f"prompt {i}"
+            if isinstance(p, str) and not p:
+                raise _custom(f"{where} is empty")
+            if isinstance(p, list) and not (p and all(_is_id(t) for t in p)):
+                raise _custom(f"{where} must be a string or a non-empty list of int token ids, got {_short(p)}")
+        return v
 
     def unsupported(self) -> None:
         super().unsupported()
         if self.echo:
             raise bad_request("echo=true is not supported", "echo")
-        if self.best_of not in (None, 1):
-            raise bad_request(f"best_of={self.best_of} is not supported (only 1)", "best_of")
+        if self.best_of not in (None, self.choices_per_prompt):
+            raise bad_request(f"best_of={self.best_of} is not supported (only best_of = n, here "
+                              f"{self.choices_per_prompt}: every sample is returned)", "best_of")
+        if len(self.prompt) * self.choices_per_prompt > MAX_CHOICES:
+            raise bad_request(f"{len(self.prompt)} prompts x n={self.choices_per_prompt} is "
+                              f"{len(self.prompt) * self.choices_per_prompt} choices; at most "
+                              f"{MAX_CHOICES} per request", "n")
         if self.suffix:
             raise bad_request("suffix is not supported", "suffix")
 
@@ -181,6 +192,10 @@ class ChatRequest(_Common):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def _is_id(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
 
 
 def _short(v: Any, limit: int = 80) -> str:

@@ -61,41 +61,43 @@ def completion_logprobs(entries: list, tokenizer: Tokenizer | None, offset: int)
     return out
 
 
-def _completion(rid: str, created: int, model: str, text: str, finish_reason: str | None,
-                logprobs: dict | None, token_ids: list[int] | None) -> dict:
-    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None,
+                      token_ids: list[int] | None = None) -> dict:
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     if token_ids is not None:   # a model without a tokenizer: its output is token ids (extension)
         choice["token_ids"] = token_ids
+    return choice
+
+
+def completion(rid: str, created: int, model: str, choices: list[dict], usage_: dict) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [choice]}
-
-
-def completion(rid: str, created: int, model: str, text: str, finish_reason: str,
-               logprobs: dict | None, usage_: dict, token_ids: list[int] | None = None) -> dict:
-    return {**_completion(rid, created, model, text, finish_reason, logprobs, token_ids),
-            "usage": usage_}
+            "choices": choices, "usage": usage_}
 
 
 def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None,
-                     logprobs: dict | None, with_usage: bool, token_ids: list[int] | None = None) -> dict:
-    body = _completion(rid, created, model, text, finish_reason, logprobs, token_ids)
+                     logprobs: dict | None, with_usage: bool, token_ids: list[int] | None = None,
+                     index: int = 0) -> dict:
+    body = {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [completion_choice(index, text, finish_reason, logprobs, token_ids)]}
     if with_usage:   # OpenAI sends "usage": null on every chunk but the last when asked for usage
         body["usage"] = None
     return body
 
 
-def chat(rid: str, created: int, model: str, content: str, finish_reason: str,
-         logprobs: dict | None, usage_: dict) -> dict:
+def chat_choice(index: int, content: str, finish_reason: str | None, logprobs: dict | None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": content},
+            "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat(rid: str, created: int, model: str, choices: list[dict], usage_: dict) -> dict:
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "logprobs": logprobs, "finish_reason": finish_reason}],
-            "usage": usage_}
+            "choices": choices, "usage": usage_}
 
 
 def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None,
-               logprobs: dict | None, with_usage: bool) -> dict:
+               logprobs: dict | None, with_usage: bool, index: int = 0) -> dict:
     body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                          "finish_reason": finish_reason}]}
     if with_usage:
         body["usage"] = None
