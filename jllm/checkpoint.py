@@ -234,6 +234,9 @@ def read_meta(path: str | os.PathLike) -> tuple[LlamaConfig, dict]:
     """Config and metadata of a jllm checkpoint, with clear errors for what is not one."""
     path = os.path.expanduser(os.fspath(path))
     meta_path = os.path.join(path, META)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{path!r} is a file; pass the checkpoint's directory (a jllm checkpoint "
+                         f"or a Hugging Face Llama directory)")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     if not os.path.isfile(meta_path):

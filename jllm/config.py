@@ -1,6 +1,8 @@
 """LlamaConfig: the architecture of a Llama-2 model, and the named configs."""
 import dataclasses
 import json
+import math
+import numbers
 import os
 
 # The Llama-2 defaults; each named config lists only what differs.
@@ -59,8 +61,13 @@ class LlamaConfig:
             raise ValueError(f"{self.n_heads=} not divisible by {self.n_kv_heads=}")
         if self.head_dim % 2:
             raise ValueError(f"{self.head_dim=} must be even for RoPE")
-        if not self.norm_eps > 0 or not self.rope_theta > 0:
-            raise ValueError(f"{self.norm_eps=} and {self.rope_theta=} must be > 0")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if (not isinstance(value, numbers.Real) or isinstance(value, bool)
+                    or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"LlamaConfig.{name}={value!r} must be a finite number > 0")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"LlamaConfig.tie_embeddings={self.tie_embeddings!r} must be a bool")
 
     @property
     def head_dim(self) -> int:
@@ -107,9 +114,9 @@ class LlamaConfig:
             return float(value)
 
         try:
-            n_heads = hf["num_attention_heads"]
+            n_heads, n_kv_heads = hf["num_attention_heads"], hf.get("num_key_value_heads")
             cfg = cls(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-                      n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+                      n_kv_heads=n_heads if n_kv_heads is None else n_kv_heads,
                       ffn_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
                       norm_eps=number("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)),
                       rope_theta=number("rope_theta", rope_theta),

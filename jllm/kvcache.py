@@ -26,6 +26,7 @@ pass it in each step.
 """
 import dataclasses
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,15 @@ def _check_dtype(dtype) -> jnp.dtype:
     if dtype.name not in KV_DTYPES:
         raise ValueError(f"cache dtype {dtype.name!r}; expected one of {KV_DTYPES}")
     return dtype
+
+
+def _check_sizes(cfg: LlamaConfig, **sizes) -> None:
+    """TypeError unless cfg is a LlamaConfig; ValueError naming a size that is not an int >= 1."""
+    if not isinstance(cfg, LlamaConfig):
+        raise TypeError(f"cfg={cfg!r:.80} must be a LlamaConfig (e.g. LlamaConfig.from_name('tiny'))")
+    for name, value in sizes.items():
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an int >= 1")
 
 
 class CacheOps:
@@ -70,6 +80,10 @@ class KVCache(CacheOps):
 
     Key s of head g in an int8 cache is k[b, s, g] * k_scale[b, g, s]; the scales are [B, G, S]
     so that the decode kernel reads one head's scales contiguously.
+
+    A step of T new tokens needs lengths[b] + T <= max_len: more new tokens than max_len is a
+    ValueError, but a row's lengths are data, so positions past max_len are dropped unchecked
+    (attention then misses those keys): size the cache for the prompt plus every new token.
     """
     k: list[jax.Array]   # L x [B, S, G, K]
     v: list[jax.Array]   # L x [B, S, G, K]
@@ -91,6 +105,8 @@ class KVCache(CacheOps):
         Padding tokens (t >= n_tokens) are written too: they lie past the row's new length, where
         attention never looks and the next write lands."""
         del n_tokens
+        if k.shape[1] > self.max_len:  # static: else the new keys past max_len would be dropped
+            raise ValueError(f"{k.shape[1]} new tokens do not fit a cache of max_len={self.max_len}")
         start = self.lengths
         if not self.quantized:
             return _write(self.k[i], k, start, fresh), _write(self.v[i], v, start, fresh), None, None
@@ -173,6 +189,7 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -
     """An empty static cache (one jitted call: eager zeros would be one dispatch per buffer).
 
     dtype int8 makes an int8 cache with per-token, per-head scales."""
+    _check_sizes(cfg, batch=batch, max_len=max_len)
     k, v, ks, vs = _empty_layers(cfg.n_layers, (batch, max_len, cfg.n_kv_heads, cfg.head_dim),
                                  (batch, cfg.n_kv_heads, max_len), _check_dtype(dtype))
     return KVCache(k=k, v=v, lengths=jnp.zeros((batch,), jnp.int32), k_scale=ks, v_scale=vs)
@@ -283,6 +300,7 @@ def init_paged_cache(cfg: LlamaConfig, num_pages: int, page_size: int, batch: in
                      dtype=jnp.bfloat16) -> PagedKVCache:
     """An empty paged cache: num_pages pages of page_size tokens per layer, `batch` rows of up to
     max_pages pages each. dtype int8 makes int8 pages with float32 scale pages [P, G, page_size]."""
+    _check_sizes(cfg, num_pages=num_pages, page_size=page_size, batch=batch, max_pages=max_pages)
     k, v, ks, vs = _empty_layers(cfg.n_layers, (num_pages, page_size, cfg.n_kv_heads, cfg.head_dim),
                                  (num_pages, cfg.n_kv_heads, page_size), _check_dtype(dtype))
     return PagedKVCache(k_pages=k, v_pages=v, table=init_page_table(num_pages, batch, max_pages),
@@ -306,8 +324,9 @@ def _take_free(free: jax.Array, need: jax.Array) -> tuple[jax.Array, jax.Array]:
 def reserve(table: PageTable, num_tokens: jax.Array, page_size: int) -> PageTable:
     """Give every row the pages to hold num_tokens [B] tokens in all; pages a row owns are kept.
 
-    If the pool runs dry the missing entries stay -1: check `pages_needed` against the free
-    count first (a scheduler does this on the host before it admits work)."""
+    A row holds at most max_pages pages: tokens past max_pages * page_size get none (their writes
+    are dropped). If the pool runs dry the missing entries stay -1: check `pages_needed` against
+    the free count first (a scheduler does this on the host before it admits work)."""
     B, max_pages = table.block_tables.shape
     n_pages = -(-num_tokens // page_size)                                              # [B]
     need = (jnp.arange(max_pages)[None, :] < n_pages[:, None]) & (table.block_tables < 0)  # [B, max_pages]
@@ -318,7 +337,7 @@ def reserve(table: PageTable, num_tokens: jax.Array, page_size: int) -> PageTabl
 
 def pages_needed(table: PageTable, num_tokens: jax.Array, page_size: int) -> jax.Array:
     """How many new pages `reserve(table, num_tokens)` takes (scalar int32)."""
-    n_pages = -(-num_tokens // page_size)
+    n_pages = jnp.minimum(-(-num_tokens // page_size), table.max_pages)  # as reserve: no more per row
     owned = jnp.sum(table.block_tables >= 0, axis=1)
     return jnp.sum(jnp.maximum(n_pages - owned, 0))
 

@@ -12,6 +12,7 @@ scale / 2 of the original weight.
 """
 import dataclasses
 import functools
+import numbers
 
 from collections.abc import Sequence
 
@@ -77,6 +78,9 @@ def quantize(w: jax.Array, bits: int = 8, group_size: int | None = None,
     k, _ = w.shape
     if group_size is None:
         group_size = k if bits == 8 else 128
+    if not _is_int(group_size):  # 64.0 == 64 would pass the checks below, then fail in reshape
+        raise ValueError(f"{group_size=} must be an int")
+    group_size = int(group_size)
     if bits == 4 and group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"int4 {group_size=} must be one of {INT4_GROUP_SIZES}")
     if group_size < 1 or k % group_size:
@@ -315,11 +319,16 @@ def is_linear(name: str) -> bool:
     return name == "output" or name.rsplit(".", 1)[-1] in LINEAR
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def check_mode(mode: str | None, group_size: int | None = None) -> None:
     if mode is not None and mode not in MODES:
         raise ValueError(f"quantize={mode!r}; expected one of {sorted(MODES)} or None")
-    if group_size is not None and (mode != "int4" or group_size not in INT4_GROUP_SIZES):
-        raise ValueError(f"group_size={group_size!r} applies to int4 only and must be one of "
+    if group_size is not None and (mode != "int4" or not _is_int(group_size)
+                                   or group_size not in INT4_GROUP_SIZES):
+        raise ValueError(f"group_size={group_size!r} applies to int4 only and must be an int, one of "
                          f"{INT4_GROUP_SIZES}")
 
 

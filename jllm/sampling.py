@@ -47,9 +47,10 @@ def _filtered_logits(logits: jax.Array, s: Sampling) -> jax.Array:
     sorted_x = jnp.where(jnp.arange(V) < k[:, None], sorted_x, -jnp.inf)
     # Nucleus: keep the smallest prefix of the sorted tokens whose mass reaches top_p; a token is
     # kept when the mass strictly before it is below top_p, so the first token always survives.
+    # top_p >= 1 keeps every token: the float32 running sum reaches 1 before the tail does.
     probs = jax.nn.softmax(sorted_x, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < s.top_p[:, None]
+    keep = (mass_before < s.top_p[:, None]) | (s.top_p[:, None] >= 1)
     # >= 1: a top_p that rounds to 0 in float32 keeps (only) the first token too
     n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)                            # [B]
     pth = jnp.take_along_axis(sorted_x, (n_keep - 1)[:, None], axis=-1)        # [B, 1]

@@ -42,7 +42,10 @@ class Row:
         context = self.tokens[self._fixed - 1] if self._fixed else self.prompt[-1]
         tail = self.tok.decode_after(context, self.tokens[self._fixed:])
         text = self._fixed_text + tail
-        if len(self.tokens) - self._fixed >= FIX_EVERY and not tail.endswith("\ufffd"):
+        # Fixed only after a token the next tail can be decoded after (Tokenizer.is_anchor): after a
+        # control token or an id past the tokenizer, the tail would lose its leading space.
+        if (len(self.tokens) - self._fixed >= FIX_EVERY and not tail.endswith("\ufffd")
+                and self.tok.is_anchor(self.tokens[-1])):
             self._fixed, self._fixed_text = len(self.tokens), text
         return text
 

@@ -31,6 +31,12 @@ class Tokenizer:
         except (OSError, RuntimeError) as e:
             raise ValueError(f"cannot read the SentencePiece model {self.path!r}: {e}") from None
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        # A piece with visible text alone (not a control, unknown, unused or byte piece): what
+        # `decode_after` decodes first, so that the text after it reads as mid-text.
+        sp = self.sp
+        self._visible = next((i for i in range(sp.vocab_size()) if not (
+            sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) or sp.is_byte(i))
+            and sp.decode([i]).strip()), None)
 
     @property
     def vocab_size(self) -> int:
@@ -52,13 +58,23 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(self._known(ids))
 
+    def is_anchor(self, i: int) -> bool:
+        """Whether `decode_after` reads text after the id i as it reads mid-text: i is a piece of
+        this tokenizer and not a control token (after those, as at the start, a leading space is
+        dropped; mid-text SentencePiece keeps it)."""
+        return 0 <= i < self.sp.vocab_size() and not self.sp.is_control(i)
+
     def decode_after(self, context: int | None, ids: list[int]) -> str:
         """Text of `ids` as it reads after the token `context`: SentencePiece drops the leading
         space of the first piece of a sequence, which would glue a continuation to its prompt."""
         ids = self._known(ids)
-        if context is None or not 0 <= context < self.sp.vocab_size() or self.sp.is_control(context):
+        if context is None or not self.is_anchor(context):
             return self.sp.decode(ids)
-        anchor, text = self.sp.decode([context]), self.sp.decode([context] + ids)
+        # SentencePiece drops every leading space up to the first visible character, so a context
+        # that is only whitespace ("▁", "▁▁▁▁") decoded first would take the spaces of ids along:
+        # decode after a visible piece and the context.
+        head = [context] if self._visible is None else [self._visible, context]
+        anchor, text = self.sp.decode(head), self.sp.decode(head + ids)
         # A byte piece alone reads as U+FFFD; if `ids` complete its character the anchor is gone.
         return text[len(anchor):] if text.startswith(anchor) else self.sp.decode(ids)
 
@@ -69,17 +85,24 @@ def format_chat(messages: list[dict], tokenizer: Tokenizer) -> list[int]:
     Each finished turn is `<s>[INST] user [/INST] answer </s>`; the system prompt sits inside the
     first user turn between <<SYS>> markers; the prompt ends with the open last user turn.
     """
+    if isinstance(messages, (str, bytes)):
+        raise TypeError(f"messages={messages!r:.80} must be a list of {{'role', 'content'}} dicts")
     if not messages:
         raise ValueError("format_chat needs at least one message")
     msgs = list(messages)
+    for i, m in enumerate(msgs):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise TypeError(f"message {i} is {m!r:.80}; expected a dict with str 'role' and 'content'")
+    roles = [m["role"] for m in msgs]  # as given, for the error
     if msgs[0]["role"] == "system":
         if len(msgs) < 2:
             raise ValueError("a system message must be followed by a user message")
+        if msgs[1]["role"] != "user":  # checked before its content joins the system prompt
+            raise ValueError(f"chat roles must alternate user/assistant and end with user; got {roles}")
         msgs = [{"role": "user", "content": B_SYS + msgs[0]["content"] + E_SYS + msgs[1]["content"]}
                 ] + msgs[2:]
-    roles = [m["role"] for m in msgs]
     expected = ["user", "assistant"] * (len(msgs) // 2) + ["user"] * (len(msgs) % 2)
-    if roles != expected or roles[-1] != "user":
+    if [m["role"] for m in msgs] != expected or expected[-1] != "user":
         raise ValueError(f"chat roles must alternate user/assistant and end with user; got {roles}")
     ids: list[int] = []
     for user, answer in zip(msgs[:-1:2], msgs[1::2]):

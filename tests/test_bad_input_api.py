@@ -73,6 +73,14 @@ def test_load_and_tokenizer_expand_the_home_directory(tiny_checkpoint, tokenizer
         jllm.load("~/missing", progress=False)
 
 
+def test_load_of_a_file_names_it_and_asks_for_the_directory(tiny_checkpoint):
+    """A file (config.json, a safetensors file) where the directory belongs: said so, not
+    "does not exist"."""
+    path = os.path.join(tiny_checkpoint, "jllm.json")
+    with pytest.raises(ValueError, match=f"{path!r} is a file; pass the checkpoint's directory"):
+        jllm.load(path, progress=False)
+
+
 # --- text that is not valid Unicode -------------------------------------------------------------
 
 UNDECODABLE = os.fsdecode(b"abc\xff")   # a command-line argument holding a 0xFF byte: "abc\udcff"

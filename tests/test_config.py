@@ -51,6 +51,11 @@ def test_config_is_frozen_and_hashable():
     (dict(dim=64.0, n_heads=4, n_kv_heads=4), "dim=64.0"),
     (dict(norm_eps=0.0), "norm_eps=0.0"),
     (dict(rope_theta=-1.0), "rope_theta=-1.0"),
+    (dict(norm_eps="1e-5"), "norm_eps='1e-5'"),
+    (dict(rope_theta=None), "rope_theta=None"),
+    (dict(rope_theta=float("inf")), "rope_theta=inf"),
+    (dict(norm_eps=True), "norm_eps=True"),
+    (dict(tie_embeddings="false"), "tie_embeddings='false'"),
 ], ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()))
 def test_invalid_config_raises_value_error_with_the_values(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -98,6 +103,7 @@ def test_from_hf_reads_flat_rope_theta_and_missing_kv_heads():
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
     (dict(sliding_window=4096), "sliding_window"),
     (dict(head_dim=32), "head_dim=32"),
+    (dict(num_key_value_heads=0), "n_kv_heads=0"),  # not taken for an absent field (all heads)
 ], ids=lambda v: v if isinstance(v, str) else "-".join(v))
 def test_from_hf_refuses_what_it_cannot_run(change, match):
     hf = {**_hf_dict(), **change}

@@ -154,6 +154,16 @@ def test_reserve_chunks_and_release():
     np.testing.assert_array_equal(np.asarray(cache.lengths), [9, 0])
 
 
+def test_pages_needed_counts_what_reserve_takes_past_a_rows_last_page():
+    """A row holds max_pages pages: for more tokens reserve takes no more, and pages_needed says so
+    (it counted pages no row can hold, so a scheduler would refuse work that fits)."""
+    table = kvcache.init_page_table(8, 2, 2)
+    tokens = jnp.asarray([12, 3])                                    # 3 pages wanted, 1 page
+    need = int(kvcache.pages_needed(table, tokens, PAGE))
+    after = reserve(table, tokens, PAGE)
+    assert need == int(table.free.sum() - after.free.sum()) == 3
+
+
 def test_int8_pages_round_trip_matches_decode_on_quantized_keys():
     """Prefill chunks and then decode steps into int8 pages store quantize_kv's codes and scales:
     gather gives their float32 dequantization (zeros past each length), and paged attention over
@@ -207,6 +217,33 @@ def test_int8_cache_refuses_codes_and_other_integer_dtypes():
         cache.write(0, codes, codes, jnp.ones(2, jnp.int32), fresh=False)
     float_cache = init_paged_cache(cfg, 4, PAGE, 2, 2, jnp.bfloat16)
     assert float_cache.k_scale_pages is None and float_cache.v_scale_pages is None
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["prefill", "chunk"])
+def test_more_new_tokens_than_the_cache_holds_is_a_value_error(fresh):
+    """T > max_len is static: refused, where the keys past the cache used to be dropped and
+    the logits came back wrong without a word."""
+    cfg = LlamaConfig.from_name("tiny", n_layers=1)
+    params = random_params(cfg)
+    tokens = jnp.arange(1, 11)[None]                                                 # [1, 10]
+    transformer(params, tokens, init_cache(cfg, 1, 10, jnp.float32), cfg, fresh=fresh)  # fits exactly
+    with pytest.raises(ValueError, match="10 new tokens do not fit a cache of max_len=8"):
+        transformer(params, tokens, init_cache(cfg, 1, 8, jnp.float32), cfg, fresh=fresh)
+
+
+@pytest.mark.parametrize("make, args, match", [
+    (init_cache, (0, 16), "batch=0 must be an int >= 1"),
+    (init_cache, (1, -1), "max_len=-1 must be an int >= 1"),
+    (init_cache, (2.0, 16), "batch=2.0 must be an int >= 1"),
+    (init_paged_cache, (4, 0, 2, 2), "page_size=0 must be an int >= 1"),
+    (init_paged_cache, (4, PAGE, 2, True), "max_pages=True must be an int >= 1"),
+], ids=["batch=0", "max_len=-1", "batch=2.0", "page_size=0", "max_pages=True"])
+def test_cache_sizes_that_are_not_positive_ints_name_the_value(make, args, match):
+    cfg = LlamaConfig.from_name("tiny", n_layers=1)
+    with pytest.raises(ValueError, match=match):
+        make(cfg, *args, jnp.float32)
+    with pytest.raises(TypeError, match="cfg='tiny' must be a LlamaConfig"):
+        make("tiny", *args, jnp.float32)
 
 
 @hypothesis.settings(max_examples=40, deadline=None)

@@ -97,6 +97,19 @@ def test_quantize_rejects_bad_bits_and_shapes():
         quantize(jnp.ones((64, 8), jnp.int32))
 
 
+@pytest.mark.parametrize("bits, group_size", [(4, 64.0), (8, 64.0), (8, True), (8, "64")],
+                         ids=["int4_64.0", "int8_64.0", "int8_True", "int8_str"])
+def test_group_size_that_is_not_an_int_is_a_value_error(bits, group_size):
+    """64.0 == 64 passed the range checks, then failed deep in a reshape; True was a group of 1."""
+    from jllm.quant import check_mode
+    with pytest.raises(ValueError, match=f"group_size={group_size!r} must be an int"):
+        quantize(jnp.ones((128, 8), jnp.float32), bits=bits, group_size=group_size)
+    with pytest.raises(ValueError, match=f"group_size={group_size!r} applies to int4 only and must be an int"):
+        check_mode("int4", group_size)
+    qa, _ = quantize(jnp.ones((128, 8), jnp.float32), bits=4, group_size=np.int64(64))  # a numpy int is fine
+    assert qa.group_size == 64
+
+
 def test_qarray_survives_flatten_unflatten_and_jit():
     qa, _ = quantize(_weight(6, (128, 32)), bits=4, group_size=32)
     leaves, treedef = jax.tree_util.tree_flatten(qa)

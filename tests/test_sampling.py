@@ -131,3 +131,13 @@ def test_top_p_that_rounds_to_zero_keeps_the_best_token():
     row = _logits(6)[0]
     for p in (1e-50, 1e-6):
         assert set(_draw(row, _rows(1.0, top_p=p)).tolist()) == {int(np.argmax(row))}
+
+
+@pytest.mark.parametrize("top_p", [None, 1.0], ids=lambda v: f"top_p={v}")
+def test_top_p_one_cuts_no_token(top_p):
+    """top_p 1 (and None) means no nucleus cut: every token keeps its finite logit, including a
+    long tail whose float32 running mass reaches 1 before the end of the sorted vocabulary."""
+    from jllm.sampling import _filtered_logits
+    logits = np.random.default_rng(0).normal(0, 6, (2, 32000)).astype(np.float32)
+    got = np.asarray(_filtered_logits(jnp.asarray(logits), Sampling.make(2, 1.0, None, top_p)))
+    assert np.isfinite(got).all()

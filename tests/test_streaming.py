@@ -74,3 +74,20 @@ def test_stop_strings_cut_where_a_search_of_the_whole_text_would(tokenizer, seed
             break
     assert row.finish == "stop" and row.tokens == tokens[:n]
     assert row.text == text[:min(hits)] == "".join(deltas)
+
+
+@pytest.mark.parametrize("between", ["eos", "past_the_tokenizer", "space"])
+def test_text_is_not_fixed_where_the_next_token_would_lose_its_space(tokenizer, between):
+    """The text is fixed (FIX_EVERY) at a token the next one decodes after: after a control
+    token or an id the tokenizer lacks, SentencePiece drops the next piece's leading space, which
+    the whole text keeps; after a space piece, it drops the spaces that follow."""
+    sp = tokenizer.sp
+    word = sp.piece_to_id("\u2581the")
+    mid = {"eos": tokenizer.eos_id, "past_the_tokenizer": tokenizer.vocab_size,
+           "space": sp.piece_to_id("\u2581")}[between]
+    tokens = [word] * (FIX_EVERY - 1) + [mid, word]
+    row = Row(0, [1, word], tokenizer, [], set(), 100)
+    row.push(tokens[:FIX_EVERY], 0.0)  # as generate's decode chunks do: FIX_EVERY tokens, then more
+    row.push(tokens[FIX_EVERY:], 0.0)
+    whole, before = tokenizer.decode([1, word] + tokens), tokenizer.decode([1, word])
+    assert row.text == whole[len(before):]

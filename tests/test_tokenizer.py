@@ -53,6 +53,18 @@ def test_decode_after_keeps_the_space_between_prompt_and_continuation(tokenizer)
     assert tokenizer.decode_after(after_bytes[-1], cont) == " world"
 
 
+def test_decode_after_a_space_piece_keeps_the_spaces_that_follow(tokenizer):
+    """After a whitespace-only piece ("▁"; Llama's "▁▁▁▁" indentation), the text reads as it
+    does inside the whole decode: SentencePiece drops every leading space of a text, so the space
+    piece decoded first would take the continuation's leading space along."""
+    space, word = tokenizer.sp.piece_to_id("\u2581"), tokenizer.sp.piece_to_id("\u2581the")
+    prompt = tokenizer.encode("Hello", bos=True) + [space]
+    for cont in ([word], [space, word], [space, space]):
+        whole, before = tokenizer.decode(prompt + cont), tokenizer.decode(prompt)
+        assert tokenizer.decode_after(prompt[-1], cont) == whole[len(before):]
+    assert tokenizer.decode_after(prompt[-1], [word]) == " the"
+
+
 def test_stream_deltas_never_split_a_character(tokenizer):
     """The streaming rules (jllm.streaming.Row, shared by generate and the engine): token by token,
     no delta holds a half-decoded character, and together they are the whole text."""
@@ -111,6 +123,25 @@ def test_chat_each_finished_turn_has_bos_and_eos(tokenizer):
 def test_chat_refuses_bad_role_order(tokenizer, roles):
     with pytest.raises(ValueError):
         format_chat([{"role": r, "content": "x"} for r in roles], tokenizer)
+
+
+@pytest.mark.parametrize("message", [{"role": "user", "content": b"hi"}, {"role": "user", "content": None},
+                                     {"role": "user"}, {"content": "hi"}, "hi"],
+                         ids=["bytes_content", "none_content", "no_content", "no_role", "str"])
+def test_chat_message_that_is_not_a_role_and_str_content_is_a_type_error(tokenizer, message):
+    """Bytes content was formatted as its repr ("[INST] b'hi' [/INST]") without a word."""
+    with pytest.raises(TypeError, match="message 0 is .*expected a dict with str 'role' and 'content'"):
+        format_chat([message], tokenizer)
+    with pytest.raises(TypeError, match="messages='hi' must be a list"):
+        format_chat("hi", tokenizer)
+
+
+def test_chat_role_error_names_the_roles_as_given(tokenizer):
+    """A system message followed by an assistant's: the roles passed in, not those after the
+    system prompt joined the next message."""
+    msgs = [{"role": r, "content": "x"} for r in ("system", "assistant", "user")]
+    with pytest.raises(ValueError, match=r"got \['system', 'assistant', 'user'\]"):
+        format_chat(msgs, tokenizer)
 
 
 def test_ids_past_the_tokenizer_decode_to_nothing(tokenizer):
