@@ -92,7 +92,8 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
 def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop=None,
              stop_token_ids=None, stream: Callable[[Delta], None] | None = None,
-             speculative: "_speculative.Speculative | None" = None) -> list[Completion]:
+             speculative: "_speculative.Speculative | None" = None, presence_penalty: float = 0.0,
+             frequency_penalty: float = 0.0) -> list[Completion]:
     """Generate a completion for each prompt: `jllm.generate.generate` (arguments, results and
     errors as documented there). speculative: a `jllm.speculative.Speculative` (a proposer and k)
     drafts and verifies k tokens per target step; greedy output is unchanged, sampled output keeps
@@ -100,5 +101,9 @@ def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float =
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
               seed=seed, stop=stop, stop_token_ids=stop_token_ids, stream=stream)
     if speculative is None:
-        return _generate(model, prompts, **kw)
+        return _generate(model, prompts, presence_penalty=presence_penalty,
+                         frequency_penalty=frequency_penalty, **kw)
+    if presence_penalty or frequency_penalty:
+        raise ValueError(f"presence_penalty={presence_penalty!r} and frequency_penalty={frequency_penalty!r}: "
+                         "penalties are not supported with speculative decoding (set both to 0)")
     return _speculative.generate(model, prompts, speculative, **kw)

@@ -68,6 +68,10 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=probability, default=None, help="in (0, 1]")
     p.add_argument("--seed", type=argtypes.seed, default=0)
     p.add_argument("--stop", type=_text, action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--presence-penalty", type=argtypes.penalty, default=0.0,
+                   help="lower a token's logit by this once it has been generated (in [-2, 2])")
+    p.add_argument("--frequency-penalty", type=argtypes.penalty, default=0.0,
+                   help="lower a token's logit by this per time it has been generated (in [-2, 2])")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -188,8 +192,14 @@ def _check_speculation(args) -> None:
                          f"the target is already --quantize {args.quantize}")
 
 
+def _penalties(args) -> dict:
+    return dict(presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
+
+
 def _speculative(args, model):
     """The Speculative the flags ask for, or None."""
+    if args.speculate is not None and (args.presence_penalty or args.frequency_penalty):
+        raise ValueError("--presence-penalty and --frequency-penalty do not combine with --speculate")
     return speculative.from_args(model, args.speculate, draft=args.draft and os.path.expanduser(args.draft),
                                  draft_quantize=args.draft_quantize, prompt_lookup=args.prompt_lookup)
 
@@ -224,7 +234,7 @@ def cmd_generate(args) -> int:
     results = jllm.generate(model, [prompt], max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, stop=args.stop, stream=stream if main else None,
-                            speculative=spec)
+                            speculative=spec, **_penalties(args))
     if main:
         echo()  # a reply with no text streams nothing
         print()
@@ -273,7 +283,7 @@ def _reply(model, ids, args, max_new_tokens: int, spec, seed: int):
     try:
         [out] = jllm.generate(model, [ids], max_new_tokens=max_new_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              seed=seed, stop=args.stop, stream=stream, speculative=spec)
+                              seed=seed, stop=args.stop, stream=stream, speculative=spec, **_penalties(args))
     except KeyboardInterrupt:
         if jax.process_count() > 1:  # the other processes cannot be told mid-reply: end the run
             raise

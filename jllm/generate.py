@@ -14,7 +14,7 @@ from jllm import costs, parallel, quant
 from jllm.kvcache import KVCache, init_cache
 from jllm.model import Params, logits, transformer
 from jllm.plan import XLA_OPTIONS, Plan, check_impls, make_plan
-from jllm.sampling import Sampling, sample
+from jllm.sampling import Sampling, penalize, sample
 from jllm.streaming import Delta, Row  # noqa: F401 (Delta: the stream callback's argument)
 from jllm.tokenizer import Tokenizer, check_text
 
@@ -150,21 +150,43 @@ class _Prefill:
 prefill = _Prefill()
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "n_steps", "plan"), donate_argnames=("cache",))
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Penalties:
+    """Presence and frequency penalties per row [B], and the counts [B, V] of each row's
+    generated tokens so far (`sampling.penalize`); `decode` returns them updated."""
+    presence: jax.Array
+    frequency: jax.Array
+    counts: jax.Array
+
+    def add(self, token: jax.Array) -> "Penalties":
+        """Count one more generated token [B] per row."""
+        rows = jnp.arange(token.shape[0])
+        return dataclasses.replace(self, counts=self.counts.at[rows, token].add(1))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "n_steps", "plan"), donate_argnames=("cache", "penalties"))
 def decode(params: Params, token: jax.Array, cache: KVCache, sampling: Sampling, key: jax.Array,
-           cfg: LlamaConfig, n_steps: int = 1, plan: Plan = Plan(),
-           ) -> tuple[jax.Array, KVCache, jax.Array]:
-    """n_steps decode steps in one on-device loop: token [B] -> tokens [B, n_steps]."""
+           cfg: LlamaConfig, n_steps: int = 1, plan: Plan = Plan(), penalties: Penalties | None = None,
+           ) -> tuple[jax.Array, KVCache, jax.Array] | tuple[jax.Array, KVCache, jax.Array, Penalties]:
+    """n_steps decode steps in one on-device loop: token [B] -> tokens [B, n_steps].
+
+    With penalties (counting every generated token before `token`'s step, `token` not yet),
+    the logits are penalized before sampling, and the updated penalties come back fourth."""
     def step(i, carry):
-        token, cache, key, out = carry
+        token, cache, key, out, pen = carry
         h, cache = transformer(params, token[:, None], cache, cfg, plan)      # [B, 1, D]
         key, sub = jax.random.split(key)
-        token = sample(logits(params, h[:, 0], plan), sub, sampling)         # [B]
-        return token, cache, key, out.at[:, i].set(token)
+        lg = logits(params, h[:, 0], plan)
+        if pen is not None:  # static
+            pen = pen.add(token)
+            lg = penalize(lg, pen.counts, pen.presence, pen.frequency)
+        token = sample(lg, sub, sampling)                                    # [B]
+        return token, cache, key, out.at[:, i].set(token), pen
 
     out = jnp.zeros((token.shape[0], n_steps), jnp.int32)
-    _, cache, key, out = jax.lax.fori_loop(0, n_steps, step, (token, cache, key, out))
-    return out, cache, key
+    _, cache, key, out, penalties = jax.lax.fori_loop(0, n_steps, step, (token, cache, key, out, penalties))
+    return (out, cache, key) if penalties is None else (out, cache, key, penalties)
 
 
 _BYTES = (bytes, bytearray, memoryview)
@@ -184,8 +206,13 @@ def _check_number(name: str, x, ok: Callable[[float], bool], expected: str, inte
         raise ValueError(f"{name}={x!r} must be {expected}")
 
 
+def check_penalty(name: str, x) -> None:
+    """presence_penalty and frequency_penalty: a number in [-2, 2], as OpenAI takes them."""
+    _check_number(name, x, lambda v: -2 <= v <= 2, "a number in [-2, 2]")
+
+
 def _check_args(model: Model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
-                stop_token_ids, stream=None) -> list[list[int]]:
+                stop_token_ids, stream=None, presence_penalty=0.0, frequency_penalty=0.0) -> list[list[int]]:
     """Validate the public arguments; return the prompts as token ids."""
     if stream is not None and not callable(stream):
         raise TypeError(f"stream={stream!r:.80} must be a callable taking a Delta, or None")
@@ -229,6 +256,8 @@ def _check_args(model: Model, prompts, max_new_tokens, temperature, top_k, top_p
         _check_number("top_k", top_k, lambda x: x >= 1, "None or an int >= 1", integer=True)
     if top_p is not None:
         _check_number("top_p", top_p, lambda x: 0 < x <= 1, "None or in (0, 1]")
+    check_penalty("presence_penalty", presence_penalty)
+    check_penalty("frequency_penalty", frequency_penalty)
     # The PRNG key keeps 32 bits: other seeds would repeat these (s < 0 is s + 2**32, as in the engine).
     _check_number("seed", seed, lambda x: -2**31 <= x < 2**32, "an int in [-2**31, 2**32)", integer=True)
     if stop is not None:
@@ -259,11 +288,16 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, stop: str | Sequence[str] | None = None,
              stop_token_ids: Sequence[int] | None = None,
-             stream: Callable[[Delta], None] | None = None) -> list[Completion]:
+             stream: Callable[[Delta], None] | None = None, presence_penalty: float = 0.0,
+             frequency_penalty: float = 0.0) -> list[Completion]:
     """Generate a completion for each prompt (a str, a list of str, or a list of token-id lists).
 
     stop_token_ids=None stops on the tokenizer's EOS; [] never stops on a token. `stop` strings are
     matched on the decoded text and cut from it. `stream(delta)` receives text and ids as they come.
+    presence_penalty / frequency_penalty (in [-2, 2], as OpenAI's): each token's logit is lowered
+    by presence_penalty if the row has generated it already, and by frequency_penalty per time it
+    has (the prompt does not count), before temperature, top-k and top-p, and before a greedy
+    row's argmax.
     seed: an int in [0, 2**32) (a negative one is that plus 2**32). A batch whose KV cache would not fit the device's free memory runs
     in parts (the largest power-of-two number of prompts that fits, one after another); results
     keep the prompts' order and stream indices, and each part after the first samples from its own
@@ -273,8 +307,9 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     if isinstance(stop, str):
         stop = [stop]
     ids = _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
-                      stop_token_ids, stream)
+                      stop_token_ids, stream, presence_penalty, frequency_penalty)
     max_new_tokens, seed, temperature = int(max_new_tokens), int(seed) % 2**32, float(temperature)
+    penalty = (float(presence_penalty), float(frequency_penalty))
     top_k = None if top_k is None else int(top_k)
     top_p = None if top_p is None else float(top_p)
     stop = list(stop or [])
@@ -298,8 +333,11 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
                 tokens[i, :len(p)], n_tokens[i] = p, len(p)
             sampling = Sampling.make(B, temperature, top_k, top_p)
             rows = [Row(i, p, model.tokenizer, stop, stop_ids, max_new_tokens) for i, p in enumerate(part_ids)]
+            penalties = None if penalty == (0.0, 0.0) else Penalties(
+                np.full((B,), penalty[0], np.float32), np.full((B,), penalty[1], np.float32),
+                np.zeros((B, cfg.vocab_size), np.int32))
             results += _run(model, rows, tokens, n_tokens, S, sampling, _part_seed(seed, part),
-                            max_new_tokens, _shifted(stream, first), t_call, clock)
+                            max_new_tokens, _shifted(stream, first), t_call, clock, penalties)
     for c in results:  # a later part may have compiled too
         c.stats.compile_s = clock.seconds()
     return results
@@ -355,7 +393,7 @@ def _row_stats(row: Row, t_call: float, t_first: float, clock: costs.CompileCloc
 
 def _run(model: Model, rows: list[Row], tokens: np.ndarray, n_tokens: np.ndarray, S: int,
          sampling: Sampling, seed: int, max_new_tokens: int, stream, t_call: float,
-         clock: costs.CompileClock) -> list[Completion]:
+         clock: costs.CompileClock, penalties: Penalties | None = None) -> list[Completion]:
     """The device part of `generate`: prefill, then decode chunks until every row is finished."""
     cfg, B = model.cfg, tokens.shape[0]
     kw = dict(cfg=cfg, plan=model.plan)
@@ -372,12 +410,13 @@ def _run(model: Model, rows: list[Row], tokens: np.ndarray, n_tokens: np.ndarray
     if model.mesh is None:
         cache = init_cache(cfg, B, S, model.cache_dtype)
         tokens_d, n_tokens_d, host = jnp.asarray(tokens), jnp.asarray(n_tokens), np.asarray
+        penalties = None if penalties is None else jax.tree.map(jnp.asarray, penalties)
     else:
         cache = parallel.init_cache(cfg, B, S, model.cache_dtype, model.mesh)
         # Global arrays with the batch over the data axis: in a multi-process run every process
         # holds the same host inputs and contributes its devices' part; results come back whole.
-        tokens_d, n_tokens_d, sampling, key = parallel.put_batch(
-            (tokens, n_tokens, sampling, key), model.mesh)
+        tokens_d, n_tokens_d, sampling, key, penalties = parallel.put_batch(
+            (tokens, n_tokens, sampling, key, penalties), model.mesh)
         host = parallel.to_host
     token, cache, key = prefill(model.params, tokens_d, n_tokens_d, cache, sampling, key, **kw)
     take(host(token)[:, None])
@@ -385,7 +424,11 @@ def _run(model: Model, rows: list[Row], tokens: np.ndarray, n_tokens: np.ndarray
     # Keep one decode chunk in flight: the next is dispatched before the last one is read back.
     pending, steps = None, 1
     while steps < max_new_tokens and any(r.finish is None for r in rows):
-        out, cache, key = decode(model.params, token, cache, sampling, key, n_steps=DECODE_CHUNK, **kw)
+        if penalties is None:
+            out, cache, key = decode(model.params, token, cache, sampling, key, n_steps=DECODE_CHUNK, **kw)
+        else:
+            out, cache, key, penalties = decode(model.params, token, cache, sampling, key, n_steps=DECODE_CHUNK,
+                                                penalties=penalties, **kw)
         token, steps = out[:, -1], steps + DECODE_CHUNK
         if pending is not None:
             take(host(pending))

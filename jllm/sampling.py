@@ -66,3 +66,11 @@ def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
         return greedy
     drawn = jax.random.categorical(key, _filtered_logits(logits, s), axis=-1)
     return jnp.where(s.temperature > 0, drawn.astype(jnp.int32), greedy)
+
+
+def penalize(logits: jax.Array, counts: jax.Array, presence: jax.Array, frequency: jax.Array) -> jax.Array:
+    """OpenAI's presence and frequency penalties: logits [B, V] less presence [B] for every token
+    the row has generated and frequency [B] per time it has (counts [B, V] of its generated
+    tokens). Applied before temperature, top-k and top-p, and before the argmax of greedy rows."""
+    c = counts.astype(jnp.float32)
+    return logits.astype(jnp.float32) - presence[:, None] * (c > 0) - frequency[:, None] * c

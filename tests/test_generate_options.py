@@ -59,3 +59,48 @@ def test_prompt_buckets_must_be_increasing(tiny_model):
     import pytest
     with pytest.raises(ValueError, match="prompt_buckets"):
         dataclasses.replace(tiny_model, prompt_buckets=(48, 24))
+
+
+# --- presence and frequency penalties --------------------------------------------------------
+
+def _penalized_greedy_reference(model, prompt, n, presence, frequency):
+    """Greedy tokens with OpenAI's penalties, each step a full forward over the sequence so far
+    (no cache reuse) and the penalty applied in numpy."""
+    import numpy as np
+    from jllm.model import forward, init_cache
+    seq, out, T = list(prompt), [], len(prompt) + n   # padded to T: one shape, causal attention
+    for _ in range(n):
+        tokens = np.zeros((1, T), np.int32)
+        tokens[0, :len(seq)] = seq
+        lg, _ = forward(model.params, tokens, init_cache(model.cfg, 1, T, np.float32), model.cfg)
+        lg = np.asarray(lg[0, len(seq) - 1], np.float64)
+        counts = np.bincount(out, minlength=lg.shape[0])
+        t = int(np.argmax(lg - presence * (counts > 0) - frequency * counts))
+        out.append(t)
+        seq.append(t)
+    return out
+
+
+def test_penalties_match_a_step_by_step_reference_and_change_a_repetitive_output(tiny_model_no_tokenizer):
+    m, prompt, n = tiny_model_no_tokenizer, [1, 5, 9, 5], 24
+    [plain] = jllm.generate(m, [prompt], max_new_tokens=n, stop_token_ids=[])
+    assert len(set(plain.tokens)) < n          # a random tiny model repeats itself
+    for presence, frequency in [(0.0, 0.6), (1.5, 0.0), (-0.5, 0.3)]:
+        [out] = jllm.generate(m, [prompt, [2, 3]], max_new_tokens=n, stop_token_ids=[],
+                              presence_penalty=presence, frequency_penalty=frequency)[:1]
+        assert out.tokens == _penalized_greedy_reference(m, prompt, n, presence, frequency), (presence, frequency)
+    [strong] = jllm.generate(m, [prompt], max_new_tokens=n, stop_token_ids=[], frequency_penalty=2.0)
+    assert strong.tokens != plain.tokens and len(set(strong.tokens)) > len(set(plain.tokens))
+
+
+def test_penalties_count_every_generated_token_up_to_the_last(scripted_model, tokenizer):
+    """A bigram model that repeats one token with a logit margin of about 40: the frequency
+    penalty overtakes the margin after a count that the step-by-step reference fixes exactly."""
+    a, b = _word_pieces(tokenizer, 2)
+    model = scripted_model({1: a, a: a, b: b})
+    [plain] = jllm.generate(model, [[1]], max_new_tokens=30, stop_token_ids=[])
+    assert plain.tokens == [a] * 30
+    [out] = jllm.generate(model, [[1]], max_new_tokens=30, stop_token_ids=[], presence_penalty=2.0,
+                          frequency_penalty=2.0)
+    assert out.tokens == _penalized_greedy_reference(model, [1], 30, 2.0, 2.0)
+    assert a in out.tokens and out.tokens != plain.tokens

@@ -33,7 +33,9 @@ class SamplingParams:
 
     temperature 0 is greedy. stop_token_ids None stops on the tokenizer's EOS; () never stops on
     a token. logprobs N: the chosen token's log-probability and the N most likely alternatives,
-    under the model's distribution before temperature, top-k and top-p.
+    under the model's distribution before penalties, temperature, top-k and top-p.
+    presence_penalty / frequency_penalty in [-2, 2]: as `jllm.generate`'s (OpenAI's), over the
+    tokens the request has generated.
     """
     max_tokens: int = 256
     temperature: float = 0.0
@@ -43,6 +45,12 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] | None = None
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
     def __post_init__(self):
         def bad(name, expected, exc=ValueError):
@@ -66,6 +74,11 @@ class SamplingParams:
                 bad("top_p", "None or a number in (0, 1]", TypeError)
             if not 0 < self.top_p <= 1:
                 bad("top_p", "None or a number in (0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not _is_number(getattr(self, name)):
+                bad(name, "a number in [-2, 2]", TypeError)
+            if not -2 <= getattr(self, name) <= 2:
+                bad(name, "a number in [-2, 2]")
         if not _is_int(self.seed):
             bad("seed", f"an int in [{SEED_RANGE[0]}, {SEED_RANGE[1]})", TypeError)
         if not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:

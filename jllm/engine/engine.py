@@ -21,7 +21,7 @@ import numpy as np
 from jllm.engine.api import EngineStats, QueueFull, RequestMetrics, RequestOutput, SamplingParams, seed_int32
 from jllm.engine.pages import PagePool
 from jllm.engine.scheduler import Request, Schedule, Scheduler, Status, build_batch, default_shapes
-from jllm.engine.step import StepOutput, engine_step, init_state, reset_keys
+from jllm.engine.step import StepOutput, clear_counts, engine_step, init_state, reset_keys
 from jllm.generate import Model, check_kv_cache_dtype
 from jllm.speculative import PromptLookup, Speculative
 from jllm.streaming import Row
@@ -187,6 +187,7 @@ class Engine:
                 keys = reset_keys(self.state.keys, none.astype(bool), none, none, resume=resume)
                 self.state = dataclasses.replace(self.state, keys=keys)
                 bar.update()
+            self.state = dataclasses.replace(self.state, counts=clear_counts(self.state.counts, none.astype(bool)))
             jax.block_until_ready(self.state)
 
     # --- requests ------------------------------------------------------------------------------
@@ -299,7 +300,10 @@ class Engine:
                     r.t_scheduled = now
             with self._on_mesh():
                 keys = reset_keys(self.state.keys, mask, seeds, skips, resume=bool(skips.any()))
-            self.state = dataclasses.replace(self.state, keys=keys)
+                counts = self.state.counts
+                if any(r.penalized for r in sched.admitted):  # others' counts are never read
+                    counts = clear_counts(counts, mask)
+            self.state = dataclasses.replace(self.state, keys=keys, counts=counts)
         batch, owners = build_batch(sched, self.shapes, self.scheduler.tables, self.num_pages, self.max_seqs,
                                     self.page_size, spec_k=self.spec_k)
         logprobs = any(r is not None and r.want_logprobs for r in owners)
@@ -313,9 +317,11 @@ class Engine:
 
     @staticmethod
     def _greedy(batch, owners, logprobs: bool) -> bool:
-        """A pure decode step (no prompt chunk) whose rows are all greedy without logprobs runs
-        the greedy program: no sort over the vocabulary (steady state of greedy serving)."""
-        return batch.tok_row.shape[0] == 0 and not logprobs and all(r is None or r.temperature == 0 for r in owners)
+        """A pure decode step (no prompt chunk) whose rows are all greedy without logprobs or
+        penalties runs the greedy program: no sort over the vocabulary (steady state of greedy
+        serving)."""
+        return batch.tok_row.shape[0] == 0 and not logprobs and all(
+            r is None or r.temperature == 0 and not r.penalized for r in owners)
 
     def _read(self, step: _InFlight) -> list[RequestOutput]:
         """Read a step's samples back and hand them to their requests."""

@@ -61,6 +61,8 @@ class Request:
         self.top_k = top_k_code(p.top_k)
         self.top_p = 1.0 if p.top_p is None else float(p.top_p)
         self.want_logprobs = p.logprobs is not None
+        self.presence, self.frequency = float(p.presence_penalty), float(p.frequency_penalty)
+        self.penalized = p.penalized
 
     @property
     def total(self) -> int:
@@ -335,9 +337,10 @@ class Scheduler:
         """Prompt-lookup drafts for a decoding request (verified as a chunk row), or [] where it
         decodes plainly: speculation off, a row asking for logprobs, a sample still in flight, no
         n-gram match, or no room (budget, chunk tokens, chunk rows, free pages). Greedy and
-        sampled rows alike: a verified row's tokens are those of plain decoding (step.verify_rows)."""
+        sampled rows alike: a verified row's tokens are those of plain decoding (step.verify_rows).
+        A penalized row decodes plainly too (verification samples without penalties)."""
         k = min(self.spec_k, req.params.max_tokens - req.n_sampled - 1, budget - 1, chunk_room - 1)
-        if k < 1 or req.want_logprobs or req.pending or rows_left < 1:
+        if k < 1 or req.want_logprobs or req.penalized or req.pending or rows_left < 1:
             return []
         drafts = lookup(req.tokens, self.max_ngram, k)
         need = -(-(req.computed + len(drafts) + 1) // self.page_size) - len(req.pages)
@@ -348,7 +351,9 @@ class Scheduler:
         ps = self.page_size
         total = req.total
         # At least the last token is computed, to sample from it, and it starts a page of its own.
-        hits = self.pool.lookup(req.block_keys((total - 1) // ps, ps)) if self.pool.prefix_caching else []
+        # A penalized request recomputes its outputs, so that the step counts them again.
+        full = (total - 1) // ps if not req.penalized else min((total - 1) // ps, len(req.prompt) // ps)
+        hits = self.pool.lookup(req.block_keys(full, ps)) if self.pool.prefix_caching else []
         need = -(-total // ps) - len(hits)
         cost = need + sum(1 for p in hits if self.pool.refs[p] == 0)  # hits leaving the LRU list
         if self.pool.available() < cost + (self.watermark if self.running else 0):
@@ -394,12 +399,14 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
     row_tok, tok_row = np.zeros((R, Tc), i32), np.zeros(C, i32)
     sample_tok, sample_slot = np.zeros(S, i32), np.full(S, max_seqs, i32)
     temperature, top_k, top_p = np.zeros(S, np.float32), np.zeros(S, i32), np.ones(S, np.float32)
+    presence, frequency, count_slot = np.zeros(S, np.float32), np.zeros(S, np.float32), np.full(C, max_seqs, i32)
     owners: list[Request | None] = [None] * S
     spec_tok, spec_drafts, spec_m = np.zeros((R, spec_k + 1), i32), np.zeros((R, spec_k), i32), np.zeros(R, i32)
 
     def set_sampling(i: int, req: Request) -> None:
         sample_slot[i] = req.slot
         temperature[i], top_k[i], top_p[i] = req.temperature, req.top_k, req.top_p
+        presence[i], frequency[i] = req.presence, req.frequency
         owners[i] = req
 
     if d:
@@ -430,6 +437,8 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
             offset[flat] = (r0 + at) % page_size
             row_tables[row], row_start[row], row_len[row] = tables[req.slot], r0, rn
             row_tok[row, :rn] = cpos + at
+            if req.penalized and p.drafts is None:  # recomputed outputs count again
+                count_slot[cpos + at] = np.where(r0 + at >= len(req.prompt), req.slot, max_seqs)
             tok_row[cpos + at] = row * Tc + at
             cpos += rn
             row += 1
@@ -439,5 +448,5 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
     assert row <= R and cpos <= C, (row, R, cpos, C)
     batch = StepBatch(tokens, positions, page, offset, dec_slot, dec_tables, dec_len, row_tables, row_start,
                       row_len, row_tok, tok_row, sample_tok, sample_slot, temperature, top_k, top_p,
-                      spec_tok, spec_drafts, spec_m)
+                      presence, frequency, count_slot, spec_tok, spec_drafts, spec_m)
     return batch, owners

@@ -20,6 +20,9 @@ Sampling: a sampled row (each decode row, and a prompt's last chunk row) takes i
 key, splits it (key, sub = split(key)) and samples its [1, V] logits with `sub`, exactly what
 `jllm.generate` does for one prompt, so a seeded request gives the same tokens as generate
 alone. Device state (pages, per-slot keys and last tokens) is donated and updated in place.
+Presence and frequency penalties (`sampling.penalize`) read per-slot counts of the generated
+tokens, kept on the device: a sample adds to its slot's counts, admission zeroes them, and a
+preempted request's outputs are counted again as its recomputation passes them (`count_slot`).
 
 Prompt-lookup speculation (docs/ENGINE.md): a chunk row may be [last, d1..dm] of a decoding
 request; `verify_rows` samples each of its m + 1 positions as plain decoding would, with the
@@ -37,7 +40,7 @@ from jllm.config import LlamaConfig
 from jllm.kvcache import CacheOps, LayerKV, init_paged_cache
 from jllm.model import Params, logits, transformer
 from jllm.plan import XLA_OPTIONS, Plan
-from jllm.sampling import Sampling, sample
+from jllm.sampling import Sampling, penalize, sample
 from jllm.speculative import _greedy_accept
 from pallas_kernels.kv_quant import quantize_kv
 
@@ -66,6 +69,9 @@ class StepBatch:
     temperature: jax.Array  # [S] float32
     top_k: jax.Array        # [S] int32 (0: off)
     top_p: jax.Array        # [S] float32 (1: off)
+    presence: jax.Array     # [S] float32 presence penalty (0: off)
+    frequency: jax.Array    # [S] float32 frequency penalty (0: off)
+    count_slot: jax.Array   # [C] int32 slot whose counts a recomputed output token adds to (max_seqs: none)
     spec_tok: jax.Array     # [R, k+1] int32 chunk-row tokens whose logits verify drafts (k = 0: off)
     spec_drafts: jax.Array  # [R, k] int32 drafts a chunk row checks (its tokens after the first)
     spec_m: jax.Array       # [R] int32 drafts to check per chunk row (0: the row verifies nothing)
@@ -81,6 +87,7 @@ class EngineState:
     v_scale_pages: list[jax.Array] | None
     keys: jax.Array                        # [max_seqs, *key_shape] uint32 PRNG key data per slot
     last_token: jax.Array                  # [max_seqs] int32 last sampled token per slot
+    counts: jax.Array                      # [max_seqs, V] int32 each slot's generated tokens (penalties)
 
 
 @jax.tree_util.register_dataclass
@@ -247,7 +254,11 @@ def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: Llama
     slot = jnp.minimum(batch.sample_slot, max_seqs - 1)
     s = Sampling(batch.temperature, batch.top_k, batch.top_p, greedy=greedy)
     keys = state.keys[slot]
-    sampled, nxt = sample_rows(lg, keys, s)
+    # Penalties count a slot's samples; a recomputed request's outputs are counted again here.
+    counts = state.counts.at[batch.count_slot, tokens[D:]].add(1, mode="drop")
+    # greedy (static) promises no row is penalized (Engine._greedy)
+    lg_s = lg if greedy else penalize(lg, counts[slot], batch.presence, batch.frequency)
+    sampled, nxt = sample_rows(lg_s, keys, s)
     h_spec = h[0, S:].reshape(R, k1, h.shape[-1]) if k1 > 1 else None               # [R, k+1, D]
     sampled, nxt, spec = verify_rows(params, h_spec, batch, sampled, keys, nxt, plan)
     if greedy:
@@ -259,8 +270,15 @@ def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: Llama
     state = EngineState(k_pages=view.k_pages, v_pages=view.v_pages, k_scale_pages=view.k_scale_pages,
                         v_scale_pages=view.v_scale_pages,
                         keys=state.keys.at[batch.sample_slot].set(nxt, mode="drop"),
-                        last_token=state.last_token.at[batch.sample_slot].set(sampled, mode="drop"))
+                        last_token=state.last_token.at[batch.sample_slot].set(sampled, mode="drop"),
+                        counts=counts.at[batch.sample_slot, sampled].add(1, mode="drop"))
     return state, StepOutput(sampled, *lp, *spec)
+
+
+@functools.partial(jax.jit, donate_argnames=("counts",))
+def clear_counts(counts: jax.Array, mask: jax.Array) -> jax.Array:
+    """Zero the penalty counts of the slots where mask [max_seqs] is set (admitted requests)."""
+    return jnp.where(mask[:, None], 0, counts)
 
 
 @functools.partial(jax.jit, static_argnames=("resume",), donate_argnames=("keys",))
@@ -291,7 +309,8 @@ def init_state(cfg: LlamaConfig, num_pages: int, page_size: int, max_seqs: int, 
     key_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
     keys = jnp.zeros((max_seqs, *key_shape), jnp.uint32)
     last = jnp.zeros((max_seqs,), jnp.int32)
+    counts = jnp.zeros((max_seqs, cfg.vocab_size), jnp.int32)
     if mesh is not None:
         from jax.sharding import NamedSharding, PartitionSpec
-        keys, last = jax.device_put((keys, last), NamedSharding(mesh, PartitionSpec()))
-    return EngineState(cache.k_pages, cache.v_pages, cache.k_scale_pages, cache.v_scale_pages, keys, last)
+        keys, last, counts = jax.device_put((keys, last, counts), NamedSharding(mesh, PartitionSpec()))
+    return EngineState(cache.k_pages, cache.v_pages, cache.k_scale_pages, cache.v_scale_pages, keys, last, counts)
