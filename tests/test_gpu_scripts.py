@@ -80,3 +80,55 @@ def test_host_table_counts_host_events_inside_the_windows_only():
     rows = host_table(meta + host + device, [(0.0, 1_000.0), (10_000.0, 11_000.0)], skip=("skip me",))
     # per window on average: the numbered names group, the device's event and "late" are out
     assert rows == [("command_buffer_N", 1, 3.0), ("launch", 0, 0.5)]
+
+
+def test_int4_prefill_reports_a_failing_tiling_and_runs_the_rest(monkeypatch, capsys):
+    """A prefill tiling that fails (to compile, or against the ref) is reported per shape, the other
+    ops, shapes and `jllm bench` paths still run, and the run then ends in one error naming what failed."""
+    import argparse
+    import functools
+
+    from jllm import cli, quant
+    from pallas_kernels import quant_matmul as qmm
+    from scripts.gpu import gemv
+
+    bad = qmm.BlockSizes(block_m=128, num_warps=16)
+    real_check, default_max = gemv.check, quant.MAX_PALLAS_M_GROUPED
+
+    def check(x, weights, bits, group_size, block_sizes=None):
+        if block_sizes is bad:
+            raise RuntimeError("out of resources: shared memory")
+        return real_check(x, weights, bits, group_size, block_sizes)
+
+    def per_call_us(op, x, weights, trials, reps):
+        jax.block_until_ready(op(x, *weights[0]))
+        return 10.0
+
+    benches = []
+
+    def bench(argv):
+        benches.append((quant.MAX_PALLAS_M_GROUPED, qmm.default_block_sizes(128, 256, 128, 4)))
+        if benches[-1][1] is bad:
+            raise RuntimeError("out of resources: shared memory")
+        return 0
+
+    monkeypatch.setattr(gemv, "SHAPES", ((256, 128), (128, 256)))
+    monkeypatch.setattr(gemv, "PREFILL_VARIANTS", {"dot": None, "bad": bad})
+    monkeypatch.setattr(gemv, "check", check)
+    monkeypatch.setattr(gemv, "_per_call_us", per_call_us)
+    monkeypatch.setattr(qmm, "quant_matmul", functools.partial(qmm.quant_matmul, interpret=True))
+    monkeypatch.setattr(cli, "main", bench)
+    with pytest.raises(RuntimeError, match=r"int4-prefill: 3 failed: bad at K=256 N=128 M=128; "
+                                           r"bad at K=128 N=256 M=128; bench through bad"):
+        gemv.int4_prefill(argparse.Namespace(m=[128], bench=[128]))
+    out = capsys.readouterr().out
+    for k, n in gemv.SHAPES:
+        for name in ("xla int4", "xla bf16", "dot"):
+            assert f"K={k:6d} N={n:6d} M=  128 {name:9s}      10.0 us" in out
+        assert f"K={k:6d} N={n:6d} M=  128 bad       FAILED RuntimeError: out of resources" in out
+    assert "M=  128 dot            20.0 us/layer" in out and "M=  128 bad " not in out.split("one 7B layer")[1]
+    default = qmm.default_block_sizes(128, 256, 128, 4)
+    assert [m for m, _ in benches] == [default_max, 1 << 20, 1 << 20]
+    assert [bs for _, bs in benches] == [default, default, bad]
+    assert "== int4 prefill through bad: FAILED RuntimeError: out of resources" in out
+    assert quant.MAX_PALLAS_M_GROUPED == default_max and qmm.default_block_sizes(128, 256, 128, 4) == default

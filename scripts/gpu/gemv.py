@@ -393,12 +393,14 @@ def int4_prefill(args) -> None:
     """int4 (groups of 128) at prefill sizes: one 7B layer per M through XLA's formulation
     (`jllm.quant._xla_qmatmul`, what the model runs past quant.MAX_PALLAS_M_GROUPED), the
     kernel's tilings, and XLA's bf16 GEMM for scale; µs per layer and TFLOP/s. With --bench, then
-    `jllm bench` TTFT with int4 weights, the prefill through XLA and through each tiling."""
+    `jllm bench` TTFT with int4 weights, the prefill through XLA and through each tiling. A tiling
+    or bench path that fails is reported and the rest still run; the run then ends in a
+    RuntimeError naming what failed."""
     from jllm import quant
 
     header()
     key = jax.random.key(0)
-    rows = {}
+    rows, failed = {}, []
     for k, n in SHAPES:
         w4, w16 = weight_sets(key, k, n, 4, 128), weight_sets(key, k, n, 16, 0)
         for m in args.m:
@@ -406,28 +408,38 @@ def int4_prefill(args) -> None:
             ops = {"xla int4": (w4, lambda x, q, s: quant._xla_qmatmul(x, quant.QArray(q, s, 4, 128)).astype(x.dtype)),
                    "xla bf16": (w16, _xla_bf16)}
             for name, bs in PREFILL_VARIANTS.items():
-                check(x, w4[:1], 4, 128, bs)
                 ops[name] = (w4, functools.partial(_pallas, bits=4, group_size=128, block_sizes=bs))
             for name, (ws, op) in ops.items():
-                us = _per_call_us(op, x, ws, trials=7, reps=3)
+                label = f"K={k:6d} N={n:6d} M={m:5d} {name:9s}"
+                try:  # a tiling that fails to compile or to match is reported, and the rest go on
+                    if name in PREFILL_VARIANTS:
+                        check(x, ws[:1], 4, 128, PREFILL_VARIANTS[name])
+                    us = _per_call_us(op, x, ws, trials=7, reps=3)
+                except Exception as e:
+                    print(f"{label} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    failed.append(f"{name} at K={k} N={n} M={m}")
+                    continue
                 rows.setdefault((m, name), []).append(us)
-                print(f"K={k:6d} N={n:6d} M={m:5d} {name:9s} {us:9.1f} us {2 * m * k * n / us / 1e6:6.1f} TFLOP/s",
-                      flush=True)
+                print(f"{label} {us:9.1f} us {2 * m * k * n / us / 1e6:6.1f} TFLOP/s", flush=True)
     flops = {m: sum(2 * m * k * n for k, n in SHAPES) for m in args.m}
     print("\nint4 prefill GEMMs, one 7B layer (four shapes):")
     for (m, name), v in rows.items():
         if len(v) == len(SHAPES):
             print(f"M={m:5d} {name:9s} {sum(v):9.1f} us/layer {flops[m] / sum(v) / 1e6:6.1f} TFLOP/s")
     if args.bench:
-        _int4_prefill_bench(args.bench)
+        failed += _int4_prefill_bench(args.bench)
+    if failed:
+        raise RuntimeError(f"int4-prefill: {len(failed)} failed: {'; '.join(failed)}")
 
 
-def _int4_prefill_bench(prompt_lens, config: str = "llama-2-7b", extra: tuple = ()) -> None:
+def _int4_prefill_bench(prompt_lens, config: str = "llama-2-7b", extra: tuple = ()) -> list[str]:
     """`jllm bench` TTFT, int4 weights, with the prefill's GEMMs through XLA and each tiling
-    (`extra`: more bench options)."""
+    (`extra`: more bench options). A path whose bench fails is reported and the next one runs;
+    returns the failed paths."""
     from jllm import cli, quant
 
     default_max, default_bs = quant.MAX_PALLAS_M_GROUPED, qmm.default_block_sizes
+    failed = []
     for name, bs in {"xla": None, **PREFILL_VARIANTS}.items():
         quant.MAX_PALLAS_M_GROUPED = default_max if name == "xla" else 1 << 20
         qmm.default_block_sizes = (default_bs if bs is None else
@@ -437,7 +449,12 @@ def _int4_prefill_bench(prompt_lens, config: str = "llama-2-7b", extra: tuple = 
         try:
             rc = cli.main(["bench", "--config", config, "--quantize", "int4", "--batch", "1", "--new-tokens", "16",
                            "--no-warm-compile", *extra, "--prompt-len", *map(str, prompt_lens)])
-            if rc:
-                raise RuntimeError(f"jllm bench exited with {rc} (int4 prefill through {name})")
+            error = f"jllm bench exited with {rc}" if rc else None
+        except Exception as e:
+            error = f"{type(e).__name__}: {str(e)[:300]}"
         finally:
             quant.MAX_PALLAS_M_GROUPED, qmm.default_block_sizes = default_max, default_bs
+        if error:
+            print(f"== int4 prefill through {name}: FAILED {error}", flush=True)
+            failed.append(f"bench through {name}")
+    return failed
