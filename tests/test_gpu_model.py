@@ -7,6 +7,7 @@ GEMV) against the XLA path. Teacher
 forcing keeps one near-tie from derailing the rest. The kernels alone are checked against their
 references in the kernel tests (their `gpu` cases).
 """
+import dataclasses
 import functools
 
 import jax
@@ -83,6 +84,26 @@ def test_prefill_logits_pallas_match_xla(cfg, dtype):
         out = {impl: forward(params, tokens, init_cache(cfg, 3, 512, dtype), cfg, Plan(attn_impl=impl))[0]
                for impl in ("xla", "pallas")}
     assert _rel(out["pallas"], out["xla"]) < PREFILL_TOL[dtype]
+
+
+@pytest.mark.parametrize("cfg,dtype", MODELS, ids=IDS)
+def test_fresh_prefill_reads_nothing_of_the_cache_past_each_row(cfg, dtype):
+    """The compiled flash kernel attends over the cache the prefill writes: a cache full of NaN
+    gives exactly the hidden states of a zeroed one (ragged rows), and the written keys are finite."""
+    from jllm.model import transformer
+    params, tokens = _params(cfg, dtype), _tokens(cfg, 2, 300)
+    n_tokens = jnp.asarray([300, 117], jnp.int32)
+    out = {}
+    for fill in (0.0, jnp.nan):
+        cache = init_cache(cfg, 2, 512, dtype)
+        cache = dataclasses.replace(cache, k=[jnp.full_like(a, fill) for a in cache.k],
+                                    v=[jnp.full_like(a, fill) for a in cache.v])
+        h, c = transformer(params, tokens, cache, cfg, Plan(attn_impl="pallas"), n_tokens=n_tokens, fresh=True)
+        out[str(fill)] = (np.asarray(h, np.float32), np.asarray(c.k[0][1, :117], np.float32))
+    (h0, _), (h1, keys) = out["0.0"], out["nan"]
+    assert np.isfinite(keys).all()
+    np.testing.assert_array_equal(h1[0], h0[0])
+    np.testing.assert_array_equal(h1[1, :117], h0[1, :117])
 
 
 @pytest.mark.parametrize("cfg,dtype", MODELS, ids=IDS)
