@@ -408,6 +408,48 @@ def test_logprobs_are_the_models_log_softmax(tiny_model_no_tokenizer):
         np.testing.assert_allclose([v for _, v in top], np.sort(row)[::-1][:3], atol=1e-4)
 
 
+def _prompt_log_softmax(m, prompt) -> np.ndarray:
+    """[T, V] log-probabilities after each prompt token, from one float32 forward."""
+    T = 64
+    tokens = np.zeros((1, T), np.int32)
+    tokens[0, :len(prompt)] = prompt
+    lg, _ = jax.jit(forward, static_argnames="cfg")(m.params, jnp.asarray(tokens), init_cache(m.cfg, 1, T, jnp.float32),
+                                                      cfg=m.cfg)
+    return np.asarray(jax.nn.log_softmax(lg[0], axis=-1))
+
+
+def test_prompt_logprobs_are_the_models_over_chunks_prefix_sharing_and_preemption(tiny_model_no_tokenizer):
+    """prompt_logprobs N: entry i is prompt token i's log-probability after tokens < i and the N
+    best there (None for i = 0), whatever chunks computed it; two requests with one prefix both
+    get all of theirs (no prefix-cache hit), and so does a request preempted before its first
+    output went out; other requests' tokens are unchanged, and no program compiles after start."""
+    m = tiny_model_no_tokenizer
+    rng = np.random.default_rng(8)
+    shared = _ids(12, rng)
+    prompts = [shared + _ids(30, rng), shared + _ids(5, rng), _ids(40, rng), _ids(20, rng)]
+    params = [SamplingParams(max_tokens=30, prompt_logprobs=k, stop_token_ids=()) for k in (3, 0, 20)] + \
+        [SamplingParams(max_tokens=30, stop_token_ids=())]
+    engine = _engine(m, prompt_logprobs=True)
+    before = engine_step._cache_size()
+    outs = engine.generate(prompts, params)
+    assert engine_step._cache_size() == before
+    assert engine.stats().preemptions > 0
+    for prompt, sp, out in zip(prompts, params, outs):
+        assert out.token_ids == _reference(m, prompt, sp)
+        if sp.prompt_logprobs is None:
+            assert out.prompt_logprobs is None
+            continue
+        ref = _prompt_log_softmax(m, prompt)
+        assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
+        for i, (tok, lp, top) in enumerate(out.prompt_logprobs[1:], start=1):
+            row = ref[i - 1]
+            assert tok == prompt[i] and lp == pytest.approx(row[tok], abs=1e-4)
+            assert [t for t, _ in top] == np.argsort(-row)[:sp.prompt_logprobs].tolist()
+    _check_all_free(engine)
+    with pytest.raises(ValueError, match="prompt_logprobs=True"):
+        _engine(m).add_request([1, 2], SamplingParams(max_tokens=4, prompt_logprobs=1))
+
+
 def test_text_and_stop_strings_match_generate(tiny_model):
     [ref] = jllm.generate(tiny_model, "The quick brown fox", max_new_tokens=30, stop_token_ids=[])
     text = ref.text

@@ -245,6 +245,68 @@ def test_presence_and_frequency_penalties_are_generates(srv, tiny_model):
     assert r.choices[0].text == penalized.text
 
 
+# --- echo and prompt logprobs (scoring, as lm-eval's loglikelihood tasks ask) ---------------------
+
+@pytest.fixture(scope="module")
+def srv_plp(tiny_model):
+    with ThreadServer(make_engine(tiny_model, num_pages=256, prompt_logprobs=True), tiny_model) as s:
+        yield s
+
+
+def _log_softmax_after_each(model, ids):
+    """[len(ids), V] log-probabilities after each token, from one float32 forward."""
+    import jax
+    import numpy as np
+    from jllm.model import forward, init_cache
+    lg, _ = forward(model.params, np.asarray([ids], np.int32), init_cache(model.cfg, 1, len(ids), np.float32),
+                    model.cfg)
+    return np.asarray(jax.nn.log_softmax(lg[0], axis=-1))
+
+
+def test_echo_returns_the_prompt_then_the_completion(srv, tiny_model):
+    prompt = PROMPTS[0]
+    expected = ref(tiny_model, prompt)
+    c = srv.client()
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=N, temperature=0, echo=True)
+    assert r.choices[0].text == prompt + expected.text
+    ids = tiny_model.tokenizer.encode(prompt, bos=True)
+    r = c.completions.create(model=NAME, prompt=ids, max_tokens=N, temperature=0, echo=True, stream=True)
+    assert "".join(ch.choices[0].text for ch in r) == tiny_model.tokenizer.decode(ids) + expected.text
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(srv_plp, tiny_model):
+    """max_tokens=0, echo, logprobs: what a loglikelihood evaluation sends. The first token has
+    no logprob; each other is the model's log-softmax after the tokens before it, with its top
+    alternatives; nothing is generated. With max_tokens > 0, the completion's logprobs follow."""
+    ids = tiny_model.tokenizer.encode(PROMPTS[1], bos=True)
+    ref_lp = _log_softmax_after_each(tiny_model, ids)
+    c = srv_plp.client()
+    r = c.completions.create(model=NAME, prompt=ids, max_tokens=0, temperature=0, echo=True, logprobs=2)
+    ch = r.choices[0]
+    assert ch.finish_reason == "length" and r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(ids)
+    lp = ch.logprobs
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(ref_lp[i - 1, ids[i]], abs=1e-4)
+        assert len(lp.top_logprobs[i]) <= 2
+        assert max(lp.top_logprobs[i].values()) == pytest.approx(ref_lp[i - 1].max(), abs=1e-4)
+    assert ch.text == tiny_model.tokenizer.decode(ids)
+    # A completion after the echo: its logprobs follow the prompt's; streamed, the same entries.
+    expected = ref(tiny_model, ids, max_tokens=4)
+    kw = dict(model=NAME, prompt=ids, max_tokens=4, temperature=0, echo=True, logprobs=1)
+    r = c.completions.create(**kw)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + len(expected.tokens)
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx([ref_lp[i - 1, ids[i]] for i in range(1, len(ids))], abs=1e-4)
+    assert r.choices[0].text == tiny_model.tokenizer.decode(ids) + expected.text
+    assert lp.text_offset == sorted(lp.text_offset)
+    chunks = list(c.completions.create(stream=True, **kw))
+    streamed = [t for ch in chunks if ch.choices[0].logprobs for t in ch.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs
+    assert sum(len(ch.choices[0].logprobs.tokens) for ch in chunks if ch.choices[0].logprobs) == len(lp.tokens)
+    srv_plp.wait_idle()
+
+
 # --- several choices: n, and a batch of prompts ------------------------------------------------
 
 def _by_index(chunks, field):
@@ -423,6 +485,9 @@ BAD = [  # id, endpoint, body, status, param
     ("prompt_plus_max_tokens_over_context", "completions",
      _json({**OK, "prompt": list(range(3, 503)), "max_tokens": 20}), 400, "max_tokens"),
     ("unknown_model", "completions", _json({**OK, "model": "gpt-4"}), 404, "model"),
+    ("max_tokens_zero_without_echo", "completions", _json({**OK, "max_tokens": 0}), 400, "max_tokens"),
+    ("echo_logprobs_without_prompt_logprobs", "completions", _json({**OK, "echo": True, "logprobs": 1}), 400, "echo"),
+    ("chat_max_tokens_zero", "chat/completions", _json({**CHAT, "max_tokens": 0}), 400, "max_tokens"),
     ("n_too_many", "completions", _json({**OK, "n": 65}), 400, "n"),
     ("n_zero", "completions", _json({**OK, "n": 0}), 400, "n"),
     ("best_of_not_n", "completions", _json({**OK, "n": 2, "best_of": 3}), 400, "best_of"),

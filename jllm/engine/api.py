@@ -35,7 +35,9 @@ class SamplingParams:
     a token. logprobs N: the chosen token's log-probability and the N most likely alternatives,
     under the model's distribution before penalties, temperature, top-k and top-p.
     presence_penalty / frequency_penalty in [-2, 2]: as `jllm.generate`'s (OpenAI's), over the
-    tokens the request has generated.
+    tokens the request has generated. prompt_logprobs N (an Engine made with
+    prompt_logprobs=True): each prompt token's log-probability given the tokens before it and the
+    N most likely alternatives there, in the request's first output (None for the first token).
     """
     max_tokens: int = 256
     temperature: float = 0.0
@@ -47,6 +49,7 @@ class SamplingParams:
     logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    prompt_logprobs: int | None = None
 
     @property
     def penalized(self) -> bool:
@@ -96,11 +99,12 @@ class SamplingParams:
             if any(t < 0 for t in ids):
                 bad("stop_token_ids", "None or a tuple of ints >= 0")
             object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
-        if self.logprobs is not None:
-            if not _is_int(self.logprobs):
-                bad("logprobs", f"None or an int in [0, {MAX_LOGPROBS}]", TypeError)
-            if not 0 <= self.logprobs <= MAX_LOGPROBS:
-                bad("logprobs", f"None or an int in [0, {MAX_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                if not _is_int(getattr(self, name)):
+                    bad(name, f"None or an int in [0, {MAX_LOGPROBS}]", TypeError)
+                if not 0 <= getattr(self, name) <= MAX_LOGPROBS:
+                    bad(name, f"None or an int in [0, {MAX_LOGPROBS}]")
 
 
 @dataclasses.dataclass
@@ -128,6 +132,7 @@ class RequestOutput:
     completion_tokens: int      # total so far
     logprobs: list[Logprob] | None = None
     metrics: RequestMetrics | None = None  # on the final output
+    prompt_logprobs: list[Logprob | None] | None = None  # on the first output, when asked for
 
 
 @dataclasses.dataclass

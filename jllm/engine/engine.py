@@ -36,6 +36,7 @@ class _InFlight:
     owners: list[Request | None]       # the request of each sample row
     logprobs: bool
     spec_rows: dict[int, int]          # sample row -> chunk row, for rows verifying drafts
+    plp_pieces: list[tuple[Request, int, int, int]]  # (request, first position, tokens, offset in the chunk part)
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
@@ -83,6 +84,9 @@ class Engine:
     chunk_buckets (the compiled step shapes), max_prompts_per_step, async_scheduling, and
     max_model_len (prompt + output tokens of one request; default the model's max_seq_len: a
     smaller one shrinks the block tables, which the XLA attention path gathers whole).
+    prompt_logprobs=True lets requests ask for SamplingParams.prompt_logprobs: each chunk shape
+    then also compiles a variant that computes the logits after every chunk token (run only in
+    steps holding such a prompt; its prompt is computed whole, without prefix-cache hits).
 
     speculative=Speculative(PromptLookup(n), k): each decode (greedy or sampled, no logprobs)
     whose context has an n-gram match verifies up to k drafted tokens as one chunk row and takes
@@ -98,7 +102,8 @@ class Engine:
                  max_queue: int | None = None, progress: bool = True, *, chunk_row: int | None = None,
                  decode_buckets: Sequence[int] | None = None, chunk_buckets: Sequence[int] | None = None,
                  max_prompts_per_step: int = 4, async_scheduling: bool = True,
-                 max_model_len: int | None = None, speculative: Speculative | None = None):
+                 max_model_len: int | None = None, speculative: Speculative | None = None,
+                 prompt_logprobs: bool = False):
         if not isinstance(model, Model):
             raise TypeError(f"model must be a jllm.Model (jllm.load); got {type(model).__name__}")
         self.model, self.cfg, self.plan = model, model.cfg, model.plan
@@ -125,6 +130,7 @@ class Engine:
                                      decode_buckets, chunk_buckets)
         self.spec_k, self.max_ngram = self._speculative(speculative, model)
         self.async_scheduling = bool(async_scheduling) and not self.spec_k
+        self.prompt_logprobs = bool(prompt_logprobs)
         self.dtype = model.cache_dtype if kv_cache_dtype is None else np.dtype(kv_cache_dtype)
         if num_pages is None:
             num_pages = pages_from_memory(model, self.page_size, self.dtype, memory_fraction) or DEFAULT_PAGES
@@ -173,14 +179,16 @@ class Engine:
         """Run every step program once on a batch that changes nothing, so none compiles later:
         each shape, and for pure decode shapes (C = 0) also the greedy variant (`_greedy`)."""
         from tqdm import tqdm
-        programs = [(D, C, False) for D, C in self.shapes.all()] + [(D, 0, True) for D in self.shapes.decode_buckets]
+        programs = ([(D, C, False, False) for D, C in self.shapes.all()]
+                    + [(D, 0, True, False) for D in self.shapes.decode_buckets]
+                    + [(D, C, False, True) for D, C in self.shapes.all() if C and self.prompt_logprobs])
         with tqdm(total=len(programs) + 2, desc="compiling engine steps", unit="program", disable=not progress,
                   leave=False) as bar:
-            for D, C, greedy in programs:
+            for D, C, greedy, plp in programs:
                 batch, _ = build_batch(Schedule([], [], []), self.shapes, self.scheduler.tables, self.num_pages,
                                        self.max_seqs, self.page_size, dims=(D, C), spec_k=self.spec_k)
                 self.state, _ = engine_step(self.model.params, self.state, batch, cfg=self.cfg, plan=self.plan,
-                                            greedy=greedy)
+                                            greedy=greedy, prompt_logprobs=plp)
                 bar.update()
             none = np.zeros(self.max_seqs, np.int32)
             for resume in (False, True):
@@ -233,6 +241,9 @@ class Engine:
             raise ValueError(f"the prompt has {n} tokens; with max_tokens={m} it needs "
                              f"{-(-(n + m) // self.page_size)} pages of {self.page_size} tokens, more than the "
                              f"pool's num_pages={self.num_pages}")
+        if params.prompt_logprobs is not None and not self.prompt_logprobs:
+            raise ValueError(f"prompt_logprobs={params.prompt_logprobs} needs an Engine made with "
+                             "prompt_logprobs=True (it compiles the steps that compute them)")
         if params.stop and self.model.tokenizer is None:
             raise ValueError(f"stop={params.stop!r} needs a tokenizer; this model has none (use stop_token_ids)")
         if request_id is None:
@@ -307,13 +318,19 @@ class Engine:
         batch, owners = build_batch(sched, self.shapes, self.scheduler.tables, self.num_pages, self.max_seqs,
                                     self.page_size, spec_k=self.spec_k)
         logprobs = any(r is not None and r.want_logprobs for r in owners)
+        plp_pieces, cpos = [], 0   # chunk pieces lie in schedule order in the chunk part (build_batch)
+        for p in sched.chunks:
+            if p.req.needs_prompt_lp and p.drafts is None:
+                plp_pieces.append((p.req, p.start, p.n, cpos))
+            cpos += p.n
         with self._on_mesh():
             self.state, out = engine_step(self.model.params, self.state, batch, cfg=self.cfg, plan=self.plan,
-                                          greedy=self._greedy(batch, owners, logprobs))
+                                          greedy=self._greedy(batch, owners, logprobs),
+                                          prompt_logprobs=bool(plp_pieces))
         self.steps += 1
         D = len(owners) - len(batch.spec_m)
         spec_rows = {D + r: r for r in np.nonzero(batch.spec_m)[0].tolist()}
-        return _InFlight(out, owners, logprobs, spec_rows)
+        return _InFlight(out, owners, logprobs, spec_rows, plp_pieces)
 
     @staticmethod
     def _greedy(batch, owners, logprobs: bool) -> bool:
@@ -330,6 +347,8 @@ class Engine:
             lp, top_ids, top_lp = (np.asarray(x) for x in (step.out.logprob, step.out.top_ids, step.out.top_logprobs))
         if step.spec_rows:
             spec_out, spec_n = np.asarray(step.out.spec_out), np.asarray(step.out.spec_n)
+        if step.plp_pieces:
+            self._prompt_logprobs(step)
         now = time.perf_counter()
         outs = []
         for i, req in enumerate(step.owners):
@@ -362,8 +381,27 @@ class Engine:
                 self.scheduler.finish(req)
                 del self.requests[req.id]
             if delta is not None or finish is not None:
-                outs.append(self._output(req, delta, delta.token_ids if delta else [], logprobs, finish, now))
+                out = self._output(req, delta, delta.token_ids if delta else [], logprobs, finish, now)
+                if req.needs_prompt_lp:  # its prompt is done: with the first output
+                    out.prompt_logprobs, req.prompt_lp_sent = list(req.prompt_lp), True
+                outs.append(out)
         return outs
+
+    @staticmethod
+    def _prompt_logprobs(step: _InFlight) -> None:
+        """Keep each prompt token's log-probability (and the top ones) from a step's chunks."""
+        lp, top_ids, top_lp = (np.asarray(x) for x in (step.out.plp_logprob, step.out.plp_top_ids,
+                                                        step.out.plp_top_logprobs))
+        for req, start, n, cpos in step.plp_pieces:
+            if req.status is not Status.RUNNING or not req.needs_prompt_lp:
+                continue
+            k = req.params.prompt_logprobs
+            for j in range(n):
+                pos = start + j + 1   # the token this chunk token's logits predict
+                if pos < len(req.prompt):
+                    c = cpos + j
+                    req.prompt_lp[pos] = (req.prompt[pos], float(lp[c]),
+                                          [(int(a), float(b)) for a, b in zip(top_ids[c, :k], top_lp[c, :k])])
 
     def _output(self, req: Request, delta, token_ids: list[int], logprobs, finish: str | None,
                 now: float) -> RequestOutput:
@@ -418,6 +456,8 @@ class Engine:
                 a.token_ids += o.token_ids
                 if o.logprobs is not None:
                     a.logprobs = (a.logprobs or []) + o.logprobs
+                if o.prompt_logprobs is not None:
+                    a.prompt_logprobs = o.prompt_logprobs
                 a.finished, a.finish_reason, a.metrics = o.finished, o.finish_reason, o.metrics
                 a.prompt_tokens, a.completion_tokens = o.prompt_tokens, o.completion_tokens
         return [acc[rid] for rid in ids]

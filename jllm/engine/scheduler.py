@@ -63,6 +63,14 @@ class Request:
         self.want_logprobs = p.logprobs is not None
         self.presence, self.frequency = float(p.presence_penalty), float(p.frequency_penalty)
         self.penalized = p.penalized
+        # Prompt logprobs, filled as the prompt's chunks are read back: entry i for prompt token i.
+        self.prompt_lp: list | None = None if p.prompt_logprobs is None else [None] * len(prompt)
+        self.prompt_lp_sent = False
+
+    @property
+    def needs_prompt_lp(self) -> bool:
+        """Asks for prompt logprobs not yet delivered: its prompt is computed, not cached."""
+        return self.prompt_lp is not None and not self.prompt_lp_sent
 
     @property
     def total(self) -> int:
@@ -353,6 +361,8 @@ class Scheduler:
         # At least the last token is computed, to sample from it, and it starts a page of its own.
         # A penalized request recomputes its outputs, so that the step counts them again.
         full = (total - 1) // ps if not req.penalized else min((total - 1) // ps, len(req.prompt) // ps)
+        if req.needs_prompt_lp:  # every prompt token's logits are computed
+            full = 0
         hits = self.pool.lookup(req.block_keys(full, ps)) if self.pool.prefix_caching else []
         need = -(-total // ps) - len(hits)
         cost = need + sum(1 for p in hits if self.pool.refs[p] == 0)  # hits leaving the LRU list
@@ -400,6 +410,7 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
     sample_tok, sample_slot = np.zeros(S, i32), np.full(S, max_seqs, i32)
     temperature, top_k, top_p = np.zeros(S, np.float32), np.zeros(S, i32), np.ones(S, np.float32)
     presence, frequency, count_slot = np.zeros(S, np.float32), np.zeros(S, np.float32), np.full(C, max_seqs, i32)
+    plp_next = np.zeros(C, i32)
     owners: list[Request | None] = [None] * S
     spec_tok, spec_drafts, spec_m = np.zeros((R, spec_k + 1), i32), np.zeros((R, spec_k), i32), np.zeros(R, i32)
 
@@ -439,6 +450,9 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
             row_tok[row, :rn] = cpos + at
             if req.penalized and p.drafts is None:  # recomputed outputs count again
                 count_slot[cpos + at] = np.where(r0 + at >= len(req.prompt), req.slot, max_seqs)
+            if req.needs_prompt_lp and p.drafts is None:
+                nxt = np.minimum(r0 + at + 1, len(req.prompt) - 1)
+                plp_next[cpos + at] = np.asarray(req.prompt, i32)[nxt]
             tok_row[cpos + at] = row * Tc + at
             cpos += rn
             row += 1
@@ -448,5 +462,5 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
     assert row <= R and cpos <= C, (row, R, cpos, C)
     batch = StepBatch(tokens, positions, page, offset, dec_slot, dec_tables, dec_len, row_tables, row_start,
                       row_len, row_tok, tok_row, sample_tok, sample_slot, temperature, top_k, top_p,
-                      presence, frequency, count_slot, spec_tok, spec_drafts, spec_m)
+                      presence, frequency, count_slot, plp_next, spec_tok, spec_drafts, spec_m)
     return batch, owners

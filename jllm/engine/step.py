@@ -72,6 +72,7 @@ class StepBatch:
     presence: jax.Array     # [S] float32 presence penalty (0: off)
     frequency: jax.Array    # [S] float32 frequency penalty (0: off)
     count_slot: jax.Array   # [C] int32 slot whose counts a recomputed output token adds to (max_seqs: none)
+    plp_next: jax.Array     # [C] int32 the prompt token after each chunk token (prompt logprobs)
     spec_tok: jax.Array     # [R, k+1] int32 chunk-row tokens whose logits verify drafts (k = 0: off)
     spec_drafts: jax.Array  # [R, k] int32 drafts a chunk row checks (its tokens after the first)
     spec_m: jax.Array       # [R] int32 drafts to check per chunk row (0: the row verifies nothing)
@@ -99,6 +100,9 @@ class StepOutput:
     top_logprobs: jax.Array     # [S, MAX_LOGPROBS] float32
     spec_out: jax.Array         # [R, k+1] int32 a verifying row's new tokens: the first spec_n + 1
     spec_n: jax.Array           # [R] int32 accepted drafts per chunk row
+    plp_logprob: jax.Array      # [C'] float32 log-probability of plp_next after each chunk token
+    plp_top_ids: jax.Array      # [C', MAX_LOGPROBS] int32 (C' = C with prompt_logprobs, else 0)
+    plp_top_logprobs: jax.Array  # [C', MAX_LOGPROBS] float32
 
 
 @jax.tree_util.register_dataclass
@@ -235,21 +239,27 @@ def verify_rows(params: Params, h: jax.Array | None, batch: StepBatch, sampled: 
     return sampled, nxt, (out, n)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "plan", "greedy"), donate_argnames=("state",),
-                   compiler_options=XLA_OPTIONS)
+@functools.partial(jax.jit, static_argnames=("cfg", "plan", "greedy", "prompt_logprobs"),
+                   donate_argnames=("state",), compiler_options=XLA_OPTIONS)
 def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: LlamaConfig,
-                plan: Plan, greedy: bool = False) -> tuple[EngineState, StepOutput]:
+                plan: Plan, greedy: bool = False, prompt_logprobs: bool = False) -> tuple[EngineState, StepOutput]:
     """One engine step (module docstring) -> the new state and a token per sample row.
 
     greedy (static): every sample row is greedy and none asks for logprobs, so the two sorts
-    over the vocabulary (top-k/top-p filtering, top logprobs) are not traced; logprobs are zeros."""
+    over the vocabulary (top-k/top-p filtering, top logprobs) are not traced; logprobs are zeros.
+    prompt_logprobs (static): also the logits after every chunk token, and from them the
+    log-probability of the prompt token that follows it (batch.plp_next) and the top ones."""
     max_seqs = state.last_token.shape[0]
     D = batch.dec_slot.shape[0]
+    C = batch.tokens.shape[0] - D
     tokens = batch.tokens.at[:D].set(state.last_token[jnp.minimum(batch.dec_slot, max_seqs - 1)])  # [N]
     view = StepCache(state.k_pages, state.v_pages, state.k_scale_pages, state.v_scale_pages, batch)
     S, (R, k1) = batch.sample_tok.shape[0], batch.spec_tok.shape
-    read = batch.sample_tok if k1 == 1 else jnp.concatenate([batch.sample_tok, batch.spec_tok.reshape(-1)])
-    h, view = transformer(params, tokens[None], view, cfg, plan, only=read[None])  # [1, S (+ R(k+1)), D]
+    reads = [batch.sample_tok] + ([batch.spec_tok.reshape(-1)] if k1 > 1 else [])
+    if prompt_logprobs:
+        reads.append(D + jnp.arange(C, dtype=jnp.int32))
+    read = jnp.concatenate(reads) if len(reads) > 1 else reads[0]
+    h, view = transformer(params, tokens[None], view, cfg, plan, only=read[None])  # [1, S (+ R(k+1)) (+ C), D]
     lg = logits(params, h[0, :S], plan)                                             # [S, V]
     slot = jnp.minimum(batch.sample_slot, max_seqs - 1)
     s = Sampling(batch.temperature, batch.top_k, batch.top_p, greedy=greedy)
@@ -259,7 +269,7 @@ def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: Llama
     # greedy (static) promises no row is penalized (Engine._greedy)
     lg_s = lg if greedy else penalize(lg, counts[slot], batch.presence, batch.frequency)
     sampled, nxt = sample_rows(lg_s, keys, s)
-    h_spec = h[0, S:].reshape(R, k1, h.shape[-1]) if k1 > 1 else None               # [R, k+1, D]
+    h_spec = h[0, S:S + R * k1].reshape(R, k1, h.shape[-1]) if k1 > 1 else None     # [R, k+1, D]
     sampled, nxt, spec = verify_rows(params, h_spec, batch, sampled, keys, nxt, plan)
     if greedy:
         S = sampled.shape[0]
@@ -267,12 +277,18 @@ def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: Llama
               jnp.zeros((S, MAX_LOGPROBS), jnp.float32))
     else:  # no conditional (as in sample_rows); read back when asked
         lp = top_logprobs(lg, sampled)
+    if prompt_logprobs:
+        h_plp = h[0, h.shape[1] - C:]                                               # [C, D]
+        plp = top_logprobs(logits(params, h_plp, plan), batch.plp_next)
+    else:
+        plp = (jnp.zeros((0,), jnp.float32), jnp.zeros((0, MAX_LOGPROBS), jnp.int32),
+               jnp.zeros((0, MAX_LOGPROBS), jnp.float32))
     state = EngineState(k_pages=view.k_pages, v_pages=view.v_pages, k_scale_pages=view.k_scale_pages,
                         v_scale_pages=view.v_scale_pages,
                         keys=state.keys.at[batch.sample_slot].set(nxt, mode="drop"),
                         last_token=state.last_token.at[batch.sample_slot].set(sampled, mode="drop"),
                         counts=counts.at[batch.sample_slot, sampled].add(1, mode="drop"))
-    return state, StepOutput(sampled, *lp, *spec)
+    return state, StepOutput(sampled, *lp, *spec, *plp)
 
 
 @functools.partial(jax.jit, donate_argnames=("counts",))

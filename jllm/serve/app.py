@@ -55,8 +55,9 @@ class ServerState:
 class Generation:
     """One request's outputs as the client receives them: text, usage, and token timings."""
 
-    def __init__(self, stream: RequestStream, metrics: Metrics, t_arrival: float):
+    def __init__(self, stream: RequestStream, metrics: Metrics, t_arrival: float, prompt_only: bool = False):
         self.stream, self.metrics, self.t_arrival = stream, metrics, t_arrival
+        self.prompt_only = prompt_only  # max_tokens=0: the engine's one sample is not shown
         self.request_id = stream.request_id
         self.prompt_tokens = self.completion_tokens = 0
         self.finish_reason: str | None = None
@@ -69,6 +70,10 @@ class Generation:
 
     async def outputs(self) -> AsyncIterator:
         async for out in self.stream:
+            if self.prompt_only:
+                out = dataclasses.replace(out, text="", token_ids=[], logprobs=None, completion_tokens=0,
+                                          finish_reason="length" if out.finish_reason in ("stop", "length")
+                                          else out.finish_reason)
             now = time.perf_counter()
             n = len(out.token_ids)
             if n and self.t_first is None:
@@ -280,7 +285,7 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
             raise bad_request(str(e)) from None
 
     async def start(request_id: str, choices: list[tuple[list[int], SamplingParams]],
-                    t_arrival: float) -> list[Generation]:
+                    t_arrival: float, prompt_only: bool = False) -> list[Generation]:
         """Add one engine request per choice (all at once); if any is refused, none stays."""
         accepting()  # again: the body may have taken a while
         ids = [request_id] if len(choices) == 1 else [f"{request_id}-{i}" for i in range(len(choices))]
@@ -302,7 +307,7 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
             if isinstance(e, EngineUnavailable):
                 raise APIError(503, str(e)) from None
             raise e
-        return [Generation(stream, metrics, t_arrival) for stream in added]
+        return [Generation(stream, metrics, t_arrival, prompt_only) for stream in added]
 
     async def respond(request: Request, gens: list[Generation], stream: bool,
                       events: Callable[[], AsyncIterator[str]], body: Callable[[], dict]):
@@ -385,6 +390,10 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
         accepting()
         req = validate(CompletionRequest, await _read_body(request))
         check_model(req.model)
+        want_logprobs, echo = req.logprobs is not None, bool(req.echo)
+        if echo and want_logprobs and not runner.engine.prompt_logprobs:
+            raise bad_request("echo=true with logprobs needs the prompt's logprobs: start the server with "
+                              "--prompt-logprobs", "echo")
         names = ["the prompt"] if len(req.prompt) == 1 else [f"prompt {i}" for i in range(len(req.prompt))]
         prompts = [await _tokenize(prompt_ids, p, name, chars=len(p) if isinstance(p, str) else 0)
                    for p, name in zip(req.prompt, names)]
@@ -393,30 +402,45 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
         for ids, name in zip(prompts, names):
             max_tokens = token_budget(len(ids), req.max_tokens, DEFAULT_COMPLETION_TOKENS, "prompt",
                                       "max_tokens", name)
-            choices += [(ids, sampling(req, max_tokens, req.logprobs, len(choices) + j)) for j in range(n)]
+            for j in range(n):
+                params = sampling(req, max(max_tokens, 1), req.logprobs, len(choices))
+                if echo and want_logprobs:
+                    params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
+                choices.append((ids, params))
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        gens = await start(request_id, choices, t_arrival)
-        want_logprobs = req.logprobs is not None
+        # max_tokens=0 (with echo): the engine samples one token, which the client does not see.
+        gens = await start(request_id, choices, t_arrival, prompt_only=req.max_tokens == 0)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         ids_out = tokenizer is None   # no text to send: send the token ids
 
-        def logprobs_of(out, offset: int) -> dict | None:
-            return R.completion_logprobs(out.logprobs or [], tokenizer, offset) if want_logprobs else None
+        def echoed(i: int, first) -> tuple[str, list[tuple], list[int]]:
+            """Choice i's prompt as echoed: its text, its logprob entries (given the engine's first
+            output) and its token ids."""
+            p, ids = req.prompt[i // n], prompts[i // n]
+            text = p if isinstance(p, str) else (tokenizer.decode(ids) if tokenizer is not None else "")
+            plp = first.prompt_logprobs or []
+            entries = [e if e is not None else (ids[k], None, None) for k, e in enumerate(plp)]
+            return text, entries, ids
 
         async def events() -> AsyncIterator[str]:
-            offsets = [0] * len(gens)
+            offsets, seen = [0] * len(gens), [False] * len(gens)
+
+            def chunk(i: int, text: str, entries: list | None, ids: list[int], finish: str | None = None) -> str:
+                lp = R.completion_logprobs(entries, tokenizer, offsets[i]) if entries is not None else None
+                offsets[i] += sum(map(len, lp["tokens"])) if lp else 0
+                return R.sse(R.completion_chunk(request_id, created, served_model_name, text, finish, lp,
+                                                include_usage, ids if ids_out else None, i))
+
             try:
                 async for i, out in _merged(gens):
-                    lp = logprobs_of(out, offsets[i])
-                    if out.text or out.token_ids and (lp or ids_out):
-                        yield R.sse(R.completion_chunk(request_id, created, served_model_name,
-                                                       out.text, None, lp, include_usage,
-                                                       out.token_ids if ids_out else None, i))
-                    offsets[i] += sum(map(len, lp["tokens"])) if lp else 0
+                    if echo and not seen[i]:
+                        text, entries, ids = echoed(i, out)
+                        yield chunk(i, text, entries if want_logprobs else None, ids)
+                    seen[i] = True
+                    if out.text or out.token_ids and (want_logprobs or ids_out):
+                        yield chunk(i, out.text, (out.logprobs or []) if want_logprobs else None, out.token_ids)
                     if out.finished:
-                        yield R.sse(R.completion_chunk(request_id, created, served_model_name, "",
-                                                       out.finish_reason, None, include_usage,
-                                                       [] if ids_out else None, i))
+                        yield chunk(i, "", None, [], out.finish_reason)
             except EngineUnavailable as e:
                 yield error_event(e)
             if include_usage and all(g.finish_reason for g in gens):
@@ -429,6 +453,11 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
             entries = [[] for _ in gens]
             token_ids = [[] for _ in gens]
             async for i, out in _merged(gens):
+                if echo and not text[i]:
+                    t, e, ids = echoed(i, out)
+                    text[i].append(t)
+                    entries[i] += e
+                    token_ids[i] += ids
                 text[i].append(out.text)
                 entries[i] += out.logprobs or []
                 token_ids[i] += out.token_ids

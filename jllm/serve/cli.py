@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-buckets", type=_positive_int, nargs="+", default=None, metavar="N",
                    help="decode row counts compiled at start-up, the largest >= --max-seqs (default "
                         "max-seqs / 4^k); one near the usual concurrency pads fewer rows per step")
+    g.add_argument("--prompt-logprobs", action="store_true",
+                   help="serve echo=true with logprobs on /v1/completions (prompt scoring, e.g. "
+                        "lm-eval's loglikelihood tasks): compiles a second variant of each prompt step")
     g = p.add_argument_group("speculative decoding (prompt lookup: for low concurrency)")
     g.add_argument("--speculate", type=_positive_int, default=None, metavar="K",
                    help="verify up to K drafted tokens per step for each decode (with --prompt-lookup)")
@@ -109,7 +112,8 @@ def run(args) -> int:
                         memory_fraction=args.memory_fraction,
                         max_tokens_per_step=args.max_tokens_per_step,
                         kv_cache_dtype=None if args.kv_cache == "auto" else args.kv_cache,
-                        max_queue=args.max_queue, decode_buckets=args.decode_buckets, speculative=spec)
+                        max_queue=args.max_queue, decode_buckets=args.decode_buckets, speculative=spec,
+                        prompt_logprobs=args.prompt_logprobs)
         app = create_app(EngineRunner(engine), served_name(args), cfg=model.cfg,
                          tokenizer=model.tokenizer, chat_template=template)
         return serve(app, sock, shutdown_timeout=args.shutdown_timeout)

@@ -58,7 +58,7 @@ class _Common(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)   # 0 only with echo (completions)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)              # an extension, as in vLLM
@@ -135,8 +135,9 @@ class CompletionRequest(_Common):
 
     def unsupported(self) -> None:
         super().unsupported()
-        if self.echo:
-            raise bad_request("echo=true is not supported", "echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise bad_request("max_tokens=0 needs echo=true (the prompt, and its logprobs, are all "
+                              "such a request returns)", "max_tokens")
         if self.best_of not in (None, self.choices_per_prompt):
             raise bad_request(f"best_of={self.best_of} is not supported (only best_of = n, here "
                               f"{self.choices_per_prompt}: every sample is returned)", "best_of")
@@ -182,6 +183,8 @@ class ChatRequest(_Common):
 
     def unsupported(self) -> None:
         super().unsupported()
+        if self.max_tokens == 0:
+            raise bad_request("'max_tokens': expected an int >= 1 (got 0)", "max_tokens")
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
         if self.tools:

@@ -49,13 +49,14 @@ def chat_logprobs(entries: list, tokenizer: Tokenizer | None) -> dict:
 
 
 def completion_logprobs(entries: list, tokenizer: Tokenizer | None, offset: int) -> dict:
-    """Engine logprobs -> the legacy completions form; text_offset counts from `offset`."""
+    """Engine logprobs -> the legacy completions form; text_offset counts from `offset`. An entry
+    (token_id, None, None) is a token nothing predicts (an echoed prompt's first): null logprobs."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for token_id, logprob, top in entries:
         text, _ = token_text(tokenizer, token_id)
         out["tokens"].append(text)
-        out["token_logprobs"].append(_finite(logprob))
-        out["top_logprobs"].append({token_text(tokenizer, a)[0]: _finite(lp) for a, lp in top})
+        out["token_logprobs"].append(None if logprob is None else _finite(logprob))
+        out["top_logprobs"].append(None if top is None else {token_text(tokenizer, a)[0]: _finite(lp) for a, lp in top})
         out["text_offset"].append(offset)
         offset += len(text)
     return out
