@@ -361,17 +361,22 @@ def test_chat_n_choices_stream_a_role_each_and_match_generate(srv, tiny_model):
     assert all(len(f) == 1 for f in finishes.values()) and len(finishes) == 3
 
 
+def _leave_after_the_first_chunk(srv, body: dict, while_open=lambda: None):
+    """Stream a completion, read up to its first data chunk, call while_open(), then close."""
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", f"{srv.url}/v1/completions", json={**body, "stream": True}) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            while not next(lines).startswith("data: {"):
+                pass
+            return while_open()
+
+
 def test_a_client_leaving_a_request_of_several_choices_aborts_them_all(srv):
     aborted = srv.metric("jllm_requests_aborted_total")
     with slow_steps(srv.engine, 0.05):
-        body = {"model": NAME, "prompt": PROMPTS[2:4], "n": 2, "max_tokens": N, "temperature": 0,
-                "stream": True, "ignore_eos": True}
-        with httpx.Client(timeout=30) as client:
-            with client.stream("POST", f"{srv.url}/v1/completions", json=body) as response:
-                assert response.status_code == 200
-                lines = response.iter_lines()
-                while not next(lines).startswith("data: {"):
-                    pass
+        _leave_after_the_first_chunk(srv, {"model": NAME, "prompt": PROMPTS[2:4], "n": 2, "max_tokens": N,
+                                           "temperature": 0, "ignore_eos": True})
         srv.wait_idle(timeout_s=5)
         assert srv.metric("jllm_requests_aborted_total") == aborted + 4
 
@@ -416,17 +421,13 @@ def test_64_concurrent_clients_half_streaming_all_correct_then_no_page_in_use(sr
 def test_client_disconnect_mid_stream_aborts_and_frees_pages(srv, tiny_model):
     aborted = srv.metric("jllm_requests_aborted_total")
     with slow_steps(srv.engine, 0.05):
-        body = {"model": NAME, "prompt": PROMPTS[2], "max_tokens": N, "temperature": 0,
-                "stream": True, "ignore_eos": True}
-        with httpx.Client(timeout=30) as client:
-            with client.stream("POST", f"{srv.url}/v1/completions", json=body) as response:
-                assert response.status_code == 200
-                lines = response.iter_lines()
-                while not next(lines).startswith("data: {"):
-                    pass
-                assert srv.runner.stats.running == 1
-                generated = srv.runner.stats.generated_tokens
-            # The connection is closed here, long before the 16 tokens are out.
+        def running():
+            assert srv.runner.stats.running == 1
+            return srv.runner.stats.generated_tokens
+
+        # The connection is closed on return, long before the 16 tokens are out.
+        generated = _leave_after_the_first_chunk(srv, {"model": NAME, "prompt": PROMPTS[2], "max_tokens": N,
+                                                       "temperature": 0, "ignore_eos": True}, running)
         stats = srv.wait_idle(timeout_s=5)
         assert srv.metric("jllm_requests_running") == 0
         assert srv.metric("jllm_requests_aborted_total") == aborted + 1
