@@ -3,7 +3,8 @@
     python tests/engine_tp_worker.py OUT.json
 
 Greedy engine tokens on a 1 x 2 mesh (KV heads split, and replicated when fewer than tp) and
-generate's on one device, for the same prompts, written as JSON for the test to compare.
+generate's on one device, for the same prompts, then sampled rows with penalties, and the step
+programs compiled after start-up, written as JSON for the test to compare.
 """
 import dataclasses
 import json
@@ -25,6 +26,7 @@ from conftest import random_flat  # noqa: E402
 from jllm import parallel  # noqa: E402
 from jllm.config import LlamaConfig  # noqa: E402
 from jllm.engine import Engine, SamplingParams  # noqa: E402
+from jllm.engine.step import engine_step  # noqa: E402
 from jllm.generate import Model  # noqa: E402
 from jllm.model import from_flat  # noqa: E402
 from sharding import rules  # noqa: E402
@@ -43,12 +45,19 @@ def run(cfg: LlamaConfig) -> dict:
     sp = SamplingParams(max_tokens=8, stop_token_ids=())
     engine = Engine(sharded, max_seqs=4, page_size=4, num_pages=40, max_tokens_per_step=16, chunk_row=8,
                     progress=False)
+    compiled = engine_step._cache_size()
     got = [o.token_ids for o in engine.generate(prompts, sp)]
     want = [jllm.generate(single, [p], max_new_tokens=8, stop_token_ids=[])[0].tokens for p in prompts]
+    # Sampled rows with penalties: generate's tokens with the same seed and penalties.
+    pen = [SamplingParams(max_tokens=8, temperature=1.0, seed=i, frequency_penalty=1.0, presence_penalty=0.5,
+                          stop_token_ids=()) for i in range(4)]
+    got_pen = [o.token_ids for o in engine.generate(prompts[:4], pen)]
+    want_pen = [jllm.generate(single, [p], max_new_tokens=8, temperature=1.0, seed=s.seed, stop_token_ids=[],
+                              frequency_penalty=1.0, presence_penalty=0.5)[0].tokens for p, s in zip(prompts, pen)]
     pages = engine.state.k_pages[0]
-    return dict(got=got, want=want, kv_replicated=sharded.plan.kv_replicated,
+    return dict(got=got, want=want, got_pen=got_pen, want_pen=want_pen, kv_replicated=sharded.plan.kv_replicated,
                 page_shards=[list(s.data.shape) for s in pages.addressable_shards],
-                preemptions=engine.stats().preemptions)
+                preemptions=engine.stats().preemptions, compiled_later=engine_step._cache_size() - compiled)
 
 
 if __name__ == "__main__":

@@ -551,7 +551,8 @@ def test_offline_bench_runs_and_reports_sane_numbers(tiny_model_no_tokenizer, tm
 # --- tensor parallelism --------------------------------------------------------------------
 
 def test_engine_on_a_tp2_mesh_matches_generate_on_one_device(tmp_path):
-    """A subprocess with 2 CPU devices (tests/engine_tp_worker.py): KV heads split, and replicated."""
+    """A subprocess with 2 CPU devices (tests/engine_tp_worker.py): KV heads split, and replicated;
+    greedy and penalized sampled rows; no step program compiles after start-up."""
     out = tmp_path / "tp.json"
     worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine_tp_worker.py")
     proc = subprocess.run([sys.executable, worker, str(out)], capture_output=True, text=True, timeout=600)
@@ -560,6 +561,9 @@ def test_engine_on_a_tp2_mesh_matches_generate_on_one_device(tmp_path):
     assert res["split"]["got"] == res["split"]["want"] and not res["split"]["kv_replicated"]
     assert res["split"]["page_shards"] == [[40, 4, 1, 16]] * 2      # 2 KV heads, one per device
     assert res["replicated"]["got"] == res["replicated"]["want"] and res["replicated"]["kv_replicated"]
+    for part in ("split", "replicated"):
+        assert res[part]["got_pen"] == res[part]["want_pen"], part
+        assert res[part]["compiled_later"] == 0, part   # the state keeps the shardings compiled for
 
 
 def test_prefix_cache_keys_are_sha256_chains_of_page_and_prefix():

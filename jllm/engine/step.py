@@ -34,6 +34,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from jllm import attention as attn
 from jllm.config import LlamaConfig
@@ -287,8 +288,14 @@ def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: Llama
                         v_scale_pages=view.v_scale_pages,
                         keys=state.keys.at[batch.sample_slot].set(nxt, mode="drop"),
                         last_token=state.last_token.at[batch.sample_slot].set(sampled, mode="drop"),
-                        counts=counts.at[batch.sample_slot, sampled].add(1, mode="drop"))
+                        counts=_replicated(counts.at[batch.sample_slot, sampled].add(1, mode="drop"), plan))
     return state, StepOutput(sampled, *lp, *spec, *plp)
+
+
+def _replicated(x: jax.Array, plan: Plan) -> jax.Array:
+    """x replicated over the mesh, as init_state makes it: the sharding every step program is
+    compiled for (a vocabulary-sharded penalty would otherwise leave the counts split)."""
+    return jax.lax.with_sharding_constraint(x, PartitionSpec()) if plan.sharded else x
 
 
 @functools.partial(jax.jit, donate_argnames=("counts",))
