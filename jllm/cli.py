@@ -185,6 +185,8 @@ def _check_speculation(args) -> None:
                          f"--prompt-lookup; got {', '.join(given) or 'none'}")
     if args.speculate is not None and (getattr(args, "tp", 1) > 1 or getattr(args, "dp", 1) > 1):
         raise ValueError(f"--speculate runs on one device; got --tp {args.tp} --dp {args.dp}")
+    if args.speculate is not None and (getattr(args, "presence_penalty", 0) or getattr(args, "frequency_penalty", 0)):
+        raise ValueError("--presence-penalty and --frequency-penalty do not combine with --speculate")
     if draft is not None and not os.path.isdir(os.path.expanduser(draft)):
         raise FileNotFoundError(f"--draft {draft!r} is not a directory (a jllm checkpoint)")
     if draft_quantize is not None and getattr(args, "quantize", None) is not None:
@@ -198,8 +200,6 @@ def _penalties(args) -> dict:
 
 def _speculative(args, model):
     """The Speculative the flags ask for, or None."""
-    if args.speculate is not None and (args.presence_penalty or args.frequency_penalty):
-        raise ValueError("--presence-penalty and --frequency-penalty do not combine with --speculate")
     return speculative.from_args(model, args.speculate, draft=args.draft and os.path.expanduser(args.draft),
                                  draft_quantize=args.draft_quantize, prompt_lookup=args.prompt_lookup)
 

@@ -548,6 +548,23 @@ def test_offline_bench_runs_and_reports_sane_numbers(tiny_model_no_tokenizer, tm
     assert "output tok/s" in table and "TTFT" in table
 
 
+def test_add_requests_adds_all_or_none(tiny_model_no_tokenizer):
+    engine = _engine(tiny_model_no_tokenizer, max_queue=3)
+    sp = SamplingParams(max_tokens=4, stop_token_ids=())
+    engine.add_request([1, 2], sp)
+    with pytest.raises(QueueFull, match="max_queue=3"):
+        engine.add_requests([([3, 4], sp, None)] * 3)
+    with pytest.raises(ValueError, match="outside"):
+        engine.add_requests([([3, 4], sp, "a"), ([3, 10 ** 6], sp, "b")])
+    assert list(engine.requests) == ["req-0"] and len(engine.scheduler.waiting) == 1
+    ids = engine.add_requests([([3, 4], sp, "a"), ([5], sp, None)])
+    assert ids[0] == "a" and len(engine.scheduler.waiting) == 3
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.stats().aborted == 0
+    _check_all_free(engine)
+
+
 # --- tensor parallelism --------------------------------------------------------------------
 
 def test_engine_on_a_tp2_mesh_matches_generate_on_one_device(tmp_path):

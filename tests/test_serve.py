@@ -381,14 +381,33 @@ def test_a_client_leaving_a_request_of_several_choices_aborts_them_all(srv):
         assert srv.metric("jllm_requests_aborted_total") == aborted + 4
 
 
-def test_choices_past_the_queue_are_refused_together_and_leave_nothing_queued(tiny_model):
+def test_choices_the_queue_cannot_take_are_refused_together_and_none_is_queued(tiny_model):
+    """More choices than --max-queue: a 400 (a 429 would be retried forever). With one request
+    running and one waiting in a queue of 2, two more choices get a 429 and neither is queued."""
     engine = make_engine(tiny_model, max_seqs=1, max_queue=2, num_pages=64)
     with ThreadServer(engine, tiny_model) as s:
-        r = httpx.post(f"{s.url}/v1/completions", json={"model": NAME, "prompt": "Hi", "n": 4,
-                                                        "max_tokens": N}, timeout=30)
-        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        url = f"{s.url}/v1/completions"
+        r = httpx.post(url, json={"model": NAME, "prompt": "Hi", "n": 3, "max_tokens": N}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        body = {"model": NAME, "prompt": "Hi", "max_tokens": N, "temperature": 0, "ignore_eos": True}
+
+        async def main():
+            async with httpx.AsyncClient(timeout=60) as client:
+                with slow_steps(engine, 0.05):
+                    first = [asyncio.ensure_future(client.post(url, json=body)) for _ in range(2)]
+                    for _ in range(500):
+                        if (s.runner.stats.running, s.runner.stats.waiting) == (1, 1):
+                            break
+                        await asyncio.sleep(0.01)
+                    refused = await client.post(url, json={**body, "n": 2})
+                    waiting = s.runner.stats.waiting
+                return refused, waiting, await asyncio.gather(*first)
+
+        refused, waiting, first = asyncio.run(main())
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
+        assert waiting == 1 and [r.status_code for r in first] == [200, 200]
         s.wait_idle()
-        assert s.metric("jllm_requests_aborted_total") == 2   # the two choices the queue took
+        assert s.metric("jllm_requests_aborted_total") == 0
         ok = s.client().completions.create(model=NAME, prompt="Hi", n=2, max_tokens=N, temperature=0)
         assert ok.choices[0].text == ok.choices[1].text == ref(tiny_model, "Hi").text
 

@@ -266,6 +266,22 @@ class Engine:
         self.scheduler.add(req)
         return request_id
 
+    def add_requests(self, requests: Sequence[tuple]) -> list[str]:
+        """Queue (prompt, params, request_id) requests at once, all or none -> their ids: QueueFull
+        when max_queue cannot take them all, and what add_request raises for any of them."""
+        if self.max_queue is not None and len(self.scheduler.waiting) + len(requests) > self.max_queue:
+            raise QueueFull(f"{len(self.scheduler.waiting)} requests wait already; {len(requests)} more would "
+                            f"pass max_queue={self.max_queue}")
+        ids: list[str] = []
+        try:
+            for prompt, params, request_id in requests:
+                ids.append(self.add_request(prompt, params, request_id))
+        except BaseException:
+            for rid in ids:  # never scheduled (no step ran): gone without an output
+                self.scheduler.finish(self.requests.pop(rid))
+            raise
+        return ids
+
     def abort(self, request_id: str) -> None:
         """Stop a request now: its slot and pages are free at once, and its final output
         (finish_reason "abort") comes out of the next step(). Unknown or finished ids are ignored."""
@@ -439,15 +455,7 @@ class Engine:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
-        ids = []
-        try:
-            for p, sp in zip(prompts, params):
-                ids.append(self.add_request(p, sp))
-        except Exception:
-            for rid in ids:
-                self.abort(rid)
-            self._outputs.clear()
-            raise
+        ids = self.add_requests([(p, sp, None) for p, sp in zip(prompts, params)])
         acc = {rid: RequestOutput(rid, "", [], False, None, 0, 0, None) for rid in ids}
         while self.has_unfinished():
             for o in self.step():

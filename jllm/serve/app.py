@@ -286,27 +286,23 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
 
     async def start(request_id: str, choices: list[tuple[list[int], SamplingParams]],
                     t_arrival: float, prompt_only: bool = False) -> list[Generation]:
-        """Add one engine request per choice (all at once); if any is refused, none stays."""
+        """Add one engine request per choice, all or none (Engine.add_requests)."""
         accepting()  # again: the body may have taken a while
+        max_queue = runner.engine.max_queue
+        if max_queue is not None and len(choices) > max_queue:
+            raise bad_request(f"{len(choices)} choices (n times the prompts) are more than this server "
+                              f"queues at once ({max_queue}, --max-queue)", "n")
         ids = [request_id] if len(choices) == 1 else [f"{request_id}-{i}" for i in range(len(choices))]
-        added = await asyncio.gather(*(runner.add(rid, prompt, params)
-                                       for rid, (prompt, params) in zip(ids, choices)),
-                                     return_exceptions=True)
-        errors = [e for e in added if isinstance(e, BaseException)]
-        if errors:
-            for stream in added:
-                if not isinstance(stream, BaseException):
-                    runner.abort(stream.request_id)
-            e = errors[0]
-            if isinstance(e, QueueFull):
-                metrics.rejected.labels("queue_full").inc()
-                raise APIError(429, f"the server is at capacity ({e}); retry later",
-                               code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-            if isinstance(e, (ValueError, TypeError)):
-                raise bad_request(str(e)) from None
-            if isinstance(e, EngineUnavailable):
-                raise APIError(503, str(e)) from None
-            raise e
+        try:
+            added = await runner.add_many([(rid, prompt, params) for rid, (prompt, params) in zip(ids, choices)])
+        except QueueFull as e:
+            metrics.rejected.labels("queue_full").inc()
+            raise APIError(429, f"the server is at capacity ({e}); retry later",
+                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except (ValueError, TypeError) as e:
+            raise bad_request(str(e)) from None
+        except EngineUnavailable as e:
+            raise APIError(503, str(e)) from None
         return [Generation(stream, metrics, t_arrival, prompt_only) for stream in added]
 
     async def respond(request: Request, gens: list[Generation], stream: bool,

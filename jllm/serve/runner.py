@@ -87,30 +87,41 @@ class EngineRunner:
         Raises what engine.add_request raises (ValueError, TypeError, QueueFull) and
         EngineUnavailable when the engine thread is not running.
         """
+        [stream] = await self.add_many([(request_id, prompt, params)])
+        return stream
+
+    async def add_many(self, requests: list[tuple[str, list[int] | str, object]]) -> list[RequestStream]:
+        """Add (request_id, prompt, params) requests at once, all or none (Engine.add_requests):
+        one stream each, in order. Raises as `add`."""
         if not self.alive:
             raise EngineUnavailable(f"the engine is not running ({self.error!r})" if self.error
                                     else "the engine is not running")
-        if request_id in self._streams:
-            raise ValueError(f"{request_id=} is already in use")
-        stream = RequestStream(request_id)
-        self._streams[request_id] = stream  # before the engine can produce anything for it
+        ids = [r[0] for r in requests]
+        taken = next((i for i in ids if i in self._streams), None)
+        if taken is not None or len(set(ids)) < len(ids):
+            raise ValueError(f"request_id={taken or ids!r} is already in use")
+        streams = [RequestStream(i) for i in ids]
+        self._streams.update(zip(ids, streams))  # before the engine can produce anything for them
         added = self._loop.create_future()
         with self._lock:  # a thread that ends after this put refuses the add (_close)
             if self._closed:
-                del self._streams[request_id]
+                for i in ids:
+                    del self._streams[i]
                 raise EngineUnavailable(f"the engine is not running ({self.error!r})" if self.error
                                         else "the engine is not running")
-            self._commands.put(("add", request_id, prompt, params, added))
+            self._commands.put(("add", requests, added))
         try:
             await added
         except asyncio.CancelledError:  # the client left while the add was queued
-            self._streams.pop(request_id, None)
-            self._commands.put(("abort", request_id))  # after the add: the queue is FIFO
+            for i in ids:
+                self._streams.pop(i, None)
+                self._commands.put(("abort", i))  # after the add: the queue is FIFO
             raise
         except BaseException:
-            self._streams.pop(request_id, None)
+            for i in ids:
+                self._streams.pop(i, None)
             raise
-        return stream
+        return streams
 
     def abort(self, request_id: str) -> None:
         """Abort a request if it is still running; its final output has finish_reason "abort"."""
@@ -211,14 +222,13 @@ class EngineRunner:
             if command[1] in live:
                 self.engine.abort(command[1])
             return
-        _, request_id, prompt, params, future = command
+        _, requests, future = command
         error = None
         try:
-            self.engine.add_request(prompt, params, request_id=request_id)
-            live.add(request_id)
+            live.update(self.engine.add_requests([(prompt, params, rid) for rid, prompt, params in requests]))
         except (ValueError, TypeError, QueueFull) as e:   # the request's fault, or a full queue
             error = e
         except Exception as e:  # the engine's fault: this request fails, the engine carries on
-            log.exception("add_request failed for %s", request_id)
+            log.exception("add_request failed for %s", [r[0] for r in requests])
             error = e
         self._post(self._resolve, future, error)
