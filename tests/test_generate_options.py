@@ -94,13 +94,15 @@ def test_penalties_match_a_step_by_step_reference_and_change_a_repetitive_output
 
 
 def test_penalties_count_every_generated_token_up_to_the_last(scripted_model, tokenizer):
-    """A bigram model that repeats one token with a logit margin of about 40: the frequency
-    penalty overtakes the margin after a count that the step-by-step reference fixes exactly."""
+    """A bigram model that repeats one token with a logit margin of 64 (D) less the noise of two
+    random dot products: the penalties (2 + 2 per count) overtake it after 20-45 counts, at a
+    count the step-by-step reference fixes exactly."""
     a, b = _word_pieces(tokenizer, 2)
     model = scripted_model({1: a, a: a, b: b})
-    [plain] = jllm.generate(model, [[1]], max_new_tokens=30, stop_token_ids=[])
-    assert plain.tokens == [a] * 30
-    [out] = jllm.generate(model, [[1]], max_new_tokens=30, stop_token_ids=[], presence_penalty=2.0,
+    n = 60
+    [plain] = jllm.generate(model, [[1]], max_new_tokens=n, stop_token_ids=[])
+    assert plain.tokens == [a] * n
+    [out] = jllm.generate(model, [[1]], max_new_tokens=n, stop_token_ids=[], presence_penalty=2.0,
                           frequency_penalty=2.0)
-    assert out.tokens == _penalized_greedy_reference(model, [1], 30, 2.0, 2.0)
-    assert a in out.tokens and out.tokens != plain.tokens
+    assert out.tokens == _penalized_greedy_reference(model, [1], n, 2.0, 2.0)
+    assert out.tokens[0] == a and out.tokens != plain.tokens
