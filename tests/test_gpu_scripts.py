@@ -132,3 +132,23 @@ def test_int4_prefill_reports_a_failing_tiling_and_runs_the_rest(monkeypatch, ca
     assert [bs for _, bs in benches] == [default, default, bad]
     assert "== int4 prefill through bad: FAILED RuntimeError: out of resources" in out
     assert quant.MAX_PALLAS_M_GROUPED == default_max and qmm.default_block_sizes(128, 256, 128, 4) == default
+
+
+@pytest.mark.parametrize("temperature,greedy", [(0.0, True), (1.0, False)])
+def test_engine_decode_step_times_the_greedy_or_the_sampling_program(monkeypatch, temperature, greedy):
+    from jllm import parallel
+    from jllm.engine import engine as engine_module
+    from jllm.generate import Model
+    from scripts.gpu.engine import decode_step
+    cfg = LlamaConfig.from_name("tiny")
+    model = Model(params=parallel.random_params(cfg, None, jax.random.key(0), jnp.float32), cfg=cfg)
+    seen, real = [], engine_module.engine_step
+
+    def spy(*args, **kw):
+        seen.append(kw.get("greedy", False))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(engine_module, "engine_step", spy)
+    d = decode_step(model, 4, 40, None, steps=3, temperature=temperature)
+    assert d["temperature"] == temperature and d["rows"] == 4 and d["step_ms"] > 0
+    assert seen[-3:] == [greedy] * 3   # the timed steps (pure decode)
