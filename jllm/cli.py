@@ -72,6 +72,9 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
                    help="lower a token's logit by this once it has been generated (in [-2, 2])")
     p.add_argument("--frequency-penalty", type=argtypes.penalty, default=0.0,
                    help="lower a token's logit by this per time it has been generated (in [-2, 2])")
+    p.add_argument("--repetition-penalty", type=argtypes.repetition_penalty, default=1.0,
+                   help="divide (multiply, if negative) the logit of a token in the prompt or the output "
+                        "by this (Hugging Face's; 1: none)")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -185,8 +188,10 @@ def _check_speculation(args) -> None:
                          f"--prompt-lookup; got {', '.join(given) or 'none'}")
     if args.speculate is not None and (getattr(args, "tp", 1) > 1 or getattr(args, "dp", 1) > 1):
         raise ValueError(f"--speculate runs on one device; got --tp {args.tp} --dp {args.dp}")
-    if args.speculate is not None and (getattr(args, "presence_penalty", 0) or getattr(args, "frequency_penalty", 0)):
-        raise ValueError("--presence-penalty and --frequency-penalty do not combine with --speculate")
+    if args.speculate is not None and (getattr(args, "presence_penalty", 0) or getattr(args, "frequency_penalty", 0)
+                                       or getattr(args, "repetition_penalty", 1) != 1):
+        raise ValueError("--presence-penalty, --frequency-penalty and --repetition-penalty do not combine "
+                         "with --speculate")
     if draft is not None and not os.path.isdir(os.path.expanduser(draft)):
         raise FileNotFoundError(f"--draft {draft!r} is not a directory (a jllm checkpoint)")
     if draft_quantize is not None and getattr(args, "quantize", None) is not None:
@@ -195,7 +200,8 @@ def _check_speculation(args) -> None:
 
 
 def _penalties(args) -> dict:
-    return dict(presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
+    return dict(presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                repetition_penalty=args.repetition_penalty)
 
 
 def _speculative(args, model):

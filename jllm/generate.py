@@ -110,12 +110,14 @@ def bucket(n: int, minimum: int = MIN_BUCKET, buckets: Sequence[int] | None = No
 
 def _prefill(params: Params, tokens: jax.Array, n_tokens: jax.Array, cache: KVCache,
              sampling: Sampling, key: jax.Array, cfg: LlamaConfig, plan: Plan = Plan(),
-             ) -> tuple[jax.Array, KVCache, jax.Array]:
+             penalties: "Penalties | None" = None) -> tuple[jax.Array, KVCache, jax.Array]:
     h, cache = transformer(params, tokens, cache, cfg, plan, n_tokens=n_tokens, fresh=True,
                            only=(n_tokens - 1)[:, None])                      # [B, 1, D]
-    last = h[:, 0]                                                            # [B, D]
+    lg = logits(params, h[:, 0], plan)                                        # [B, V]
+    if penalties is not None:  # static: the repetition penalty already sees the prompt
+        lg = penalties.apply(lg)
     key, sub = jax.random.split(key)
-    return sample(logits(params, last, plan), sub, sampling), cache, key
+    return sample(lg, sub, sampling), cache, key
 
 
 # The prefill of float weights runs its GEMMs on cuBLAS rather than XLA's Triton GEMM fusions: TTFT
@@ -153,16 +155,32 @@ prefill = _Prefill()
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Penalties:
-    """Presence and frequency penalties per row [B], and the counts [B, V] of each row's
-    generated tokens so far (`sampling.penalize`); `decode` returns them updated."""
+    """Presence, frequency and repetition penalties per row [B], the tokens of each row's prompt
+    (prompt_seen [B, V]) and the counts [B, V] of its generated tokens so far
+    (`sampling.penalize`); `decode` returns them updated."""
     presence: jax.Array
     frequency: jax.Array
+    repetition: jax.Array
+    prompt_seen: jax.Array
     counts: jax.Array
+
+    @classmethod
+    def make(cls, prompts: list[list[int]], B: int, V: int, presence: float, frequency: float,
+             repetition: float) -> "Penalties":
+        """Host arrays for a batch of B rows (the first len(prompts) real)."""
+        seen = np.zeros((B, V), bool)
+        for i, p in enumerate(prompts):
+            seen[i, p] = True
+        full = lambda x: np.full((B,), x, np.float32)  # noqa: E731
+        return cls(full(presence), full(frequency), full(repetition), seen, np.zeros((B, V), np.int32))
 
     def add(self, token: jax.Array) -> "Penalties":
         """Count one more generated token [B] per row."""
         rows = jnp.arange(token.shape[0])
         return dataclasses.replace(self, counts=self.counts.at[rows, token].add(1))
+
+    def apply(self, logits: jax.Array) -> jax.Array:
+        return penalize(logits, self.counts, self.presence, self.frequency, self.repetition, self.prompt_seen)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n_steps", "plan"), donate_argnames=("cache", "penalties"))
@@ -180,7 +198,7 @@ def decode(params: Params, token: jax.Array, cache: KVCache, sampling: Sampling,
         lg = logits(params, h[:, 0], plan)
         if pen is not None:  # static
             pen = pen.add(token)
-            lg = penalize(lg, pen.counts, pen.presence, pen.frequency)
+            lg = pen.apply(lg)
         token = sample(lg, sub, sampling)                                    # [B]
         return token, cache, key, out.at[:, i].set(token), pen
 
@@ -207,12 +225,17 @@ def _check_number(name: str, x, ok: Callable[[float], bool], expected: str, inte
 
 
 def check_penalty(name: str, x) -> None:
-    """presence_penalty and frequency_penalty: a number in [-2, 2], as OpenAI takes them."""
-    _check_number(name, x, lambda v: -2 <= v <= 2, "a number in [-2, 2]")
+    """presence_penalty and frequency_penalty: a number in [-2, 2], as OpenAI takes them;
+    repetition_penalty: a number > 0 (1: none)."""
+    if name == "repetition_penalty":
+        _check_number(name, x, lambda v: v > 0, "a number > 0 (1 is no penalty)")
+    else:
+        _check_number(name, x, lambda v: -2 <= v <= 2, "a number in [-2, 2]")
 
 
 def _check_args(model: Model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
-                stop_token_ids, stream=None, presence_penalty=0.0, frequency_penalty=0.0) -> list[list[int]]:
+                stop_token_ids, stream=None, presence_penalty=0.0, frequency_penalty=0.0,
+                repetition_penalty=1.0) -> list[list[int]]:
     """Validate the public arguments; return the prompts as token ids."""
     if stream is not None and not callable(stream):
         raise TypeError(f"stream={stream!r:.80} must be a callable taking a Delta, or None")
@@ -258,6 +281,7 @@ def _check_args(model: Model, prompts, max_new_tokens, temperature, top_k, top_p
         _check_number("top_p", top_p, lambda x: 0 < x <= 1, "None or in (0, 1]")
     check_penalty("presence_penalty", presence_penalty)
     check_penalty("frequency_penalty", frequency_penalty)
+    check_penalty("repetition_penalty", repetition_penalty)
     # The PRNG key keeps 32 bits: other seeds would repeat these (s < 0 is s + 2**32, as in the engine).
     _check_number("seed", seed, lambda x: -2**31 <= x < 2**32, "an int in [-2**31, 2**32)", integer=True)
     if stop is not None:
@@ -289,7 +313,7 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
              top_p: float | None = None, seed: int = 0, stop: str | Sequence[str] | None = None,
              stop_token_ids: Sequence[int] | None = None,
              stream: Callable[[Delta], None] | None = None, presence_penalty: float = 0.0,
-             frequency_penalty: float = 0.0) -> list[Completion]:
+             frequency_penalty: float = 0.0, repetition_penalty: float = 1.0) -> list[Completion]:
     """Generate a completion for each prompt (a str, a list of str, or a list of token-id lists).
 
     stop_token_ids=None stops on the tokenizer's EOS; [] never stops on a token. `stop` strings are
@@ -297,7 +321,8 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     presence_penalty / frequency_penalty (in [-2, 2], as OpenAI's): each token's logit is lowered
     by presence_penalty if the row has generated it already, and by frequency_penalty per time it
     has (the prompt does not count), before temperature, top-k and top-p, and before a greedy
-    row's argmax.
+    row's argmax. repetition_penalty (> 0; Hugging Face's): before those, the logit of every token
+    in the prompt or generated already is divided by it when positive, multiplied when negative.
     seed: an int in [0, 2**32) (a negative one is that plus 2**32). A batch whose KV cache would not fit the device's free memory runs
     in parts (the largest power-of-two number of prompts that fits, one after another); results
     keep the prompts' order and stream indices, and each part after the first samples from its own
@@ -307,9 +332,9 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     if isinstance(stop, str):
         stop = [stop]
     ids = _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
-                      stop_token_ids, stream, presence_penalty, frequency_penalty)
+                      stop_token_ids, stream, presence_penalty, frequency_penalty, repetition_penalty)
     max_new_tokens, seed, temperature = int(max_new_tokens), int(seed) % 2**32, float(temperature)
-    penalty = (float(presence_penalty), float(frequency_penalty))
+    penalty = (float(presence_penalty), float(frequency_penalty), float(repetition_penalty))
     top_k = None if top_k is None else int(top_k)
     top_p = None if top_p is None else float(top_p)
     stop = list(stop or [])
@@ -333,9 +358,7 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
                 tokens[i, :len(p)], n_tokens[i] = p, len(p)
             sampling = Sampling.make(B, temperature, top_k, top_p)
             rows = [Row(i, p, model.tokenizer, stop, stop_ids, max_new_tokens) for i, p in enumerate(part_ids)]
-            penalties = None if penalty == (0.0, 0.0) else Penalties(
-                np.full((B,), penalty[0], np.float32), np.full((B,), penalty[1], np.float32),
-                np.zeros((B, cfg.vocab_size), np.int32))
+            penalties = None if penalty == (0.0, 0.0, 1.0) else Penalties.make(part_ids, B, cfg.vocab_size, *penalty)
             results += _run(model, rows, tokens, n_tokens, S, sampling, _part_seed(seed, part),
                             max_new_tokens, _shifted(stream, first), t_call, clock, penalties)
     for c in results:  # a later part may have compiled too
@@ -418,7 +441,7 @@ def _run(model: Model, rows: list[Row], tokens: np.ndarray, n_tokens: np.ndarray
         tokens_d, n_tokens_d, sampling, key, penalties = parallel.put_batch(
             (tokens, n_tokens, sampling, key, penalties), model.mesh)
         host = parallel.to_host
-    token, cache, key = prefill(model.params, tokens_d, n_tokens_d, cache, sampling, key, **kw)
+    token, cache, key = prefill(model.params, tokens_d, n_tokens_d, cache, sampling, key, penalties=penalties, **kw)
     take(host(token)[:, None])
     t_first = time.perf_counter()
     # Keep one decode chunk in flight: the next is dispatched before the last one is read back.

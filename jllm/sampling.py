@@ -68,9 +68,16 @@ def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
     return jnp.where(s.temperature > 0, drawn.astype(jnp.int32), greedy)
 
 
-def penalize(logits: jax.Array, counts: jax.Array, presence: jax.Array, frequency: jax.Array) -> jax.Array:
-    """OpenAI's presence and frequency penalties: logits [B, V] less presence [B] for every token
-    the row has generated and frequency [B] per time it has (counts [B, V] of its generated
-    tokens). Applied before temperature, top-k and top-p, and before the argmax of greedy rows."""
+def penalize(logits: jax.Array, counts: jax.Array, presence: jax.Array, frequency: jax.Array,
+             repetition: jax.Array, prompt_seen: jax.Array) -> jax.Array:
+    """The penalties, applied before temperature, top-k and top-p, and before the argmax of
+    greedy rows, in vLLM's order: first the repetition penalty (CTRL's, as Hugging Face applies
+    it: a token in the prompt (prompt_seen [B, V]) or generated already has its logit divided by
+    repetition [B] when positive, multiplied when negative), then OpenAI's presence and
+    frequency penalties: less presence [B] for every token the row has generated and frequency
+    [B] per time it has (counts [B, V] of its generated tokens)."""
     c = counts.astype(jnp.float32)
-    return logits.astype(jnp.float32) - presence[:, None] * (c > 0) - frequency[:, None] * c
+    x = logits.astype(jnp.float32)
+    r = repetition[:, None]
+    x = jnp.where(prompt_seen | (c > 0), jnp.where(x > 0, x / r, x * r), x)
+    return x - presence[:, None] * (c > 0) - frequency[:, None] * c

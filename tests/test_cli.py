@@ -221,6 +221,7 @@ def test_generate_speculates_with_the_same_text_and_reports_acceptance(tiny_dirs
     (["--speculate", "2", "--prompt-lookup", "2", "--draft-quantize", "int8"], "got --draft-quantize, --prompt-lookup"),
     (["--speculate", "2", "--draft", "/nonexistent/draft"], "'/nonexistent/draft' is not a directory"),
     (["--speculate", "2", "--prompt-lookup", "2", "--frequency-penalty", "1"], "do not combine with --speculate"),
+    (["--speculate", "2", "--prompt-lookup", "2", "--repetition-penalty", "1.2"], "do not combine with --speculate"),
 ])
 def test_speculation_flags_are_checked_before_loading(tiny_dirs, capsys, flags, match):
     _, ck = tiny_dirs

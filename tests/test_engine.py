@@ -43,7 +43,8 @@ def _reference(model, prompt, params: SamplingParams) -> list[int]:
     [r] = jllm.generate(model, [prompt], max_new_tokens=params.max_tokens, temperature=params.temperature,
                         top_k=params.top_k, top_p=params.top_p, seed=params.seed,
                         stop_token_ids=list(params.stop_token_ids or []),
-                        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty)
+                        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                        repetition_penalty=params.repetition_penalty)
     return r.tokens
 
 
@@ -139,7 +140,8 @@ def test_penalized_requests_match_generate_through_preemption_and_a_shared_prefi
     def params(i):
         return SamplingParams(max_tokens=int(rng.integers(8, 21)), temperature=[0.0, 1.0][i % 2], seed=i,
                               presence_penalty=[0.0, 1.2, -0.4, 0.0][i % 4],
-                              frequency_penalty=[0.0, 0.5, 0.8, 2.0][(i // 2) % 4], stop_token_ids=())
+                              frequency_penalty=[0.0, 0.5, 0.8, 2.0][(i // 2) % 4],
+                              repetition_penalty=[1.0, 1.0, 1.4, 0.7, 2.0][i % 5], stop_token_ids=())
     script = [(a, p, sp, None) for a, p, sp, _ in _mixed_script(rng, 24, params)]
     engine = _engine(m)
     got = _drive(engine, script, check=_check_pages)
@@ -152,15 +154,16 @@ def test_penalized_requests_match_generate_through_preemption_and_a_shared_prefi
     _check_all_free(engine)
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_a_penalized_request_preempted_mid_decode_resumes_with_its_counts(tiny_model_no_tokenizer, temperature):
+@pytest.mark.parametrize("temperature,repetition", [(0.0, 1.0), (1.0, 1.0), (0.0, 1.5)])
+def test_a_penalized_request_preempted_mid_decode_resumes_with_its_counts(tiny_model_no_tokenizer, temperature,
+                                                                          repetition):
     """Two requests of 60 tokens in a pool of 96: the newer is preempted after some outputs,
     its full pages go to the prefix cache, and it resumes by recomputing its outputs (counted
     again) rather than reading them from the cache."""
     m = tiny_model_no_tokenizer
     rng = np.random.default_rng(3)
     sp = SamplingParams(max_tokens=40, temperature=temperature, seed=5, presence_penalty=0.7,
-                        frequency_penalty=0.9, stop_token_ids=())
+                        frequency_penalty=0.9, repetition_penalty=repetition, stop_token_ids=())
     prompts = [_ids(20, rng), _ids(20, rng)]
     engine = _engine(m)
     got = _drive(engine, [(0, prompts[0], sp, None), (1, prompts[1], sp, None)])

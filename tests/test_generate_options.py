@@ -63,9 +63,10 @@ def test_prompt_buckets_must_be_increasing(tiny_model):
 
 # --- presence and frequency penalties --------------------------------------------------------
 
-def _penalized_greedy_reference(model, prompt, n, presence, frequency):
-    """Greedy tokens with OpenAI's penalties, each step a full forward over the sequence so far
-    (no cache reuse) and the penalty applied in numpy."""
+def _penalized_greedy_reference(model, prompt, n, presence, frequency, repetition=1.0):
+    """Greedy tokens with the penalties, each step a full forward over the sequence so far (no
+    cache reuse) and the penalties applied in numpy: Hugging Face's repetition penalty over the
+    prompt and the output, then OpenAI's presence and frequency penalties over the output."""
     import numpy as np
     from jllm.model import forward, init_cache
     seq, out, T = list(prompt), [], len(prompt) + n   # padded to T: one shape, causal attention
@@ -75,6 +76,8 @@ def _penalized_greedy_reference(model, prompt, n, presence, frequency):
         lg, _ = forward(model.params, tokens, init_cache(model.cfg, 1, T, np.float32), model.cfg)
         lg = np.asarray(lg[0, len(seq) - 1], np.float64)
         counts = np.bincount(out, minlength=lg.shape[0])
+        seen = np.isin(np.arange(lg.shape[0]), seq)
+        lg = np.where(seen, np.where(lg > 0, lg / repetition, lg * repetition), lg)
         t = int(np.argmax(lg - presence * (counts > 0) - frequency * counts))
         out.append(t)
         seq.append(t)
@@ -85,10 +88,18 @@ def test_penalties_match_a_step_by_step_reference_and_change_a_repetitive_output
     m, prompt, n = tiny_model_no_tokenizer, [1, 5, 9, 5], 24
     [plain] = jllm.generate(m, [prompt], max_new_tokens=n, stop_token_ids=[])
     assert len(set(plain.tokens)) < n          # a random tiny model repeats itself
-    for presence, frequency in [(0.0, 0.6), (1.5, 0.0), (-0.5, 0.3)]:
-        [out] = jllm.generate(m, [prompt, [2, 3]], max_new_tokens=n, stop_token_ids=[],
-                              presence_penalty=presence, frequency_penalty=frequency)[:1]
-        assert out.tokens == _penalized_greedy_reference(m, prompt, n, presence, frequency), (presence, frequency)
+    for presence, frequency, repetition in [(0.0, 0.6, 1.0), (1.5, 0.0, 1.0), (-0.5, 0.3, 1.0), (0.0, 0.0, 1.3),
+                                            (0.4, 0.2, 0.8)]:
+        [out] = jllm.generate(m, [prompt, [2, 3]], max_new_tokens=n, stop_token_ids=[], presence_penalty=presence,
+                              frequency_penalty=frequency, repetition_penalty=repetition)[:1]
+        assert out.tokens == _penalized_greedy_reference(m, prompt, n, presence, frequency, repetition), \
+            (presence, frequency, repetition)
+    # The repetition penalty sees the prompt from the first sample (the prefill's): a prompt
+    # ending where the plain output repeats a token it holds.
+    k = next(k for k in range(1, n) if plain.tokens[k] in plain.tokens[:k]
+             and _penalized_greedy_reference(m, prompt + plain.tokens[:k], 1, 0, 0, 3.0)[0] != plain.tokens[k])
+    [rep] = jllm.generate(m, [prompt + plain.tokens[:k]], max_new_tokens=4, stop_token_ids=[], repetition_penalty=3.0)
+    assert rep.tokens == _penalized_greedy_reference(m, prompt + plain.tokens[:k], 4, 0, 0, 3.0)
     [strong] = jllm.generate(m, [prompt], max_new_tokens=n, stop_token_ids=[], frequency_penalty=2.0)
     assert strong.tokens != plain.tokens and len(set(strong.tokens)) > len(set(plain.tokens))
 

@@ -227,14 +227,16 @@ def test_stop_strings_cut_the_text_like_generate(srv, tiny_model):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
-def test_presence_and_frequency_penalties_are_generates(srv, tiny_model):
+def test_penalties_are_generates(srv, tiny_model):
     messages = [{"role": "user", "content": "Hi there"}]
     ids = format_chat(messages, tiny_model.tokenizer)
     c = srv.client()
     for kw in (dict(temperature=0, frequency_penalty=1.5), dict(temperature=1.0, seed=3, presence_penalty=-0.5,
-                                                               frequency_penalty=0.7)):
-        expected = ref(tiny_model, ids, **kw)
-        r = c.chat.completions.create(model=NAME, messages=messages, max_tokens=N, **kw)
+                                                               frequency_penalty=0.7),
+               dict(temperature=0, repetition_penalty=1.6)):
+        rep = {"repetition_penalty": kw.pop("repetition_penalty")} if "repetition_penalty" in kw else {}
+        expected = ref(tiny_model, ids, **kw, **rep)
+        r = c.chat.completions.create(model=NAME, messages=messages, max_tokens=N, extra_body=rep, **kw)
         assert r.choices[0].message.content == expected.text, kw
     prompt = [1, 5, 9, 5]   # the tiny model repeats itself after these
     plain = ref(tiny_model, prompt, stop_token_ids=[])
@@ -243,6 +245,11 @@ def test_presence_and_frequency_penalties_are_generates(srv, tiny_model):
     r = c.completions.create(model=NAME, prompt=prompt, max_tokens=N, temperature=0, frequency_penalty=2.0,
                              extra_body={"ignore_eos": True})
     assert r.choices[0].text == penalized.text
+    repeated = ref(tiny_model, prompt, stop_token_ids=[], repetition_penalty=2.0)
+    assert repeated.tokens != plain.tokens
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=N, temperature=0,
+                             extra_body={"ignore_eos": True, "repetition_penalty": 2.0})
+    assert r.choices[0].text == repeated.text
 
 
 # --- echo and prompt logprobs (scoring, as lm-eval's loglikelihood tasks ask) ---------------------
@@ -520,7 +527,7 @@ BAD = [  # id, endpoint, body, status, param
     ("logprobs_too_many", "completions", _json({**OK, "logprobs": 50}), 400, "logprobs"),
     ("presence_penalty_too_large", "completions", _json({**OK, "presence_penalty": 2.5}), 400, "presence_penalty"),
     ("frequency_penalty_string", "chat/completions", _json({**CHAT, "frequency_penalty": "1"}), 400, "frequency_penalty"),
-    ("repetition_penalty", "completions", _json({**OK, "repetition_penalty": 1.2}), 400, "repetition_penalty"),
+    ("repetition_penalty_zero", "completions", _json({**OK, "repetition_penalty": 0}), 400, "repetition_penalty"),
     ("stream_options_without_stream", "completions",
      _json({**OK, "stream_options": {"include_usage": True}}), 400, "stream_options"),
     ("chat_missing_messages", "chat/completions", _json({"model": NAME}), 400, "messages"),

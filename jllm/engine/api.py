@@ -35,7 +35,8 @@ class SamplingParams:
     a token. logprobs N: the chosen token's log-probability and the N most likely alternatives,
     under the model's distribution before penalties, temperature, top-k and top-p.
     presence_penalty / frequency_penalty in [-2, 2]: as `jllm.generate`'s (OpenAI's), over the
-    tokens the request has generated. prompt_logprobs N (an Engine made with
+    tokens the request has generated; repetition_penalty > 0 (Hugging Face's), over its prompt
+    and generated tokens. prompt_logprobs N (an Engine made with
     prompt_logprobs=True): each prompt token's log-probability given the tokens before it and the
     N most likely alternatives there, in the request's first output (None for the first token).
     """
@@ -49,11 +50,12 @@ class SamplingParams:
     logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     prompt_logprobs: int | None = None
 
     @property
     def penalized(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty)
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
 
     def __post_init__(self):
         def bad(name, expected, exc=ValueError):
@@ -82,6 +84,10 @@ class SamplingParams:
                 bad(name, "a number in [-2, 2]", TypeError)
             if not -2 <= getattr(self, name) <= 2:
                 bad(name, "a number in [-2, 2]")
+        if not _is_number(self.repetition_penalty):
+            bad("repetition_penalty", "a number > 0 (1 is no penalty)", TypeError)
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            bad("repetition_penalty", "a finite number > 0 (1 is no penalty)")
         if not _is_int(self.seed):
             bad("seed", f"an int in [{SEED_RANGE[0]}, {SEED_RANGE[1]})", TypeError)
         if not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:

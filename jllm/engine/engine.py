@@ -21,7 +21,7 @@ import numpy as np
 from jllm.engine.api import EngineStats, QueueFull, RequestMetrics, RequestOutput, SamplingParams, seed_int32
 from jllm.engine.pages import PagePool
 from jllm.engine.scheduler import Request, Schedule, Scheduler, Status, build_batch, default_shapes
-from jllm.engine.step import StepOutput, clear_counts, engine_step, init_state, reset_keys
+from jllm.engine.step import StepOutput, clear_penalties, engine_step, init_state, reset_keys
 from jllm.generate import Model, check_kv_cache_dtype
 from jllm.speculative import PromptLookup, Speculative
 from jllm.streaming import Row
@@ -195,7 +195,8 @@ class Engine:
                 keys = reset_keys(self.state.keys, none.astype(bool), none, none, resume=resume)
                 self.state = dataclasses.replace(self.state, keys=keys)
                 bar.update()
-            self.state = dataclasses.replace(self.state, counts=clear_counts(self.state.counts, none.astype(bool)))
+            counts, seen = clear_penalties(self.state.counts, self.state.prompt_seen, none.astype(bool))
+            self.state = dataclasses.replace(self.state, counts=counts, prompt_seen=seen)
             jax.block_until_ready(self.state)
 
     # --- requests ------------------------------------------------------------------------------
@@ -327,10 +328,10 @@ class Engine:
                     r.t_scheduled = now
             with self._on_mesh():
                 keys = reset_keys(self.state.keys, mask, seeds, skips, resume=bool(skips.any()))
-                counts = self.state.counts
-                if any(r.penalized for r in sched.admitted):  # others' counts are never read
-                    counts = clear_counts(counts, mask)
-            self.state = dataclasses.replace(self.state, keys=keys, counts=counts)
+                counts, seen = self.state.counts, self.state.prompt_seen
+                if any(r.penalized for r in sched.admitted):  # others' penalty state is never read
+                    counts, seen = clear_penalties(counts, seen, mask)
+            self.state = dataclasses.replace(self.state, keys=keys, counts=counts, prompt_seen=seen)
         batch, owners = build_batch(sched, self.shapes, self.scheduler.tables, self.num_pages, self.max_seqs,
                                     self.page_size, spec_k=self.spec_k)
         logprobs = any(r is not None and r.want_logprobs for r in owners)

@@ -62,6 +62,7 @@ class Request:
         self.top_p = 1.0 if p.top_p is None else float(p.top_p)
         self.want_logprobs = p.logprobs is not None
         self.presence, self.frequency = float(p.presence_penalty), float(p.frequency_penalty)
+        self.repetition = float(p.repetition_penalty)
         self.penalized = p.penalized
         # Prompt logprobs, filled as the prompt's chunks are read back: entry i for prompt token i.
         self.prompt_lp: list | None = None if p.prompt_logprobs is None else [None] * len(prompt)
@@ -359,9 +360,10 @@ class Scheduler:
         ps = self.page_size
         total = req.total
         # At least the last token is computed, to sample from it, and it starts a page of its own.
-        # A penalized request recomputes its outputs, so that the step counts them again.
+        # A penalized request recomputes its outputs, so that the step counts them again (and
+        # with a repetition penalty its prompt too, so that the step marks its tokens).
         full = (total - 1) // ps if not req.penalized else min((total - 1) // ps, len(req.prompt) // ps)
-        if req.needs_prompt_lp:  # every prompt token's logits are computed
+        if req.needs_prompt_lp or req.repetition != 1:  # every prompt token is computed (and marked)
             full = 0
         hits = self.pool.lookup(req.block_keys(full, ps)) if self.pool.prefix_caching else []
         need = -(-total // ps) - len(hits)
@@ -409,7 +411,8 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
     row_tok, tok_row = np.zeros((R, Tc), i32), np.zeros(C, i32)
     sample_tok, sample_slot = np.zeros(S, i32), np.full(S, max_seqs, i32)
     temperature, top_k, top_p = np.zeros(S, np.float32), np.zeros(S, i32), np.ones(S, np.float32)
-    presence, frequency, count_slot = np.zeros(S, np.float32), np.zeros(S, np.float32), np.full(C, max_seqs, i32)
+    presence, frequency, repetition = np.zeros(S, np.float32), np.zeros(S, np.float32), np.ones(S, np.float32)
+    count_slot, seen_slot = np.full(C, max_seqs, i32), np.full(C, max_seqs, i32)
     plp_next = np.zeros(C, i32)
     owners: list[Request | None] = [None] * S
     spec_tok, spec_drafts, spec_m = np.zeros((R, spec_k + 1), i32), np.zeros((R, spec_k), i32), np.zeros(R, i32)
@@ -417,7 +420,7 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
     def set_sampling(i: int, req: Request) -> None:
         sample_slot[i] = req.slot
         temperature[i], top_k[i], top_p[i] = req.temperature, req.top_k, req.top_p
-        presence[i], frequency[i] = req.presence, req.frequency
+        presence[i], frequency[i], repetition[i] = req.presence, req.frequency, req.repetition
         owners[i] = req
 
     if d:
@@ -448,8 +451,10 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
             offset[flat] = (r0 + at) % page_size
             row_tables[row], row_start[row], row_len[row] = tables[req.slot], r0, rn
             row_tok[row, :rn] = cpos + at
-            if req.penalized and p.drafts is None:  # recomputed outputs count again
-                count_slot[cpos + at] = np.where(r0 + at >= len(req.prompt), req.slot, max_seqs)
+            if req.penalized and p.drafts is None:  # recomputed outputs count again; prompt tokens are marked
+                output = r0 + at >= len(req.prompt)
+                count_slot[cpos + at] = np.where(output, req.slot, max_seqs)
+                seen_slot[cpos + at] = np.where(output, max_seqs, req.slot)
             if req.needs_prompt_lp and p.drafts is None:
                 nxt = np.minimum(r0 + at + 1, len(req.prompt) - 1)
                 plp_next[cpos + at] = np.asarray(req.prompt, i32)[nxt]
@@ -462,5 +467,6 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
     assert row <= R and cpos <= C, (row, R, cpos, C)
     batch = StepBatch(tokens, positions, page, offset, dec_slot, dec_tables, dec_len, row_tables, row_start,
                       row_len, row_tok, tok_row, sample_tok, sample_slot, temperature, top_k, top_p,
-                      presence, frequency, count_slot, plp_next, spec_tok, spec_drafts, spec_m)
+                      presence, frequency, repetition, count_slot, seen_slot, plp_next, spec_tok, spec_drafts,
+                      spec_m)
     return batch, owners

@@ -20,9 +20,10 @@ Sampling: a sampled row (each decode row, and a prompt's last chunk row) takes i
 key, splits it (key, sub = split(key)) and samples its [1, V] logits with `sub`, exactly what
 `jllm.generate` does for one prompt, so a seeded request gives the same tokens as generate
 alone. Device state (pages, per-slot keys and last tokens) is donated and updated in place.
-Presence and frequency penalties (`sampling.penalize`) read per-slot counts of the generated
-tokens, kept on the device: a sample adds to its slot's counts, admission zeroes them, and a
-preempted request's outputs are counted again as its recomputation passes them (`count_slot`).
+Penalties (`sampling.penalize`) read per-slot counts of the generated tokens and marks of the
+prompt's, kept on the device: a sample adds to its slot's counts, a prompt chunk marks its tokens
+(`seen_slot`), admission clears both, and a preempted request's outputs are counted again as its
+recomputation passes them (`count_slot`).
 
 Prompt-lookup speculation (docs/ENGINE.md): a chunk row may be [last, d1..dm] of a decoding
 request; `verify_rows` samples each of its m + 1 positions as plain decoding would, with the
@@ -72,7 +73,9 @@ class StepBatch:
     top_p: jax.Array        # [S] float32 (1: off)
     presence: jax.Array     # [S] float32 presence penalty (0: off)
     frequency: jax.Array    # [S] float32 frequency penalty (0: off)
+    repetition: jax.Array   # [S] float32 repetition penalty (1: off)
     count_slot: jax.Array   # [C] int32 slot whose counts a recomputed output token adds to (max_seqs: none)
+    seen_slot: jax.Array    # [C] int32 slot whose prompt_seen a prompt token marks (max_seqs: none)
     plp_next: jax.Array     # [C] int32 the prompt token after each chunk token (prompt logprobs)
     spec_tok: jax.Array     # [R, k+1] int32 chunk-row tokens whose logits verify drafts (k = 0: off)
     spec_drafts: jax.Array  # [R, k] int32 drafts a chunk row checks (its tokens after the first)
@@ -90,6 +93,7 @@ class EngineState:
     keys: jax.Array                        # [max_seqs, *key_shape] uint32 PRNG key data per slot
     last_token: jax.Array                  # [max_seqs] int32 last sampled token per slot
     counts: jax.Array                      # [max_seqs, V] int32 each slot's generated tokens (penalties)
+    prompt_seen: jax.Array                 # [max_seqs, V] bool each slot's prompt tokens (repetition penalty)
 
 
 @jax.tree_util.register_dataclass
@@ -265,10 +269,13 @@ def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: Llama
     slot = jnp.minimum(batch.sample_slot, max_seqs - 1)
     s = Sampling(batch.temperature, batch.top_k, batch.top_p, greedy=greedy)
     keys = state.keys[slot]
-    # Penalties count a slot's samples; a recomputed request's outputs are counted again here.
+    # Penalties count a slot's samples; a recomputed request's outputs are counted again here,
+    # and a prompt's tokens are marked as its chunks pass.
     counts = state.counts.at[batch.count_slot, tokens[D:]].add(1, mode="drop")
+    prompt_seen = state.prompt_seen.at[batch.seen_slot, tokens[D:]].set(True, mode="drop")
     # greedy (static) promises no row is penalized (Engine._greedy)
-    lg_s = lg if greedy else penalize(lg, counts[slot], batch.presence, batch.frequency)
+    lg_s = lg if greedy else penalize(lg, counts[slot], batch.presence, batch.frequency, batch.repetition,
+                                      prompt_seen[slot])
     sampled, nxt = sample_rows(lg_s, keys, s)
     h_spec = h[0, S:S + R * k1].reshape(R, k1, h.shape[-1]) if k1 > 1 else None     # [R, k+1, D]
     sampled, nxt, spec = verify_rows(params, h_spec, batch, sampled, keys, nxt, plan)
@@ -288,7 +295,8 @@ def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: Llama
                         v_scale_pages=view.v_scale_pages,
                         keys=state.keys.at[batch.sample_slot].set(nxt, mode="drop"),
                         last_token=state.last_token.at[batch.sample_slot].set(sampled, mode="drop"),
-                        counts=_replicated(counts.at[batch.sample_slot, sampled].add(1, mode="drop"), plan))
+                        counts=_replicated(counts.at[batch.sample_slot, sampled].add(1, mode="drop"), plan),
+                        prompt_seen=_replicated(prompt_seen, plan))
     return state, StepOutput(sampled, *lp, *spec, *plp)
 
 
@@ -298,10 +306,10 @@ def _replicated(x: jax.Array, plan: Plan) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, PartitionSpec()) if plan.sharded else x
 
 
-@functools.partial(jax.jit, donate_argnames=("counts",))
-def clear_counts(counts: jax.Array, mask: jax.Array) -> jax.Array:
-    """Zero the penalty counts of the slots where mask [max_seqs] is set (admitted requests)."""
-    return jnp.where(mask[:, None], 0, counts)
+@functools.partial(jax.jit, donate_argnames=("counts", "prompt_seen"))
+def clear_penalties(counts: jax.Array, prompt_seen: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Zero the penalty state of the slots where mask [max_seqs] is set (admitted requests)."""
+    return jnp.where(mask[:, None], 0, counts), prompt_seen & ~mask[:, None]
 
 
 @functools.partial(jax.jit, static_argnames=("resume",), donate_argnames=("keys",))
@@ -333,7 +341,9 @@ def init_state(cfg: LlamaConfig, num_pages: int, page_size: int, max_seqs: int, 
     keys = jnp.zeros((max_seqs, *key_shape), jnp.uint32)
     last = jnp.zeros((max_seqs,), jnp.int32)
     counts = jnp.zeros((max_seqs, cfg.vocab_size), jnp.int32)
+    seen = jnp.zeros((max_seqs, cfg.vocab_size), bool)
     if mesh is not None:
-        from jax.sharding import NamedSharding, PartitionSpec
-        keys, last, counts = jax.device_put((keys, last, counts), NamedSharding(mesh, PartitionSpec()))
-    return EngineState(cache.k_pages, cache.v_pages, cache.k_scale_pages, cache.v_scale_pages, keys, last, counts)
+        from jax.sharding import NamedSharding
+        keys, last, counts, seen = jax.device_put((keys, last, counts, seen), NamedSharding(mesh, PartitionSpec()))
+    return EngineState(cache.k_pages, cache.v_pages, cache.k_scale_pages, cache.v_scale_pages, keys, last, counts,
+                       seen)

@@ -70,7 +70,7 @@ class _Common(BaseModel):
     user: str | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = None            # vLLM's extension: only its neutral 1
+    repetition_penalty: float | None = Field(None, gt=0)   # an extension, as in vLLM (Hugging Face's)
     logit_bias: dict | None = None
     ignore_eos: bool | None = None                     # an extension, as in vLLM: never stop on EOS
 
@@ -97,9 +97,6 @@ class _Common(BaseModel):
         """Refuse what this server cannot do rather than silently ignore it."""
         if self.choices_per_prompt > MAX_CHOICES:
             raise bad_request(f"n={self.n}: at most {MAX_CHOICES} choices per request", "n")
-        if self.repetition_penalty not in (None, 1):
-            raise bad_request(f"repetition_penalty={self.repetition_penalty} is not supported (only 1); "
-                              "presence_penalty and frequency_penalty are", "repetition_penalty")
         if self.logit_bias:
             raise bad_request("logit_bias is not supported", "logit_bias")
         if self.stream_options is not None and not self.stream:
