@@ -93,7 +93,8 @@ def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float =
              top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop=None,
              stop_token_ids=None, stream: Callable[[Delta], None] | None = None,
              speculative: "_speculative.Speculative | None" = None, presence_penalty: float = 0.0,
-             frequency_penalty: float = 0.0, repetition_penalty: float = 1.0) -> list[Completion]:
+             frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
+             logit_bias: dict[int, float] | None = None) -> list[Completion]:
     """Generate a completion for each prompt: `jllm.generate.generate` (arguments, results and
     errors as documented there). speculative: a `jllm.speculative.Speculative` (a proposer and k)
     drafts and verifies k tokens per target step; greedy output is unchanged, sampled output keeps
@@ -102,9 +103,10 @@ def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float =
               seed=seed, stop=stop, stop_token_ids=stop_token_ids, stream=stream)
     if speculative is None:
         return _generate(model, prompts, presence_penalty=presence_penalty,
-                         frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty, **kw)
-    if presence_penalty or frequency_penalty or repetition_penalty != 1:
+                         frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
+                         logit_bias=logit_bias, **kw)
+    if presence_penalty or frequency_penalty or repetition_penalty != 1 or logit_bias:
         raise ValueError(f"presence_penalty={presence_penalty!r}, frequency_penalty={frequency_penalty!r}, "
-                         f"repetition_penalty={repetition_penalty!r}: penalties are not supported with "
-                         "speculative decoding (set them to 0, 0 and 1)")
+                         f"repetition_penalty={repetition_penalty!r}, logit_bias: penalties and biases are not "
+                         "supported with speculative decoding (set them to 0, 0, 1 and None)")
     return _speculative.generate(model, prompts, speculative, **kw)

@@ -163,16 +163,19 @@ class Penalties:
     repetition: jax.Array
     prompt_seen: jax.Array
     counts: jax.Array
+    bias: jax.Array   # [B, V] float32: the logit bias
 
     @classmethod
     def make(cls, prompts: list[list[int]], B: int, V: int, presence: float, frequency: float,
-             repetition: float) -> "Penalties":
+             repetition: float, logit_bias: dict[int, float]) -> "Penalties":
         """Host arrays for a batch of B rows (the first len(prompts) real)."""
         seen = np.zeros((B, V), bool)
         for i, p in enumerate(prompts):
             seen[i, p] = True
+        bias = np.zeros((B, V), np.float32)
+        bias[:, list(logit_bias)] = list(logit_bias.values())
         full = lambda x: np.full((B,), x, np.float32)  # noqa: E731
-        return cls(full(presence), full(frequency), full(repetition), seen, np.zeros((B, V), np.int32))
+        return cls(full(presence), full(frequency), full(repetition), seen, np.zeros((B, V), np.int32), bias)
 
     def add(self, token: jax.Array) -> "Penalties":
         """Count one more generated token [B] per row."""
@@ -180,7 +183,8 @@ class Penalties:
         return dataclasses.replace(self, counts=self.counts.at[rows, token].add(1))
 
     def apply(self, logits: jax.Array) -> jax.Array:
-        return penalize(logits, self.counts, self.presence, self.frequency, self.repetition, self.prompt_seen)
+        return penalize(logits, self.counts, self.presence, self.frequency, self.repetition, self.prompt_seen,
+                        self.bias)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n_steps", "plan"), donate_argnames=("cache", "penalties"))
@@ -222,6 +226,27 @@ def _check_number(name: str, x, ok: Callable[[float], bool], expected: str, inte
         raise ValueError(f"{name}={x!r} must be finite")
     if not ok(x):
         raise ValueError(f"{name}={x!r} must be {expected}")
+
+
+MAX_LOGIT_BIAS = 300   # entries of a logit_bias (OpenAI's limit)
+
+
+def check_logit_bias(logit_bias, vocab_size: int) -> dict[int, float]:
+    """A logit_bias: None, or a dict of at most MAX_LOGIT_BIAS token ids in [0, vocab_size) to
+    biases in [-100, 100] (OpenAI's) -> the dict with int keys and float values."""
+    if logit_bias is None:
+        return {}
+    if not isinstance(logit_bias, dict):
+        raise TypeError(f"logit_bias={logit_bias!r:.80} must be a dict of token id -> bias")
+    if len(logit_bias) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias has {len(logit_bias)} entries; at most {MAX_LOGIT_BIAS}")
+    out = {}
+    for t, b in logit_bias.items():
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab_size:
+            raise ValueError(f"logit_bias key {t!r} must be a token id, an int in [0, {vocab_size})")
+        _check_number(f"logit_bias[{t}]", b, lambda v: -100 <= v <= 100, "a number in [-100, 100]")
+        out[int(t)] = float(b)
+    return out
 
 
 def check_penalty(name: str, x) -> None:
@@ -313,7 +338,8 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
              top_p: float | None = None, seed: int = 0, stop: str | Sequence[str] | None = None,
              stop_token_ids: Sequence[int] | None = None,
              stream: Callable[[Delta], None] | None = None, presence_penalty: float = 0.0,
-             frequency_penalty: float = 0.0, repetition_penalty: float = 1.0) -> list[Completion]:
+             frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
+             logit_bias: dict[int, float] | None = None) -> list[Completion]:
     """Generate a completion for each prompt (a str, a list of str, or a list of token-id lists).
 
     stop_token_ids=None stops on the tokenizer's EOS; [] never stops on a token. `stop` strings are
@@ -323,6 +349,8 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     has (the prompt does not count), before temperature, top-k and top-p, and before a greedy
     row's argmax. repetition_penalty (> 0; Hugging Face's): before those, the logit of every token
     in the prompt or generated already is divided by it when positive, multiplied when negative.
+    logit_bias {token id: bias in [-100, 100]} (OpenAI's, at most 300): added to those logits
+    last (-100 bans a token, +100 all but forces it).
     seed: an int in [0, 2**32) (a negative one is that plus 2**32). A batch whose KV cache would not fit the device's free memory runs
     in parts (the largest power-of-two number of prompts that fits, one after another); results
     keep the prompts' order and stream indices, and each part after the first samples from its own
@@ -335,6 +363,7 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
                       stop_token_ids, stream, presence_penalty, frequency_penalty, repetition_penalty)
     max_new_tokens, seed, temperature = int(max_new_tokens), int(seed) % 2**32, float(temperature)
     penalty = (float(presence_penalty), float(frequency_penalty), float(repetition_penalty))
+    logit_bias = check_logit_bias(logit_bias, model.cfg.vocab_size)
     top_k = None if top_k is None else int(top_k)
     top_p = None if top_p is None else float(top_p)
     stop = list(stop or [])
@@ -358,7 +387,8 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
                 tokens[i, :len(p)], n_tokens[i] = p, len(p)
             sampling = Sampling.make(B, temperature, top_k, top_p)
             rows = [Row(i, p, model.tokenizer, stop, stop_ids, max_new_tokens) for i, p in enumerate(part_ids)]
-            penalties = None if penalty == (0.0, 0.0, 1.0) else Penalties.make(part_ids, B, cfg.vocab_size, *penalty)
+            penalties = None if penalty == (0.0, 0.0, 1.0) and not logit_bias else \
+                Penalties.make(part_ids, B, cfg.vocab_size, *penalty, logit_bias)
             results += _run(model, rows, tokens, n_tokens, S, sampling, _part_seed(seed, part),
                             max_new_tokens, _shifted(stream, first), t_call, clock, penalties)
     for c in results:  # a later part may have compiled too

@@ -112,6 +112,13 @@ BAD_ARGUMENTS = [
     (dict(seed=-2**31 - 1), ValueError, r"seed=-2147483649 must be an int in \[-2\*\*31, 2\*\*32\)"),
     (dict(seed=2**32), ValueError, "seed=4294967296"),
     (dict(seed=2**64), ValueError, "seed=18446744073709551616"),
+    (dict(logit_bias=[1, 2]), TypeError, "logit_bias="),
+    (dict(logit_bias={99999: 1.0}), ValueError, r"logit_bias key 99999 must be a token id"),
+    (dict(logit_bias={"5": 1.0}), ValueError, "logit_bias key '5'"),
+    (dict(logit_bias={5: 101}), ValueError, r"logit_bias\[5\]=101 must be a number in \[-100, 100\]"),
+    (dict(logit_bias={i: 1.0 for i in range(301)}), ValueError, "at most 300"),
+    (dict(repetition_penalty=0), ValueError, "repetition_penalty=0 must be a number > 0"),
+    (dict(presence_penalty=3), ValueError, r"presence_penalty=3 must be a number in \[-2, 2\]"),
     (dict(stop=5), TypeError, "stop=5"),
     (dict(stop=["a", 5]), TypeError, "stop="),
     (dict(stop=b"\n"), TypeError, "stop="),
@@ -132,7 +139,7 @@ BAD_ARGUMENTS = [
 
 
 @pytest.mark.parametrize("kw, error, match", BAD_ARGUMENTS,
-                         ids=[f"{k}={v!r}" for kw, _, _ in BAD_ARGUMENTS for k, v in kw.items()])
+                         ids=[f"{k}={v!r:.40}" for kw, _, _ in BAD_ARGUMENTS for k, v in kw.items()])
 def test_bad_sampling_arguments_name_the_value(tiny_model, kw, error, match):
     _raises(error, match, tiny_model, [[1, 2]], **kw)
 

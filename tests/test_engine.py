@@ -44,7 +44,7 @@ def _reference(model, prompt, params: SamplingParams) -> list[int]:
                         top_k=params.top_k, top_p=params.top_p, seed=params.seed,
                         stop_token_ids=list(params.stop_token_ids or []),
                         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
-                        repetition_penalty=params.repetition_penalty)
+                        repetition_penalty=params.repetition_penalty, logit_bias=dict(params.logit_bias))
     return r.tokens
 
 
@@ -141,7 +141,8 @@ def test_penalized_requests_match_generate_through_preemption_and_a_shared_prefi
         return SamplingParams(max_tokens=int(rng.integers(8, 21)), temperature=[0.0, 1.0][i % 2], seed=i,
                               presence_penalty=[0.0, 1.2, -0.4, 0.0][i % 4],
                               frequency_penalty=[0.0, 0.5, 0.8, 2.0][(i // 2) % 4],
-                              repetition_penalty=[1.0, 1.0, 1.4, 0.7, 2.0][i % 5], stop_token_ids=())
+                              repetition_penalty=[1.0, 1.0, 1.4, 0.7, 2.0][i % 5],
+                              logit_bias=[{}, {7: 3.0, 9: -100}, {}][i % 3], stop_token_ids=())
     script = [(a, p, sp, None) for a, p, sp, _ in _mixed_script(rng, 24, params)]
     engine = _engine(m)
     got = _drive(engine, script, check=_check_pages)
@@ -152,6 +153,8 @@ def test_penalized_requests_match_generate_through_preemption_and_a_shared_prefi
         penalized += sp.penalized
     assert penalized >= 12
     _check_all_free(engine)
+    with pytest.raises(ValueError, match=r"logit_bias has token ids outside \[0, 512\): \[600\]"):
+        engine.add_request([1, 2], SamplingParams(max_tokens=2, logit_bias={600: 1.0}))
 
 
 @pytest.mark.parametrize("temperature,repetition", [(0.0, 1.0), (1.0, 1.0), (0.0, 1.5)])
@@ -493,6 +496,13 @@ def test_int8_pages_stay_close_to_float(tiny_model_no_tokenizer):
     (dict(seed=2 ** 40), ValueError, "seed"), (dict(seed="1"), TypeError, "seed"), (dict(stop=[""]), ValueError, "stop"),
     (dict(stop=[3]), TypeError, "stop"), (dict(stop_token_ids=["a"]), TypeError, "stop_token_ids"),
     (dict(logprobs=21), ValueError, "logprobs"), (dict(logprobs=True), TypeError, "logprobs"),
+    (dict(presence_penalty=2.5), ValueError, "presence_penalty"), (dict(frequency_penalty="1"), TypeError,
+                                                                   "frequency_penalty"),
+    (dict(repetition_penalty=0.0), ValueError, "repetition_penalty"), (dict(prompt_logprobs=21), ValueError,
+                                                                       "prompt_logprobs"),
+    (dict(logit_bias={1: 200}), ValueError, "logit_bias"), (dict(logit_bias={-1: 1}), ValueError, "logit_bias"),
+    (dict(logit_bias=[(1, 1), (1, 2)]), ValueError, "logit_bias"), (dict(logit_bias=5), TypeError, "logit_bias"),
+    (dict(logit_bias={i: 1 for i in range(301)}), ValueError, "logit_bias"),
 ])
 def test_bad_sampling_params_name_the_field(kw, exc, name):
     with pytest.raises(exc, match=rf"SamplingParams\.{name}="):

@@ -63,7 +63,7 @@ def test_prompt_buckets_must_be_increasing(tiny_model):
 
 # --- presence and frequency penalties --------------------------------------------------------
 
-def _penalized_greedy_reference(model, prompt, n, presence, frequency, repetition=1.0):
+def _penalized_greedy_reference(model, prompt, n, presence, frequency, repetition=1.0, bias=None):
     """Greedy tokens with the penalties, each step a full forward over the sequence so far (no
     cache reuse) and the penalties applied in numpy: Hugging Face's repetition penalty over the
     prompt and the output, then OpenAI's presence and frequency penalties over the output."""
@@ -78,7 +78,10 @@ def _penalized_greedy_reference(model, prompt, n, presence, frequency, repetitio
         counts = np.bincount(out, minlength=lg.shape[0])
         seen = np.isin(np.arange(lg.shape[0]), seq)
         lg = np.where(seen, np.where(lg > 0, lg / repetition, lg * repetition), lg)
-        t = int(np.argmax(lg - presence * (counts > 0) - frequency * counts))
+        lg = lg - presence * (counts > 0) - frequency * counts
+        for tok, b in (bias or {}).items():
+            lg[tok] += b
+        t = int(np.argmax(lg))
         out.append(t)
         seq.append(t)
     return out
@@ -117,3 +120,17 @@ def test_penalties_count_every_generated_token_up_to_the_last(scripted_model, to
                           frequency_penalty=2.0)
     assert out.tokens == _penalized_greedy_reference(model, [1], n, 2.0, 2.0)
     assert out.tokens[0] == a and out.tokens != plain.tokens
+
+
+def test_logit_bias_bans_forces_and_shifts_tokens_as_the_reference(tiny_model_no_tokenizer):
+    m, prompt, n = tiny_model_no_tokenizer, [1, 5, 9, 5], 16
+    [plain] = jllm.generate(m, [prompt], max_new_tokens=n, stop_token_ids=[])
+    banned = max(set(plain.tokens), key=plain.tokens.count)
+    [out] = jllm.generate(m, [prompt], max_new_tokens=n, stop_token_ids=[], logit_bias={banned: -100})
+    assert banned not in out.tokens
+    [forced] = jllm.generate(m, [prompt], max_new_tokens=n, stop_token_ids=[], logit_bias={7: 100.0})
+    assert forced.tokens == [7] * n
+    bias = {banned: -3.0, plain.tokens[1]: 2.5, 11: 4.0}
+    [mixed] = jllm.generate(m, [prompt], max_new_tokens=n, stop_token_ids=[], logit_bias=bias,
+                            presence_penalty=0.5, repetition_penalty=1.2)
+    assert mixed.tokens == _penalized_greedy_reference(m, prompt, n, 0.5, 0.0, 1.2, bias)

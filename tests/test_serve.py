@@ -250,6 +250,12 @@ def test_penalties_are_generates(srv, tiny_model):
     r = c.completions.create(model=NAME, prompt=prompt, max_tokens=N, temperature=0,
                              extra_body={"ignore_eos": True, "repetition_penalty": 2.0})
     assert r.choices[0].text == repeated.text
+    bias = {plain.tokens[0]: -100.0, 7: 3.0}
+    biased = ref(tiny_model, prompt, stop_token_ids=[], logit_bias=bias)
+    assert biased.tokens != plain.tokens and plain.tokens[0] not in biased.tokens
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=N, temperature=0,
+                             logit_bias={str(t): b for t, b in bias.items()}, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == biased.text
 
 
 # --- echo and prompt logprobs (scoring, as lm-eval's loglikelihood tasks ask) ---------------------
@@ -528,6 +534,12 @@ BAD = [  # id, endpoint, body, status, param
     ("presence_penalty_too_large", "completions", _json({**OK, "presence_penalty": 2.5}), 400, "presence_penalty"),
     ("frequency_penalty_string", "chat/completions", _json({**CHAT, "frequency_penalty": "1"}), 400, "frequency_penalty"),
     ("repetition_penalty_zero", "completions", _json({**OK, "repetition_penalty": 0}), 400, "repetition_penalty"),
+    ("logit_bias_not_an_object", "completions", _json({**OK, "logit_bias": [1]}), 400, "logit_bias"),
+    ("logit_bias_key_not_an_id", "chat/completions", _json({**CHAT, "logit_bias": {"x": 1}}), 400, "logit_bias"),
+    ("logit_bias_too_large", "completions", _json({**OK, "logit_bias": {"5": 101}}), 400, "logit_bias"),
+    ("logit_bias_past_vocab", "completions", _json({**OK, "logit_bias": {"99999": 1}}), 400, "logit_bias"),
+    ("logit_bias_too_many", "completions", _json({**OK, "logit_bias": {str(i): 1 for i in range(301)}}), 400,
+     "logit_bias"),
     ("stream_options_without_stream", "completions",
      _json({**OK, "stream_options": {"include_usage": True}}), 400, "stream_options"),
     ("chat_missing_messages", "chat/completions", _json({"model": NAME}), 400, "messages"),

@@ -5,6 +5,7 @@ import math
 import numpy as np
 
 MAX_LOGPROBS = 20          # the most top alternatives a request may ask for
+MAX_LOGIT_BIAS = 300       # entries of a request's logit_bias (OpenAI's limit)
 # A seed is 32 bits (jax.random.key's without jax_enable_x64): s and s - 2**32 are one seed, and
 # a seed s in [0, 2**32) gives the tokens `jllm.generate(..., seed=s)` gives.
 SEED_RANGE = (-2 ** 31, 2 ** 32)
@@ -36,7 +37,8 @@ class SamplingParams:
     under the model's distribution before penalties, temperature, top-k and top-p.
     presence_penalty / frequency_penalty in [-2, 2]: as `jllm.generate`'s (OpenAI's), over the
     tokens the request has generated; repetition_penalty > 0 (Hugging Face's), over its prompt
-    and generated tokens. prompt_logprobs N (an Engine made with
+    and generated tokens; logit_bias {token id: bias in [-100, 100]} (OpenAI's, at most 300
+    entries), kept as sorted (id, bias) pairs. prompt_logprobs N (an Engine made with
     prompt_logprobs=True): each prompt token's log-probability given the tokens before it and the
     N most likely alternatives there, in the request's first output (None for the first token).
     """
@@ -51,11 +53,14 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     prompt_logprobs: int | None = None
 
     @property
     def penalized(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
+        """Any penalty or bias: the request samples through `sampling.penalize`."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
+                    or self.logit_bias)
 
     def __post_init__(self):
         def bad(name, expected, exc=ValueError):
@@ -88,6 +93,19 @@ class SamplingParams:
             bad("repetition_penalty", "a number > 0 (1 is no penalty)", TypeError)
         if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
             bad("repetition_penalty", "a finite number > 0 (1 is no penalty)")
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        try:
+            bias = sorted((t, b) for t, b in bias)
+        except (TypeError, ValueError):
+            bad("logit_bias", "a dict of token id -> bias (or (id, bias) pairs)", TypeError)
+        if len(bias) > MAX_LOGIT_BIAS or len({t for t, _ in bias}) < len(bias):
+            bad("logit_bias", f"at most {MAX_LOGIT_BIAS} distinct token ids")
+        for t, b in bias:
+            if not _is_int(t) or t < 0:
+                bad("logit_bias", f"token ids >= 0; got {t!r}")
+            if not _is_number(b) or not -100 <= b <= 100:
+                bad("logit_bias", f"biases in [-100, 100]; got {b!r} for token {t}")
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in bias))
         if not _is_int(self.seed):
             bad("seed", f"an int in [{SEED_RANGE[0]}, {SEED_RANGE[1]})", TypeError)
         if not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:

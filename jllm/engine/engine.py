@@ -18,10 +18,11 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jllm.engine.api import EngineStats, QueueFull, RequestMetrics, RequestOutput, SamplingParams, seed_int32
+from jllm.engine.api import (MAX_LOGIT_BIAS, EngineStats, QueueFull, RequestMetrics, RequestOutput, SamplingParams,
+                             seed_int32)
 from jllm.engine.pages import PagePool
 from jllm.engine.scheduler import Request, Schedule, Scheduler, Status, build_batch, default_shapes
-from jllm.engine.step import StepOutput, clear_penalties, engine_step, init_state, reset_keys
+from jllm.engine.step import StepOutput, engine_step, init_state, reset_keys, reset_penalties
 from jllm.generate import Model, check_kv_cache_dtype
 from jllm.speculative import PromptLookup, Speculative
 from jllm.streaming import Row
@@ -195,8 +196,7 @@ class Engine:
                 keys = reset_keys(self.state.keys, none.astype(bool), none, none, resume=resume)
                 self.state = dataclasses.replace(self.state, keys=keys)
                 bar.update()
-            counts, seen = clear_penalties(self.state.counts, self.state.prompt_seen, none.astype(bool))
-            self.state = dataclasses.replace(self.state, counts=counts, prompt_seen=seen)
+            self._reset_penalties(none.astype(bool), [])
             jax.block_until_ready(self.state)
 
     # --- requests ------------------------------------------------------------------------------
@@ -242,6 +242,9 @@ class Engine:
             raise ValueError(f"the prompt has {n} tokens; with max_tokens={m} it needs "
                              f"{-(-(n + m) // self.page_size)} pages of {self.page_size} tokens, more than the "
                              f"pool's num_pages={self.num_pages}")
+        if any(t >= self.cfg.vocab_size for t, _ in params.logit_bias):
+            raise ValueError(f"logit_bias has token ids outside [0, {self.cfg.vocab_size}): "
+                             f"{[t for t, _ in params.logit_bias if t >= self.cfg.vocab_size][:5]}")
         if params.prompt_logprobs is not None and not self.prompt_logprobs:
             raise ValueError(f"prompt_logprobs={params.prompt_logprobs} needs an Engine made with "
                              "prompt_logprobs=True (it compiles the steps that compute them)")
@@ -328,10 +331,9 @@ class Engine:
                     r.t_scheduled = now
             with self._on_mesh():
                 keys = reset_keys(self.state.keys, mask, seeds, skips, resume=bool(skips.any()))
-                counts, seen = self.state.counts, self.state.prompt_seen
                 if any(r.penalized for r in sched.admitted):  # others' penalty state is never read
-                    counts, seen = clear_penalties(counts, seen, mask)
-            self.state = dataclasses.replace(self.state, keys=keys, counts=counts, prompt_seen=seen)
+                    self._reset_penalties(mask, [r for r in sched.admitted if r.penalized])
+            self.state = dataclasses.replace(self.state, keys=keys)
         batch, owners = build_batch(sched, self.shapes, self.scheduler.tables, self.num_pages, self.max_seqs,
                                     self.page_size, spec_k=self.spec_k)
         logprobs = any(r is not None and r.want_logprobs for r in owners)
@@ -348,6 +350,20 @@ class Engine:
         D = len(owners) - len(batch.spec_m)
         spec_rows = {D + r: r for r in np.nonzero(batch.spec_m)[0].tolist()}
         return _InFlight(out, owners, logprobs, spec_rows, plp_pieces)
+
+    def _reset_penalties(self, mask: np.ndarray, requests: list[Request]) -> None:
+        """Clear the penalty state of the masked slots and set the requests' logit biases (at
+        most max_prompts_per_step requests are admitted in a step: a static number of entries)."""
+        n = MAX_LOGIT_BIAS * self.shapes.max_prompts
+        slot, ids, values = np.full(n, self.max_seqs, np.int32), np.zeros(n, np.int32), np.zeros(n, np.float32)
+        i = 0
+        for r in requests:
+            for t, b in r.params.logit_bias:
+                slot[i], ids[i], values[i] = r.slot, t, b
+                i += 1
+        s = self.state
+        counts, seen, bias = reset_penalties(s.counts, s.prompt_seen, s.bias, mask, slot, ids, values)
+        self.state = dataclasses.replace(s, counts=counts, prompt_seen=seen, bias=bias)
 
     @staticmethod
     def _greedy(batch, owners, logprobs: bool) -> bool:

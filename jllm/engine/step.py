@@ -20,10 +20,10 @@ Sampling: a sampled row (each decode row, and a prompt's last chunk row) takes i
 key, splits it (key, sub = split(key)) and samples its [1, V] logits with `sub`, exactly what
 `jllm.generate` does for one prompt, so a seeded request gives the same tokens as generate
 alone. Device state (pages, per-slot keys and last tokens) is donated and updated in place.
-Penalties (`sampling.penalize`) read per-slot counts of the generated tokens and marks of the
-prompt's, kept on the device: a sample adds to its slot's counts, a prompt chunk marks its tokens
-(`seen_slot`), admission clears both, and a preempted request's outputs are counted again as its
-recomputation passes them (`count_slot`).
+Penalties (`sampling.penalize`) read per-slot counts of the generated tokens, marks of the
+prompt's and logit biases, kept on the device: a sample adds to its slot's counts, a prompt
+chunk marks its tokens (`seen_slot`), admission clears them and sets the bias, and a preempted
+request's outputs are counted again as its recomputation passes them (`count_slot`).
 
 Prompt-lookup speculation (docs/ENGINE.md): a chunk row may be [last, d1..dm] of a decoding
 request; `verify_rows` samples each of its m + 1 positions as plain decoding would, with the
@@ -94,6 +94,7 @@ class EngineState:
     last_token: jax.Array                  # [max_seqs] int32 last sampled token per slot
     counts: jax.Array                      # [max_seqs, V] int32 each slot's generated tokens (penalties)
     prompt_seen: jax.Array                 # [max_seqs, V] bool each slot's prompt tokens (repetition penalty)
+    bias: jax.Array                        # [max_seqs, V] float32 each slot's logit bias
 
 
 @jax.tree_util.register_dataclass
@@ -275,7 +276,7 @@ def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: Llama
     prompt_seen = state.prompt_seen.at[batch.seen_slot, tokens[D:]].set(True, mode="drop")
     # greedy (static) promises no row is penalized (Engine._greedy)
     lg_s = lg if greedy else penalize(lg, counts[slot], batch.presence, batch.frequency, batch.repetition,
-                                      prompt_seen[slot])
+                                      prompt_seen[slot], state.bias[slot])
     sampled, nxt = sample_rows(lg_s, keys, s)
     h_spec = h[0, S:S + R * k1].reshape(R, k1, h.shape[-1]) if k1 > 1 else None     # [R, k+1, D]
     sampled, nxt, spec = verify_rows(params, h_spec, batch, sampled, keys, nxt, plan)
@@ -296,7 +297,7 @@ def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: Llama
                         keys=state.keys.at[batch.sample_slot].set(nxt, mode="drop"),
                         last_token=state.last_token.at[batch.sample_slot].set(sampled, mode="drop"),
                         counts=_replicated(counts.at[batch.sample_slot, sampled].add(1, mode="drop"), plan),
-                        prompt_seen=_replicated(prompt_seen, plan))
+                        prompt_seen=_replicated(prompt_seen, plan), bias=state.bias)
     return state, StepOutput(sampled, *lp, *spec, *plp)
 
 
@@ -306,10 +307,14 @@ def _replicated(x: jax.Array, plan: Plan) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, PartitionSpec()) if plan.sharded else x
 
 
-@functools.partial(jax.jit, donate_argnames=("counts", "prompt_seen"))
-def clear_penalties(counts: jax.Array, prompt_seen: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Zero the penalty state of the slots where mask [max_seqs] is set (admitted requests)."""
-    return jnp.where(mask[:, None], 0, counts), prompt_seen & ~mask[:, None]
+@functools.partial(jax.jit, donate_argnames=("counts", "prompt_seen", "bias"))
+def reset_penalties(counts: jax.Array, prompt_seen: jax.Array, bias: jax.Array, mask: jax.Array,
+                    bias_slot: jax.Array, bias_id: jax.Array, bias_value: jax.Array,
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Clear the penalty state of the slots where mask [max_seqs] is set (admitted requests),
+    then set their logit biases: bias_value [E] at (bias_slot, bias_id) [E] (slot max_seqs: none)."""
+    bias = jnp.where(mask[:, None], 0.0, bias).at[bias_slot, bias_id].set(bias_value, mode="drop")
+    return jnp.where(mask[:, None], 0, counts), prompt_seen & ~mask[:, None], bias
 
 
 @functools.partial(jax.jit, static_argnames=("resume",), donate_argnames=("keys",))
@@ -342,8 +347,10 @@ def init_state(cfg: LlamaConfig, num_pages: int, page_size: int, max_seqs: int, 
     last = jnp.zeros((max_seqs,), jnp.int32)
     counts = jnp.zeros((max_seqs, cfg.vocab_size), jnp.int32)
     seen = jnp.zeros((max_seqs, cfg.vocab_size), bool)
+    bias = jnp.zeros((max_seqs, cfg.vocab_size), jnp.float32)
     if mesh is not None:
         from jax.sharding import NamedSharding
-        keys, last, counts, seen = jax.device_put((keys, last, counts, seen), NamedSharding(mesh, PartitionSpec()))
+        keys, last, counts, seen, bias = jax.device_put((keys, last, counts, seen, bias),
+                                                        NamedSharding(mesh, PartitionSpec()))
     return EngineState(cache.k_pages, cache.v_pages, cache.k_scale_pages, cache.v_scale_pages, keys, last, counts,
-                       seen)
+                       seen, bias)

@@ -272,6 +272,9 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
         return requested
 
     def sampling(req, max_tokens: int, logprobs: int | None, index: int = 0) -> SamplingParams:
+        bad = [t for t in req.logit_bias if t >= cfg.vocab_size]
+        if bad:
+            raise bad_request(f"logit_bias has token ids outside [0, {cfg.vocab_size}): {bad[:5]}", "logit_bias")
         # OpenAI takes any int64 seed, the engine a 32-bit one: fold it (generate's seeds are kept).
         # Choice i of a request samples with seed + i.
         seed = secrets.randbelow(2 ** 31) if req.seed is None else seed_int32(req.seed + index)
@@ -281,6 +284,7 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
                 top_k=req.top_k, top_p=req.top_p, seed=seed, stop=tuple(req.stop),
                 presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                 repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                logit_bias=req.logit_bias,
                 stop_token_ids=() if req.ignore_eos else None, logprobs=logprobs)
         except (ValueError, TypeError) as e:
             raise bad_request(str(e)) from None

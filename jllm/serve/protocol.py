@@ -14,6 +14,7 @@ MAX_BODY_BYTES = 8 << 20   # a longer body is refused (413) before it is parsed
 MAX_STOP = 16              # stop strings per request: each is checked after every token
 MAX_LOGPROBS = 20          # alternatives per token (OpenAI's top_logprobs limit)
 MAX_CHOICES = 64           # choices per request: n, times the prompts of a completions batch
+MAX_LOGIT_BIAS = 300       # logit_bias entries (OpenAI's limit)
 
 _ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error",
                 405: "invalid_request_error", 413: "invalid_request_error",
@@ -71,8 +72,27 @@ class _Common(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)   # an extension, as in vLLM (Hugging Face's)
-    logit_bias: dict | None = None
+    logit_bias: Any = Field(None, validate_default=True)
     ignore_eos: bool | None = None                     # an extension, as in vLLM: never stop on EOS
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: Any) -> dict[int, float]:
+        """OpenAI's {"token id": bias in [-100, 100]}, at most MAX_LOGIT_BIAS entries."""
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise _custom(f"expected an object of token id -> bias, got {_short(v)}")
+        if len(v) > MAX_LOGIT_BIAS:
+            raise _custom(f"at most {MAX_LOGIT_BIAS} entries, got {len(v)}")
+        out = {}
+        for k, b in v.items():
+            if not (isinstance(k, str) and k.isascii() and k.isdigit()):
+                raise _custom(f"keys are token ids (\"123\"), got {_short(k)}")
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+                raise _custom(f"biases are numbers in [-100, 100], got {_short(b)} for token {k}")
+            out[int(k)] = float(b)
+        return out
 
     @field_validator("stop")
     @classmethod
@@ -97,8 +117,6 @@ class _Common(BaseModel):
         """Refuse what this server cannot do rather than silently ignore it."""
         if self.choices_per_prompt > MAX_CHOICES:
             raise bad_request(f"n={self.n}: at most {MAX_CHOICES} choices per request", "n")
-        if self.logit_bias:
-            raise bad_request("logit_bias is not supported", "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed with stream=true", "stream_options")
 
