@@ -58,6 +58,24 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(self._known(ids))
 
+    def decode_offsets(self, ids: list[int]) -> tuple[str, list[int]]:
+        """decode(ids) and where each id's text begins in it (in characters); control tokens and
+        ids the tokenizer lacks take no width."""
+        n = self.sp.vocab_size()
+        proto = self.sp.decode_ids_as_proto(self._known(ids))
+        begins = iter(_char_offsets(proto.text, [p.begin for p in proto.pieces]))
+        out, at = [], 0
+        for i in ids:
+            at = next(begins) if 0 <= i < n else at
+            out.append(at)
+        return proto.text, out
+
+    def encode_offsets(self, text: str) -> list[int]:
+        """Where the text of each id of encode(text, bos=False) begins in text (in characters)."""
+        check_text(text)
+        proto = self.sp.encode_as_proto(text)
+        return _char_offsets(text, [p.begin for p in proto.pieces])
+
     def is_anchor(self, i: int) -> bool:
         """Whether `decode_after` reads text after the id i as it reads mid-text: i is a piece of
         this tokenizer and not a control token (after those, as at the start, a leading space is
@@ -109,3 +127,12 @@ def format_chat(messages: list[dict], tokenizer: Tokenizer) -> list[int]:
         ids += tokenizer.encode(f"{B_INST} {user['content'].strip()} {E_INST} "
                                 f"{answer['content'].strip()} ", bos=True, eos=True)
     return ids + tokenizer.encode(f"{B_INST} {msgs[-1]['content'].strip()} {E_INST}", bos=True)
+
+
+def _char_offsets(text: str, byte_offsets: list[int]) -> list[int]:
+    """UTF-8 byte offsets into text -> character offsets (a byte inside a character: that character)."""
+    char_at = []
+    for k, ch in enumerate(text):
+        char_at += [k] * len(ch.encode("utf-8"))
+    char_at.append(len(text))
+    return [char_at[min(b, len(char_at) - 1)] for b in byte_offsets]

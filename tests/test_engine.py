@@ -155,6 +155,11 @@ def test_penalized_requests_match_generate_through_preemption_and_a_shared_prefi
     _check_all_free(engine)
     with pytest.raises(ValueError, match=r"logit_bias has token ids outside \[0, 512\): \[600\]"):
         engine.add_request([1, 2], SamplingParams(max_tokens=2, logit_bias={600: 1.0}))
+    # A plain sampled request in the slot a biased one left: no bias left over.
+    prompt, plain = script[0][1], SamplingParams(max_tokens=12, temperature=1.0, seed=4, stop_token_ids=())
+    [biased] = engine.generate([prompt], dataclasses.replace(plain, logit_bias={5: 100.0}))
+    [after] = engine.generate([prompt], plain)
+    assert biased.token_ids == [5] * 12 and after.token_ids == _reference(m, prompt, plain)
 
 
 @pytest.mark.parametrize("temperature,repetition", [(0.0, 1.0), (1.0, 1.0), (0.0, 1.5)])
@@ -412,6 +417,21 @@ def test_logprobs_are_the_models_log_softmax(tiny_model_no_tokenizer):
         assert lp == pytest.approx(row[tok], abs=1e-4)
         assert [t for t, _ in top] == np.argsort(-row)[:3].tolist()
         np.testing.assert_allclose([v for _, v in top], np.sort(row)[::-1][:3], atol=1e-4)
+
+
+def test_a_stop_tokens_logprob_comes_with_the_final_output(tiny_model_no_tokenizer):
+    """Stopping on a token id: the token is not among the output's ids, but its logprob is the
+    last entry (lm-eval reads one entry per generated token, the stop token included)."""
+    m = tiny_model_no_tokenizer
+    prompt = _ids(9, np.random.default_rng(9))
+    sp = SamplingParams(max_tokens=8, logprobs=2, stop_token_ids=())
+    [plain] = _engine(m).generate([prompt], sp)
+    stop = plain.token_ids[3]
+    [out] = _engine(m).generate([prompt], dataclasses.replace(sp, stop_token_ids=(stop,)))
+    first = plain.token_ids.index(stop)
+    assert out.finish_reason == "stop" and out.token_ids == plain.token_ids[:first]
+    assert [t for t, _, _ in out.logprobs] == plain.token_ids[:first + 1]
+    assert out.logprobs[-1][1] == pytest.approx(plain.logprobs[first][1], abs=1e-6)
 
 
 def _prompt_log_softmax(m, prompt) -> np.ndarray:

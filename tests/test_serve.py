@@ -287,6 +287,31 @@ def test_echo_returns_the_prompt_then_the_completion(srv, tiny_model):
     assert "".join(ch.choices[0].text for ch in r) == tiny_model.tokenizer.decode(ids) + expected.text
 
 
+def test_echoed_text_offsets_point_into_the_echoed_text(srv_plp, tiny_model):
+    """text[text_offset[i]:] starts with token i's text (the first word's space aside: the text
+    starts without it), for a string prompt with non-ASCII text and for token ids; the
+    completion's offsets start at the end of the echoed prompt."""
+    c = srv_plp.client()
+    prompt = "Grüße, naïve café with more words"
+    ids = tiny_model.tokenizer.encode(prompt, bos=True)
+    for sent in (prompt, ids):
+        r = c.completions.create(model=NAME, prompt=sent, max_tokens=3, temperature=0, echo=True, logprobs=1,
+                                 extra_body={"ignore_eos": True})
+        text, lp = r.choices[0].text, r.choices[0].logprobs
+        echoed = prompt if isinstance(sent, str) else tiny_model.tokenizer.decode(ids)
+        assert text.startswith(echoed) and lp.text_offset == sorted(lp.text_offset)
+        for tok, off in zip(lp.tokens[:len(ids)], lp.text_offset):
+            piece = tok if off else tok.lstrip(" ")
+            if piece and not tok.startswith("bytes:") and tok != "<s>":
+                assert text[off:].startswith(piece), (tok, off, text)
+        assert lp.text_offset[len(ids)] == len(echoed)
+
+
+def test_token_text_of_an_id_past_the_tokenizer(tokenizer):
+    from jllm.serve.responses import token_text
+    assert token_text(tokenizer, tokenizer.vocab_size + 3) == (f"token_id:{tokenizer.vocab_size + 3}", [])
+
+
 def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(srv_plp, tiny_model):
     """max_tokens=0, echo, logprobs: what a loglikelihood evaluation sends. The first token has
     no logprob; each other is the model's log-softmax after the tokens before it, with its top

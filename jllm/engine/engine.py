@@ -150,6 +150,7 @@ class Engine:
         self._inflight: _InFlight | None = None
         self._ids = itertools.count()
         self.generated_tokens = self.aborted = self.steps = 0
+        self._biased_slots: set[int] = set()   # slots whose logit bias is not zero
         with self._on_mesh():
             self.state = init_state(self.cfg, self.num_pages, self.page_size, self.max_seqs, self.dtype,
                                     model.mesh)
@@ -331,8 +332,13 @@ class Engine:
                     r.t_scheduled = now
             with self._on_mesh():
                 keys = reset_keys(self.state.keys, mask, seeds, skips, resume=bool(skips.any()))
-                if any(r.penalized for r in sched.admitted):  # others' penalty state is never read
-                    self._reset_penalties(mask, [r for r in sched.admitted if r.penalized])
+                # Penalty state is read with neutral coefficients for others, except a logit bias
+                # left in a slot: cleared too.
+                reset = [r for r in sched.admitted if r.penalized or r.slot in self._biased_slots]
+                if reset:
+                    mask_reset = np.zeros(self.max_seqs, bool)
+                    mask_reset[[r.slot for r in reset]] = True
+                    self._reset_penalties(mask_reset, [r for r in reset if r.penalized])
             self.state = dataclasses.replace(self.state, keys=keys)
         batch, owners = build_batch(sched, self.shapes, self.scheduler.tables, self.num_pages, self.max_seqs,
                                     self.page_size, spec_k=self.spec_k)
@@ -357,10 +363,13 @@ class Engine:
         n = MAX_LOGIT_BIAS * self.shapes.max_prompts
         slot, ids, values = np.full(n, self.max_seqs, np.int32), np.zeros(n, np.int32), np.zeros(n, np.float32)
         i = 0
+        self._biased_slots -= set(np.nonzero(mask)[0].tolist())
         for r in requests:
             for t, b in r.params.logit_bias:
                 slot[i], ids[i], values[i] = r.slot, t, b
                 i += 1
+            if r.params.logit_bias:
+                self._biased_slots.add(r.slot)
         s = self.state
         counts, seen, bias = reset_penalties(s.counts, s.prompt_seen, s.bias, mask, slot, ids, values)
         self.state = dataclasses.replace(s, counts=counts, prompt_seen=seen, bias=bias)
@@ -406,10 +415,12 @@ class Engine:
             req.t_last = now
             delta = req.row.push(new, now)
             logprobs = None
-            if req.want_logprobs and delta is not None and delta.token_ids:
+            finish = req.row.finish
+            # A stop token is not among the output's ids, but its logprob is (as OpenAI reports it).
+            if req.want_logprobs and (delta is not None and delta.token_ids or finish == "stop"
+                                      and tok in req.row.stop_ids):
                 n = req.params.logprobs
                 logprobs = [(tok, float(lp[i]), [(int(a), float(b)) for a, b in zip(top_ids[i, :n], top_lp[i, :n])])]
-            finish = req.row.finish
             if finish is not None:
                 self.scheduler.finish(req)
                 del self.requests[req.id]

@@ -414,32 +414,43 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         ids_out = tokenizer is None   # no text to send: send the token ids
 
-        def echoed(i: int, first) -> tuple[str, list[tuple], list[int]]:
-            """Choice i's prompt as echoed: its text, its logprob entries (given the engine's first
-            output) and its token ids."""
+        def echoed(i: int, first) -> tuple[str, dict | None, list[int]]:
+            """Choice i's prompt as echoed: its text (the prompt as sent, or its ids decoded), its
+            logprobs (from the engine's first output) with each token's offset in that text, and
+            its token ids."""
             p, ids = req.prompt[i // n], prompts[i // n]
-            text = p if isinstance(p, str) else (tokenizer.decode(ids) if tokenizer is not None else "")
-            plp = first.prompt_logprobs or []
-            entries = [e if e is not None else (ids[k], None, None) for k, e in enumerate(plp)]
-            return text, entries, ids
+            if tokenizer is None:
+                text, offsets = "", [0] * len(ids)
+            elif isinstance(p, str):
+                text, offsets = p, tokenizer.encode_offsets(p)
+                offsets = [0] * (len(ids) - len(offsets)) + offsets   # BOS first, at 0
+            else:
+                text, offsets = tokenizer.decode_offsets(ids)
+            lp = None
+            if want_logprobs:
+                plp = first.prompt_logprobs or []
+                entries = [e if e is not None else (ids[k], None, None) for k, e in enumerate(plp)]
+                lp = R.completion_logprobs(entries, tokenizer, 0, offsets[:len(entries)])
+            return text, lp, ids
 
         async def events() -> AsyncIterator[str]:
             offsets, seen = [0] * len(gens), [False] * len(gens)
 
-            def chunk(i: int, text: str, entries: list | None, ids: list[int], finish: str | None = None) -> str:
-                lp = R.completion_logprobs(entries, tokenizer, offsets[i]) if entries is not None else None
-                offsets[i] += sum(map(len, lp["tokens"])) if lp else 0
+            def chunk(i: int, text: str, lp: dict | None, ids: list[int], finish: str | None = None) -> str:
                 return R.sse(R.completion_chunk(request_id, created, served_model_name, text, finish, lp,
                                                 include_usage, ids if ids_out else None, i))
 
             try:
                 async for i, out in _merged(gens):
                     if echo and not seen[i]:
-                        text, entries, ids = echoed(i, out)
-                        yield chunk(i, text, entries if want_logprobs else None, ids)
+                        text, lp, ids = echoed(i, out)
+                        offsets[i] = len(text)
+                        yield chunk(i, text, lp, ids)
                     seen[i] = True
-                    if out.text or out.token_ids and (want_logprobs or ids_out):
-                        yield chunk(i, out.text, (out.logprobs or []) if want_logprobs else None, out.token_ids)
+                    if out.text or want_logprobs and out.logprobs or ids_out and out.token_ids:
+                        lp = R.completion_logprobs(out.logprobs or [], tokenizer, offsets[i]) if want_logprobs else None
+                        offsets[i] += sum(map(len, lp["tokens"])) if lp else 0
+                        yield chunk(i, out.text, lp, out.token_ids)
                     if out.finished:
                         yield chunk(i, "", None, [], out.finish_reason)
             except EngineUnavailable as e:
@@ -453,18 +464,25 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
             text = [[] for _ in gens]
             entries = [[] for _ in gens]
             token_ids = [[] for _ in gens]
+            echoes = [None] * len(gens)   # (text, logprobs) of each choice's echoed prompt
             async for i, out in _merged(gens):
-                if echo and not text[i]:
-                    t, e, ids = echoed(i, out)
-                    text[i].append(t)
-                    entries[i] += e
+                if echo and echoes[i] is None:
+                    t, lp, ids = echoed(i, out)
+                    echoes[i] = (t, lp)
                     token_ids[i] += ids
                 text[i].append(out.text)
                 entries[i] += out.logprobs or []
                 token_ids[i] += out.token_ids
+
+            def logprobs(i: int) -> dict | None:
+                if not want_logprobs:
+                    return None
+                head, lp = echoes[i] or ("", None)
+                tail = R.completion_logprobs(entries[i], tokenizer, len(head))
+                return tail if lp is None else {k: lp[k] + tail[k] for k in tail}
+
             return R.completion(request_id, created, served_model_name, [
-                R.completion_choice(i, "".join(text[i]), g.finish_reason,
-                                    R.completion_logprobs(entries[i], tokenizer, 0) if want_logprobs else None,
+                R.completion_choice(i, (echoes[i] or ("",))[0] + "".join(text[i]), g.finish_reason, logprobs(i),
                                     token_ids[i] if ids_out else None)
                 for i, g in enumerate(gens)], usage(gens, n))
 
@@ -507,7 +525,7 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
             try:
                 async for i, out in _merged(gens):
                     lp = logprobs_of(out)
-                    if out.text or out.token_ids and lp:
+                    if out.text or lp and lp["content"]:
                         yield chunk(i, {"content": out.text}, None, lp)
                     if out.finished:
                         yield chunk(i, {}, out.finish_reason)

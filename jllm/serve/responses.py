@@ -20,9 +20,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 def token_text(tokenizer: Tokenizer | None, token_id: int) -> tuple[str, list[int]]:
     """A token as logprobs show it: its text (a byte piece as 'bytes:\\xNN') and its UTF-8 bytes."""
-    if tokenizer is None:
+    sp = None if tokenizer is None else tokenizer.sp
+    if sp is None or not 0 <= token_id < sp.vocab_size():   # no tokenizer, or an id past it
         return f"token_id:{token_id}", []
-    sp = tokenizer.sp
     piece = sp.id_to_piece(token_id)
     if sp.is_byte(token_id):          # "<0xE2>": one byte of a character split over pieces
         value = int(piece[3:5], 16)
@@ -48,16 +48,18 @@ def chat_logprobs(entries: list, tokenizer: Tokenizer | None) -> dict:
     return {"content": content, "refusal": None}
 
 
-def completion_logprobs(entries: list, tokenizer: Tokenizer | None, offset: int) -> dict:
-    """Engine logprobs -> the legacy completions form; text_offset counts from `offset`. An entry
-    (token_id, None, None) is a token nothing predicts (an echoed prompt's first): null logprobs."""
+def completion_logprobs(entries: list, tokenizer: Tokenizer | None, offset: int,
+                        offsets: list[int] | None = None) -> dict:
+    """Engine logprobs -> the legacy completions form; text_offset counts from `offset` by the
+    tokens' texts, or is `offsets` where given. An entry (token_id, None, None) is a token nothing
+    predicts (an echoed prompt's first): null logprobs."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for token_id, logprob, top in entries:
+    for k, (token_id, logprob, top) in enumerate(entries):
         text, _ = token_text(tokenizer, token_id)
         out["tokens"].append(text)
         out["token_logprobs"].append(None if logprob is None else _finite(logprob))
         out["top_logprobs"].append(None if top is None else {token_text(tokenizer, a)[0]: _finite(lp) for a, lp in top})
-        out["text_offset"].append(offset)
+        out["text_offset"].append(offset if offsets is None else offsets[k])
         offset += len(text)
     return out
 
