@@ -25,7 +25,7 @@ non_negative_float = number(float, lambda x: x >= 0, "a number >= 0")
 probability = number(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
 seed = number(int, lambda x: 0 <= x < 2 ** 32, "an int in [0, 2**32)")
 penalty = number(float, lambda x: -2 <= x <= 2, "a number in [-2, 2]")
-repetition_penalty = number(float, lambda x: x > 0, "a number > 0 (1 is no penalty)")
+repetition_penalty = number(float, lambda x: 0.01 <= x <= 100, "a number in [0.01, 100] (1 is no penalty)")
 
 DEVICE_MEMORY_HELP = ("share of each GPU that JAX may take, weights and KV pages included (default 0.9; "
                       "JAX's own default is 0.75; XLA_PYTHON_CLIENT_MEM_FRACTION or XLA_CLIENT_MEM_FRACTION "

@@ -251,9 +251,9 @@ def check_logit_bias(logit_bias, vocab_size: int) -> dict[int, float]:
 
 def check_penalty(name: str, x) -> None:
     """presence_penalty and frequency_penalty: a number in [-2, 2], as OpenAI takes them;
-    repetition_penalty: a number > 0 (1: none)."""
+    repetition_penalty: a number in [0.01, 100] (1: none; float32 keeps it finite and nonzero)."""
     if name == "repetition_penalty":
-        _check_number(name, x, lambda v: v > 0, "a number > 0 (1 is no penalty)")
+        _check_number(name, x, lambda v: 0.01 <= v <= 100, "a number in [0.01, 100] (1 is no penalty)")
     else:
         _check_number(name, x, lambda v: -2 <= v <= 2, "a number in [-2, 2]")
 
@@ -347,7 +347,7 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     presence_penalty / frequency_penalty (in [-2, 2], as OpenAI's): each token's logit is lowered
     by presence_penalty if the row has generated it already, and by frequency_penalty per time it
     has (the prompt does not count), before temperature, top-k and top-p, and before a greedy
-    row's argmax. repetition_penalty (> 0; Hugging Face's): before those, the logit of every token
+    row's argmax. repetition_penalty (in [0.01, 100]; Hugging Face's): before those, the logit of every token
     in the prompt or generated already is divided by it when positive, multiplied when negative.
     logit_bias {token id: bias in [-100, 100]} (OpenAI's, at most 300): added to those logits
     last (-100 bans a token, +100 all but forces it).

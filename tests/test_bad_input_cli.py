@@ -183,7 +183,7 @@ def test_chat_survives_a_line_that_cannot_be_decoded(tiny_checkpoint, capsys, mo
     ("--stop", "", "non-empty text"), ("--prompt", "", "non-empty text"),
     ("--seed", "-1", r"an int in [0, 2**32)"), ("--seed", "4294967296", r"an int in [0, 2**32)"),
     ("--presence-penalty", "2.5", "a number in [-2, 2]"), ("--frequency-penalty", "nan", "a number in [-2, 2]"),
-    ("--repetition-penalty", "0", "a number > 0"),
+    ("--repetition-penalty", "0", "a number in [0.01, 100]"), ("--repetition-penalty", "1e-50", "a number in [0.01, 100]"),
 ])
 def test_generate_refuses_bad_values_before_loading(flag, value, expected, tiny_checkpoint, capsys, no_load):
     argv = ["generate", "--model", tiny_checkpoint, "--prompt", "Hi", flag, value]

@@ -307,6 +307,22 @@ def test_echoed_text_offsets_point_into_the_echoed_text(srv_plp, tiny_model):
         assert lp.text_offset[len(ids)] == len(echoed)
 
 
+def test_completion_text_offsets_stay_in_the_text_past_byte_pieces(srv, tiny_model):
+    """Offsets advance by what each token adds to the text (a byte piece's `bytes:\\xNN` is not
+    text), so each one points into the text, streamed or not."""
+    sp = tiny_model.tokenizer.sp
+    byte = next(i for i in range(sp.vocab_size()) if sp.is_byte(i) and sp.id_to_piece(i) == "<0x41>")  # "A"
+    kw = dict(model=NAME, prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=1, logit_bias={str(byte): 100},
+              extra_body={"ignore_eos": True})
+    c = srv.client()
+    r = c.completions.create(**kw)
+    text, lp = r.choices[0].text, r.choices[0].logprobs
+    assert text == "AAAAAA" and lp.tokens == ["bytes:\\x41"] * 6
+    assert lp.text_offset == [0, 1, 2, 3, 4, 5]
+    chunks = list(c.completions.create(stream=True, **kw))
+    assert [o for ch in chunks if ch.choices[0].logprobs for o in ch.choices[0].logprobs.text_offset] == lp.text_offset
+
+
 def test_token_text_of_an_id_past_the_tokenizer(tokenizer):
     from jllm.serve.responses import token_text
     assert token_text(tokenizer, tokenizer.vocab_size + 3) == (f"token_id:{tokenizer.vocab_size + 3}", [])
@@ -559,6 +575,8 @@ BAD = [  # id, endpoint, body, status, param
     ("presence_penalty_too_large", "completions", _json({**OK, "presence_penalty": 2.5}), 400, "presence_penalty"),
     ("frequency_penalty_string", "chat/completions", _json({**CHAT, "frequency_penalty": "1"}), 400, "frequency_penalty"),
     ("repetition_penalty_zero", "completions", _json({**OK, "repetition_penalty": 0}), 400, "repetition_penalty"),
+    ("repetition_penalty_huge", "completions", _json({**OK, "repetition_penalty": 1e39}), 400, "repetition_penalty"),
+    ("logit_bias_duplicate_id", "completions", _json({**OK, "logit_bias": {"5": 1, "05": -1}}), 400, "logit_bias"),
     ("logit_bias_not_an_object", "completions", _json({**OK, "logit_bias": [1]}), 400, "logit_bias"),
     ("logit_bias_key_not_an_id", "chat/completions", _json({**CHAT, "logit_bias": {"x": 1}}), 400, "logit_bias"),
     ("logit_bias_too_large", "completions", _json({**OK, "logit_bias": {"5": 101}}), 400, "logit_bias"),

@@ -36,7 +36,7 @@ class SamplingParams:
     a token. logprobs N: the chosen token's log-probability and the N most likely alternatives,
     under the model's distribution before penalties, temperature, top-k and top-p.
     presence_penalty / frequency_penalty in [-2, 2]: as `jllm.generate`'s (OpenAI's), over the
-    tokens the request has generated; repetition_penalty > 0 (Hugging Face's), over its prompt
+    tokens the request has generated; repetition_penalty in [0.01, 100] (Hugging Face's), over its prompt
     and generated tokens; logit_bias {token id: bias in [-100, 100]} (OpenAI's, at most 300
     entries), kept as sorted (id, bias) pairs. prompt_logprobs N (an Engine made with
     prompt_logprobs=True): each prompt token's log-probability given the tokens before it and the
@@ -90,9 +90,9 @@ class SamplingParams:
             if not -2 <= getattr(self, name) <= 2:
                 bad(name, "a number in [-2, 2]")
         if not _is_number(self.repetition_penalty):
-            bad("repetition_penalty", "a number > 0 (1 is no penalty)", TypeError)
-        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
-            bad("repetition_penalty", "a finite number > 0 (1 is no penalty)")
+            bad("repetition_penalty", "a number in [0.01, 100] (1 is no penalty)", TypeError)
+        if not 0.01 <= self.repetition_penalty <= 100:
+            bad("repetition_penalty", "a number in [0.01, 100] (1 is no penalty)")
         bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
         try:
             bias = sorted((t, b) for t, b in bias)

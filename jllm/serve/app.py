@@ -448,8 +448,9 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
                         yield chunk(i, text, lp, ids)
                     seen[i] = True
                     if out.text or want_logprobs and out.logprobs or ids_out and out.token_ids:
-                        lp = R.completion_logprobs(out.logprobs or [], tokenizer, offsets[i]) if want_logprobs else None
-                        offsets[i] += sum(map(len, lp["tokens"])) if lp else 0
+                        lp = R.completion_logprobs(out.logprobs or [], tokenizer, offsets[i],
+                                                   end=offsets[i] + len(out.text)) if want_logprobs else None
+                        offsets[i] += len(out.text)
                         yield chunk(i, out.text, lp, out.token_ids)
                     if out.finished:
                         yield chunk(i, "", None, [], out.finish_reason)
@@ -462,7 +463,7 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
 
         async def body() -> dict:
             text = [[] for _ in gens]
-            entries = [[] for _ in gens]
+            parts = [[] for _ in gens]    # logprobs of each output, with their offsets in the text
             token_ids = [[] for _ in gens]
             echoes = [None] * len(gens)   # (text, logprobs) of each choice's echoed prompt
             async for i, out in _merged(gens):
@@ -470,19 +471,22 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
                     t, lp, ids = echoed(i, out)
                     echoes[i] = (t, lp)
                     token_ids[i] += ids
+                    text[i].append(t)
+                if want_logprobs and out.logprobs:
+                    at = sum(map(len, text[i]))
+                    parts[i].append(R.completion_logprobs(out.logprobs, tokenizer, at, end=at + len(out.text)))
                 text[i].append(out.text)
-                entries[i] += out.logprobs or []
                 token_ids[i] += out.token_ids
 
             def logprobs(i: int) -> dict | None:
                 if not want_logprobs:
                     return None
-                head, lp = echoes[i] or ("", None)
-                tail = R.completion_logprobs(entries[i], tokenizer, len(head))
-                return tail if lp is None else {k: lp[k] + tail[k] for k in tail}
+                lps = ([echoes[i][1]] if echoes[i] else []) + parts[i]
+                return {k: [v for lp in lps for v in lp[k]] for k in ("tokens", "token_logprobs", "top_logprobs",
+                                                                        "text_offset")}
 
             return R.completion(request_id, created, served_model_name, [
-                R.completion_choice(i, (echoes[i] or ("",))[0] + "".join(text[i]), g.finish_reason, logprobs(i),
+                R.completion_choice(i, "".join(text[i]), g.finish_reason, logprobs(i),
                                     token_ids[i] if ids_out else None)
                 for i, g in enumerate(gens)], usage(gens, n))
 

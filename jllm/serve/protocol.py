@@ -71,7 +71,7 @@ class _Common(BaseModel):
     user: str | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0)   # an extension, as in vLLM (Hugging Face's)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)   # an extension, as in vLLM (Hugging Face's)
     logit_bias: Any = Field(None, validate_default=True)
     ignore_eos: bool | None = None                     # an extension, as in vLLM: never stop on EOS
 
@@ -87,8 +87,8 @@ class _Common(BaseModel):
             raise _custom(f"at most {MAX_LOGIT_BIAS} entries, got {len(v)}")
         out = {}
         for k, b in v.items():
-            if not (isinstance(k, str) and k.isascii() and k.isdigit()):
-                raise _custom(f"keys are token ids (\"123\"), got {_short(k)}")
+            if not (isinstance(k, str) and k.isascii() and k.isdigit()) or int(k) in out:
+                raise _custom(f"keys are distinct token ids (\"123\"), got {_short(k)}")
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
                 raise _custom(f"biases are numbers in [-100, 100], got {_short(b)} for token {k}")
             out[int(k)] = float(b)

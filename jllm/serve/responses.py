@@ -48,19 +48,29 @@ def chat_logprobs(entries: list, tokenizer: Tokenizer | None) -> dict:
     return {"content": content, "refusal": None}
 
 
+def _width(tokenizer: Tokenizer | None, token_id: int) -> int:
+    """Characters a token adds to the text, as far as it alone tells: none for control pieces,
+    ids past the tokenizer and byte pieces (a character's bytes), else its piece's length."""
+    sp = None if tokenizer is None else tokenizer.sp
+    if sp is None or not 0 <= token_id < sp.vocab_size() or sp.is_byte(token_id) or sp.is_control(token_id):
+        return 0
+    return len(token_text(tokenizer, token_id)[0])
+
+
 def completion_logprobs(entries: list, tokenizer: Tokenizer | None, offset: int,
-                        offsets: list[int] | None = None) -> dict:
-    """Engine logprobs -> the legacy completions form; text_offset counts from `offset` by the
-    tokens' texts, or is `offsets` where given. An entry (token_id, None, None) is a token nothing
-    predicts (an echoed prompt's first): null logprobs."""
+                        offsets: list[int] | None = None, end: int | None = None) -> dict:
+    """Engine logprobs -> the legacy completions form. text_offset is `offsets` where given, else
+    it counts from `offset` by what each token adds to the text, never past `end` (the end of the
+    text these tokens came with). An entry (token_id, None, None) is a token nothing predicts (an
+    echoed prompt's first): null logprobs."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for k, (token_id, logprob, top) in enumerate(entries):
         text, _ = token_text(tokenizer, token_id)
         out["tokens"].append(text)
         out["token_logprobs"].append(None if logprob is None else _finite(logprob))
         out["top_logprobs"].append(None if top is None else {token_text(tokenizer, a)[0]: _finite(lp) for a, lp in top})
-        out["text_offset"].append(offset if offsets is None else offsets[k])
-        offset += len(text)
+        out["text_offset"].append(offsets[k] if offsets is not None else offset if end is None else min(offset, end))
+        offset += _width(tokenizer, token_id)
     return out
 
 
