@@ -14,7 +14,7 @@ from jllm import costs, parallel, quant
 from jllm.kvcache import KVCache, init_cache
 from jllm.model import Params, logits, transformer
 from jllm.plan import XLA_OPTIONS, Plan, check_impls, make_plan
-from jllm.sampling import Sampling, penalize, sample
+from jllm.sampling import Penalties, Sampling, sample
 from jllm.streaming import Delta, Row  # noqa: F401 (Delta: the stream callback's argument)
 from jllm.tokenizer import Tokenizer, check_text
 
@@ -110,7 +110,7 @@ def bucket(n: int, minimum: int = MIN_BUCKET, buckets: Sequence[int] | None = No
 
 def _prefill(params: Params, tokens: jax.Array, n_tokens: jax.Array, cache: KVCache,
              sampling: Sampling, key: jax.Array, cfg: LlamaConfig, plan: Plan = Plan(),
-             penalties: "Penalties | None" = None) -> tuple[jax.Array, KVCache, jax.Array]:
+             penalties: Penalties | None = None) -> tuple[jax.Array, KVCache, jax.Array]:
     h, cache = transformer(params, tokens, cache, cfg, plan, n_tokens=n_tokens, fresh=True,
                            only=(n_tokens - 1)[:, None])                      # [B, 1, D]
     lg = logits(params, h[:, 0], plan)                                        # [B, V]
@@ -150,41 +150,6 @@ class _Prefill:
 
 
 prefill = _Prefill()
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class Penalties:
-    """Presence, frequency and repetition penalties per row [B], the tokens of each row's prompt
-    (prompt_seen [B, V]) and the counts [B, V] of its generated tokens so far
-    (`sampling.penalize`); `decode` returns them updated."""
-    presence: jax.Array
-    frequency: jax.Array
-    repetition: jax.Array
-    prompt_seen: jax.Array
-    counts: jax.Array
-    bias: jax.Array   # [B, V] float32: the logit bias
-
-    @classmethod
-    def make(cls, prompts: list[list[int]], B: int, V: int, presence: float, frequency: float,
-             repetition: float, logit_bias: dict[int, float]) -> "Penalties":
-        """Host arrays for a batch of B rows (the first len(prompts) real)."""
-        seen = np.zeros((B, V), bool)
-        for i, p in enumerate(prompts):
-            seen[i, p] = True
-        bias = np.zeros((B, V), np.float32)
-        bias[:, list(logit_bias)] = list(logit_bias.values())
-        full = lambda x: np.full((B,), x, np.float32)  # noqa: E731
-        return cls(full(presence), full(frequency), full(repetition), seen, np.zeros((B, V), np.int32), bias)
-
-    def add(self, token: jax.Array) -> "Penalties":
-        """Count one more generated token [B] per row."""
-        rows = jnp.arange(token.shape[0])
-        return dataclasses.replace(self, counts=self.counts.at[rows, token].add(1))
-
-    def apply(self, logits: jax.Array) -> jax.Array:
-        return penalize(logits, self.counts, self.presence, self.frequency, self.repetition, self.prompt_seen,
-                        self.bias)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n_steps", "plan"), donate_argnames=("cache", "penalties"))

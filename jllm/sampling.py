@@ -1,8 +1,10 @@
-"""Token sampling: greedy, temperature, top-k, top-p, with per-row values as traced arrays."""
+"""Token sampling: greedy, temperature, top-k, top-p, with per-row values as traced arrays; the
+penalties and logit bias applied before it."""
 import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 TOP_K_MAX = 2 ** 31 - 1  # the int32 the sampler reads; any top_k past the vocabulary keeps every token
@@ -82,3 +84,38 @@ def penalize(logits: jax.Array, counts: jax.Array, presence: jax.Array, frequenc
     r = repetition[:, None]
     x = jnp.where(prompt_seen | (c > 0), jnp.where(x > 0, x / r, x * r), x)
     return x - presence[:, None] * (c > 0) - frequency[:, None] * c + bias
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Penalties:
+    """Presence, frequency and repetition penalties per row [B], the tokens of each row's prompt
+    (prompt_seen [B, V]) and the counts [B, V] of its generated tokens so far
+    (`sampling.penalize`); `decode` returns them updated."""
+    presence: jax.Array
+    frequency: jax.Array
+    repetition: jax.Array
+    prompt_seen: jax.Array
+    counts: jax.Array
+    bias: jax.Array   # [B, V] float32: the logit bias
+
+    @classmethod
+    def make(cls, prompts: list[list[int]], B: int, V: int, presence: float, frequency: float,
+             repetition: float, logit_bias: dict[int, float]) -> "Penalties":
+        """Host arrays for a batch of B rows (the first len(prompts) real)."""
+        seen = np.zeros((B, V), bool)
+        for i, p in enumerate(prompts):
+            seen[i, p] = True
+        bias = np.zeros((B, V), np.float32)
+        bias[:, list(logit_bias)] = list(logit_bias.values())
+        full = lambda x: np.full((B,), x, np.float32)  # noqa: E731
+        return cls(full(presence), full(frequency), full(repetition), seen, np.zeros((B, V), np.int32), bias)
+
+    def add(self, token: jax.Array) -> "Penalties":
+        """Count one more generated token [B] per row."""
+        rows = jnp.arange(token.shape[0])
+        return dataclasses.replace(self, counts=self.counts.at[rows, token].add(1))
+
+    def apply(self, logits: jax.Array) -> jax.Array:
+        return penalize(logits, self.counts, self.presence, self.frequency, self.repetition, self.prompt_seen,
+                        self.bias)
