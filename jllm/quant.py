@@ -32,6 +32,11 @@ from sharding import rules
 # vs 176 us per layer) and beat it at M = 8 and 64 (docs/perf_quant.md).
 MAX_PALLAS_M_GROUPED = 64
 MAX_PALLAS_M_PER_CHANNEL = 1
+# matmul_impl "pallas-fused" runs plain float weights through the kernel's bits=16 path up to this
+# many rows of x (XLA's GEMM above it), and with PALLAS_FLOAT_SINGLE also the weights that have no
+# partner sharing x (o and down), not only q/k/v and gate/up.
+MAX_PALLAS_M_FLOAT = 1
+PALLAS_FLOAT_SINGLE = False
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -183,7 +188,7 @@ def linears(x: jax.Array, ws, plan: Plan = Plan(), *, specs=None, norm: jax.Arra
     if norm is not None:
         w, m, out = ws[0], x2.shape[0], None
         if fused and norm.shape == (k,) and norm.dtype == x.dtype and (
-                m <= _max_pallas_m(w) if isinstance(w, QArray) else m == 1):
+                m <= _max_pallas_m(w) if isinstance(w, QArray) else m <= MAX_PALLAS_M_FLOAT):
             out = _kernel(x2, list(ws), list(specs), plan, norm=(norm, eps))
         if out is None:
             return linears(rms_norm(x, norm, eps), ws, plan, specs=specs)
@@ -199,7 +204,8 @@ def _matmuls(x2: jax.Array, group: list, specs: list, plan: Plan) -> list:
     x2's dtype: through the Pallas kernel where the plan and M allow it (see `linear`), else XLA."""
     w, m, out = group[0], x2.shape[0], None
     if not isinstance(w, QArray):
-        if len(group) > 1 and m == 1:  # pallas-fused float weights: the kernel's bits=16 GEMV
+        if plan.matmul_impl == "pallas-fused" and m <= MAX_PALLAS_M_FLOAT and (
+                len(group) > 1 or PALLAS_FLOAT_SINGLE):  # the kernel's bits=16 path
             out = _kernel(x2, group, specs, plan)
         return out if out is not None else [jnp.matmul(x2, g).astype(x2.dtype) for g in group]
     if plan.matmul_impl != "xla" and m <= _max_pallas_m(w):

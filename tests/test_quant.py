@@ -209,6 +209,27 @@ def test_linears_fused_runs_float_weights_through_one_gemv_at_batch_1(dtype):
     assert calls(jnp.ones((3, 1, 128), dtype)) == 0  # M > 1: XLA's dots
 
 
+def test_float_weight_knobs_route_single_weights_and_larger_batches(monkeypatch):
+    """quant.PALLAS_FLOAT_SINGLE sends a lone float weight (o, down) through the kernel under
+    "pallas-fused", and MAX_PALLAS_M_FLOAT raises the rows that take it; results stay the matmul's,
+    and the other impls never take the kernel."""
+    from jllm import quant
+    w = _weight(50, (128, 96)).astype(jnp.float32)
+    pair = [w, _weight(51, (128, 32)).astype(jnp.float32)]
+    calls = lambda x, ws, impl="pallas-fused": str(jax.make_jaxpr(  # noqa: E731
+        lambda x, ws: linears(x, ws, Plan(matmul_impl=impl)))(x, ws)).count("pallas_call")
+    x1, x4 = (jax.random.normal(jax.random.key(2), (m, 128), jnp.float32) for m in (1, 4))
+    assert calls(x1, [w]) == 0 and calls(x4, pair) == 0  # the defaults: XLA
+    monkeypatch.setattr(quant, "PALLAS_FLOAT_SINGLE", True)
+    monkeypatch.setattr(quant, "MAX_PALLAS_M_FLOAT", 4)
+    assert calls(x1, [w]) == 1 and calls(x4, [w]) == 1 and calls(x4, pair) == 1
+    assert calls(jnp.ones((5, 128)), [w]) == 0 and calls(x1, [w], "xla") == 0 and calls(x1, [w], "pallas") == 0
+    for x in (x1, x4):
+        (y,) = linears(x, [w], Plan(matmul_impl="pallas-fused"))
+        ref = jnp.matmul(x, w, precision=jax.lax.Precision.HIGHEST)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
 def test_linears_with_norm_equal_the_norm_then_linears(kind):
     """norm=w: "pallas-fused" at batch 1 normalizes x inside its one launch; the other impls and

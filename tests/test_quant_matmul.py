@@ -50,6 +50,8 @@ CASES = [
     (20, 256, 96, 4, 64, BlockSizes(block_m=16)),
     (1, 300, 130, 16, 0, None),
     (3, 256, 200, 16, 0, None),
+    # bf16 at M = 1 through the dot path (x padded to 16 rows, Triton-pipelined tiles)
+    (1, 300, 130, 16, 0, BlockSizes(fma=False, prefetch=1, block_n=64, block_k=64, k_splits=2)),
     # mma: int4 as int32 words of 4 columns, a dot of the transposed tile (N % 4 == 0, ragged)
     (1, 512, 200, 4, 64, BlockSizes(mma=True)),
     (1, 256, 96, 4, 32, BlockSizes(mma=True, block_n=64, prefetch=1)),
@@ -282,6 +284,7 @@ NORM_CASES = [
     (3, 256, (130,), 4, 64, BlockSizes(k_splits=2)),  # int4 dot path, split
     (16, 512, (200, 96), 8, 64, BlockSizes(k_splits=4, prefetch=3)),
     (1, 300, (130, 40), 16, 0, None),  # bf16 GEMV, ragged K
+    (1, 300, (130, 40), 16, 0, BlockSizes(fma=False, prefetch=1, block_n=64, block_k=64)),  # dot path
     (3, 256, (200,), 16, 0, None),
     (1, 512, (256, 64, 64), 4, 64, BlockSizes(mma=True)),  # int4 mma q/k/v, split
     (1, 256, (200,), 4, 128, BlockSizes(mma=True, k_splits=1)),  # int4 mma, unsplit
@@ -345,6 +348,13 @@ LARGE_CASES = [
                                                      num_stages=1, num_warps=8, mma=True)),
     (1, 11008, (4096,), 4, 32, BlockSizes(block_n=128, block_k=128, prefetch=2, mma=True)),
     (8, 4096, (4096, 512, 512), 4, 128, BlockSizes(prefetch=1, num_stages=3, mma=True)),
+    # bf16 through the dot path at M = 1 and 8: q/k/v, gate/up, ragged N and K
+    (1, 4096, (4096, 4096, 4096), 16, 0, BlockSizes(fma=False, prefetch=1, num_stages=4, tf32_dot=False)),
+    (1, 4096, (11008, 11008), 16, 0, BlockSizes(block_n=64, block_k=128, fma=False, prefetch=1,
+                                                num_stages=4, tf32_dot=False, target_programs=396)),
+    (1, 11008 + 64, (4096 + 48,), 16, 0, BlockSizes(block_n=128, block_k=256, fma=False, prefetch=1,
+                                                    num_stages=3, num_warps=8, tf32_dot=False)),
+    (8, 4096, (4096, 4096), 16, 0, BlockSizes(fma=False, prefetch=1, num_stages=4, tf32_dot=False)),
 ]
 
 

@@ -64,8 +64,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", type=int, nargs="*", metavar="PROMPT_LEN",
                    help="then jllm bench TTFT at these prompt lengths per prefill path")
     parts["gemv"].add_argument("--variants", nargs="+", choices=list(variants), help="only these")
-    for name in ("gemv-one", "bf16-e2e"):
-        parts[name].add_argument("--variant", default="default", choices=list(variants))
+    parts["gemv-one"].add_argument("--variant", default="default", choices=list(variants))
+    p = parts["bf16-e2e"]
+    p.add_argument("--variants", nargs="+", default=["default"], choices=list(variants),
+                   help="bits=16 tilings to run end to end (default: the tree's)")
+    p.add_argument("--single", action="store_true", help="each also with o and down through the kernel")
+    p.add_argument("--batch", type=int, default=1)
     parts["gemv-one"].add_argument("--k", type=int, default=4096)
     parts["gemv-one"].add_argument("--n", type=int, default=22016)
     p = parts["prefill"]

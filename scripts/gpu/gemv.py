@@ -121,6 +121,16 @@ VARIANTS = {  # name -> BlockSizes (None: the default for the shape)
                                      target_programs=1056, mma=True),
     "int4-mma-p2": qmm.BlockSizes(block_n=128, block_k=128, prefetch=2, num_stages=1, mma=True),
     "int4-mma-s3": qmm.BlockSizes(block_n=128, block_k=128, prefetch=1, num_stages=3, mma=True),
+    # the dot path at M = 1 (x padded to 16 rows): the weight tiles reach shared memory by
+    # cp.async, `num_stages` deep (Triton pipelines loads that feed a dot), instead of register
+    # prefetch. bf16: ~1.5 instructions per weight in the loop against ~3.5 for the word FMA path.
+    **{f"dot-n{n}k{k}s{st}{f'w{w}' if w != 4 else ''}t{t}": qmm.BlockSizes(
+        block_n=n, block_k=k, block_m=16, fma=False, prefetch=1, num_stages=st, num_warps=w,
+        tf32_dot=False, target_programs=t)
+       for n, k, st, w, t in ((128, 128, 4, 4, 528), (128, 128, 4, 4, 264), (128, 64, 5, 4, 396),
+                              (128, 64, 4, 4, 528), (256, 64, 4, 4, 264), (64, 128, 4, 4, 396),
+                              (128, 128, 3, 8, 264), (256, 128, 3, 8, 132), (128, 256, 3, 8, 132),
+                              (64, 256, 4, 4, 264))},
 }
 # Weights that read the same x, per shard: name -> (K, N of each weight).
 MULTI_SHAPES = {
@@ -287,7 +297,9 @@ def gemv(args) -> None:
                     ops["xla-bf16"] = (_xla_bf16, w16)
                     ops["xla-int8"] = (_xla_int8, ws)
                 for name, bs in VARIANTS.items():
-                    if (m > 1 and name != "default") or (args.variants and name not in args.variants):
+                    # at M > 1 only the default, unless variants are named
+                    if (m > 1 and name != "default" and not args.variants) or (
+                            args.variants and name not in args.variants):
                         continue
                     ops[name] = (functools.partial(_pallas, bits=bits, group_size=g, block_sizes=bs), ws)
                 for name, (op, w) in ops.items():
@@ -359,24 +371,32 @@ def gemv_multi(args) -> None:
 
 
 def bf16_e2e(args) -> None:
-    """Llama-2-7B bf16 batch-1 decode with the Pallas bf16 GEMV (matmul_impl pallas-fused, tiling
-    `--variant`) vs XLA's."""
-    from jllm import bench, parallel
+    """Llama-2-7B bf16 decode (batch `--batch`, default 1) through XLA's GEMMs and through the
+    kernel's bits=16 path (matmul_impl pallas-fused) with each tiling of `--variants` (default:
+    the tree's); with --single, o and down go through the kernel too (quant.PALLAS_FLOAT_SINGLE)."""
+    from jllm import bench, parallel, quant
     from jllm.config import LlamaConfig
 
     header()
     cfg = LlamaConfig.from_name("llama-2-7b")
     params = parallel.random_params(cfg, None, jax.random.key(0))
-    if args.variant != "default":  # this process only: the variant replaces the batch-1 bf16 default
-        bs = VARIANTS[args.variant]
-        qmm.default_block_sizes = lambda m, k, n, bits, _d=qmm.default_block_sizes: (
-            bs if bits == 16 and m == 1 else _d(m, k, n, bits))
+    default = qmm.default_block_sizes
+    quant.MAX_PALLAS_M_FLOAT = max(quant.MAX_PALLAS_M_FLOAT, args.batch)
+    runs = [("xla", "default", False)] + [("pallas-fused", v, single) for v in args.variants
+                                         for single in ((False, True) if args.single else (False,))]
     rows = []
-    for impl in ("xla", "pallas-fused"):
-        r = bench.run(cfg, "llama-2-7b", params=params, warm_compile=False, matmul_impl=impl, new_tokens=128)
+    for impl, variant, single in runs:
+        bs = VARIANTS[variant]  # this process only: the variant replaces the float GEMV's default
+        qmm.default_block_sizes = (default if bs is None else (
+            lambda m, k, n, bits, bs=bs: bs if bits == 16 and m <= args.batch else default(m, k, n, bits)))
+        quant.PALLAS_FLOAT_SINGLE = single
+        jax.clear_caches()  # the globals above change what the jitted step traces to
+        r = bench.run(cfg, "llama-2-7b", params=params, warm_compile=False, matmul_impl=impl,
+                      new_tokens=128, batch=args.batch)
         rows.append(r)
-        print(f"bf16 GEMV {impl} ({args.variant}): {r.decode_tok_s_per_seq:.1f} tok/s, "
-              f"TPOT {r.tpot_ms:.3f} ms", flush=True)
+        print(f"bf16 batch {args.batch} {impl} {variant}{' +o/down' if single else ''}: "
+              f"{r.decode_tok_s_per_seq:.1f} tok/s per sequence, TPOT {r.tpot_ms:.3f} ms", flush=True)
+    qmm.default_block_sizes, quant.PALLAS_FLOAT_SINGLE = default, False
     print(bench.format_table(rows))
 
 
