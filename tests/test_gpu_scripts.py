@@ -152,3 +152,21 @@ def test_engine_decode_step_times_the_greedy_or_the_sampling_program(monkeypatch
     d = decode_step(model, 4, 40, None, steps=3, temperature=temperature)
     assert d["temperature"] == temperature and d["rows"] == 4 and d["step_ms"] > 0
     assert seen[-3:] == [greedy] * 3   # the timed steps (pure decode)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_tma_gemv_matches_the_matmul_in_mosaic_interpret_mode(m):
+    """scripts.gpu tma's wgmma GEMV (TMA pipeline, K split over programs, partials summed) computes
+    x @ w for M <= 64 rows, under the Mosaic GPU interpreter on the CPU."""
+    params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
+    from scripts.gpu import tma
+    x = jax.random.normal(jax.random.key(m), (m, 512), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(10 + m), (512, 256), jnp.bfloat16)
+    y = tma.gemv_wgmma(x, w, tile_k=64, tile_n=64, stages=3, programs=8,
+                       interpret=params.InterpretGPUParams())
+    ref = np.asarray(x, np.float32) @ np.asarray(w, np.float32)
+    assert y.shape == (m, 256) and y.dtype == x.dtype
+    assert np.linalg.norm(np.asarray(y, np.float32) - ref) / np.linalg.norm(ref) < 1e-2
+    assert tma._splits(8, 4, 8) == 2 and tma._splits(172, 32, 264) == 4 and tma._splits(64, 172, 132) == 1
+    with pytest.raises(ValueError, match="do not tile"):
+        tma.gemv_wgmma(x[:, :500], w[:500], tile_k=64, tile_n=64, stages=2, programs=8)
