@@ -170,3 +170,16 @@ def test_tma_gemv_matches_the_matmul_in_mosaic_interpret_mode(m):
     assert tma._splits(8, 4, 8) == 2 and tma._splits(172, 32, 264) == 4 and tma._splits(64, 172, 132) == 1
     with pytest.raises(ValueError, match="do not tile"):
         tma.gemv_wgmma(x[:, :500], w[:500], tile_k=64, tile_n=64, stages=2, programs=8)
+
+
+def test_tma_int8_gemv_matches_the_dequantized_matmul_in_mosaic_interpret_mode():
+    params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
+    from scripts.gpu import tma
+    x = jax.random.normal(jax.random.key(0), (2, 256), jnp.bfloat16)
+    q = jax.random.randint(jax.random.key(1), (256, 128), -127, 128, jnp.int8)
+    scale = jax.random.uniform(jax.random.key(2), (1, 128), jnp.float32, 0.5, 1.5).astype(jnp.bfloat16) / 127
+    y = tma.gemv_wgmma_int8(x, q, scale, tile_k=64, tile_n=64, stages=2, programs=4,
+                            interpret=params.InterpretGPUParams())
+    ref = np.asarray(x, np.float32) @ (np.asarray(q, np.float32) * np.asarray(scale, np.float32))
+    assert y.shape == (2, 128) and y.dtype == x.dtype
+    assert np.linalg.norm(np.asarray(y, np.float32) - ref) / np.linalg.norm(ref) < 1e-2

@@ -14,7 +14,9 @@ dot's operands). Those kernels and XLA's cuBLAS GEMV read 2.9-3.4 TB/s at best o
   multiplies its K split of one column block (acc [64, tile_n] float32, weight tile from shared
   memory) and writes float32 partials that XLA sums. Checked against x @ w, then timed on one
   Llama-2-7B layer's four shapes against the tree's bits=16 kernel and XLA's dot, in the same
-  on-device loop as `scripts.gpu gemv`.
+  on-device loop as `scripts.gpu gemv`. Then the same for per-channel int8 weights, whose tile
+  becomes bf16 in registers and goes back to shared memory for the wgmma, against the tree's
+  int8 kernel.
 
 A variant that fails to lower or compile is reported and the rest still run.
 """
@@ -123,30 +125,79 @@ def gemv_wgmma(x, w, *, tile_k: int, tile_n: int, stages: int, programs: int, in
     return parts.sum(axis=0)[:m].astype(x.dtype)
 
 
+def gemv_wgmma_int8(x, q, scale, *, tile_k: int, tile_n: int, stages: int, programs: int,
+                    interpret=None):
+    """x [M <= 64, K] @ (q [K, N] int8 * scale [1, N]) -> [M, N]: the int8 tile arrives by TMA,
+    becomes bf16 in registers (exact), goes back to shared memory in the wgmma's layout and meets
+    the padded x in a wgmma; the per-channel scale multiplies the summed partials."""
+    plmgpu = _plmgpu()
+    m, k = x.shape
+    n = q.shape[1]
+    if m > ROWS or k % tile_k or n % tile_n:
+        raise ValueError(f"{x.shape=} {q.shape=} do not tile by ({tile_k}, {tile_n}) with M <= {ROWS}")
+    blocks = n // tile_n
+    splits = _splits(k // tile_k, blocks, programs)
+    steps = k // tile_k // splits
+    x64 = jnp.zeros((ROWS, k), jnp.bfloat16).at[:m].set(x.astype(jnp.bfloat16))
+
+    def body(x_gmem, q_gmem, o_gmem, wb_smem, o_smem):
+        ni, si = lax.axis_index("n"), lax.axis_index("s")
+        ks = pl.ds(si * (steps * tile_k), steps * tile_k)
+
+        def scope(acc_ref):
+            def step(idx, x_smem, q_smem):
+                wb_smem[...] = q_smem[...].astype(jnp.bfloat16)
+                plmgpu.commit_smem()
+                plmgpu.wgmma(acc_ref, x_smem, wb_smem)
+                plmgpu.wgmma_wait(0)
+
+            plmgpu.emit_pipeline(step, grid=(steps,), in_specs=[
+                plmgpu.BlockSpec((ROWS, tile_k), lambda kk: (0, kk), transforms=_transforms(tile_k, 2)),
+                plmgpu.BlockSpec((tile_k, tile_n), lambda kk: (kk, 0), transforms=_transforms(tile_n, 1))],
+                max_concurrent_steps=stages)(x_gmem.at[:, ks], q_gmem.at[ks, pl.ds(ni * tile_n, tile_n)])
+            o_smem[...] = acc_ref[...]
+
+        pl.run_scoped(scope, plmgpu.ACC((ROWS, tile_n), jnp.float32))
+        plmgpu.commit_smem()
+        plmgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, :, pl.ds(ni * tile_n, tile_n)])
+        plmgpu.wait_smem_to_gmem(0)
+
+    parts = plmgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((splits, ROWS, n), jnp.float32), grid=(blocks, splits),
+        grid_names=("n", "s"),
+        scratch_types=[plmgpu.SMEM((tile_k, tile_n), jnp.bfloat16, transforms=_transforms(tile_n, 2)),
+                       plmgpu.SMEM((ROWS, tile_n), jnp.float32, transforms=_transforms(tile_n, 4))],
+        **_params(interpret))(x64, q)
+    return (parts.sum(axis=0)[:m] * scale.astype(jnp.float32)).astype(x.dtype)
+
+
 # (tile_k, tile_n, stages, programs)
 STREAM_CASES = [(64, 128, 4, 264), (64, 128, 8, 264), (128, 128, 4, 264), (64, 256, 4, 264),
                 (128, 256, 3, 132), (64, 64, 8, 528), (128, 64, 4, 528), (64, 128, 4, 528)]
 GEMV_CASES = [(64, 128, 4, 132), (64, 128, 4, 264), (64, 64, 4, 264), (64, 64, 6, 264), (128, 64, 3, 264)]
+INT8_CASES = [(64, 128, 4, 264), (128, 128, 4, 264), (64, 64, 6, 264)]
 
 
-def _layer(label: str, fn, x, sets_per_shape, check: bool = True) -> float | None:
-    """µs per 7B layer (the four shapes) of fn(x, w) in the on-device loop, or None if it fails."""
+def _layer(label: str, fn, x, sets_per_shape) -> float | None:
+    """µs per 7B layer (the four shapes) of fn(x, *w) in the on-device loop, or None if it fails;
+    each w is (bf16 weight,) or (int8 codes, scale)."""
     total, nbytes = 0.0, 0
     for (k, n), sets in zip(SHAPES, sets_per_shape):
-        xk = x[:, :k]
+        xk, w = x[:, :k], sets[0]
+        size = sum(a.size * a.dtype.itemsize for a in w)
         try:
-            if check:
-                err = rel_err(fn(xk, sets[0]), xk.astype(jnp.float32) @ sets[0].astype(jnp.float32))
-                if not err < 2e-2:
-                    raise AssertionError(f"rel err {err:.2e}")
+            dense = w[0].astype(jnp.float32) * (w[1].astype(jnp.float32) if len(w) > 1 else 1.0)
+            err = rel_err(fn(xk, *w), xk.astype(jnp.float32) @ dense)
+            if not err < 2e-2:
+                raise AssertionError(f"rel err {err:.2e}")
             with _triton.quiet():
-                us = loop_time_us(fn, [(xk, w) for w in sets])
+                us = loop_time_us(fn, [(xk, *ws) for ws in sets])
         except Exception as e:  # reported, the rest go on
             print(f"{label} K={k} N={n}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
             return None
         total += us
-        nbytes += sets[0].size * 2
-        print(f"{label} K={k:5d} N={n:5d}: {us:7.1f} us {sets[0].size * 2 / us / 1e6:5.2f} TB/s", flush=True)
+        nbytes += size
+        print(f"{label} K={k:5d} N={n:5d}: {us:7.1f} us {size / us / 1e6:5.2f} TB/s", flush=True)
     print(f"{label}: {total:7.1f} us/layer {nbytes / total / 1e6:5.2f} TB/s", flush=True)
     return total
 
@@ -154,11 +205,11 @@ def _layer(label: str, fn, x, sets_per_shape, check: bool = True) -> float | Non
 def main(args) -> None:
     header()
     key = jax.random.key(0)
-    sets = [[w for w, _ in weight_sets(key, k, n, 16, 0)] for k, n in SHAPES]
+    sets = [[(w,) for w, _ in weight_sets(key, k, n, 16, 0)] for k, n in SHAPES]
     results = []
     if "stream" in args.parts:
         k, n = 4096, 22016
-        big = sets[2]
+        big = [w for (w,) in sets[2]]
         token = jnp.zeros((8,), jnp.float32)
         for tk, tn, st, progs in STREAM_CASES:
             label = f"tma-stream k{tk} n{tn} s{st} p{progs}"
@@ -180,6 +231,15 @@ def main(args) -> None:
             us = _layer(label, fn, x, sets)
             if us is not None:
                 results.append((label, us))
-    print("\nsummary (stream: TB/s of the 4096 x 22016 read; gemv: us per 7B bf16 layer at M = 1):")
+        sets8 = [weight_sets(key, k, n, 8, k) for k, n in SHAPES]
+        ops = {"int8 kernel (tree default)": lambda x, q, s: qmm.quant_matmul(x, q, s, bits=8, group_size=q.shape[0])}
+        for tk, tn, st, progs in INT8_CASES:
+            ops[f"tma-wgmma-int8 k{tk} n{tn} s{st} p{progs}"] = functools.partial(
+                gemv_wgmma_int8, tile_k=tk, tile_n=tn, stages=st, programs=progs)
+        for label, fn in ops.items():
+            us = _layer(label, fn, x, sets8)
+            if us is not None:
+                results.append((label, us))
+    print("\nsummary (stream: TB/s of the 4096 x 22016 read; gemv: us per 7B layer at M = 1):")
     for label, v in results:
         print(f"  {label:40s} {v:8.2f}")
