@@ -178,7 +178,7 @@ def test_tma_int8_gemv_matches_the_dequantized_matmul_in_mosaic_interpret_mode()
     x = jax.random.normal(jax.random.key(0), (2, 256), jnp.bfloat16)
     q = jax.random.randint(jax.random.key(1), (256, 128), -127, 128, jnp.int8)
     scale = jax.random.uniform(jax.random.key(2), (1, 128), jnp.float32, 0.5, 1.5).astype(jnp.bfloat16) / 127
-    y = tma.gemv_wgmma_int8(x, q, scale, tile_k=64, tile_n=64, stages=2, programs=4,
+    y = tma.gemv_wgmma(x, q, scale, tile_k=64, tile_n=64, stages=2, programs=4,
                             interpret=params.InterpretGPUParams())
     ref = np.asarray(x, np.float32) @ (np.asarray(q, np.float32) * np.asarray(scale, np.float32))
     assert y.shape == (2, 128) and y.dtype == x.dtype

@@ -84,31 +84,39 @@ def tma_stream(token, w, *, tile_k: int, tile_n: int, stages: int, programs: int
                          grid_names=("n", "s"), **_params(interpret))(token, w)
 
 
-def gemv_wgmma(x, w, *, tile_k: int, tile_n: int, stages: int, programs: int, interpret=None):
-    """x [M <= 64, K] @ w [K, N] bf16 -> [M, N] in x's dtype: TMA pipeline + wgmma, K split over
-    programs, float32 partials summed by XLA."""
+def gemv_wgmma(x, w, scale=None, *, tile_k: int, tile_n: int, stages: int, programs: int,
+               interpret=None):
+    """x [M <= 64, K] @ w [K, N] -> [M, N] in x's dtype: TMA pipeline + wgmma, K split over
+    programs, float32 partials summed by XLA. w is bf16, or int8 codes with a per-channel `scale`
+    [1, N]: each int8 tile becomes bf16 in registers (exact) and goes back to shared memory in the
+    wgmma's layout; the scale multiplies the summed partials."""
     plmgpu = _plmgpu()
     m, k = x.shape
     n = w.shape[1]
     if m > ROWS or k % tile_k or n % tile_n:
         raise ValueError(f"{x.shape=} {w.shape=} do not tile by ({tile_k}, {tile_n}) with M <= {ROWS}")
+    codes = w.dtype == jnp.int8
     blocks = n // tile_n
     splits = _splits(k // tile_k, blocks, programs)
     steps = k // tile_k // splits
-    x64 = jnp.zeros((ROWS, k), x.dtype).at[:m].set(x)
+    x64 = jnp.zeros((ROWS, k), jnp.bfloat16).at[:m].set(x.astype(jnp.bfloat16))
 
-    def body(x_gmem, w_gmem, o_gmem, o_smem):
+    def body(x_gmem, w_gmem, o_gmem, o_smem, *wb):
         ni, si = lax.axis_index("n"), lax.axis_index("s")
         ks = pl.ds(si * (steps * tile_k), steps * tile_k)
 
         def scope(acc_ref):
             def step(idx, x_smem, w_smem):
-                plmgpu.wgmma(acc_ref, x_smem, w_smem)
+                if codes:
+                    wb[0][...] = w_smem[...].astype(jnp.bfloat16)
+                    plmgpu.commit_smem()
+                plmgpu.wgmma(acc_ref, x_smem, wb[0] if codes else w_smem)
                 plmgpu.wgmma_wait(0)
 
             plmgpu.emit_pipeline(step, grid=(steps,), in_specs=[
                 plmgpu.BlockSpec((ROWS, tile_k), lambda kk: (0, kk), transforms=_transforms(tile_k, 2)),
-                plmgpu.BlockSpec((tile_k, tile_n), lambda kk: (kk, 0), transforms=_transforms(tile_n, 2))],
+                plmgpu.BlockSpec((tile_k, tile_n), lambda kk: (kk, 0),
+                                 transforms=_transforms(tile_n, w.dtype.itemsize))],
                 max_concurrent_steps=stages)(x_gmem.at[:, ks], w_gmem.at[ks, pl.ds(ni * tile_n, tile_n)])
             o_smem[...] = acc_ref[...]
 
@@ -117,58 +125,14 @@ def gemv_wgmma(x, w, *, tile_k: int, tile_n: int, stages: int, programs: int, in
         plmgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, :, pl.ds(ni * tile_n, tile_n)])
         plmgpu.wait_smem_to_gmem(0)
 
+    scratch = [plmgpu.SMEM((ROWS, tile_n), jnp.float32, transforms=_transforms(tile_n, 4))]
+    if codes:
+        scratch.append(plmgpu.SMEM((tile_k, tile_n), jnp.bfloat16, transforms=_transforms(tile_n, 2)))
     parts = plmgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((splits, ROWS, n), jnp.float32), grid=(blocks, splits),
-        grid_names=("n", "s"),
-        scratch_types=[plmgpu.SMEM((ROWS, tile_n), jnp.float32, transforms=_transforms(tile_n, 4))],
-        **_params(interpret))(x64, w)
-    return parts.sum(axis=0)[:m].astype(x.dtype)
-
-
-def gemv_wgmma_int8(x, q, scale, *, tile_k: int, tile_n: int, stages: int, programs: int,
-                    interpret=None):
-    """x [M <= 64, K] @ (q [K, N] int8 * scale [1, N]) -> [M, N]: the int8 tile arrives by TMA,
-    becomes bf16 in registers (exact), goes back to shared memory in the wgmma's layout and meets
-    the padded x in a wgmma; the per-channel scale multiplies the summed partials."""
-    plmgpu = _plmgpu()
-    m, k = x.shape
-    n = q.shape[1]
-    if m > ROWS or k % tile_k or n % tile_n:
-        raise ValueError(f"{x.shape=} {q.shape=} do not tile by ({tile_k}, {tile_n}) with M <= {ROWS}")
-    blocks = n // tile_n
-    splits = _splits(k // tile_k, blocks, programs)
-    steps = k // tile_k // splits
-    x64 = jnp.zeros((ROWS, k), jnp.bfloat16).at[:m].set(x.astype(jnp.bfloat16))
-
-    def body(x_gmem, q_gmem, o_gmem, wb_smem, o_smem):
-        ni, si = lax.axis_index("n"), lax.axis_index("s")
-        ks = pl.ds(si * (steps * tile_k), steps * tile_k)
-
-        def scope(acc_ref):
-            def step(idx, x_smem, q_smem):
-                wb_smem[...] = q_smem[...].astype(jnp.bfloat16)
-                plmgpu.commit_smem()
-                plmgpu.wgmma(acc_ref, x_smem, wb_smem)
-                plmgpu.wgmma_wait(0)
-
-            plmgpu.emit_pipeline(step, grid=(steps,), in_specs=[
-                plmgpu.BlockSpec((ROWS, tile_k), lambda kk: (0, kk), transforms=_transforms(tile_k, 2)),
-                plmgpu.BlockSpec((tile_k, tile_n), lambda kk: (kk, 0), transforms=_transforms(tile_n, 1))],
-                max_concurrent_steps=stages)(x_gmem.at[:, ks], q_gmem.at[ks, pl.ds(ni * tile_n, tile_n)])
-            o_smem[...] = acc_ref[...]
-
-        pl.run_scoped(scope, plmgpu.ACC((ROWS, tile_n), jnp.float32))
-        plmgpu.commit_smem()
-        plmgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, :, pl.ds(ni * tile_n, tile_n)])
-        plmgpu.wait_smem_to_gmem(0)
-
-    parts = plmgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((splits, ROWS, n), jnp.float32), grid=(blocks, splits),
-        grid_names=("n", "s"),
-        scratch_types=[plmgpu.SMEM((tile_k, tile_n), jnp.bfloat16, transforms=_transforms(tile_n, 2)),
-                       plmgpu.SMEM((ROWS, tile_n), jnp.float32, transforms=_transforms(tile_n, 4))],
-        **_params(interpret))(x64, q)
-    return (parts.sum(axis=0)[:m] * scale.astype(jnp.float32)).astype(x.dtype)
+        grid_names=("n", "s"), scratch_types=scratch, **_params(interpret))(x64, w)
+    y = parts.sum(axis=0)[:m]
+    return (y if scale is None else y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
 # (tile_k, tile_n, stages, programs)
@@ -222,24 +186,20 @@ def main(args) -> None:
                 print(f"{label}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
     if "gemv" in args.parts:
         x = jax.random.normal(jax.random.fold_in(key, 1), (1, 11008), jnp.bfloat16)
-        ops = {"xla": lambda x, w: x @ w,
-               "kernel (tree default)": lambda x, w: qmm.quant_matmul(x, w, None, bits=16, group_size=0)}
-        for tk, tn, st, progs in GEMV_CASES:
-            ops[f"tma-wgmma k{tk} n{tn} s{st} p{progs}"] = functools.partial(
-                gemv_wgmma, tile_k=tk, tile_n=tn, stages=st, programs=progs)
-        for label, fn in ops.items():
-            us = _layer(label, fn, x, sets)
-            if us is not None:
-                results.append((label, us))
-        sets8 = [weight_sets(key, k, n, 8, k) for k, n in SHAPES]
-        ops = {"int8 kernel (tree default)": lambda x, q, s: qmm.quant_matmul(x, q, s, bits=8, group_size=q.shape[0])}
-        for tk, tn, st, progs in INT8_CASES:
-            ops[f"tma-wgmma-int8 k{tk} n{tn} s{st} p{progs}"] = functools.partial(
-                gemv_wgmma_int8, tile_k=tk, tile_n=tn, stages=st, programs=progs)
-        for label, fn in ops.items():
-            us = _layer(label, fn, x, sets8)
-            if us is not None:
-                results.append((label, us))
+        groups = [  # (label prefix, weight sets per shape, baselines, tilings)
+            ("tma-wgmma", sets, {"xla": lambda x, w: x @ w, "kernel (tree default)": lambda x, w: qmm.quant_matmul(
+                x, w, None, bits=16, group_size=0)}, GEMV_CASES),
+            ("tma-wgmma-int8", [weight_sets(key, k, n, 8, k) for k, n in SHAPES],
+             {"int8 kernel (tree default)": lambda x, q, s: qmm.quant_matmul(x, q, s, bits=8, group_size=q.shape[0])},
+             INT8_CASES)]
+        for prefix, weights, ops, cases in groups:
+            for tk, tn, st, progs in cases:
+                ops[f"{prefix} k{tk} n{tn} s{st} p{progs}"] = functools.partial(
+                    gemv_wgmma, tile_k=tk, tile_n=tn, stages=st, programs=progs)
+            for label, fn in ops.items():
+                us = _layer(label, fn, x, weights)
+                if us is not None:
+                    results.append((label, us))
     print("\nsummary (stream: TB/s of the 4096 x 22016 read; gemv: us per 7B layer at M = 1):")
     for label, v in results:
         print(f"  {label:40s} {v:8.2f}")
