@@ -27,6 +27,20 @@ seed = number(int, lambda x: 0 <= x < 2 ** 32, "an int in [0, 2**32)")
 penalty = number(float, lambda x: -2 <= x <= 2, "a number in [-2, 2]")
 repetition_penalty = number(float, lambda x: 0.01 <= x <= 100, "a number in [0.01, 100] (1 is no penalty)")
 
+
+def logit_bias_entry(text: str) -> tuple[int, float]:
+    """ID=BIAS: a token id (an int >= 0) and a bias in [-100, 100] added to its logit."""
+    tid, _, bias = text.partition("=")
+    try:
+        tid, bias = int(tid), float(bias)
+    except ValueError:
+        tid, bias = -1, math.nan
+    if tid < 0 or not -100 <= bias <= 100:
+        raise argparse.ArgumentTypeError(
+            f"expected TOKEN_ID=BIAS (an int >= 0 and a bias in [-100, 100], e.g. 13=-100), got {text!r}")
+    return tid, bias
+
+
 DEVICE_MEMORY_HELP = ("share of each GPU that JAX may take, weights and KV pages included (default 0.9; "
                       "JAX's own default is 0.75; XLA_PYTHON_CLIENT_MEM_FRACTION or XLA_CLIENT_MEM_FRACTION "
                       "in the environment wins)")

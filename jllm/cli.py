@@ -75,6 +75,9 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=argtypes.repetition_penalty, default=1.0,
                    help="divide (multiply, if negative) the logit of a token in the prompt or the output "
                         "by this (Hugging Face's; 1: none)")
+    p.add_argument("--logit-bias", type=argtypes.logit_bias_entry, action="append", default=None,
+                   metavar="ID=BIAS", help="add BIAS (in [-100, 100]; -100 bans the token) to token ID's "
+                                           "logit (repeatable)")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -189,9 +192,10 @@ def _check_speculation(args) -> None:
     if args.speculate is not None and (getattr(args, "tp", 1) > 1 or getattr(args, "dp", 1) > 1):
         raise ValueError(f"--speculate runs on one device; got --tp {args.tp} --dp {args.dp}")
     if args.speculate is not None and (getattr(args, "presence_penalty", 0) or getattr(args, "frequency_penalty", 0)
-                                       or getattr(args, "repetition_penalty", 1) != 1):
-        raise ValueError("--presence-penalty, --frequency-penalty and --repetition-penalty do not combine "
-                         "with --speculate")
+                                       or getattr(args, "repetition_penalty", 1) != 1
+                                       or getattr(args, "logit_bias", None)):
+        raise ValueError("--presence-penalty, --frequency-penalty, --repetition-penalty and --logit-bias do "
+                         "not combine with --speculate")
     if draft is not None and not os.path.isdir(os.path.expanduser(draft)):
         raise FileNotFoundError(f"--draft {draft!r} is not a directory (a jllm checkpoint)")
     if draft_quantize is not None and getattr(args, "quantize", None) is not None:
@@ -200,8 +204,13 @@ def _check_speculation(args) -> None:
 
 
 def _penalties(args) -> dict:
+    bias = {}
+    for tid, b in args.logit_bias or ():
+        if tid in bias:
+            raise ValueError(f"--logit-bias names token {tid} twice ({bias[tid]:g} and {b:g})")
+        bias[tid] = b
     return dict(presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                repetition_penalty=args.repetition_penalty)
+                repetition_penalty=args.repetition_penalty, logit_bias=bias or None)
 
 
 def _speculative(args, model):

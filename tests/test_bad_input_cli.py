@@ -184,6 +184,9 @@ def test_chat_survives_a_line_that_cannot_be_decoded(tiny_checkpoint, capsys, mo
     ("--seed", "-1", r"an int in [0, 2**32)"), ("--seed", "4294967296", r"an int in [0, 2**32)"),
     ("--presence-penalty", "2.5", "a number in [-2, 2]"), ("--frequency-penalty", "nan", "a number in [-2, 2]"),
     ("--repetition-penalty", "0", "a number in [0.01, 100]"), ("--repetition-penalty", "1e-50", "a number in [0.01, 100]"),
+    ("--logit-bias", "13", "TOKEN_ID=BIAS"), ("--logit-bias", "13=150", "TOKEN_ID=BIAS"),
+    ("--logit-bias", "x=1", "TOKEN_ID=BIAS"), ("--logit-bias", "1.5=5", "TOKEN_ID=BIAS"),
+    ("--logit-bias", "13=nan", "TOKEN_ID=BIAS"),
 ])
 def test_generate_refuses_bad_values_before_loading(flag, value, expected, tiny_checkpoint, capsys, no_load):
     argv = ["generate", "--model", tiny_checkpoint, "--prompt", "Hi", flag, value]

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import jllm
 from convert import tiny
 from jllm.config import LlamaConfig
 from jllm import cli
@@ -55,6 +56,28 @@ def test_generate_on_an_int8_model(tiny_dirs, capsys):
     assert cli.main(["generate", "--model", ck, "--prompt", "Hi", "--max-new-tokens", "4",
                      "--quantize", "int8", "--attn-impl", "xla"]) == 0
     assert "prompt" in capsys.readouterr().err
+
+
+def test_generate_passes_penalties_and_logit_bias(tiny_dirs, capsys, monkeypatch):
+    """--logit-bias ID=BIAS (repeatable) and the penalty flags reach jllm.generate: +100 forces a
+    greedy token; a token named twice is refused."""
+    _, ck = tiny_dirs
+    seen, real = [], jllm.generate
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append((kwargs, out))
+        return out
+
+    monkeypatch.setattr(jllm, "generate", spy)
+    assert cli.main(["generate", "--model", ck, "--prompt", "Hi", "--max-new-tokens", "4", "--attn-impl", "xla",
+                     "--logit-bias", "42=100", "--logit-bias", "7=-100", "--presence-penalty", "0.5"]) == 0
+    [(kwargs, out)] = seen
+    assert kwargs["logit_bias"] == {42: 100.0, 7: -100.0} and kwargs["presence_penalty"] == 0.5
+    assert out[0].tokens == [42] * 4
+    assert cli.main(["generate", "--model", ck, "--prompt", "Hi", "--logit-bias", "42=1",
+                     "--logit-bias", "42=2"]) == 2
+    assert "--logit-bias names token 42 twice" in capsys.readouterr().err
 
 
 def test_generate_reports_bad_sampling_values_as_an_error(tiny_dirs, capsys):
@@ -222,6 +245,7 @@ def test_generate_speculates_with_the_same_text_and_reports_acceptance(tiny_dirs
     (["--speculate", "2", "--draft", "/nonexistent/draft"], "'/nonexistent/draft' is not a directory"),
     (["--speculate", "2", "--prompt-lookup", "2", "--frequency-penalty", "1"], "do not combine with --speculate"),
     (["--speculate", "2", "--prompt-lookup", "2", "--repetition-penalty", "1.2"], "do not combine with --speculate"),
+    (["--speculate", "2", "--prompt-lookup", "2", "--logit-bias", "5=1"], "do not combine with --speculate"),
 ])
 def test_speculation_flags_are_checked_before_loading(tiny_dirs, capsys, flags, match):
     _, ck = tiny_dirs
