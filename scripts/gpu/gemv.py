@@ -380,23 +380,26 @@ def bf16_e2e(args) -> None:
     header()
     cfg = LlamaConfig.from_name("llama-2-7b")
     params = parallel.random_params(cfg, None, jax.random.key(0))
-    default = qmm.default_block_sizes
-    quant.MAX_PALLAS_M_FLOAT = max(quant.MAX_PALLAS_M_FLOAT, args.batch)
+    saved = qmm.default_block_sizes, quant.MAX_PALLAS_M_FLOAT, quant.PALLAS_FLOAT_SINGLE
+    default = saved[0]
     runs = [("xla", "default", False)] + [("pallas-fused", v, single) for v in args.variants
                                          for single in ((False, True) if args.single else (False,))]
     rows = []
-    for impl, variant, single in runs:
-        bs = VARIANTS[variant]  # this process only: the variant replaces the float GEMV's default
-        qmm.default_block_sizes = (default if bs is None else (
-            lambda m, k, n, bits, bs=bs: bs if bits == 16 and m <= args.batch else default(m, k, n, bits)))
-        quant.PALLAS_FLOAT_SINGLE = single
-        jax.clear_caches()  # the globals above change what the jitted step traces to
-        r = bench.run(cfg, "llama-2-7b", params=params, warm_compile=False, matmul_impl=impl,
-                      new_tokens=128, batch=args.batch)
-        rows.append(r)
-        print(f"bf16 batch {args.batch} {impl} {variant}{' +o/down' if single else ''}: "
-              f"{r.decode_tok_s_per_seq:.1f} tok/s per sequence, TPOT {r.tpot_ms:.3f} ms", flush=True)
-    qmm.default_block_sizes, quant.PALLAS_FLOAT_SINGLE = default, False
+    try:
+        quant.MAX_PALLAS_M_FLOAT = max(quant.MAX_PALLAS_M_FLOAT, args.batch)
+        for impl, variant, single in runs:
+            bs = VARIANTS[variant]  # this process only: the variant replaces the float GEMV's default
+            qmm.default_block_sizes = (default if bs is None else (
+                lambda m, k, n, bits, bs=bs: bs if bits == 16 and m <= args.batch else default(m, k, n, bits)))
+            quant.PALLAS_FLOAT_SINGLE = single
+            jax.clear_caches()  # the globals above change what the jitted step traces to
+            r = bench.run(cfg, "llama-2-7b", params=params, warm_compile=False, matmul_impl=impl,
+                          new_tokens=128, batch=args.batch)
+            rows.append(r)
+            print(f"bf16 batch {args.batch} {impl} {variant}{' +o/down' if single else ''}: "
+                  f"{r.decode_tok_s_per_seq:.1f} tok/s per sequence, TPOT {r.tpot_ms:.3f} ms", flush=True)
+    finally:  # the knobs as they were, also when a run fails
+        qmm.default_block_sizes, quant.MAX_PALLAS_M_FLOAT, quant.PALLAS_FLOAT_SINGLE = saved
     print(bench.format_table(rows))
 
 
