@@ -94,7 +94,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float =
              stop_token_ids=None, stream: Callable[[Delta], None] | None = None,
              speculative: "_speculative.Speculative | None" = None, presence_penalty: float = 0.0,
              frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
-             logit_bias: dict[int, float] | None = None) -> list[Completion]:
+             logit_bias: dict[int, float] | None = None, logprobs: int | None = None) -> list[Completion]:
     """Generate a completion for each prompt: `jllm.generate.generate` (arguments, results and
     errors as documented there). speculative: a `jllm.speculative.Speculative` (a proposer and k)
     drafts and verifies k tokens per target step; greedy output is unchanged, sampled output keeps
@@ -104,7 +104,10 @@ def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float =
     if speculative is None:
         return _generate(model, prompts, presence_penalty=presence_penalty,
                          frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
-                         logit_bias=logit_bias, **kw)
+                         logit_bias=logit_bias, logprobs=logprobs, **kw)
+    if logprobs is not None:
+        raise ValueError(f"logprobs={logprobs!r}: logprobs are not supported with speculative decoding "
+                         "(pass logprobs=None, or generate without speculative)")
     if presence_penalty or frequency_penalty or repetition_penalty != 1 or logit_bias:
         raise ValueError(f"presence_penalty={presence_penalty!r}, frequency_penalty={frequency_penalty!r}, "
                          f"repetition_penalty={repetition_penalty!r}, logit_bias: penalties and biases are not "

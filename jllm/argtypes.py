@@ -26,6 +26,7 @@ probability = number(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
 seed = number(int, lambda x: 0 <= x < 2 ** 32, "an int in [0, 2**32)")
 penalty = number(float, lambda x: -2 <= x <= 2, "a number in [-2, 2]")
 repetition_penalty = number(float, lambda x: 0.01 <= x <= 100, "a number in [0.01, 100] (1 is no penalty)")
+logprobs = number(int, lambda x: 0 <= x <= 20, "an int in [0, 20]")
 
 
 def logit_bias_entry(text: str) -> tuple[int, float]:

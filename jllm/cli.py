@@ -196,6 +196,8 @@ def _check_speculation(args) -> None:
                                        or getattr(args, "logit_bias", None)):
         raise ValueError("--presence-penalty, --frequency-penalty, --repetition-penalty and --logit-bias do "
                          "not combine with --speculate")
+    if args.speculate is not None and getattr(args, "logprobs", None) is not None:
+        raise ValueError("--logprobs does not combine with --speculate")
     if draft is not None and not os.path.isdir(os.path.expanduser(draft)):
         raise FileNotFoundError(f"--draft {draft!r} is not a directory (a jllm checkpoint)")
     if draft_quantize is not None and getattr(args, "quantize", None) is not None:
@@ -246,15 +248,35 @@ def cmd_generate(args) -> int:
     spec = _speculative(args, model)
     if main:
         say("preparing prefill and decode (compiled on first use of a shape, then cached on disk)")
+    lp = {} if args.logprobs is None else dict(logprobs=args.logprobs)
     results = jllm.generate(model, [prompt], max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, stop=args.stop, stream=stream if main else None,
-                            speculative=spec, **_penalties(args))
+                            speculative=spec, **_penalties(args), **lp)
     if main:
         echo()  # a reply with no text streams nothing
         print()
     _print_stats(results)
+    if main and args.logprobs is not None:
+        _print_logprobs(model, prompt, results[0])
     return 0
+
+
+def _print_logprobs(model: Model, prompt, out) -> None:
+    """One line per generated token (and a stop token): its place, text, log-probability, and the
+    most likely tokens there with theirs. Text as it reads after the token before (repr)."""
+    tok = model.tokenizer
+    ids = tok.encode(prompt, bos=True) if isinstance(prompt, str) else prompt
+
+    def show(prev: int, t: int) -> str:
+        return repr(tok.decode_after(prev, [t])) if tok is not None else str(t)
+
+    print("token logprobs (position, token, logprob | most likely there):", file=sys.stderr)
+    prev = ids[-1]
+    for i, (t, lp, top) in enumerate(out.logprobs):
+        alts = ", ".join(f"{show(prev, a)} {v:.3f}" for a, v in top)
+        print(f"{i:5d} {show(prev, t):>16} {lp:9.4f}" + (f" | {alts}" if alts else ""), file=sys.stderr)
+        prev = t
 
 
 def _read_line() -> str:
@@ -521,6 +543,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", type=_text, required=True,
                    help="text (UTF-8), or space-separated token ids for a model without a tokenizer")
     _add_sampling(p)
+    p.add_argument("--logprobs", type=argtypes.logprobs, default=None, metavar="N",
+                   help="after the output, print each token's log-probability and the N (0-20) most "
+                        "likely tokens at its place (to stderr)")
     _add_speculation(p)
     _add_parallel(p)
     p.set_defaults(fn=cmd_generate)

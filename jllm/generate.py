@@ -14,7 +14,7 @@ from jllm import costs, parallel, quant
 from jllm.kvcache import KVCache, init_cache
 from jllm.model import Params, logits, transformer
 from jllm.plan import XLA_OPTIONS, Plan, check_impls, make_plan
-from jllm.sampling import Penalties, Sampling, sample
+from jllm.sampling import MAX_LOGPROBS, Logprob, Penalties, Sampling, logprob_entries, sample, top_logprobs
 from jllm.streaming import Delta, Row  # noqa: F401 (Delta: the stream callback's argument)
 from jllm.tokenizer import Tokenizer, check_text
 
@@ -97,6 +97,9 @@ class Completion:
     text: str | None             # None when the model has no tokenizer
     finish_reason: str           # "stop" or "length"
     stats: Stats
+    # With generate(logprobs=N): one (token_id, logprob, [(alt_id, alt_logprob)] * N) per token
+    # of `tokens`, and one more for the stop token when a stop id ended the row.
+    logprobs: list[Logprob] | None = None
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET, buckets: Sequence[int] | None = None) -> int:
@@ -110,14 +113,17 @@ def bucket(n: int, minimum: int = MIN_BUCKET, buckets: Sequence[int] | None = No
 
 def _prefill(params: Params, tokens: jax.Array, n_tokens: jax.Array, cache: KVCache,
              sampling: Sampling, key: jax.Array, cfg: LlamaConfig, plan: Plan = Plan(),
-             penalties: Penalties | None = None) -> tuple[jax.Array, KVCache, jax.Array]:
+             penalties: Penalties | None = None, logprobs: bool = False):
     h, cache = transformer(params, tokens, cache, cfg, plan, n_tokens=n_tokens, fresh=True,
                            only=(n_tokens - 1)[:, None])                      # [B, 1, D]
-    lg = logits(params, h[:, 0], plan)                                        # [B, V]
+    raw = lg = logits(params, h[:, 0], plan)                                  # [B, V]
     if penalties is not None:  # static: the repetition penalty already sees the prompt
         lg = penalties.apply(lg)
     key, sub = jax.random.split(key)
-    return sample(lg, sub, sampling), cache, key
+    token = sample(lg, sub, sampling)
+    if logprobs:  # static: under the model's distribution, before penalties and sampling's cuts
+        return token, cache, key, top_logprobs(raw, token)
+    return token, cache, key
 
 
 # The prefill of float weights runs its GEMMs on cuBLAS rather than XLA's Triton GEMM fusions: TTFT
@@ -126,7 +132,7 @@ def _prefill(params: Params, tokens: jax.Array, n_tokens: jax.Array, cache: KVCa
 # and XLA's dot merger (plan.XLA_OPTIONS; int8 TTFT at 128 / 2048 tokens 9.90 / 58.46 ms with it,
 # 10.14 / 58.96 without).
 FLOAT_PREFILL_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
-_PREFILL = {quantized: jax.jit(_prefill, static_argnames=("cfg", "plan"), donate_argnames=("cache",),
+_PREFILL = {quantized: jax.jit(_prefill, static_argnames=("cfg", "plan", "logprobs"), donate_argnames=("cache",),
                                compiler_options=None if quantized else {**XLA_OPTIONS, **FLOAT_PREFILL_OPTIONS})
             for quantized in (False, True)}
 
@@ -140,7 +146,8 @@ def prefill_program(params: Params):
 class _Prefill:
     """`prefill(params, tokens, n_tokens, cache, sampling, key, cfg=, plan=)`: run padded prompts
     tokens [B, T] (n_tokens [B] real) into an empty cache -> (first tokens [B], cache, key). Jitted
-    (the cache is donated) by `prefill_program(params)`; `prefill.lower(...)` compiles ahead."""
+    (the cache is donated) by `prefill_program(params)`; `prefill.lower(...)` compiles ahead.
+    With logprobs=True (static) a fourth result: `sampling.top_logprobs` of the first tokens."""
 
     def __call__(self, params: Params, *args, **kwargs) -> tuple[jax.Array, KVCache, jax.Array]:
         return prefill_program(params)(params, *args, **kwargs)
@@ -152,28 +159,39 @@ class _Prefill:
 prefill = _Prefill()
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "n_steps", "plan"), donate_argnames=("cache", "penalties"))
+@functools.partial(jax.jit, static_argnames=("cfg", "n_steps", "plan", "logprobs"),
+                   donate_argnames=("cache", "penalties"))
 def decode(params: Params, token: jax.Array, cache: KVCache, sampling: Sampling, key: jax.Array,
            cfg: LlamaConfig, n_steps: int = 1, plan: Plan = Plan(), penalties: Penalties | None = None,
-           ) -> tuple[jax.Array, KVCache, jax.Array] | tuple[jax.Array, KVCache, jax.Array, Penalties]:
-    """n_steps decode steps in one on-device loop: token [B] -> tokens [B, n_steps].
+           logprobs: bool = False) -> tuple:
+    """n_steps decode steps in one on-device loop: token [B] -> (tokens [B, n_steps], cache, key).
 
     With penalties (counting every generated token before `token`'s step, `token` not yet),
-    the logits are penalized before sampling, and the updated penalties come back fourth."""
+    the logits are penalized before sampling, and the updated penalties come back next.
+    With logprobs=True (static), last: `sampling.top_logprobs` of each step's tokens under the
+    model's distribution (before penalties), as [B, n_steps] and [B, n_steps, MAX_LOGPROBS]."""
+    B = token.shape[0]
+
     def step(i, carry):
-        token, cache, key, out, pen = carry
+        token, cache, key, out, pen, lps = carry
         h, cache = transformer(params, token[:, None], cache, cfg, plan)      # [B, 1, D]
         key, sub = jax.random.split(key)
-        lg = logits(params, h[:, 0], plan)
+        raw = lg = logits(params, h[:, 0], plan)
         if pen is not None:  # static
             pen = pen.add(token)
             lg = pen.apply(lg)
         token = sample(lg, sub, sampling)                                    # [B]
-        return token, cache, key, out.at[:, i].set(token), pen
+        if lps is not None:  # static
+            lps = tuple(a.at[:, i].set(b) for a, b in zip(lps, top_logprobs(raw, token)))
+        return token, cache, key, out.at[:, i].set(token), pen, lps
 
-    out = jnp.zeros((token.shape[0], n_steps), jnp.int32)
-    _, cache, key, out, penalties = jax.lax.fori_loop(0, n_steps, step, (token, cache, key, out, penalties))
-    return (out, cache, key) if penalties is None else (out, cache, key, penalties)
+    out = jnp.zeros((B, n_steps), jnp.int32)
+    lps = None if not logprobs else (jnp.zeros((B, n_steps), jnp.float32),
+                                     jnp.zeros((B, n_steps, MAX_LOGPROBS), jnp.int32),
+                                     jnp.zeros((B, n_steps, MAX_LOGPROBS), jnp.float32))
+    _, cache, key, out, penalties, lps = jax.lax.fori_loop(0, n_steps, step,
+                                                           (token, cache, key, out, penalties, lps))
+    return (out, cache, key) + (() if penalties is None else (penalties,)) + (() if lps is None else (lps,))
 
 
 _BYTES = (bytes, bytearray, memoryview)
@@ -212,6 +230,13 @@ def check_logit_bias(logit_bias, vocab_size: int) -> dict[int, float]:
         _check_number(f"logit_bias[{t}]", b, lambda v: -100 <= v <= 100, "a number in [-100, 100]")
         out[int(t)] = float(b)
     return out
+
+
+def check_logprobs(name: str, x) -> None:
+    """logprobs (alternatives per token): None or an int in [0, MAX_LOGPROBS]."""
+    if x is not None:
+        _check_number(name, x, lambda v: 0 <= v <= MAX_LOGPROBS, f"None or an int in [0, {MAX_LOGPROBS}]",
+                      integer=True)
 
 
 def check_penalty(name: str, x) -> None:
@@ -304,7 +329,7 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
              stop_token_ids: Sequence[int] | None = None,
              stream: Callable[[Delta], None] | None = None, presence_penalty: float = 0.0,
              frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
-             logit_bias: dict[int, float] | None = None) -> list[Completion]:
+             logit_bias: dict[int, float] | None = None, logprobs: int | None = None) -> list[Completion]:
     """Generate a completion for each prompt (a str, a list of str, or a list of token-id lists).
 
     stop_token_ids=None stops on the tokenizer's EOS; [] never stops on a token. `stop` strings are
@@ -316,6 +341,10 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     in the prompt or generated already is divided by it when positive, multiplied when negative.
     logit_bias {token id: bias in [-100, 100]} (OpenAI's, at most 300): added to those logits
     last (-100 bans a token, +100 all but forces it).
+    logprobs N (an int in [0, 20]): each Completion's `logprobs` holds, per generated token (and
+    for the stop token when a stop id ended the row), its log-probability and the N most likely
+    tokens with theirs, under the model's distribution before penalties, bias, temperature,
+    top-k and top-p (as the engine's); each streamed Delta carries its tokens' entries.
     seed: an int in [0, 2**32) (a negative one is that plus 2**32). A batch whose KV cache would not fit the device's free memory runs
     in parts (the largest power-of-two number of prompts that fits, one after another); results
     keep the prompts' order and stream indices, and each part after the first samples from its own
@@ -329,6 +358,7 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     max_new_tokens, seed, temperature = int(max_new_tokens), int(seed) % 2**32, float(temperature)
     penalty = (float(presence_penalty), float(frequency_penalty), float(repetition_penalty))
     logit_bias = check_logit_bias(logit_bias, model.cfg.vocab_size)
+    check_logprobs("logprobs", logprobs)
     top_k = None if top_k is None else int(top_k)
     top_p = None if top_p is None else float(top_p)
     stop = list(stop or [])
@@ -355,7 +385,8 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
             penalties = None if penalty == (0.0, 0.0, 1.0) and not logit_bias else \
                 Penalties.make(part_ids, B, cfg.vocab_size, *penalty, logit_bias)
             results += _run(model, rows, tokens, n_tokens, S, sampling, _part_seed(seed, part),
-                            max_new_tokens, _shifted(stream, first), t_call, clock, penalties)
+                            max_new_tokens, _shifted(stream, first), t_call, clock, penalties,
+                            None if logprobs is None else int(logprobs))
     for c in results:  # a later part may have compiled too
         c.stats.compile_s = clock.seconds()
     return results
@@ -411,18 +442,33 @@ def _row_stats(row: Row, t_call: float, t_first: float, clock: costs.CompileCloc
 
 def _run(model: Model, rows: list[Row], tokens: np.ndarray, n_tokens: np.ndarray, S: int,
          sampling: Sampling, seed: int, max_new_tokens: int, stream, t_call: float,
-         clock: costs.CompileClock, penalties: Penalties | None = None) -> list[Completion]:
+         clock: costs.CompileClock, penalties: Penalties | None = None,
+         n_logprobs: int | None = None) -> list[Completion]:
     """The device part of `generate`: prefill, then decode chunks until every row is finished."""
     cfg, B = model.cfg, tokens.shape[0]
-    kw = dict(cfg=cfg, plan=model.plan)
+    want_lp = n_logprobs is not None
+    kw = dict(cfg=cfg, plan=model.plan, logprobs=want_lp)
+    row_lps: list[list[Logprob]] = [[] for _ in rows]
 
-    def take(new_tokens: np.ndarray) -> None:
+    def take(new_tokens: np.ndarray, lps=None) -> None:
+        """new_tokens [B, K] from the device; lps: their top_logprobs on the host, or None."""
         now = time.perf_counter()
         for row in rows:
             if row.finish is None:
-                delta = row.push(new_tokens[row.index].tolist(), now)
+                i = row.index
+                delta = row.push(new_tokens[i].tolist(), now)
+                if lps is not None:  # the entries of the tokens the row took, a stop token included
+                    k = row.taken
+                    entries = logprob_entries(new_tokens[i, :k], lps[0][i, :k], lps[1][i, :k], lps[2][i, :k],
+                                              n_logprobs)
+                    row_lps[i] += entries
+                    if entries:
+                        delta = dataclasses.replace(delta or Delta(i, "", []), logprobs=entries)
                 if delta is not None and stream is not None:
                     stream(delta)
+
+    def lp_host(lps):
+        return None if lps is None else tuple(host(x) for x in lps)
 
     key = jax.random.key(seed)
     if model.mesh is None:
@@ -436,26 +482,27 @@ def _run(model: Model, rows: list[Row], tokens: np.ndarray, n_tokens: np.ndarray
         tokens_d, n_tokens_d, sampling, key, penalties = parallel.put_batch(
             (tokens, n_tokens, sampling, key, penalties), model.mesh)
         host = parallel.to_host
-    token, cache, key = prefill(model.params, tokens_d, n_tokens_d, cache, sampling, key, penalties=penalties, **kw)
-    take(host(token)[:, None])
+    token, cache, key, *lps = prefill(model.params, tokens_d, n_tokens_d, cache, sampling, key,
+                                      penalties=penalties, **kw)
+    take(host(token)[:, None], tuple(x[:, None] for x in lp_host(lps[0])) if lps else None)
     t_first = time.perf_counter()
     # Keep one decode chunk in flight: the next is dispatched before the last one is read back.
     pending, steps = None, 1
     while steps < max_new_tokens and any(r.finish is None for r in rows):
-        if penalties is None:
-            out, cache, key = decode(model.params, token, cache, sampling, key, n_steps=DECODE_CHUNK, **kw)
-        else:
-            out, cache, key, penalties = decode(model.params, token, cache, sampling, key, n_steps=DECODE_CHUNK,
-                                                penalties=penalties, **kw)
+        out, cache, key, *rest = decode(model.params, token, cache, sampling, key, n_steps=DECODE_CHUNK,
+                                        penalties=penalties, **kw)
+        if penalties is not None:
+            penalties = rest.pop(0)
         token, steps = out[:, -1], steps + DECODE_CHUNK
         if pending is not None:
-            take(host(pending))
-        pending = out
+            take(host(pending[0]), lp_host(pending[1]))
+        pending = out, rest[0] if rest else None
     if pending is not None and any(r.finish is None for r in rows):
-        take(host(pending))
+        take(host(pending[0]), lp_host(pending[1]))
     results = []
     for row in rows:
         if row.finish is None:  # cannot happen: max_new_tokens steps always ran
             raise RuntimeError(f"row {row.index} did not finish")
-        results.append(Completion(row.tokens, row.text, row.finish, _row_stats(row, t_call, t_first, clock)))
+        results.append(Completion(row.tokens, row.text, row.finish, _row_stats(row, t_call, t_first, clock),
+                                  row_lps[row.index] if want_lp else None))
     return results

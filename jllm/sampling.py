@@ -8,6 +8,9 @@ import numpy as np
 
 
 TOP_K_MAX = 2 ** 31 - 1  # the int32 the sampler reads; any top_k past the vocabulary keeps every token
+MAX_LOGPROBS = 20        # the most top alternatives per token one may ask for (OpenAI's limit)
+
+Logprob = tuple[int, float, list[tuple[int, float]]]  # (token_id, logprob, [(alt_id, alt_logprob), ...])
 
 
 def top_k_code(top_k: int | None) -> int:
@@ -68,6 +71,22 @@ def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
         return greedy
     drawn = jax.random.categorical(key, _filtered_logits(logits, s), axis=-1)
     return jnp.where(s.temperature > 0, drawn.astype(jnp.int32), greedy)
+
+
+def top_logprobs(lg: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Logits lg [S, V] -> the log-probability of tokens [S] and the MAX_LOGPROBS most likely
+    tokens' ids and log-probabilities [S, MAX_LOGPROBS], in float32."""
+    lp = jax.nn.log_softmax(lg.astype(jnp.float32), axis=-1)                        # [S, V]
+    chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
+    top, ids = jax.lax.top_k(lp, MAX_LOGPROBS)
+    return chosen, ids.astype(jnp.int32), top
+
+
+def logprob_entries(tokens, chosen, top_ids, top_lp, n: int) -> list[Logprob]:
+    """Host rows of `top_logprobs`' outputs (tokens and chosen [K], top_ids and top_lp
+    [K, MAX_LOGPROBS]) -> K entries, each with its n most likely alternatives."""
+    return [(int(t), float(c), [(int(a), float(b)) for a, b in zip(i[:n], v[:n])])
+            for t, c, i, v in zip(tokens, chosen, top_ids, top_lp)]
 
 
 def penalize(logits: jax.Array, counts: jax.Array, presence: jax.Array, frequency: jax.Array,

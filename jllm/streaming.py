@@ -11,6 +11,9 @@ class Delta:
     index: int
     text: str
     token_ids: list[int]
+    # generate(logprobs=N): the entries (token_id, logprob, alternatives) of these tokens, and of
+    # the stop token that ended the row (a last delta may carry only that); else None.
+    logprobs: list | None = None
 
 
 FIX_EVERY = 16  # tokens decoded anew at most (plus a split character) before their text is fixed
@@ -29,6 +32,7 @@ class Row:
         self.index, self.prompt, self.stop, self.stop_ids, self.max_new = index, prompt, stop, stop_ids, max_new
         self.tok = tokenizer
         self.tokens: list[int] = []
+        self.taken = 0  # how many of the last push's ids it took (a stop id included)
         self.finish: str | None = None
         self.text = "" if self.tok is not None else None
         self.emitted = 0
@@ -66,7 +70,9 @@ class Row:
         """
         start = len(self.tokens)
         text = None
+        self.taken = 0
         for t in new:
+            self.taken += 1
             if t in self.stop_ids:
                 self.finish = "stop"
                 break

@@ -238,6 +238,25 @@ def test_generate_speculates_with_the_same_text_and_reports_acceptance(tiny_dirs
         assert re.search(r"acceptance \d+\.\d%", err), err
 
 
+def test_generate_prints_each_tokens_logprob_and_alternatives(tiny_dirs, capsys):
+    """--logprobs N: a line per generated token after the output: its place, text, logprob and the
+    N most likely tokens there, the values jllm.generate(logprobs=N) returns."""
+    _, ck = tiny_dirs
+    assert cli.main(["generate", "--model", ck, "--prompt", "Hi there", "--max-new-tokens", "5",
+                     "--attn-impl", "xla", "--logprobs", "3"]) == 0
+    out, err = capsys.readouterr()
+    lines = err.split("token logprobs (position, token, logprob | most likely there):\n")[1].splitlines()
+    model = jllm.load(ck, attn_impl="xla", progress=False)
+    [ref] = jllm.generate(model, ["Hi there"], max_new_tokens=5, logprobs=3)
+    assert out.strip() == ("Hi there" + ref.text).strip()
+    assert len(lines) == len(ref.logprobs) >= 1
+    for i, (line, (t, lp, top)) in enumerate(zip(lines, ref.logprobs)):
+        head, _, alts = line.partition(" | ")
+        assert head.split()[0] == str(i) and float(head.split()[-1]) == pytest.approx(lp, abs=1e-4)
+        assert [float(a.rsplit(" ", 1)[1]) for a in alts.split(", ")] == pytest.approx([v for _, v in top], abs=1e-3)
+        assert top[0][0] == t      # greedy: the token is its place's most likely
+
+
 @pytest.mark.parametrize("flags,match", [
     (["--prompt-lookup", "2"], "--prompt-lookup needs --speculate"),
     (["--speculate", "2"], "exactly one of --draft, --draft-quantize, --prompt-lookup; got none"),
@@ -246,6 +265,7 @@ def test_generate_speculates_with_the_same_text_and_reports_acceptance(tiny_dirs
     (["--speculate", "2", "--prompt-lookup", "2", "--frequency-penalty", "1"], "do not combine with --speculate"),
     (["--speculate", "2", "--prompt-lookup", "2", "--repetition-penalty", "1.2"], "do not combine with --speculate"),
     (["--speculate", "2", "--prompt-lookup", "2", "--logit-bias", "5=1"], "do not combine with --speculate"),
+    (["--speculate", "2", "--prompt-lookup", "2", "--logprobs", "2"], "--logprobs does not combine with --speculate"),
 ])
 def test_speculation_flags_are_checked_before_loading(tiny_dirs, capsys, flags, match):
     _, ck = tiny_dirs

@@ -4,7 +4,8 @@ import math
 
 import numpy as np
 
-MAX_LOGPROBS = 20          # the most top alternatives a request may ask for
+from jllm.sampling import MAX_LOGPROBS, Logprob  # noqa: F401 (Logprob: part of this API)
+
 MAX_LOGIT_BIAS = 300       # entries of a request's logit_bias (OpenAI's limit)
 # A seed is 32 bits (jax.random.key's without jax_enable_x64): s and s - 2**32 are one seed, and
 # a seed s in [0, 2**32) gives the tokens `jllm.generate(..., seed=s)` gives.
@@ -141,7 +142,6 @@ class RequestMetrics:
     preemptions: int = 0          # times it was preempted and recomputed
 
 
-Logprob = tuple[int, float, list[tuple[int, float]]]  # (token_id, logprob, [(alt_id, alt_logprob), ...])
 
 
 @dataclasses.dataclass

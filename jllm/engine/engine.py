@@ -24,6 +24,7 @@ from jllm.engine.pages import PagePool
 from jllm.engine.scheduler import Request, Schedule, Scheduler, Status, build_batch, default_shapes
 from jllm.engine.step import StepOutput, engine_step, init_state, reset_keys, reset_penalties
 from jllm.generate import Model, check_kv_cache_dtype
+from jllm.sampling import logprob_entries
 from jllm.speculative import PromptLookup, Speculative
 from jllm.streaming import Row
 
@@ -420,7 +421,7 @@ class Engine:
             if req.want_logprobs and (delta is not None and delta.token_ids or finish == "stop"
                                       and tok in req.row.stop_ids):
                 n = req.params.logprobs
-                logprobs = [(tok, float(lp[i]), [(int(a), float(b)) for a, b in zip(top_ids[i, :n], top_lp[i, :n])])]
+                logprobs = logprob_entries([tok], lp[i:i + 1], top_ids[i:i + 1], top_lp[i:i + 1], n)
             if finish is not None:
                 self.scheduler.finish(req)
                 del self.requests[req.id]
@@ -444,8 +445,8 @@ class Engine:
                 pos = start + j + 1   # the token this chunk token's logits predict
                 if pos < len(req.prompt):
                     c = cpos + j
-                    req.prompt_lp[pos] = (req.prompt[pos], float(lp[c]),
-                                          [(int(a), float(b)) for a, b in zip(top_ids[c, :k], top_lp[c, :k])])
+                    [req.prompt_lp[pos]] = logprob_entries([req.prompt[pos]], lp[c:c + 1], top_ids[c:c + 1],
+                                                           top_lp[c:c + 1], k)
 
     def _output(self, req: Request, delta, token_ids: list[int], logprobs, finish: str | None,
                 now: float) -> RequestOutput:

@@ -42,11 +42,10 @@ from jllm.config import LlamaConfig
 from jllm.kvcache import CacheOps, LayerKV, init_paged_cache
 from jllm.model import Params, logits, transformer
 from jllm.plan import XLA_OPTIONS, Plan
-from jllm.sampling import Sampling, penalize, sample
+from jllm.sampling import MAX_LOGPROBS, Sampling, penalize, sample, top_logprobs
 from jllm.speculative import _greedy_accept
 from pallas_kernels.kv_quant import quantize_kv
 
-from jllm.engine.api import MAX_LOGPROBS
 
 
 @jax.tree_util.register_dataclass
@@ -202,14 +201,6 @@ def _key_chain(key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
 
     _, (nxts, subs) = jax.lax.scan(split, jax.random.wrap_key_data(key), length=n)
     return nxts, subs
-
-
-def top_logprobs(lg: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """lg [S, V] -> logprob of tokens [S], top ids and logprobs [S, MAX_LOGPROBS]."""
-    lp = jax.nn.log_softmax(lg, axis=-1)                                             # [S, V]
-    chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
-    top, ids = jax.lax.top_k(lp, MAX_LOGPROBS)
-    return chosen, ids.astype(jnp.int32), top
 
 
 def verify_rows(params: Params, h: jax.Array | None, batch: StepBatch, sampled: jax.Array, keys: jax.Array,
