@@ -104,3 +104,11 @@ class Row:
         delta = text[self.emitted:stable]
         self.emitted = max(self.emitted, stable)
         return Delta(self.index, delta, fresh) if (delta or fresh) else None
+
+    def end(self, reason: str, now: float) -> Delta | None:
+        """Finish the row now (e.g. its grammar is complete) -> the text held back so far, if any."""
+        self.finish, self.t_done = reason, now
+        if self.tok is None or self.emitted >= len(self.text):
+            return None
+        delta, self.emitted = self.text[self.emitted:], len(self.text)
+        return Delta(self.index, delta, [])

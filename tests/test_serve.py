@@ -29,6 +29,8 @@ from conftest import ROOT
 from serve_worker import SlowEngine
 
 import jllm
+from jllm.engine import Engine, SamplingParams
+from jllm.guided import Guided
 from jllm.serve import cli as serve_cli
 from jllm.serve import loadgen
 from jllm.serve.app import create_app
@@ -196,6 +198,32 @@ def test_chat_logprobs_are_the_greedy_choice_and_its_alternatives(srv, tiny_mode
     # U+FFFD they make of them).
     raw = bytes(b for e in content for b in e.bytes).decode("utf-8", "replace")
     assert raw.lstrip().replace("\ufffd", "") == expected.text.lstrip().replace("\ufffd", "")
+
+
+def test_structured_outputs_parse_as_asked_and_match_the_engine(srv, tiny_model):
+    """response_format json_schema / json_object and the guided_regex extension, through the
+    official client: the text parses as asked and is what the engine gives the same request."""
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                               "rank": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["city", "rank"], "additionalProperties": False}
+    c = srv.client()
+    messages = [{"role": "user", "content": "A city and its rank, as JSON"}]
+    r = c.chat.completions.create(model=NAME, messages=messages, max_tokens=40, temperature=0, response_format={
+        "type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}})
+    obj = json.loads(r.choices[0].message.content)
+    assert set(obj) == {"city", "rank"} and 1 <= obj["rank"] <= 9 and r.choices[0].finish_reason == "stop"
+    engine = Engine(tiny_model, max_seqs=2, num_pages=64, max_tokens_per_step=64, progress=False)
+    [out] = engine.generate([format_chat(messages, tiny_model.tokenizer)],
+                            SamplingParams(max_tokens=40, guided=Guided.json_schema(schema)))
+    assert r.choices[0].message.content == out.text
+    stream = c.chat.completions.create(model=NAME, messages=messages, max_tokens=40, temperature=0, stream=True,
+                                       response_format={"type": "json_object"})
+    text = "".join(ch.choices[0].delta.content or "" for ch in stream)
+    assert text.startswith("{")
+    r = c.completions.create(model=NAME, prompt="Yes or no?", max_tokens=10, temperature=0.8, seed=3,
+                             extra_body={"guided_regex": "(yes|no)!"})
+    assert r.choices[0].text in ("yes!", "no!") and r.choices[0].finish_reason == "stop"
+    srv.wait_idle()
 
 
 def test_completion_from_token_ids_with_logprobs(srv, tiny_model):
@@ -603,6 +631,16 @@ BAD = [  # id, endpoint, body, status, param
     ("deeply_nested_json", "completions", b"[" * 100_000 + b"]" * 100_000, 400, None),
     ("long_prompt_over_context", "completions", _json({**OK, "prompt": "word " * 5000}), 400, "prompt"),
     ("long_prompt_lone_surrogate", "completions", _json({**OK, "prompt": "x" * 20_000 + "\udfff"}), 400, "prompt"),
+    ("response_format_unknown_type", "chat/completions", _json({**CHAT, "response_format": {"type": "xml"}}), 400,
+     "response_format"),
+    ("response_format_schema_missing", "chat/completions",
+     _json({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}), 400, "response_format"),
+    ("response_format_invalid_schema", "completions",
+     _json({**OK, "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}}), 400,
+     None),
+    ("guided_regex_invalid", "completions", _json({**OK, "guided_regex": "(ab"}), 400, None),
+    ("two_output_constraints", "chat/completions",
+     _json({**CHAT, "response_format": {"type": "json_object"}, "guided_regex": "a+"}), 400, "guided_regex"),
 ]
 
 

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 
+from jllm.guided import Guided
 from jllm.sampling import MAX_LOGPROBS, Logprob  # noqa: F401 (Logprob: part of this API)
 
 MAX_LOGIT_BIAS = 300       # entries of a request's logit_bias (OpenAI's limit)
@@ -42,6 +43,9 @@ class SamplingParams:
     entries), kept as sorted (id, bias) pairs. prompt_logprobs N (an Engine made with
     prompt_logprobs=True): each prompt token's log-probability given the tokens before it and the
     N most likely alternatives there, in the request's first output (None for the first token).
+    guided (a `jllm.guided.Guided`: a JSON schema, any JSON object, a regex or a Lark grammar):
+    every sampled token keeps the output a valid prefix of it, and the request stops ("stop")
+    once the output is complete; the engine then waits for each step's tokens before the next.
     """
     max_tokens: int = 256
     temperature: float = 0.0
@@ -56,12 +60,13 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     prompt_logprobs: int | None = None
+    guided: Guided | None = None
 
     @property
     def penalized(self) -> bool:
-        """Any penalty or bias: the request samples through `sampling.penalize`."""
+        """Any penalty or bias (a grammar's mask is one): the request samples through `sampling.penalize`."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
-                    or self.logit_bias)
+                    or self.logit_bias or self.guided is not None)
 
     def __post_init__(self):
         def bad(name, expected, exc=ValueError):
@@ -130,6 +135,9 @@ class SamplingParams:
                     bad(name, f"None or an int in [0, {MAX_LOGPROBS}]", TypeError)
                 if not 0 <= getattr(self, name) <= MAX_LOGPROBS:
                     bad(name, f"None or an int in [0, {MAX_LOGPROBS}]")
+        if self.guided is not None and not isinstance(self.guided, Guided):
+            bad("guided", "None or a jllm.guided.Guided (Guided.json_schema(...), .json_object(), .regex(...), "
+                          ".lark(...))", TypeError)
 
 
 @dataclasses.dataclass

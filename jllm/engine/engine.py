@@ -22,7 +22,8 @@ from jllm.engine.api import (MAX_LOGIT_BIAS, EngineStats, QueueFull, RequestMetr
                              seed_int32)
 from jllm.engine.pages import PagePool
 from jllm.engine.scheduler import Request, Schedule, Scheduler, Status, build_batch, default_shapes
-from jllm.engine.step import StepOutput, engine_step, init_state, reset_keys, reset_penalties
+from jllm.engine.step import (GUIDED_ROWS, StepOutput, engine_step, init_state, reset_keys, reset_penalties,
+                              set_bias_rows)
 from jllm.generate import Model, check_kv_cache_dtype
 from jllm.sampling import logprob_entries
 from jllm.speculative import PromptLookup, Speculative
@@ -152,6 +153,7 @@ class Engine:
         self._ids = itertools.count()
         self.generated_tokens = self.aborted = self.steps = 0
         self._biased_slots: set[int] = set()   # slots whose logit bias is not zero
+        self._guide_tokenizer = None            # jllm.guided.GuideTokenizer, made at the first guided request
         with self._on_mesh():
             self.state = init_state(self.cfg, self.num_pages, self.page_size, self.max_seqs, self.dtype,
                                     model.mesh)
@@ -185,7 +187,7 @@ class Engine:
         programs = ([(D, C, False, False) for D, C in self.shapes.all()]
                     + [(D, 0, True, False) for D in self.shapes.decode_buckets]
                     + [(D, C, False, True) for D, C in self.shapes.all() if C and self.prompt_logprobs])
-        with tqdm(total=len(programs) + 2, desc="compiling engine steps", unit="program", disable=not progress,
+        with tqdm(total=len(programs) + 3, desc="compiling engine steps", unit="program", disable=not progress,
                   leave=False) as bar:
             for D, C, greedy, plp in programs:
                 batch, _ = build_batch(Schedule([], [], []), self.shapes, self.scheduler.tables, self.num_pages,
@@ -199,6 +201,8 @@ class Engine:
                 self.state = dataclasses.replace(self.state, keys=keys)
                 bar.update()
             self._reset_penalties(none.astype(bool), [])
+            self._set_bias_rows([])
+            bar.update()
             jax.block_until_ready(self.state)
 
     # --- requests ------------------------------------------------------------------------------
@@ -252,6 +256,7 @@ class Engine:
                              "prompt_logprobs=True (it compiles the steps that compute them)")
         if params.stop and self.model.tokenizer is None:
             raise ValueError(f"stop={params.stop!r} needs a tokenizer; this model has none (use stop_token_ids)")
+        matcher = None if params.guided is None else self._matcher(params.guided)
         if request_id is None:
             request_id = next(r for r in (f"req-{i}" for i in self._ids) if r not in self.requests)
         elif not isinstance(request_id, str) or not request_id:
@@ -268,9 +273,20 @@ class Engine:
             stop_ids = () if self.model.tokenizer is None else (self.model.tokenizer.eos_id,)
         row = Row(0, ids, self.model.tokenizer, list(params.stop), set(stop_ids), m)
         req = Request(request_id, ids, params, row, time.perf_counter())
+        req.matcher = matcher
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id
+
+    def _matcher(self, guided):
+        """A fresh grammar matcher for a guided request (ValueError for a bad grammar, or without
+        a tokenizer or llguidance)."""
+        if self.model.tokenizer is None:
+            raise ValueError(f"guided={guided.kind} needs a tokenizer; this model has none")
+        if self._guide_tokenizer is None:
+            from jllm.guided import GuideTokenizer
+            self._guide_tokenizer = GuideTokenizer(self.model.tokenizer, self.cfg.vocab_size)
+        return self._guide_tokenizer.matcher(guided)
 
     def add_requests(self, requests: Sequence[tuple]) -> list[str]:
         """Queue (prompt, params, request_id) requests at once, all or none -> their ids: QueueFull
@@ -307,14 +323,16 @@ class Engine:
         """One device call advancing every running request -> an output for every request that
         produced something or finished (aborted ones too)."""
         outs, self._outputs = self._outputs, []
-        if self._inflight is not None and self.scheduler.decode_pages_short():
+        # A guided request's next mask needs its last token: steps run one at a time meanwhile.
+        sync = not self.async_scheduling or any(r.matcher is not None for r in self.requests.values())
+        if self._inflight is not None and (sync or self.scheduler.decode_pages_short()):
             outs += self._read(self._inflight)  # preemption needs every sample on the host
             self._inflight = None
         launched = self._launch()
         if self._inflight is not None:
             outs += self._read(self._inflight)
         self._inflight = launched
-        if not self.async_scheduling and launched is not None:
+        if sync and launched is not None:
             outs += self._read(launched)
             self._inflight = None
         return outs
@@ -344,6 +362,10 @@ class Engine:
         batch, owners = build_batch(sched, self.shapes, self.scheduler.tables, self.num_pages, self.max_seqs,
                                     self.page_size, spec_k=self.spec_k)
         logprobs = any(r is not None and r.want_logprobs for r in owners)
+        guided = [r for r in owners if r is not None and r.matcher is not None]
+        if guided:
+            with self._on_mesh():
+                self._set_bias_rows(guided)
         plp_pieces, cpos = [], 0   # chunk pieces lie in schedule order in the chunk part (build_batch)
         for p in sched.chunks:
             if p.req.needs_prompt_lp and p.drafts is None:
@@ -374,6 +396,21 @@ class Engine:
         s = self.state
         counts, seen, bias = reset_penalties(s.counts, s.prompt_seen, s.bias, mask, slot, ids, values)
         self.state = dataclasses.replace(s, counts=counts, prompt_seen=seen, bias=bias)
+
+    def _set_bias_rows(self, requests: list[Request]) -> None:
+        """Set each guided request's slot bias for its next sample: its logit_bias where its
+        grammar allows a token, -inf elsewhere (GUIDED_ROWS slots per device call)."""
+        V = self.cfg.vocab_size
+        for first in range(0, max(len(requests), 1), GUIDED_ROWS):
+            part = requests[first:first + GUIDED_ROWS]
+            slots, rows = np.full(GUIDED_ROWS, self.max_seqs, np.int32), np.zeros((GUIDED_ROWS, V), np.float32)
+            for j, r in enumerate(part):
+                slots[j] = r.slot
+                for t, b in r.params.logit_bias:
+                    rows[j, t] = b
+                rows[j, ~r.matcher.allowed()] = -np.inf
+                self._biased_slots.add(r.slot)
+            self.state = dataclasses.replace(self.state, bias=set_bias_rows(self.state.bias, slots, rows))
 
     @staticmethod
     def _greedy(batch, owners, logprobs: bool) -> bool:
@@ -415,6 +452,11 @@ class Engine:
                 req.t_first = now
             req.t_last = now
             delta = req.row.push(new, now)
+            if req.matcher is not None and req.row.finish is None and (
+                    not all(req.matcher.take(t) for t in new) or req.matcher.done):
+                rest = req.row.end("stop", now)   # the grammar is complete (or, never, refused a token)
+                if rest is not None:
+                    delta = rest if delta is None else dataclasses.replace(delta, text=delta.text + rest.text)
             logprobs = None
             finish = req.row.finish
             # A stop token is not among the output's ids, but its logprob is (as OpenAI reports it).

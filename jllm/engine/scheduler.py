@@ -67,6 +67,7 @@ class Request:
         # Prompt logprobs, filled as the prompt's chunks are read back: entry i for prompt token i.
         self.prompt_lp: list | None = None if p.prompt_logprobs is None else [None] * len(prompt)
         self.prompt_lp_sent = False
+        self.matcher = None          # a jllm.guided.Matcher when the request is guided (set by the engine)
 
     @property
     def needs_prompt_lp(self) -> bool:

@@ -308,6 +308,16 @@ def reset_penalties(counts: jax.Array, prompt_seen: jax.Array, bias: jax.Array, 
     return jnp.where(mask[:, None], 0, counts), prompt_seen & ~mask[:, None], bias
 
 
+GUIDED_ROWS = 8  # slots whose logit bias one set_bias_rows call overwrites (a static shape)
+
+
+@functools.partial(jax.jit, donate_argnames=("bias",))
+def set_bias_rows(bias: jax.Array, slots: jax.Array, rows: jax.Array) -> jax.Array:
+    """Overwrite the logit bias of slots [GUIDED_ROWS] (max_seqs: none) with rows [GUIDED_ROWS, V]:
+    a guided request's bias for its next sample, -inf where its grammar refuses a token."""
+    return bias.at[slots].set(rows, mode="drop")
+
+
 @functools.partial(jax.jit, static_argnames=("resume",), donate_argnames=("keys",))
 def reset_keys(keys: jax.Array, mask: jax.Array, seeds: jax.Array, skips: jax.Array,
                resume: bool) -> jax.Array:

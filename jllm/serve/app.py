@@ -285,7 +285,7 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
                 presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                 repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                 logit_bias=req.logit_bias,
-                stop_token_ids=() if req.ignore_eos else None, logprobs=logprobs)
+                stop_token_ids=() if req.ignore_eos else None, logprobs=logprobs, guided=req.guided)
         except (ValueError, TypeError) as e:
             raise bad_request(str(e)) from None
 

@@ -10,6 +10,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
+from jllm.guided import Guided
+
 MAX_BODY_BYTES = 8 << 20   # a longer body is refused (413) before it is parsed
 MAX_STOP = 16              # stop strings per request: each is checked after every token
 MAX_LOGPROBS = 20          # alternatives per token (OpenAI's top_logprobs limit)
@@ -74,6 +76,42 @@ class _Common(BaseModel):
     repetition_penalty: float | None = Field(None, ge=0.01, le=100)   # an extension, as in vLLM (Hugging Face's)
     logit_bias: Any = Field(None, validate_default=True)
     ignore_eos: bool | None = None                     # an extension, as in vLLM: never stop on EOS
+    # OpenAI's structured outputs (on completions too, as vLLM takes it); an extension, as in vLLM:
+    # guided_regex and guided_grammar (Lark). At most one of them.
+    response_format: Any = Field(None, validate_default=True)
+    guided_regex: str | None = Field(None, min_length=1)
+    guided_grammar: str | None = Field(None, min_length=1)
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, v: Any) -> Guided | None:
+        """{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema":
+        {"name": ..., "schema": {...}, "strict": ...}} -> the Guided it asks for (None for text)."""
+        if v is None:
+            return None
+        kind = v.get("type") if isinstance(v, dict) else None
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return Guided.json_object()
+        if kind == "json_schema":
+            spec = v.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise _custom("type 'json_schema' needs json_schema.schema, a JSON schema object, got "
+                              f"{_short(spec)}")
+            return Guided.json_schema(schema)
+        raise _custom("expected {'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', "
+                      f"'json_schema': {{'schema': ...}}}}, got {_short(v)}")
+
+    @property
+    def guided(self) -> Guided | None:
+        """What the output must match, from response_format or a guided_* extension."""
+        if self.guided_regex is not None:
+            return Guided.regex(self.guided_regex)
+        if self.guided_grammar is not None:
+            return Guided.lark(self.guided_grammar)
+        return self.response_format
 
     @field_validator("logit_bias")
     @classmethod
@@ -119,6 +157,9 @@ class _Common(BaseModel):
             raise bad_request(f"n={self.n}: at most {MAX_CHOICES} choices per request", "n")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed with stream=true", "stream_options")
+        given = [f for f in ("response_format", "guided_regex", "guided_grammar") if getattr(self, f) is not None]
+        if len(given) > 1:
+            raise bad_request(f"{' and '.join(given)}: at most one output constraint per request", given[1])
 
 
 class CompletionRequest(_Common):
@@ -194,7 +235,6 @@ class ChatRequest(_Common):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list | None = None
-    response_format: dict | None = None
 
     def unsupported(self) -> None:
         super().unsupported()
@@ -204,9 +244,6 @@ class ChatRequest(_Common):
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
         if self.tools:
             raise bad_request("tools are not supported", "tools")
-        if self.response_format not in (None, {"type": "text"}):
-            raise bad_request(f"response_format={_short(self.response_format)} is not supported "
-                              "(only {'type': 'text'})", "response_format")
 
     @property
     def token_limit(self) -> int | None:
