@@ -75,7 +75,7 @@ class ChatTemplate:
     """A compiled `chat_template` and the special tokens it is rendered with."""
 
     def __init__(self, source: str, tokenizer: Tokenizer):
-        self.template = compile_template(source)
+        self.source, self.template = source, compile_template(source)
         self.tokenizer = tokenizer
         sp = tokenizer.sp
         self.special = {"bos_token": sp.id_to_piece(tokenizer.bos_id),
@@ -86,15 +86,20 @@ class ChatTemplate:
         self._control = re.compile(pattern)
         self._split = re.compile(f"{_MARK_START}({pattern}){_MARK_END}|({pattern})")
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    @property
+    def takes_tools(self) -> bool:
+        """The template reads `tools` (renders tool definitions itself)."""
+        return "tools" in self.source
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None) -> str:
         """The prompt text, as transformers' apply_chat_template(..., tokenize=False) gives it."""
-        return self.template.render(messages=messages, tools=None, documents=None,
+        return self.template.render(messages=messages, tools=tools, documents=None,
                                     add_generation_prompt=add_generation_prompt, **self.special)
 
-    def encode(self, messages: list[dict]) -> list[int]:
+    def encode(self, messages: list[dict], tools: list | None = None) -> list[int]:
         """Render and tokenize: template-written special tokens become ids, typed ones stay text."""
         marked = [{**m, "content": self._mark(m["content"])} for m in messages]
-        text = self.render(marked)
+        text = self.render(marked, tools=tools)
         ids: list[int] = []
         pos = 0
         for m in self._split.finditer(text):
@@ -116,15 +121,17 @@ class ChatTemplate:
         return self.tokenizer.encode(text, bos=False) if text else []
 
 
-def chat_ids(messages: list[dict], tokenizer: Tokenizer, template: ChatTemplate | None) -> list[int]:
-    """Prompt token ids of [{"role", "content"}, ...]: the template, or Llama-2's chat format.
+def chat_ids(messages: list[dict], tokenizer: Tokenizer, template: ChatTemplate | None,
+             tools: list | None = None) -> list[int]:
+    """Prompt token ids of [{"role", "content"}, ...]: the template (given `tools` when it reads
+    them), or Llama-2's chat format.
 
     Raises ValueError for a conversation the format refuses (roles out of order, a template's
     raise_exception).
     """
     if template is not None:
         try:
-            return template.encode(messages)
+            return template.encode(messages, tools=tools if template.takes_tools else None)
         except jinja2.TemplateError as e:
             raise ValueError(f"the chat template refused the messages: {e}") from None
     msgs = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]

@@ -32,6 +32,7 @@ import jllm
 from jllm.engine import Engine, SamplingParams
 from jllm.guided import Guided
 from jllm.serve import cli as serve_cli
+from jllm.serve.tools import check_tools, render_messages, tool_guide
 from jllm.serve import loadgen
 from jllm.serve.app import create_app
 from jllm.chat import ChatTemplate, chat_ids, read_template
@@ -224,6 +225,88 @@ def test_structured_outputs_parse_as_asked_and_match_the_engine(srv, tiny_model)
                              extra_body={"guided_regex": "(yes|no)!"})
     assert r.choices[0].text in ("yes!", "no!") and r.choices[0].finish_reason == "stop"
     srv.wait_idle()
+
+
+WEATHER = {"type": "function", "function": {"name": "wx", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 3}}, "required": ["city"],
+    "additionalProperties": False}}}
+ADD = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                     "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["a", "b"], "additionalProperties": False}}}
+
+
+def _engine_reply(model, messages, tools, tool_choice, parallel=True, max_tokens=40) -> str:
+    """The engine's greedy text for the prompt and grammar a forced tool choice makes."""
+    ids = chat_ids(render_messages(messages, tools, False), model.tokenizer, None)
+    engine = Engine(model, max_seqs=2, num_pages=64, max_tokens_per_step=64, progress=False)
+    [out] = engine.generate([ids], SamplingParams(max_tokens=max_tokens,
+                                                  guided=tool_guide(check_tools(tools), tool_choice, parallel)))
+    return out.text
+
+
+def test_forced_tool_calls_come_back_as_tool_calls_streamed_and_not(srv, tiny_model):
+    """tool_choice "required" (one call, or several with parallel_tool_calls) and a named function:
+    message.tool_calls holds calls whose arguments parse as their tool's schema, exactly the
+    engine's guided reply for the same prompt; a stream sends the same calls."""
+    c = srv.client()
+    messages = [{"role": "user", "content": "Weather in Paris, and 2 + 3?"}]
+    r = c.chat.completions.create(model=NAME, messages=messages, max_tokens=60, temperature=0,
+                                  tools=[WEATHER, ADD], tool_choice="required", parallel_tool_calls=False)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name in ("wx", "add")
+    args = json.loads(call.function.arguments)
+    assert set(args) == ({"city"} if call.function.name == "wx" else {"a", "b"})
+    ref = json.loads(_engine_reply(tiny_model, messages, [WEATHER, ADD], "required", parallel=False, max_tokens=60))
+    assert ref == [{"name": call.function.name, "arguments": args}]
+
+    named = {"type": "function", "function": {"name": "add"}}
+    r = c.chat.completions.create(model=NAME, messages=messages, max_tokens=60, temperature=0,
+                                  tools=[WEATHER, ADD], tool_choice=named)
+    [call] = r.choices[0].message.tool_calls
+    args = json.loads(call.function.arguments)
+    assert call.function.name == "add" and 0 <= args["a"] <= 9 and 0 <= args["b"] <= 9
+    assert args == json.loads(_engine_reply(tiny_model, messages, [WEATHER, ADD], named, max_tokens=60))
+
+    r = c.chat.completions.create(model=NAME, messages=messages, max_tokens=60, temperature=0,
+                                  tools=[WEATHER, ADD], tool_choice="required")
+    chunks = list(c.chat.completions.create(model=NAME, messages=messages, max_tokens=60, temperature=0,
+                                            tools=[WEATHER, ADD], tool_choice="required", stream=True))
+    streamed = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert [(tc.index, tc.function.name, tc.function.arguments) for tc in streamed] == \
+        [(k, tc.function.name, tc.function.arguments) for k, tc in enumerate(r.choices[0].message.tool_calls)]
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason == "tool_calls"
+    srv.wait_idle()
+
+
+def test_a_conversation_with_tool_results_renders_and_answers(srv, tiny_model):
+    """The turn after a call: the assistant's tool_calls and the tool's result go back to the
+    model (Llama-2's format: the call as JSON, the result as a user turn); tool_choice "none"."""
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "wx", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+    r = srv.client().chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0,
+                                             tools=[WEATHER], tool_choice="none")
+    rendered = render_messages([{**m, "content": m["content"] or ""} for m in messages], None, False)
+    assert [m["role"] for m in rendered] == ["user", "assistant", "user"]
+    assert '"city": "Paris"' in rendered[1]["content"] and "sunny, 21 C" in rendered[2]["content"]
+    ids = chat_ids(rendered, tiny_model.tokenizer, None)
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.choices[0].message.content == ref(tiny_model, ids, 8).text
+
+
+def test_a_template_that_reads_tools_gets_them(tokenizer):
+    source = ("{% if tools %}TOOLS {{ tools | map(attribute='function') | map(attribute='name') | join(',') }}\n"
+              "{% endif %}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    t = ChatTemplate(source, tokenizer)
+    assert t.takes_tools and not ChatTemplate(CHATML_TEMPLATE, tokenizer).takes_tools
+    tools = check_tools([WEATHER, ADD])
+    ids = chat_ids([{"role": "user", "content": "hi"}], tokenizer, t, tools)
+    assert tokenizer.decode(ids).startswith("TOOLS wx,add")
 
 
 def test_completion_from_token_ids_with_logprobs(srv, tiny_model):
@@ -639,6 +722,19 @@ BAD = [  # id, endpoint, body, status, param
      _json({**OK, "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}}), 400,
      None),
     ("guided_regex_invalid", "completions", _json({**OK, "guided_regex": "(ab"}), 400, None),
+    ("tools_with_auto_tool_choice", "chat/completions", _json({**CHAT, "tools": [WEATHER]}), 400, "tool_choice"),
+    ("tool_choice_unknown_function", "chat/completions", _json({**CHAT, "tools": [WEATHER], "tool_choice": {
+        "type": "function", "function": {"name": "nope"}}}), 400, "tool_choice"),
+    ("tool_choice_without_tools", "chat/completions", _json({**CHAT, "tool_choice": "required"}), 400, "tool_choice"),
+    ("tool_choice_bad_value", "chat/completions", _json({**CHAT, "tools": [WEATHER], "tool_choice": "maybe"}), 400,
+     "tool_choice"),
+    ("tools_not_functions", "chat/completions", _json({**CHAT, "tools": [{"type": "web"}]}), 400, "tools"),
+    ("tools_bad_name", "chat/completions", _json({**CHAT, "tools": [{"type": "function", "function": {
+        "name": "has space"}}]}), 400, "tools"),
+    ("tool_calls_malformed", "chat/completions", _json({**CHAT, "messages": [
+        {"role": "assistant", "tool_calls": "x"}]}), 400, "messages[0].tool_calls"),
+    ("forced_tools_with_response_format", "chat/completions", _json({**CHAT, "tools": [WEATHER],
+        "tool_choice": "required", "response_format": {"type": "json_object"}}), 400, "response_format"),
     ("two_output_constraints", "chat/completions",
      _json({**CHAT, "response_format": {"type": "json_object"}, "guided_regex": "a+"}), 400, "guided_regex"),
 ]

@@ -31,6 +31,7 @@ from jllm.serve.metrics import CONTENT_TYPE, Metrics
 from jllm.serve.protocol import (MAX_BODY_BYTES, APIError, ChatRequest, CompletionRequest,
                                  bad_request, decode_json, validate)
 from jllm.serve.runner import EngineRunner, EngineUnavailable, RequestStream
+from jllm.serve.tools import render_messages, tool_calls
 from jllm.tokenizer import Tokenizer
 
 log = logging.getLogger("jllm.serve")
@@ -501,9 +502,14 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
         if tokenizer is None:
             raise bad_request("this model has no tokenizer, so it cannot chat; use /v1/completions "
                               "with token ids", "messages")
-        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        messages = [{"role": m.role, "content": m.content}
+                    | ({"tool_calls": m.tool_calls} if m.tool_calls else {})
+                    | ({"tool_call_id": m.tool_call_id} if m.tool_call_id is not None else {}) for m in req.messages]
+        takes_tools = template is not None and template.takes_tools
+        tools = req.tools if req.tools and (req.forced_tools or takes_tools) else None
+        messages = render_messages(messages, tools, takes_tools)
         try:
-            ids = await _tokenize(chat_ids, messages, tokenizer, template,
+            ids = await _tokenize(chat_ids, messages, tokenizer, template, tools,
                                   chars=sum(len(str(m["content"])) for m in messages))
         except ValueError as e:
             raise bad_request(str(e), "messages") from None
@@ -519,6 +525,14 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
         def logprobs_of(out) -> dict | None:
             return R.chat_logprobs(out.logprobs or [], tokenizer) if req.logprobs else None
 
+        def reply(text: str, finish: str) -> tuple[dict, str]:
+            """The message of a finished choice and its finish reason: tool calls when forced
+            and complete, else the text."""
+            calls = tool_calls(text, req.tool_choice) if req.forced_tools and finish == "stop" else None
+            if calls:
+                return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+            return {"role": "assistant", "content": text}, finish
+
         async def events() -> AsyncIterator[str]:
             def chunk(i: int, delta: dict, finish: str | None = None, lp: dict | None = None) -> str:
                 return R.sse(R.chat_chunk(request_id, created, served_model_name, delta, finish, lp,
@@ -526,9 +540,23 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
 
             for i in range(n):
                 yield chunk(i, {"role": "assistant", "content": ""})
+            held = [[] for _ in gens]   # forced tool calls: the reply is sent whole when it ends
             try:
                 async for i, out in _merged(gens):
                     lp = logprobs_of(out)
+                    if req.forced_tools:
+                        held[i].append(out.text)
+                        if lp and lp["content"]:
+                            yield chunk(i, {}, None, lp)
+                        if out.finished:
+                            message, finish = reply("".join(held[i]), out.finish_reason)
+                            if message.get("tool_calls"):
+                                yield chunk(i, {"tool_calls": [{"index": k, **c} for k, c in
+                                                               enumerate(message["tool_calls"])]})
+                            elif message["content"]:
+                                yield chunk(i, {"content": message["content"]})
+                            yield chunk(i, {}, finish)
+                        continue
                     if out.text or lp and lp["content"]:
                         yield chunk(i, {"content": out.text}, None, lp)
                     if out.finished:
@@ -547,7 +575,7 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
                 text[i].append(out.text)
                 entries[i] += out.logprobs or []
             return R.chat(request_id, created, served_model_name, [
-                R.chat_choice(i, "".join(text[i]), g.finish_reason,
+                R.chat_choice(i, *reply("".join(text[i]), g.finish_reason),
                               R.chat_logprobs(entries[i], tokenizer) if req.logprobs else None)
                 for i, g in enumerate(gens)], usage(gens, n))
 

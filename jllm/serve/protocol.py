@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from jllm.guided import Guided
+from jllm.serve.tools import check_tools, forced_name, tool_guide
 
 MAX_BODY_BYTES = 8 << 20   # a longer body is refused (413) before it is parsed
 MAX_STOP = 16              # stop strings per request: each is checked after every token
@@ -207,9 +208,27 @@ class CompletionRequest(_Common):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Any = Field(None, validate_default=True)
     name: str | None = None
+    tool_calls: Any = Field(None, validate_default=True)   # an assistant's earlier calls
+    tool_call_id: str | None = None                        # a tool message: the call it answers
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _tool_calls(cls, v: Any) -> list[dict] | None:
+        """[{"id", "type": "function", "function": {"name", "arguments": JSON text}}, ...]."""
+        if v is None:
+            return None
+        ok = isinstance(v, list) and all(
+            isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+            and isinstance(c["function"].get("arguments", ""), str) for c in v)
+        if not ok:
+            raise _custom("expected a list of {'id', 'type': 'function', 'function': {'name', 'arguments'}}, "
+                          f"got {_short(v)}")
+        return [{"id": c.get("id"), "type": "function",
+                 "function": {"name": c["function"]["name"], "arguments": c["function"].get("arguments", "")}}
+                for c in v]
 
     @field_validator("content")
     @classmethod
@@ -234,7 +253,30 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list | None = None
+    tools: Any = Field(None, validate_default=True)
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v: Any) -> list[dict] | None:
+        if v is None:
+            return None
+        try:
+            return check_tools(v)
+        except ValueError as e:
+            raise _custom(str(e)) from None
+
+    @property
+    def forced_tools(self) -> bool:
+        """The reply must be tool calls (tool_choice "required" or a named function)."""
+        return bool(self.tools) and self.tool_choice not in (None, "none", "auto")
+
+    @property
+    def guided(self) -> Guided | None:
+        if self.forced_tools:
+            return tool_guide(self.tools, self.tool_choice, self.parallel_tool_calls is not False)
+        return super().guided
 
     def unsupported(self) -> None:
         super().unsupported()
@@ -242,8 +284,23 @@ class ChatRequest(_Common):
             raise bad_request("'max_tokens': expected an int >= 1 (got 0)", "max_tokens")
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
-        if self.tools:
-            raise bad_request("tools are not supported", "tools")
+        if self.tool_choice is not None:
+            try:
+                name = forced_name(self.tool_choice)
+            except ValueError as e:
+                raise bad_request(f"tool_choice: {e}", "tool_choice") from None
+            if self.tool_choice != "none" and not self.tools:
+                raise bad_request(f"tool_choice={_short(self.tool_choice)} needs tools", "tool_choice")
+            if name is not None and name not in [t["function"]["name"] for t in self.tools]:
+                raise bad_request(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
+        if self.tools and self.tool_choice in (None, "auto"):
+            raise bad_request("tool_choice='auto' (the default with tools) is not supported: this server has no "
+                              "parser for a model's free-form tool calls; pass tool_choice='required', a named "
+                              "function ({'type': 'function', 'function': {'name': ...}}) or 'none'", "tool_choice")
+        constraint = next((f for f in ("response_format", "guided_regex", "guided_grammar")
+                           if getattr(self, f) is not None), None)
+        if self.forced_tools and constraint:
+            raise bad_request(f"{constraint} does not combine with a forced tool_choice", constraint)
 
     @property
     def token_limit(self) -> int | None:

@@ -97,9 +97,8 @@ def completion_chunk(rid: str, created: int, model: str, text: str, finish_reaso
     return body
 
 
-def chat_choice(index: int, content: str, finish_reason: str | None, logprobs: dict | None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": content},
-            "logprobs": logprobs, "finish_reason": finish_reason}
+def chat_choice(index: int, message: dict, finish_reason: str | None, logprobs: dict | None) -> dict:
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def chat(rid: str, created: int, model: str, choices: list[dict], usage_: dict) -> dict:
