@@ -94,13 +94,14 @@ def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float =
              stop_token_ids=None, stream: Callable[[Delta], None] | None = None,
              speculative: "_speculative.Speculative | None" = None, presence_penalty: float = 0.0,
              frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
-             logit_bias: dict[int, float] | None = None, logprobs: int | None = None) -> list[Completion]:
+             logit_bias: dict[int, float] | None = None, logprobs: int | None = None,
+             min_p: float | None = None) -> list[Completion]:
     """Generate a completion for each prompt: `jllm.generate.generate` (arguments, results and
     errors as documented there). speculative: a `jllm.speculative.Speculative` (a proposer and k)
     drafts and verifies k tokens per target step; greedy output is unchanged, sampled output keeps
     its distribution, and Completion.stats report the acceptance."""
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-              seed=seed, stop=stop, stop_token_ids=stop_token_ids, stream=stream)
+              min_p=min_p, seed=seed, stop=stop, stop_token_ids=stop_token_ids, stream=stream)
     if speculative is None:
         return _generate(model, prompts, presence_penalty=presence_penalty,
                          frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,

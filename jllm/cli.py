@@ -66,6 +66,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 means greedy")
     p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--top-p", type=probability, default=None, help="in (0, 1]")
+    p.add_argument("--min-p", type=argtypes.unit_interval, default=None,
+                   help="in [0, 1]: keep tokens at least this share of the most likely one's probability")
     p.add_argument("--seed", type=argtypes.seed, default=0)
     p.add_argument("--stop", type=_text, action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--presence-penalty", type=argtypes.penalty, default=0.0,
@@ -250,7 +252,7 @@ def cmd_generate(args) -> int:
         say("preparing prefill and decode (compiled on first use of a shape, then cached on disk)")
     lp = {} if args.logprobs is None else dict(logprobs=args.logprobs)
     results = jllm.generate(model, [prompt], max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             seed=args.seed, stop=args.stop, stream=stream if main else None,
                             speculative=spec, **_penalties(args), **lp)
     if main:
@@ -319,7 +321,7 @@ def _reply(model, ids, args, max_new_tokens: int, spec, seed: int):
 
     try:
         [out] = jllm.generate(model, [ids], max_new_tokens=max_new_tokens,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               seed=seed, stop=args.stop, stream=stream, speculative=spec, **_penalties(args))
     except KeyboardInterrupt:
         if jax.process_count() > 1:  # the other processes cannot be told mid-reply: end the run

@@ -250,7 +250,7 @@ def check_penalty(name: str, x) -> None:
 
 def _check_args(model: Model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
                 stop_token_ids, stream=None, presence_penalty=0.0, frequency_penalty=0.0,
-                repetition_penalty=1.0) -> list[list[int]]:
+                repetition_penalty=1.0, min_p=None) -> list[list[int]]:
     """Validate the public arguments; return the prompts as token ids."""
     if stream is not None and not callable(stream):
         raise TypeError(f"stream={stream!r:.80} must be a callable taking a Delta, or None")
@@ -294,6 +294,8 @@ def _check_args(model: Model, prompts, max_new_tokens, temperature, top_k, top_p
         _check_number("top_k", top_k, lambda x: x >= 1, "None or an int >= 1", integer=True)
     if top_p is not None:
         _check_number("top_p", top_p, lambda x: 0 < x <= 1, "None or in (0, 1]")
+    if min_p is not None:
+        _check_number("min_p", min_p, lambda x: 0 <= x <= 1, "None or in [0, 1]")
     check_penalty("presence_penalty", presence_penalty)
     check_penalty("frequency_penalty", frequency_penalty)
     check_penalty("repetition_penalty", repetition_penalty)
@@ -329,9 +331,12 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
              stop_token_ids: Sequence[int] | None = None,
              stream: Callable[[Delta], None] | None = None, presence_penalty: float = 0.0,
              frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
-             logit_bias: dict[int, float] | None = None, logprobs: int | None = None) -> list[Completion]:
+             logit_bias: dict[int, float] | None = None, logprobs: int | None = None,
+             min_p: float | None = None) -> list[Completion]:
     """Generate a completion for each prompt (a str, a list of str, or a list of token-id lists).
 
+    min_p (in [0, 1], as Hugging Face's and vLLM's): a sampled row keeps only tokens at least min_p
+    times as likely as its most likely one (after temperature), with top-k and top-p.
     stop_token_ids=None stops on the tokenizer's EOS; [] never stops on a token. `stop` strings are
     matched on the decoded text and cut from it. `stream(delta)` receives text and ids as they come.
     presence_penalty / frequency_penalty (in [-2, 2], as OpenAI's): each token's logit is lowered
@@ -354,8 +359,9 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     if isinstance(stop, str):
         stop = [stop]
     ids = _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
-                      stop_token_ids, stream, presence_penalty, frequency_penalty, repetition_penalty)
+                      stop_token_ids, stream, presence_penalty, frequency_penalty, repetition_penalty, min_p)
     max_new_tokens, seed, temperature = int(max_new_tokens), int(seed) % 2**32, float(temperature)
+    min_p = None if min_p is None else float(min_p)
     penalty = (float(presence_penalty), float(frequency_penalty), float(repetition_penalty))
     logit_bias = check_logit_bias(logit_bias, model.cfg.vocab_size)
     check_logprobs("logprobs", logprobs)
@@ -380,7 +386,7 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
             n_tokens = np.ones((B,), np.int32)  # padding rows hold one token and are ignored
             for i, p in enumerate(part_ids):
                 tokens[i, :len(p)], n_tokens[i] = p, len(p)
-            sampling = Sampling.make(B, temperature, top_k, top_p)
+            sampling = Sampling.make(B, temperature, top_k, top_p, min_p)
             rows = [Row(i, p, model.tokenizer, stop, stop_ids, max_new_tokens) for i, p in enumerate(part_ids)]
             penalties = None if penalty == (0.0, 0.0, 1.0) and not logit_bias else \
                 Penalties.make(part_ids, B, cfg.vocab_size, *penalty, logit_bias)

@@ -1,5 +1,5 @@
-"""Token sampling: greedy, temperature, top-k, top-p, with per-row values as traced arrays; the
-penalties and logit bias applied before it."""
+"""Token sampling: greedy, temperature, top-k, top-p, min-p, with per-row values as traced
+arrays; the penalties and logit bias applied before it."""
 import dataclasses
 
 import jax
@@ -31,19 +31,21 @@ class Sampling:
     temperature: jax.Array  # [B] float32; 0 means greedy (argmax)
     top_k: jax.Array        # [B] int32; 0 means no top-k cut
     top_p: jax.Array        # [B] float32; 1 means no nucleus cut
+    min_p: jax.Array        # [B] float32; 0 means no min-p cut
     greedy: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @classmethod
     def make(cls, batch: int, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None) -> "Sampling":
+             top_p: float | None = None, min_p: float | None = None) -> "Sampling":
         return cls(temperature=jnp.full((batch,), temperature, jnp.float32),
                    top_k=jnp.full((batch,), top_k_code(top_k), jnp.int32),
                    top_p=jnp.full((batch,), 1.0 if top_p is None else top_p, jnp.float32),
+                   min_p=jnp.full((batch,), 0.0 if min_p is None else min_p, jnp.float32),
                    greedy=temperature == 0)
 
 
 def _filtered_logits(logits: jax.Array, s: Sampling) -> jax.Array:
-    """logits [B, V] float32 -> tempered logits with everything outside top-k / top-p at -inf."""
+    """logits [B, V] float32 -> tempered logits with everything outside top-k / top-p / min-p at -inf."""
     V = logits.shape[-1]
     x = logits / jnp.maximum(s.temperature, 1e-6)[:, None]                    # [B, V]
     sorted_x = -jnp.sort(-x, axis=-1)                                          # [B, V] descending
@@ -59,7 +61,10 @@ def _filtered_logits(logits: jax.Array, s: Sampling) -> jax.Array:
     # >= 1: a top_p that rounds to 0 in float32 keeps (only) the first token too
     n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)                            # [B]
     pth = jnp.take_along_axis(sorted_x, (n_keep - 1)[:, None], axis=-1)        # [B, 1]
-    cut = jnp.maximum(kth, pth)
+    # Min-p: keep a token whose probability is at least min_p times the most likely one's,
+    # p / p_max = exp(x - x_max) >= min_p (as Hugging Face's MinPLogitsWarper; min_p 0: log = -inf).
+    mth = sorted_x[:, :1] + jnp.log(s.min_p)[:, None]                          # [B, 1]
+    cut = jnp.maximum(jnp.maximum(kth, pth), mth)
     return jnp.where(x >= cut, x, -jnp.inf)
 
 

@@ -380,7 +380,7 @@ def step(model: Model, spec: Speculative, dec: Decoding, contexts: list[list[int
 
 def generate(model: Model, prompts, spec: Speculative, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0, stop: str | Sequence[str] | None = None,
+             min_p: float | None = None, seed: int = 0, stop: str | Sequence[str] | None = None,
              stop_token_ids: Sequence[int] | None = None,
              stream: Callable[[Delta], None] | None = None, rule: Rule = rejection) -> list[Completion]:
     """`jllm.generate` with speculation: the same arguments and results, plus speculation stats.
@@ -394,10 +394,11 @@ def generate(model: Model, prompts, spec: Speculative, *, max_new_tokens: int,
     if isinstance(stop, str):
         stop = [stop]
     ids = _check_args(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                      top_p=top_p, seed=seed, stop=stop, stop_token_ids=stop_token_ids, stream=stream)
+                      top_p=top_p, seed=seed, stop=stop, stop_token_ids=stop_token_ids, stream=stream, min_p=min_p)
     max_new_tokens, seed, temperature = int(max_new_tokens), int(seed), float(temperature)
     top_k = None if top_k is None else int(top_k)
     top_p = None if top_p is None else float(top_p)
+    min_p = None if min_p is None else float(min_p)
     spec.proposer.check(model)
     stop = list(stop or [])
     if stop_token_ids is None:
@@ -416,7 +417,7 @@ def generate(model: Model, prompts, spec: Speculative, *, max_new_tokens: int,
     n_tokens = np.ones((B,), np.int32)  # padding rows hold one token and are never active
     for i, p in enumerate(ids):
         tokens[i, :len(p)], n_tokens[i] = p, len(p)
-    sampling = Sampling.make(B, temperature, top_k, top_p)
+    sampling = Sampling.make(B, temperature, top_k, top_p, min_p)
     rows = [Row(i, p, model.tokenizer, stop, set(stop_token_ids), max_new_tokens) for i, p in enumerate(ids)]
     with costs.CompileClock() as clock:
         return _run(model, spec, rows, tokens, n_tokens, S, sampling, seed, stream, t_call, rule, clock)

@@ -188,7 +188,8 @@ def test_chat_survives_a_line_that_cannot_be_decoded(tiny_checkpoint, capsys, mo
     ("--logit-bias", "x=1", "TOKEN_ID=BIAS"), ("--logit-bias", "1.5=5", "TOKEN_ID=BIAS"),
     ("--logit-bias", "13=nan", "TOKEN_ID=BIAS"),
     ("--logprobs", "21", "an int in [0, 20]"), ("--logprobs", "-1", "an int in [0, 20]"),
-    ("--logprobs", "2.5", "an int in [0, 20]"),
+    ("--logprobs", "2.5", "an int in [0, 20]"), ("--min-p", "1.5", "a number in [0, 1]"),
+    ("--min-p", "-0.1", "a number in [0, 1]"),
 ])
 def test_generate_refuses_bad_values_before_loading(flag, value, expected, tiny_checkpoint, capsys, no_load):
     argv = ["generate", "--model", tiny_checkpoint, "--prompt", "Hi", flag, value]

@@ -41,7 +41,7 @@ def _ids(n: int, rng) -> list[int]:
 def _reference(model, prompt, params: SamplingParams) -> list[int]:
     """Tokens of `generate` on this prompt alone."""
     [r] = jllm.generate(model, [prompt], max_new_tokens=params.max_tokens, temperature=params.temperature,
-                        top_k=params.top_k, top_p=params.top_p, seed=params.seed,
+                        top_k=params.top_k, top_p=params.top_p, min_p=params.min_p, seed=params.seed,
                         stop_token_ids=list(params.stop_token_ids or []),
                         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
                         repetition_penalty=params.repetition_penalty, logit_bias=dict(params.logit_bias))
@@ -400,6 +400,21 @@ def test_greedy_decode_steps_take_the_greedy_program(tiny_model, monkeypatch):
         assert a.token_ids == _reference(tiny_model, prompts[0], greedy)
         assert b.token_ids == _reference(tiny_model, prompts[1], other)
         assert flags and not any(flags)
+
+
+def test_min_p_requests_sample_as_generate_does(tiny_model_no_tokenizer):
+    """min_p is a per-row value like top_p: requests with different min_p (and none) in one batch
+    each give generate's tokens for their seed; min_p = 1 keeps only the most likely token."""
+    m, rng = tiny_model_no_tokenizer, np.random.default_rng(21)
+    prompts = [_ids(6, rng), _ids(9, rng), _ids(4, rng)]
+    params = [SamplingParams(max_tokens=10, temperature=1.3, seed=s, min_p=mp, stop_token_ids=())
+              for s, mp in ((1, 0.2), (2, None), (3, 1.0))]
+    outs = _engine(m).generate(prompts, params)
+    for prompt, sp, out in zip(prompts, params, outs):
+        assert out.token_ids == _reference(m, prompt, sp)
+    greedy = _reference(m, prompts[2], SamplingParams(max_tokens=10, stop_token_ids=()))
+    assert outs[2].token_ids == greedy
+    assert _reference(m, prompts[0], params[0]) != _reference(m, prompts[0], dataclasses.replace(params[0], min_p=None))
 
 
 def test_logprobs_are_the_models_log_softmax(tiny_model_no_tokenizer):

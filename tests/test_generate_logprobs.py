@@ -96,6 +96,18 @@ def test_stop_strings_end_the_entries_with_the_tokens(tiny_model):
     assert [t for t, _, _ in out.logprobs] == out.tokens
 
 
+def test_min_p_one_is_greedy_and_bad_min_p_is_refused(tiny_model_no_tokenizer):
+    """min_p (sampling, not logprobs, but checked here with the other generate options): 1 keeps
+    only the most likely token, so a hot temperature samples the greedy tokens."""
+    m = tiny_model_no_tokenizer
+    [greedy] = jllm.generate(m, [[1, 8, 9]], max_new_tokens=12, stop_token_ids=[])
+    [hot] = jllm.generate(m, [[1, 8, 9]], max_new_tokens=12, stop_token_ids=[], temperature=3.0, min_p=1.0, seed=4)
+    assert hot.tokens == greedy.tokens
+    for bad, error in [(-0.1, ValueError), (1.5, ValueError), (float("nan"), ValueError), ("0.1", TypeError)]:
+        with pytest.raises(error, match="min_p="):
+            jllm.generate(m, [[1, 2]], max_new_tokens=2, temperature=1.0, min_p=bad)
+
+
 def test_bad_logprobs_are_refused_naming_the_value(tiny_model_no_tokenizer):
     m = tiny_model_no_tokenizer
     for bad, error in [(-1, ValueError), (21, ValueError), (2.0, ValueError), (True, TypeError),

@@ -29,6 +29,7 @@ def test_sampling_make_defaults_mean_no_cut():
     assert np.asarray(s.temperature).tolist() == [0, 0, 0]
     assert np.asarray(s.top_k).tolist() == [0, 0, 0]
     assert np.asarray(s.top_p).tolist() == [1, 1, 1]
+    assert np.asarray(s.min_p).tolist() == [0, 0, 0]
 
 
 @pytest.mark.parametrize("top_k, top_p", [(None, None), (3, 0.5)], ids=["plain", "with_cuts"])
@@ -98,7 +99,8 @@ def test_each_row_uses_its_own_values():
     n = DRAWS // 4
     s = Sampling(temperature=jnp.asarray([0.0] * n + [1.0] * 3 * n, jnp.float32),
                  top_k=jnp.asarray([0] * n + [1] * n + [0] * 2 * n, jnp.int32),
-                 top_p=jnp.asarray([1.0] * 2 * n + [1e-3] * n + [1.0] * n, jnp.float32))
+                 top_p=jnp.asarray([1.0] * 2 * n + [1e-3] * n + [1.0] * n, jnp.float32),
+                 min_p=jnp.zeros((4 * n,), jnp.float32))
     got = _draw(row, s)
     best = int(np.argmax(row))
     assert set(got[:3 * n].tolist()) == {best}
@@ -141,3 +143,37 @@ def test_top_p_one_cuts_no_token(top_p):
     logits = np.random.default_rng(0).normal(0, 6, (2, 32000)).astype(np.float32)
     got = np.asarray(_filtered_logits(jnp.asarray(logits), Sampling.make(2, 1.0, None, top_p)))
     assert np.isfinite(got).all()
+
+
+def _kept(logits: np.ndarray, s: Sampling) -> np.ndarray:
+    from jllm.sampling import _filtered_logits
+    return np.isfinite(np.asarray(_filtered_logits(jnp.asarray(logits), s)))
+
+
+@pytest.mark.parametrize("temperature, top_k, min_p", [(1.0, None, 0.05), (0.7, None, 0.2), (1.5, 20, 0.1),
+                                                       (1.0, None, 1.0), (2.0, 5, 0.0)])
+def test_min_p_keeps_what_hugging_faces_min_p_warper_keeps(temperature, top_k, min_p):
+    """Against transformers' own warpers (temperature, top-k, then min-p) on 32 random rows."""
+    torch = pytest.importorskip("torch")
+    from transformers.generation.logits_process import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper
+    logits = _logits(11, rows=32)
+    scores = TemperatureLogitsWarper(temperature)(None, torch.tensor(logits))
+    if top_k is not None:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if min_p > 0:
+        scores = MinPLogitsWarper(min_p)(None, scores)
+    expected = np.isfinite(scores.numpy())
+    got = _kept(logits, Sampling.make(32, temperature, top_k, None, min_p))
+    assert (got == expected).all()
+    if 0 < min_p < 1:  # the cut is real: fewer tokens than top-k alone keeps
+        assert got.sum() < _kept(logits, Sampling.make(32, temperature, top_k)).sum()
+
+
+def test_min_p_never_samples_below_its_share_of_the_best():
+    row = _logits(12)[0]
+    probs = np.exp(row - row.max())
+    allowed = set(np.nonzero(probs >= 0.1)[0].tolist())
+    assert 2 < len(allowed) < V // 2
+    got = _draw(row, Sampling.make(DRAWS, 1.0, None, None, 0.1))
+    assert set(got.tolist()) == allowed        # all of them drawn in 4096 tries, none other
+    assert (_draw(row, Sampling.make(DRAWS, 3.0, None, None, 1.0)) == np.argmax(row)).all()

@@ -338,6 +338,14 @@ def test_stop_strings_cut_the_text_like_generate(srv, tiny_model):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_min_p_reaches_the_sampler(srv, tiny_model):
+    """min_p (an extension, as in vLLM) = 1 keeps only the most likely token: greedy text at any
+    temperature."""
+    r = srv.client().completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=N, temperature=2.0, seed=1,
+                                        extra_body={"min_p": 1.0})
+    assert r.choices[0].text == ref(tiny_model, PROMPTS[0]).text
+
+
 def test_penalties_are_generates(srv, tiny_model):
     messages = [{"role": "user", "content": "Hi there"}]
     ids = format_chat(messages, tiny_model.tokenizer)
@@ -735,6 +743,7 @@ BAD = [  # id, endpoint, body, status, param
         {"role": "assistant", "tool_calls": "x"}]}), 400, "messages[0].tool_calls"),
     ("forced_tools_with_response_format", "chat/completions", _json({**CHAT, "tools": [WEATHER],
         "tool_choice": "required", "response_format": {"type": "json_object"}}), 400, "response_format"),
+    ("min_p_above_one", "completions", _json({**OK, "min_p": 1.5}), 400, "min_p"),
     ("two_output_constraints", "chat/completions",
      _json({**CHAT, "response_format": {"type": "json_object"}, "guided_regex": "a+"}), 400, "guided_regex"),
 ]

@@ -34,7 +34,8 @@ def _is_number(x) -> bool:
 class SamplingParams:
     """How one request samples and when it stops (checked when made: ValueError/TypeError naming the field).
 
-    temperature 0 is greedy. stop_token_ids None stops on the tokenizer's EOS; () never stops on
+    temperature 0 is greedy; min_p keeps tokens at least min_p times as likely as the most likely
+    one (after temperature), with top-k and top-p. stop_token_ids None stops on the tokenizer's EOS; () never stops on
     a token. logprobs N: the chosen token's log-probability and the N most likely alternatives,
     under the model's distribution before penalties, temperature, top-k and top-p.
     presence_penalty / frequency_penalty in [-2, 2]: as `jllm.generate`'s (OpenAI's), over the
@@ -51,6 +52,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
+    min_p: float | None = None
     seed: int = 0
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] | None = None
@@ -90,6 +92,11 @@ class SamplingParams:
                 bad("top_p", "None or a number in (0, 1]", TypeError)
             if not 0 < self.top_p <= 1:
                 bad("top_p", "None or a number in (0, 1]")
+        if self.min_p is not None:
+            if not _is_number(self.min_p):
+                bad("min_p", "None or a number in [0, 1]", TypeError)
+            if not 0 <= self.min_p <= 1:
+                bad("min_p", "None or a number in [0, 1]")
         for name in ("presence_penalty", "frequency_penalty"):
             if not _is_number(getattr(self, name)):
                 bad(name, "a number in [-2, 2]", TypeError)

@@ -60,6 +60,7 @@ class Request:
         self.temperature = float(p.temperature)
         self.top_k = top_k_code(p.top_k)
         self.top_p = 1.0 if p.top_p is None else float(p.top_p)
+        self.min_p = 0.0 if p.min_p is None else float(p.min_p)
         self.want_logprobs = p.logprobs is not None
         self.presence, self.frequency = float(p.presence_penalty), float(p.frequency_penalty)
         self.repetition = float(p.repetition_penalty)
@@ -412,6 +413,7 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
     row_tok, tok_row = np.zeros((R, Tc), i32), np.zeros(C, i32)
     sample_tok, sample_slot = np.zeros(S, i32), np.full(S, max_seqs, i32)
     temperature, top_k, top_p = np.zeros(S, np.float32), np.zeros(S, i32), np.ones(S, np.float32)
+    min_p = np.zeros(S, np.float32)
     presence, frequency, repetition = np.zeros(S, np.float32), np.zeros(S, np.float32), np.ones(S, np.float32)
     count_slot, seen_slot = np.full(C, max_seqs, i32), np.full(C, max_seqs, i32)
     plp_next = np.zeros(C, i32)
@@ -420,7 +422,7 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
 
     def set_sampling(i: int, req: Request) -> None:
         sample_slot[i] = req.slot
-        temperature[i], top_k[i], top_p[i] = req.temperature, req.top_k, req.top_p
+        temperature[i], top_k[i], top_p[i], min_p[i] = req.temperature, req.top_k, req.top_p, req.min_p
         presence[i], frequency[i], repetition[i] = req.presence, req.frequency, req.repetition
         owners[i] = req
 
@@ -467,7 +469,7 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
             set_sampling(D + row - 1, req)
     assert row <= R and cpos <= C, (row, R, cpos, C)
     batch = StepBatch(tokens, positions, page, offset, dec_slot, dec_tables, dec_len, row_tables, row_start,
-                      row_len, row_tok, tok_row, sample_tok, sample_slot, temperature, top_k, top_p,
+                      row_len, row_tok, tok_row, sample_tok, sample_slot, temperature, top_k, top_p, min_p,
                       presence, frequency, repetition, count_slot, seen_slot, plp_next, spec_tok, spec_drafts,
                       spec_m)
     return batch, owners

@@ -70,6 +70,7 @@ class StepBatch:
     temperature: jax.Array  # [S] float32
     top_k: jax.Array        # [S] int32 (0: off)
     top_p: jax.Array        # [S] float32 (1: off)
+    min_p: jax.Array        # [S] float32 (0: off)
     presence: jax.Array     # [S] float32 presence penalty (0: off)
     frequency: jax.Array    # [S] float32 frequency penalty (0: off)
     repetition: jax.Array   # [S] float32 repetition penalty (1: off)
@@ -173,10 +174,10 @@ class StepCache(CacheOps):
         return StepCache(kp, vp, ksp if self.quantized else None, vsp if self.quantized else None, self.batch)
 
 
-def _sample_row(row: jax.Array, key: jax.Array, t: jax.Array, k: jax.Array, p: jax.Array, greedy: bool,
-                ) -> jax.Array:
+def _sample_row(row: jax.Array, key: jax.Array, t: jax.Array, k: jax.Array, p: jax.Array, mp: jax.Array,
+                greedy: bool) -> jax.Array:
     """One row's logits [V] -> its token, sampled as `generate` does for a batch of one."""
-    return sample(row[None], key, Sampling(t[None], k[None], p[None], greedy=greedy))[0]
+    return sample(row[None], key, Sampling(t[None], k[None], p[None], mp[None], greedy=greedy))[0]
 
 
 def sample_rows(lg: jax.Array, keys: jax.Array, s: Sampling) -> tuple[jax.Array, jax.Array]:
@@ -189,7 +190,7 @@ def sample_rows(lg: jax.Array, keys: jax.Array, s: Sampling) -> tuple[jax.Array,
     pair = jax.vmap(jax.random.split)(jax.random.wrap_key_data(keys))                # [S, 2]
     nxt, sub = pair[:, 0], pair[:, 1]
     one = functools.partial(_sample_row, greedy=s.greedy)
-    return jax.vmap(one)(lg, sub, s.temperature, s.top_k, s.top_p), jax.random.key_data(nxt)
+    return jax.vmap(one)(lg, sub, s.temperature, s.top_k, s.top_p, s.min_p), jax.random.key_data(nxt)
 
 
 def _key_chain(key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
@@ -224,8 +225,9 @@ def verify_rows(params: Params, h: jax.Array | None, batch: StepBatch, sampled: 
     drafts, m = batch.spec_drafts, batch.spec_m
     lg = logits(params, h, plan)                                                    # [R, k+1, V]
     chain, subs = jax.vmap(_key_chain, in_axes=(0, None))(keys[D:], k1)             # [R, k+1, *ks], [R, k+1]
-    per_pos = jax.vmap(functools.partial(_sample_row, greedy=False), in_axes=(0, 0, None, None, None))
-    tok = jax.vmap(per_pos)(lg, subs, batch.temperature[D:], batch.top_k[D:], batch.top_p[D:])  # [R, k+1]
+    per_pos = jax.vmap(functools.partial(_sample_row, greedy=False), in_axes=(0, 0, None, None, None, None))
+    tok = jax.vmap(per_pos)(lg, subs, batch.temperature[D:], batch.top_k[D:], batch.top_p[D:],
+                            batch.min_p[D:])                                                    # [R, k+1]
     n = _greedy_accept(tok, drafts, m)                                              # [R]
     rows = jnp.arange(R)
     after = tok[rows, n]
@@ -259,7 +261,7 @@ def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: Llama
     h, view = transformer(params, tokens[None], view, cfg, plan, only=read[None])  # [1, S (+ R(k+1)) (+ C), D]
     lg = logits(params, h[0, :S], plan)                                             # [S, V]
     slot = jnp.minimum(batch.sample_slot, max_seqs - 1)
-    s = Sampling(batch.temperature, batch.top_k, batch.top_p, greedy=greedy)
+    s = Sampling(batch.temperature, batch.top_k, batch.top_p, batch.min_p, greedy=greedy)
     keys = state.keys[slot]
     # Penalties count a slot's samples; a recomputed request's outputs are counted again here,
     # and a prompt's tokens are marked as its chunks pass.

@@ -282,7 +282,7 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
         try:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-                top_k=req.top_k, top_p=req.top_p, seed=seed, stop=tuple(req.stop),
+                top_k=req.top_k, top_p=req.top_p, min_p=req.min_p, seed=seed, stop=tuple(req.stop),
                 presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                 repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                 logit_bias=req.logit_bias,

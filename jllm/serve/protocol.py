@@ -66,6 +66,7 @@ class _Common(BaseModel):
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)              # an extension, as in vLLM
+    min_p: float | None = Field(None, ge=0, le=1)      # an extension, as in vLLM
     seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 63)
     stop: Any = Field(None, validate_default=True)
     n: int | None = Field(None, ge=1)
