@@ -198,7 +198,8 @@ def _exact_joint(model, prompt: list[int], sampling: Sampling) -> np.ndarray:
     def probs(seqs: np.ndarray) -> np.ndarray:                                     # [B, T] -> [B, V]
         B, T = seqs.shape
         lg, _ = fwd(model.params, jnp.asarray(seqs), init_cache(cfg, B, T, jnp.float32), cfg=cfg)
-        s = Sampling(*(jnp.repeat(x, B) for x in (sampling.temperature, sampling.top_k, sampling.top_p)))
+        s = Sampling(*(jnp.repeat(x, B) for x in (sampling.temperature, sampling.top_k, sampling.top_p,
+                                                  sampling.min_p)))
         return np.asarray(jax.nn.softmax(_filtered_logits(lg[:, -1], s), axis=-1), np.float64)
 
     t = np.arange(V)
