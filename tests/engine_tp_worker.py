@@ -54,10 +54,31 @@ def run(cfg: LlamaConfig) -> dict:
     got_pen = [o.token_ids for o in engine.generate(prompts[:4], pen)]
     want_pen = [jllm.generate(single, [p], max_new_tokens=8, temperature=1.0, seed=s.seed, stop_token_ids=[],
                               frequency_penalty=1.0, presence_penalty=0.5)[0].tokens for p, s in zip(prompts, pen)]
+    # A guided row's bias (what Engine._set_bias_rows writes before a step; a stub grammar that
+    # allows only token 7) keeps the state's sharding, so the next steps compile nothing, and the
+    # greedy rows beside it are unchanged.
+    bias_sharding = engine.state.bias.sharding
+
+    class _Allow7:
+        @staticmethod
+        def allowed():
+            return np.arange(cfg.vocab_size) == 7
+
+    rid = engine.add_request(prompts[0], SamplingParams(max_tokens=3, temperature=1.0, seed=1, stop_token_ids=()))
+    req = engine.requests[rid]
+    engine.step()   # admitted: it holds a slot
+    stub = type("R", (), dict(slot=req.slot, params=req.params, matcher=_Allow7()))()
+    engine._set_bias_rows([stub])
+    bias_kept = engine.state.bias.sharding == bias_sharding
+    guided_tokens = []
+    while engine.has_unfinished():
+        guided_tokens += [t for o in engine.step() if o.request_id == rid for t in o.token_ids]
+    got_after = [o.token_ids for o in engine.generate(prompts[:2], sp)]
     pages = engine.state.k_pages[0]
     return dict(got=got, want=want, got_pen=got_pen, want_pen=want_pen, kv_replicated=sharded.plan.kv_replicated,
                 page_shards=[list(s.data.shape) for s in pages.addressable_shards],
-                preemptions=engine.stats().preemptions, compiled_later=engine_step._cache_size() - compiled)
+                preemptions=engine.stats().preemptions, compiled_later=engine_step._cache_size() - compiled,
+                bias_kept=bool(bias_kept), got_after=got_after, guided_tokens=guided_tokens)
 
 
 if __name__ == "__main__":

@@ -629,6 +629,8 @@ def test_engine_on_a_tp2_mesh_matches_generate_on_one_device(tmp_path):
     for part in ("split", "replicated"):
         assert res[part]["got_pen"] == res[part]["want_pen"], part
         assert res[part]["compiled_later"] == 0, part   # the state keeps the shardings compiled for
+        assert res[part]["bias_kept"] and res[part]["got_after"] == res[part]["want"][:2], part
+        assert res[part]["guided_tokens"][-2:] == [7, 7], part   # sampled after the bias was set
 
 
 def test_prefix_cache_keys_are_sha256_chains_of_page_and_prefix():
