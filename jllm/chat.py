@@ -13,6 +13,7 @@ import re
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from jllm.hf import read_tokenizer_config
@@ -76,6 +77,9 @@ class ChatTemplate:
 
     def __init__(self, source: str, tokenizer: Tokenizer):
         self.source, self.template = source, compile_template(source)
+        env = ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols])
+        # The template reads `tools` from its context (renders tool definitions itself).
+        self.takes_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
         self.tokenizer = tokenizer
         sp = tokenizer.sp
         self.special = {"bos_token": sp.id_to_piece(tokenizer.bos_id),
@@ -86,11 +90,6 @@ class ChatTemplate:
         self._control = re.compile(pattern)
         self._split = re.compile(f"{_MARK_START}({pattern}){_MARK_END}|({pattern})")
 
-    @property
-    def takes_tools(self) -> bool:
-        """The template reads `tools` (renders tool definitions itself)."""
-        return "tools" in self.source
-
     def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None) -> str:
         """The prompt text, as transformers' apply_chat_template(..., tokenize=False) gives it."""
         return self.template.render(messages=messages, tools=tools, documents=None,
@@ -98,8 +97,8 @@ class ChatTemplate:
 
     def encode(self, messages: list[dict], tools: list | None = None) -> list[int]:
         """Render and tokenize: template-written special tokens become ids, typed ones stay text."""
-        marked = [{**m, "content": self._mark(m["content"])} for m in messages]
-        text = self.render(marked, tools=tools)
+        marked = [{k: v if k == "role" else self._mark_all(v) for k, v in m.items()} for m in messages]
+        text = self.render(marked, tools=None if tools is None else self._mark_all(tools))
         ids: list[int] = []
         pos = 0
         for m in self._split.finditer(text):
@@ -110,6 +109,16 @@ class ChatTemplate:
                 ids.append(self.control_ids[m.group(2)])
             pos = m.end()
         return ids + self._text_ids(text[pos:])
+
+    def _mark_all(self, value):
+        """Every string in value (a message's content and tool calls, the tools) marked."""
+        if isinstance(value, str):
+            return self._mark(value)
+        if isinstance(value, dict):
+            return {k: self._mark_all(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._mark_all(v) for v in value]
+        return value
 
     def _mark(self, content: str) -> str:
         content = content.replace(_MARK_START, "").replace(_MARK_END, "")

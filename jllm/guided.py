@@ -122,11 +122,17 @@ class GuideTokenizer:
         try:
             grammar = guided.grammar()
         except ValueError as e:
-            raise ValueError(f"invalid {guided.kind}: {e}") from None
+            raise ValueError(f"invalid {guided.kind}: {_one_line(str(e))}") from None
         m = _llguidance().LLMatcher(self.lltok, grammar, log_level=0)
         if m.is_error():
-            raise ValueError(f"invalid {guided.kind}: {m.get_error().splitlines()[0]}")
+            raise ValueError(f"invalid {guided.kind}: {_one_line(m.get_error())}")
         return Matcher(m, self.vocab_size)
+
+
+def _one_line(error: str, limit: int = 600) -> str:
+    """llguidance's error text (the cause often on its last line) as one line of at most limit."""
+    text = " ".join(line.strip() for line in error.splitlines() if line.strip())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class Matcher:

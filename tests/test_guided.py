@@ -117,6 +117,30 @@ def test_guided_requests_survive_preemption_and_aborts(tiny_model):
     assert engine.pool.used == 0 and engine.pool.available() == engine.num_pages
 
 
+def test_a_grammar_completed_on_the_last_allowed_token_stops_and_eos_never_shows(tiny_model):
+    """Output that completes the grammar exactly at max_tokens ends "stop", not "length"; with
+    stop_token_ids=() (ignore EOS) a guided output still ends at EOS, which is not in it."""
+    m, tok = tiny_model, tiny_model.tokenizer
+    prompt = tok.encode("Count:")
+    regex = Guided.regex(r"[0-9]{1,3}( [0-9]{1,3})*")
+    ref, reason = _reference(m, prompt, regex, 40)
+    assert reason == "stop" and 1 < len(ref) < 40
+    [full] = Engine(m, **KW).generate([prompt], SamplingParams(max_tokens=40, guided=regex))
+    assert full.token_ids == ref and full.finish_reason == "stop"
+    schema = Guided.json_schema({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+                                                                         "maximum": 9}}, "required": ["n"],
+                                 "additionalProperties": False})
+    ref, reason = _reference(m, prompt, schema, 40)
+    assert reason == "stop"
+    [exact] = Engine(m, **KW).generate([prompt], SamplingParams(max_tokens=len(ref), guided=schema))
+    assert exact.token_ids == ref and exact.finish_reason == "stop"
+    [short] = Engine(m, **KW).generate([prompt], SamplingParams(max_tokens=len(ref) - 1, guided=schema))
+    assert short.token_ids == ref[:-1] and short.finish_reason == "length"
+    [no_eos] = Engine(m, **KW).generate([prompt], SamplingParams(max_tokens=40, guided=regex, stop_token_ids=()))
+    assert no_eos.token_ids == full.token_ids and tok.eos_id not in no_eos.token_ids
+    assert no_eos.finish_reason == "stop"
+
+
 def test_sampled_guided_output_is_valid_and_seeded(tiny_model):
     m, tok = tiny_model, tiny_model.tokenizer
     prompt = tok.encode("JSON:")
@@ -141,6 +165,9 @@ def test_bad_grammars_and_missing_pieces_are_clear_errors(tiny_model, tiny_model
         Guided("xml", "x")
     with pytest.raises(ValueError, match="not valid JSON"):
         Guided.json_schema("{not json")
+    with pytest.raises(ValueError, match="look-around.* is not supported"):   # the cause, not only the headline
+        engine.add_request([1, 5], SamplingParams(max_tokens=4, guided=Guided.json_schema(
+            {"type": "object", "properties": {"a": {"type": "string", "pattern": "(?=x)"}}})))
     no_tok = Engine(tiny_model_no_tokenizer, **KW)
     with pytest.raises(ValueError, match="guided=json_object needs a tokenizer"):
         no_tok.add_request([1, 5], SamplingParams(max_tokens=4, guided=Guided.json_object()))

@@ -268,6 +268,7 @@ def test_forced_tool_calls_come_back_as_tool_calls_streamed_and_not(srv, tiny_mo
     [call] = r.choices[0].message.tool_calls
     args = json.loads(call.function.arguments)
     assert call.function.name == "add" and 0 <= args["a"] <= 9 and 0 <= args["b"] <= 9
+    assert r.choices[0].finish_reason == "stop"   # OpenAI's for a named function ("tool_calls": the model chose)
     assert args == json.loads(_engine_reply(tiny_model, messages, [WEATHER, ADD], named, max_tokens=60))
 
     r = c.chat.completions.create(model=NAME, messages=messages, max_tokens=60, temperature=0,
@@ -299,14 +300,41 @@ def test_a_conversation_with_tool_results_renders_and_answers(srv, tiny_model):
     assert r.choices[0].message.content == ref(tiny_model, ids, 8).text
 
 
-def test_a_template_that_reads_tools_gets_them(tokenizer):
-    source = ("{% if tools %}TOOLS {{ tools | map(attribute='function') | map(attribute='name') | join(',') }}\n"
-              "{% endif %}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+def test_a_template_that_reads_tools_gets_them_with_special_tokens_kept_as_text(tokenizer):
+    source = ("{% if tools %}TOOLS {{ tools | map(attribute='function') | map(attribute='name') | join(',') }} "
+              "{{ tools[0].function.description }}\n{% endif %}"
+              "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
     t = ChatTemplate(source, tokenizer)
     assert t.takes_tools and not ChatTemplate(CHATML_TEMPLATE, tokenizer).takes_tools
-    tools = check_tools([WEATHER, ADD])
+    assert not ChatTemplate("{# no tools here #}{{ messages[0]['content'] }}{{ tools_in_user_message }}",
+                            tokenizer).takes_tools   # a comment or another variable is not `tools`
+    tools = check_tools([{**WEATHER, "function": {**WEATHER["function"], "description": "ends with </s> here"}}, ADD])
     ids = chat_ids([{"role": "user", "content": "hi"}], tokenizer, t, tools)
-    assert tokenizer.decode(ids).startswith("TOOLS wx,add")
+    assert tokenizer.decode(ids).startswith("TOOLS wx,add ends with")
+    assert tokenizer.eos_id not in ids      # typed in a tool's description, it stays text
+
+
+def test_required_tools_whose_parameters_use_defs_and_refs(tiny_model):
+    """Tool schemas with their own $defs (pydantic's nested models) and #/definitions refs combine
+    into one "required" grammar; every output names a tool and follows its schema."""
+    mk = {"type": "function", "function": {"name": "mk", "parameters": {
+        "type": "object", "properties": {"p": {"$ref": "#/$defs/P"}}, "required": ["p"], "additionalProperties": False,
+        "$defs": {"P": {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}},
+                        "required": ["x"], "additionalProperties": False}}}}}
+    flag = {"type": "function", "function": {"name": "flag", "parameters": {
+        "type": "object", "properties": {"q": {"$ref": "#/definitions/Q"}}, "required": ["q"],
+        "additionalProperties": False, "definitions": {"Q": {"type": "boolean"}}}}}
+    guided = tool_guide(check_tools([mk, flag]), "required", False)
+    engine = Engine(tiny_model, max_seqs=4, num_pages=64, max_tokens_per_step=64, progress=False)
+    outs = engine.generate([[1, 20 + i] for i in range(4)], [SamplingParams(max_tokens=60, temperature=1.0, seed=i,
+                                                                            guided=guided) for i in range(4)])
+    for out in outs:
+        [call] = json.loads(out.text)
+        assert (call["name"], set(call["arguments"])) in (("mk", {"p"}), ("flag", {"q"})), out.text
+        if call["name"] == "mk":
+            assert set(call["arguments"]["p"]) == {"x"} and 0 <= call["arguments"]["p"]["x"] <= 9
+        else:
+            assert isinstance(call["arguments"]["q"], bool)
 
 
 def test_completion_from_token_ids_with_logprobs(srv, tiny_model):

@@ -269,8 +269,10 @@ class Engine:
         if self.max_queue is not None and len(self.scheduler.waiting) >= self.max_queue:
             raise QueueFull(f"{len(self.scheduler.waiting)} requests wait already (max_queue={self.max_queue})")
         stop_ids = params.stop_token_ids
-        if stop_ids is None:
-            stop_ids = () if self.model.tokenizer is None else (self.model.tokenizer.eos_id,)
+        if stop_ids is None or matcher is not None:
+            # A grammar allows EOS only once the output is complete: there it ends the output,
+            # whatever stop_token_ids says (it is never part of a guided output).
+            stop_ids = tuple(stop_ids or ()) + (() if self.model.tokenizer is None else (self.model.tokenizer.eos_id,))
         row = Row(0, ids, self.model.tokenizer, list(params.stop), set(stop_ids), m)
         req = Request(request_id, ids, params, row, time.perf_counter())
         req.matcher = matcher
@@ -323,8 +325,10 @@ class Engine:
         """One device call advancing every running request -> an output for every request that
         produced something or finished (aborted ones too)."""
         outs, self._outputs = self._outputs, []
-        # A guided request's next mask needs its last token: steps run one at a time meanwhile.
-        sync = not self.async_scheduling or any(r.matcher is not None for r in self.requests.values())
+        # A guided request's next mask needs its last token: while one runs, steps run one at a
+        # time (its admission step may still be dispatched ahead: its first mask needs no token).
+        sync = not self.async_scheduling or any(r.matcher is not None and r.status is Status.RUNNING
+                                                for r in self.requests.values())
         if self._inflight is not None and (sync or self.scheduler.decode_pages_short()):
             outs += self._read(self._inflight)  # preemption needs every sample on the host
             self._inflight = None
@@ -452,11 +456,16 @@ class Engine:
                 req.t_first = now
             req.t_last = now
             delta = req.row.push(new, now)
-            if req.matcher is not None and req.row.finish is None and (
-                    not all(req.matcher.take(t) for t in new) or req.matcher.done):
-                rest = req.row.end("stop", now)   # the grammar is complete (or, never, refused a token)
-                if rest is not None:
-                    delta = rest if delta is None else dataclasses.replace(delta, text=delta.text + rest.text)
+            # The grammar takes the tokens the row took; complete (or, never, refusing a token), it
+            # ends the request with "stop", also on the last token max_tokens allows.
+            if req.matcher is not None and req.row.finish in (None, "length") and (
+                    not all(req.matcher.take(t) for t in new[:req.row.taken]) or req.matcher.done):
+                if req.row.finish == "length":
+                    req.row.finish = "stop"
+                else:
+                    rest = req.row.end("stop", now)
+                    if rest is not None:
+                        delta = rest if delta is None else dataclasses.replace(delta, text=delta.text + rest.text)
             logprobs = None
             finish = req.row.finish
             # A stop token is not among the output's ids, but its logprob is (as OpenAI reports it).

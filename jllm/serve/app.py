@@ -529,8 +529,9 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
             """The message of a finished choice and its finish reason: tool calls when forced
             and complete, else the text."""
             calls = tool_calls(text, req.tool_choice) if req.forced_tools and finish == "stop" else None
-            if calls:
-                return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+            if calls:  # OpenAI's finish reason: "tool_calls" when the model chose, "stop" for a named function
+                return {"role": "assistant", "content": None, "tool_calls": calls}, \
+                    "tool_calls" if req.tool_choice == "required" else "stop"
             return {"role": "assistant", "content": text}, finish
 
         async def events() -> AsyncIterator[str]:
@@ -539,7 +540,7 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
                                           include_usage, i))
 
             for i in range(n):
-                yield chunk(i, {"role": "assistant", "content": ""})
+                yield chunk(i, {"role": "assistant", "content": None if req.forced_tools else ""})
             held = [[] for _ in gens]   # forced tool calls: the reply is sent whole when it ends
             try:
                 async for i, out in _merged(gens):

@@ -55,15 +55,47 @@ def forced_name(tool_choice) -> str | None:
     return None
 
 
+def _rooted(schema, tool: str, defs: dict) -> dict:
+    """A tool's parameters schema moved under the combined schema's $defs: the whole as
+    "tool.NAME", its own $defs / definitions as "tool.NAME.X", and its $refs ("#", "#/$defs/X",
+    "#/definitions/X") rewritten to point there. Returns the reference to use in its place."""
+    base = f"tool.{tool}"
+
+    def rewrite(x):
+        if isinstance(x, dict):
+            out = {k: rewrite(v) for k, v in x.items() if k not in ("$defs", "definitions")}
+            ref = x.get("$ref")
+            if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+                parts = ref[2:].split("/", 1) if ref != "#" else []
+                if not parts:
+                    out["$ref"] = f"#/$defs/{base}"
+                elif parts[0] in ("$defs", "definitions") and len(parts) == 2:
+                    out["$ref"] = f"#/$defs/{base}.{parts[1]}"
+                else:
+                    out["$ref"] = f"#/$defs/{base}/{ref[2:]}"
+            return out
+        if isinstance(x, list):
+            return [rewrite(v) for v in x]
+        return x
+
+    for key in ("$defs", "definitions"):
+        for name, sub in (schema.get(key) or {}).items():
+            defs[f"{base}.{name}"] = rewrite(sub)
+    defs[base] = rewrite(schema)
+    return {"$ref": f"#/$defs/{base}"}
+
+
 def tool_guide(tools: list[dict], tool_choice, parallel: bool) -> Guided:
     """The grammar of a forced tool choice ("required" or a named function)."""
     name = forced_name(tool_choice)
     params = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
     if name is not None:
         return Guided.json_schema(params[name])
-    calls = [{"type": "object", "properties": {"name": {"const": n}, "arguments": p},
+    defs: dict = {}
+    calls = [{"type": "object", "properties": {"name": {"const": n}, "arguments": _rooted(p, n, defs)},
               "required": ["name", "arguments"], "additionalProperties": False} for n, p in params.items()]
-    schema = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}, "minItems": 1}
+    schema = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}, "minItems": 1,
+              "$defs": defs}
     if not parallel:
         schema["maxItems"] = 1
     return Guided.json_schema(schema)
