@@ -7,6 +7,7 @@ llguidance needs (`GuideTokenizer`) and one request's matcher state (`Matcher`).
 llguidance is optional (the `serve` extra installs it): without it, asking for a grammar is a
 ValueError that says what to install.
 """
+import collections
 import dataclasses
 import json
 
@@ -15,6 +16,7 @@ import numpy as np
 from jllm.tokenizer import Tokenizer
 
 KINDS = ("json_schema", "json_object", "regex", "lark")
+COMPILED_KEPT = 64   # grammars a GuideTokenizer keeps compiled
 # JSON as `json.dumps` writes it: ", " between items, ": " after keys, no other whitespace (a
 # model free to add whitespace may add it forever).
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -116,9 +118,23 @@ class GuideTokenizer:
 
         self.vocab_size = vocab_size
         self.lltok = llg.LLTokenizer(llg.TokenizerWrapper(_View()), n_vocab=vocab_size)
+        self._compiled: collections.OrderedDict = collections.OrderedDict()   # Guided -> a fresh LLMatcher
 
     def matcher(self, guided: Guided) -> "Matcher":
-        """A fresh matcher for one request; ValueError naming the problem for a bad grammar."""
+        """A fresh matcher for one request; ValueError naming the problem for a bad grammar. A
+        grammar is compiled once: later requests with the same spec copy its fresh matcher (the
+        last COMPILED_KEPT specs are kept)."""
+        fresh = self._compiled.get(guided)
+        if fresh is None:
+            fresh = self._compile(guided)
+            self._compiled[guided] = fresh
+            if len(self._compiled) > COMPILED_KEPT:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(guided)
+        return Matcher(fresh.deep_copy(), self.vocab_size)
+
+    def _compile(self, guided: Guided):
         try:
             grammar = guided.grammar()
         except ValueError as e:
@@ -126,7 +142,7 @@ class GuideTokenizer:
         m = _llguidance().LLMatcher(self.lltok, grammar, log_level=0)
         if m.is_error():
             raise ValueError(f"invalid {guided.kind}: {_one_line(m.get_error())}")
-        return Matcher(m, self.vocab_size)
+        return m
 
 
 def _one_line(error: str, limit: int = 600) -> str:

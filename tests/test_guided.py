@@ -171,7 +171,10 @@ def test_bad_grammars_and_missing_pieces_are_clear_errors(tiny_model, tiny_model
     no_tok = Engine(tiny_model_no_tokenizer, **KW)
     with pytest.raises(ValueError, match="guided=json_object needs a tokenizer"):
         no_tok.add_request([1, 5], SamplingParams(max_tokens=4, guided=Guided.json_object()))
+    assert engine.prepare_guided() and not no_tok.prepare_guided()
     monkeypatch.setitem(sys.modules, "llguidance", None)   # as if not installed: its import fails
+    bare = Engine(tiny_model, **KW)
+    assert not bare.prepare_guided()
     with pytest.raises(ValueError, match=r"needs the llguidance package: pip install llguidance"):
-        Engine(tiny_model, **KW).add_request([1, 5], SamplingParams(max_tokens=4, guided=Guided.json_object()))
+        bare.add_request([1, 5], SamplingParams(max_tokens=4, guided=Guided.json_object()))
     assert not no_tok.has_unfinished()

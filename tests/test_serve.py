@@ -1210,6 +1210,10 @@ def test_cli_serves_a_checkpoint_with_its_chat_template_and_exits_0_on_sigint(ti
         r = c.chat.completions.create(model="my-model", messages=messages, max_tokens=4, temperature=0)
         assert r.usage.prompt_tokens == len(ChatTemplate(CHATML_TEMPLATE, tokenizer).encode(messages))
         assert r.usage.completion_tokens <= 4 and r.choices[0].finish_reason in ("length", "stop")
+        # A guided request on a speculating engine (it decodes plainly; the grammar holds).
+        r = c.chat.completions.create(model="my-model", messages=messages, max_tokens=12, temperature=0,
+                                      extra_body={"guided_regex": "(yes|no)!"})
+        assert r.choices[0].message.content in ("yes!", "no!") and r.choices[0].finish_reason == "stop"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     finally:

@@ -280,6 +280,20 @@ class Engine:
         self.scheduler.add(req)
         return request_id
 
+    def prepare_guided(self) -> bool:
+        """Build the tokenizer view guided requests need now rather than at the first one (a
+        server calls this at start-up) -> whether guided decoding is available (a tokenizer and
+        llguidance)."""
+        if self.model.tokenizer is None:
+            return False
+        if self._guide_tokenizer is None:
+            from jllm.guided import GuideTokenizer
+            try:
+                self._guide_tokenizer = GuideTokenizer(self.model.tokenizer, self.cfg.vocab_size)
+            except ValueError:   # no llguidance
+                return False
+        return True
+
     def _matcher(self, guided):
         """A fresh grammar matcher for a guided request (ValueError for a bad grammar, or without
         a tokenizer or llguidance)."""

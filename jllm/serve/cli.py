@@ -114,6 +114,7 @@ def run(args) -> int:
                         kv_cache_dtype=None if args.kv_cache == "auto" else args.kv_cache,
                         max_queue=args.max_queue, decode_buckets=args.decode_buckets, speculative=spec,
                         prompt_logprobs=args.prompt_logprobs)
+        engine.prepare_guided()   # response_format and tools: their tokenizer view, now rather than mid-serving
         app = create_app(EngineRunner(engine), served_name(args), cfg=model.cfg,
                          tokenizer=model.tokenizer, chat_template=template)
         return serve(app, sock, shutdown_timeout=args.shutdown_timeout)
