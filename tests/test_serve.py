@@ -9,6 +9,7 @@ device would take) keeps requests in flight long enough to disconnect or signal 
 """
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -280,6 +281,55 @@ def test_forced_tool_calls_come_back_as_tool_calls_streamed_and_not(srv, tiny_mo
         [(k, tc.function.name, tc.function.arguments) for k, tc in enumerate(r.choices[0].message.tool_calls)]
     assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason == "tool_calls"
     srv.wait_idle()
+
+
+class _Canned(Engine):
+    """The engine, but every request's text is `canned` (all in its first output) and a request
+    that ends does so with "stop": what a model that answers with a tool call would send."""
+    canned = ""
+
+    def step(self):
+        outs = []
+        for o in super().step():
+            first = o.request_id not in self.__dict__.setdefault("_seen", set())
+            self._seen.add(o.request_id)
+            outs.append(dataclasses.replace(o, text=self.canned if first else "",
+                                            finish_reason="stop" if o.finished else None))
+        return outs
+
+
+@pytest.mark.parametrize("canned, calls", [
+    ('{"name": "wx", "arguments": {"city": "Rome"}}', [("wx", {"city": "Rome"})]),
+    (' [{"name": "add", "parameters": {"a": 1, "b": 2}}, {"name": "wx", "arguments": "{\\"city\\": \\"Oslo\\"}"}]',
+     [("add", {"a": 1, "b": 2}), ("wx", {"city": "Oslo"})]),
+    ("  Hello there", None),
+    ('{"name": "unknown", "arguments": {}}', None),
+    ('{"name": "wx", "arguments": {"city": ', None),
+], ids=["call", "two_calls_parameters_and_text_arguments", "text", "unknown_tool", "cut_json"])
+def test_auto_tool_choice_turns_a_json_call_into_tool_calls_and_streams_text_as_it_comes(tiny_model, canned,
+                                                                                         calls):
+    """tool_choice "auto" (the default with tools): a reply that is, whole, a JSON call (or list)
+    of known tools comes back as tool_calls (finish "tool_calls"), streamed whole; anything else
+    is the text, streamed as it comes once it does not open with JSON."""
+    engine = _Canned(tiny_model, max_seqs=2, num_pages=64, max_tokens_per_step=64, progress=False)
+    engine.canned = canned
+    with ThreadServer(engine, tiny_model) as s:
+        c = s.client()
+        kw = dict(model=NAME, messages=[{"role": "user", "content": "Weather?"}], max_tokens=4, temperature=0,
+                  tools=[WEATHER, ADD])
+        r = c.chat.completions.create(**kw)
+        chunks = list(c.chat.completions.create(**kw, stream=True))
+    msg, streamed = r.choices[0].message, [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    if calls is None:
+        assert msg.content == canned and not msg.tool_calls and r.choices[0].finish_reason == "stop"
+        assert text == canned and not streamed and chunks[-1].choices[0].finish_reason == "stop"
+        return
+    assert msg.content is None and r.choices[0].finish_reason == "tool_calls"
+    assert [(tc.function.name, json.loads(tc.function.arguments)) for tc in msg.tool_calls] == calls
+    assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in streamed] == \
+        [(k, n, a) for k, (n, a) in enumerate(calls)]
+    assert text == "" and chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
 def test_a_conversation_with_tool_results_renders_and_answers(srv, tiny_model):
@@ -758,7 +808,6 @@ BAD = [  # id, endpoint, body, status, param
      _json({**OK, "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}}), 400,
      None),
     ("guided_regex_invalid", "completions", _json({**OK, "guided_regex": "(ab"}), 400, None),
-    ("tools_with_auto_tool_choice", "chat/completions", _json({**CHAT, "tools": [WEATHER]}), 400, "tool_choice"),
     ("tool_choice_unknown_function", "chat/completions", _json({**CHAT, "tools": [WEATHER], "tool_choice": {
         "type": "function", "function": {"name": "nope"}}}), 400, "tool_choice"),
     ("tool_choice_without_tools", "chat/completions", _json({**CHAT, "tool_choice": "required"}), 400, "tool_choice"),

@@ -31,7 +31,7 @@ from jllm.serve.metrics import CONTENT_TYPE, Metrics
 from jllm.serve.protocol import (MAX_BODY_BYTES, APIError, ChatRequest, CompletionRequest,
                                  bad_request, decode_json, validate)
 from jllm.serve.runner import EngineRunner, EngineUnavailable, RequestStream
-from jllm.serve.tools import render_messages, tool_calls
+from jllm.serve.tools import auto_tool_calls, render_messages, tool_calls
 from jllm.tokenizer import Tokenizer
 
 log = logging.getLogger("jllm.serve")
@@ -506,7 +506,7 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
                     | ({"tool_calls": m.tool_calls} if m.tool_calls else {})
                     | ({"tool_call_id": m.tool_call_id} if m.tool_call_id is not None else {}) for m in req.messages]
         takes_tools = template is not None and template.takes_tools
-        tools = req.tools if req.tools and (req.forced_tools or takes_tools) else None
+        tools = req.tools if req.tools and (req.forced_tools or req.auto_tools or takes_tools) else None
         messages = render_messages(messages, tools, takes_tools)
         try:
             ids = await _tokenize(chat_ids, messages, tokenizer, template, tools,
@@ -526,12 +526,16 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
             return R.chat_logprobs(out.logprobs or [], tokenizer) if req.logprobs else None
 
         def reply(text: str, finish: str) -> tuple[dict, str]:
-            """The message of a finished choice and its finish reason: tool calls when forced
-            and complete, else the text."""
-            calls = tool_calls(text, req.tool_choice) if req.forced_tools and finish == "stop" else None
+            """The message of a finished choice and its finish reason: tool calls when forced and
+            complete, or when "auto" and the reply is a call; else the text."""
+            calls = None
+            if finish == "stop" and req.forced_tools:
+                calls = tool_calls(text, req.tool_choice)
+            elif finish == "stop" and req.auto_tools:
+                calls = auto_tool_calls(text, req.tools)
             if calls:  # OpenAI's finish reason: "tool_calls" when the model chose, "stop" for a named function
                 return {"role": "assistant", "content": None, "tool_calls": calls}, \
-                    "tool_calls" if req.tool_choice == "required" else "stop"
+                    "stop" if isinstance(req.tool_choice, dict) else "tool_calls"
             return {"role": "assistant", "content": text}, finish
 
         async def events() -> AsyncIterator[str]:
@@ -541,23 +545,37 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
 
             for i in range(n):
                 yield chunk(i, {"role": "assistant", "content": None if req.forced_tools else ""})
-            held = [[] for _ in gens]   # forced tool calls: the reply is sent whole when it ends
+            # Forced tool calls are held and sent whole when they end; with "auto", a reply is held
+            # once its first visible character opens JSON, else streamed as text from there.
+            hold = ["hold" if req.forced_tools else "wait" if req.auto_tools else "stream" for _ in gens]
+            held = [[] for _ in gens]
+
+            def final(i: int, out) -> list[str]:
+                """The chunks that end a held reply: its tool calls, or its text, and the finish."""
+                message, finish = reply("".join(held[i]), out.finish_reason)
+                if message.get("tool_calls"):
+                    first = [chunk(i, {"tool_calls": [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]})]
+                else:
+                    first = [chunk(i, {"content": message["content"]})] if message["content"] else []
+                return first + [chunk(i, {}, finish)]
+
             try:
                 async for i, out in _merged(gens):
                     lp = logprobs_of(out)
-                    if req.forced_tools:
+                    if hold[i] != "stream":
                         held[i].append(out.text)
-                        if lp and lp["content"]:
-                            yield chunk(i, {}, None, lp)
-                        if out.finished:
-                            message, finish = reply("".join(held[i]), out.finish_reason)
-                            if message.get("tool_calls"):
-                                yield chunk(i, {"tool_calls": [{"index": k, **c} for k, c in
-                                                               enumerate(message["tool_calls"])]})
-                            elif message["content"]:
-                                yield chunk(i, {"content": message["content"]})
-                            yield chunk(i, {}, finish)
-                        continue
+                        if hold[i] == "wait":
+                            start = "".join(held[i]).lstrip()
+                            hold[i] = "wait" if not start else "hold" if start[0] in "{[" else "stream"
+                        if hold[i] == "stream":   # it is text: what was held, then the rest as it comes
+                            out = dataclasses.replace(out, text="".join(held[i]))
+                        else:
+                            if lp and lp["content"]:
+                                yield chunk(i, {}, None, lp)
+                            if out.finished:
+                                for c in final(i, out):
+                                    yield c
+                            continue
                     if out.text or lp and lp["content"]:
                         yield chunk(i, {"content": out.text}, None, lp)
                     if out.finished:

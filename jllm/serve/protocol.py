@@ -274,6 +274,11 @@ class ChatRequest(_Common):
         return bool(self.tools) and self.tool_choice not in (None, "none", "auto")
 
     @property
+    def auto_tools(self) -> bool:
+        """The model may answer with tool calls or text (tool_choice "auto", the default with tools)."""
+        return bool(self.tools) and self.tool_choice in (None, "auto")
+
+    @property
     def guided(self) -> Guided | None:
         if self.forced_tools:
             return tool_guide(self.tools, self.tool_choice, self.parallel_tool_calls is not False)
@@ -294,10 +299,6 @@ class ChatRequest(_Common):
                 raise bad_request(f"tool_choice={_short(self.tool_choice)} needs tools", "tool_choice")
             if name is not None and name not in [t["function"]["name"] for t in self.tools]:
                 raise bad_request(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
-        if self.tools and self.tool_choice in (None, "auto"):
-            raise bad_request("tool_choice='auto' (the default with tools) is not supported: this server has no "
-                              "parser for a model's free-form tool calls; pass tool_choice='required', a named "
-                              "function ({'type': 'function', 'function': {'name': ...}}) or 'none'", "tool_choice")
         constraint = next((f for f in ("response_format", "guided_regex", "guided_grammar")
                            if getattr(self, f) is not None), None)
         if self.forced_tools and constraint:

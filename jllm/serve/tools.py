@@ -4,8 +4,10 @@ decoding, and the tool turns of a conversation rendered for the model.
 `tool_choice="required"` constrains the reply to a JSON array of calls, each
 `{"name": <one of the tools>, "arguments": <that tool's parameters schema>}` (one call unless
 `parallel_tool_calls`); a named function constrains it to that function's arguments. The reply
-then comes back as `message.tool_calls`. `"auto"` would need a parser of each model family's own
-free-form tool syntax, which this server does not have: it is refused with a 400 that says so.
+then comes back as `message.tool_calls`. With `"auto"` (the default with tools) the reply is
+free: a reply that is, whole, a JSON call or list of calls of known tools (`{"name": ...,
+"arguments" or "parameters": {...}}`, the JSON form Llama models are taught) becomes tool calls,
+anything else is text.
 """
 import json
 import re
@@ -115,6 +117,31 @@ def tool_calls(text: str, tool_choice) -> list[dict] | None:
             for c in calls]
 
 
+def auto_tool_calls(text: str, tools: list[dict]) -> list[dict] | None:
+    """A free reply -> tool calls if it is, whole, a JSON call or list of calls of these tools
+    (with "arguments" or "parameters" an object, or JSON text of one), else None."""
+    try:
+        value = json.loads(text.strip())
+    except json.JSONDecodeError:
+        return None
+    names = {t["function"]["name"] for t in tools}
+    calls = value if isinstance(value, list) else [value]
+    out = []
+    for c in calls:
+        if not isinstance(c, dict) or c.get("name") not in names:
+            return None
+        args = c.get("arguments", c.get("parameters", {}))
+        args = _arguments(args)
+        if not isinstance(args, dict):
+            return None
+        out.append({"name": c["name"], "arguments": args})
+    if not out:
+        return None
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+            for c in out]
+
+
 def _arguments(text):
     try:
         return json.loads(text) if isinstance(text, str) else text
@@ -149,8 +176,8 @@ def render_messages(messages: list[dict], tools: list[dict] | None, template_tak
         else:
             out.append({"role": role, "content": content})
     if tools:
-        note = ("You can call these functions; a call is a JSON object with the function's name and "
-                "arguments:\n" + json.dumps([t["function"] for t in tools], ensure_ascii=False))
+        note = ('To call a function, answer with only {"name": ..., "arguments": {...}}. Functions:\n'
+                + json.dumps([t["function"] for t in tools], ensure_ascii=False))
         if out and out[0]["role"] in ("system", "developer"):
             out[0] = {**out[0], "content": note + "\n\n" + out[0]["content"]}
         else:
