@@ -95,7 +95,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float =
              speculative: "_speculative.Speculative | None" = None, presence_penalty: float = 0.0,
              frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
              logit_bias: dict[int, float] | None = None, logprobs: int | None = None,
-             min_p: float | None = None) -> list[Completion]:
+             min_p: float | None = None, guided=None) -> list[Completion]:
     """Generate a completion for each prompt: `jllm.generate.generate` (arguments, results and
     errors as documented there). speculative: a `jllm.speculative.Speculative` (a proposer and k)
     drafts and verifies k tokens per target step; greedy output is unchanged, sampled output keeps
@@ -105,7 +105,10 @@ def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float =
     if speculative is None:
         return _generate(model, prompts, presence_penalty=presence_penalty,
                          frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
-                         logit_bias=logit_bias, logprobs=logprobs, **kw)
+                         logit_bias=logit_bias, logprobs=logprobs, guided=guided, **kw)
+    if guided is not None:
+        raise ValueError(f"guided={getattr(guided, 'kind', guided)!r}: guided decoding is not supported with "
+                         "speculative decoding (pass guided=None, or generate without speculative)")
     if logprobs is not None:
         raise ValueError(f"logprobs={logprobs!r}: logprobs are not supported with speculative decoding "
                          "(pass logprobs=None, or generate without speculative)")

@@ -200,6 +200,8 @@ def _check_speculation(args) -> None:
                          "not combine with --speculate")
     if args.speculate is not None and getattr(args, "logprobs", None) is not None:
         raise ValueError("--logprobs does not combine with --speculate")
+    if args.speculate is not None and _guided(args) is not None:
+        raise ValueError("--json-schema, --json-object, --regex and --grammar do not combine with --speculate")
     if draft is not None and not os.path.isdir(os.path.expanduser(draft)):
         raise FileNotFoundError(f"--draft {draft!r} is not a directory (a jllm checkpoint)")
     if draft_quantize is not None and getattr(args, "quantize", None) is not None:
@@ -251,6 +253,9 @@ def cmd_generate(args) -> int:
     if main:
         say("preparing prefill and decode (compiled on first use of a shape, then cached on disk)")
     lp = {} if args.logprobs is None else dict(logprobs=args.logprobs)
+    guided = _guided(args)
+    if guided is not None:
+        lp["guided"] = guided
     results = jllm.generate(model, [prompt], max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             seed=args.seed, stop=args.stop, stream=stream if main else None,
@@ -262,6 +267,31 @@ def cmd_generate(args) -> int:
     if main and args.logprobs is not None:
         _print_logprobs(model, prompt, results[0])
     return 0
+
+
+def _guided(args):
+    """The Guided the structured-output flags ask for, or None (ValueError naming a bad file)."""
+    from jllm.guided import Guided
+    if getattr(args, "json_object", False):
+        return Guided.json_object()
+    if getattr(args, "regex", None) is not None:
+        return Guided.regex(args.regex)
+    for flag, path in (("--json-schema", getattr(args, "json_schema", None)),
+                       ("--grammar", getattr(args, "grammar", None))):
+        if path is None:
+            continue
+        try:
+            with open(os.path.expanduser(path), encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{flag} {path!r}: cannot read it: {e}") from None
+        if flag == "--grammar":
+            return Guided.lark(text)
+        try:
+            return Guided.json_schema(text)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{flag} {path!r}: {e}") from None
+    return None
 
 
 def _print_logprobs(model: Model, prompt, out) -> None:
@@ -548,6 +578,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--logprobs", type=argtypes.logprobs, default=None, metavar="N",
                    help="after the output, print each token's log-probability and the N (0-20) most "
                         "likely tokens at its place (to stderr)")
+    g = p.add_argument_group("structured output", "the output must match (one of these; needs llguidance)")
+    g = g.add_mutually_exclusive_group()
+    g.add_argument("--json-schema", metavar="FILE", help="a JSON schema in this file")
+    g.add_argument("--json-object", action="store_true", help="any JSON object")
+    g.add_argument("--regex", type=_text, metavar="PATTERN", help="this regular expression, whole")
+    g.add_argument("--grammar", metavar="FILE", help="the Lark grammar in this file (its rule `start`)")
     _add_speculation(p)
     _add_parallel(p)
     p.set_defaults(fn=cmd_generate)
@@ -671,6 +707,7 @@ def _check(args) -> None:
         raise ValueError(f"--group-size {group_size} applies to --quantize int4 only "
                          f"(got --quantize {quantize})")
     _check_speculation(args)
+    _guided(args)   # a structured-output file that cannot be read or is not JSON: before loading
     model = getattr(args, "model", None)  # `jllm bench serve --model` names the served model instead
     if model is not None and args.command != "bench" and not os.path.isdir(os.path.expanduser(model)):
         raise FileNotFoundError(f"--model {model!r} is not a directory (a jllm checkpoint or a "

@@ -11,6 +11,7 @@ import numpy as np
 
 from jllm.config import LlamaConfig
 from jllm import costs, parallel, quant
+from jllm.guided import Guided, follow, guide_tokenizer
 from jllm.kvcache import KVCache, init_cache
 from jllm.model import Params, logits, transformer
 from jllm.plan import XLA_OPTIONS, Plan, check_impls, make_plan
@@ -332,7 +333,7 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
              stream: Callable[[Delta], None] | None = None, presence_penalty: float = 0.0,
              frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
              logit_bias: dict[int, float] | None = None, logprobs: int | None = None,
-             min_p: float | None = None) -> list[Completion]:
+             min_p: float | None = None, guided: Guided | None = None) -> list[Completion]:
     """Generate a completion for each prompt (a str, a list of str, or a list of token-id lists).
 
     min_p (in [0, 1], as Hugging Face's and vLLM's): a sampled row keeps only tokens at least min_p
@@ -350,6 +351,11 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     for the stop token when a stop id ended the row), its log-probability and the N most likely
     tokens with theirs, under the model's distribution before penalties, bias, temperature,
     top-k and top-p (as the engine's); each streamed Delta carries its tokens' entries.
+    guided (a `jllm.guided.Guided`: a JSON schema, any JSON object, a regex or a Lark grammar;
+    needs a tokenizer and llguidance): every sampled token keeps each row's output a valid prefix
+    of it, and a row stops ("stop") once its output is complete; EOS, allowed only then, always
+    stops it. The decode loop then runs one step per host call (the next mask needs the last
+    token), not DECODE_CHUNK.
     seed: an int in [0, 2**32) (a negative one is that plus 2**32). A batch whose KV cache would not fit the device's free memory runs
     in parts (the largest power-of-two number of prompts that fits, one after another); results
     keep the prompts' order and stream indices, and each part after the first samples from its own
@@ -365,12 +371,20 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     penalty = (float(presence_penalty), float(frequency_penalty), float(repetition_penalty))
     logit_bias = check_logit_bias(logit_bias, model.cfg.vocab_size)
     check_logprobs("logprobs", logprobs)
+    if guided is not None:
+        if not isinstance(guided, Guided):
+            raise TypeError(f"guided={guided!r:.80} must be a jllm.guided.Guided (Guided.json_schema(...), "
+                            ".json_object(), .regex(...), .lark(...)) or None")
+        if model.tokenizer is None:
+            raise ValueError(f"guided={guided.kind} needs a tokenizer; this model has none")
+        view = guide_tokenizer(model.tokenizer, model.cfg.vocab_size)
+        view.matcher(guided)   # a bad grammar fails here, before anything runs
     top_k = None if top_k is None else int(top_k)
     top_p = None if top_p is None else float(top_p)
     stop = list(stop or [])
     if stop_token_ids is None:
         stop_token_ids = [model.tokenizer.eos_id] if model.tokenizer is not None else []
-    stop_ids = {int(t) for t in stop_token_ids}
+    stop_ids = {int(t) for t in stop_token_ids} | ({model.tokenizer.eos_id} if guided is not None else set())
     cfg, n = model.cfg, len(ids)
     dp = 1 if model.mesh is None else parallel.data_size(model.mesh)  # the batch split over data
     T = bucket(max(map(len, ids)), buckets=model.prompt_buckets)
@@ -388,11 +402,12 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
                 tokens[i, :len(p)], n_tokens[i] = p, len(p)
             sampling = Sampling.make(B, temperature, top_k, top_p, min_p)
             rows = [Row(i, p, model.tokenizer, stop, stop_ids, max_new_tokens) for i, p in enumerate(part_ids)]
-            penalties = None if penalty == (0.0, 0.0, 1.0) and not logit_bias else \
+            penalties = None if penalty == (0.0, 0.0, 1.0) and not logit_bias and guided is None else \
                 Penalties.make(part_ids, B, cfg.vocab_size, *penalty, logit_bias)
+            matchers = None if guided is None else [view.matcher(guided) for _ in part_ids]
             results += _run(model, rows, tokens, n_tokens, S, sampling, _part_seed(seed, part),
                             max_new_tokens, _shifted(stream, first), t_call, clock, penalties,
-                            None if logprobs is None else int(logprobs))
+                            None if logprobs is None else int(logprobs), matchers)
     for c in results:  # a later part may have compiled too
         c.stats.compile_s = clock.seconds()
     return results
@@ -449,8 +464,9 @@ def _row_stats(row: Row, t_call: float, t_first: float, clock: costs.CompileCloc
 def _run(model: Model, rows: list[Row], tokens: np.ndarray, n_tokens: np.ndarray, S: int,
          sampling: Sampling, seed: int, max_new_tokens: int, stream, t_call: float,
          clock: costs.CompileClock, penalties: Penalties | None = None,
-         n_logprobs: int | None = None) -> list[Completion]:
-    """The device part of `generate`: prefill, then decode chunks until every row is finished."""
+         n_logprobs: int | None = None, matchers: list | None = None) -> list[Completion]:
+    """The device part of `generate`: prefill, then decode chunks until every row is finished
+    (with matchers, one guided step per host call, each row's grammar mask in its bias)."""
     cfg, B = model.cfg, tokens.shape[0]
     want_lp = n_logprobs is not None
     kw = dict(cfg=cfg, plan=model.plan, logprobs=want_lp)
@@ -470,16 +486,30 @@ def _run(model: Model, rows: list[Row], tokens: np.ndarray, n_tokens: np.ndarray
                     row_lps[i] += entries
                     if entries:
                         delta = dataclasses.replace(delta or Delta(i, "", []), logprobs=entries)
+                if matchers is not None:
+                    delta = follow(row, matchers[i], new_tokens[i].tolist(), now, delta)
                 if delta is not None and stream is not None:
                     stream(delta)
+
+    base_bias = None if matchers is None else np.array(penalties.bias)   # [B, V] the logit bias
+
+    def masked_bias() -> np.ndarray:
+        """The logit bias with each unfinished row's -inf where its grammar refuses a token."""
+        bias = base_bias.copy()
+        for row in rows:
+            if row.finish is None:
+                bias[row.index, ~matchers[row.index].allowed()] = -np.inf
+        return bias
 
     def lp_host(lps):
         return None if lps is None else tuple(host(x) for x in lps)
 
     key = jax.random.key(seed)
+    if matchers is not None:   # the first tokens' masks, placed with the rest below
+        penalties = dataclasses.replace(penalties, bias=masked_bias())
     if model.mesh is None:
         cache = init_cache(cfg, B, S, model.cache_dtype)
-        tokens_d, n_tokens_d, host = jnp.asarray(tokens), jnp.asarray(n_tokens), np.asarray
+        tokens_d, n_tokens_d, host, place = jnp.asarray(tokens), jnp.asarray(n_tokens), np.asarray, jnp.asarray
         penalties = None if penalties is None else jax.tree.map(jnp.asarray, penalties)
     else:
         cache = parallel.init_cache(cfg, B, S, model.cache_dtype, model.mesh)
@@ -488,10 +518,19 @@ def _run(model: Model, rows: list[Row], tokens: np.ndarray, n_tokens: np.ndarray
         tokens_d, n_tokens_d, sampling, key, penalties = parallel.put_batch(
             (tokens, n_tokens, sampling, key, penalties), model.mesh)
         host = parallel.to_host
+
+        def place(x):
+            return parallel.put_batch(x, model.mesh)
     token, cache, key, *lps = prefill(model.params, tokens_d, n_tokens_d, cache, sampling, key,
                                       penalties=penalties, **kw)
     take(host(token)[:, None], tuple(x[:, None] for x in lp_host(lps[0])) if lps else None)
     t_first = time.perf_counter()
+    while matchers is not None and any(r.finish is None for r in rows):   # one step at a time
+        penalties = dataclasses.replace(penalties, bias=place(masked_bias()))
+        out, cache, key, penalties, *rest = decode(model.params, token, cache, sampling, key, n_steps=1,
+                                                   penalties=penalties, **kw)
+        token = out[:, -1]
+        take(host(out), lp_host(rest[0]) if rest else None)
     # Keep one decode chunk in flight: the next is dispatched before the last one is read back.
     pending, steps = None, 1
     while steps < max_new_tokens and any(r.finish is None for r in rows):

@@ -10,9 +10,11 @@ ValueError that says what to install.
 import collections
 import dataclasses
 import json
+import weakref
 
 import numpy as np
 
+from jllm.streaming import Delta, Row
 from jllm.tokenizer import Tokenizer
 
 KINDS = ("json_schema", "json_object", "regex", "lark")
@@ -143,6 +145,34 @@ class GuideTokenizer:
         if m.is_error():
             raise ValueError(f"invalid {guided.kind}: {_one_line(m.get_error())}")
         return m
+
+
+_VIEWS: "weakref.WeakKeyDictionary[Tokenizer, dict[int, GuideTokenizer]]" = weakref.WeakKeyDictionary()
+
+
+def guide_tokenizer(tokenizer: Tokenizer, vocab_size: int) -> GuideTokenizer:
+    """The GuideTokenizer of a tokenizer and model vocabulary, built once per tokenizer object."""
+    views = _VIEWS.setdefault(tokenizer, {})
+    if vocab_size not in views:
+        views[vocab_size] = GuideTokenizer(tokenizer, vocab_size)
+    return views[vocab_size]
+
+
+def follow(row: Row, matcher: "Matcher", new: list[int], now: float, delta: Delta | None) -> Delta | None:
+    """After `row.push(new)`: the grammar takes the tokens the row took. Complete (or, never,
+    refusing a token), it ends the row with "stop", also on the last token max tokens allow ->
+    the delta, with the text the row held back added when it ends here."""
+    if row.finish not in (None, "length"):
+        return delta
+    if all(matcher.take(t) for t in new[:row.taken]) and not matcher.done:
+        return delta
+    if row.finish == "length":
+        row.finish = "stop"
+        return delta
+    rest = row.end("stop", now)
+    if rest is None:
+        return delta
+    return rest if delta is None else dataclasses.replace(delta, text=delta.text + rest.text)
 
 
 def _one_line(error: str, limit: int = 600) -> str:

@@ -257,6 +257,32 @@ def test_generate_prints_each_tokens_logprob_and_alternatives(tiny_dirs, capsys)
         assert top[0][0] == t      # greedy: the token is its place's most likely
 
 
+def test_generate_structured_output_flags(tiny_dirs, capsys, tmp_path):
+    """--json-schema FILE, --regex, --json-object and --grammar FILE constrain the output (what
+    jllm.generate(guided=...) gives); a file that is missing or not JSON is refused before loading."""
+    _, ck = tiny_dirs
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    (tmp_path / "g.lark").write_text('start: "a" | "b"')
+    base = ["generate", "--model", ck, "--prompt", "Hi", "--max-new-tokens", "30", "--attn-impl", "xla"]
+    assert cli.main(base + ["--json-schema", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Hi") and set(json.loads(out[2:])) == {"n"}
+    assert cli.main(base + ["--regex", "(yes|no)!"]) == 0
+    assert capsys.readouterr().out.strip() in ("Hiyes!", "Hino!")
+    assert cli.main(base + ["--grammar", str(tmp_path / "g.lark")]) == 0
+    assert capsys.readouterr().out.strip() in ("Hia", "Hib")
+    assert cli.main(base + ["--json-object"]) == 0
+    assert capsys.readouterr().out[2:].startswith("{")
+    (tmp_path / "bad.json").write_text("{not json")
+    for flags, match in [(["--json-schema", str(tmp_path / "none.json")], "cannot read it"),
+                         (["--json-schema", str(tmp_path / "bad.json")], "not valid JSON"),
+                         (["--regex", "(ab"], "invalid regex")]:
+        assert cli.main(base + flags) == 2
+        assert match in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags,match", [
     (["--prompt-lookup", "2"], "--prompt-lookup needs --speculate"),
     (["--speculate", "2"], "exactly one of --draft, --draft-quantize, --prompt-lookup; got none"),
@@ -266,6 +292,7 @@ def test_generate_prints_each_tokens_logprob_and_alternatives(tiny_dirs, capsys)
     (["--speculate", "2", "--prompt-lookup", "2", "--repetition-penalty", "1.2"], "do not combine with --speculate"),
     (["--speculate", "2", "--prompt-lookup", "2", "--logit-bias", "5=1"], "do not combine with --speculate"),
     (["--speculate", "2", "--prompt-lookup", "2", "--logprobs", "2"], "--logprobs does not combine with --speculate"),
+    (["--speculate", "2", "--prompt-lookup", "2", "--json-object"], "do not combine with --speculate"),
 ])
 def test_speculation_flags_are_checked_before_loading(tiny_dirs, capsys, flags, match):
     _, ck = tiny_dirs

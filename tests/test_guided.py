@@ -5,6 +5,7 @@ aborts; the text parses as what was asked; unguided requests beside them are unc
 import json
 import re
 import sys
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 import jllm
+from jllm import guided as guided_mod
 from jllm.engine import Engine, SamplingParams
 from jllm.guided import Guided, GuideTokenizer
 from jllm.kvcache import init_cache
@@ -173,8 +175,40 @@ def test_bad_grammars_and_missing_pieces_are_clear_errors(tiny_model, tiny_model
         no_tok.add_request([1, 5], SamplingParams(max_tokens=4, guided=Guided.json_object()))
     assert engine.prepare_guided() and not no_tok.prepare_guided()
     monkeypatch.setitem(sys.modules, "llguidance", None)   # as if not installed: its import fails
+    monkeypatch.setattr(guided_mod, "_VIEWS", weakref.WeakKeyDictionary())   # and nothing built with it yet
     bare = Engine(tiny_model, **KW)
     assert not bare.prepare_guided()
     with pytest.raises(ValueError, match=r"needs the llguidance package: pip install llguidance"):
         bare.add_request([1, 5], SamplingParams(max_tokens=4, guided=Guided.json_object()))
     assert not no_tok.has_unfinished()
+
+
+def test_generate_takes_a_grammar_as_the_engine_does(tiny_model, tiny_model_no_tokenizer):
+    """jllm.generate(guided=...): greedy rows of a batch equal the step-by-step reference, a seeded
+    sampled row the engine's request with that seed; the stream adds up; logprobs still align."""
+    m, tok = tiny_model, tiny_model.tokenizer
+    guided = Guided.json_schema(SCHEMA)
+    prompts = [tok.encode("JSON please:"), tok.encode("Another object, in JSON")]
+    seen = []
+    outs = jllm.generate(m, prompts, max_new_tokens=50, guided=guided, stream=seen.append, logprobs=1)
+    for prompt, out in zip(prompts, outs):
+        assert (out.tokens, out.finish_reason) == _reference(m, prompt, guided, 50)
+        _check_schema(out.text)
+        assert [t for t, _, _ in out.logprobs] == out.tokens
+    for i, out in enumerate(outs):
+        assert "".join(d.text for d in seen if d.index == i) == out.text
+    sp = SamplingParams(max_tokens=50, temperature=1.0, seed=11, guided=Guided.regex(r"(yes|no), [0-9]{2}!"))
+    [eng] = Engine(m, **KW).generate([prompts[0]], sp)
+    [gen] = jllm.generate(m, [prompts[0]], max_new_tokens=50, temperature=1.0, seed=11, guided=sp.guided)
+    assert gen.tokens == eng.token_ids and gen.text == eng.text and gen.finish_reason == "stop"
+    assert re.fullmatch(r"(yes|no), [0-9]{2}!", gen.text)
+    with pytest.raises(ValueError, match="invalid regex"):
+        jllm.generate(m, [prompts[0]], max_new_tokens=4, guided=Guided.regex("(ab"))
+    with pytest.raises(TypeError, match="guided="):
+        jllm.generate(m, [prompts[0]], max_new_tokens=4, guided={"type": "json_object"})
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        jllm.generate(tiny_model_no_tokenizer, [[1, 2]], max_new_tokens=4, guided=Guided.json_object())
+    from jllm.speculative import PromptLookup, Speculative
+    with pytest.raises(ValueError, match="not supported with speculative"):
+        jllm.generate(m, [prompts[0]], max_new_tokens=4, guided=Guided.json_object(),
+                      speculative=Speculative(PromptLookup(2), 2))

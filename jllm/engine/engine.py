@@ -25,6 +25,7 @@ from jllm.engine.scheduler import Request, Schedule, Scheduler, Status, build_ba
 from jllm.engine.step import (GUIDED_ROWS, StepOutput, engine_step, init_state, reset_keys, reset_penalties,
                               set_bias_rows)
 from jllm.generate import Model, check_kv_cache_dtype
+from jllm.guided import follow, guide_tokenizer
 from jllm.sampling import logprob_entries
 from jllm.speculative import PromptLookup, Speculative
 from jllm.streaming import Row
@@ -287,9 +288,8 @@ class Engine:
         if self.model.tokenizer is None:
             return False
         if self._guide_tokenizer is None:
-            from jllm.guided import GuideTokenizer
             try:
-                self._guide_tokenizer = GuideTokenizer(self.model.tokenizer, self.cfg.vocab_size)
+                self._guide_tokenizer = guide_tokenizer(self.model.tokenizer, self.cfg.vocab_size)
             except ValueError:   # no llguidance
                 return False
         return True
@@ -300,8 +300,7 @@ class Engine:
         if self.model.tokenizer is None:
             raise ValueError(f"guided={guided.kind} needs a tokenizer; this model has none")
         if self._guide_tokenizer is None:
-            from jllm.guided import GuideTokenizer
-            self._guide_tokenizer = GuideTokenizer(self.model.tokenizer, self.cfg.vocab_size)
+            self._guide_tokenizer = guide_tokenizer(self.model.tokenizer, self.cfg.vocab_size)
         return self._guide_tokenizer.matcher(guided)
 
     def add_requests(self, requests: Sequence[tuple]) -> list[str]:
@@ -470,16 +469,8 @@ class Engine:
                 req.t_first = now
             req.t_last = now
             delta = req.row.push(new, now)
-            # The grammar takes the tokens the row took; complete (or, never, refusing a token), it
-            # ends the request with "stop", also on the last token max_tokens allows.
-            if req.matcher is not None and req.row.finish in (None, "length") and (
-                    not all(req.matcher.take(t) for t in new[:req.row.taken]) or req.matcher.done):
-                if req.row.finish == "length":
-                    req.row.finish = "stop"
-                else:
-                    rest = req.row.end("stop", now)
-                    if rest is not None:
-                        delta = rest if delta is None else dataclasses.replace(delta, text=delta.text + rest.text)
+            if req.matcher is not None:
+                delta = follow(req.row, req.matcher, new, now, delta)
             logprobs = None
             finish = req.row.finish
             # A stop token is not among the output's ids, but its logprob is (as OpenAI reports it).
