@@ -13,10 +13,11 @@ from jllm import checkpoint, hf, parallel, plan, quant, runtime
 from jllm.config import CONFIGS, LlamaConfig
 from jllm import speculative as _speculative  # `speculative` is also generate's argument
 from jllm.generate import Completion, Delta, Model, check_impls, check_kv_cache_dtype
+from jllm.guided import Guided
 from jllm.generate import generate as _generate
 from jllm.model import from_flat, param_infos
 
-__all__ = ["CONFIGS", "Completion", "LlamaConfig", "Model", "generate", "load"]
+__all__ = ["CONFIGS", "Completion", "Guided", "LlamaConfig", "Model", "generate", "load"]
 
 runtime.quiet_triton_deprecation()
 
@@ -95,7 +96,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float =
              speculative: "_speculative.Speculative | None" = None, presence_penalty: float = 0.0,
              frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
              logit_bias: dict[int, float] | None = None, logprobs: int | None = None,
-             min_p: float | None = None, guided=None) -> list[Completion]:
+             min_p: float | None = None, guided: Guided | None = None) -> list[Completion]:
     """Generate a completion for each prompt: `jllm.generate.generate` (arguments, results and
     errors as documented there). speculative: a `jllm.speculative.Speculative` (a proposer and k)
     drafts and verifies k tokens per target step; greedy output is unchanged, sampled output keeps
