@@ -114,8 +114,8 @@ class ChatTemplate:
         """Every string in value (a message's content and tool calls, the tools) marked."""
         if isinstance(value, str):
             return self._mark(value)
-        if isinstance(value, dict):
-            return {k: self._mark_all(v) for k, v in value.items()}
+        if isinstance(value, dict):   # keys too: a tool's property may be named like a special token
+            return {self._mark_all(k): self._mark_all(v) for k, v in value.items()}
         if isinstance(value, list):
             return [self._mark_all(v) for v in value]
         return value

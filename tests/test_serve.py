@@ -305,7 +305,11 @@ class _Canned(Engine):
     ("  Hello there", None),
     ('{"name": "unknown", "arguments": {}}', None),
     ('{"name": "wx", "arguments": {"city": ', None),
-], ids=["call", "two_calls_parameters_and_text_arguments", "text", "unknown_tool", "cut_json"])
+    ('{"name": ["wx"], "arguments": {}}', None),
+    ("[" + "1" * 5000 + "]", None),
+    ("[" * 3000, None),
+], ids=["call", "two_calls_parameters_and_text_arguments", "text", "unknown_tool", "cut_json", "name_not_a_string",
+        "huge_number", "deep_nesting"])
 def test_auto_tool_choice_turns_a_json_call_into_tool_calls_and_streams_text_as_it_comes(tiny_model, canned,
                                                                                          calls):
     """tool_choice "auto" (the default with tools): a reply that is, whole, a JSON call (or list)
@@ -330,6 +334,29 @@ def test_auto_tool_choice_turns_a_json_call_into_tool_calls_and_streams_text_as_
     assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in streamed] == \
         [(k, n, a) for k, (n, a) in enumerate(calls)]
     assert text == "" and chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_auto_tool_choice_keeps_one_call_without_parallel_tool_calls(tiny_model):
+    engine = _Canned(tiny_model, max_seqs=2, num_pages=64, max_tokens_per_step=64, progress=False)
+    engine.canned = '[{"name": "add", "arguments": {"a": 1, "b": 2}}, {"name": "wx", "arguments": {"city": "x"}}]'
+    with ThreadServer(engine, tiny_model) as s:
+        r = s.client().chat.completions.create(model=NAME, messages=[{"role": "user", "content": "?"}], max_tokens=4,
+                                               tools=[WEATHER, ADD], parallel_tool_calls=False)
+    [call] = r.choices[0].message.tool_calls
+    assert call.function.name == "add" and r.choices[0].finish_reason == "tool_calls"
+
+
+def test_earlier_tool_calls_with_arguments_past_the_json_parser_are_not_a_500(srv):
+    for arguments in ("1" * 5000, "[" * 3000, "not json"):
+        messages = [{"role": "user", "content": "?"},
+                    {"role": "assistant", "content": None, "tool_calls": [
+                        {"id": "c", "type": "function", "function": {"name": "wx", "arguments": arguments}}]},
+                    {"role": "tool", "tool_call_id": "c", "content": "ok"}]
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json=dict(
+            model=NAME, messages=messages, max_tokens=2, temperature=0, tools=[WEATHER], tool_choice="none"), timeout=30)
+        # The long ones are past the tiny model's context (a 400 saying so); none is a server error.
+        assert r.status_code == (200 if arguments == "not json" else 400), r.text
+        assert "context" in r.text or r.json()["choices"][0]["finish_reason"] in ("length", "stop")
 
 
 def test_a_conversation_with_tool_results_renders_and_answers(srv, tiny_model):
@@ -362,6 +389,10 @@ def test_a_template_that_reads_tools_gets_them_with_special_tokens_kept_as_text(
     ids = chat_ids([{"role": "user", "content": "hi"}], tokenizer, t, tools)
     assert tokenizer.decode(ids).startswith("TOOLS wx,add ends with")
     assert tokenizer.eos_id not in ids      # typed in a tool's description, it stays text
+    as_json = ChatTemplate("{{ tools | tojson }}{{ messages[0]['content'] }}", tokenizer)
+    named = check_tools([{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"</s>": {"type": "string"}}}}}])
+    assert tokenizer.eos_id not in chat_ids([{"role": "user", "content": "hi"}], tokenizer, as_json, named)
 
 
 def test_required_tools_whose_parameters_use_defs_and_refs(tiny_model):
@@ -374,6 +405,21 @@ def test_required_tools_whose_parameters_use_defs_and_refs(tiny_model):
     flag = {"type": "function", "function": {"name": "flag", "parameters": {
         "type": "object", "properties": {"q": {"$ref": "#/definitions/Q"}}, "required": ["q"],
         "additionalProperties": False, "definitions": {"Q": {"type": "boolean"}}}}}
+    # Pointers past $defs, a nested $defs, "#" itself, a property named like a keyword, an $id,
+    # and a const holding a "$defs" key: each stays what it meant inside its own tool.
+    odd = {"type": "function", "function": {"name": "odd", "parameters": {
+        "$id": "http://example.com/odd", "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object", "additionalProperties": False, "required": ["definitions", "k", "same"],
+        "properties": {"definitions": {"type": "integer", "minimum": 0, "maximum": 5},
+                       "k": {"$ref": "#/properties/inner/$defs/B"},
+                       "same": {"$ref": "#/properties/definitions"},
+                       "inner": {"$defs": {"B": {"const": {"$defs": 1}}}}}}}}
+    guided = tool_guide(check_tools([odd]), "required", False)
+    engine = Engine(tiny_model, max_seqs=4, num_pages=64, max_tokens_per_step=64, progress=False)
+    [out] = engine.generate([[1, 30]], [SamplingParams(max_tokens=120, guided=guided)])
+    [call] = json.loads(out.text)
+    assert call["name"] == "odd" and call["arguments"]["k"] == {"$defs": 1}
+    assert isinstance(call["arguments"]["definitions"], int) and isinstance(call["arguments"]["same"], int)
     guided = tool_guide(check_tools([mk, flag]), "required", False)
     engine = Engine(tiny_model, max_seqs=4, num_pages=64, max_tokens_per_step=64, progress=False)
     outs = engine.generate([[1, 20 + i] for i in range(4)], [SamplingParams(max_tokens=60, temperature=1.0, seed=i,

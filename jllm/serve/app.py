@@ -533,6 +533,8 @@ def create_app(runner: EngineRunner, served_model_name: str, *, cfg: LlamaConfig
                 calls = tool_calls(text, req.tool_choice)
             elif finish == "stop" and req.auto_tools:
                 calls = auto_tool_calls(text, req.tools)
+                if calls and req.parallel_tool_calls is False:
+                    calls = calls[:1]   # at most one call, as asked
             if calls:  # OpenAI's finish reason: "tool_calls" when the model chose, "stop" for a named function
                 return {"role": "assistant", "content": None, "tool_calls": calls}, \
                     "stop" if isinstance(req.tool_choice, dict) else "tool_calls"

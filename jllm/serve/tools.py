@@ -57,34 +57,28 @@ def forced_name(tool_choice) -> str | None:
     return None
 
 
-def _rooted(schema, tool: str, defs: dict) -> dict:
-    """A tool's parameters schema moved under the combined schema's $defs: the whole as
-    "tool.NAME", its own $defs / definitions as "tool.NAME.X", and its $refs ("#", "#/$defs/X",
-    "#/definitions/X") rewritten to point there. Returns the reference to use in its place."""
-    base = f"tool.{tool}"
+_VALUES = ("const", "enum", "default", "examples")   # keywords whose values are data, not schemas
+
+
+def _rooted(schema: dict, tool: str, defs: dict) -> dict:
+    """A tool's parameters schema placed whole at the combined schema's $defs/tool.NAME, its
+    local $refs ("#", "#/...") prefixed to point inside it there (its $id and $schema dropped,
+    which would make "#" mean itself) -> the $ref to use in its place."""
+    base = f"#/$defs/tool.{tool}"
 
     def rewrite(x):
         if isinstance(x, dict):
-            out = {k: rewrite(v) for k, v in x.items() if k not in ("$defs", "definitions")}
+            out = {k: v if k in _VALUES else rewrite(v) for k, v in x.items()}
             ref = x.get("$ref")
             if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
-                parts = ref[2:].split("/", 1) if ref != "#" else []
-                if not parts:
-                    out["$ref"] = f"#/$defs/{base}"
-                elif parts[0] in ("$defs", "definitions") and len(parts) == 2:
-                    out["$ref"] = f"#/$defs/{base}.{parts[1]}"
-                else:
-                    out["$ref"] = f"#/$defs/{base}/{ref[2:]}"
+                out["$ref"] = base + ref[1:]
             return out
         if isinstance(x, list):
             return [rewrite(v) for v in x]
         return x
 
-    for key in ("$defs", "definitions"):
-        for name, sub in (schema.get(key) or {}).items():
-            defs[f"{base}.{name}"] = rewrite(sub)
-    defs[base] = rewrite(schema)
-    return {"$ref": f"#/$defs/{base}"}
+    defs[f"tool.{tool}"] = rewrite({k: v for k, v in schema.items() if k not in ("$id", "$schema")})
+    return {"$ref": base}
 
 
 def tool_guide(tools: list[dict], tool_choice, parallel: bool) -> Guided:
@@ -108,7 +102,7 @@ def tool_calls(text: str, tool_choice) -> list[dict] | None:
     cut by max_tokens)."""
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return None
     name = forced_name(tool_choice)
     calls = [{"name": name, "arguments": value}] if name is not None else value
@@ -122,13 +116,13 @@ def auto_tool_calls(text: str, tools: list[dict]) -> list[dict] | None:
     (with "arguments" or "parameters" an object, or JSON text of one), else None."""
     try:
         value = json.loads(text.strip())
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):   # not JSON, or past the parser's limits
         return None
     names = {t["function"]["name"] for t in tools}
     calls = value if isinstance(value, list) else [value]
     out = []
     for c in calls:
-        if not isinstance(c, dict) or c.get("name") not in names:
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str) or c["name"] not in names:
             return None
         args = c.get("arguments", c.get("parameters", {}))
         args = _arguments(args)
@@ -145,7 +139,7 @@ def auto_tool_calls(text: str, tools: list[dict]) -> list[dict] | None:
 def _arguments(text):
     try:
         return json.loads(text) if isinstance(text, str) else text
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return text
 
 
