@@ -345,8 +345,8 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     has (the prompt does not count), before temperature, top-k and top-p, and before a greedy
     row's argmax. repetition_penalty (in [0.01, 100]; Hugging Face's): before those, the logit of every token
     in the prompt or generated already is divided by it when positive, multiplied when negative.
-    logit_bias {token id: bias in [-100, 100]} (OpenAI's, at most 300): added to those logits
-    last (-100 bans a token, +100 all but forces it).
+    logit_bias {token id: bias in [-100, 100]} (OpenAI's, at most 300): added to the logits
+    first, before the penalties, as vLLM does (-100 bans a token, +100 all but forces it).
     logprobs N (an int in [0, 20]): each Completion's `logprobs` holds, per generated token (and
     for the stop token when a stop id ended the row), its log-probability and the N most likely
     tokens with theirs, under the model's distribution before penalties, bias, temperature,

@@ -96,18 +96,18 @@ def logprob_entries(tokens, chosen, top_ids, top_lp, n: int) -> list[Logprob]:
 
 def penalize(logits: jax.Array, counts: jax.Array, presence: jax.Array, frequency: jax.Array,
              repetition: jax.Array, prompt_seen: jax.Array, bias: jax.Array) -> jax.Array:
-    """The penalties and the logit bias, applied before temperature, top-k and top-p, and before
-    the argmax of greedy rows: first the repetition penalty (CTRL's, as Hugging Face applies it:
-    a token in the prompt (prompt_seen [B, V]) or generated already has its logit divided by
-    repetition [B] when positive, multiplied when negative), then OpenAI's presence and
-    frequency penalties (less presence [B] for every token the row has generated and frequency
-    [B] per time it has: counts [B, V] of its generated tokens), then OpenAI's logit_bias (bias
-    [B, V] added)."""
+    """The logit bias and the penalties, applied before temperature, top-k and top-p, and before
+    the argmax of greedy rows, in vLLM's order: first OpenAI's logit_bias (bias [B, V] added),
+    then the repetition penalty (CTRL's, as Hugging Face applies it: a token in the prompt
+    (prompt_seen [B, V]) or generated already has its logit divided by repetition [B] when
+    positive, multiplied when negative), then OpenAI's presence and frequency penalties (less
+    presence [B] for every token the row has generated and frequency [B] per time it has:
+    counts [B, V] of its generated tokens)."""
     c = counts.astype(jnp.float32)
-    x = logits.astype(jnp.float32)
+    x = logits.astype(jnp.float32) + bias
     r = repetition[:, None]
     x = jnp.where(prompt_seen | (c > 0), jnp.where(x > 0, x / r, x * r), x)
-    return x - presence[:, None] * (c > 0) - frequency[:, None] * c + bias
+    return x - presence[:, None] * (c > 0) - frequency[:, None] * c
 
 
 @jax.tree_util.register_dataclass

@@ -65,8 +65,9 @@ def test_prompt_buckets_must_be_increasing(tiny_model):
 
 def _penalized_greedy_reference(model, prompt, n, presence, frequency, repetition=1.0, bias=None):
     """Greedy tokens with the penalties, each step a full forward over the sequence so far (no
-    cache reuse) and the penalties applied in numpy: Hugging Face's repetition penalty over the
-    prompt and the output, then OpenAI's presence and frequency penalties over the output."""
+    cache reuse) and the penalties applied in numpy, in vLLM's order: the logit bias, Hugging
+    Face's repetition penalty over the prompt and the output, then OpenAI's presence and
+    frequency penalties over the output."""
     import numpy as np
     from jllm.model import forward, init_cache
     seq, out, T = list(prompt), [], len(prompt) + n   # padded to T: one shape, causal attention
@@ -77,10 +78,10 @@ def _penalized_greedy_reference(model, prompt, n, presence, frequency, repetitio
         lg = np.asarray(lg[0, len(seq) - 1], np.float64)
         counts = np.bincount(out, minlength=lg.shape[0])
         seen = np.isin(np.arange(lg.shape[0]), seq)
-        lg = np.where(seen, np.where(lg > 0, lg / repetition, lg * repetition), lg)
-        lg = lg - presence * (counts > 0) - frequency * counts
         for tok, b in (bias or {}).items():
             lg[tok] += b
+        lg = np.where(seen, np.where(lg > 0, lg / repetition, lg * repetition), lg)
+        lg = lg - presence * (counts > 0) - frequency * counts
         t = int(np.argmax(lg))
         out.append(t)
         seq.append(t)

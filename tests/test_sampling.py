@@ -177,3 +177,14 @@ def test_min_p_never_samples_below_its_share_of_the_best():
     got = _draw(row, Sampling.make(DRAWS, 1.0, None, None, 0.1))
     assert set(got.tolist()) == allowed        # all of them drawn in 4096 tries, none other
     assert (_draw(row, Sampling.make(DRAWS, 3.0, None, None, 1.0)) == np.argmax(row)).all()
+
+
+def test_the_logit_bias_comes_before_the_penalties_as_in_vllm():
+    """A seen token with logit 4 and bias +1 against an unseen one at 2.6, repetition penalty 2:
+    bias first gives (4 + 1) / 2 = 2.5 < 2.6 (vLLM's order); bias last would give 3.0."""
+    from jllm.sampling import penalize
+    lg = jnp.asarray([[4.0, 2.6]])
+    out = penalize(lg, jnp.zeros((1, 2), jnp.int32), jnp.zeros(1), jnp.zeros(1), jnp.asarray([2.0]),
+                   jnp.asarray([[True, False]]), jnp.asarray([[1.0, 0.0]]))
+    np.testing.assert_allclose(np.asarray(out), [[2.5, 2.6]])
+    assert int(jnp.argmax(out)) == 1
