@@ -1275,6 +1275,17 @@ def test_load_generator_reports_sane_metrics(srv, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["r.json", "r.png"]
 
 
+def test_load_generator_asks_for_json_objects(srv):
+    """--json-mode: every request is guided to a JSON object; each completes (stopping when its
+    object is complete, or at max_tokens) and is counted."""
+    cfg = loadgen.LoadConfig(url=srv.url, model=NAME, prompts="random-words", num_prompts=4, input_len=4,
+                             output_len=N, json_mode=True, max_duration_s=60, request_timeout_s=60)
+    assert loadgen._payload(cfg, "x")["response_format"] == {"type": "json_object"}
+    [run] = loadgen.run(cfg, concurrencies=[2])["runs"]
+    assert (run["completed"], run["failed"]) == (4, 0), run["errors"]
+    assert 4 <= run["output_tokens"] <= 4 * N
+
+
 def test_load_generator_counts_failures_and_bounds_the_run(srv):
     cfg = loadgen.LoadConfig(url=srv.url, model="not-served", prompts="random-words", num_prompts=4,
                              input_len=4, output_len=N, max_duration_s=10)

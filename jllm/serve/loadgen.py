@@ -40,6 +40,7 @@ class LoadConfig:
     output_len: int = 256                  # max_tokens of every request
     vocab_size: int = 32000                # random ids are drawn from [3, vocab_size)
     ignore_eos: bool = False               # vLLM's extension: always generate output_len tokens
+    json_mode: bool = False                # every request asks for JSON (response_format json_object)
     max_duration_s: float = 600.0          # wall-clock limit of one run
     request_timeout_s: float = 600.0
     slo_ttft_s: float | None = None        # goodput counts requests meeting every given SLO
@@ -133,6 +134,8 @@ def _payload(cfg: LoadConfig, prompt) -> dict:
             "stream_options": {"include_usage": True}}
     if cfg.ignore_eos:
         body["ignore_eos"] = True
+    if cfg.json_mode:
+        body["response_format"] = {"type": "json_object"}
     if cfg.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
@@ -393,6 +396,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=lambda t: _positive(int, t), default=256)
     p.add_argument("--vocab-size", type=lambda t: _positive(int, t), default=32000)
     p.add_argument("--ignore-eos", action="store_true", help="always generate --output-len tokens")
+    p.add_argument("--json-mode", action="store_true",
+                   help="every request asks for a JSON object (response_format json_object): the cost of "
+                        "guided decoding (a reply ends when its object is complete)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--request-rate", type=lambda t: _positive(float, t), nargs="+",
                       help="Poisson request rates per second (inf: all at once)")
@@ -414,7 +420,7 @@ def run_cli(args) -> int:
     cfg = LoadConfig(url=args.url, model=args.model, endpoint=args.endpoint, prompts=args.prompts,
                      num_prompts=args.num_prompts, input_len=args.input_len,
                      output_len=args.output_len, vocab_size=args.vocab_size,
-                     ignore_eos=args.ignore_eos, max_duration_s=args.max_duration,
+                     ignore_eos=args.ignore_eos, json_mode=args.json_mode, max_duration_s=args.max_duration,
                      request_timeout_s=args.request_timeout, slo_ttft_s=ms(args.slo_ttft_ms),
                      slo_tpot_s=ms(args.slo_tpot_ms), slo_e2e_s=ms(args.slo_e2e_ms), seed=args.seed,
                      api_key=os.environ.get("OPENAI_API_KEY"))
