@@ -477,8 +477,8 @@ def _run(model: Model, rows: list[Row], tokens: np.ndarray, n_tokens: np.ndarray
         now = time.perf_counter()
         for row in rows:
             if row.finish is None:
-                i = row.index
-                delta = row.push(new_tokens[i].tolist(), now)
+                i, new = row.index, new_tokens[row.index].tolist()
+                delta = row.push(new, now)
                 if lps is not None:  # the entries of the tokens the row took, a stop token included
                     k = row.taken
                     entries = logprob_entries(new_tokens[i, :k], lps[0][i, :k], lps[1][i, :k], lps[2][i, :k],
@@ -487,7 +487,7 @@ def _run(model: Model, rows: list[Row], tokens: np.ndarray, n_tokens: np.ndarray
                     if entries:
                         delta = dataclasses.replace(delta or Delta(i, "", []), logprobs=entries)
                 if matchers is not None:
-                    delta = follow(row, matchers[i], new_tokens[i].tolist(), now, delta)
+                    delta = follow(row, matchers[i], new, now, delta)
                 if delta is not None and stream is not None:
                     stream(delta)
 

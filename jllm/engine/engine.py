@@ -154,7 +154,7 @@ class Engine:
         self._ids = itertools.count()
         self.generated_tokens = self.aborted = self.steps = 0
         self._biased_slots: set[int] = set()   # slots whose logit bias is not zero
-        self._guide_tokenizer = None            # jllm.guided.GuideTokenizer, made at the first guided request
+        self._guided: set[Request] = set()      # guided requests not finished: their steps run one at a time
         with self._on_mesh():
             self.state = init_state(self.cfg, self.num_pages, self.page_size, self.max_seqs, self.dtype,
                                     model.mesh)
@@ -278,6 +278,8 @@ class Engine:
         req = Request(request_id, ids, params, row, time.perf_counter())
         req.matcher = matcher
         self.requests[request_id] = req
+        if matcher is not None:
+            self._guided.add(req)
         self.scheduler.add(req)
         return request_id
 
@@ -287,11 +289,10 @@ class Engine:
         llguidance)."""
         if self.model.tokenizer is None:
             return False
-        if self._guide_tokenizer is None:
-            try:
-                self._guide_tokenizer = guide_tokenizer(self.model.tokenizer, self.cfg.vocab_size)
-            except ValueError:   # no llguidance
-                return False
+        try:
+            guide_tokenizer(self.model.tokenizer, self.cfg.vocab_size)
+        except ValueError:   # no llguidance
+            return False
         return True
 
     def _matcher(self, guided):
@@ -299,9 +300,7 @@ class Engine:
         a tokenizer or llguidance)."""
         if self.model.tokenizer is None:
             raise ValueError(f"guided={guided.kind} needs a tokenizer; this model has none")
-        if self._guide_tokenizer is None:
-            self._guide_tokenizer = guide_tokenizer(self.model.tokenizer, self.cfg.vocab_size)
-        return self._guide_tokenizer.matcher(guided)
+        return guide_tokenizer(self.model.tokenizer, self.cfg.vocab_size).matcher(guided)
 
     def add_requests(self, requests: Sequence[tuple]) -> list[str]:
         """Queue (prompt, params, request_id) requests at once, all or none -> their ids: QueueFull
@@ -315,19 +314,25 @@ class Engine:
                 ids.append(self.add_request(prompt, params, request_id))
         except BaseException:
             for rid in ids:  # never scheduled (no step ran): gone without an output
-                self.scheduler.finish(self.requests.pop(rid))
+                self._drop(self.requests[rid])
             raise
         return ids
 
     def abort(self, request_id: str) -> None:
         """Stop a request now: its slot and pages are free at once, and its final output
         (finish_reason "abort") comes out of the next step(). Unknown or finished ids are ignored."""
-        req = self.requests.pop(request_id, None)
+        req = self.requests.get(request_id)
         if req is None:
             return
-        self.scheduler.finish(req)
+        self._drop(req)
         self.aborted += 1
         self._outputs.append(self._output(req, None, [], None, "abort", time.perf_counter()))
+
+    def _drop(self, req: Request) -> None:
+        """A finished or aborted request leaves: its slot and pages free, its id forgotten."""
+        self.scheduler.finish(req)
+        del self.requests[req.id]
+        self._guided.discard(req)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests or self._outputs or self._inflight)
@@ -340,8 +345,7 @@ class Engine:
         outs, self._outputs = self._outputs, []
         # A guided request's next mask needs its last token: while one runs, steps run one at a
         # time (its admission step may still be dispatched ahead: its first mask needs no token).
-        sync = not self.async_scheduling or any(r.matcher is not None and r.status is Status.RUNNING
-                                                for r in self.requests.values())
+        sync = not self.async_scheduling or any(r.status is Status.RUNNING for r in self._guided)
         if self._inflight is not None and (sync or self.scheduler.decode_pages_short()):
             outs += self._read(self._inflight)  # preemption needs every sample on the host
             self._inflight = None
@@ -479,8 +483,7 @@ class Engine:
                 n = req.params.logprobs
                 logprobs = logprob_entries([tok], lp[i:i + 1], top_ids[i:i + 1], top_lp[i:i + 1], n)
             if finish is not None:
-                self.scheduler.finish(req)
-                del self.requests[req.id]
+                self._drop(req)
             if delta is not None or finish is not None:
                 out = self._output(req, delta, delta.token_ids if delta else [], logprobs, finish, now)
                 if req.needs_prompt_lp:  # its prompt is done: with the first output
