@@ -16,6 +16,7 @@ from jllm.generate import Completion, Delta, Model, check_impls, check_kv_cache_
 from jllm.guided import Guided
 from jllm.generate import generate as _generate
 from jllm.model import from_flat, param_infos
+from jllm.tokenizer import find_tokenizer
 
 __all__ = ["CONFIGS", "Completion", "Guided", "LlamaConfig", "Model", "generate", "load"]
 
@@ -46,7 +47,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
     check_impls(attn_impl, matmul_impl)
     path = os.path.expanduser(os.fspath(path))
     say = runtime.say if progress else (lambda msg: None)
-    tok_path = os.path.join(path, "tokenizer.model")
+    tok_path = find_tokenizer(path) if os.path.isdir(path) else None
     # A directory that does not exist is neither: read_meta refuses it.
     if not os.path.isfile(os.path.join(path, checkpoint.META)) and os.path.isfile(os.path.join(path, "config.json")):
         cfg = hf.read_config(path)
@@ -82,7 +83,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, *, quantize: str | N
         if mesh is not None:
             flat = parallel.shard_flat(flat, cfg, mesh)
     params = from_flat(flat, cfg)
-    tokenizer = hf.load_tokenizer(tok_path, cfg) if tok_path and os.path.isfile(tok_path) else None
+    tokenizer = hf.load_tokenizer(tok_path, cfg) if tok_path else None
     return Model(params=params, cfg=cfg, tokenizer=tokenizer, quant=stored and stored["mode"],
                  attn_impl=attn_impl or plan.default_attn_impl(),
                  matmul_impl=matmul_impl or plan.default_matmul_impl(), mesh=mesh,

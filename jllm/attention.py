@@ -9,10 +9,12 @@ Under a mesh the kernels run per shard in shard_map: XLA cannot partition a cust
 otherwise gather every head onto every device.
 """
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
+from jllm.config import Rope
 from jllm.plan import Plan
 from pallas_kernels.decode_attention import decode_attention, decode_attention_append
 from pallas_kernels.flash_attention import flash_attention
@@ -49,20 +51,37 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array,
     return out.reshape(B, T, H, K).astype(q.dtype)
 
 
-def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
-    """The rotate-half RoPE frequencies [K / 2] float32: pair i turns by position * theta^(-2i/K)."""
-    half = head_dim // 2
-    return 1.0 / theta ** (jnp.arange(0, half, dtype=jnp.float32) / half)
+def rope_frequencies(head_dim: int, rotary: Rope | float) -> jax.Array:
+    """The rotate-half RoPE frequencies [K / 2] float32: pair i turns by position * inv_freq[i],
+    theta^(-2i/K) as rotary.scaling stretches it (rotary: LlamaConfig.rope, or a bare theta).
+
+    In float32 throughout, in the order Hugging Face computes them: its values to float32 rounding."""
+    rotary = rotary if isinstance(rotary, Rope) else Rope(rotary)
+    half, s = head_dim // 2, rotary.scaling
+    inv_freq = 1.0 / rotary.theta ** (jnp.arange(0, half, dtype=jnp.float32) / half)
+    if s is None:
+        return inv_freq
+    if s.kind == "linear":  # positions / factor
+        return inv_freq / s.factor
+    # llama3 (Meta's Llama 3.1 reference): pairs whose wavelength fits original_max_position
+    # high_freq_factor times keep their frequency, those it fits fewer than low_freq_factor times
+    # (long waves: the context the model never saw a full turn of) turn factor times slower, and
+    # those between blend the two linearly in original_max_position / wavelength.
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    return jnp.where(wavelen < s.original_max_position / s.high_freq_factor, inv_freq,
+                     jnp.where(wavelen > s.original_max_position / s.low_freq_factor, inv_freq / s.factor, blended))
 
 
-def rope(x: jax.Array, pos: jax.Array, theta: float) -> jax.Array:
+def rope(x: jax.Array, pos: jax.Array, rotary: Rope | float) -> jax.Array:
     """Rotate-half RoPE. x [B, T, N, K], pos [B, T] -> [B, T, N, K]; angles in float32.
 
     With x = (x1, x2) halves: (x1 cos - x2 sin, x2 cos + x1 sin), written as x * cos + reversed
     halves * (-sin, sin): elementwise with a reversed index, which XLA fuses into one pass where a
     concatenate of the two halves ran as a slow kernel of its own (prefill)."""
     B, T, N, K = x.shape
-    angles = pos.astype(jnp.float32)[..., None] * rope_frequencies(K, theta)   # [B, T, K/2]
+    angles = pos.astype(jnp.float32)[..., None] * rope_frequencies(K, rotary)  # [B, T, K/2]
     cos, sin = jnp.cos(angles)[:, :, None, None, :], jnp.sin(angles)[:, :, None, None, :]  # [B, T, 1, 1, K/2]
     halves = x.astype(jnp.float32).reshape(B, T, N, 2, K // 2)                  # [B, T, N, 2, K/2]
     signed_sin = sin * jnp.array([-1.0, 1.0], jnp.float32)[:, None]             # [B, T, 1, 2, K/2]
@@ -144,15 +163,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_offset: jax.Array, kv_
 
 
 def decode_append(q: jax.Array, k: jax.Array, v: jax.Array, k_new: jax.Array, v_new: jax.Array,
-                  lengths: jax.Array, kv_len: jax.Array, plan: Plan, theta: float | None = None,
+                  lengths: jax.Array, kv_len: jax.Array, plan: Plan, rotary: Rope | float | None = None,
                   ) -> tuple | None:
     """One decode step over a static float cache with the write in the attention kernel: q
     [B, 1, H, K], k_new, v_new [B, 1, G, K] stored at lengths -> (out [B, 1, H, K], k, v); with
-    theta, q and k_new come before RoPE and the kernel rotates them at lengths. None where the
-    plan runs no kernels on one device, or the shapes don't tile (the caller writes, then attends)."""
+    rotary (LlamaConfig.rope), q and k_new come before RoPE and the kernel rotates them at lengths
+    by its frequencies. None where the plan runs no kernels on one device, or the shapes don't
+    tile (the caller writes, then attends)."""
     if plan.attn_impl != "pallas" or plan.sharded or not supported(q, k):
         return None
-    inv_freq = None if theta is None else rope_frequencies(q.shape[-1], theta)
+    inv_freq = None if rotary is None else rope_frequencies(q.shape[-1], rotary)
     out, k, v = decode_attention_append(q[:, 0], k, v, lengths, kv_len, k_new[:, 0], v_new[:, 0],
                                         inv_freq=inv_freq, interpret=plan.interpreted)
     return out[:, None], k, v
@@ -160,7 +180,7 @@ def decode_append(q: jax.Array, k: jax.Array, v: jax.Array, k_new: jax.Array, v_
 
 def decode_append_int8(q: jax.Array, k: jax.Array, v: jax.Array, k_scale: jax.Array, v_scale: jax.Array,
                        k_new: jax.Array, v_new: jax.Array, lengths: jax.Array, kv_len: jax.Array, plan: Plan,
-                       theta: float) -> tuple | None:
+                       rotary: Rope | float) -> tuple | None:
     """`decode_append` over a static int8 cache (k, v [B, S, G, K] int8 with k_scale, v_scale
     [B, G, S]) with one query head per KV head: q [B, 1, H, K] and k_new, v_new [B, 1, G, K]
     before RoPE (rotated here, at lengths), the new key and value rounded to int8 and stored at
@@ -171,7 +191,7 @@ def decode_append_int8(q: jax.Array, k: jax.Array, v: jax.Array, k_scale: jax.Ar
             or q.shape[2] != k.shape[2]):
         return None
     pos = lengths[:, None]                                                            # [B, 1]
-    q, k_new = rope(q, pos, theta), rope(k_new, pos, theta)
+    q, k_new = rope(q, pos, rotary), rope(k_new, pos, rotary)
     rows = jnp.arange(q.shape[0], dtype=jnp.int32)[:, None]  # [B, 1] tables: row b is page b of S slots
     out, k, v, k_scale, v_scale = paged_attention_append(
         q[:, 0], k, v, rows, lengths, kv_len, k_new[:, 0], v_new[:, 0], k_scale_pages=k_scale,

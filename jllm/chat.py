@@ -81,11 +81,8 @@ class ChatTemplate:
         # The template reads `tools` from its context (renders tool definitions itself).
         self.takes_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
         self.tokenizer = tokenizer
-        sp = tokenizer.sp
-        self.special = {"bos_token": sp.id_to_piece(tokenizer.bos_id),
-                        "eos_token": sp.id_to_piece(tokenizer.eos_id),
-                        "unk_token": sp.id_to_piece(sp.unk_id())}
-        self.control_ids = {text: sp.piece_to_id(text) for text in self.special.values()}
+        self.special = tokenizer.template_tokens()
+        self.control_ids = tokenizer.special_tokens()
         pattern = "|".join(map(re.escape, sorted(self.control_ids, key=len, reverse=True)))
         self._control = re.compile(pattern)
         self._split = re.compile(f"{_MARK_START}({pattern}){_MARK_END}|({pattern})")

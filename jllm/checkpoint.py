@@ -2,7 +2,9 @@
 
     DIR/jllm.json         {"format": 1, "config": {...}, "dtype": "bfloat16", "quant": null, ...}
     DIR/params/           orbax checkpoint of {flat name: array}
-    DIR/tokenizer.model   SentencePiece model (absent: the model takes and returns token ids)
+    DIR/tokenizer.model   SentencePiece model, or
+    DIR/tokenizer.json    a Hugging Face tokenizer (Llama-3), with its generation_config.json
+                          (the ids that end generation); neither: the model takes and returns ids
     DIR/tokenizer_config.json   the Hugging Face source's, when it had one (its chat_template)
 
 A directory is written under a temporary name beside DIR (.DIR.tmp-XXXXXXXX, holding a marker
@@ -30,6 +32,7 @@ from jllm.config import LlamaConfig
 FORMAT = 1
 META = "jllm.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+GENERATION_CONFIG = "generation_config.json"
 # In a temporary directory while it is written: {"pid": ..., "host": ...} of the writer.
 MARKER = ".jllm-writing"
 # A marked temporary directory this old is stale even if its writer's pid is alive (pid reuse,
@@ -212,8 +215,13 @@ def write(tmp: str, flat: dict[str, object], cfg: LlamaConfig, *, dtype: str,
     meta = {"format": FORMAT, "config": json.loads(cfg.to_json()), "dtype": dtype, "quant": quant}
     with open(os.path.join(tmp, META), "w") as f:
         json.dump(meta, f, indent=2)
-    if tokenizer is not None:
-        shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
+    if tokenizer is not None:   # tokenizer.model, or tokenizer.json and its generation_config.json
+        tokenizer = os.fspath(tokenizer)
+        name = "tokenizer.json" if tokenizer.endswith(".json") else "tokenizer.model"
+        shutil.copyfile(tokenizer, os.path.join(tmp, name))
+        generation = os.path.join(os.path.dirname(tokenizer), GENERATION_CONFIG)
+        if name == "tokenizer.json" and os.path.isfile(generation):
+            shutil.copyfile(generation, os.path.join(tmp, GENERATION_CONFIG))
     if tokenizer_config is not None:
         shutil.copyfile(tokenizer_config, os.path.join(tmp, TOKENIZER_CONFIG))
 

@@ -377,7 +377,7 @@ def cmd_chat(args) -> int:
         chat.compile_template(source)
     model = _load(args)
     if model.tokenizer is None:
-        sys.exit("chat needs a model with a tokenizer.model")
+        sys.exit("chat needs a model with a tokenizer (tokenizer.model or tokenizer.json)")
     spec = _speculative(args, model)
     template = None if source is None else chat.ChatTemplate(source, model.tokenizer)
     messages = [{"role": "system", "content": args.system}] if args.system else []

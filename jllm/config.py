@@ -1,9 +1,82 @@
-"""LlamaConfig: the architecture of a Llama-2 model, and the named configs."""
+"""LlamaConfig: the architecture of a Llama-2 or Llama-3.x model (with its RoPE scaling), and the
+named configs."""
 import dataclasses
 import json
 import math
 import numbers
 import os
+
+ROPE_SCALINGS = ("linear", "llama3")
+# config.json's llama3 rope_scaling fields -> ours.
+_HF_LLAMA3 = {"factor": "factor", "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor",
+              "original_max_position_embeddings": "original_max_position"}
+
+
+def _check_positive(name: str, value, integer: bool = False) -> None:
+    """ValueError naming the field unless value is an int >= 1 (integer), else a finite number > 0."""
+    if (isinstance(value, bool) or not isinstance(value, int if integer else numbers.Real)
+            or not math.isfinite(value) or value <= 0):
+        raise ValueError(f"{name}={value!r} must be " + ("a positive int" if integer else "a finite number > 0"))
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """How a long-context model stretches its RoPE frequencies (attention.rope_frequencies).
+
+    kind "linear": every frequency divided by factor (positions / factor). kind "llama3" (Llama 3.1
+    and 3.2): wavelengths over original_max_position / low_freq_factor turn factor times slower,
+    those under original_max_position / high_freq_factor keep their speed, those between blend."""
+    kind: str
+    factor: float
+    low_freq_factor: float | None = None      # llama3 only
+    high_freq_factor: float | None = None     # llama3 only
+    original_max_position: int | None = None  # llama3 only: the context trained before scaling
+
+    def __post_init__(self):
+        if self.kind not in ROPE_SCALINGS:
+            raise ValueError(f"RopeScaling.kind={self.kind!r}; supported: {ROPE_SCALINGS}")
+        llama3 = ("low_freq_factor", "high_freq_factor", "original_max_position")
+        if self.kind != "llama3":
+            extra = [n for n in llama3 if getattr(self, n) is not None]
+            if extra:
+                raise ValueError(f"RopeScaling kind={self.kind!r} takes no {extra} (llama3 only)")
+        for name in ("factor",) + (llama3 if self.kind == "llama3" else ()):
+            _check_positive(f"RopeScaling.{name}", getattr(self, name), name == "original_max_position")
+        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(f"RopeScaling.high_freq_factor={self.high_freq_factor!r} must be > "
+                             f"low_freq_factor={self.low_freq_factor!r}")
+
+    @classmethod
+    def from_hf(cls, params: dict, field: str) -> "RopeScaling | None":
+        """From config.json's rope_scaling or rope_parameters object (`field`); None for "default"."""
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind == "default":
+            return None
+        if kind not in ROPE_SCALINGS:
+            raise ValueError(f"config.json {field} rope_type={kind!r} is not supported; supported: "
+                             f"{('default',) + ROPE_SCALINGS}")
+        names = {"factor": "factor"} if kind == "linear" else _HF_LLAMA3
+        unknown = sorted(set(params) - set(_HF_LLAMA3) - {"rope_type", "type", "rope_theta"})
+        if unknown:
+            raise ValueError(f"config.json {field} has fields jllm does not handle: {unknown}")
+        missing = [hf for hf in names if hf not in params]
+        if missing:
+            raise ValueError(f"config.json {field} rope_type={kind!r} is missing {missing}")
+        try:
+            return cls(kind, **{ours: params[hf] for hf, ours in names.items()})
+        except ValueError as e:
+            raise ValueError(f"config.json {field}={params!r}: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """Everything RoPE needs (LlamaConfig.rope): the base theta and any scaling."""
+    theta: float
+    scaling: RopeScaling | None = None
+
+
+_LLAMA_31 = RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192)
+_LLAMA_32 = dataclasses.replace(_LLAMA_31, factor=32.0)
 
 # The Llama-2 defaults; each named config lists only what differs.
 CONFIGS: dict[str, dict] = {
@@ -12,6 +85,16 @@ CONFIGS: dict[str, dict] = {
     "llama-2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672),
     "codellama-34b": dict(dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, ffn_dim=22016,
                           vocab_size=32000, rope_theta=1e6, max_seq_len=16384),
+    "llama-3-8b": dict(n_kv_heads=8, ffn_dim=14336, vocab_size=128256, rope_theta=5e5,
+                       max_seq_len=8192),
+    "llama-3.1-8b": dict(n_kv_heads=8, ffn_dim=14336, vocab_size=128256, rope_theta=5e5,
+                         rope_scaling=_LLAMA_31, max_seq_len=131072),
+    "llama-3.1-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
+                          vocab_size=128256, rope_theta=5e5, rope_scaling=_LLAMA_31, max_seq_len=131072),
+    "llama-3.2-1b": dict(dim=2048, n_layers=16, n_kv_heads=8, ffn_dim=8192, vocab_size=128256,
+                         tie_embeddings=True, rope_theta=5e5, rope_scaling=_LLAMA_32, max_seq_len=131072),
+    "llama-3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim=8192, vocab_size=128256,
+                         tie_embeddings=True, rope_theta=5e5, rope_scaling=_LLAMA_32, max_seq_len=131072),
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, vocab_size=512,
                  max_seq_len=512),
 }
@@ -48,13 +131,12 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     max_seq_len: int = 4096  # the context the model was trained for
+    rope_scaling: RopeScaling | None = None  # a dict (from JSON) becomes a RopeScaling
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
                      "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"LlamaConfig.{name}={value!r} must be a positive int")
+            _check_positive(f"LlamaConfig.{name}", getattr(self, name), integer=True)
         if self.dim % self.n_heads:
             raise ValueError(f"{self.dim=} not divisible by {self.n_heads=}")
         if self.n_heads % self.n_kv_heads:
@@ -62,16 +144,26 @@ class LlamaConfig:
         if self.head_dim % 2:
             raise ValueError(f"{self.head_dim=} must be even for RoPE")
         for name in ("norm_eps", "rope_theta"):
-            value = getattr(self, name)
-            if (not isinstance(value, numbers.Real) or isinstance(value, bool)
-                    or not math.isfinite(value) or value <= 0):
-                raise ValueError(f"LlamaConfig.{name}={value!r} must be a finite number > 0")
+            _check_positive(f"LlamaConfig.{name}", getattr(self, name))
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"LlamaConfig.tie_embeddings={self.tie_embeddings!r} must be a bool")
+        if isinstance(self.rope_scaling, dict):  # from to_json
+            try:
+                object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+            except TypeError:
+                raise ValueError(f"LlamaConfig.rope_scaling={self.rope_scaling!r}; expected the fields of "
+                                 f"RopeScaling: {[f.name for f in dataclasses.fields(RopeScaling)]}") from None
+        if not isinstance(self.rope_scaling, (RopeScaling, type(None))):
+            raise ValueError(f"LlamaConfig.rope_scaling={self.rope_scaling!r} must be a RopeScaling, a dict or None")
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def rope(self) -> "Rope":
+        """What RoPE reads of the config (hashable: the attention functions take it statically)."""
+        return Rope(self.rope_theta, self.rope_scaling)
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "LlamaConfig":
@@ -86,16 +178,17 @@ class LlamaConfig:
             raise ValueError(f"config.json holds a JSON {type(hf).__name__}; expected an object")
         if hf.get("model_type") != "llama":
             raise ValueError(f"config.json model_type={hf.get('model_type')!r}; only 'llama' is supported")
-        if hf.get("rope_scaling") is not None:
-            raise ValueError(f"config.json rope_scaling={hf['rope_scaling']!r} is not supported")
-        rope_theta = hf.get("rope_theta", 10000.0)
-        rope = hf.get("rope_parameters")  # newer transformers nest rope_theta here
-        if rope is not None:
-            if not isinstance(rope, dict):
-                raise ValueError(f"config.json rope_parameters={rope!r}; expected an object")
-            if rope.get("rope_type", "default") != "default":
-                raise ValueError(f"config.json rope_parameters={rope!r}: only the default RoPE is supported")
-            rope_theta = rope.get("rope_theta", rope_theta)
+        rope_theta, scalings = hf.get("rope_theta", 10000.0), {}
+        # Older transformers write rope_scaling; newer ones rope_parameters, with rope_theta inside.
+        for field in ("rope_scaling", "rope_parameters"):
+            rope = hf.get(field)
+            if rope is not None and not isinstance(rope, dict):
+                raise ValueError(f"config.json {field}={rope!r}; expected an object")
+            if rope is not None:
+                rope_theta = rope.get("rope_theta", rope_theta)
+                scalings[field] = RopeScaling.from_hf(rope, field)
+        if len(set(scalings.values())) > 1:
+            raise ValueError(f"config.json rope_scaling and rope_parameters disagree: {scalings}")
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag):
                 raise ValueError(f"config.json {flag}=true: biases are not supported")
@@ -121,7 +214,8 @@ class LlamaConfig:
                       norm_eps=number("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)),
                       rope_theta=number("rope_theta", rope_theta),
                       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                      max_seq_len=hf.get("max_position_embeddings", 4096))
+                      max_seq_len=hf.get("max_position_embeddings", 4096),
+                      rope_scaling=next(iter(scalings.values()), None))
         except KeyError as e:
             raise ValueError(f"config.json is missing the field {e.args[0]!r}") from None
         if hf.get("head_dim") not in (None, cfg.head_dim):

@@ -383,8 +383,8 @@ def generate(model: Model, prompts: str | Sequence[str] | Sequence[Sequence[int]
     top_p = None if top_p is None else float(top_p)
     stop = list(stop or [])
     if stop_token_ids is None:
-        stop_token_ids = [model.tokenizer.eos_id] if model.tokenizer is not None else []
-    stop_ids = {int(t) for t in stop_token_ids} | ({model.tokenizer.eos_id} if guided is not None else set())
+        stop_token_ids = list(model.tokenizer.stop_ids) if model.tokenizer is not None else []
+    stop_ids = {int(t) for t in stop_token_ids} | (set(model.tokenizer.stop_ids) if guided is not None else set())
     cfg, n = model.cfg, len(ids)
     dp = 1 if model.mesh is None else parallel.data_size(model.mesh)  # the batch split over data
     T = bucket(max(map(len, ids)), buckets=model.prompt_buckets)

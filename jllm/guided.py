@@ -15,7 +15,7 @@ import weakref
 import numpy as np
 
 from jllm.streaming import Delta, Row
-from jllm.tokenizer import Tokenizer
+from jllm.tokenizer import HFTokenizer, Tokenizer
 
 KINDS = ("json_schema", "json_object", "regex", "lark")
 COMPILED_KEPT = 64   # grammars a GuideTokenizer keeps compiled
@@ -85,12 +85,19 @@ class Guided:
 
 
 class GuideTokenizer:
-    """A SentencePiece tokenizer as llguidance sees it: each id's bytes (control pieces marked as
-    special, byte-fallback pieces as their byte, ids past the tokenizer empty) and an encoder
+    """A tokenizer as llguidance sees it. A Hugging Face tokenizer.json it reads itself (every id
+    that ends generation is its EOS); for SentencePiece: each id's bytes (control pieces marked
+    as special, byte-fallback pieces as their byte, ids past the tokenizer empty) and an encoder
     that adds no dummy prefix and keeps every space. Built once per model (~ms per 1k pieces)."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int):
         llg = _llguidance()
+        self.vocab_size = vocab_size
+        self._compiled: collections.OrderedDict = collections.OrderedDict()   # Guided -> a fresh LLMatcher
+        if isinstance(tokenizer, HFTokenizer):
+            self.lltok = llg.LLTokenizer(tokenizer.to_str(), n_vocab=vocab_size,
+                                         eos_token=list(tokenizer.stop_ids) or None)
+            return
         from sentencepiece import SentencePieceProcessor, sentencepiece_model_pb2
 
         sp = tokenizer.sp
@@ -118,9 +125,7 @@ class GuideTokenizer:
             def __call__(self, text):
                 return raw.encode(text.decode("utf-8", "replace") if isinstance(text, bytes) else text)
 
-        self.vocab_size = vocab_size
         self.lltok = llg.LLTokenizer(llg.TokenizerWrapper(_View()), n_vocab=vocab_size)
-        self._compiled: collections.OrderedDict = collections.OrderedDict()   # Guided -> a fresh LLMatcher
 
     def matcher(self, guided: Guided) -> "Matcher":
         """A fresh matcher for one request; ValueError naming the problem for a bad grammar. A

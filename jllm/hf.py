@@ -18,7 +18,7 @@ import numpy as np
 from jllm import checkpoint, quant, runtime
 from jllm.config import LlamaConfig
 from jllm.model import param_infos
-from jllm.tokenizer import Tokenizer
+from jllm.tokenizer import Tokenizer, find_tokenizer, open_tokenizer
 
 # Our name -> (HF name, transpose). HF stores linear weights as [out, in]; ours are [in, out] so
 # every matmul is `x @ w`. Layer weights sit under "model.layers.{i}.".
@@ -183,9 +183,9 @@ def read_config(hf_dir: str | os.PathLike) -> LlamaConfig:
 
 
 def load_tokenizer(path: str, cfg: LlamaConfig) -> Tokenizer:
-    """The tokenizer.model at `path`, refused if SentencePiece cannot load it or if it has more
-    pieces than the model has embeddings."""
-    tokenizer = Tokenizer(path)  # ValueError naming the file if it is not a SentencePiece model
+    """The tokenizer.model or tokenizer.json at `path`, refused if it cannot be read or if it has
+    more pieces than the model has embeddings."""
+    tokenizer = open_tokenizer(path)  # ValueError naming the file if it cannot be read
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"{path!r} has {tokenizer.vocab_size} pieces but the model's vocab_size "
                          f"is {cfg.vocab_size}")
@@ -195,7 +195,7 @@ def load_tokenizer(path: str, cfg: LlamaConfig) -> Tokenizer:
 def load_hf(hf_dir: str | os.PathLike, dtype="bfloat16", progress: bool = True,
             place: Callable[[str, np.ndarray], object] | None = None,
             ) -> tuple[LlamaConfig, dict[str, object], str | None]:
-    """Read an HF Llama directory -> (config, flat params, tokenizer.model path or None).
+    """Read an HF Llama directory -> (config, flat params, tokenizer file path or None).
 
     Params are numpy arrays, or whatever `place(name, array)` makes of each tensor as soon as it
     is converted (e.g. a device array in its shards), so host memory holds one tensor at a time.
@@ -203,11 +203,9 @@ def load_hf(hf_dir: str | os.PathLike, dtype="bfloat16", progress: bool = True,
     hf_dir = os.path.expanduser(os.fspath(hf_dir))
     cfg = read_config(hf_dir)
     dtype = checkpoint.parse_dtype(dtype)
-    tok = os.path.join(hf_dir, "tokenizer.model")
-    if os.path.isfile(tok):
+    tok = find_tokenizer(hf_dir)
+    if tok is not None:
         load_tokenizer(tok, cfg)  # before the weights: a bad tokenizer fails in seconds
-    else:
-        tok = None
     infos, keys = param_infos(cfg), key_map(cfg)
     flat: dict[str, np.ndarray] = {}
     files = weight_files(hf_dir)
@@ -232,7 +230,7 @@ def load_hf(hf_dir: str | os.PathLike, dtype="bfloat16", progress: bool = True,
         raise ValueError(f"the checkpoint lacks {len(missing)} tensors jllm needs, e.g. "
                          f"{[hf_key(k)[0] for k in missing[:5]]}")
     if tok is None:
-        warnings.warn(f"{hf_dir!r} has no tokenizer.model: the model will take and return token ids")
+        warnings.warn(f"{hf_dir!r} has no tokenizer.model or tokenizer.json: the model will take and return token ids")
     return cfg, {k: flat[k] for k in infos}, tok
 
 

@@ -4,7 +4,7 @@ Both are pytrees passed into the model and returned (donated by the jitted steps
 are updated in place). The model asks the cache these things:
 
     pos = cache.positions(T)                                  # [B, T] positions of the new tokens
-    layer, o = cache.write_attend(i, q, k, v, pos, n_tokens, fresh, plan, theta)  # per layer:
+    layer, o = cache.write_attend(i, q, k, v, pos, n_tokens, fresh, plan, cfg.rope)  # per layer:
     layer = cache.write(i, k, v, n_tokens, fresh)             #   new k, v [B, T, G, K] stored
     o = cache.attend(layer, q, k, v, n_tokens, fresh, plan)   #   q [B, T, H, K] -> [B, T, H, K]
     cache = cache.updated(layers, n_tokens)                   # after the last layer
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jllm import attention as attn
-from jllm.config import LlamaConfig
+from jllm.config import LlamaConfig, Rope
 from jllm.plan import Plan
 from pallas_kernels.kv_quant import dequantize_kv, quantize_kv
 
@@ -64,11 +64,11 @@ class CacheOps:
         return self.lengths[:, None] + jnp.arange(T)                                  # [B, T]
 
     def write_attend(self, i: int, q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array,
-                     n_tokens: jax.Array, fresh: bool, plan: Plan, theta: float,
+                     n_tokens: jax.Array, fresh: bool, plan: Plan, rotary: Rope | float,
                      ) -> tuple[LayerKV, jax.Array]:
-        """RoPE on q [B, T, H, K] and k [B, T, G, K] at pos [B, T], store layer i's new k, v, then
-        attend q over the layer -> (layer's buffers, [B, T, H, K])."""
-        q, k = attn.rope(q, pos, theta), attn.rope(k, pos, theta)
+        """RoPE (rotary: LlamaConfig.rope) on q [B, T, H, K] and k [B, T, G, K] at pos [B, T],
+        store layer i's new k, v, then attend q over the layer -> (layer's buffers, [B, T, H, K])."""
+        q, k = attn.rope(q, pos, rotary), attn.rope(k, pos, rotary)
         layer = self.write(i, k, v, n_tokens, fresh)
         return layer, self.attend(layer, q, k, v, n_tokens, fresh, plan)
 
@@ -133,7 +133,7 @@ class KVCache(CacheOps):
         return attn.attention(q, ck, cv, start, kv_len, plan, cks, cvs)  # decode reads the codes
 
     def write_attend(self, i: int, q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array,
-                     n_tokens: jax.Array, fresh: bool, plan: Plan, theta: float,
+                     n_tokens: jax.Array, fresh: bool, plan: Plan, rotary: Rope | float,
                      ) -> tuple[LayerKV, jax.Array]:
         """`CacheOps.write_attend`; a decode step runs as one Pallas kernel where the plan's
         attention allows (pos is then self.lengths): over a float cache (attention.decode_append),
@@ -141,17 +141,17 @@ class KVCache(CacheOps):
         which also rounds the new key and value to int8)."""
         if q.shape[1] == 1 and not fresh and not self.quantized:
             fused = attn.decode_append(q, self.k[i], self.v[i], k, v, self.lengths, self.lengths + n_tokens,
-                                       plan, theta)
+                                       plan, rotary)
             if fused is not None:
                 o, ck, cv = fused
                 return (ck, cv, None, None), o
         if q.shape[1] == 1 and not fresh and self.quantized:
             fused = attn.decode_append_int8(q, self.k[i], self.v[i], self.k_scale[i], self.v_scale[i], k, v,
-                                            self.lengths, self.lengths + n_tokens, plan, theta)
+                                            self.lengths, self.lengths + n_tokens, plan, rotary)
             if fused is not None:
                 o, *layer = fused
                 return tuple(layer), o
-        return super().write_attend(i, q, k, v, pos, n_tokens, fresh, plan, theta)
+        return super().write_attend(i, q, k, v, pos, n_tokens, fresh, plan, rotary)
 
     def updated(self, layers: list[LayerKV], n_tokens: jax.Array) -> "KVCache":
         k, v, ks, vs = (list(b) for b in zip(*layers))

@@ -1,4 +1,4 @@
-"""Llama-2 as pure functions over a params pytree.
+"""Llama-2 and Llama-3.x as pure functions over a params pytree.
 
 Dimension key: B batch, T new tokens, S cache length, D dim, H query heads, G kv heads,
 R = H // G query heads per kv head, K head dim, F ffn dim, V vocab, L layers.
@@ -159,7 +159,7 @@ def transformer(params: Params, tokens: jax.Array, cache: Cache, cfg: LlamaConfi
         # Attention block: norm, project, rotate, write the cache, attend, project back.
         q, k, v = normed_linears(x, layer.attention_norm, (layer.wq, layer.wk, layer.wv), ("wq", "wk", "wv"))
         q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, G, K), v.reshape(B, T, G, K)
-        layer_kv, o = cache.write_attend(i, q, k, v, pos, n_tokens, fresh, plan, cfg.rope_theta)  # [B, T, H, K]
+        layer_kv, o = cache.write_attend(i, q, k, v, pos, n_tokens, fresh, plan, cfg.rope)  # [B, T, H, K]
         written.append(layer_kv)
         if only is not None and i == len(params.layers) - 1:  # past here, rows are independent
             x = jnp.take_along_axis(x, only[:, :, None], axis=1)                  # [B, P, D]

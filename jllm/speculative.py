@@ -230,14 +230,14 @@ class DraftModel:
             raise ValueError("only one of the draft and the target has a tokenizer, so their "
                              "vocabularies cannot be checked")
         if d.tokenizer is not None and d.tokenizer is not target.tokenizer:
-            a, b = d.tokenizer.sp, target.tokenizer.sp
-            if a.vocab_size() != b.vocab_size():
-                raise ValueError(f"the draft's tokenizer has {a.vocab_size()} pieces, the target's "
-                                 f"{b.vocab_size()}")
-            bad = next((i for i in range(a.vocab_size()) if a.id_to_piece(i) != b.id_to_piece(i)), None)
+            a, b = d.tokenizer, target.tokenizer
+            if a.vocab_size != b.vocab_size:
+                raise ValueError(f"the draft's tokenizer has {a.vocab_size} pieces, the target's "
+                                 f"{b.vocab_size}")
+            bad = next((i for i in range(a.vocab_size) if a.piece(i) != b.piece(i)), None)
             if bad is not None:
                 raise ValueError(f"the draft's tokenizer differs from the target's: piece {bad} is "
-                                 f"{a.id_to_piece(bad)!r} vs {b.id_to_piece(bad)!r}")
+                                 f"{a.piece(bad)!r} vs {b.piece(bad)!r}")
 
     def start(self, target: Model, tokens: jax.Array, n_tokens: jax.Array, max_len: int,
               first: jax.Array) -> DraftState:
@@ -402,7 +402,7 @@ def generate(model: Model, prompts, spec: Speculative, *, max_new_tokens: int,
     spec.proposer.check(model)
     stop = list(stop or [])
     if stop_token_ids is None:
-        stop_token_ids = [model.tokenizer.eos_id] if model.tokenizer is not None else []
+        stop_token_ids = list(model.tokenizer.stop_ids) if model.tokenizer is not None else []
     n, k = len(ids), spec.k
     B = bucket(n, minimum=1)
     T = bucket(max(map(len, ids)), buckets=model.prompt_buckets)

@@ -1,4 +1,6 @@
-"""SentencePiece tokenizer (text checks, decoding after a context token) and the Llama-2 chat format."""
+"""Tokenizers (SentencePiece `tokenizer.model`, Hugging Face `tokenizer.json`): text checks, decoding
+after a context token, offsets; and the Llama-2 chat format."""
+import json
 import os
 import re
 
@@ -22,6 +24,128 @@ def check_text(text: str, what: str = "text") -> None:
 
 
 class Tokenizer:
+    """What the model's users need of a tokenizer; `SentencePieceTokenizer` (Llama-2's
+    tokenizer.model) and `HFTokenizer` (a Hugging Face tokenizer.json: Llama-3's byte-level BPE)
+    fill it in. `open_tokenizer(path)` picks one by the file."""
+
+    path: str
+    bos_id: int | None     # added in front of prompts (None: nothing is)
+    eos_id: int | None     # the end of a reply (the chat template's eos_token)
+    stop_ids: tuple[int, ...]   # every id that ends generation: eos_id first, then the model's others
+    _visible: int | None   # a piece with visible text alone (see decode_after)
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def _encode(self, text: str) -> list[int]:
+        """text -> ids with no BOS/EOS; special-token strings in text stay text."""
+        raise NotImplementedError
+
+    def _decode(self, ids: list[int]) -> str:
+        """ids the tokenizer has -> text; control tokens read as nothing."""
+        raise NotImplementedError
+
+    def piece(self, i: int) -> str:
+        """The vocabulary entry of id i as the tokenizer stores it."""
+        raise NotImplementedError
+
+    def is_special(self, i: int) -> bool:
+        """Whether id i is a control token (BOS, EOS, chat markers): no text in a decode."""
+        raise NotImplementedError
+
+    def token_bytes(self, i: int) -> bytes:
+        """The UTF-8 bytes id i adds mid-text (part of a character for a byte piece); a special
+        token's own string."""
+        raise NotImplementedError
+
+    def special_tokens(self) -> dict[str, int]:
+        """Control-token strings a chat template may write, and their ids."""
+        raise NotImplementedError
+
+    def template_tokens(self) -> dict[str, str | None]:
+        """bos_token, eos_token, unk_token: the strings a chat template is rendered with."""
+        raise NotImplementedError
+
+    def encode_offsets(self, text: str) -> list[int]:
+        """Where the text of each id of encode(text, bos=False) begins in text (in characters)."""
+        raise NotImplementedError
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, not {type(text).__name__}: decode bytes first, "
+                            f"e.g. text.decode('utf-8')")
+        check_text(text)
+        return ([self.bos_id] if bos and self.bos_id is not None else []) + self._encode(text) + (
+            [self.eos_id] if eos and self.eos_id is not None else [])
+
+    def _known(self, ids: list[int]) -> list[int]:
+        """ids without those the tokenizer lacks: a model's vocabulary may be larger than its
+        tokenizer's (e.g. 32001 ids over 32000 pieces), and those ids have no text."""
+        n = self.vocab_size
+        return ids if all(0 <= i < n for i in ids) else [i for i in ids if 0 <= i < n]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._decode(self._known(ids))
+
+    def is_anchor(self, i: int) -> bool:
+        """Whether `decode_after` reads text after the id i as it reads mid-text: i is a piece of
+        this tokenizer and not a control token (after those, as at the start, a leading space may
+        be dropped; mid-text it is kept)."""
+        return 0 <= i < self.vocab_size and not self.is_special(i)
+
+    def decode_after(self, context: int | None, ids: list[int]) -> str:
+        """Text of `ids` as it reads after the token `context`: a tokenizer may drop the leading
+        space of the first piece of a text (SentencePiece does), which would glue a continuation
+        to its prompt."""
+        ids = self._known(ids)
+        if context is None or not self.is_anchor(context):
+            return self._decode(ids)
+        # SentencePiece drops every leading space up to the first visible character, so a context
+        # that is only whitespace ("▁", "▁▁▁▁") decoded first would take the spaces of ids along:
+        # decode after a visible piece and the context.
+        head = [context] if self._visible is None else [self._visible, context]
+        anchor, text = self._decode(head), self._decode(head + ids)
+        # A byte piece alone reads as U+FFFD; if `ids` complete its character the anchor is gone.
+        return text[len(anchor):] if text.startswith(anchor) else self._decode(ids)
+
+    def decode_offsets(self, ids: list[int]) -> tuple[str, list[int]]:
+        """decode(ids) and where each id's text begins in it (in characters); control tokens and
+        ids the tokenizer lacks take no width."""
+        text = self.decode(ids)
+        raw, begins = b"", []
+        for i in ids:
+            begins.append(len(raw))
+            if self.is_anchor(i):
+                raw += self.token_bytes(i)
+        joined = raw.decode("utf-8", "replace")
+        lead = len(joined) - len(text)   # a leading space the decode dropped
+        if joined[lead:] != text:        # a decoder that is not a plain join: decode prefix by prefix
+            return text, [len(self.decode(ids[:k])) for k in range(len(ids))]
+        return text, [max(0, k - lead) for k in _char_offsets(joined, begins)]
+
+    def token_text(self, i: int) -> tuple[str, list[int]]:
+        """A token as logprobs show it: its text (bytes that are no whole character as
+        'bytes:\\xNN'), and its UTF-8 bytes; an id past the tokenizer as 'token_id:N'."""
+        if not 0 <= i < self.vocab_size:
+            return f"token_id:{i}", []
+        raw = self.token_bytes(i)
+        try:
+            return raw.decode("utf-8"), list(raw)
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
+
+    def width(self, i: int) -> int:
+        """Characters id i adds to a decode, as far as it alone tells: none for control tokens,
+        ids past the tokenizer and parts of a character."""
+        if not self.is_anchor(i):
+            return 0
+        text = self.token_text(i)[0]
+        return 0 if text.startswith("bytes:") else len(text)
+
+
+
+class SentencePieceTokenizer(Tokenizer):
     """A Llama-2 `tokenizer.model`: BOS added to prompts, byte-fallback pieces decoded as bytes."""
 
     def __init__(self, path: str | os.PathLike):
@@ -31,8 +155,9 @@ class Tokenizer:
         except (OSError, RuntimeError) as e:
             raise ValueError(f"cannot read the SentencePiece model {self.path!r}: {e}") from None
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        # A piece with visible text alone (not a control, unknown, unused or byte piece): what
-        # `decode_after` decodes first, so that the text after it reads as mid-text.
+        self.bos_id = None if self.bos_id < 0 else self.bos_id
+        self.eos_id = None if self.eos_id < 0 else self.eos_id
+        self.stop_ids = () if self.eos_id is None else (self.eos_id,)
         sp = self.sp
         self._visible = next((i for i in range(sp.vocab_size()) if not (
             sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) or sp.is_byte(i))
@@ -42,25 +167,41 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.sp.vocab_size()
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, not {type(text).__name__}: decode bytes first, "
-                            f"e.g. text.decode('utf-8')")
-        check_text(text)
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+    def _encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
 
-    def _known(self, ids: list[int]) -> list[int]:
-        """ids without those the tokenizer lacks: a model's vocabulary may be larger than its
-        tokenizer's (e.g. 32001 ids over 32000 pieces), and those ids have no text."""
-        n = self.sp.vocab_size()
-        return ids if all(0 <= i < n for i in ids) else [i for i in ids if 0 <= i < n]
+    def _decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
 
-    def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(self._known(ids))
+    def piece(self, i: int) -> str:
+        return self.sp.id_to_piece(i)
+
+    def is_special(self, i: int) -> bool:
+        return self.sp.is_control(i)
+
+    def token_bytes(self, i: int) -> bytes:
+        piece = self.sp.id_to_piece(i)
+        if self.sp.is_byte(i):          # "<0xE2>": one byte of a character split over pieces
+            return bytes([int(piece[3:5], 16)])
+        special = self.sp.is_control(i) or self.sp.is_unknown(i)
+        return (piece if special else piece.replace("\u2581", " ")).encode("utf-8")
+
+    def token_text(self, i: int) -> tuple[str, list[int]]:
+        if 0 <= i < self.vocab_size and self.sp.is_byte(i):   # shown as a byte even where it is ASCII
+            value = int(self.sp.id_to_piece(i)[3:5], 16)
+            return f"bytes:\\x{value:02x}", [value]
+        return super().token_text(i)
+
+    def special_tokens(self) -> dict[str, int]:
+        sp = self.sp
+        return {sp.id_to_piece(i): i for i in (sp.bos_id(), sp.eos_id(), sp.unk_id()) if i >= 0}
+
+    def template_tokens(self) -> dict[str, str | None]:
+        sp = self.sp
+        return {name: sp.id_to_piece(i) if i >= 0 else None for name, i in
+                (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id()))}
 
     def decode_offsets(self, ids: list[int]) -> tuple[str, list[int]]:
-        """decode(ids) and where each id's text begins in it (in characters); control tokens and
-        ids the tokenizer lacks take no width."""
         n = self.sp.vocab_size()
         proto = self.sp.decode_ids_as_proto(self._known(ids))
         begins = iter(_char_offsets(proto.text, [p.begin for p in proto.pieces]))
@@ -71,30 +212,136 @@ class Tokenizer:
         return proto.text, out
 
     def encode_offsets(self, text: str) -> list[int]:
-        """Where the text of each id of encode(text, bos=False) begins in text (in characters)."""
         check_text(text)
         proto = self.sp.encode_as_proto(text)
         return _char_offsets(text, [p.begin for p in proto.pieces])
 
-    def is_anchor(self, i: int) -> bool:
-        """Whether `decode_after` reads text after the id i as it reads mid-text: i is a piece of
-        this tokenizer and not a control token (after those, as at the start, a leading space is
-        dropped; mid-text SentencePiece keeps it)."""
-        return 0 <= i < self.sp.vocab_size() and not self.sp.is_control(i)
 
-    def decode_after(self, context: int | None, ids: list[int]) -> str:
-        """Text of `ids` as it reads after the token `context`: SentencePiece drops the leading
-        space of the first piece of a sequence, which would glue a continuation to its prompt."""
-        ids = self._known(ids)
-        if context is None or not self.is_anchor(context):
-            return self.sp.decode(ids)
-        # SentencePiece drops every leading space up to the first visible character, so a context
-        # that is only whitespace ("▁", "▁▁▁▁") decoded first would take the spaces of ids along:
-        # decode after a visible piece and the context.
-        head = [context] if self._visible is None else [self._visible, context]
-        anchor, text = self.sp.decode(head), self.sp.decode(head + ids)
-        # A byte piece alone reads as U+FFFD; if `ids` complete its character the anchor is gone.
-        return text[len(anchor):] if text.startswith(anchor) else self.sp.decode(ids)
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): the printable character that stands for each byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    shifted = [b for b in range(256) if b not in keep]
+    table = {chr(b): b for b in keep}
+    table.update({chr(256 + k): b for k, b in enumerate(shifted)})
+    return table
+
+
+def _token_string(value) -> str | None:
+    """A tokenizer_config.json special token: a string, or {"content": string, ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json` (Llama-3's byte-level BPE, or any `tokenizers` model) with
+    the tokenizer_config.json (bos_token, eos_token) and generation_config.json (eos_token_id: the
+    ids that end generation) beside it. Text is not cleaned up after decoding (no
+    `clean_up_tokenization_spaces`): what the model wrote, space for space."""
+
+    def __init__(self, path: str | os.PathLike):
+        import tokenizers
+
+        self.path = os.path.expanduser(os.fspath(path))
+        try:
+            self.tok = tokenizers.Tokenizer.from_file(self.path)
+        except Exception as e:   # tokenizers raises a bare Exception for a malformed file
+            raise ValueError(f"cannot read the Hugging Face tokenizer {self.path!r}: {e}") from None
+        self.tok.encode_special_tokens = True   # typed "<|eot_id|>" stays text
+        self.tok.no_padding()
+        self.tok.no_truncation()
+        folder = os.path.dirname(self.path)
+        config = _json_beside(folder, "tokenizer_config.json")
+        generation = _json_beside(folder, "generation_config.json")
+        added = self.tok.get_added_tokens_decoder()
+        self._special = {t.content: i for i, t in added.items() if t.special}
+        self._special_ids = frozenset(self._special.values())
+        self._tokens = {name: _token_string(config.get(name)) for name in ("bos_token", "eos_token", "unk_token")}
+        for name, text in self._tokens.items():
+            if text is not None and (not isinstance(text, str) or self.tok.token_to_id(text) is None):
+                raise ValueError(f"{os.path.join(folder, 'tokenizer_config.json')!r}: {name}={text!r} "
+                                 f"is not a token of {self.path!r}")
+        bos, eos = self._tokens["bos_token"], self._tokens["eos_token"]
+        self.bos_id = None if bos is None or config.get("add_bos_token") is False else self.tok.token_to_id(bos)
+        ends = generation.get("eos_token_id")
+        ends = [ends] if isinstance(ends, int) else list(ends or [])
+        if not all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < self.vocab_size for e in ends):
+            raise ValueError(f"{os.path.join(folder, 'generation_config.json')!r}: eos_token_id={ends!r}; "
+                             f"expected ids below the tokenizer's {self.vocab_size}")
+        self.eos_id = self.tok.token_to_id(eos) if eos is not None else (ends[0] if ends else None)
+        self.stop_ids = tuple(dict.fromkeys(([] if self.eos_id is None else [self.eos_id]) + ends))
+        decoder = json.loads(self.tok.to_str()).get("decoder") or {}
+        self._bytes_of = _byte_decoder() if decoder.get("type") == "ByteLevel" else None
+        self._visible = next((i for i in range(self.vocab_size) if not self.is_special(i)
+                              and self.width(i) and self._decode([i]).strip()), None)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def to_str(self) -> str:
+        """The tokenizer as JSON (what llguidance reads)."""
+        return self.tok.to_str()
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def piece(self, i: int) -> str:
+        return self.tok.id_to_token(i)
+
+    def is_special(self, i: int) -> bool:
+        return i in self._special_ids
+
+    def token_bytes(self, i: int) -> bytes:
+        piece = self.tok.id_to_token(i)
+        if i in self._special_ids:
+            return piece.encode("utf-8")
+        if self._bytes_of is not None:
+            return bytes(self._bytes_of.get(ch, 0) for ch in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):   # byte fallback
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._special)
+
+    def template_tokens(self) -> dict[str, str | None]:
+        return dict(self._tokens)
+
+    def encode_offsets(self, text: str) -> list[int]:
+        check_text(text)
+        return [begin for begin, _ in self.tok.encode(text, add_special_tokens=False).offsets]
+
+
+def _json_beside(folder: str, name: str) -> dict:
+    """The JSON object in folder/name, {} when there is none; ValueError naming a bad file."""
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path!r}: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path!r} holds a JSON {type(obj).__name__}; expected an object")
+    return obj
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")   # in this order of preference
+
+
+def find_tokenizer(folder: str) -> str | None:
+    """The tokenizer file of a model directory (tokenizer.model, else tokenizer.json), or None."""
+    return next((p for p in (os.path.join(folder, n) for n in TOKENIZER_FILES) if os.path.isfile(p)), None)
+
+
+def open_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A SentencePiece `*.model`, or a Hugging Face `tokenizer.json` (its configs read beside it)."""
+    path = os.fspath(path)
+    return HFTokenizer(path) if path.endswith(".json") else SentencePieceTokenizer(path)
 
 
 def format_chat(messages: list[dict], tokenizer: Tokenizer) -> list[int]:

@@ -33,7 +33,7 @@ from jllm import checkpoint  # noqa: E402
 from jllm.config import LlamaConfig  # noqa: E402
 from jllm.generate import Model  # noqa: E402
 from jllm.model import Params, from_flat, param_infos, to_flat  # noqa: E402
-from jllm.tokenizer import Tokenizer  # noqa: E402
+from jllm.tokenizer import SentencePieceTokenizer as Tokenizer  # noqa: E402
 
 
 def random_flat(cfg: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ from jllm.engine import Engine  # noqa: E402
 from jllm.serve.app import create_app  # noqa: E402
 from jllm.serve.main import bind, serve, setup_logging  # noqa: E402
 from jllm.serve.runner import EngineRunner  # noqa: E402
-from jllm.tokenizer import Tokenizer  # noqa: E402
+from jllm.tokenizer import SentencePieceTokenizer as Tokenizer  # noqa: E402
 
 
 class SlowEngine(Engine):

@@ -19,7 +19,7 @@ from jax.sharding import AbstractMesh, AxisType
 import jllm
 from jllm import costs
 from jllm.model import init_cache
-from jllm.tokenizer import Tokenizer
+from jllm.tokenizer import SentencePieceTokenizer as Tokenizer
 from sharding import rules
 
 gen = importlib.import_module("jllm.generate")  # the module; `jllm.generate` is the function

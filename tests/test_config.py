@@ -1,9 +1,10 @@
 import dataclasses
+import json
 
 import pytest
 import transformers
 
-from jllm.config import CONFIGS, LlamaConfig
+from jllm.config import CONFIGS, LlamaConfig, RopeScaling
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -27,8 +28,8 @@ def test_from_name_applies_overrides():
 
 
 def test_unknown_config_name_is_key_error_listing_names():
-    with pytest.raises(KeyError, match="llama-3-8b") as e:
-        LlamaConfig.from_name("llama-3-8b")
+    with pytest.raises(KeyError, match="llama-4-8b") as e:
+        LlamaConfig.from_name("llama-4-8b")
     for name in CONFIGS:
         assert name in str(e.value)
 
@@ -56,17 +57,45 @@ def test_config_is_frozen_and_hashable():
     (dict(rope_theta=float("inf")), "rope_theta=inf"),
     (dict(norm_eps=True), "norm_eps=True"),
     (dict(tie_embeddings="false"), "tie_embeddings='false'"),
+    (dict(rope_scaling={"kind": "yarn", "factor": 2.0}), "kind='yarn'; supported: \\('linear', 'llama3'\\)"),
+    (dict(rope_scaling={"kind": "linear", "scale": 2.0}), "rope_scaling=.*'scale'"),
+    (dict(rope_scaling={"kind": "linear", "factor": 0}), "factor=0 must be a finite number > 0"),
+    (dict(rope_scaling={"kind": "linear", "factor": 2.0, "low_freq_factor": 1.0}), "low_freq_factor"),
+    (dict(rope_scaling={"kind": "llama3", "factor": 8.0}), "low_freq_factor=None"),
+    (dict(rope_scaling=dict(kind="llama3", factor=8.0, low_freq_factor=4.0, high_freq_factor=1.0,
+                            original_max_position=8192)), "high_freq_factor=1.0 must be > low_freq_factor=4.0"),
+    (dict(rope_scaling=dict(kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                            original_max_position=8192.0)), "original_max_position=8192.0 must be a positive int"),
+    (dict(rope_scaling=dict(kind="llama3", factor=float("nan"), low_freq_factor=1.0, high_freq_factor=4.0,
+                            original_max_position=8192)), "factor=nan"),
+    (dict(rope_scaling=8.0), "rope_scaling=8.0 must be a RopeScaling"),
 ], ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()))
 def test_invalid_config_raises_value_error_with_the_values(kw, match):
     with pytest.raises(ValueError, match=match):
         LlamaConfig(**kw)
 
 
-def test_json_round_trip(tmp_path):
-    cfg = LlamaConfig.from_name("tiny", tie_embeddings=True, rope_theta=1e6)
+@pytest.mark.parametrize("name", ["tiny", "llama-3.1-8b", "llama-3.2-1b"])
+def test_json_round_trip(tmp_path, name):
+    cfg = LlamaConfig.from_name(name, tie_embeddings=True, rope_theta=1e6)
     path = tmp_path / "cfg.json"
     path.write_text(cfg.to_json())
-    assert LlamaConfig.from_json_file(path) == cfg
+    back = LlamaConfig.from_json_file(path)
+    assert back == cfg and hash(back) == hash(cfg)
+    assert back.rope_scaling is None or isinstance(back.rope_scaling, RopeScaling)
+
+
+def test_json_without_rope_scaling_loads_unscaled(tmp_path):
+    """Checkpoints written before the field existed."""
+    old = json.loads(LlamaConfig.from_name("tiny").to_json())
+    del old["rope_scaling"]
+    (tmp_path / "cfg.json").write_text(json.dumps(old))
+    assert LlamaConfig.from_json_file(tmp_path / "cfg.json") == LlamaConfig.from_name("tiny")
+
+
+LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+LLAMA3_SCALING = RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
 
 
 def _hf_dict(**kw) -> dict:
@@ -94,10 +123,51 @@ def test_from_hf_reads_flat_rope_theta_and_missing_kv_heads():
     assert (cfg.n_kv_heads, cfg.rope_theta, cfg.max_seq_len) == (4, 5e5, 128)
 
 
+def _flat_hf(**kw) -> dict:
+    """A config.json as older transformers wrote them (Llama 3.1's on the Hub): flat rope_theta."""
+    hf = _hf_dict()
+    del hf["rope_parameters"]
+    return {**hf, "rope_theta": 5e5, **kw}
+
+
+@pytest.mark.parametrize("hf, want", [
+    (_flat_hf(rope_scaling=LLAMA3), LLAMA3_SCALING),
+    (_flat_hf(rope_scaling={**LLAMA3, "type": "llama3"}), LLAMA3_SCALING),
+    (_flat_hf(rope_scaling={"type": "linear", "factor": 2}), RopeScaling("linear", 2.0)),
+    (_flat_hf(rope_scaling={"rope_type": "linear", "factor": 2.0}), RopeScaling("linear", 2.0)),
+    (_flat_hf(rope_scaling={"rope_type": "default"}), None),
+    (_flat_hf(rope_scaling=None), None),
+    (_hf_dict(rope_parameters={**LLAMA3, "rope_theta": 5e5}), LLAMA3_SCALING),
+    (_hf_dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}), RopeScaling("linear", 2.0)),
+    ({**_hf_dict(rope_parameters={**LLAMA3, "rope_theta": 5e5}), "rope_scaling": LLAMA3}, LLAMA3_SCALING),
+], ids=["flat_llama3", "type_and_rope_type", "linear_type", "linear_rope_type", "default", "null",
+        "rope_parameters_llama3", "rope_parameters_linear", "both_agreeing"])
+def test_from_hf_reads_rope_scaling(hf, want):
+    cfg = LlamaConfig.from_hf(hf)
+    assert (cfg.rope_theta, cfg.rope_scaling) == (5e5, want)
+
+
+def test_from_hf_reads_transformers_own_scaled_config():
+    cfg = LlamaConfig.from_hf(_hf_dict(rope_parameters={**LLAMA3, "rope_theta": 5e5}, max_position_embeddings=131072))
+    assert cfg == LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, vocab_size=512,
+                              norm_eps=1e-6, rope_theta=5e5, max_seq_len=131072, rope_scaling=LLAMA3_SCALING)
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(model_type="mistral"), "model_type='mistral'"),
-    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
-    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), "rope_parameters"),
+    # _hf_dict's rope_parameters say "default"
+    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling and rope_parameters disagree"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
+     r"rope_parameters rope_type='llama3' is missing \['low_freq_factor', 'high_freq_factor', "
+     r"'original_max_position_embeddings'\]"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}),
+     r"rope_parameters rope_type='yarn' is not supported; supported: \('default', 'linear', 'llama3'\)"),
+    (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0}), "rope_type='dynamic' is not supported"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}),
+     r"rope_parameters has fields jllm does not handle: \['partial_rotary_factor'\]"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": -2.0}),
+     r"rope_parameters=.*factor=-2.0 must be a finite number > 0"),
+    (dict(rope_parameters={**LLAMA3, "low_freq_factor": 4.0}), "high_freq_factor=4.0 must be > low_freq_factor=4.0"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(mlp_bias=True), "mlp_bias"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),

@@ -387,7 +387,7 @@ def test_draft_model_check_refuses_another_vocabulary(tiny_model, tiny_model_no_
     import sentencepiece as spm
 
     from convert.tiny import local_corpus
-    from jllm.tokenizer import Tokenizer
+    from jllm.tokenizer import SentencePieceTokenizer as Tokenizer
     # The same corpus and size, another algorithm: 512 pieces, not the same ones.
     spm.SentencePieceTrainer.train(sentence_iterator=iter(local_corpus()), model_prefix=str(tmp_path / "uni"),
                                    vocab_size=512, model_type="unigram", byte_fallback=True, minloglevel=2,

@@ -1,7 +1,7 @@
 import pytest
 
 from jllm.streaming import Row
-from jllm.tokenizer import Tokenizer, format_chat
+from jllm.tokenizer import SentencePieceTokenizer as Tokenizer, format_chat
 
 TEXTS = ["Hello world", "Grüße aus Köln, déjà vu.", "日本語のテキスト", "Emoji: 🙂🚀✨",
          "x = f(a, b) + 42"]

@@ -144,7 +144,10 @@ class Engine:
         self.max_len = self.cfg.max_seq_len if max_model_len is None else _positive_int("max_model_len", max_model_len)
         if self.max_len > self.cfg.max_seq_len:
             raise ValueError(f"max_model_len={max_model_len} is over the model's max_seq_len={self.cfg.max_seq_len}")
-        self.max_pages = -(-self.max_len // self.page_size)
+        # Tables as wide as one request can grow (`context`): with a 128K-context model's default
+        # max_len a smaller pool (CPU's DEFAULT_PAGES) would give 8192-page tables, which the XLA
+        # attention path gathers whole, per row and step.
+        self.max_pages = -(-self.context // self.page_size)
         self.pool = PagePool(self.num_pages, prefix_caching)
         self.scheduler = Scheduler(self.pool, self.page_size, self.max_seqs, self.max_pages, self.budget,
                                    self.shapes, self.spec_k, self.max_ngram)
@@ -273,7 +276,7 @@ class Engine:
         if stop_ids is None or matcher is not None:
             # A grammar allows EOS only once the output is complete: there it ends the output,
             # whatever stop_token_ids says (it is never part of a guided output).
-            stop_ids = tuple(stop_ids or ()) + (() if self.model.tokenizer is None else (self.model.tokenizer.eos_id,))
+            stop_ids = tuple(stop_ids or ()) + (() if self.model.tokenizer is None else self.model.tokenizer.stop_ids)
         row = Row(0, ids, self.model.tokenizer, list(params.stop), set(stop_ids), m)
         req = Request(request_id, ids, params, row, time.perf_counter())
         req.matcher = matcher

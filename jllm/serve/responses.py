@@ -19,16 +19,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def token_text(tokenizer: Tokenizer | None, token_id: int) -> tuple[str, list[int]]:
-    """A token as logprobs show it: its text (a byte piece as 'bytes:\\xNN') and its UTF-8 bytes."""
-    sp = None if tokenizer is None else tokenizer.sp
-    if sp is None or not 0 <= token_id < sp.vocab_size():   # no tokenizer, or an id past it
-        return f"token_id:{token_id}", []
-    piece = sp.id_to_piece(token_id)
-    if sp.is_byte(token_id):          # "<0xE2>": one byte of a character split over pieces
-        value = int(piece[3:5], 16)
-        return f"bytes:\\x{value:02x}", [value]
-    text = piece if sp.is_control(token_id) or sp.is_unknown(token_id) else piece.replace("\u2581", " ")
-    return text, list(text.encode("utf-8"))
+    """A token as logprobs show it: its text (a part of a character as 'bytes:\\xNN') and its UTF-8 bytes."""
+    return (f"token_id:{token_id}", []) if tokenizer is None else tokenizer.token_text(token_id)
 
 
 def _finite(logprob: float) -> float:
@@ -48,15 +40,6 @@ def chat_logprobs(entries: list, tokenizer: Tokenizer | None) -> dict:
     return {"content": content, "refusal": None}
 
 
-def _width(tokenizer: Tokenizer | None, token_id: int) -> int:
-    """Characters a token adds to the text, as far as it alone tells: none for control pieces,
-    ids past the tokenizer and byte pieces (a character's bytes), else its piece's length."""
-    sp = None if tokenizer is None else tokenizer.sp
-    if sp is None or not 0 <= token_id < sp.vocab_size() or sp.is_byte(token_id) or sp.is_control(token_id):
-        return 0
-    return len(token_text(tokenizer, token_id)[0])
-
-
 def completion_logprobs(entries: list, tokenizer: Tokenizer | None, offset: int,
                         offsets: list[int] | None = None, end: int | None = None) -> dict:
     """Engine logprobs -> the legacy completions form. text_offset is `offsets` where given, else
@@ -70,7 +53,7 @@ def completion_logprobs(entries: list, tokenizer: Tokenizer | None, offset: int,
         out["token_logprobs"].append(None if logprob is None else _finite(logprob))
         out["top_logprobs"].append(None if top is None else {token_text(tokenizer, a)[0]: _finite(lp) for a, lp in top})
         out["text_offset"].append(offsets[k] if offsets is not None else offset if end is None else min(offset, end))
-        offset += _width(tokenizer, token_id)
+        offset += 0 if tokenizer is None else tokenizer.width(token_id)
     return out
 
 
