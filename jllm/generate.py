@@ -466,7 +466,8 @@ def _run(model: Model, rows: list[Row], tokens: np.ndarray, n_tokens: np.ndarray
          clock: costs.CompileClock, penalties: Penalties | None = None,
          n_logprobs: int | None = None, matchers: list | None = None) -> list[Completion]:
     """The device part of `generate`: prefill, then decode chunks until every row is finished
-    (with matchers, one guided step per host call, each row's grammar mask in its bias)."""
+    (with matchers, one guided step per host call, each row's packed grammar mask in
+    Penalties.allowed)."""
     cfg, B = model.cfg, tokens.shape[0]
     want_lp = n_logprobs is not None
     kw = dict(cfg=cfg, plan=model.plan, logprobs=want_lp)
@@ -491,22 +492,20 @@ def _run(model: Model, rows: list[Row], tokens: np.ndarray, n_tokens: np.ndarray
                 if delta is not None and stream is not None:
                     stream(delta)
 
-    base_bias = None if matchers is None else np.array(penalties.bias)   # [B, V] the logit bias
-
-    def masked_bias() -> np.ndarray:
-        """The logit bias with each unfinished row's -inf where its grammar refuses a token."""
-        bias = base_bias.copy()
+    def allowed_words() -> np.ndarray:
+        """[B, ceil(V / 32)] uint32: each unfinished row's grammar mask, packed; all ones else."""
+        words = np.full((B, -(-cfg.vocab_size // 32)), 0xFFFFFFFF, np.uint32)
         for row in rows:
             if row.finish is None:
-                bias[row.index, ~matchers[row.index].allowed()] = -np.inf
-        return bias
+                words[row.index] = matchers[row.index].words()
+        return words
 
     def lp_host(lps):
         return None if lps is None else tuple(host(x) for x in lps)
 
     key = jax.random.key(seed)
     if matchers is not None:   # the first tokens' masks, placed with the rest below
-        penalties = dataclasses.replace(penalties, bias=masked_bias())
+        penalties = dataclasses.replace(penalties, allowed=allowed_words())
     if model.mesh is None:
         cache = init_cache(cfg, B, S, model.cache_dtype)
         tokens_d, n_tokens_d, host, place = jnp.asarray(tokens), jnp.asarray(n_tokens), np.asarray, jnp.asarray
@@ -526,7 +525,7 @@ def _run(model: Model, rows: list[Row], tokens: np.ndarray, n_tokens: np.ndarray
     take(host(token)[:, None], tuple(x[:, None] for x in lp_host(lps[0])) if lps else None)
     t_first = time.perf_counter()
     while matchers is not None and any(r.finish is None for r in rows):   # one step at a time
-        penalties = dataclasses.replace(penalties, bias=place(masked_bias()))
+        penalties = dataclasses.replace(penalties, allowed=place(allowed_words()))
         out, cache, key, penalties, *rest = decode(model.params, token, cache, sampling, key, n_steps=1,
                                                    penalties=penalties, **kw)
         token = out[:, -1]

@@ -192,9 +192,14 @@ class Matcher:
     def __init__(self, m, vocab_size: int):
         self._m, self.vocab_size = m, vocab_size
 
+    def words(self) -> np.ndarray:
+        """[ceil(V / 32)] uint32: the tokens that keep the output a valid prefix (EOS once it is
+        complete), packed (bit j of word w: token 32 w + j; `sampling.unpack_allowed`)."""
+        return np.frombuffer(self._m.compute_bitmask(), "<u4")[:-(-self.vocab_size // 32)]
+
     def allowed(self) -> np.ndarray:
-        """[V] bool: the tokens that keep the output a valid prefix (EOS once it is complete)."""
-        bits = np.frombuffer(self._m.compute_bitmask(), np.uint8)
+        """[V] bool: `words` unpacked."""
+        bits = self.words().view(np.uint8)
         return np.unpackbits(bits, bitorder="little")[:self.vocab_size].astype(bool)
 
     def take(self, token: int) -> bool:

@@ -110,6 +110,13 @@ def penalize(logits: jax.Array, counts: jax.Array, presence: jax.Array, frequenc
     return x - presence[:, None] * (c > 0) - frequency[:, None] * c
 
 
+def unpack_allowed(words: jax.Array, vocab_size: int) -> jax.Array:
+    """Packed token masks [R, ceil(V / 32)] uint32 (bit j of word w: token 32 w + j, llguidance's
+    layout) -> [R, V] bool. A guided row's mask crosses to the device in V / 8 bytes, not 4 V."""
+    idx = jnp.arange(vocab_size)
+    return ((words[:, idx >> 5] >> (idx & 31).astype(jnp.uint32)) & 1).astype(bool)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Penalties:
@@ -122,6 +129,9 @@ class Penalties:
     prompt_seen: jax.Array
     counts: jax.Array
     bias: jax.Array   # [B, V] float32: the logit bias
+    # Guided decoding: [B, ceil(V / 32)] uint32 packed masks of the tokens each row's grammar
+    # allows (unpack_allowed); the others get -inf. None: no grammar (a static choice).
+    allowed: jax.Array | None = None
 
     @classmethod
     def make(cls, prompts: list[list[int]], B: int, V: int, presence: float, frequency: float,
@@ -141,5 +151,6 @@ class Penalties:
         return dataclasses.replace(self, counts=self.counts.at[rows, token].add(1))
 
     def apply(self, logits: jax.Array) -> jax.Array:
-        return penalize(logits, self.counts, self.presence, self.frequency, self.repetition, self.prompt_seen,
-                        self.bias)
+        x = penalize(logits, self.counts, self.presence, self.frequency, self.repetition, self.prompt_seen,
+                     self.bias)
+        return x if self.allowed is None else jnp.where(unpack_allowed(self.allowed, x.shape[-1]), x, -jnp.inf)

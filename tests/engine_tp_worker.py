@@ -61,8 +61,10 @@ def run(cfg: LlamaConfig) -> dict:
 
     class _Allow7:
         @staticmethod
-        def allowed():
-            return np.arange(cfg.vocab_size) == 7
+        def words():
+            words = np.zeros(-(-cfg.vocab_size // 32), np.uint32)
+            words[0] = 1 << 7
+            return words
 
     rid = engine.add_request(prompts[0], SamplingParams(max_tokens=3, temperature=1.0, seed=1, stop_token_ids=()))
     req = engine.requests[rid]

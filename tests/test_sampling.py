@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jllm import sampling
 from jllm.sampling import Sampling, sample
 
 V = 64
@@ -188,3 +189,15 @@ def test_the_logit_bias_comes_before_the_penalties_as_in_vllm():
                    jnp.asarray([[True, False]]), jnp.asarray([[1.0, 0.0]]))
     np.testing.assert_allclose(np.asarray(out), [[2.5, 2.6]])
     assert int(jnp.argmax(out)) == 1
+
+
+@pytest.mark.parametrize("V", [32, 100, 513])
+def test_unpack_allowed_reads_llguidance_bit_order(V):
+    """Bit j of word w is token 32 w + j (llguidance's packed masks, little-endian words)."""
+    rng = np.random.default_rng(V)
+    words = rng.integers(0, 2**32, size=(3, -(-V // 32)), dtype=np.uint64).astype(np.uint32)
+    want = np.unpackbits(words.astype("<u4").view(np.uint8), axis=1, bitorder="little")[:, :V].astype(bool)
+    np.testing.assert_array_equal(np.asarray(sampling.unpack_allowed(jnp.asarray(words), V)), want)
+    one = np.zeros((1, -(-V // 32)), np.uint32)
+    one[0, (V - 1) // 32] = np.uint32(1) << np.uint32((V - 1) % 32)
+    assert np.flatnonzero(np.asarray(sampling.unpack_allowed(jnp.asarray(one), V))).tolist() == [V - 1]

@@ -424,17 +424,19 @@ class Engine:
     def _set_bias_rows(self, requests: list[Request]) -> None:
         """Set each guided request's slot bias for its next sample: its logit_bias where its
         grammar allows a token, -inf elsewhere (GUIDED_ROWS slots per device call)."""
-        V = self.cfg.vocab_size
+        W, E = -(-self.cfg.vocab_size // 32), GUIDED_ROWS * MAX_LOGIT_BIAS
         for first in range(0, max(len(requests), 1), GUIDED_ROWS):
             part = requests[first:first + GUIDED_ROWS]
-            slots, rows = np.full(GUIDED_ROWS, self.max_seqs, np.int32), np.zeros((GUIDED_ROWS, V), np.float32)
+            slots, words = np.full(GUIDED_ROWS, self.max_seqs, np.int32), np.zeros((GUIDED_ROWS, W), np.uint32)
+            entry_row, entry_id = np.full(E, GUIDED_ROWS, np.int32), np.zeros(E, np.int32)
+            entry_value, n = np.zeros(E, np.float32), 0
             for j, r in enumerate(part):
-                slots[j] = r.slot
+                slots[j], words[j] = r.slot, r.matcher.words()
                 for t, b in r.params.logit_bias:
-                    rows[j, t] = b
-                rows[j, ~r.matcher.allowed()] = -np.inf
+                    entry_row[n], entry_id[n], entry_value[n], n = j, t, b, n + 1
                 self._biased_slots.add(r.slot)
-            self.state = dataclasses.replace(self.state, bias=set_bias_rows(self.state.bias, slots, rows))
+            self.state = dataclasses.replace(self.state, bias=set_bias_rows(
+                self.state.bias, slots, words, entry_row, entry_id, entry_value))
 
     @staticmethod
     def _greedy(batch, owners, logprobs: bool) -> bool:

@@ -42,7 +42,7 @@ from jllm.config import LlamaConfig
 from jllm.kvcache import CacheOps, LayerKV, init_paged_cache
 from jllm.model import Params, logits, transformer
 from jllm.plan import XLA_OPTIONS, Plan
-from jllm.sampling import MAX_LOGPROBS, Sampling, penalize, sample, top_logprobs
+from jllm.sampling import MAX_LOGPROBS, Sampling, penalize, sample, top_logprobs, unpack_allowed
 from jllm.speculative import _greedy_accept
 from pallas_kernels.kv_quant import quantize_kv
 
@@ -314,9 +314,15 @@ GUIDED_ROWS = 8  # slots whose logit bias one set_bias_rows call overwrites (a s
 
 
 @functools.partial(jax.jit, donate_argnames=("bias",))
-def set_bias_rows(bias: jax.Array, slots: jax.Array, rows: jax.Array) -> jax.Array:
-    """Overwrite the logit bias of slots [GUIDED_ROWS] (max_seqs: none) with rows [GUIDED_ROWS, V]:
-    a guided request's bias for its next sample, -inf where its grammar refuses a token."""
+def set_bias_rows(bias: jax.Array, slots: jax.Array, words: jax.Array, entry_row: jax.Array,
+                  entry_id: jax.Array, entry_value: jax.Array) -> jax.Array:
+    """Overwrite the logit bias of slots [GUIDED_ROWS] (max_seqs: none) for a guided request's
+    next sample: its logit_bias entries (entry_value [E] at row entry_row [E] (GUIDED_ROWS: none),
+    token entry_id [E]) where its grammar allows a token (words [GUIDED_ROWS, ceil(V / 32)]
+    uint32, packed: `sampling.unpack_allowed`), -inf elsewhere."""
+    rows = jnp.zeros((slots.shape[0], bias.shape[1]), bias.dtype)
+    rows = rows.at[entry_row, entry_id].set(entry_value, mode="drop")
+    rows = jnp.where(unpack_allowed(words, bias.shape[1]), rows, -jnp.inf)
     return bias.at[slots].set(rows, mode="drop")
 
 
