@@ -71,13 +71,17 @@ def _drive(engine: Engine, script: list[tuple[int, list[int], SamplingParams, in
 
 def _check_pages(engine: Engine) -> None:
     """Every page is free, owned or cached, once; a page two requests hold is a cached prefix page;
-    each slot's block table lists its request's pages."""
+    each slot's block table lists its request's pages, on the host and (once dispatched, as
+    every step is here) on the device."""
     engine.pool.check()
     holders = {}
+    device_tables = np.asarray(engine.state.tables) if not engine.scheduler.table_writes else None
     for req in engine.scheduler.running:
         assert len(set(req.pages)) == len(req.pages), f"{req.id} holds a page twice"
         np.testing.assert_array_equal(engine.scheduler.tables[req.slot, :len(req.pages)], req.pages)
         assert (engine.scheduler.tables[req.slot, len(req.pages):] == -1).all()
+        if device_tables is not None:
+            np.testing.assert_array_equal(device_tables[req.slot, :len(req.pages)], req.pages)
         for p in req.pages:
             holders.setdefault(p, []).append(req.id)
     for p, who in holders.items():
@@ -298,6 +302,23 @@ def test_pages_are_never_owned_twice_and_all_come_back(tiny_model_no_tokenizer, 
         engine.step()
         _check_pages(engine)
     _check_all_free(engine)
+
+
+def test_device_block_tables_take_the_last_write_of_each_entry(tiny_model, monkeypatch):
+    """The scheduler's table writes reach EngineState.tables in order: an entry written twice
+    before a step (a slot that changed hands within one schedule) holds its last page, and more
+    writes than one device call takes go in several."""
+    import jllm.engine.engine as engine_mod
+    engine = _engine(tiny_model)
+    M = engine.max_pages
+    engine.scheduler.table_writes = [(3, 0, [5, 6]), (1, 2, [9]), (3, 0, [7])]
+    engine._write_tables()
+    tables = np.asarray(engine.state.tables)
+    assert tables[3, :2].tolist() == [7, 6] and tables[1, 2] == 9 and engine.scheduler.table_writes == []
+    monkeypatch.setattr(engine_mod, "TABLE_WRITES", 7)   # 4 * M entries: many calls
+    engine.scheduler.table_writes = [(s, c, [s * M + c]) for s in range(engine.max_seqs) for c in range(M)] * 2
+    engine._write_tables()
+    assert np.asarray(engine.state.tables).tolist() == np.arange(engine.max_seqs * M).reshape(-1, M).tolist()
 
 
 # --- compilation, logprobs, text ------------------------------------------------------------

@@ -22,8 +22,8 @@ from jllm.engine.api import (MAX_LOGIT_BIAS, EngineStats, QueueFull, RequestMetr
                              seed_int32)
 from jllm.engine.pages import PagePool
 from jllm.engine.scheduler import Request, Schedule, Scheduler, Status, build_batch, default_shapes
-from jllm.engine.step import (GUIDED_ROWS, StepOutput, engine_step, init_state, reset_keys, reset_penalties,
-                              set_bias_rows)
+from jllm.engine.step import (GUIDED_ROWS, TABLE_WRITES, StepOutput, engine_step, init_state, reset_keys,
+                              reset_penalties, set_bias_rows, set_table_entries)
 from jllm.generate import Model, check_kv_cache_dtype
 from jllm.guided import follow, guide_tokenizer
 from jllm.sampling import logprob_entries
@@ -160,7 +160,7 @@ class Engine:
         self._guided: set[Request] = set()      # guided requests not finished: their steps run one at a time
         with self._on_mesh():
             self.state = init_state(self.cfg, self.num_pages, self.page_size, self.max_seqs, self.dtype,
-                                    model.mesh)
+                                    model.mesh, self.max_pages)
             self._compile(progress)
 
     def _speculative(self, spec, model: Model) -> tuple[int, int]:
@@ -206,6 +206,7 @@ class Engine:
                 bar.update()
             self._reset_penalties(none.astype(bool), [])
             self._set_bias_rows([])
+            self._write_tables(compile_only=True)
             bar.update()
             jax.block_until_ready(self.state)
 
@@ -390,6 +391,8 @@ class Engine:
         if guided:
             with self._on_mesh():
                 self._set_bias_rows(guided)
+        with self._on_mesh():
+            self._write_tables()
         plp_pieces, cpos = [], 0   # chunk pieces lie in schedule order in the chunk part (build_batch)
         for p in sched.chunks:
             if p.req.needs_prompt_lp and p.drafts is None:
@@ -420,6 +423,26 @@ class Engine:
         s = self.state
         counts, seen, bias = reset_penalties(s.counts, s.prompt_seen, s.bias, mask, slot, ids, values)
         self.state = dataclasses.replace(s, counts=counts, prompt_seen=seen, bias=bias)
+
+    def _write_tables(self, compile_only: bool = False) -> None:
+        """Copy the block-table entries the scheduler wrote since the last step to the device's
+        tables (EngineState.tables), the last write of each entry (a slot may change hands within
+        one schedule), TABLE_WRITES per call; compile_only: one call that writes nothing."""
+        writes, self.scheduler.table_writes = self.scheduler.table_writes, []
+        if not writes and not compile_only:
+            return
+        M = self.max_pages
+        key = np.concatenate([s * M + c + np.arange(len(p)) for s, c, p in writes] or [np.zeros(0, np.int64)])
+        page = np.concatenate([np.asarray(p, np.int32) for _, _, p in writes] or [np.zeros(0, np.int32)])
+        last = len(key) - 1 - np.unique(key[::-1], return_index=True)[1]   # each entry's last write
+        key, page = key[last], page[last]
+        for first in range(0, max(len(key), 1), TABLE_WRITES):
+            slot = np.full(TABLE_WRITES, self.max_seqs, np.int32)
+            col, pages = np.zeros(TABLE_WRITES, np.int32), np.zeros(TABLE_WRITES, np.int32)
+            part = slice(first, first + TABLE_WRITES)
+            n = len(key[part])
+            slot[:n], col[:n], pages[:n] = key[part] // M, key[part] % M, page[part]
+            self.state = dataclasses.replace(self.state, tables=set_table_entries(self.state.tables, slot, col, pages))
 
     def _set_bias_rows(self, requests: list[Request]) -> None:
         """Set each guided request's slot bias for its next sample: its logit_bias where its

@@ -188,6 +188,10 @@ class Scheduler:
         self.running: list[Request] = []                  # in admission order, oldest first
         self.free_slots = list(range(max_seqs - 1, -1, -1))
         self.tables = np.full((max_seqs, max_pages), -1, np.int32)  # block table of each slot
+        # Entries of `tables` written since the engine last copied them to the device's tables
+        # (EngineState.tables): (slot, first column, pages). A vacated slot is not cleared there:
+        # what lies past a row's length is never read.
+        self.table_writes: list[tuple[int, int, list[int]]] = []
         self.prompt_tokens = self.prefix_hit_tokens = self.prefill_tokens = self.preemptions = 0
 
     # --- request lifecycle -----------------------------------------------------------------
@@ -198,6 +202,7 @@ class Scheduler:
     def _take_pages(self, req: Request, n: int) -> None:
         new = self.pool.allocate(n)
         self.tables[req.slot, len(req.pages):len(req.pages) + n] = new
+        self.table_writes.append((req.slot, len(req.pages), new))
         req.pages += new
 
     def register(self, req: Request) -> None:
@@ -377,6 +382,7 @@ class Scheduler:
         req.slot = self.free_slots.pop()
         req.pages = list(hits)
         self.tables[req.slot, :len(hits)] = hits
+        self.table_writes.append((req.slot, 0, list(hits)))
         self._take_pages(req, need)
         req.registered = len(hits)
         req.computed = len(hits) * ps
@@ -404,12 +410,12 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
     if dims is not None:
         D, C = dims
     R, Tc = shapes.rows(C), shapes.chunk_row
-    N, S, M = D + C, D + R, tables.shape[1]
+    N, S = D + C, D + R
     i32 = np.int32
     tokens, positions = np.zeros(N, i32), np.zeros(N, i32)
     page, offset = np.full(N, num_pages, i32), np.zeros(N, i32)
     dec_slot, dec_len = np.full(D, max_seqs, i32), np.ones(D, i32)
-    row_tables, row_start, row_len = np.full((R, M), -1, i32), np.zeros(R, i32), np.ones(R, i32)
+    row_slot, row_start, row_len = np.full(R, max_seqs, i32), np.zeros(R, i32), np.ones(R, i32)
     row_tok, tok_row = np.zeros((R, Tc), i32), np.zeros(C, i32)
     sample_tok, sample_slot = np.zeros(S, i32), np.full(S, max_seqs, i32)
     temperature, top_k, top_p = np.zeros(S, np.float32), np.zeros(S, i32), np.ones(S, np.float32)
@@ -434,8 +440,6 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
         sample_tok[:d] = np.arange(d)
         for i, r in enumerate(sched.decodes):
             set_sampling(i, r)
-    dec_tables = tables[np.minimum(dec_slot, max_seqs - 1)]
-    dec_tables[d:] = -1
     cpos, row = 0, 0
     for p in sched.chunks:
         req = p.req
@@ -452,7 +456,7 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
             positions[flat] = r0 + at
             page[flat] = tables[req.slot, (r0 + at) // page_size]
             offset[flat] = (r0 + at) % page_size
-            row_tables[row], row_start[row], row_len[row] = tables[req.slot], r0, rn
+            row_slot[row], row_start[row], row_len[row] = req.slot, r0, rn
             row_tok[row, :rn] = cpos + at
             if req.penalized and p.drafts is None:  # recomputed outputs count again; prompt tokens are marked
                 output = r0 + at >= len(req.prompt)
@@ -468,7 +472,7 @@ def build_batch(sched: Schedule, shapes: StepShapes, tables: np.ndarray, num_pag
             sample_tok[D + row - 1] = D + cpos - 1
             set_sampling(D + row - 1, req)
     assert row <= R and cpos <= C, (row, R, cpos, C)
-    batch = StepBatch(tokens, positions, page, offset, dec_slot, dec_tables, dec_len, row_tables, row_start,
+    batch = StepBatch(tokens, positions, page, offset, dec_slot, dec_len, row_slot, row_start,
                       row_len, row_tok, tok_row, sample_tok, sample_slot, temperature, top_k, top_p, min_p,
                       presence, frequency, repetition, count_slot, seen_slot, plp_next, spec_tok, spec_drafts,
                       spec_m)

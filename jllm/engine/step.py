@@ -52,15 +52,15 @@ from pallas_kernels.kv_quant import quantize_kv
 @dataclasses.dataclass
 class StepBatch:
     """One step's host-built metadata (numpy on the host, uploaded as is). Shapes: N = D + C
-    tokens, D decode rows, R chunk rows of Tc queries, S = D + R sample rows, M pages per row."""
+    tokens, D decode rows, R chunk rows of Tc queries, S = D + R sample rows. The rows' block
+    tables are read on the device from EngineState.tables by slot."""
     tokens: jax.Array       # [N] int32; the decode part is replaced by last_token[dec_slot]
     positions: jax.Array    # [N] int32
     page: jax.Array         # [N] int32 pool page of each token's keys (num_pages: padding, dropped)
     offset: jax.Array       # [N] int32 slot in that page
     dec_slot: jax.Array     # [D] int32 slot of each decode row (max_seqs: padding)
-    dec_tables: jax.Array   # [D, M] int32 block tables (-1: none)
     dec_len: jax.Array      # [D] int32 keys to attend, the new one included (1 for padding)
-    row_tables: jax.Array   # [R, M] int32
+    row_slot: jax.Array     # [R] int32 slot of each chunk row (max_seqs: padding)
     row_start: jax.Array    # [R] int32 position of the row's first query
     row_len: jax.Array      # [R] int32 real queries in the row (1 for padding)
     row_tok: jax.Array      # [R, Tc] int32 index of each row query in the chunk part [C]
@@ -95,6 +95,10 @@ class EngineState:
     counts: jax.Array                      # [max_seqs, V] int32 each slot's generated tokens (penalties)
     prompt_seen: jax.Array                 # [max_seqs, V] bool each slot's prompt tokens (repetition penalty)
     bias: jax.Array                        # [max_seqs, V] float32 each slot's logit bias
+    # [max_seqs, M] int32 each slot's block table, kept up to date by set_table_entries with what
+    # the scheduler wrote since (M pages per row: a 128K-context model's tables are 8192 wide,
+    # 16 MB at 512 slots, too much to send every step); entries past a row's length are stale.
+    tables: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -120,6 +124,8 @@ class StepCache(CacheOps):
     k_scale_pages: list[jax.Array] | None
     v_scale_pages: list[jax.Array] | None
     batch: StepBatch
+    dec_tables: jax.Array   # [D, M] int32 the decode rows' block tables (-1: padding)
+    row_tables: jax.Array   # [R, M] int32 the chunk rows'
 
     @property
     def quantized(self) -> bool:
@@ -159,19 +165,20 @@ class StepCache(CacheOps):
         parts = []
         if D:
             qd = q[0, :D, None]                                                       # [D, 1, H, K]
-            od = attn.paged_attention(qd, kp, vp, b.dec_tables, b.positions[:D], b.dec_len, plan, *scales)
+            od = attn.paged_attention(qd, kp, vp, self.dec_tables, b.positions[:D], b.dec_len, plan, *scales)
             parts.append(od[:, 0])                                                    # [D, H, K]
         if N > D:
             R, Tc = b.row_tok.shape
             qr = q[0, D:][b.row_tok]                                                  # [R, Tc, H, K]
-            orow = attn.paged_attention(qr, kp, vp, b.row_tables, b.row_start, b.row_start + b.row_len,
+            orow = attn.paged_attention(qr, kp, vp, self.row_tables, b.row_start, b.row_start + b.row_len,
                                         plan, *scales)                                # [R, Tc, H, K]
             parts.append(orow.reshape(R * Tc, H, K)[b.tok_row])                       # [C, H, K]
         return jnp.concatenate(parts)[None]
 
     def updated(self, layers: list[LayerKV], n_tokens: jax.Array) -> "StepCache":
         kp, vp, ksp, vsp = (list(x) for x in zip(*layers))
-        return StepCache(kp, vp, ksp if self.quantized else None, vsp if self.quantized else None, self.batch)
+        return StepCache(kp, vp, ksp if self.quantized else None, vsp if self.quantized else None, self.batch,
+                         self.dec_tables, self.row_tables)
 
 
 def _sample_row(row: jax.Array, key: jax.Array, t: jax.Array, k: jax.Array, p: jax.Array, mp: jax.Array,
@@ -252,7 +259,8 @@ def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: Llama
     D = batch.dec_slot.shape[0]
     C = batch.tokens.shape[0] - D
     tokens = batch.tokens.at[:D].set(state.last_token[jnp.minimum(batch.dec_slot, max_seqs - 1)])  # [N]
-    view = StepCache(state.k_pages, state.v_pages, state.k_scale_pages, state.v_scale_pages, batch)
+    view = StepCache(state.k_pages, state.v_pages, state.k_scale_pages, state.v_scale_pages, batch,
+                     _slot_tables(state.tables, batch.dec_slot), _slot_tables(state.tables, batch.row_slot))
     S, (R, k1) = batch.sample_tok.shape[0], batch.spec_tok.shape
     reads = [batch.sample_tok] + ([batch.spec_tok.reshape(-1)] if k1 > 1 else [])
     if prompt_logprobs:
@@ -290,8 +298,24 @@ def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: Llama
                         keys=state.keys.at[batch.sample_slot].set(nxt, mode="drop"),
                         last_token=state.last_token.at[batch.sample_slot].set(sampled, mode="drop"),
                         counts=_replicated(counts.at[batch.sample_slot, sampled].add(1, mode="drop"), plan),
-                        prompt_seen=_replicated(prompt_seen, plan), bias=state.bias)
+                        prompt_seen=_replicated(prompt_seen, plan), bias=state.bias, tables=state.tables)
     return state, StepOutput(sampled, *lp, *spec, *plp)
+
+
+def _slot_tables(tables: jax.Array, slots: jax.Array) -> jax.Array:
+    """The block tables [n, M] of slots [n] (max_seqs, padding: all -1)."""
+    max_seqs = tables.shape[0]
+    return jnp.where((slots < max_seqs)[:, None], tables[jnp.minimum(slots, max_seqs - 1)], -1)
+
+
+TABLE_WRITES = 512  # block-table entries one set_table_entries call writes (a static shape)
+
+
+@functools.partial(jax.jit, donate_argnames=("tables",))
+def set_table_entries(tables: jax.Array, slot: jax.Array, col: jax.Array, page: jax.Array) -> jax.Array:
+    """tables [max_seqs, M] with page [TABLE_WRITES] at (slot, col) (slot max_seqs: none; each
+    (slot, col) at most once)."""
+    return tables.at[slot, col].set(page, mode="drop")
 
 
 def _replicated(x: jax.Array, plan: Plan) -> jax.Array:
@@ -344,8 +368,9 @@ def reset_keys(keys: jax.Array, mask: jax.Array, seeds: jax.Array, skips: jax.Ar
 
 
 def init_state(cfg: LlamaConfig, num_pages: int, page_size: int, max_seqs: int, dtype,
-               mesh=None) -> EngineState:
-    """Zeroed pages (split over the mesh's KV heads when there is a mesh) and slot state."""
+               mesh=None, max_pages: int = 1) -> EngineState:
+    """Zeroed pages (split over the mesh's KV heads when there is a mesh) and slot state, with
+    block tables of max_pages entries per slot."""
     if mesh is None:
         cache = init_paged_cache(cfg, num_pages, page_size, 1, 1, dtype)
     else:
@@ -357,9 +382,10 @@ def init_state(cfg: LlamaConfig, num_pages: int, page_size: int, max_seqs: int, 
     counts = jnp.zeros((max_seqs, cfg.vocab_size), jnp.int32)
     seen = jnp.zeros((max_seqs, cfg.vocab_size), bool)
     bias = jnp.zeros((max_seqs, cfg.vocab_size), jnp.float32)
+    tables = jnp.full((max_seqs, max_pages), -1, jnp.int32)
     if mesh is not None:
         from jax.sharding import NamedSharding
-        keys, last, counts, seen, bias = jax.device_put((keys, last, counts, seen, bias),
-                                                        NamedSharding(mesh, PartitionSpec()))
+        keys, last, counts, seen, bias, tables = jax.device_put((keys, last, counts, seen, bias, tables),
+                                                                NamedSharding(mesh, PartitionSpec()))
     return EngineState(cache.k_pages, cache.v_pages, cache.k_scale_pages, cache.v_scale_pages, keys, last, counts,
-                       seen, bias)
+                       seen, bias, tables)
