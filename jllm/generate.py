@@ -15,7 +15,7 @@ from jllm.guided import Guided, follow, guide_tokenizer
 from jllm.kvcache import KVCache, init_cache
 from jllm.model import Params, logits, transformer
 from jllm.plan import XLA_OPTIONS, Plan, check_impls, make_plan
-from jllm.sampling import MAX_LOGPROBS, Logprob, Penalties, Sampling, logprob_entries, sample, top_logprobs
+from jllm.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, Logprob, Penalties, Sampling, logprob_entries, sample, top_logprobs
 from jllm.streaming import Delta, Row  # noqa: F401 (Delta: the stream callback's argument)
 from jllm.tokenizer import Tokenizer, check_text
 
@@ -212,7 +212,6 @@ def _check_number(name: str, x, ok: Callable[[float], bool], expected: str, inte
         raise ValueError(f"{name}={x!r} must be {expected}")
 
 
-MAX_LOGIT_BIAS = 300   # entries of a logit_bias (OpenAI's limit)
 
 
 def check_logit_bias(logit_bias, vocab_size: int) -> dict[int, float]:

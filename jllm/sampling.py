@@ -9,6 +9,7 @@ import numpy as np
 
 TOP_K_MAX = 2 ** 31 - 1  # the int32 the sampler reads; any top_k past the vocabulary keeps every token
 MAX_LOGPROBS = 20        # the most top alternatives per token one may ask for (OpenAI's limit)
+MAX_LOGIT_BIAS = 300     # entries of a logit_bias (OpenAI's limit)
 
 Logprob = tuple[int, float, list[tuple[int, float]]]  # (token_id, logprob, [(alt_id, alt_logprob), ...])
 

@@ -5,9 +5,8 @@ import math
 import numpy as np
 
 from jllm.guided import Guided
-from jllm.sampling import MAX_LOGPROBS, Logprob  # noqa: F401 (Logprob: part of this API)
+from jllm.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, Logprob  # noqa: F401 (Logprob: part of this API)
 
-MAX_LOGIT_BIAS = 300       # entries of a request's logit_bias (OpenAI's limit)
 # A seed is 32 bits (jax.random.key's without jax_enable_x64): s and s - 2**32 are one seed, and
 # a seed s in [0, 2**32) gives the tokens `jllm.generate(..., seed=s)` gives.
 SEED_RANGE = (-2 ** 31, 2 ** 32)

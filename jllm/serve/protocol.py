@@ -11,13 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from jllm.guided import Guided
+from jllm.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from jllm.serve.tools import check_tools, forced_name, tool_guide
 
 MAX_BODY_BYTES = 8 << 20   # a longer body is refused (413) before it is parsed
 MAX_STOP = 16              # stop strings per request: each is checked after every token
-MAX_LOGPROBS = 20          # alternatives per token (OpenAI's top_logprobs limit)
 MAX_CHOICES = 64           # choices per request: n, times the prompts of a completions batch
-MAX_LOGIT_BIAS = 300       # logit_bias entries (OpenAI's limit)
 
 _ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error",
                 405: "invalid_request_error", 413: "invalid_request_error",
