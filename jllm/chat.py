@@ -81,7 +81,8 @@ class ChatTemplate:
         # The template reads `tools` from its context (renders tool definitions itself).
         self.takes_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
         self.tokenizer = tokenizer
-        self.special = tokenizer.template_tokens()
+        # Those the tokenizer lacks are undefined, as in transformers (not rendered as "None").
+        self.special = {k: v for k, v in tokenizer.template_tokens().items() if v is not None}
         self.control_ids = tokenizer.special_tokens()
         pattern = "|".join(map(re.escape, sorted(self.control_ids, key=len, reverse=True)))
         self._control = re.compile(pattern)

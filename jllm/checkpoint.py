@@ -4,7 +4,8 @@
     DIR/params/           orbax checkpoint of {flat name: array}
     DIR/tokenizer.model   SentencePiece model, or
     DIR/tokenizer.json    a Hugging Face tokenizer (Llama-3), with its generation_config.json
-                          (the ids that end generation); neither: the model takes and returns ids
+                          (the ids that end generation; written from config.json's eos_token_id
+                          where the source had none); neither: the model takes and returns ids
     DIR/tokenizer_config.json   the Hugging Face source's, when it had one (its chat_template)
 
 A directory is written under a temporary name beside DIR (.DIR.tmp-XXXXXXXX, holding a marker
@@ -204,6 +205,15 @@ def staging(path: str | os.PathLike, *, overwrite: bool = False,
         raise
 
 
+def _eos_token_id(config_json: str):
+    """The eos_token_id of a Hugging Face config.json, None where there is none."""
+    if not os.path.isfile(config_json):
+        return None
+    with open(config_json, encoding="utf-8") as f:
+        config = json.load(f)
+    return config.get("eos_token_id") if isinstance(config, dict) else None
+
+
 def write(tmp: str, flat: dict[str, object], cfg: LlamaConfig, *, dtype: str,
           quant: dict | None = None, tokenizer: str | os.PathLike | None = None,
           tokenizer_config: str | os.PathLike | None = None) -> None:
@@ -222,6 +232,11 @@ def write(tmp: str, flat: dict[str, object], cfg: LlamaConfig, *, dtype: str,
         generation = os.path.join(os.path.dirname(tokenizer), GENERATION_CONFIG)
         if name == "tokenizer.json" and os.path.isfile(generation):
             shutil.copyfile(generation, os.path.join(tmp, GENERATION_CONFIG))
+        elif name == "tokenizer.json":   # the ids config.json ends on (HFTokenizer's fallback); it stays behind
+            ends = _eos_token_id(os.path.join(os.path.dirname(tokenizer), "config.json"))
+            if ends is not None:
+                with open(os.path.join(tmp, GENERATION_CONFIG), "w") as f:
+                    json.dump({"eos_token_id": ends}, f, indent=2)
     if tokenizer_config is not None:
         shutil.copyfile(tokenizer_config, os.path.join(tmp, TOKENIZER_CONFIG))
 

@@ -1,5 +1,6 @@
 """Tokenizers (SentencePiece `tokenizer.model`, Hugging Face `tokenizer.json`): text checks, decoding
 after a context token, offsets; and the Llama-2 chat format."""
+import itertools
 import json
 import os
 import re
@@ -235,8 +236,9 @@ def _token_string(value) -> str | None:
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizer.json` (Llama-3's byte-level BPE, or any `tokenizers` model) with
     the tokenizer_config.json (bos_token, eos_token) and generation_config.json (eos_token_id: the
-    ids that end generation) beside it. Text is not cleaned up after decoding (no
-    `clean_up_tokenization_spaces`): what the model wrote, space for space."""
+    ids that end generation; without it config.json's, as transformers' generate reads) beside it.
+    Text is not cleaned up after decoding (no `clean_up_tokenization_spaces`): what the model
+    wrote, space for space."""
 
     def __init__(self, path: str | os.PathLike):
         import tokenizers
@@ -261,16 +263,29 @@ class HFTokenizer(Tokenizer):
                 raise ValueError(f"{os.path.join(folder, 'tokenizer_config.json')!r}: {name}={text!r} "
                                  f"is not a token of {self.path!r}")
         bos, eos = self._tokens["bos_token"], self._tokens["eos_token"]
-        self.bos_id = None if bos is None or config.get("add_bos_token") is False else self.tok.token_to_id(bos)
+        # No bos_token named: the special token tokenizer.json's post-processor puts first, which
+        # transformers adds (Llama-3's <|begin_of_text|>).
+        bos_id = self.tok.token_to_id(bos) if bos is not None else self._post_processor_bos()
+        self.bos_id = None if config.get("add_bos_token") is False else bos_id
+        source = "generation_config.json"
+        if "eos_token_id" not in generation:
+            source, generation = "config.json", _json_beside(folder, "config.json")
         ends = generation.get("eos_token_id")
         ends = [ends] if isinstance(ends, int) else list(ends or [])
         if not all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < self.vocab_size for e in ends):
-            raise ValueError(f"{os.path.join(folder, 'generation_config.json')!r}: eos_token_id={ends!r}; "
+            raise ValueError(f"{os.path.join(folder, source)!r}: eos_token_id={ends!r}; "
                              f"expected ids below the tokenizer's {self.vocab_size}")
         self.eos_id = self.tok.token_to_id(eos) if eos is not None else (ends[0] if ends else None)
         self.stop_ids = tuple(dict.fromkeys(([] if self.eos_id is None else [self.eos_id]) + ends))
-        decoder = json.loads(self.tok.to_str()).get("decoder") or {}
+        spec = json.loads(self.tok.to_str())
+        decoder = spec.get("decoder") or {}
         self._bytes_of = _byte_decoder() if decoder.get("type") == "ByteLevel" else None
+        # Byte-fallback pieces ("<0xF0>", Llama-2's tokenizer.json) are decoded here, run by run:
+        # tokenizers' ByteFallback decoder turns a whole run into U+FFFD when any of it is not a
+        # whole character, so a finished "🙂" read as four U+FFFD once the next character's first
+        # byte came (a stream would show them).
+        self._byte_fallback = (self._bytes_of is None and self.tok.decoder is not None
+                               and (spec.get("model") or {}).get("byte_fallback") is True)
         self._visible = next((i for i in range(self.vocab_size) if not self.is_special(i)
                               and self.width(i) and self._decode([i]).strip()), None)
 
@@ -286,7 +301,26 @@ class HFTokenizer(Tokenizer):
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+        if not self._byte_fallback:
+            return self.tok.decode(ids, skip_special_tokens=True)
+        pieces: list[str] = []
+        for is_byte, run in itertools.groupby((i for i in ids if i not in self._special_ids), self._is_byte):
+            run = list(run)
+            pieces += ([b"".join(map(self.token_bytes, run)).decode("utf-8", "replace")] if is_byte
+                       else [self.tok.id_to_token(i) for i in run])
+        return self.tok.decoder.decode(pieces) if pieces else ""
+
+    def _is_byte(self, i: int) -> bool:
+        """Whether id i is a byte-fallback piece ("<0xE2>": one byte of a character)."""
+        piece = self.tok.id_to_token(i)
+        return (piece is not None and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
+                and i not in self._special_ids)
+
+    def _post_processor_bos(self) -> int | None:
+        """The special token the post-processor puts before a text, if any."""
+        plain = self.tok.encode("a", add_special_tokens=False).ids
+        full = self.tok.encode("a", add_special_tokens=True).ids
+        return full[0] if full and full[:1] != plain[:1] and full[0] in self._special_ids else None
 
     def piece(self, i: int) -> str:
         return self.tok.id_to_token(i)
@@ -300,7 +334,7 @@ class HFTokenizer(Tokenizer):
             return piece.encode("utf-8")
         if self._bytes_of is not None:
             return bytes(self._bytes_of.get(ch, 0) for ch in piece)
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):   # byte fallback
+        if self._is_byte(i):   # byte fallback
             return bytes([int(piece[3:5], 16)])
         return piece.replace("\u2581", " ").encode("utf-8")
 
@@ -334,8 +368,26 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")   # in this order of pre
 
 
 def find_tokenizer(folder: str) -> str | None:
-    """The tokenizer file of a model directory (tokenizer.model, else tokenizer.json), or None."""
-    return next((p for p in (os.path.join(folder, n) for n in TOKENIZER_FILES) if os.path.isfile(p)), None)
+    """The tokenizer file of a model directory (tokenizer.model, else tokenizer.json), or None.
+    With both, tokenizer.json where it has tokens past the SentencePiece model's: a fine-tune's
+    added chat tokens ("<|im_end|>"), which transformers reads from it and which the
+    tokenizer.model would leave as text (its template's turns) or as no text at all (its EOS)."""
+    found = [p for p in (os.path.join(folder, n) for n in TOKENIZER_FILES) if os.path.isfile(p)]
+    if len(found) == 2 and _adds_tokens(*found):
+        return found[1]
+    return next(iter(found), None)
+
+
+def _adds_tokens(model: str, tokenizer_json: str) -> bool:
+    """Whether tokenizer_json has added tokens with ids past the SentencePiece model's pieces;
+    False where either cannot be read (loading it names the problem)."""
+    try:
+        n = spm.SentencePieceProcessor(model_file=model).get_piece_size()
+        with open(tokenizer_json, encoding="utf-8") as f:
+            added = json.load(f).get("added_tokens") or []
+        return any(isinstance(t, dict) and isinstance(t.get("id"), int) and t["id"] >= n for t in added)
+    except (OSError, RuntimeError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
 
 
 def open_tokenizer(path: str | os.PathLike) -> Tokenizer:

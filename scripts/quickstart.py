@@ -4,7 +4,10 @@ Builds a small random-weight Llama in Hugging Face format (its tokenizer a Sente
 trained on local text), converts it with the same converter as real checkpoints, and generates with
 stats. The weights are random, so the text is nonsense: this shows the machinery, not a model.
 
-    python scripts/quickstart.py [--dir jllm-demo] [--prompt TEXT]
+    python scripts/quickstart.py [--dir jllm-demo] [--prompt TEXT] [--llama3]
+
+--llama3 builds it the way Llama-3.1 checkpoints come: a byte-level BPE tokenizer.json with
+Llama-3's special tokens, chat template and generation_config.json, and llama3 RoPE scaling.
 
 It writes DIR/hf (the Hugging Face form) and DIR/jllm (the converted checkpoint), reuses them on
 the next run, and ends by printing commands to try on them.
@@ -21,15 +24,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default="jllm-demo", help="where the demo checkpoint goes")
     ap.add_argument("--prompt", default="The standard library of Python")
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--llama3", action="store_true",
+                    help="a Llama-3.1-style model: tokenizer.json (byte-level BPE), llama3 RoPE scaling")
     args = ap.parse_args(argv)
 
     from convert import tiny
     from jllm import hf
     from jllm.cli import main as cli_main
+    from jllm.config import LlamaConfig, RopeScaling
     hf_dir, ck_dir = os.path.join(args.dir, "hf"), os.path.join(args.dir, "jllm")
     if not os.path.isdir(ck_dir):
-        print(f"building a tiny random-weight Llama (HF format) in {hf_dir}", file=sys.stderr)
-        tiny.make_tiny_hf(hf_dir)
+        kind = "Llama-3.1-style " if args.llama3 else ""
+        print(f"building a tiny random-weight {kind}Llama (HF format) in {hf_dir}", file=sys.stderr)
+        if args.llama3:   # Llama-3.1's RoPE over a tiny trained context, so that its scaling shows
+            cfg = LlamaConfig.from_name("tiny", rope_theta=5e5, rope_scaling=RopeScaling(
+                "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=64))
+            tiny.make_tiny_hf(hf_dir, cfg, tokenizer="bpe")
+        else:
+            tiny.make_tiny_hf(hf_dir)
         hf.convert(hf_dir, ck_dir, dtype="float32")
     print("NOTE: random weights; the output below is meaningless text.\n", file=sys.stderr)
     status = cli_main(["generate", "--model", ck_dir, "--prompt", args.prompt,

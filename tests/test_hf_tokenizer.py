@@ -18,7 +18,7 @@ from jllm import chat, hf
 from jllm.config import LlamaConfig, RopeScaling
 from jllm.guided import Guided
 from jllm.streaming import Row
-from jllm.tokenizer import HFTokenizer, SentencePieceTokenizer, open_tokenizer
+from jllm.tokenizer import HFTokenizer, SentencePieceTokenizer, find_tokenizer, open_tokenizer
 
 TEXTS = ["Hello world", "Grüße aus Köln, déjà vu.", "日本語のテキスト", "Emoji: 🙂🚀✨",
          "x = f(a, b) + 42\n\tindented   spaces", "  leading and trailing  "]
@@ -128,6 +128,93 @@ def test_bad_tokenizer_files_are_value_errors_naming_them(tmp_path, tok_dir):
         open_tokenizer(d / "tokenizer.json")
 
 
+
+def _without(tok_dir: str, dest, *keys: str, files: tuple[str, ...] = ()) -> str:
+    """A copy of tok_dir whose tokenizer_config.json lacks keys and which lacks files."""
+    shutil.copytree(tok_dir, dest)
+    config = json.loads((dest / "tokenizer_config.json").read_text())
+    (dest / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in keys}))
+    for name in files:
+        (dest / name).unlink()
+    return str(dest)
+
+
+@pytest.mark.parametrize("keys, files", [(("bos_token",), ()), ((), ("tokenizer_config.json",))],
+                         ids=["no_bos_token", "no_tokenizer_config"])
+def test_bos_is_the_post_processors_where_tokenizer_config_names_none(tmp_path, tok_dir, keys, files):
+    """transformers adds what tokenizer.json's post-processor adds: Llama-3's <|begin_of_text|>."""
+    d = _without(tok_dir, tmp_path / "d", *keys, files=files)
+    tok = open_tokenizer(os.path.join(d, "tokenizer.json"))
+    want = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(d, "tokenizer.json"))("Hello world").input_ids
+    assert tok.encode("Hello world") == want and want[0] == tok.special_tokens()["<|begin_of_text|>"]
+
+
+def test_template_tokens_the_config_lacks_render_as_nothing(tmp_path, tok_dir):
+    d = _without(tok_dir, tmp_path / "d", "bos_token")
+    template = chat.ChatTemplate(chat.read_template(d), open_tokenizer(os.path.join(d, "tokenizer.json")))
+    messages = [{"role": "user", "content": "Hi"}]
+    want = transformers.AutoTokenizer.from_pretrained(d).apply_chat_template(messages, tokenize=False,
+                                                                             add_generation_prompt=True)
+    assert template.render(messages) == want and want.startswith("<|start_header_id|>")
+
+
+def test_stop_ids_are_config_jsons_without_generation_config(tmp_path, tok_dir):
+    """As transformers' generate: no generation_config.json, the eos_token_id of config.json."""
+    d = _without(tok_dir, tmp_path / "d", files=("generation_config.json",))
+    ends = [open_tokenizer(os.path.join(tok_dir, "tokenizer.json")).special_tokens()[t]
+            for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
+    (tmp_path / "d" / "config.json").write_text(json.dumps({"model_type": "llama", "eos_token_id": ends}))
+    tok = open_tokenizer(os.path.join(d, "tokenizer.json"))
+    assert set(tok.stop_ids) == set(ends) and tok.stop_ids[0] == tok.eos_id
+
+
+# --- Llama-2's tokenizer as a tokenizer.json (Metaspace, byte-fallback pieces "<0xF0>") ---------
+
+@pytest.fixture(scope="module")
+def llama2_json(tmp_path_factory, tokenizer_path) -> HFTokenizer:
+    """The tiny tokenizer.model as transformers converts it to a tokenizer.json."""
+    d = tmp_path_factory.mktemp("llama2_json")
+    shutil.copy(tokenizer_path, d / "tokenizer.model")
+    transformers.LlamaTokenizer.from_pretrained(str(d)).save_pretrained(str(d))
+    (d / "tokenizer.model").unlink()
+    return open_tokenizer(d / "tokenizer.json")
+
+
+def test_byte_fallback_decode_keeps_a_whole_character_before_a_split_one(llama2_json, tokenizer_path):
+    sp = SentencePieceTokenizer(tokenizer_path)
+    text = "Emoji: 🙂🚀✨ 日本"
+    ids = sp.encode(text, bos=False)
+    assert llama2_json.encode(text, bos=False) == ids and llama2_json.decode(ids) == text
+    assert any(llama2_json.piece(i).startswith("<0x") for i in ids)
+    for k in range(1, len(ids) + 1):   # tokenizers' ByteFallback decoder made "🙂<0xF0>" five U+FFFD
+        assert llama2_json.decode(ids[:k]).rstrip("\ufffd") == sp.decode(ids[:k]).rstrip("\ufffd")
+
+
+def test_byte_fallback_stream_never_garbles_a_character(llama2_json):
+    text = "Emoji: 🙂🚀✨ 日本語 end"
+    ids = llama2_json.encode(text, bos=False)
+    row = Row(0, [llama2_json.bos_id], llama2_json, ["🚀✨ 日"], set(llama2_json.stop_ids), 100)
+    deltas = [d.text for t in ids if (d := row.push([t], 0.0)) is not None]
+    assert all("\ufffd" not in d for d in deltas) and "".join(deltas) == "Emoji: 🙂"
+    assert row.finish == "stop"
+
+
+
+def test_a_tokenizer_json_with_tokens_the_tokenizer_model_lacks_is_the_one_read(llama2_json, tokenizer_path, tmp_path):
+    """A Llama-2 fine-tune ships both; chat tokens it added (ids past the SentencePiece model's)
+    are only in tokenizer.json, which transformers reads."""
+    d = tmp_path / "d"
+    d.mkdir()
+    shutil.copy(tokenizer_path, d / "tokenizer.model")
+    shutil.copy(llama2_json.path, d / "tokenizer.json")
+    assert find_tokenizer(str(d)) == str(d / "tokenizer.model")     # the same tokens: either
+    spec = json.loads((d / "tokenizer.json").read_text())
+    spec["added_tokens"].append({"id": 512, "content": "<|im_end|>", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+    (d / "tokenizer.json").write_text(json.dumps(spec))
+    assert find_tokenizer(str(d)) == str(d / "tokenizer.json")
+    assert open_tokenizer(find_tokenizer(str(d))).special_tokens()["<|im_end|>"] == 512
+
 # --- a Llama-3-style checkpoint end to end ------------------------------------------------------
 
 # tiny with Llama-3.1's RoPE (theta 500000, llama3 scaling over a short original context, so that
@@ -179,6 +266,17 @@ def test_converted_checkpoint_carries_the_tokenizer_and_its_configs(model, hf_di
     b = jllm.generate(loaded, ["A list of"], max_new_tokens=8)
     assert a[0].tokens == b[0].tokens
 
+
+
+def test_converted_checkpoint_keeps_config_jsons_stop_ids(model, hf_dir, tmp_path):
+    """A source without generation_config.json: its config.json's eos_token_id end generation,
+    before conversion and after (the checkpoint has no config.json)."""
+    src = tmp_path / "hf"
+    shutil.copytree(hf_dir, src)
+    (src / "generation_config.json").unlink()
+    assert open_tokenizer(src / "tokenizer.json").stop_ids == model.tokenizer.stop_ids
+    hf.convert(src, tmp_path / "ck", dtype="float32", progress=False)
+    assert open_tokenizer(tmp_path / "ck" / "tokenizer.json").stop_ids == model.tokenizer.stop_ids
 
 def test_guided_output_through_the_hf_tokenizer(model):
     pytest.importorskip("llguidance")
@@ -236,3 +334,13 @@ def test_serve_chat_with_the_llama3_template_logprobs_and_json_mode(model, hf_di
                                       response_format={"type": "json_object"})
         assert isinstance(json.loads(r.choices[0].message.content), dict)
         srv.wait_idle()
+
+
+def test_quickstart_llama3_builds_converts_and_generates(tmp_path, capsys):
+    from scripts import quickstart
+
+    assert quickstart.main(["--dir", str(tmp_path), "--llama3", "--max-new-tokens", "4"]) == 0
+    assert (tmp_path / "jllm" / "tokenizer.json").is_file() and (tmp_path / "jllm" / "generation_config.json").is_file()
+    model = jllm.load(tmp_path / "jllm", progress=False)
+    assert isinstance(model.tokenizer, HFTokenizer) and model.cfg.rope_scaling.kind == "llama3"
+    assert "generated 4" in capsys.readouterr().err
