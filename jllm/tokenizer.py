@@ -256,6 +256,7 @@ class HFTokenizer(Tokenizer):
         generation = _json_beside(folder, "generation_config.json")
         added = self.tok.get_added_tokens_decoder()
         self._special = {t.content: i for i, t in added.items() if t.special}
+        self._added = {i: t.content for i, t in added.items()}   # their text is their content
         self._special_ids = frozenset(self._special.values())
         self._tokens = {name: _token_string(config.get(name)) for name in ("bos_token", "eos_token", "unk_token")}
         for name, text in self._tokens.items():
@@ -330,8 +331,8 @@ class HFTokenizer(Tokenizer):
 
     def token_bytes(self, i: int) -> bytes:
         piece = self.tok.id_to_token(i)
-        if i in self._special_ids:
-            return piece.encode("utf-8")
+        if i in self._added:   # special or not, an added token is its content (no byte mapping)
+            return self._added[i].encode("utf-8")
         if self._bytes_of is not None:
             return bytes(self._bytes_of.get(ch, 0) for ch in piece)
         if self._is_byte(i):   # byte fallback
@@ -369,24 +370,29 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")   # in this order of pre
 
 def find_tokenizer(folder: str) -> str | None:
     """The tokenizer file of a model directory (tokenizer.model, else tokenizer.json), or None.
-    With both, tokenizer.json where it has tokens past the SentencePiece model's: a fine-tune's
-    added chat tokens ("<|im_end|>"), which transformers reads from it and which the
-    tokenizer.model would leave as text (its template's turns) or as no text at all (its EOS)."""
+    With both, tokenizer.json where the tokenizer.model is no SentencePiece model (Llama-3's
+    tiktoken file) or where tokenizer.json has tokens past its pieces: a fine-tune's added chat
+    tokens ("<|im_end|>"), which transformers reads from it and which the tokenizer.model would
+    leave as text (its template's turns) or as no text at all (its EOS)."""
     found = [p for p in (os.path.join(folder, n) for n in TOKENIZER_FILES) if os.path.isfile(p)]
-    if len(found) == 2 and _adds_tokens(*found):
+    if len(found) == 2 and _prefer_json(*found):
         return found[1]
     return next(iter(found), None)
 
 
-def _adds_tokens(model: str, tokenizer_json: str) -> bool:
-    """Whether tokenizer_json has added tokens with ids past the SentencePiece model's pieces;
-    False where either cannot be read (loading it names the problem)."""
+def _prefer_json(model: str, tokenizer_json: str) -> bool:
+    """Whether tokenizer_json, not the SentencePiece `model`, is the directory's tokenizer: the
+    model cannot be read as SentencePiece, or tokenizer_json adds ids past its pieces (False
+    where tokenizer_json cannot be read: loading the model names any problem)."""
     try:
         n = spm.SentencePieceProcessor(model_file=model).get_piece_size()
+    except (OSError, RuntimeError):
+        return True
+    try:
         with open(tokenizer_json, encoding="utf-8") as f:
             added = json.load(f).get("added_tokens") or []
         return any(isinstance(t, dict) and isinstance(t.get("id"), int) and t["id"] >= n for t in added)
-    except (OSError, RuntimeError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return False
 
 

@@ -344,3 +344,35 @@ def test_quickstart_llama3_builds_converts_and_generates(tmp_path, capsys):
     model = jllm.load(tmp_path / "jllm", progress=False)
     assert isinstance(model.tokenizer, HFTokenizer) and model.cfg.rope_scaling.kind == "llama3"
     assert "generated 4" in capsys.readouterr().err
+
+
+def test_a_tiktoken_tokenizer_model_beside_tokenizer_json_is_passed_over(tok_dir, tmp_path):
+    """Llama-3 conversions may carry Meta's tiktoken `tokenizer.model` (base64 ranks, not
+    SentencePiece) beside tokenizer.json: the directory's tokenizer is the tokenizer.json."""
+    from jllm.tokenizer import find_tokenizer
+
+    d = tmp_path / "d"
+    shutil.copytree(tok_dir, d)
+    (d / "tokenizer.model").write_text("IQ== 0\nIg== 1\nIw== 2\n")
+    assert find_tokenizer(str(d)) == str(d / "tokenizer.json")
+    assert isinstance(open_tokenizer(find_tokenizer(str(d))), HFTokenizer)
+
+
+def test_a_plain_added_token_reads_as_its_content(tok_dir, tmp_path):
+    """A token added without the special flag (a fine-tune's "<|im start é|>") is text: its bytes,
+    logprob text and width are its content's, not byte-level BPE's alphabet mapped."""
+    import tokenizers
+
+    d = tmp_path / "d"
+    shutil.copytree(tok_dir, d)
+    raw = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
+    raw.add_tokens(["<|im start é|>"])
+    raw.save(str(d / "tokenizer.json"))
+    t = open_tokenizer(d / "tokenizer.json")
+    i = t.vocab_size - 1
+    assert t.piece(i) == "<|im start é|>" and not t.is_special(i)
+    assert t.token_bytes(i) == "<|im start é|>".encode() and t.token_text(i) == ("<|im start é|>", list("<|im start é|>".encode()))
+    assert t.width(i) == len("<|im start é|>")
+    ids = t.encode("a <|im start é|> b", bos=False)
+    assert i in ids and t.decode(ids) == "a <|im start é|> b"
+    assert t.decode_offsets(ids)[0] == "a <|im start é|> b"
