@@ -1,5 +1,6 @@
 """Tokenizers (SentencePiece `tokenizer.model`, Hugging Face `tokenizer.json`): text checks, decoding
 after a context token, offsets; and the Llama-2 chat format."""
+import functools
 import itertools
 import json
 import os
@@ -34,6 +35,11 @@ class Tokenizer:
     eos_id: int | None     # the end of a reply (the chat template's eos_token)
     stop_ids: tuple[int, ...]   # every id that ends generation: eos_id first, then the model's others
     _visible: int | None   # a piece with visible text alone (see decode_after)
+
+    @functools.cached_property
+    def _anchors(self) -> dict[int, str]:
+        """decode_after's decode of [_visible, context] by context id, made once each."""
+        return {}
 
     @property
     def vocab_size(self) -> int:
@@ -84,7 +90,7 @@ class Tokenizer:
         """ids without those the tokenizer lacks: a model's vocabulary may be larger than its
         tokenizer's (e.g. 32001 ids over 32000 pieces), and those ids have no text."""
         n = self.vocab_size
-        return ids if all(0 <= i < n for i in ids) else [i for i in ids if 0 <= i < n]
+        return ids if not ids or (min(ids) >= 0 and max(ids) < n) else [i for i in ids if 0 <= i < n]
 
     def decode(self, ids: list[int]) -> str:
         return self._decode(self._known(ids))
@@ -106,7 +112,10 @@ class Tokenizer:
         # that is only whitespace ("▁", "▁▁▁▁") decoded first would take the spaces of ids along:
         # decode after a visible piece and the context.
         head = [context] if self._visible is None else [self._visible, context]
-        anchor, text = self._decode(head), self._decode(head + ids)
+        anchor = self._anchors.get(context)
+        if anchor is None:   # the same for every decode after this context (a stream's many)
+            anchor = self._anchors[context] = self._decode(head)
+        text = self._decode(head + ids)
         # A byte piece alone reads as U+FFFD; if `ids` complete its character the anchor is gone.
         return text[len(anchor):] if text.startswith(anchor) else self._decode(ids)
 
