@@ -27,6 +27,15 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength
           "required": ["name", "n", "ok"], "additionalProperties": False}
 
 
+@pytest.fixture(params=["lagged", "sync"])
+def mode(request, monkeypatch):
+    """How the engine runs guided requests: "lagged" (one step in flight, a guided request sits
+    out the step after each sample) or "sync" (steps one at a time while one runs)."""
+    from jllm.engine import engine as engine_mod
+    monkeypatch.setattr(engine_mod, "GUIDED_SYNC_SHARE", 10.0 if request.param == "lagged" else 0.0)
+    return request.param
+
+
 def _reference(model, prompt: list[int], guided: Guided, max_tokens: int, bias: dict | None = None):
     """Greedy tokens under the grammar, one full forward per token -> (tokens, finish reason)."""
     matcher = GuideTokenizer(model.tokenizer, model.cfg.vocab_size).matcher(guided)
@@ -51,12 +60,16 @@ def _reference(model, prompt: list[int], guided: Guided, max_tokens: int, bias: 
     return out, "length"
 
 
-def _run(engine: Engine, requests: list[tuple[list[int], SamplingParams]], abort_after: dict | None = None):
-    """Add all requests, step to the end (aborting request i after abort_after[i] steps) -> outputs by index."""
+def _run(engine: Engine, requests: list[tuple[list[int], SamplingParams]], abort_after: dict | None = None,
+         overlapped: list | None = None):
+    """Add all requests, step to the end (aborting request i after abort_after[i] steps) -> outputs
+    by index; overlapped gets, per step, whether a step stayed in flight while a guided request ran."""
     ids = {engine.add_request(p, sp): i for i, (p, sp) in enumerate(requests)}
     got = {i: ([], "", None) for i in range(len(requests))}
     step = 0
     while engine.has_unfinished():
+        if overlapped is not None and step:
+            overlapped.append(engine._inflight is not None and bool(engine._guided))
         for rid, i in ids.items():
             if (abort_after or {}).get(i) == step:
                 engine.abort(rid)
@@ -77,7 +90,7 @@ def _check_schema(text: str, layout: bool = True) -> None:
         assert text == json.dumps(obj, ensure_ascii=False)
 
 
-def test_guided_greedy_equals_the_reference_beside_unguided_requests(tiny_model):
+def test_guided_greedy_equals_the_reference_beside_unguided_requests(tiny_model, mode):
     m, tok = tiny_model, tiny_model.tokenizer
     prompts = [tok.encode(t) for t in ("Give me JSON:", "Answer yes or no", "Once upon a time", "A list")]
     regex = r"(yes|no), [0-9]{2,3}!"
@@ -87,7 +100,14 @@ def test_guided_greedy_equals_the_reference_beside_unguided_requests(tiny_model)
             (prompts[2], SamplingParams(max_tokens=12, stop_token_ids=())),
             (prompts[3], SamplingParams(max_tokens=9, guided=Guided.lark(lark), logit_bias=((tok.encode("b", bos=False)[-1], 5.0),))),
             (prompts[2], SamplingParams(max_tokens=20, guided=Guided.json_object()))]
-    got = _run(Engine(m, **KW), reqs)
+    overlapped = []
+    got = _run(Engine(m, **KW), reqs, overlapped=overlapped)
+    # lagged: most steps leave the next in flight beside guided requests; sync: only a guided
+    # request's admission step (its first mask needs no token) may.
+    if mode == "lagged":
+        assert sum(overlapped) > len(overlapped) / 2, overlapped
+    else:
+        assert sum(overlapped) <= 4, overlapped
     for i, (prompt, sp) in enumerate(reqs):
         toks, text, reason = got[i]
         if sp.guided is None:
@@ -102,7 +122,7 @@ def test_guided_greedy_equals_the_reference_beside_unguided_requests(tiny_model)
     assert got[4][1].startswith("{")
 
 
-def test_guided_requests_survive_preemption_and_aborts(tiny_model):
+def test_guided_requests_survive_preemption_and_aborts(tiny_model, mode):
     """A pool of 12 pages (48 tokens) for four guided requests of up to ~35 tokens each: some are
     preempted and recomputed, one is aborted; the others still equal the reference and every
     page is free at the end."""
@@ -119,7 +139,7 @@ def test_guided_requests_survive_preemption_and_aborts(tiny_model):
     assert engine.pool.used == 0 and engine.pool.available() == engine.num_pages
 
 
-def test_a_grammar_completed_on_the_last_allowed_token_stops_and_eos_never_shows(tiny_model):
+def test_a_grammar_completed_on_the_last_allowed_token_stops_and_eos_never_shows(tiny_model, mode):
     """Output that completes the grammar exactly at max_tokens ends "stop", not "length"; with
     stop_token_ids=() (ignore EOS) a guided output still ends at EOS, which is not in it."""
     m, tok = tiny_model, tiny_model.tokenizer
@@ -143,7 +163,7 @@ def test_a_grammar_completed_on_the_last_allowed_token_stops_and_eos_never_shows
     assert no_eos.finish_reason == "stop"
 
 
-def test_sampled_guided_output_is_valid_and_seeded(tiny_model):
+def test_sampled_guided_output_is_valid_and_seeded(tiny_model, mode):
     m, tok = tiny_model, tiny_model.tokenizer
     prompt = tok.encode("JSON:")
     sp = SamplingParams(max_tokens=60, temperature=1.0, seed=5, guided=Guided.json_schema(SCHEMA))

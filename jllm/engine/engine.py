@@ -30,6 +30,8 @@ from jllm.sampling import logprob_entries
 from jllm.speculative import PromptLookup, Speculative
 from jllm.streaming import Row
 
+GUIDED_SYNC_SHARE = 0.5   # guided requests' share of the running ones from which steps run one at a time
+
 DEFAULT_PAGES = 512  # without device memory statistics (CPU) and no num_pages
 
 
@@ -347,9 +349,13 @@ class Engine:
         """One device call advancing every running request -> an output for every request that
         produced something or finished (aborted ones too)."""
         outs, self._outputs = self._outputs, []
-        # A guided request's next mask needs its last token: while one runs, steps run one at a
-        # time (its admission step may still be dispatched ahead: its first mask needs no token).
-        sync = not self.async_scheduling or any(r.status is Status.RUNNING for r in self._guided)
+        # A guided request's next mask needs its last token. While guided requests are at least
+        # GUIDED_SYNC_SHARE of the running ones, steps run one at a time; below it the others
+        # keep one step in flight and a guided request sits out the step after each of its
+        # samples (the scheduler skips it while its sample is on the device): it decodes every
+        # other step, and nobody waits for the host. Its admission step needs no token.
+        guided = sum(r.status is Status.RUNNING for r in self._guided)
+        sync = not self.async_scheduling or (guided and guided >= GUIDED_SYNC_SHARE * len(self.scheduler.running))
         if self._inflight is not None and (sync or self.scheduler.decode_pages_short()):
             outs += self._read(self._inflight)  # preemption needs every sample on the host
             self._inflight = None

@@ -268,6 +268,8 @@ class Scheduler:
         for i, req in enumerate(running):
             if req.status is not Status.RUNNING or req.exhausted or not req.is_decode():
                 continue
+            if req.matcher is not None and req.pending:   # its mask needs the sample in flight
+                continue
             drafts = self._drafts(req, budget - (len(running) - i - 1), self.max_chunk - chunk_tokens,
                                   draft_rows - len(chunks))
             if drafts:  # verify [last, d1..dm] as a chunk row
