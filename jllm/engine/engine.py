@@ -159,7 +159,7 @@ class Engine:
         self._ids = itertools.count()
         self.generated_tokens = self.aborted = self.steps = 0
         self._biased_slots: set[int] = set()   # slots whose logit bias is not zero
-        self._guided: set[Request] = set()      # guided requests not finished: their steps run one at a time
+        self._guided: set[Request] = set()      # guided requests not finished (step(): how they run)
         with self._on_mesh():
             self.state = init_state(self.cfg, self.num_pages, self.page_size, self.max_seqs, self.dtype,
                                     model.mesh, self.max_pages)
