@@ -1277,10 +1277,15 @@ def test_load_generator_reports_sane_metrics(srv, tmp_path):
 
 def test_load_generator_asks_for_json_objects(srv):
     """--json-mode: every request is guided to a JSON object; each completes (stopping when its
-    object is complete, or at max_tokens) and is counted."""
+    object is complete, or at max_tokens) and is counted. --json-share F: that share, spread."""
     cfg = loadgen.LoadConfig(url=srv.url, model=NAME, prompts="random-words", num_prompts=4, input_len=4,
-                             output_len=N, json_mode=True, max_duration_s=60, request_timeout_s=60)
-    assert loadgen._payload(cfg, "x")["response_format"] == {"type": "json_object"}
+                             output_len=N, json_share=1.0, max_duration_s=60, request_timeout_s=60)
+    assert loadgen._payload(cfg, "x", loadgen.asks_json(cfg, 0))["response_format"] == {"type": "json_object"}
+    quarter = dataclasses.replace(cfg, json_share=0.25)
+    assert [loadgen.asks_json(quarter, i) for i in range(8)] == [False, False, False, True] * 2
+    assert not any(loadgen.asks_json(dataclasses.replace(cfg, json_share=0.0), i) for i in range(8))
+    with pytest.raises(ValueError, match="json_share=1.5"):
+        dataclasses.replace(cfg, json_share=1.5)
     [run] = loadgen.run(cfg, concurrencies=[2])["runs"]
     assert (run["completed"], run["failed"]) == (4, 0), run["errors"]
     assert 4 <= run["output_tokens"] <= 4 * N

@@ -23,6 +23,7 @@ import string
 import sys
 import time
 
+from jllm import argtypes
 from jllm.runtime import write_atomic
 
 
@@ -40,7 +41,7 @@ class LoadConfig:
     output_len: int = 256                  # max_tokens of every request
     vocab_size: int = 32000                # random ids are drawn from [3, vocab_size)
     ignore_eos: bool = False               # vLLM's extension: always generate output_len tokens
-    json_mode: bool = False                # every request asks for JSON (response_format json_object)
+    json_share: float = 0.0                # requests asking for JSON (response_format json_object), evenly spread
     max_duration_s: float = 600.0          # wall-clock limit of one run
     request_timeout_s: float = 600.0
     slo_ttft_s: float | None = None        # goodput counts requests meeting every given SLO
@@ -61,6 +62,9 @@ class LoadConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be an int >= 1")
         if self.vocab_size <= 3 and self.prompts == "random-ids":
             raise ValueError(f"vocab_size={self.vocab_size} leaves no ids to draw from [3, vocab_size)")
+        if isinstance(self.json_share, bool) or not isinstance(self.json_share, (int, float)) \
+                or not 0 <= self.json_share <= 1:
+            raise ValueError(f"json_share={self.json_share!r} must be a number in [0, 1]")
         for name in ("max_duration_s", "request_timeout_s"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a finite number > 0")
@@ -129,12 +133,17 @@ def _endpoint_url(base: str, endpoint: str) -> str:
     return f"{base}/{'chat/completions' if endpoint == 'chat' else 'completions'}"
 
 
-def _payload(cfg: LoadConfig, prompt) -> dict:
+def asks_json(cfg: LoadConfig, i: int) -> bool:
+    """Whether request i asks for JSON: json_share of them, evenly spread (every 4th at 0.25)."""
+    return int((i + 1) * cfg.json_share) > int(i * cfg.json_share)
+
+
+def _payload(cfg: LoadConfig, prompt, json_object: bool = False) -> dict:
     body = {"model": cfg.model, "max_tokens": cfg.output_len, "temperature": 0.0, "stream": True,
             "stream_options": {"include_usage": True}}
     if cfg.ignore_eos:
         body["ignore_eos"] = True
-    if cfg.json_mode:
+    if json_object:
         body["response_format"] = {"type": "json_object"}
     if cfg.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
@@ -153,8 +162,9 @@ def _has_output(obj: dict) -> bool:
     return bool(c.get("text") or (c.get("delta") or {}).get("content") or c.get("token_ids"))
 
 
-async def send(client, url: str, cfg: LoadConfig, prompt) -> RequestResult:
-    """One streamed request on an httpx.AsyncClient, timing each chunk that carries text."""
+async def send(client, url: str, cfg: LoadConfig, prompt, json_object: bool = False) -> RequestResult:
+    """One streamed request on an httpx.AsyncClient, timing each chunk that carries text (asking
+    for a JSON object with json_object)."""
     import httpx  # the [serve] extra; imported where used, so `jllm --help` needs none of it
     result = RequestResult(ok=False)
     t0 = time.perf_counter()
@@ -162,7 +172,7 @@ async def send(client, url: str, cfg: LoadConfig, prompt) -> RequestResult:
     chunks = 0
     done, finish = False, None
     try:
-        async with client.stream("POST", url, json=_payload(cfg, prompt)) as response:
+        async with client.stream("POST", url, json=_payload(cfg, prompt, json_object)) as response:
             if response.status_code != 200:
                 body = (await response.aread()).decode("utf-8", "replace")
                 result.error = f"HTTP {response.status_code}: {body[:200]}"
@@ -222,12 +232,12 @@ async def _run_point(cfg: LoadConfig, prompts: list, rate: float, concurrency: i
     start = time.perf_counter()
     deadline = start + cfg.max_duration_s
     async with httpx.AsyncClient(timeout=cfg.request_timeout_s, limits=limits, headers=headers) as client:
-        async def one(prompt) -> None:
-            results.append(await send(client, url, cfg, prompt))
+        async def one(i: int) -> None:
+            results.append(await send(client, url, cfg, prompts[i], asks_json(cfg, i)))
 
         tasks = []
         if concurrency is not None:
-            queue = list(reversed(prompts))
+            queue = list(reversed(range(len(prompts))))
 
             async def worker() -> None:
                 while queue and time.perf_counter() < deadline:
@@ -235,10 +245,10 @@ async def _run_point(cfg: LoadConfig, prompts: list, rate: float, concurrency: i
 
             tasks = [asyncio.ensure_future(worker()) for _ in range(min(concurrency, len(prompts)))]
         else:
-            for i, prompt in enumerate(prompts):
+            for i in range(len(prompts)):
                 if time.perf_counter() >= deadline:
                     break
-                tasks.append(asyncio.ensure_future(one(prompt)))
+                tasks.append(asyncio.ensure_future(one(i)))
                 if math.isfinite(rate) and i + 1 < len(prompts):  # no idle gap after the last one
                     await asyncio.sleep(min(rng.expovariate(rate), max(0.0, deadline - time.perf_counter())))
         pending = set()
@@ -396,9 +406,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=lambda t: _positive(int, t), default=256)
     p.add_argument("--vocab-size", type=lambda t: _positive(int, t), default=32000)
     p.add_argument("--ignore-eos", action="store_true", help="always generate --output-len tokens")
-    p.add_argument("--json-mode", action="store_true",
-                   help="every request asks for a JSON object (response_format json_object): the cost of "
-                        "guided decoding (a reply ends when its object is complete)")
+    json_group = p.add_mutually_exclusive_group()
+    json_group.add_argument("--json-mode", action="store_true",
+                      help="every request asks for a JSON object (response_format json_object): the cost of "
+                           "guided decoding (a reply ends when its object is complete)")
+    json_group.add_argument("--json-share", type=argtypes.probability, default=0.0, metavar="F",
+                      help="this share of the requests asks for a JSON object, evenly spread (0.25: every 4th)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--request-rate", type=lambda t: _positive(float, t), nargs="+",
                       help="Poisson request rates per second (inf: all at once)")
@@ -420,7 +433,7 @@ def run_cli(args) -> int:
     cfg = LoadConfig(url=args.url, model=args.model, endpoint=args.endpoint, prompts=args.prompts,
                      num_prompts=args.num_prompts, input_len=args.input_len,
                      output_len=args.output_len, vocab_size=args.vocab_size,
-                     ignore_eos=args.ignore_eos, json_mode=args.json_mode, max_duration_s=args.max_duration,
+                     ignore_eos=args.ignore_eos, json_share=1.0 if args.json_mode else args.json_share, max_duration_s=args.max_duration,
                      request_timeout_s=args.request_timeout, slo_ttft_s=ms(args.slo_ttft_ms),
                      slo_tpot_s=ms(args.slo_tpot_ms), slo_e2e_s=ms(args.slo_e2e_ms), seed=args.seed,
                      api_key=os.environ.get("OPENAI_API_KEY"))
