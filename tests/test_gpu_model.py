@@ -16,16 +16,19 @@ import numpy as np
 import pytest
 
 from jllm import quant
-from jllm.config import LlamaConfig
+from jllm.config import LlamaConfig, RopeScaling
 from jllm.model import forward, init_cache, init_params, to_flat, from_flat
 from jllm.plan import Plan
 from kernel_checks import gpu_marked_needs_gpu  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.gpu
 
-# (config, dtype): GQA 4 in float32 (prefill: 3 rows of 300 tokens), MHA in bf16.
+# (config, dtype): GQA 4 in float32 with Llama-3.1's RoPE (theta 500000, llama3 scaling over an
+# original context of 64, so that the prefill of 300 tokens and the decode steps run past it and
+# the kernels rotate with the scaled frequencies), MHA in bf16 with Llama-2's.
 MODELS = [
-    (LlamaConfig(dim=512, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=1024, vocab_size=1024), jnp.float32),
+    (LlamaConfig(dim=512, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=1024, vocab_size=1024, rope_theta=5e5,
+                 rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 64)), jnp.float32),
     (LlamaConfig(dim=1024, n_layers=2, n_heads=8, n_kv_heads=8, ffn_dim=2048, vocab_size=2048), jnp.bfloat16),
 ]
 IDS = [f"D={c.dim}_G={c.n_kv_heads}_{jnp.dtype(d).name}" for c, d in MODELS]
