@@ -1,0 +1,39 @@
+"""The named configs' full-size programs lower for CUDA with every Pallas kernel on this CPU (no
+GPU, nothing allocated): the kernels' wrappers, block-size checks and Triton lowering see the
+real shapes (Llama-3.1-8B: GQA 4, FFN 14336, vocabulary 128256; Llama-3.2-3B: GQA 3)."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jllm import quant
+from jllm.config import LlamaConfig
+from jllm.generate import _prefill, decode
+from jllm.kvcache import init_cache
+from jllm.model import from_flat, param_infos
+from jllm.plan import make_plan
+from jllm.sampling import Sampling
+
+
+def _lower(fn, static, *args, **kw):
+    return jax.jit(fn, static_argnames=static).trace(*args, **kw).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("name,mode,kv", [("llama-3.1-8b", "int4", "int8"), ("llama-3.1-8b", None, None),
+                                          ("llama-3.2-3b", "int8", None)])
+def test_decode_and_prefill_lower_for_cuda_with_the_kernels(name, mode, kv):
+    cfg = LlamaConfig.from_name(name)
+    flat = quant.abstract_flat({n: i.shape for n, i in param_infos(cfg).items()}, jnp.bfloat16, mode,
+                               128 if mode == "int4" else None)
+    params = jax.eval_shape(lambda f: from_flat(f, cfg), flat)
+    plan = dataclasses.replace(make_plan(cfg, None, "pallas", "pallas-fused"), interpret=False)
+    B = 1
+    cache = jax.eval_shape(lambda: init_cache(cfg, B, 2304, kv or jnp.bfloat16))
+    samp = Sampling(jnp.zeros(B), jnp.zeros(B, jnp.int32), jnp.ones(B), jnp.zeros(B), greedy=True)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    hlo = _lower(decode, ("cfg", "n_steps", "plan", "logprobs"), params, jax.ShapeDtypeStruct((B,), jnp.int32),
+                 cache, samp, key, cfg=cfg, n_steps=1, plan=plan)
+    assert "__gpu$xla.gpu.triton" in hlo   # the Pallas kernels are in the program
+    _lower(_prefill, ("cfg", "plan", "logprobs"), params, jax.ShapeDtypeStruct((B, 2048), jnp.int32),
+           jax.ShapeDtypeStruct((B,), jnp.int32), cache, samp, key, cfg=cfg, plan=plan)
