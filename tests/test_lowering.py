@@ -4,6 +4,7 @@ real shapes (Llama-3.1-8B: GQA 4, FFN 14336, vocabulary 128256; Llama-3.2-3B: GQ
 import dataclasses
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import pytest
 
@@ -17,7 +18,9 @@ from jllm.sampling import Sampling
 
 
 def _lower(fn, static, *args, **kw):
-    return jax.jit(fn, static_argnames=static).trace(*args, **kw).lower(lowering_platforms=("cuda",)).as_text()
+    """HLO text of fn (a jitted function, or made one with these static arguments) for CUDA."""
+    jitted = fn if hasattr(fn, "trace") else jax.jit(fn, static_argnames=static)
+    return jitted.trace(*args, **kw).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("name,mode,kv", [("llama-3.1-8b", "int4", "int8"), ("llama-3.1-8b", None, None),
@@ -37,3 +40,25 @@ def test_decode_and_prefill_lower_for_cuda_with_the_kernels(name, mode, kv):
     assert "__gpu$xla.gpu.triton" in hlo   # the Pallas kernels are in the program
     _lower(_prefill, ("cfg", "plan", "logprobs"), params, jax.ShapeDtypeStruct((B, 2048), jnp.int32),
            jax.ShapeDtypeStruct((B,), jnp.int32), cache, samp, key, cfg=cfg, plan=plan)
+
+
+@pytest.mark.parametrize("kv", [None, "int8"])
+def test_engine_step_lowers_for_cuda_with_the_paged_kernels(kv):
+    """Llama-3.1-8B's engine step at 256 decode rows and a 768-token chunk part over 16-token
+    pages (the paged decode kernel and the multi-query chunk kernel, GQA 4)."""
+    from jllm.engine.scheduler import Schedule, StepShapes, build_batch
+    from jllm.engine.step import engine_step, init_state
+
+    cfg = LlamaConfig.from_name("llama-3.1-8b")
+    params = jax.eval_shape(lambda: from_flat(quant.abstract_flat(
+        {n: i.shape for n, i in param_infos(cfg).items()}, jnp.bfloat16, None), cfg))
+    plan = dataclasses.replace(make_plan(cfg, None, "pallas", "pallas-fused"), interpret=False)
+    max_seqs, num_pages, page_size, max_pages = 256, 8192, 16, 96
+    state = jax.eval_shape(lambda: init_state(cfg, num_pages, page_size, max_seqs, kv or jnp.bfloat16,
+                                              max_pages=max_pages))
+    shapes = StepShapes((256,), (768,), 128, 4)
+    tables = np.full((max_seqs, max_pages), -1, np.int32)
+    batch, _ = build_batch(Schedule([], [], []), shapes, tables, num_pages, max_seqs, page_size, dims=(256, 768))
+    hlo = _lower(engine_step, ("cfg", "plan", "greedy", "prompt_logprobs"), params, state, batch,
+                 cfg=cfg, plan=plan, greedy=False)
+    assert "__gpu$xla.gpu.triton" in hlo
