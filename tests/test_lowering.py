@@ -4,8 +4,8 @@ real shapes (Llama-3.1-8B: GQA 4, FFN 14336, vocabulary 128256; Llama-3.2-3B: GQ
 import dataclasses
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jllm import quant
