@@ -9,6 +9,7 @@ message stay text, so a user cannot forge a turn boundary.
 """
 import datetime
 import json
+import os
 import re
 
 import jinja2
@@ -42,6 +43,24 @@ def read_template(model_dir: str) -> str | None:
     if template is not None and not isinstance(template, str):
         raise ValueError(f"{path!r}: chat_template must be a string, got {type(template).__name__}")
     return template
+
+
+def template_source(model_dir: str, override: str | None = None) -> str | None:
+    """The chat template to use: `override` (`--chat-template`: a file holding one, or the
+    template itself) where given, else the checkpoint's (`read_template`); None for Llama-2's
+    format. ValueError for an override that is neither, or a file that cannot be read."""
+    if override is None:
+        return read_template(model_dir) if os.path.isdir(model_dir) else None
+    path = os.path.expanduser(override)
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--chat-template {override!r}: cannot read it: {e}") from None
+    if "{{" in override or "{%" in override:
+        return override
+    raise ValueError(f"--chat-template {override!r} is neither a file nor a jinja2 template")
 
 
 def _raise_exception(message):

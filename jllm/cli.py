@@ -369,10 +369,10 @@ def cmd_chat(args) -> int:
     # instead of an exception that loses the line (and, from a pipe, the lines read with it).
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")
-    # The checkpoint's chat template (tokenizer_config.json), else Llama-2's format; a broken
+    # --chat-template, else the checkpoint's (tokenizer_config.json), else Llama-2's format; a broken
     # template fails before the load.
     model_dir = os.path.expanduser(args.model)
-    source = chat.read_template(model_dir) if os.path.isdir(model_dir) else None
+    source = chat.template_source(model_dir, args.chat_template)
     if source is not None:
         chat.compile_template(source)
     model = _load(args)
@@ -590,6 +590,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive chat (the checkpoint's chat template, else Llama-2's format)")
     _add_model(p)
     p.add_argument("--system", type=_text, default=None, help="system prompt")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a jinja2 chat template (a file, or the template itself) instead of the checkpoint's")
     _add_sampling(p)
     _add_speculation(p)
     _add_parallel(p)

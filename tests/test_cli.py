@@ -143,6 +143,31 @@ def test_chat_renders_the_checkpoints_template_and_seeds_each_reply(templated_ch
     assert model.tokenizer.decode(calls[0][1]).split() == "[system] Be brief. [user] Hello there [assistant]".split()
 
 
+def test_chat_template_flag_replaces_the_checkpoints(templated_checkpoint, tmp_path, capsys, monkeypatch):
+    """--chat-template FILE (or the template itself) renders the conversation instead of the
+    checkpoint's template; one that is neither is refused before the load."""
+    import jllm
+    from jllm.chat import ChatTemplate
+    other = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    (tmp_path / "t.jinja").write_text(other)
+    prompts, real = [], jllm.generate
+
+    def spy(model, ps, **kw):
+        prompts.append((model, ps[0]))
+        return real(model, ps, **kw)
+
+    monkeypatch.setattr("jllm.generate", spy)
+    for flag in (str(tmp_path / "t.jinja"), other):
+        monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n/exit\n"))
+        assert cli.main(["chat", "--model", templated_checkpoint, "--max-new-tokens", "2", "--attn-impl", "xla",
+                         "--chat-template", flag]) == 0
+        model, ids = prompts[-1]
+        assert ids == ChatTemplate(other, model.tokenizer).encode([{"role": "user", "content": "Hello there"}])
+    monkeypatch.setattr("jllm.load", lambda *a, **k: pytest.fail("loaded the model"))
+    assert cli.main(["chat", "--model", templated_checkpoint, "--chat-template", "missing.jinja"]) == 2
+    assert "--chat-template 'missing.jinja' is neither a file nor a jinja2 template" in capsys.readouterr().err
+
+
 def test_chat_refuses_a_template_that_does_not_compile_before_loading(templated_checkpoint, capsys, monkeypatch):
     with open(os.path.join(templated_checkpoint, "tokenizer_config.json"), "w") as f:
         json.dump({"chat_template": "{% for m in messages %}"}, f)

@@ -1245,7 +1245,13 @@ def test_cli_checks_flags_a_busy_port_and_the_template_before_loading(tiny_check
         assert serve_cli.main(["--model", tiny_checkpoint, "--port", "0", "--speculate", "4",
                                "--prompt-lookup", "3", "--tp", "2"]) == 2
         assert "--speculate runs on one device; got --tp 2" in capsys.readouterr().err
+        assert serve_cli.main(["--model", tiny_checkpoint, "--port", "0", "--chat-template", "nonsense.jinja"]) == 2
+        assert "--chat-template 'nonsense.jinja' is neither a file nor a jinja2 template" in capsys.readouterr().err
+        assert serve_cli.main(["--model", tiny_checkpoint, "--port", "0", "--chat-template", "{% for %}"]) == 2
+        assert "chat_template does not compile" in capsys.readouterr().err
         assert time.monotonic() - t0 < 10     # none loaded the model
+        assert serve_cli.main(["--model", tiny_checkpoint, "--port", "0", "--max-model-len", "100000"]) == 2
+        assert "max_model_len=100000 is over the model's max_seq_len=512" in capsys.readouterr().err
     finally:
         busy.close()
         for x, (handlers, propagate) in zip(loggers, saved):  # its handler writes to capsys

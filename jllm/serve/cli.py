@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache", choices=["auto", "int8"], default="auto",
                    help="KV cache dtype: auto (the weights') or int8")
     p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel devices")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a jinja2 chat template (a file, or the template itself) instead of the checkpoint's")
     g = p.add_argument_group("engine")
     g.add_argument("--max-seqs", type=_positive_int, default=64, help="decode slots (default 64)")
     g.add_argument("--device-memory-fraction", type=_fraction, default=0.9, help=argtypes.DEVICE_MEMORY_HELP)
@@ -44,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="of the device memory JAX holds free after the weights, for KV pages, when "
                         "--num-pages is not given")
     g.add_argument("--num-pages", type=_positive_int, default=None, help="KV cache pages")
+    g.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N",
+                   help="prompt + output tokens of one request (default the model's context, or what "
+                        "the pages hold if less)")
     g.add_argument("--max-queue", type=_positive_int, default=None,
                    help="waiting requests beyond this get 429 (default: no limit)")
     g.add_argument("--max-tokens-per-step", type=_positive_int, default=512,
@@ -85,10 +90,10 @@ def run(args) -> int:
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"--model {args.model!r} is not a directory (a jllm checkpoint or "
                                 "a Hugging Face Llama directory)")
-    from jllm.chat import compile_template, read_template
+    from jllm.chat import compile_template, template_source
     from jllm.serve.main import bind, serve, setup_logging
     setup_logging(args.log_json)
-    template = read_template(model_dir)
+    template = template_source(model_dir, args.chat_template)
     if template is not None:
         compile_template(template)   # a broken template fails before the load, not after
     sock = bind(args.host, args.port)   # before the load: a busy port fails in a second
@@ -113,7 +118,7 @@ def run(args) -> int:
                         max_tokens_per_step=args.max_tokens_per_step,
                         kv_cache_dtype=None if args.kv_cache == "auto" else args.kv_cache,
                         max_queue=args.max_queue, decode_buckets=args.decode_buckets, speculative=spec,
-                        prompt_logprobs=args.prompt_logprobs)
+                        prompt_logprobs=args.prompt_logprobs, max_model_len=args.max_model_len)
         engine.prepare_guided()   # response_format and tools: their tokenizer view, now rather than mid-serving
         app = create_app(EngineRunner(engine), served_name(args), cfg=model.cfg,
                          tokenizer=model.tokenizer, chat_template=template)
