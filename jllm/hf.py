@@ -162,24 +162,12 @@ def weight_files(hf_dir: str) -> list[str]:
                      f"with model.safetensors.index.json, or pytorch_model*.bin")
 
 
-def _read_json_object(path: str) -> dict:
-    """The JSON object in the file `path`; ValueError naming the file for anything else."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path!r}: {e}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path!r} holds a JSON {type(obj).__name__}; expected an object")
-    return obj
-
-
 def read_config(hf_dir: str | os.PathLike) -> LlamaConfig:
     """The LlamaConfig of an HF directory's config.json."""
     hf_dir = os.path.expanduser(os.fspath(hf_dir))
     if not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"Hugging Face directory {hf_dir!r} does not exist")
-    return LlamaConfig.from_hf(_read_json_object(os.path.join(hf_dir, "config.json")))
+    return LlamaConfig.from_hf(runtime.read_json_object(os.path.join(hf_dir, "config.json")))
 
 
 def load_tokenizer(path: str, cfg: LlamaConfig) -> Tokenizer:
@@ -238,7 +226,7 @@ def read_tokenizer_config(model_dir: str) -> tuple[str, dict] | None:
     """(path, contents) of DIR/tokenizer_config.json (it may hold a chat template), None if absent;
     ValueError naming the file when it is not a readable JSON object (before any weight is read)."""
     path = os.path.join(model_dir, checkpoint.TOKENIZER_CONFIG)
-    return (path, _read_json_object(path)) if os.path.isfile(path) else None
+    return (path, runtime.read_json_object(path)) if os.path.isfile(path) else None
 
 
 def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "bfloat16",

@@ -1,6 +1,7 @@
 """Process-wide setup (the persistent compilation cache, the Pallas-Triton warning filter) and the
 status lines and progress bars of long work."""
 import contextlib
+import json
 import os
 import sys
 import time
@@ -80,6 +81,18 @@ def _backends_initialized() -> bool:
         return xla_bridge.backends_are_initialized()
     except (ImportError, AttributeError):  # no such helper: assume the worst, change nothing
         return True
+
+
+def read_json_object(path: str) -> dict:
+    """The JSON object in the file `path`; ValueError naming the file for anything else."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path!r}: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path!r} holds a JSON {type(obj).__name__}; expected an object")
+    return obj
 
 
 def write_atomic(path: str, write: Callable[[str], None]) -> None:

@@ -8,6 +8,8 @@ import re
 
 import sentencepiece as spm
 
+from jllm.runtime import read_json_object
+
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -362,16 +364,7 @@ class HFTokenizer(Tokenizer):
 def _json_beside(folder: str, name: str) -> dict:
     """The JSON object in folder/name, {} when there is none; ValueError naming a bad file."""
     path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path!r}: {e}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path!r} holds a JSON {type(obj).__name__}; expected an object")
-    return obj
+    return read_json_object(path) if os.path.isfile(path) else {}
 
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")   # in this order of preference
