@@ -34,6 +34,9 @@ class Sampling:
     top_p: jax.Array        # [B] float32; 1 means no nucleus cut
     min_p: jax.Array        # [B] float32; 0 means no min-p cut
     greedy: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    # Static too: False promises no row cuts (top_k 0, top_p 1, min_p 0), so the sort over the
+    # vocabulary behind the cuts is not traced (temperature alone: OpenAI's default sampling).
+    filtered: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
     @classmethod
     def make(cls, batch: int, temperature: float = 0.0, top_k: int | None = None,
@@ -42,13 +45,17 @@ class Sampling:
                    top_k=jnp.full((batch,), top_k_code(top_k), jnp.int32),
                    top_p=jnp.full((batch,), 1.0 if top_p is None else top_p, jnp.float32),
                    min_p=jnp.full((batch,), 0.0 if min_p is None else min_p, jnp.float32),
-                   greedy=temperature == 0)
+                   greedy=temperature == 0,
+                   filtered=temperature != 0 and (top_k is not None or (top_p is not None and top_p < 1)
+                                                   or bool(min_p)))
 
 
 def _filtered_logits(logits: jax.Array, s: Sampling) -> jax.Array:
     """logits [B, V] float32 -> tempered logits with everything outside top-k / top-p / min-p at -inf."""
     V = logits.shape[-1]
     x = logits / jnp.maximum(s.temperature, 1e-6)[:, None]                    # [B, V]
+    if not s.filtered:  # static: no row cuts anything
+        return x
     sorted_x = -jnp.sort(-x, axis=-1)                                          # [B, V] descending
     k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)                     # [B]
     kth = jnp.take_along_axis(sorted_x, (k - 1)[:, None], axis=-1)             # [B, 1]

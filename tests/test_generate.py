@@ -50,6 +50,7 @@ def test_new_prompt_length_and_sampling_values_do_not_recompile(tiny_model):
     m = tiny_model
     jllm.generate(m, [_ids(m, 5)], max_new_tokens=N)
     jllm.generate(m, [_ids(m, 5)], max_new_tokens=N, temperature=1.0)  # sampled: the second program
+    jllm.generate(m, [_ids(m, 5)], max_new_tokens=N, temperature=1.0, top_k=2)  # with cuts: the third
     program = prefill_program(tiny_model.params)
     compiled = program._cache_size(), decode._cache_size()
     calls = [dict(prompts=[_ids(m, 9, 1)], temperature=0.8, top_k=20, seed=3),

@@ -110,9 +110,11 @@ def test_each_row_uses_its_own_values():
 
 def test_new_sampling_values_do_not_recompile():
     logits = jnp.asarray(_logits(7, rows=5))  # a batch size no other test uses
-    # Two programs: all-greedy (static Sampling.greedy, no sort traced) and sampling.
+    # Three programs: all-greedy (static Sampling.greedy, no sort traced), sampling with no cut
+    # (static Sampling.filtered False, no sort either) and sampling with cuts.
     sample_jit(logits, jax.random.key(0), Sampling.make(5)).block_until_ready()
     sample_jit(logits, jax.random.key(0), Sampling.make(5, 1.0)).block_until_ready()
+    sample_jit(logits, jax.random.key(0), Sampling.make(5, 1.0, top_k=3)).block_until_ready()
     compiled = sample_jit._cache_size()
     for values in [(0.7, 5, None), (1.3, None, 0.8), (2.0, 40, 0.3), (0.0, 1, 1.0)]:
         sample_jit(logits, jax.random.key(values[1] or 1), Sampling.make(5, *values)).block_until_ready()
@@ -201,3 +203,18 @@ def test_unpack_allowed_reads_llguidance_bit_order(V):
     one = np.zeros((1, -(-V // 32)), np.uint32)
     one[0, (V - 1) // 32] = np.uint32(1) << np.uint32((V - 1) % 32)
     assert np.flatnonzero(np.asarray(sampling.unpack_allowed(jnp.asarray(one), V))).tolist() == [V - 1]
+
+
+def test_unfiltered_sampling_skips_the_sort_and_draws_the_same_tokens():
+    """Sampling.make without top-k, top-p or min-p is static filtered=False: the program has no
+    sort, and its draws equal the filtering program's (whose cuts then keep every token)."""
+    logits = jnp.asarray(_logits(3, rows=4))
+    plain = Sampling.make(4, temperature=0.7)
+    assert not plain.filtered and Sampling.make(4, 0.7, top_p=0.9).filtered and Sampling.make(4, 0.7, top_k=5).filtered
+    assert Sampling.make(4, 0.7, min_p=0.1).filtered and not Sampling.make(4, 0.7, top_p=1.0).filtered
+    full = Sampling(plain.temperature, plain.top_k, plain.top_p, plain.min_p, filtered=True)
+    for seed in range(20):
+        key = jax.random.key(seed)
+        np.testing.assert_array_equal(np.asarray(sample_jit(logits, key, plain)), np.asarray(sample_jit(logits, key, full)))
+    assert "sort" not in jax.jit(sample).lower(logits, jax.random.key(0), plain).as_text()
+    assert "sort" in jax.jit(sample).lower(logits, jax.random.key(0), full).as_text()

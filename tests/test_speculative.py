@@ -170,12 +170,13 @@ def test_device_drafts_dispatch_the_next_round_before_reading_the_last(tiny_mode
 
 
 def test_no_recompiles_across_rounds_and_calls(tiny_model, proposers):
-    """Greedy and sampled calls are one program each (Sampling.greedy is static); new prompts of
-    the same bucket, other sampling values and seeds compile nothing more."""
+    """Greedy, sampled and sampled-with-cuts calls are one program each (Sampling.greedy and
+    .filtered are static); new prompts of the same bucket, other sampling values and seeds compile
+    nothing more."""
     spec = sp.Speculative(proposers["self_int8"], 3)
     jllm.generate(tiny_model, _prompts(tiny_model), max_new_tokens=N, stop_token_ids=[], speculative=spec)
     jllm.generate(tiny_model, _prompts(tiny_model), max_new_tokens=N, stop_token_ids=[], speculative=spec,
-                  temperature=1.0, seed=1)
+                  temperature=1.0, seed=1, top_p=0.95)
     compiled = sp.verify._cache_size(), sp.draft_tokens._cache_size()
     rng = np.random.default_rng(5)
     other = [rng.integers(3, 512, n).tolist() for n in (2, 16, 7)]
