@@ -423,6 +423,34 @@ def test_greedy_decode_steps_take_the_greedy_program(tiny_model, monkeypatch):
         assert flags and not any(flags)
 
 
+def test_temperature_only_decode_steps_run_the_program_without_the_sort(tiny_model_no_tokenizer, monkeypatch):
+    """Decode steps whose rows sample with temperature alone (OpenAI's default) run the program
+    without top-k/top-p/min-p (static filtered=False: no sort over the vocabulary); a row with a
+    cut brings the full one back. Tokens are generate's either way."""
+    import jllm.engine.engine as engine_mod
+    m = tiny_model_no_tokenizer
+    seen, real = [], engine_mod.engine_step
+
+    def spy(*a, **k):
+        seen.append((a[2].tok_row.shape[0] == 0, k["greedy"], k["filtered"]))
+        return real(*a, **k)
+
+    engine = _engine(m)
+    monkeypatch.setattr(engine_mod, "engine_step", spy)
+    prompts = [_ids(n, np.random.default_rng(n)) for n in (5, 9)]
+    plain = [SamplingParams(max_tokens=10, temperature=0.8, seed=s, stop_token_ids=()) for s in (1, 2)]
+    outs = engine.generate(prompts, plain)
+    assert any(decode and not greedy and not filtered for decode, greedy, filtered in seen)
+    for p, sp, o in zip(prompts, plain, outs):
+        assert o.token_ids == _reference(m, p, sp)
+    seen.clear()
+    cut = [dataclasses.replace(plain[0], top_p=0.9), plain[1]]
+    outs = engine.generate(prompts, cut)
+    assert all(filtered for decode, greedy, filtered in seen)
+    for p, sp, o in zip(prompts, cut, outs):
+        assert o.token_ids == _reference(m, p, sp)
+
+
 def test_min_p_requests_sample_as_generate_does(tiny_model_no_tokenizer):
     """min_p is a per-row value like top_p: requests with different min_p (and none) in one batch
     each give generate's tokens for their seed; min_p = 1 keeps only the most likely token."""

@@ -188,18 +188,20 @@ class Engine:
 
     def _compile(self, progress: bool) -> None:
         """Run every step program once on a batch that changes nothing, so none compiles later:
-        each shape, and for pure decode shapes (C = 0) also the greedy variant (`_greedy`)."""
+        each shape, and for pure decode shapes (C = 0) also the greedy variant (`_greedy`) and the
+        sampled one without cuts (`_filtered`)."""
         from tqdm import tqdm
-        programs = ([(D, C, False, False) for D, C in self.shapes.all()]
-                    + [(D, 0, True, False) for D in self.shapes.decode_buckets]
-                    + [(D, C, False, True) for D, C in self.shapes.all() if C and self.prompt_logprobs])
+        programs = ([(D, C, False, False, True) for D, C in self.shapes.all()]
+                    + [(D, 0, True, False, True) for D in self.shapes.decode_buckets]
+                    + [(D, 0, False, False, False) for D in self.shapes.decode_buckets]
+                    + [(D, C, False, True, True) for D, C in self.shapes.all() if C and self.prompt_logprobs])
         with tqdm(total=len(programs) + 3, desc="compiling engine steps", unit="program", disable=not progress,
                   leave=False) as bar:
-            for D, C, greedy, plp in programs:
+            for D, C, greedy, plp, filtered in programs:
                 batch, _ = build_batch(Schedule([], [], []), self.shapes, self.scheduler.tables, self.num_pages,
                                        self.max_seqs, self.page_size, dims=(D, C), spec_k=self.spec_k)
                 self.state, _ = engine_step(self.model.params, self.state, batch, cfg=self.cfg, plan=self.plan,
-                                            greedy=greedy, prompt_logprobs=plp)
+                                            greedy=greedy, prompt_logprobs=plp, filtered=filtered)
                 bar.update()
             none = np.zeros(self.max_seqs, np.int32)
             for resume in (False, True):
@@ -404,10 +406,11 @@ class Engine:
             if p.req.needs_prompt_lp and p.drafts is None:
                 plp_pieces.append((p.req, p.start, p.n, cpos))
             cpos += p.n
-        with self._on_mesh():
+        greedy = self._greedy(batch, owners, logprobs)
+        with self._on_mesh():   # (filtered means nothing to the greedy program: one variant)
             self.state, out = engine_step(self.model.params, self.state, batch, cfg=self.cfg, plan=self.plan,
-                                          greedy=self._greedy(batch, owners, logprobs),
-                                          prompt_logprobs=bool(plp_pieces))
+                                          greedy=greedy, prompt_logprobs=bool(plp_pieces),
+                                          filtered=greedy or self._filtered(batch, owners))
         self.steps += 1
         D = len(owners) - len(batch.spec_m)
         spec_rows = {D + r: r for r in np.nonzero(batch.spec_m)[0].tolist()}
@@ -474,6 +477,14 @@ class Engine:
         serving)."""
         return batch.tok_row.shape[0] == 0 and not logprobs and all(
             r is None or r.temperature == 0 and not r.penalized for r in owners)
+
+    @staticmethod
+    def _filtered(batch, owners) -> bool:
+        """False for a pure decode step none of whose rows cuts its distribution (top-k, top-p,
+        min-p): its sampled rows draw from the tempered logits and no sort over the vocabulary
+        is traced (OpenAI's default sampling: temperature alone)."""
+        return batch.tok_row.shape[0] > 0 or any(
+            r is not None and (r.top_k > 0 or r.top_p < 1 or r.min_p > 0) for r in owners)
 
     def _read(self, step: _InFlight) -> list[RequestOutput]:
         """Read a step's samples back and hand them to their requests."""

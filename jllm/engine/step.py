@@ -182,9 +182,9 @@ class StepCache(CacheOps):
 
 
 def _sample_row(row: jax.Array, key: jax.Array, t: jax.Array, k: jax.Array, p: jax.Array, mp: jax.Array,
-                greedy: bool) -> jax.Array:
+                greedy: bool, filtered: bool = True) -> jax.Array:
     """One row's logits [V] -> its token, sampled as `generate` does for a batch of one."""
-    return sample(row[None], key, Sampling(t[None], k[None], p[None], mp[None], greedy=greedy))[0]
+    return sample(row[None], key, Sampling(t[None], k[None], p[None], mp[None], greedy=greedy, filtered=filtered))[0]
 
 
 def sample_rows(lg: jax.Array, keys: jax.Array, s: Sampling) -> tuple[jax.Array, jax.Array]:
@@ -196,7 +196,7 @@ def sample_rows(lg: jax.Array, keys: jax.Array, s: Sampling) -> tuple[jax.Array,
     XLA:GPU would run by reading the predicate back to the host (stalling the next dispatch)."""
     pair = jax.vmap(jax.random.split)(jax.random.wrap_key_data(keys))                # [S, 2]
     nxt, sub = pair[:, 0], pair[:, 1]
-    one = functools.partial(_sample_row, greedy=s.greedy)
+    one = functools.partial(_sample_row, greedy=s.greedy, filtered=s.filtered)
     return jax.vmap(one)(lg, sub, s.temperature, s.top_k, s.top_p, s.min_p), jax.random.key_data(nxt)
 
 
@@ -245,16 +245,19 @@ def verify_rows(params: Params, h: jax.Array | None, batch: StepBatch, sampled: 
     return sampled, nxt, (out, n)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "plan", "greedy", "prompt_logprobs"),
+@functools.partial(jax.jit, static_argnames=("cfg", "plan", "greedy", "prompt_logprobs", "filtered"),
                    donate_argnames=("state",), compiler_options=XLA_OPTIONS)
 def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: LlamaConfig,
-                plan: Plan, greedy: bool = False, prompt_logprobs: bool = False) -> tuple[EngineState, StepOutput]:
+                plan: Plan, greedy: bool = False, prompt_logprobs: bool = False,
+                filtered: bool = True) -> tuple[EngineState, StepOutput]:
     """One engine step (module docstring) -> the new state and a token per sample row.
 
     greedy (static): every sample row is greedy and none asks for logprobs, so the two sorts
     over the vocabulary (top-k/top-p filtering, top logprobs) are not traced; logprobs are zeros.
     prompt_logprobs (static): also the logits after every chunk token, and from them the
-    log-probability of the prompt token that follows it (batch.plp_next) and the top ones."""
+    log-probability of the prompt token that follows it (batch.plp_next) and the top ones.
+    filtered (static, `Sampling.filtered`): False promises no sample row cuts its distribution
+    (top-k, top-p, min-p), so no sort over the vocabulary is traced for sampling."""
     max_seqs = state.last_token.shape[0]
     D = batch.dec_slot.shape[0]
     C = batch.tokens.shape[0] - D
@@ -269,7 +272,7 @@ def engine_step(params: Params, state: EngineState, batch: StepBatch, cfg: Llama
     h, view = transformer(params, tokens[None], view, cfg, plan, only=read[None])  # [1, S (+ R(k+1)) (+ C), D]
     lg = logits(params, h[0, :S], plan)                                             # [S, V]
     slot = jnp.minimum(batch.sample_slot, max_seqs - 1)
-    s = Sampling(batch.temperature, batch.top_k, batch.top_p, batch.min_p, greedy=greedy)
+    s = Sampling(batch.temperature, batch.top_k, batch.top_p, batch.min_p, greedy=greedy, filtered=filtered)
     keys = state.keys[slot]
     # Penalties count a slot's samples; a recomputed request's outputs are counted again here,
     # and a prompt's tokens are marked as its chunks pass.
