@@ -51,10 +51,11 @@ def check_tiny() -> bool:
 
 
 def decode_step(model, rows: int, context: int, kv_cache_dtype: str | None, steps: int = 24,
-                page_size: int = 16, temperature: float = 0.0) -> dict:
+                page_size: int = 16, temperature: float = 0.0, top_p: float | None = None) -> dict:
     """ms per engine step with `rows` requests all decoding at ~`context` tokens, against the
     bytes the step must read: the weights once plus every row's keys and values (and scales).
-    temperature 0 runs the greedy program; above 0, the sampling one (sorts, penalties)."""
+    temperature 0 runs the greedy program; above 0, a sampling one: with top_p the one whose
+    cuts sort the vocabulary, without it the one for temperature alone (no sort for cuts)."""
     import numpy as np
 
     from jllm.engine import Engine, SamplingParams
@@ -71,7 +72,7 @@ def decode_step(model, rows: int, context: int, kv_cache_dtype: str | None, step
                     max_prompts_per_step=prompts_per_step, kv_cache_dtype=kv_cache_dtype,
                     prefix_caching=False, progress=False, max_model_len=max_len)
     rng = np.random.default_rng(1)
-    sp = SamplingParams(max_tokens=lead + steps + 8, temperature=temperature, stop_token_ids=())
+    sp = SamplingParams(max_tokens=lead + steps + 8, temperature=temperature, top_p=top_p, stop_token_ids=())
     ids = [engine.add_request(rng.integers(3, cfg.vocab_size, context).tolist(), sp) for _ in range(rows)]
     started: set[str] = set()
     for _ in range(100_000):  # bounded: prefill of rows x context tokens in budget-sized chunks
@@ -97,7 +98,7 @@ def decode_step(model, rows: int, context: int, kv_cache_dtype: str | None, step
         per_token += 2 * cfg.n_layers * cfg.n_kv_heads * 4  # a float32 scale per key/value head
     kv = rows * mean_context * per_token
     limit_ms = 1e3 * (weights + kv) / 4.4e12
-    return dict(rows=rows, context=mean_context, kv_cache=kv_cache_dtype or "bf16", temperature=temperature, step_ms=ms,
+    return dict(rows=rows, context=mean_context, kv_cache=kv_cache_dtype or "bf16", temperature=temperature, top_p=top_p, step_ms=ms,
                 weights_gb=weights / 1e9, kv_gb=kv / 1e9, limit_ms_at_4_4_tbs=limit_ms, ratio=ms / limit_ms)
 
 
@@ -159,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-step", type=int, nargs="*", default=[],
                     help="first time a pure decode step of --decode-rows requests at these contexts")
     ap.add_argument("--decode-rows", type=int, default=256)
+    ap.add_argument("--decode-top-p", type=lambda t: None if t == "none" else float(t), nargs="+", default=[None],
+                    help="the sampled --decode-step part at each top_p ('none': temperature alone; e.g. 0.95: "
+                         "the program with the sort)")
     ap.add_argument("--decode-temperature", type=float, nargs="+", default=[0.0],
                     help="the --decode-step part at each temperature (0: the greedy program)")
     ap.add_argument("--profile", type=int, nargs=2, metavar=("START", "STEPS"),
@@ -183,8 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = LlamaConfig.from_name(args.config)
     model = Model(params=parallel.random_params(cfg, None, jax.random.key(0)), cfg=cfg, attn_impl="pallas",
                   matmul_impl=args.matmul_impl)
-    for context, kv_cache, t in itertools.product(args.decode_step, args.kv_cache, args.decode_temperature):
-        d = decode_step(model, args.decode_rows, context, None if kv_cache == "bf16" else kv_cache, temperature=t)
+    for context, kv_cache, t, p in itertools.product(args.decode_step, args.kv_cache, args.decode_temperature,
+                                                     args.decode_top_p):
+        if t == 0 and p is not None:
+            continue   # greedy: top_p means nothing
+        d = decode_step(model, args.decode_rows, context, None if kv_cache == "bf16" else kv_cache, temperature=t,
+                        top_p=p)
         say("decode step: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items()))
     kw = dict(max_seqs=args.max_seqs, max_tokens_per_step=args.budget, page_size=args.page_size,
               max_model_len=args.prompt_len[1] + args.output_len[1], async_scheduling=not args.sync,
