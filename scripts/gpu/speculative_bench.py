@@ -17,6 +17,11 @@ alone, at its measured tokens per round ("predicted at tok/step": tokens per rou
 (t_draft(k) + t_verify(k))).
 
     PYTHONPATH=. python3 -m scripts.gpu speculative --config llama-2-7b --plot spec.png --json spec.json
+    PYTHONPATH=. python3 -m scripts.gpu speculative --config llama-3.1-8b --drafts int4 --draft-configs llama-3.2-1b
+
+--draft-configs adds drafts that are other models of the same vocabulary (Llama-3.2-1B for
+Llama-3.1-8B). Their random weights agree with the target's by chance only, so what they give is
+the cost model: the draft's step time and the speed-up it predicts at acceptances 0.5-0.9.
 """
 import argparse
 import dataclasses
@@ -221,7 +226,9 @@ def main(argv=None) -> None:
     ap.add_argument("--config", default="llama-2-7b")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--ks", type=int, nargs="+", default=[2, 4, 6])
-    ap.add_argument("--drafts", nargs="+", default=["int8", "int4"], choices=["int8", "int4"])
+    ap.add_argument("--drafts", nargs="*", default=["int8", "int4"], choices=["int8", "int4"])
+    ap.add_argument("--draft-configs", nargs="*", default=[], metavar="NAME",
+                    help="other named configs of the same vocabulary as drafts (random weights: the cost model)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
@@ -237,6 +244,12 @@ def main(argv=None) -> None:
                   attn_impl=args.attn_impl or plan.default_attn_impl(),
                   matmul_impl=args.matmul_impl or plan.default_matmul_impl())
     drafts = {q: sp.self_draft(model, q).model for q in args.drafts}
+    for name in args.draft_configs:
+        dcfg = LlamaConfig.from_name(name)
+        if dcfg.vocab_size != cfg.vocab_size:
+            sys.exit(f"--draft-configs {name}: vocab_size {dcfg.vocab_size} differs from {args.config}'s {cfg.vocab_size}")
+        drafts[name] = dataclasses.replace(model, params=init_params(dcfg, jax.random.key(1), jnp.dtype(args.dtype)),
+                                           cfg=dcfg)
     result = measure(model, drafts, tuple(args.ks), args.prompt_len, args.new_tokens, args.repeats)
     if args.json:
         _write_json(result, args.json)
