@@ -180,6 +180,23 @@ def test_drafting_requests_leave_a_waiting_prompt_a_chunk_row(scripted_model):
     _all_free(engine)
 
 
+def test_a_short_draft_after_rejected_long_one_takes_no_pages(scripted_model):
+    """7 drafts rejected at once leave their pages reserved (5 pages for 19 positions); the next
+    verification, 3 drafts from position 12, fits in 4 of them: it takes no page (it once took
+    minus one, and the pool's count of used pages went wrong)."""
+    m = scripted_model({3: 4, 4: 12, 12: 3})   # a -> b -> x -> a ...
+    engine = Engine(m, **{**KW, "num_pages": 64}, speculative=Speculative(PromptLookup(2), 7))
+    prompt = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 3]   # "a b" drafts c..i (rejected), then "x" drafts a b x
+    sp = SamplingParams(max_tokens=12, stop_token_ids=())
+    rid, toks = engine.add_request(prompt, sp), []
+    while engine.has_unfinished():
+        toks += [t for o in engine.step() if o.request_id == rid for t in o.token_ids]
+        engine.pool.check()
+    assert engine.stats().drafted_tokens >= 10 and engine.stats().accepted_tokens >= 3
+    assert toks == _reference(m, prompt, sp)
+    _all_free(engine)
+
+
 # --- sampling exactness ----------------------------------------------------------------------
 
 def _chi2_critical(df: int, z: float = 3.090) -> float:

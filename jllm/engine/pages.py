@@ -40,8 +40,8 @@ class PagePool:
 
     def allocate(self, n: int) -> list[int]:
         """n pages, each with one reference; the caller checks `available()` first."""
-        if n > self.available():
-            raise RuntimeError(f"allocate({n}) with only {self.available()} pages available")
+        if not 0 <= n <= self.available():
+            raise RuntimeError(f"allocate({n}) with {self.available()} pages available")
         pages = []
         for _ in range(n):
             if self.free:

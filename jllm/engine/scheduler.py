@@ -274,7 +274,8 @@ class Scheduler:
                                   draft_rows - len(chunks))
             if drafts:  # verify [last, d1..dm] as a chunk row
                 n = len(drafts) + 1
-                self._take_pages(req, -(-(req.computed + n) // self.page_size) - len(req.pages))
+                # Pages of rejected drafts stay reserved: a shorter verification may need none.
+                self._take_pages(req, max(0, -(-(req.computed + n) // self.page_size) - len(req.pages)))
                 chunks.append(Piece(req, req.computed, n, True, drafts))
                 req.computed, req.pending, budget, chunk_tokens = req.computed + n, req.pending + 1, budget - n, chunk_tokens + n
                 self.register(req)
