@@ -62,3 +62,27 @@ def test_engine_step_lowers_for_cuda_with_the_paged_kernels(kv):
     hlo = _lower(engine_step, ("cfg", "plan", "greedy", "prompt_logprobs"), params, state, batch,
                  cfg=cfg, plan=plan, greedy=False)
     assert "__gpu$xla.gpu.triton" in hlo
+
+
+def test_speculative_verify_and_a_small_draft_lower_for_cuda():
+    """Llama-3.1-8B verifying k + 1 = 5 positions, and Llama-3.2-1B (same vocabulary, tied
+    embeddings) drafting 4 tokens, with the kernels: what a 1B/8B speculative pair runs."""
+    from jllm import speculative as sp
+
+    B, S, k = 1, 512, 4
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    greedy = Sampling(jnp.zeros(B), jnp.zeros(B, jnp.int32), jnp.ones(B), jnp.zeros(B), greedy=True)
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    for name in ("llama-3.1-8b", "llama-3.2-1b"):
+        cfg = LlamaConfig.from_name(name)
+        params = jax.eval_shape(lambda: from_flat(quant.abstract_flat(
+            {n: i.shape for n, i in param_infos(cfg).items()}, jnp.bfloat16, None), cfg))
+        plan = dataclasses.replace(make_plan(cfg, None, "pallas", "pallas-fused"), interpret=False)
+        cache = jax.eval_shape(lambda: init_cache(cfg, B, S, jnp.bfloat16))
+        if name == "llama-3.1-8b":
+            hlo = _lower(sp.verify, None, params, i32(B), i32(B, k), i32(B), None,
+                         jax.ShapeDtypeStruct((B,), bool), cache, greedy, key, cfg=cfg, plan=plan)
+        else:
+            hlo = _lower(sp.draft_tokens, None, params, i32(B, 2), i32(B), cache, greedy, key, cfg=cfg,
+                         plan=plan, k=k)
+        assert "__gpu$xla.gpu.triton" in hlo, name
