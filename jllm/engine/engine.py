@@ -488,7 +488,7 @@ class Engine:
 
     def _read(self, step: _InFlight) -> list[RequestOutput]:
         """Read a step's samples back and hand them to their requests."""
-        tokens = np.asarray(step.out.tokens)
+        tokens = np.asarray(step.out.tokens).tolist()
         if step.logprobs:
             lp, top_ids, top_lp = (np.asarray(x) for x in (step.out.logprob, step.out.top_ids, step.out.top_logprobs))
         if step.spec_rows:
@@ -503,7 +503,7 @@ class Engine:
             req.pending -= 1
             if req.status is not Status.RUNNING:  # aborted (or finished) while this step ran
                 continue
-            new = [int(tokens[i])]
+            new = [tokens[i]]
             if i in step.spec_rows:  # [last, d1..dm] verified: n accepted drafts and the token after
                 r = step.spec_rows[i]
                 m, n = req.computed - len(req.tokens), int(spec_n[r])
