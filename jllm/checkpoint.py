@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from jllm import quant
+from jllm import quant, runtime
 from jllm.config import LlamaConfig
 
 FORMAT = 1
@@ -205,13 +205,17 @@ def staging(path: str | os.PathLike, *, overwrite: bool = False,
         raise
 
 
-def _eos_token_id(config_json: str):
-    """The eos_token_id of a Hugging Face config.json, None where there is none."""
-    if not os.path.isfile(config_json):
-        return None
-    with open(config_json, encoding="utf-8") as f:
-        config = json.load(f)
-    return config.get("eos_token_id") if isinstance(config, dict) else None
+def _generation_config(folder: str) -> dict:
+    """A Hugging Face directory's generation_config.json ({} without one), its eos_token_id taken
+    from config.json where it has none: the ids that end generation, as HFTokenizer reads them
+    (the converted checkpoint has no config.json to fall back on)."""
+    def read(name: str) -> dict:
+        path = os.path.join(folder, name)
+        return runtime.read_json_object(path) if os.path.isfile(path) else {}
+    generation = read(GENERATION_CONFIG)
+    if "eos_token_id" not in generation and read("config.json").get("eos_token_id") is not None:
+        generation = {**generation, "eos_token_id": read("config.json")["eos_token_id"]}
+    return generation
 
 
 def write(tmp: str, flat: dict[str, object], cfg: LlamaConfig, *, dtype: str,
@@ -229,14 +233,10 @@ def write(tmp: str, flat: dict[str, object], cfg: LlamaConfig, *, dtype: str,
         tokenizer = os.fspath(tokenizer)
         name = "tokenizer.json" if tokenizer.endswith(".json") else "tokenizer.model"
         shutil.copyfile(tokenizer, os.path.join(tmp, name))
-        generation = os.path.join(os.path.dirname(tokenizer), GENERATION_CONFIG)
-        if name == "tokenizer.json" and os.path.isfile(generation):
-            shutil.copyfile(generation, os.path.join(tmp, GENERATION_CONFIG))
-        elif name == "tokenizer.json":   # the ids config.json ends on (HFTokenizer's fallback); it stays behind
-            ends = _eos_token_id(os.path.join(os.path.dirname(tokenizer), "config.json"))
-            if ends is not None:
-                with open(os.path.join(tmp, GENERATION_CONFIG), "w") as f:
-                    json.dump({"eos_token_id": ends}, f, indent=2)
+        generation = _generation_config(os.path.dirname(tokenizer)) if name == "tokenizer.json" else {}
+        if generation:
+            with open(os.path.join(tmp, GENERATION_CONFIG), "w") as f:
+                json.dump(generation, f, indent=2)
     if tokenizer_config is not None:
         shutil.copyfile(tokenizer_config, os.path.join(tmp, TOKENIZER_CONFIG))
 

@@ -277,6 +277,13 @@ def test_converted_checkpoint_keeps_config_jsons_stop_ids(model, hf_dir, tmp_pat
     assert open_tokenizer(src / "tokenizer.json").stop_ids == model.tokenizer.stop_ids
     hf.convert(src, tmp_path / "ck", dtype="float32", progress=False)
     assert open_tokenizer(tmp_path / "ck" / "tokenizer.json").stop_ids == model.tokenizer.stop_ids
+    # A generation_config.json without eos_token_id (sampling defaults only): config.json's, too.
+    (src / "generation_config.json").write_text(json.dumps({"temperature": 0.6}))
+    assert open_tokenizer(src / "tokenizer.json").stop_ids == model.tokenizer.stop_ids
+    hf.convert(src, tmp_path / "ck2", dtype="float32", progress=False)
+    assert open_tokenizer(tmp_path / "ck2" / "tokenizer.json").stop_ids == model.tokenizer.stop_ids
+    assert json.loads((tmp_path / "ck2" / "generation_config.json").read_text())["temperature"] == 0.6
+
 
 def test_guided_output_through_the_hf_tokenizer(model):
     pytest.importorskip("llguidance")
