@@ -6,8 +6,9 @@ stats. The weights are random, so the text is nonsense: this shows the machinery
 
     python scripts/quickstart.py [--dir jllm-demo] [--prompt TEXT] [--llama3]
 
---llama3 builds it the way Llama-3.1 checkpoints come: a byte-level BPE tokenizer.json with
-Llama-3's special tokens, chat template and generation_config.json, and llama3 RoPE scaling.
+--llama3 builds it the way Llama-3.1 checkpoints come (in jllm-demo3 unless --dir says otherwise): a
+byte-level BPE tokenizer.json with Llama-3's special tokens, chat template and
+generation_config.json, and llama3 RoPE scaling.
 
 It writes DIR/hf (the Hugging Face form) and DIR/jllm (the converted checkpoint), reuses them on
 the next run, and ends by printing commands to try on them.
@@ -21,12 +22,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", default="jllm-demo", help="where the demo checkpoint goes")
+    ap.add_argument("--dir", default=None, help="where the demo checkpoint goes (default jllm-demo, "
+                                                 "with --llama3 jllm-demo3)")
     ap.add_argument("--prompt", default="The standard library of Python")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--llama3", action="store_true",
                     help="a Llama-3.1-style model: tokenizer.json (byte-level BPE), llama3 RoPE scaling")
     args = ap.parse_args(argv)
+    args.dir = args.dir or ("jllm-demo3" if args.llama3 else "jllm-demo")
 
     from convert import tiny
     from jllm import hf
