@@ -213,9 +213,8 @@ def _generation_config(folder: str) -> dict:
         path = os.path.join(folder, name)
         return runtime.read_json_object(path) if os.path.isfile(path) else {}
     generation = read(GENERATION_CONFIG)
-    if "eos_token_id" not in generation and read("config.json").get("eos_token_id") is not None:
-        generation = {**generation, "eos_token_id": read("config.json")["eos_token_id"]}
-    return generation
+    ends = None if "eos_token_id" in generation else read("config.json").get("eos_token_id")
+    return generation if ends is None else {**generation, "eos_token_id": ends}
 
 
 def write(tmp: str, flat: dict[str, object], cfg: LlamaConfig, *, dtype: str,

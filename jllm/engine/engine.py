@@ -435,8 +435,8 @@ class Engine:
 
     def _write_tables(self, compile_only: bool = False) -> None:
         """Copy the block-table entries the scheduler wrote since the last step to the device's
-        tables (EngineState.tables), the last write of each entry (a slot may change hands within
-        one schedule), TABLE_WRITES per call; compile_only: one call that writes nothing."""
+        tables (EngineState.tables), TABLE_WRITES per call, the last write of each entry kept (a
+        scatter applies duplicates in no set order); compile_only: one call that writes nothing."""
         writes, self.scheduler.table_writes = self.scheduler.table_writes, []
         if not writes and not compile_only:
             return
