@@ -29,6 +29,7 @@ PARTS = {
     "engine": ("engine", "main", "the engine against generate on the tiny model, then the offline benchmark"),
     "stream": ("stream", "main", "read bandwidth of a Pallas kernel by tile shape and weight layout"),
     "ttft": ("ttft", "main", "one prefill's TTFT on the host: cache, dispatch, wait"),
+    "l2": ("l2", "main", "a GEMV right after its weight was read: what an L2 prefetch could save"),
     "tma": ("tma", "main", "Mosaic GPU TMA pipelines: read rate and a wgmma bf16 GEMV against the tree's"),
 }
 
@@ -73,6 +74,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     parts["gemv-one"].add_argument("--k", type=int, default=4096)
     parts["gemv-one"].add_argument("--n", type=int, default=22016)
+    parts["l2"].add_argument("--bits", type=int, nargs="+", choices=[16, 8, 4], default=[16, 8, 4])
     parts["tma"].add_argument("--parts", nargs="+", choices=["stream", "gemv"], default=["stream", "gemv"])
     p = parts["prefill"]
     p.add_argument("--config", default="llama-2-7b")
