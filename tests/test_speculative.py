@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_params
+from conftest import make_model, random_params
 
 import jllm
 from jllm import speculative as sp
@@ -77,6 +77,38 @@ def test_greedy_output_equals_plain_greedy(tiny_model, proposers, stops, plain, 
         s = r.stats
         assert 0 <= s.acceptance <= 1 and s.draft_tokens_per_step <= k and 1 <= s.tokens_per_step <= k + 1
         assert s.target_steps >= -(-(len(r.tokens) - 1) // (k + 1))
+
+
+def _first_layer_draft(model: Model) -> Model:
+    """The target cut to its first layer (its embeddings, final norm and output kept): a draft of
+    another depth that agrees with the target part of the time."""
+    cfg = dataclasses.replace(model.cfg, n_layers=1)
+    flat = {k: v for k, v in to_flat(model.params).items() if not k.startswith("layers.") or k.startswith("layers.0.")}
+    return dataclasses.replace(model, cfg=cfg, params=from_flat(flat, cfg))
+
+
+@pytest.mark.parametrize("kind", ["shallower", "smaller_tied"])
+def test_a_draft_of_another_architecture(tiny_model, tokenizer, kind):
+    """A smaller model of the same vocabulary drafts (as Llama-3.2-1B drafts for Llama-3.1-8B):
+    the target carries llama3 RoPE scaling; the draft has fewer layers, or another width, head
+    layout and tied embeddings. Greedy output equals plain greedy; its cache rolls back in step."""
+    from jllm.config import RopeScaling
+    scaling = RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=32)
+    target = make_model(dataclasses.replace(tiny_model.cfg, rope_scaling=scaling, rope_theta=5e5), tokenizer)
+    if kind == "shallower":
+        draft = _first_layer_draft(target)
+    else:
+        draft = make_model(dataclasses.replace(target.cfg, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=96,
+                                               tie_embeddings=True), tokenizer, seed=5)
+    sp.DraftModel(draft).check(target)
+    prompts = _prompts(target)
+    plain = jllm.generate(target, prompts, max_new_tokens=N, stop_token_ids=[])
+    for k in (2, 4):
+        got = jllm.generate(target, prompts, max_new_tokens=N, stop_token_ids=[],
+                            speculative=sp.Speculative(sp.DraftModel(draft), k))
+        assert [r.tokens for r in got] == [r.tokens for r in plain], (kind, k)
+        if kind == "shallower":  # the cut model agrees with the target on some tokens
+            assert sum(r.stats.acceptance for r in got) > 0, k
 
 
 def test_the_stops_end_rows_early(plain):
