@@ -166,6 +166,7 @@ class SentencePieceTokenizer(Tokenizer):
             self.sp = spm.SentencePieceProcessor(model_file=self.path)
         except (OSError, RuntimeError) as e:
             raise ValueError(f"cannot read the SentencePiece model {self.path!r}: {e}") from None
+        self._vocab_size = self.sp.vocab_size()   # read once: a stream asks a few times per token
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.bos_id = None if self.bos_id < 0 else self.bos_id
         self.eos_id = None if self.eos_id < 0 else self.eos_id
@@ -177,7 +178,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     @property
     def vocab_size(self) -> int:
-        return self.sp.vocab_size()
+        return self._vocab_size
 
     def _encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -262,6 +263,9 @@ class HFTokenizer(Tokenizer):
         self.tok.encode_special_tokens = True   # typed "<|eot_id|>" stays text
         self.tok.no_padding()
         self.tok.no_truncation()
+        # Read once: the library rebuilds the whole vocabulary to count it (~3 µs at 128K), and a
+        # stream asks for it a few times per token.
+        self._vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         folder = os.path.dirname(self.path)
         config = _json_beside(folder, "tokenizer_config.json")
         generation = _json_beside(folder, "generation_config.json")
@@ -303,7 +307,7 @@ class HFTokenizer(Tokenizer):
 
     @property
     def vocab_size(self) -> int:
-        return self.tok.get_vocab_size(with_added_tokens=True)
+        return self._vocab_size
 
     def to_str(self) -> str:
         """The tokenizer as JSON (what llguidance reads)."""
