@@ -183,3 +183,18 @@ def test_tma_int8_gemv_matches_the_dequantized_matmul_in_mosaic_interpret_mode()
     ref = np.asarray(x, np.float32) @ (np.asarray(q, np.float32) * np.asarray(scale, np.float32))
     assert y.shape == (2, 128) and y.dtype == x.dtype
     assert np.linalg.norm(np.asarray(y, np.float32) - ref) / np.linalg.norm(ref) < 1e-2
+
+
+def test_l2_part_times_the_gemv_cold_and_after_its_weight_was_read(monkeypatch, capsys):
+    import types
+
+    from scripts.gpu import l2
+    q = jax.random.normal(jax.random.key(1), (64, 32), jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(2), (1, 64), jnp.bfloat16)
+    # the read leaves the GEMV's result alone and depends on every element of the weight
+    assert jnp.array_equal(l2._after_touch(l2._xla_bf16)(x, q, None), x @ q)
+    assert int(l2._touch(q, x)) == int(jnp.max(q).astype(jnp.int32))
+    monkeypatch.setattr(l2, "SHAPES", {"wo": (4096, 128)})
+    l2.main(types.SimpleNamespace(bits=[16]))
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| bf16 | wo |")]
+    assert len(rows) == 1 and all(float(c) > 0 for c in rows[0].strip("|").split("|")[2:6])
