@@ -50,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
     parts["paged-attention"].add_argument(
         "--shape", type=int, nargs=2, metavar=("B", "S"),
         help="only this batch and length (pages of 16; with --tune, a wider sweep)")
+    parts["paged-attention"].add_argument("--kv-heads", type=int, choices=[1, 2, 4, 8, 16, 32], default=32,
+                                          help="KV heads of 32 query heads (8: Llama-3.x's GQA; default 32)")
     parts["paged-attention"].add_argument("--cache", nargs="+", choices=["bf16", "int8"], default=["bf16", "int8"],
                                           help="page types (default both)")
     variants = importlib.import_module("scripts.gpu.gemv").VARIANTS

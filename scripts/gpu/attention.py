@@ -157,8 +157,11 @@ def paged(args) -> None:
     int8_candidates = [BlockSizes(num_splits=ns, num_stages=1) for ns in (2, 4, 16)]
     int8_candidates += [BlockSizes(num_stages=1, row_max=True), BlockSizes(block_k=32, num_stages=1, row_max=True)]
     int8_candidates += [BlockSizes(num_stages=st, fma=False) for st in (2, 4)]
+    kv_heads = getattr(args, "kv_heads", None) or 32
+    if kv_heads != 32:  # GQA (Llama-3.x 8B and 70B: 8 KV heads of 32 query heads)
+        shapes = [(b, s, 32, kv_heads, 128) for b, s, *_ in shapes]
     if args.shape:  # one shape, pages of 16 (the engine's), a wider sweep without forced splits
-        shapes, page_sizes = [(*args.shape, 32, 32, 128)], (16,)
+        shapes, page_sizes = [(*args.shape, 32, kv_heads, 128)], (16,)
         tuned = {tuple(args.shape)}
         candidates = [BlockSizes(block_k=bk, num_warps=w, num_stages=st)
                       for bk in (16, 32, 64, 128) for w in (4, 8) for st in (2, 3, 4)]
