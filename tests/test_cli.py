@@ -335,14 +335,25 @@ def test_bench_leaves_the_compilation_cache_setting_as_it_found_it(monkeypatch, 
     assert jax.config.jax_compilation_cache_dir == before
 
 
-def test_bench_engine_runs_the_offline_benchmark_and_writes_json(tmp_path, capsys):
+def test_bench_engine_runs_the_offline_benchmark_and_writes_json(tmp_path, capsys, monkeypatch):
     """`jllm bench engine`: every request's output tokens counted, the generate baseline beside it."""
+    from jllm.engine import Engine
+    from jllm.engine import bench as engine_bench
+    made = []
+
+    def engine(model, **kw):
+        made.append(kw)
+        return Engine(model, **kw)
+
+    monkeypatch.setattr(engine_bench, "Engine", engine)
     out = tmp_path / "engine.json"
     assert cli.main(["bench", "engine", "--config", "tiny", "--dtype", "float32", "--requests", "6",
                      "--prompt-len", "4", "12", "--output-len", "3", "6", "--max-seqs", "4",
-                     "--max-tokens-per-step", "32", "--num-pages", "32", "--json", str(out)]) == 0
+                     "--max-tokens-per-step", "32", "--num-pages", "32", "--max-prompts-per-step", "3",
+                     "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["n_requests"] == 6 and r["output_tokens"] == sum(r["output_lens"])
+    assert made[0]["max_prompts_per_step"] == 3 and made[0]["max_tokens_per_step"] == 32
     assert r["baseline_output_tokens_per_s"] > 0 and r["speedup"] > 0
     assert "engine / generate" in capsys.readouterr().out
 

@@ -1222,7 +1222,7 @@ def test_cli_checks_flags_a_busy_port_and_the_template_before_loading(tiny_check
     assert (args.host, args.port, args.shutdown_timeout) == ("127.0.0.1", 8000, 30.0)
     for bad in (["--port", "70000"], ["--max-seqs", "0"], ["--memory-fraction", "1.5"],
                 ["--device-memory-fraction", "0"], ["--shutdown-timeout", "-1"], ["--quantize", "int3"], ["--decode-buckets", "0"],
-                ["--speculate", "0"], ["--prompt-lookup", "-1"]):
+                ["--speculate", "0"], ["--prompt-lookup", "-1"], ["--max-prompts-per-step", "0"]):
         with pytest.raises(SystemExit):
             p.parse_args(["--model", tiny_checkpoint, *bad])
     busy = bind("127.0.0.1", 0)
@@ -1256,6 +1256,22 @@ def test_cli_checks_flags_a_busy_port_and_the_template_before_loading(tiny_check
         busy.close()
         for x, (handlers, propagate) in zip(loggers, saved):  # its handler writes to capsys
             x.handlers[:], x.propagate = handlers, propagate
+
+
+def test_engine_flags_reach_the_engine(tiny_checkpoint, monkeypatch, capsys):
+    import jllm.engine
+    seen = {}
+
+    def engine(model, **kw):
+        seen.update(kw)
+        raise ValueError("stop before serving")
+
+    monkeypatch.setattr(jllm.engine, "Engine", engine)
+    assert serve_cli.main(["--model", tiny_checkpoint, "--port", "0", "--max-prompts-per-step", "16",
+                           "--max-tokens-per-step", "256", "--max-seqs", "8", "--decode-buckets", "2", "8"]) == 2
+    assert "stop before serving" in capsys.readouterr().err
+    assert (seen["max_prompts_per_step"], seen["max_tokens_per_step"], seen["max_seqs"], seen["decode_buckets"]) \
+        == (16, 256, 8, [2, 8])
 
 
 def test_load_generator_reports_sane_metrics(srv, tmp_path):

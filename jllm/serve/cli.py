@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="waiting requests beyond this get 429 (default: no limit)")
     g.add_argument("--max-tokens-per-step", type=_positive_int, default=512,
                    help="token budget of one engine step (default 512)")
+    g.add_argument("--max-prompts-per-step", type=_positive_int, default=4, metavar="N",
+                   help="prompts one step may take chunks of (default 4); more admit a burst of short "
+                        "prompts in fewer steps, at N - 1 more padded chunk rows per step")
     g.add_argument("--decode-buckets", type=_positive_int, nargs="+", default=None, metavar="N",
                    help="decode row counts compiled at start-up, the largest >= --max-seqs (default "
                         "max-seqs / 4^k); one near the usual concurrency pads fewer rows per step")
@@ -118,6 +121,7 @@ def run(args) -> int:
                         max_tokens_per_step=args.max_tokens_per_step,
                         kv_cache_dtype=None if args.kv_cache == "auto" else args.kv_cache,
                         max_queue=args.max_queue, decode_buckets=args.decode_buckets, speculative=spec,
+                        max_prompts_per_step=args.max_prompts_per_step,
                         prompt_logprobs=args.prompt_logprobs, max_model_len=args.max_model_len)
         engine.prepare_guided()   # response_format and tools: their tokenizer view, now rather than mid-serving
         app = create_app(EngineRunner(engine), served_name(args), cfg=model.cfg,
