@@ -1220,6 +1220,7 @@ def test_cli_checks_flags_a_busy_port_and_the_template_before_loading(tiny_check
     args = p.parse_args(["--model", tiny_checkpoint])
     assert serve_cli.served_name(args) == os.path.basename(tiny_checkpoint)
     assert (args.host, args.port, args.shutdown_timeout) == ("127.0.0.1", 8000, 30.0)
+    assert (args.max_seqs, args.max_tokens_per_step, args.max_prompts_per_step) == (64, 512, 16)
     for bad in (["--port", "70000"], ["--max-seqs", "0"], ["--memory-fraction", "1.5"],
                 ["--device-memory-fraction", "0"], ["--shutdown-timeout", "-1"], ["--quantize", "int3"], ["--decode-buckets", "0"],
                 ["--speculate", "0"], ["--prompt-lookup", "-1"], ["--max-prompts-per-step", "0"]):

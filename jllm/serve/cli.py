@@ -53,9 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="waiting requests beyond this get 429 (default: no limit)")
     g.add_argument("--max-tokens-per-step", type=_positive_int, default=512,
                    help="token budget of one engine step (default 512)")
-    g.add_argument("--max-prompts-per-step", type=_positive_int, default=4, metavar="N",
-                   help="prompts one step may take chunks of (default 4); more admit a burst of short "
-                        "prompts in fewer steps, at N - 1 more padded chunk rows per step")
+    g.add_argument("--max-prompts-per-step", type=_positive_int, default=16, metavar="N",
+                   help="prompts one step may take chunks of (default 16, the Engine's 4 being for "
+                        "long prompts): a burst of short prompts enters in fewer steps, at N - 1 "
+                        "padded chunk rows per step")
     g.add_argument("--decode-buckets", type=_positive_int, nargs="+", default=None, metavar="N",
                    help="decode row counts compiled at start-up, the largest >= --max-seqs (default "
                         "max-seqs / 4^k); one near the usual concurrency pads fewer rows per step")
