@@ -263,8 +263,8 @@ class HFTokenizer(Tokenizer):
         self.tok.encode_special_tokens = True   # typed "<|eot_id|>" stays text
         self.tok.no_padding()
         self.tok.no_truncation()
-        # Read once: the library rebuilds the whole vocabulary to count it (~3 µs at 128K), and a
-        # stream asks for it a few times per token.
+        # Read once: the library rebuilds the whole vocabulary to count it (~3 µs with Llama-3's
+        # 128K pieces and 256 added tokens), and a stream asks for it a few times per token.
         self._vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         folder = os.path.dirname(self.path)
         config = _json_beside(folder, "tokenizer_config.json")
