@@ -209,11 +209,8 @@ def _generation_config(folder: str) -> dict:
     """A Hugging Face directory's generation_config.json ({} without one), its eos_token_id taken
     from config.json where it has none: the ids that end generation, as HFTokenizer reads them
     (the converted checkpoint has no config.json to fall back on)."""
-    def read(name: str) -> dict:
-        path = os.path.join(folder, name)
-        return runtime.read_json_object(path) if os.path.isfile(path) else {}
-    generation = read(GENERATION_CONFIG)
-    ends = None if "eos_token_id" in generation else read("config.json").get("eos_token_id")
+    generation = runtime.json_in(folder, GENERATION_CONFIG)
+    ends = None if "eos_token_id" in generation else runtime.json_in(folder, "config.json").get("eos_token_id")
     return generation if ends is None else {**generation, "eos_token_id": ends}
 
 

@@ -95,6 +95,12 @@ def read_json_object(path: str) -> dict:
     return obj
 
 
+def json_in(folder: str, name: str) -> dict:
+    """The JSON object in folder/name, {} when there is no such file; ValueError naming a bad one."""
+    path = os.path.join(folder, name)
+    return read_json_object(path) if os.path.isfile(path) else {}
+
+
 def write_atomic(path: str, write: Callable[[str], None]) -> None:
     """write(tmp) to a temporary file beside `path`, then rename it to `path`: an interrupted or
     failed write leaves no half-written file (and no temporary one)."""

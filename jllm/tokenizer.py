@@ -8,7 +8,7 @@ import re
 
 import sentencepiece as spm
 
-from jllm.runtime import read_json_object
+from jllm.runtime import json_in
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -267,8 +267,8 @@ class HFTokenizer(Tokenizer):
         # 128K pieces and 256 added tokens), and a stream asks for it a few times per token.
         self._vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         folder = os.path.dirname(self.path)
-        config = _json_beside(folder, "tokenizer_config.json")
-        generation = _json_beside(folder, "generation_config.json")
+        config = json_in(folder, "tokenizer_config.json")
+        generation = json_in(folder, "generation_config.json")
         added = self.tok.get_added_tokens_decoder()
         self._special = {t.content: i for i, t in added.items() if t.special}
         self._added = {i: t.content for i, t in added.items()}   # their text is their content
@@ -285,7 +285,7 @@ class HFTokenizer(Tokenizer):
         self.bos_id = None if config.get("add_bos_token") is False else bos_id
         source = "generation_config.json"
         if "eos_token_id" not in generation:
-            source, generation = "config.json", _json_beside(folder, "config.json")
+            source, generation = "config.json", json_in(folder, "config.json")
         ends = generation.get("eos_token_id")
         ends = [ends] if isinstance(ends, int) else list(ends or [])
         if not all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < self.vocab_size for e in ends):
@@ -363,12 +363,6 @@ class HFTokenizer(Tokenizer):
     def encode_offsets(self, text: str) -> list[int]:
         check_text(text)
         return [begin for begin, _ in self.tok.encode(text, add_special_tokens=False).offsets]
-
-
-def _json_beside(folder: str, name: str) -> dict:
-    """The JSON object in folder/name, {} when there is none; ValueError naming a bad file."""
-    path = os.path.join(folder, name)
-    return read_json_object(path) if os.path.isfile(path) else {}
 
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")   # in this order of preference
