@@ -63,6 +63,8 @@ def rope_frequencies(head_dim: int, rotary: Rope | float) -> jax.Array:
         return inv_freq
     if s.kind == "linear":  # positions / factor
         return inv_freq / s.factor
+    if s.kind == "yarn":
+        return _yarn(head_dim, rotary.theta, s)
     # llama3 (Meta's Llama 3.1 reference): pairs whose wavelength fits original_max_position
     # high_freq_factor times keep their frequency, those it fits fewer than low_freq_factor times
     # (long waves: the context the model never saw a full turn of) turn factor times slower, and
@@ -72,6 +74,25 @@ def rope_frequencies(head_dim: int, rotary: Rope | float) -> jax.Array:
     blended = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
     return jnp.where(wavelen < s.original_max_position / s.high_freq_factor, inv_freq,
                      jnp.where(wavelen > s.original_max_position / s.low_freq_factor, inv_freq / s.factor, blended))
+
+
+def _yarn(head_dim: int, theta: float, s) -> jax.Array:
+    """YaRN: pair i keeps inv_freq[i] below the ramp, takes inv_freq[i] / factor above it, and
+    blends linearly in i across it. The ramp runs over the pair indices whose wavelength fits
+    original_max_position beta_fast down to beta_slow times (in transformers' float32 order)."""
+    def pair(turns):  # the (fractional) pair index that turns `turns` times in original_max_position
+        return head_dim * math.log(s.original_max_position / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair(s.beta_fast), pair(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp
+    pos_freqs = theta ** (jnp.arange(0, head_dim // 2, dtype=jnp.float32) / (head_dim // 2))
+    return 1.0 / (s.factor * pos_freqs) * (1 - keep) + 1.0 / pos_freqs * keep
 
 
 def rope(x: jax.Array, pos: jax.Array, rotary: Rope | float) -> jax.Array:

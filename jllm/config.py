@@ -6,10 +6,19 @@ import math
 import numbers
 import os
 
-ROPE_SCALINGS = ("linear", "llama3")
-# config.json's llama3 rope_scaling fields -> ours.
-_HF_LLAMA3 = {"factor": "factor", "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor",
-              "original_max_position_embeddings": "original_max_position"}
+ROPE_SCALINGS = ("linear", "llama3", "yarn")
+# The fields each kind takes besides factor (the others stay None).
+_KIND_FIELDS = {"linear": (), "llama3": ("low_freq_factor", "high_freq_factor", "original_max_position"),
+                "yarn": ("original_max_position", "beta_fast", "beta_slow", "attention_factor", "truncate")}
+# config.json's rope_scaling fields -> ours, per kind; and those that change nothing at inference.
+_HF_FIELDS = {"linear": {"factor": "factor"},
+              "llama3": {"factor": "factor", "low_freq_factor": "low_freq_factor",
+                         "high_freq_factor": "high_freq_factor",
+                         "original_max_position_embeddings": "original_max_position"},
+              "yarn": {"factor": "factor", "original_max_position_embeddings": "original_max_position",
+                       "beta_fast": "beta_fast", "beta_slow": "beta_slow",
+                       "attention_factor": "attention_factor", "truncate": "truncate"}}
+_HF_ROPE_IGNORED = {"rope_type", "type", "rope_theta", "finetuned"}  # finetuned: older YaRN configs
 
 
 def _check_positive(name: str, value, integer: bool = False) -> None:
@@ -19,52 +28,95 @@ def _check_positive(name: str, value, integer: bool = False) -> None:
         raise ValueError(f"{name}={value!r} must be " + ("a positive int" if integer else "a finite number > 0"))
 
 
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature for a context stretched `factor` times (Peng et al. 2023, eq. 21)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """How a long-context model stretches its RoPE frequencies (attention.rope_frequencies).
 
     kind "linear": every frequency divided by factor (positions / factor). kind "llama3" (Llama 3.1
     and 3.2): wavelengths over original_max_position / low_freq_factor turn factor times slower,
-    those under original_max_position / high_freq_factor keep their speed, those between blend."""
+    those under original_max_position / high_freq_factor keep their speed, those between blend.
+    kind "yarn" (YaRN, Peng et al. 2023): pairs that turn more than beta_fast times within
+    original_max_position keep their speed, those turning fewer than beta_slow times turn factor
+    times slower, those between blend along a linear ramp over the pair index (its ends rounded
+    outwards when truncate); the attention scores are multiplied by attention_factor squared
+    (Hugging Face multiplies cos and sin by it). Unset, beta_fast is 32, beta_slow 1, truncate
+    True and attention_factor 0.1 ln(factor) + 1."""
     kind: str
     factor: float
     low_freq_factor: float | None = None      # llama3 only
     high_freq_factor: float | None = None     # llama3 only
-    original_max_position: int | None = None  # llama3 only: the context trained before scaling
+    original_max_position: int | None = None  # llama3 and yarn: the context trained before scaling
+    beta_fast: float | None = None            # yarn only
+    beta_slow: float | None = None            # yarn only
+    attention_factor: float | None = None     # yarn only
+    truncate: bool | None = None              # yarn only
 
     def __post_init__(self):
         if self.kind not in ROPE_SCALINGS:
             raise ValueError(f"RopeScaling.kind={self.kind!r}; supported: {ROPE_SCALINGS}")
-        llama3 = ("low_freq_factor", "high_freq_factor", "original_max_position")
-        if self.kind != "llama3":
-            extra = [n for n in llama3 if getattr(self, n) is not None]
-            if extra:
-                raise ValueError(f"RopeScaling kind={self.kind!r} takes no {extra} (llama3 only)")
-        for name in ("factor",) + (llama3 if self.kind == "llama3" else ()):
+        own = _KIND_FIELDS[self.kind]
+        extra = [n for fields in _KIND_FIELDS.values() for n in fields
+                 if n not in own and getattr(self, n) is not None]
+        if extra:
+            raise ValueError(f"RopeScaling kind={self.kind!r} takes no {sorted(set(extra))}")
+        if self.kind == "yarn":  # the defaults, written in so that equal scalings compare equal
+            for name, default in (("beta_fast", 32.0), ("beta_slow", 1.0), ("truncate", True)):
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, default)
+            _check_positive("RopeScaling.factor", self.factor)
+            if self.attention_factor is None:
+                object.__setattr__(self, "attention_factor", yarn_mscale(self.factor))
+            if not isinstance(self.truncate, bool):
+                raise ValueError(f"RopeScaling.truncate={self.truncate!r} must be a bool")
+        for name in ("factor",) + tuple(n for n in own if n != "truncate"):
             _check_positive(f"RopeScaling.{name}", getattr(self, name), name == "original_max_position")
         if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
             raise ValueError(f"RopeScaling.high_freq_factor={self.high_freq_factor!r} must be > "
                              f"low_freq_factor={self.low_freq_factor!r}")
+        if self.kind == "yarn" and not self.beta_fast > self.beta_slow:
+            raise ValueError(f"RopeScaling.beta_fast={self.beta_fast!r} must be > beta_slow={self.beta_slow!r}")
+
+    @property
+    def attention_scale(self) -> float:
+        """What the attention scores are multiplied by (yarn's attention_factor squared, else 1)."""
+        return self.attention_factor ** 2 if self.kind == "yarn" else 1.0
 
     @classmethod
-    def from_hf(cls, params: dict, field: str) -> "RopeScaling | None":
-        """From config.json's rope_scaling or rope_parameters object (`field`); None for "default"."""
+    def from_hf(cls, params: dict, field: str, max_position: int | None = None) -> "RopeScaling | None":
+        """From config.json's rope_scaling or rope_parameters object (`field`); None for "default".
+        max_position (max_position_embeddings) stands in for a missing original_max_position_embeddings,
+        as in transformers."""
         kind = params.get("rope_type", params.get("type", "default"))
         if kind == "default":
             return None
         if kind not in ROPE_SCALINGS:
             raise ValueError(f"config.json {field} rope_type={kind!r} is not supported; supported: "
                              f"{('default',) + ROPE_SCALINGS}")
-        names = {"factor": "factor"} if kind == "linear" else _HF_LLAMA3
-        unknown = sorted(set(params) - set(_HF_LLAMA3) - {"rope_type", "type", "rope_theta"})
+        names = _HF_FIELDS[kind]
+        hf_only = {"mscale", "mscale_all_dim"} if kind == "yarn" else set()
+        unknown = sorted(set(params) - set(names) - hf_only - _HF_ROPE_IGNORED)
         if unknown:
-            raise ValueError(f"config.json {field} has fields jllm does not handle: {unknown}")
-        missing = [hf for hf in names if hf not in params]
+            raise ValueError(f"config.json {field} rope_type={kind!r} has fields jllm does not handle: {unknown}")
+        params = {k: v for k, v in params.items() if v is not None}  # transformers writes unset fields as null
+        if "original_max_position_embeddings" in names and max_position is not None:
+            params.setdefault("original_max_position_embeddings", max_position)
+        optional = {"beta_fast", "beta_slow", "attention_factor", "truncate"}
+        missing = [hf for hf in names if hf not in params and hf not in optional]
         if missing:
             raise ValueError(f"config.json {field} rope_type={kind!r} is missing {missing}")
+        fields = {ours: params[hf] for hf, ours in names.items() if hf in params}
         try:
-            return cls(kind, **{ours: params[hf] for hf, ours in names.items()})
-        except ValueError as e:
+            if kind == "yarn" and "attention_factor" not in fields and params.get("mscale") and params.get("mscale_all_dim"):
+                _check_positive(f"config.json {field} factor", params["factor"])
+                fields["attention_factor"] = (yarn_mscale(params["factor"], params["mscale"])
+                                              / yarn_mscale(params["factor"], params["mscale_all_dim"]))
+            return cls(kind, **fields)
+        except (ValueError, TypeError) as e:
             raise ValueError(f"config.json {field}={params!r}: {e}") from None
 
 
@@ -73,6 +125,11 @@ class Rope:
     """Everything RoPE needs (LlamaConfig.rope): the base theta and any scaling."""
     theta: float
     scaling: RopeScaling | None = None
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor on the attention scores this scaling asks for (1 unless yarn)."""
+        return 1.0 if self.scaling is None else self.scaling.attention_scale
 
 
 _LLAMA_31 = RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192)
@@ -186,7 +243,7 @@ class LlamaConfig:
                 raise ValueError(f"config.json {field}={rope!r}; expected an object")
             if rope is not None:
                 rope_theta = rope.get("rope_theta", rope_theta)
-                scalings[field] = RopeScaling.from_hf(rope, field)
+                scalings[field] = RopeScaling.from_hf(rope, field, hf.get("max_position_embeddings"))
         if len(set(scalings.values())) > 1:
             raise ValueError(f"config.json rope_scaling and rope_parameters disagree: {scalings}")
         for flag in ("attention_bias", "mlp_bias"):

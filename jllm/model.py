@@ -159,6 +159,8 @@ def transformer(params: Params, tokens: jax.Array, cache: Cache, cfg: LlamaConfi
         # Attention block: norm, project, rotate, write the cache, attend, project back.
         q, k, v = normed_linears(x, layer.attention_norm, (layer.wq, layer.wk, layer.wv), ("wq", "wk", "wv"))
         q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, G, K), v.reshape(B, T, G, K)
+        if cfg.rope.attention_scale != 1.0:  # YaRN scales the scores; RoPE is linear, so q carries it
+            q = (q.astype(jnp.float32) * cfg.rope.attention_scale).astype(q.dtype)
         layer_kv, o = cache.write_attend(i, q, k, v, pos, n_tokens, fresh, plan, cfg.rope)  # [B, T, H, K]
         written.append(layer_kv)
         if only is not None and i == len(params.layers) - 1:  # past here, rows are independent

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 
 import pytest
 import transformers
@@ -57,7 +58,18 @@ def test_config_is_frozen_and_hashable():
     (dict(rope_theta=float("inf")), "rope_theta=inf"),
     (dict(norm_eps=True), "norm_eps=True"),
     (dict(tie_embeddings="false"), "tie_embeddings='false'"),
-    (dict(rope_scaling={"kind": "yarn", "factor": 2.0}), "kind='yarn'; supported: \\('linear', 'llama3'\\)"),
+    (dict(rope_scaling={"kind": "dynamic", "factor": 2.0}), "kind='dynamic'; supported: \\('linear', 'llama3', 'yarn'\\)"),
+    (dict(rope_scaling={"kind": "yarn", "factor": 2.0}), "original_max_position=None must be a positive int"),
+    (dict(rope_scaling={"kind": "yarn", "factor": 2.0, "original_max_position": 4096, "beta_fast": 1.0}),
+     "beta_fast=1.0 must be > beta_slow=1.0"),
+    (dict(rope_scaling={"kind": "yarn", "factor": 2.0, "original_max_position": 4096, "truncate": "yes"}),
+     "truncate='yes' must be a bool"),
+    (dict(rope_scaling={"kind": "yarn", "factor": 2.0, "original_max_position": 4096, "attention_factor": -1.0}),
+     "attention_factor=-1.0 must be a finite number > 0"),
+    (dict(rope_scaling={"kind": "yarn", "factor": 2.0, "original_max_position": 4096, "low_freq_factor": 1.0}),
+     "kind='yarn' takes no \\['low_freq_factor'\\]"),
+    (dict(rope_scaling={"kind": "llama3", "factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position": 64, "beta_fast": 32.0}), "kind='llama3' takes no \\['beta_fast'\\]"),
     (dict(rope_scaling={"kind": "linear", "scale": 2.0}), "rope_scaling=.*'scale'"),
     (dict(rope_scaling={"kind": "linear", "factor": 0}), "factor=0 must be a finite number > 0"),
     (dict(rope_scaling={"kind": "linear", "factor": 2.0, "low_freq_factor": 1.0}), "low_freq_factor"),
@@ -153,18 +165,39 @@ def test_from_hf_reads_transformers_own_scaled_config():
                               norm_eps=1e-6, rope_theta=5e5, max_seq_len=131072, rope_scaling=LLAMA3_SCALING)
 
 
+def test_from_hf_reads_yarn_old_and_new():
+    """A YaRN-Llama-2 style rope_scaling (type, finetuned) and transformers' rope_parameters with
+    nulls; a missing original_max_position_embeddings is max_position_embeddings, as in transformers."""
+    old = {k: v for k, v in _hf_dict().items() if k != "rope_parameters"}  # as an older transformers wrote it
+    old = LlamaConfig.from_hf({**old, "rope_theta": 1e4, "max_position_embeddings": 65536, "rope_scaling": {
+        "factor": 16.0, "original_max_position_embeddings": 4096, "type": "yarn", "finetuned": True}})
+    assert old.rope_scaling == RopeScaling("yarn", 16.0, original_max_position=4096)
+    assert old.rope_scaling.attention_factor == pytest.approx(0.1 * math.log(16) + 1)
+    new = LlamaConfig.from_hf(_hf_dict(max_position_embeddings=4096, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "beta_fast": None, "attention_factor": None,
+        "mscale": 2.0, "mscale_all_dim": 1.0}))
+    assert new.rope_scaling == RopeScaling("yarn", 4.0, original_max_position=4096, beta_fast=32.0, beta_slow=1.0,
+                                           attention_factor=(0.2 * math.log(4) + 1) / (0.1 * math.log(4) + 1))
+    back = LlamaConfig(**json.loads(new.to_json()))
+    assert back == new and back.rope.attention_scale == pytest.approx(new.rope_scaling.attention_factor ** 2)
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(model_type="mistral"), "model_type='mistral'"),
     # _hf_dict's rope_parameters say "default"
     (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling and rope_parameters disagree"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
-     r"rope_parameters rope_type='llama3' is missing \['low_freq_factor', 'high_freq_factor', "
-     r"'original_max_position_embeddings'\]"),
-    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}),
-     r"rope_parameters rope_type='yarn' is not supported; supported: \('default', 'linear', 'llama3'\)"),
+     r"rope_parameters rope_type='llama3' is missing \['low_freq_factor', 'high_freq_factor'\]"),
+    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 5e5, "factor": 4.0}),
+     r"rope_parameters rope_type='longrope' is not supported; supported: \('default', 'linear', 'llama3', 'yarn'\)"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 5e5}), r"rope_type='yarn' is missing \['factor'\]"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 1, "beta_slow": 32}),
+     "beta_fast=1 must be > beta_slow=32"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 0.0, "extra": 1}),
+     r"rope_type='yarn' has fields jllm does not handle: \['extra'\]"),
     (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0}), "rope_type='dynamic' is not supported"),
     (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}),
-     r"rope_parameters has fields jllm does not handle: \['partial_rotary_factor'\]"),
+     r"rope_parameters rope_type='linear' has fields jllm does not handle: \['partial_rotary_factor'\]"),
     (dict(rope_parameters={"rope_type": "linear", "factor": -2.0}),
      r"rope_parameters=.*factor=-2.0 must be a finite number > 0"),
     (dict(rope_parameters={**LLAMA3, "low_freq_factor": 4.0}), "high_freq_factor=4.0 must be > low_freq_factor=4.0"),

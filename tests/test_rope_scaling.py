@@ -1,9 +1,10 @@
-"""Llama-3.1/3.2 ("llama3") and linear RoPE scaling: the frequencies against transformers', a tiny
-scaled Hugging Face model end to end (logits, greedy tokens, the Pallas and int8 decode paths), and
-the named Llama-3.x configs.
+"""Llama-3.1/3.2 ("llama3"), YaRN and linear RoPE scaling: the frequencies against transformers', a
+tiny scaled Hugging Face model end to end (logits, greedy tokens, the Pallas and int8 decode paths),
+and the named Llama-3.x configs.
 
-The tiny HF model has head_dim 32, theta 5e5 and original_max_position 32: its frequency pairs fall
-in all three llama3 bands (kept, blended, slowed by factor), and the prompts run past position 32.
+The tiny HF models have head_dim 32, theta 5e5 and original_max_position 32: their frequency pairs
+fall in all three bands of each scaling (kept, blended, slowed by factor), and the prompts run past
+position 32.
 """
 import dataclasses
 import warnings
@@ -24,15 +25,21 @@ from jllm.model import forward, init_params
 
 LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
               original_max_position_embeddings=32)
+# beta_fast 8 and beta_slow 2 put the ramp inside head_dim 32's 16 pairs; attention factor 1.277.
+YARN = dict(rope_type="yarn", factor=16.0, original_max_position_embeddings=32, beta_fast=8, beta_slow=2)
+SCALINGS = {"llama3": (LLAMA3, RopeScaling("llama3", 8.0, 1.0, 4.0, 32)),
+            "yarn": (YARN, RopeScaling("yarn", 16.0, original_max_position=32, beta_fast=8, beta_slow=2))}
 PROMPT_LEN, NEW_TOKENS = 48, 16
 
 
-def _hf_rope(head_dim: int, rope_parameters: dict) -> np.ndarray:
-    """transformers' inv_freq [K / 2] for these rope_parameters."""
-    cfg = transformers.LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, max_position_embeddings=131072,
+def _hf_rope(head_dim: int, rope_parameters: dict, with_attention_factor: bool = False):
+    """transformers' inv_freq [K / 2] for these rope_parameters (and its attention factor)."""
+    max_position = rope_parameters.get("original_max_position_embeddings", 8192) * rope_parameters["factor"]
+    cfg = transformers.LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4,
+                                   max_position_embeddings=int(max_position),
                                    rope_parameters={"rope_theta": 5e5, **rope_parameters})
-    inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_parameters["rope_type"]](cfg, "cpu")
-    return inv_freq.numpy()
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_parameters["rope_type"]](cfg, "cpu")
+    return (inv_freq.numpy(), attention_factor) if with_attention_factor else inv_freq.numpy()
 
 
 def _bands(inv_freq: np.ndarray, s: RopeScaling) -> tuple[int, int, int]:
@@ -59,18 +66,44 @@ def test_linear_frequencies_match_transformers(head_dim):
     np.testing.assert_allclose(got, _hf_rope(head_dim, dict(rope_type="linear", factor=4.0)), rtol=3e-7, atol=0)
 
 
+def _yarn_bands(inv_freq: np.ndarray, s: RopeScaling) -> tuple[int, int, int]:
+    """How many frequency pairs yarn keeps, blends and slows (against the unscaled inv_freq)."""
+    base = np.asarray(rope_frequencies(2 * len(inv_freq), 5e5))
+    ratio = inv_freq / base
+    kept, slowed = np.isclose(ratio, 1, rtol=1e-6), np.isclose(ratio, 1 / s.factor, rtol=1e-6)
+    return int(kept.sum()), int((~kept & ~slowed).sum()), int(slowed.sum())
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("params", [
+    dict(factor=4.0, original_max_position_embeddings=4096),
+    dict(factor=16.0, original_max_position_embeddings=8192, beta_fast=16, beta_slow=2, truncate=False),
+    dict(factor=8.0, original_max_position_embeddings=2048, mscale=0.707, mscale_all_dim=0.707),
+    dict(factor=8.0, original_max_position_embeddings=2048, mscale=1.0, mscale_all_dim=0.5),
+    dict(factor=2.0, original_max_position_embeddings=4096, attention_factor=1.5),
+], ids=["defaults", "betas_untruncated", "mscale_equal", "mscale_ratio", "attention_factor"])
+def test_yarn_frequencies_and_attention_factor_match_transformers(head_dim, params):
+    s = RopeScaling.from_hf({"rope_type": "yarn", **params}, "rope_scaling")
+    got = np.asarray(rope_frequencies(head_dim, Rope(5e5, s)))
+    want, attention_factor = _hf_rope(head_dim, dict(rope_type="yarn", **params), with_attention_factor=True)
+    assert min(_yarn_bands(got, s)) > 0  # all three bands
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)  # float32: XLA's pow, then the blend's 4 roundings
+    assert s.attention_factor == pytest.approx(attention_factor, rel=1e-12)
+    assert Rope(5e5, s).attention_scale == pytest.approx(attention_factor ** 2, rel=1e-12)
+
+
 # --- a tiny scaled HF model end to end -------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def scaled(tmp_path_factory):
-    """A random float32 LlamaForCausalLM with llama3 scaling, saved and loaded by jllm.load."""
+@pytest.fixture(scope="module", params=sorted(SCALINGS))
+def scaled(tmp_path_factory, request):
+    """A random float32 LlamaForCausalLM with llama3 or yarn scaling, saved and loaded by jllm.load."""
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(
         hidden_size=128, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=512, max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.1,
-        rope_parameters={"rope_theta": 5e5, **LLAMA3}, attn_implementation="eager")
+        vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-6, initializer_range=0.1,
+        rope_parameters={"rope_theta": 5e5, **SCALINGS[request.param][0]}, attn_implementation="eager")
     hf = transformers.LlamaForCausalLM(hf_cfg).float().eval()
-    path = tmp_path_factory.mktemp("llama3") / "hf"
+    path = tmp_path_factory.mktemp(request.param) / "hf"
     hf.save_pretrained(path)
     tokens = np.random.default_rng(0).integers(3, 512, (2, PROMPT_LEN)).astype(np.int32)
     with torch.no_grad():
@@ -80,7 +113,8 @@ def scaled(tmp_path_factory):
     with warnings.catch_warnings():  # no tokenizer: the model takes token ids, as here
         warnings.simplefilter("ignore", UserWarning)
         model = jllm.load(path, "float32", progress=False)
-    return dict(model=model, tokens=tokens, logits=logits, greedy=out[0, PROMPT_LEN:].tolist())
+    return dict(model=model, tokens=tokens, logits=logits, greedy=out[0, PROMPT_LEN:].tolist(),
+                scaling=SCALINGS[request.param][1])
 
 
 def _logits(model, tokens, cfg=None):
@@ -97,8 +131,12 @@ def _greedy(model, prompt) -> list[int]:
 
 def test_scaled_checkpoint_loads_its_scaling(scaled):
     cfg = scaled["model"].cfg
-    assert cfg.rope == Rope(5e5, RopeScaling("llama3", 8.0, 1.0, 4.0, 32))
-    assert min(_bands(np.asarray(rope_frequencies(cfg.head_dim, cfg.rope_theta)), cfg.rope_scaling)) > 0
+    assert cfg.rope == Rope(5e5, scaled["scaling"])
+    if cfg.rope_scaling.kind == "llama3":
+        assert min(_bands(np.asarray(rope_frequencies(cfg.head_dim, cfg.rope_theta)), cfg.rope_scaling)) > 0
+    else:
+        assert min(_yarn_bands(np.asarray(rope_frequencies(cfg.head_dim, cfg.rope)), cfg.rope_scaling)) > 0
+        assert cfg.rope.attention_scale == pytest.approx((0.1 * np.log(16) + 1) ** 2)
 
 
 def test_scaled_logits_match_transformers_past_the_original_context(scaled):
@@ -107,6 +145,10 @@ def test_scaled_logits_match_transformers_past_the_original_context(scaled):
     # Unscaled, the same weights miss (so the comparison above sees the scaling).
     unscaled = dataclasses.replace(model.cfg, rope_scaling=None)
     assert np.abs(_logits(model, tokens, unscaled) - scaled["logits"]).max() > 1e-2
+    if model.cfg.rope_scaling.kind == "yarn":  # and so do yarn's frequencies without its attention factor
+        plain = dataclasses.replace(model.cfg.rope_scaling, attention_factor=1.0)
+        assert np.abs(_logits(model, tokens, dataclasses.replace(model.cfg, rope_scaling=plain))
+                      - scaled["logits"]).max() > 1e-2
 
 
 def test_scaled_greedy_matches_transformers_generate(scaled):
@@ -131,12 +173,17 @@ def test_scaled_engine_gives_the_same_tokens(scaled):
     assert tokens == scaled["greedy"]
 
 
-def test_scaled_int8_cache_pallas_decode_matches_xla(tiny_cfg):
+@pytest.mark.parametrize("scaling", [RopeScaling("llama3", 8.0, 1.0, 4.0, 64),
+                                     RopeScaling("yarn", 16.0, original_max_position=64, beta_fast=8, beta_slow=1,
+                                                 truncate=False)],
+                         ids=["llama3", "yarn"])
+def test_scaled_int8_cache_pallas_decode_matches_xla(tiny_cfg, scaling):
     """One query head per KV head: the int8 cache's fused decode (attention.decode_append_int8)
     rotates at the scaled frequencies too (head_dim 16, original 64: all three bands)."""
-    cfg = dataclasses.replace(tiny_cfg, n_kv_heads=tiny_cfg.n_heads, rope_theta=5e5,
-                              rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 64))
-    assert min(_bands(np.asarray(rope_frequencies(cfg.head_dim, cfg.rope_theta)), cfg.rope_scaling)) > 0
+    cfg = dataclasses.replace(tiny_cfg, n_kv_heads=tiny_cfg.n_heads, rope_theta=5e5, rope_scaling=scaling)
+    bands = _bands if scaling.kind == "llama3" else _yarn_bands
+    base = rope_frequencies(cfg.head_dim, cfg.rope_theta if scaling.kind == "llama3" else cfg.rope)
+    assert min(bands(np.asarray(base), cfg.rope_scaling)) > 0
     model = dataclasses.replace(make_model(cfg, None), kv_cache_dtype="int8")
     prompt = np.arange(3, 3 + 70)  # past original_max_position = 64
     assert _greedy(dataclasses.replace(model, attn_impl="pallas"), prompt) == _greedy(model, prompt)
