@@ -245,7 +245,7 @@ def _corrupt(d, truncate: bool):
 
 BREAKAGES = {
     "model_type": (lambda d: _edit_config(d, model_type="mistral"), ValueError, "model_type='mistral'"),
-    "rope_scaling": (lambda d: _edit_config(d, rope_scaling={"rope_type": "yarn", "factor": 2.0}),
+    "rope_scaling": (lambda d: _edit_config(d, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
                      ValueError, "rope_scaling"),
     "attention_bias": (lambda d: _edit_config(d, attention_bias=True), ValueError, "attention_bias"),
     "unknown_field": (lambda d: _edit_config(d, sliding_window=128), ValueError, "sliding_window"),
