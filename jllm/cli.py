@@ -672,6 +672,8 @@ def _add_engine_bench(p: argparse.ArgumentParser) -> None:
                    help="prompts one step may take chunks of (default 4, the Engine's)")
     p.add_argument("--page-size", type=positive_int, default=16)
     p.add_argument("--num-pages", type=positive_int, default=None)
+    p.add_argument("--compile-workers", type=positive_int, default=1, metavar="N",
+                   help="compile the step programs N at a time in threads (default 1)")
     p.add_argument("--device-memory-fraction", type=probability, default=0.9, help=argtypes.DEVICE_MEMORY_HELP)
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the same requests through generate in static batches of 64")
@@ -694,7 +696,8 @@ def cmd_bench_engine(args) -> int:
                   matmul_impl=default_matmul_impl())
     kw = dict(max_seqs=args.max_seqs, max_tokens_per_step=args.max_tokens_per_step, page_size=args.page_size,
               num_pages=args.num_pages, kv_cache_dtype=_kv_cache_dtype(args.kv_cache),
-              max_model_len=args.prompt_len[1] + args.output_len[1], max_prompts_per_step=args.max_prompts_per_step)
+              max_model_len=args.prompt_len[1] + args.output_len[1], max_prompts_per_step=args.max_prompts_per_step,
+              compile_workers=args.compile_workers)
     r = run_engine_bench(model, n_requests=args.requests, prompt_len=tuple(args.prompt_len),
                          output_len=tuple(args.output_len), seed=args.seed, baseline=args.baseline,
                          plot=args.plot, engine_kwargs=kw)

@@ -345,6 +345,31 @@ def test_no_compilation_after_start_up(tiny_model):
     assert (engine_step._cache_size(), len(compiles)) == (before, n_before)
 
 
+def test_compile_workers_compile_each_program_once(tiny_model):
+    """Programs compiled ahead in threads are the ones the engine then runs: as many backend
+    compiles as one at a time, none after start-up, the same tokens."""
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+    shapes = dict(max_tokens_per_step=24, decode_buckets=(2, 6), max_seqs=6)  # compiled by no other test
+    prompts = [_ids(n, np.random.default_rng(n)) for n in (3, 17, 30)]
+    counts, tokens = [], []
+    for workers in (3, 1):
+        jax.clear_caches()
+        n = len(compiles)
+        engine = _engine(tiny_model, compile_workers=workers, **shapes)
+        counts.append(len(compiles) - n)
+        for p in prompts:
+            engine.add_request(p, SamplingParams(max_tokens=9))
+        outs = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                outs.setdefault(out.request_id, []).extend(out.token_ids)
+        assert len(compiles) - n == counts[-1]  # nothing compiled after start-up
+        tokens.append(sorted(outs.values()))
+    assert counts[0] == counts[1] > 8 and tokens[0] == tokens[1]
+
+
 @pytest.mark.parametrize("taken,budget,want", [
     (0, 512, 512),    # the whole budget fills the 512 bucket
     (0, 312, 256),    # 312 would pad 200 rows of 512: stop at 256

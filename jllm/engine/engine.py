@@ -9,6 +9,7 @@ outputs of the step before the one it dispatched.
 Over 400 lines: the public API, start-up compilation, the dispatch/read-back pipeline and
 request bookkeeping share the engine's state; the scheduler and the device step are apart.
 """
+import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
@@ -100,6 +101,9 @@ class Engine:
     samples each position with the key plain decoding would use: the exact rejection rule for
     one-hot drafts). The engine then runs synchronously (drafting needs the last token on the
     host): for low-concurrency serving.
+
+    compile_workers > 1 compiles the step programs that many at a time in threads (XLA compiles
+    with the GIL released) before running each once on the executable jit keeps for it.
     """
 
     def __init__(self, model: Model, max_seqs: int = 64, page_size: int = 16, num_pages: int | None = None,
@@ -109,7 +113,7 @@ class Engine:
                  decode_buckets: Sequence[int] | None = None, chunk_buckets: Sequence[int] | None = None,
                  max_prompts_per_step: int = 4, async_scheduling: bool = True,
                  max_model_len: int | None = None, speculative: Speculative | None = None,
-                 prompt_logprobs: bool = False):
+                 prompt_logprobs: bool = False, compile_workers: int = 1):
         if not isinstance(model, Model):
             raise TypeError(f"model must be a jllm.Model (jllm.load); got {type(model).__name__}")
         self.model, self.cfg, self.plan = model, model.cfg, model.plan
@@ -129,6 +133,7 @@ class Engine:
         if chunk_row is not None and _positive_int("chunk_row", chunk_row) > self.budget:
             raise ValueError(f"chunk_row={chunk_row} must be <= max_tokens_per_step={max_tokens_per_step}")
         _positive_int("max_prompts_per_step", max_prompts_per_step)
+        self.compile_workers = _positive_int("compile_workers", compile_workers)
         decode_buckets, chunk_buckets = _buckets("decode_buckets", decode_buckets), _buckets("chunk_buckets", chunk_buckets)
         if decode_buckets is not None and decode_buckets[-1] < self.max_seqs:
             raise ValueError(f"decode_buckets={decode_buckets} must reach max_seqs={max_seqs}")
@@ -189,19 +194,26 @@ class Engine:
     def _compile(self, progress: bool) -> None:
         """Run every step program once on a batch that changes nothing, so none compiles later:
         each shape, and for pure decode shapes (C = 0) also the greedy variant (`_greedy`) and the
-        sampled one without cuts (`_filtered`)."""
+        sampled one without cuts (`_filtered`). With compile_workers > 1 they are first compiled
+        in threads (jit's `lower(...).compile()` leaves the executable its own calls then use)."""
         from tqdm import tqdm
         programs = ([(D, C, False, False, True) for D, C in self.shapes.all()]
                     + [(D, 0, True, False, True) for D in self.shapes.decode_buckets]
                     + [(D, 0, False, False, False) for D in self.shapes.decode_buckets]
                     + [(D, C, False, True, True) for D, C in self.shapes.all() if C and self.prompt_logprobs])
-        with tqdm(total=len(programs) + 3, desc="compiling engine steps", unit="program", disable=not progress,
-                  leave=False) as bar:
-            for D, C, greedy, plp, filtered in programs:
-                batch, _ = build_batch(Schedule([], [], []), self.shapes, self.scheduler.tables, self.num_pages,
-                                       self.max_seqs, self.page_size, dims=(D, C), spec_k=self.spec_k)
-                self.state, _ = engine_step(self.model.params, self.state, batch, cfg=self.cfg, plan=self.plan,
-                                            greedy=greedy, prompt_logprobs=plp, filtered=filtered)
+        ahead = self.compile_workers > 1
+        with tqdm(total=len(programs) * (1 + ahead) + 3, desc="compiling engine steps", unit="program",
+                  disable=not progress, leave=False) as bar:
+            if ahead:
+                def compile_one(program):
+                    with self._on_mesh():  # the mesh context is per thread
+                        self._step_program(*program, compile_only=True)
+                    bar.update()
+
+                with concurrent.futures.ThreadPoolExecutor(self.compile_workers) as pool:
+                    list(pool.map(compile_one, programs))  # re-raises the first failure
+            for program in programs:
+                self.state = self._step_program(*program)
                 bar.update()
             none = np.zeros(self.max_seqs, np.int32)
             for resume in (False, True):
@@ -213,6 +225,16 @@ class Engine:
             self._write_tables(compile_only=True)
             bar.update()
             jax.block_until_ready(self.state)
+
+    def _step_program(self, D: int, C: int, greedy: bool, plp: bool, filtered: bool, compile_only: bool = False):
+        """One step program over a batch that changes nothing: run (-> the new state) or only
+        compiled."""
+        batch, _ = build_batch(Schedule([], [], []), self.shapes, self.scheduler.tables, self.num_pages,
+                               self.max_seqs, self.page_size, dims=(D, C), spec_k=self.spec_k)
+        kw = dict(cfg=self.cfg, plan=self.plan, greedy=greedy, prompt_logprobs=plp, filtered=filtered)
+        if compile_only:
+            return engine_step.lower(self.model.params, self.state, batch, **kw).compile()
+        return engine_step(self.model.params, self.state, batch, **kw)[0]
 
     # --- requests ------------------------------------------------------------------------------
 

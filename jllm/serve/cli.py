@@ -57,6 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompts one step may take chunks of (default 16, the Engine's 4 being for "
                         "long prompts): a burst of short prompts enters in fewer steps, at N - 1 "
                         "padded chunk rows per step")
+    g.add_argument("--compile-workers", type=_positive_int, default=1, metavar="N",
+                   help="compile the engine's step programs N at a time in threads at start-up (default 1)")
     g.add_argument("--decode-buckets", type=_positive_int, nargs="+", default=None, metavar="N",
                    help="decode row counts compiled at start-up, the largest >= --max-seqs (default "
                         "max-seqs / 4^k); one near the usual concurrency pads fewer rows per step")
@@ -122,7 +124,7 @@ def run(args) -> int:
                         max_tokens_per_step=args.max_tokens_per_step,
                         kv_cache_dtype=None if args.kv_cache == "auto" else args.kv_cache,
                         max_queue=args.max_queue, decode_buckets=args.decode_buckets, speculative=spec,
-                        max_prompts_per_step=args.max_prompts_per_step,
+                        max_prompts_per_step=args.max_prompts_per_step, compile_workers=args.compile_workers,
                         prompt_logprobs=args.prompt_logprobs, max_model_len=args.max_model_len)
         engine.prepare_guided()   # response_format and tools: their tokenizer view, now rather than mid-serving
         app = create_app(EngineRunner(engine), served_name(args), cfg=model.cfg,
