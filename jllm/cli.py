@@ -672,8 +672,9 @@ def _add_engine_bench(p: argparse.ArgumentParser) -> None:
                    help="prompts one step may take chunks of (default 4, the Engine's)")
     p.add_argument("--page-size", type=positive_int, default=16)
     p.add_argument("--num-pages", type=positive_int, default=None)
-    p.add_argument("--compile-workers", type=positive_int, default=1, metavar="N",
-                   help="compile the step programs N at a time in threads (default 1)")
+    p.add_argument("--compile-workers", type=positive_int, default=None, metavar="N",
+                   help="compile the step programs N at a time in threads (default 8 on a GPU, "
+                        "at most the CPU count; 1 elsewhere)")
     p.add_argument("--device-memory-fraction", type=probability, default=0.9, help=argtypes.DEVICE_MEMORY_HELP)
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the same requests through generate in static batches of 64")

@@ -32,12 +32,13 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import _triton
 from pallas_kernels.kv_quant import dequantize_kv
 from pallas_kernels.split_k import (
-    LOG2_E, MASK_VALUE, BlockSizes, check_kv_dtypes, check_shapes, init_carry, merge_splits,
+    LOG2_E, MASK_VALUE, BlockSizes, check_kv_dtypes, check_shapes, init_carry, merge_splits, num_sms,
     online_softmax_step, resolve_splits, split_aliased_outputs, split_outputs, split_range, store_result,
     with_aliased_outputs,
 )
 
-__all__ = ["BlockSizes", "decode_attention", "decode_attention_append", "decode_attention_ref"]
+__all__ = ["BlockSizes", "decode_attention", "decode_attention_append", "decode_attention_ref",
+           "default_block_sizes"]
 
 
 def _decode_kernel(
@@ -152,6 +153,21 @@ def _append_key(q, new_refs, out_refs, old, seq_len, b, j, num_splits, qk_scale,
     return acc, m_new, l * alpha + p
 
 
+# A float cache's tiling where the grid holds at least this many (row, KV head) programs per SM:
+# 2 pipeline stages instead of 4 (half the shared memory, more programs resident). On an H100,
+# 7B batch 64 at context ~136: the kernel 70.7 -> 67.5 us, decode TPOT 9.34 -> 9.17 ms; at 2,000
+# keys 728 -> 723 us; batch 8 (below the threshold) unchanged (docs/PERFORMANCE.md, fifteenth round).
+MANY_PROGRAMS_PER_SM = 2
+
+
+def default_block_sizes(programs: int, quantized: bool) -> BlockSizes:
+    """BlockSizes() for `programs` (row, KV head) programs, with 2 stages for a float cache when
+    they are at least MANY_PROGRAMS_PER_SM per SM (then the length is not split either)."""
+    if not quantized and programs >= MANY_PROGRAMS_PER_SM * num_sms():
+        return BlockSizes(num_stages=2)
+    return BlockSizes()
+
+
 def _decode_call(
     q: jax.Array,  # [B, H, K]
     k: jax.Array,  # [B, S, G, K]
@@ -159,7 +175,7 @@ def _decode_call(
     lengths: jax.Array,  # [B] int32
     k_scale: jax.Array | None,  # [B, G, S] float32, int8 cache only
     v_scale: jax.Array | None,  # [B, G, S] float32, int8 cache only
-    block_sizes: BlockSizes,
+    block_sizes: BlockSizes | None,  # None: default_block_sizes
     interpret: bool,
     new: tuple = (),  # append mode: (kv_len [B] int32, k_new, v_new [B, G, K] in the cache dtype
     # [, inv_freq [K / 2] float32: rotate q and k_new])
@@ -168,6 +184,7 @@ def _decode_call(
     seq_len, num_kv_heads = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
     quantized = k_scale is not None
+    block_sizes = block_sizes or default_block_sizes(batch * num_kv_heads, quantized)
     block_k = min(block_sizes.block_k, max(16, pl.next_power_of_2(seq_len)))
     num_splits = resolve_splits(dataclasses.replace(block_sizes, block_k=block_k), batch * num_kv_heads, seq_len)
     append = bool(new)
@@ -241,7 +258,7 @@ def decode_attention(
         raise ValueError(f"expected k = v [B, S, G, K]; got {q.shape=} {k.shape=} {v.shape=}")
     check_kv_dtypes(k, v, k_scale, v_scale)
     check_shapes(q, k.shape[2], k.shape[3])
-    return _decode_call(q, k, v, lengths.astype(jnp.int32), k_scale, v_scale, block_sizes or BlockSizes(),
+    return _decode_call(q, k, v, lengths.astype(jnp.int32), k_scale, v_scale, block_sizes,
                         interpret)
 
 
@@ -279,7 +296,7 @@ def decode_attention_append(
         if inv_freq.shape != (k.shape[3] // 2,):
             raise ValueError(f"expected inv_freq [K / 2] = ({k.shape[3] // 2},); got {inv_freq.shape}")
         new = (*new, inv_freq.astype(jnp.float32))
-    return _decode_call(q, k, v, lengths.astype(jnp.int32), None, None, block_sizes or BlockSizes(),
+    return _decode_call(q, k, v, lengths.astype(jnp.int32), None, None, block_sizes,
                         interpret, new)
 
 

@@ -66,6 +66,11 @@ class BlockSizes:
             raise ValueError(f"row_max={self.row_max!r} must be True or False")
 
 
+def num_sms() -> int:
+    """Streaming multiprocessors of the first device (132 where the device does not say)."""
+    return getattr(jax.devices()[0], "core_count", 132)
+
+
 def resolve_splits(
     block_sizes: BlockSizes, programs: int, max_len: int, programs_per_sm: int = 1
 ) -> int:
@@ -77,8 +82,7 @@ def resolve_splits(
     """
     if block_sizes.num_splits is not None:
         return min(block_sizes.num_splits, max(1, pl.cdiv(max_len, block_sizes.block_k)))
-    num_sms = getattr(jax.devices()[0], "core_count", 132)  # SMs on CUDA devices
-    wanted = num_sms * programs_per_sm // programs
+    wanted = num_sms() * programs_per_sm // programs
     return max(1, min(wanted, pl.cdiv(max_len, MIN_BLOCKS_PER_SPLIT * block_sizes.block_k)))
 
 

@@ -4,7 +4,8 @@
 
 Greedy engine tokens on a 1 x 2 mesh (KV heads split, and replicated when fewer than tp) and
 generate's on one device, for the same prompts, then sampled rows with penalties, and the step
-programs compiled after start-up, written as JSON for the test to compare.
+programs compiled after start-up (the engine compiles them two at a time in threads), written as
+JSON for the test to compare.
 """
 import dataclasses
 import json
@@ -44,7 +45,7 @@ def run(cfg: LlamaConfig) -> dict:
     prompts = [rng.integers(3, cfg.vocab_size, int(n)).tolist() for n in rng.integers(1, 40, 10)]
     sp = SamplingParams(max_tokens=8, stop_token_ids=())
     engine = Engine(sharded, max_seqs=4, page_size=4, num_pages=40, max_tokens_per_step=16, chunk_row=8,
-                    progress=False)
+                    progress=False, compile_workers=2)  # compiled ahead in threads, each in the mesh
     compiled = engine_step._cache_size()
     got = [o.token_ids for o in engine.generate(prompts, sp)]
     want = [jllm.generate(single, [p], max_new_tokens=8, stop_token_ids=[])[0].tokens for p in prompts]

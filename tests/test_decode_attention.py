@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.decode_attention import (BlockSizes, decode_attention, decode_attention_append,
-                                             decode_attention_ref)
+from pallas_kernels.decode_attention import (MANY_PROGRAMS_PER_SM, BlockSizes, decode_attention,
+                                             decode_attention_append, decode_attention_ref, default_block_sizes)
+from pallas_kernels.split_k import num_sms
 from pallas_kernels.kv_quant import quantize_kv
 from jllm.attention import rope, rope_frequencies
 from kernel_checks import GPU, MODES, assert_close, gpu_marked_needs_gpu, reference  # noqa: F401 (autouse fixture)
@@ -62,6 +63,31 @@ def test_decode_default_blocks_matches_ref(interpret):
     q, k, v, lengths = _inputs(case, "default_blocks")
     assert_close(decode_attention(q, k, v, lengths, interpret=interpret),
                  reference(decode_attention_ref, q, k, v, lengths), jnp.float32)
+
+
+def test_default_block_sizes_take_two_stages_for_many_float_programs():
+    many = MANY_PROGRAMS_PER_SM * num_sms()
+    assert default_block_sizes(many, quantized=False) == BlockSizes(num_stages=2)
+    assert default_block_sizes(many - 1, quantized=False) == BlockSizes()
+    assert default_block_sizes(64 * many, quantized=True) == BlockSizes()  # int8: measured only at 4
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_decode_default_blocks_for_many_programs_match_ref(interpret):
+    """Enough (row, KV head) programs for the two-stage default, ragged rows, with and without the append."""
+    batch = -(-MANY_PROGRAMS_PER_SM * num_sms() // 8)
+    lengths = [1 + (37 * b) % 40 for b in range(batch)]
+    case = (batch, 48, 8, 8, 32, jnp.float32, lengths, None)
+    q, k, v, lengths = _inputs(case, "many_programs")
+    assert default_block_sizes(batch * 8, quantized=False).num_stages == 2
+    assert_close(decode_attention(q, k, v, lengths, interpret=interpret),
+                 reference(decode_attention_ref, q, k, v, lengths), jnp.float32)
+    kn, vn = (jax.random.normal(key, (batch, 8, 32), jnp.float32) for key in jax.random.split(jax.random.key(3)))
+    out, k2, v2 = decode_attention_append(q, k, v, lengths, lengths + 1, kn, vn, interpret=interpret)
+    ref, k_want, v_want = _append_ref(q, k, v, lengths, lengths + 1, kn, vn)
+    np.testing.assert_array_equal(np.asarray(k2), np.asarray(k_want))
+    np.testing.assert_array_equal(np.asarray(v2), np.asarray(v_want))
+    assert_close(out, ref, jnp.float32)
 
 
 @pytest.mark.parametrize("interpret", MODES)

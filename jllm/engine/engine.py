@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
+import os
 import time
 from collections.abc import Sequence
 
@@ -81,6 +82,12 @@ def pages_from_memory(model: Model, page_size: int, dtype, memory_fraction: floa
     return int(free // page_bytes(model, page_size, dtype))
 
 
+def default_compile_workers() -> int:
+    """Start-up compile threads: 8 (at most the CPU count) on a GPU; 1 elsewhere, where the
+    programs compile in seconds and each thread's compiler holds its own memory."""
+    return min(8, os.cpu_count() or 1) if jax.default_backend() == "gpu" else 1
+
+
 class Engine:
     """Continuous batching over the paged KV cache (module docstring; docs/ENGINE.md).
 
@@ -103,7 +110,9 @@ class Engine:
     host): for low-concurrency serving.
 
     compile_workers > 1 compiles the step programs that many at a time in threads (XLA compiles
-    with the GIL released) before running each once on the executable jit keeps for it.
+    with the GIL released) before running each once on the executable jit keeps for it; None: 8
+    (at most the CPU count) on a GPU, 1 elsewhere. 8 halved an H100's start-up (Llama-3.2-1B shape,
+    19 programs: 122 -> 60 s; docs/PERFORMANCE.md, fifteenth round).
     """
 
     def __init__(self, model: Model, max_seqs: int = 64, page_size: int = 16, num_pages: int | None = None,
@@ -113,7 +122,7 @@ class Engine:
                  decode_buckets: Sequence[int] | None = None, chunk_buckets: Sequence[int] | None = None,
                  max_prompts_per_step: int = 4, async_scheduling: bool = True,
                  max_model_len: int | None = None, speculative: Speculative | None = None,
-                 prompt_logprobs: bool = False, compile_workers: int = 1):
+                 prompt_logprobs: bool = False, compile_workers: int | None = None):
         if not isinstance(model, Model):
             raise TypeError(f"model must be a jllm.Model (jllm.load); got {type(model).__name__}")
         self.model, self.cfg, self.plan = model, model.cfg, model.plan
@@ -133,7 +142,8 @@ class Engine:
         if chunk_row is not None and _positive_int("chunk_row", chunk_row) > self.budget:
             raise ValueError(f"chunk_row={chunk_row} must be <= max_tokens_per_step={max_tokens_per_step}")
         _positive_int("max_prompts_per_step", max_prompts_per_step)
-        self.compile_workers = _positive_int("compile_workers", compile_workers)
+        self.compile_workers = (default_compile_workers() if compile_workers is None
+                                else _positive_int("compile_workers", compile_workers))
         decode_buckets, chunk_buckets = _buckets("decode_buckets", decode_buckets), _buckets("chunk_buckets", chunk_buckets)
         if decode_buckets is not None and decode_buckets[-1] < self.max_seqs:
             raise ValueError(f"decode_buckets={decode_buckets} must reach max_seqs={max_seqs}")

@@ -57,8 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompts one step may take chunks of (default 16, the Engine's 4 being for "
                         "long prompts): a burst of short prompts enters in fewer steps, at N - 1 "
                         "padded chunk rows per step")
-    g.add_argument("--compile-workers", type=_positive_int, default=1, metavar="N",
-                   help="compile the engine's step programs N at a time in threads at start-up (default 1)")
+    g.add_argument("--compile-workers", type=_positive_int, default=None, metavar="N",
+                   help="compile the engine's step programs N at a time in threads at start-up (default 8 on a GPU, "
+                        "at most the CPU count; 1 elsewhere)")
     g.add_argument("--decode-buckets", type=_positive_int, nargs="+", default=None, metavar="N",
                    help="decode row counts compiled at start-up, the largest >= --max-seqs (default "
                         "max-seqs / 4^k); one near the usual concurrency pads fewer rows per step")
