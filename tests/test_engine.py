@@ -370,6 +370,23 @@ def test_compile_workers_compile_each_program_once(tiny_model):
     assert counts[0] == counts[1] > 8 and tokens[0] == tokens[1]
 
 
+def test_a_failed_threaded_compile_goes_on_one_at_a_time(tiny_model, monkeypatch):
+    """If compiling in threads fails (e.g. device memory for several autotuners at once), the engine
+    warns and compiles one at a time: it starts, and serves."""
+    real = Engine._step_program
+
+    def failing(self, *program, compile_only=False):
+        if compile_only:
+            raise MemoryError("RESOURCE_EXHAUSTED: out of memory while autotuning")
+        return real(self, *program)
+
+    monkeypatch.setattr(Engine, "_step_program", failing)
+    with pytest.warns(RuntimeWarning, match="2 at a time failed .*MemoryError.*one at a time"):
+        engine = _engine(tiny_model, compile_workers=2)
+    [out] = engine.generate([_ids(5, np.random.default_rng(1))], SamplingParams(max_tokens=4))
+    assert len(out.token_ids) == 4
+
+
 @pytest.mark.parametrize("taken,budget,want", [
     (0, 512, 512),    # the whole budget fills the 512 bucket
     (0, 312, 256),    # 312 would pad 200 rows of 512: stop at 256

@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import os
 import time
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -112,7 +113,9 @@ class Engine:
     compile_workers > 1 compiles the step programs that many at a time in threads (XLA compiles
     with the GIL released) before running each once on the executable jit keeps for it; None: 8
     (at most the CPU count) on a GPU, 1 elsewhere. 8 halved an H100's start-up (Llama-3.2-1B shape,
-    19 programs: 122 -> 60 s; docs/PERFORMANCE.md, fifteenth round).
+    19 programs: 122 -> 60 s; docs/PERFORMANCE.md, fifteenth round). If the threaded compile fails
+    (say, device memory for several autotuners at once), a warning says so and the programs compile
+    one at a time.
     """
 
     def __init__(self, model: Model, max_seqs: int = 64, page_size: int = 16, num_pages: int | None = None,
@@ -220,8 +223,13 @@ class Engine:
                         self._step_program(*program, compile_only=True)
                     bar.update()
 
-                with concurrent.futures.ThreadPoolExecutor(self.compile_workers) as pool:
-                    list(pool.map(compile_one, programs))  # re-raises the first failure
+                try:
+                    with concurrent.futures.ThreadPoolExecutor(self.compile_workers) as pool:
+                        list(pool.map(compile_one, programs))  # re-raises the first failure
+                except Exception as e:  # e.g. device memory for 8 autotuners at once: go on one at a time
+                    warnings.warn(f"compiling the engine's step programs {self.compile_workers} at a time failed "
+                                  f"({type(e).__name__}: {str(e)[:200]}); compiling the rest one at a time "
+                                  "(compile_workers=1 skips the attempt)", RuntimeWarning, stacklevel=3)
             for program in programs:
                 self.state = self._step_program(*program)
                 bar.update()

@@ -47,6 +47,9 @@ def parser() -> argparse.ArgumentParser:
     parts["flash-attention"].add_argument(
         "--shape", type=int, nargs=5, metavar=("B", "T", "H", "G", "K"),
         help="only this shape (with --tune, a wider sweep)")
+    parts["decode-attention"].add_argument(
+        "--shape", type=int, nargs=3, metavar=("B", "S", "L"),
+        help="only B rows of L keys in a cache of S (32 heads; with --tune, stages, blocks and warps)")
     parts["paged-attention"].add_argument(
         "--shape", type=int, nargs=2, metavar=("B", "S"),
         help="only this batch and length (pages of 16; with --tune, a wider sweep)")

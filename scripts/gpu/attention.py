@@ -2,7 +2,7 @@
 the KV bytes read), with an optional tiling sweep (`--tune`); and paged chunked prefill
 (paged_attention_mq) against flash_attention over a static cache of the same keys.
 
-    python -m scripts.gpu decode-attention [--tune] [--loop]
+    python -m scripts.gpu decode-attention [--tune] [--loop] [--shape B S L]
     python -m scripts.gpu paged-attention [--tune] [--loop] [--shape B S] [--cache bf16 int8]
 
 --loop times each kernel in an on-device loop (`timing.loop_time_us`) instead of `time_us`,
@@ -28,18 +28,18 @@ from scripts.gpu.timing import loop_time_us, num_sets, time_us
 SHAPES = [(b, s, 32, 32, 128) for b in (1, 8, 64) for s in (512, 2048, 4096)]  # (B, S, H, G, K)
 
 
-def _inputs(key, batch, seq_len, heads, kv_heads, head_dim, dtype):
-    """q [B, H, K], k, v [B, S, G, K] random normal, lengths [B] = S."""
+def _inputs(key, batch, seq_len, heads, kv_heads, head_dim, dtype, length=None):
+    """q [B, H, K], k, v [B, S, G, K] random normal, lengths [B] = length (default S)."""
     kq, kk, kv = jax.random.split(key, 3)
     q = jax.random.normal(kq, (batch, heads, head_dim), dtype)
     k = jax.random.normal(kk, (batch, seq_len, kv_heads, head_dim), dtype)
     v = jax.random.normal(kv, (batch, seq_len, kv_heads, head_dim), dtype)
-    return q, k, v, jnp.full((batch,), seq_len, jnp.int32)
+    return q, k, v, jnp.full((batch,), seq_len if length is None else length, jnp.int32)
 
 
-def _int8_inputs(key, batch, seq_len, heads, kv_heads, head_dim):
+def _int8_inputs(key, batch, seq_len, heads, kv_heads, head_dim, length=None):
     """bf16 q with an int8 cache quantized from normal keys and values: (q, k, v, lengths, k_scale, v_scale)."""
-    q, k, v, lengths = _inputs(key, batch, seq_len, heads, kv_heads, head_dim, jnp.bfloat16)
+    q, k, v, lengths = _inputs(key, batch, seq_len, heads, kv_heads, head_dim, jnp.bfloat16, length)
     (k, k_scale), (v, v_scale) = jax.jit(quantize_kv)(k), jax.jit(quantize_kv)(v)
     return q, k, v, lengths, k_scale, v_scale
 
@@ -61,12 +61,14 @@ def kv_bytes(batch: int, seq_len: int, kv_heads: int, head_dim: int, cache: str)
 
 
 def decode(args) -> None:
-    """decode_attention, bf16 and int8 cache, full lengths, against the jitted `_ref` (XLA)."""
+    """decode_attention, bf16 and int8 cache, against the jitted `_ref` (XLA): the benchmark shapes
+    at full lengths, or --shape B S L (L keys of a cache of S, 32 heads)."""
     header()
     timer = loop_time_us if args.loop else time_us
     rows = []
     tuned = {(1, 4096), (1, 2048), (1, 512), (8, 512)}
-    shapes = SHAPES + [(1, 4096, 64, 8, 128), (8, 4096, 64, 8, 128), (1, 4096, 32, 8, 128)]
+    shapes = [shape + (None,) for shape in
+              SHAPES + [(1, 4096, 64, 8, 128), (8, 4096, 64, 8, 128), (1, 4096, 32, 8, 128)]]
     candidates = [
         BlockSizes(block_k=bk, num_splits=ns, num_warps=w, num_stages=st)
         for bk, ns, w, st in [
@@ -74,19 +76,25 @@ def decode(args) -> None:
             (128, None, 4, 2), (64, None, 4, 4), (32, None, 4, 4), (64, None, 8, 3),
         ]
     ]
-    for batch, seq_len, heads, kv_heads, head_dim in shapes:
-        name = f"B={batch} S={seq_len} H={heads} G={kv_heads} K={head_dim}"
+    if args.shape:  # many short rows (fifteenth round): the pipeline depth, block and warps
+        batch, seq_len, length = args.shape
+        shapes, tuned = [(batch, seq_len, 32, 32, 128, length)], {(batch, seq_len)}
+        candidates = [BlockSizes(block_k=bk, num_warps=w, num_stages=st) for bk, w, st in [
+            (64, 4, 4), (64, 4, 2), (64, 4, 1), (32, 4, 2), (32, 2, 2), (128, 4, 2), (64, 2, 2)]]
+    for batch, seq_len, heads, kv_heads, head_dim, length in shapes:
+        name = f"B={batch} S={seq_len} H={heads} G={kv_heads} K={head_dim}" + (f" L={length}" if length else "")
         configs = [None] + (candidates if args.tune and (batch, seq_len) in tuned else [])
         for cache in ("bf16", "int8"):
             if cache == "bf16":
-                make = functools.partial(_inputs, dtype=jnp.bfloat16)
+                make = functools.partial(_inputs, dtype=jnp.bfloat16, length=length)
                 kernel, xla = decode_attention, decode_attention_ref
             else:
-                make, kernel, xla = _int8_inputs, _decode_int8, _decode_int8_ref
+                make = functools.partial(_int8_inputs, length=length)
+                kernel, xla = _decode_int8, _decode_int8_ref
             inputs = make(jax.random.key(0), batch, seq_len, heads, kv_heads, head_dim)
             with jax.default_matmul_precision("highest"):
                 ref = xla(*inputs)
-            nbytes = kv_bytes(batch, seq_len, kv_heads, head_dim, cache)
+            nbytes = kv_bytes(batch, length or seq_len, kv_heads, head_dim, cache)
             sets = [make(jax.random.key(10 + i), batch, seq_len, heads, kv_heads, head_dim)
                     for i in range(num_sets(nbytes))]
             best = best_config(f"{name} {cache}", kernel, configs, inputs, ref, sets,
@@ -95,7 +103,7 @@ def decode(args) -> None:
             if best is not None:
                 rows.append((name, cache, nbytes, best[0], best[1], xla_us, best[2]))
             del sets, inputs
-    print(f"\ndecode_attention, full lengths, TB/s over KV bytes read (int8: values + float32 scales; "
+    print(f"\ndecode_attention, TB/s over KV bytes read (int8: values + float32 scales; "
           f"H100 read peak {PEAK_TBS} TB/s); rel err against the _ref of the same cache")
     print(f"{'shape':34s} {'cache':5s} {'KV MB':>7s} {'pallas us':>10s} {'TB/s':>6s} {'%peak':>6s}"
           f" {'rel err':>9s} {'xla us':>9s} {'TB/s':>6s}  best config")
