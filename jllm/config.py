@@ -156,6 +156,8 @@ CONFIGS: dict[str, dict] = {
                  max_seq_len=512),
 }
 
+# config.json model types of the Llama architecture.
+HF_MODEL_TYPES = ("llama", "mistral")
 # HF config.json fields we read, and those that change nothing at inference.
 _HF_IGNORED = {
     "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
@@ -230,11 +232,13 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> "LlamaConfig":
-        """Build from a Hugging Face Llama `config.json` dict; refuses what we cannot run."""
+        """Build from a Hugging Face Llama or Mistral `config.json` dict; refuses what we cannot run."""
         if not isinstance(hf, dict):
             raise ValueError(f"config.json holds a JSON {type(hf).__name__}; expected an object")
-        if hf.get("model_type") != "llama":
-            raise ValueError(f"config.json model_type={hf.get('model_type')!r}; only 'llama' is supported")
+        model_type = hf.get("model_type")
+        if model_type not in HF_MODEL_TYPES:
+            raise ValueError(f"config.json model_type={model_type!r}; supported: {HF_MODEL_TYPES} "
+                             "(Mistral is the Llama architecture)")
         rope_theta, scalings = hf.get("rope_theta", 10000.0), {}
         # Older transformers write rope_scaling; newer ones rope_parameters, with rope_theta inside.
         for field in ("rope_scaling", "rope_parameters"):
@@ -255,6 +259,8 @@ class LlamaConfig:
                  "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling",
                  "rope_parameters", "attention_bias", "mlp_bias", "hidden_act",
                  "tie_word_embeddings", "max_position_embeddings", "head_dim"}
+        if model_type == "mistral":
+            known.add("sliding_window")
         unknown = sorted(set(hf) - known - _HF_IGNORED)
         if unknown:
             raise ValueError(f"config.json has fields jllm does not handle: {unknown}")
@@ -263,6 +269,12 @@ class LlamaConfig:
                 raise ValueError(f"config.json {name}={value!r}; expected a number")
             return float(value)
 
+        # Mistral's sliding window (v0.1: 4096 keys): within a context that fits it, every key is
+        # in every query's window, so full attention is exact; the context is capped there.
+        max_seq_len, window = hf.get("max_position_embeddings", 4096), hf.get("sliding_window")
+        if window is not None:
+            _check_positive("config.json sliding_window", window, integer=True)
+            max_seq_len = min(max_seq_len, window) if isinstance(max_seq_len, int) else max_seq_len
         try:
             n_heads, n_kv_heads = hf["num_attention_heads"], hf.get("num_key_value_heads")
             cfg = cls(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
@@ -271,7 +283,7 @@ class LlamaConfig:
                       norm_eps=number("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)),
                       rope_theta=number("rope_theta", rope_theta),
                       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                      max_seq_len=hf.get("max_position_embeddings", 4096),
+                      max_seq_len=max_seq_len,
                       rope_scaling=next(iter(scalings.values()), None))
         except KeyError as e:
             raise ValueError(f"config.json is missing the field {e.args[0]!r}") from None

@@ -1,4 +1,4 @@
-"""Hugging Face Llama directories: the reader (`load_hf`, which `jllm.load` uses for an HF
+"""Hugging Face Llama (and Mistral) directories: the reader (`load_hf`, which `jllm.load` uses for an HF
 directory) and `convert`, which writes what it reads as a jllm checkpoint.
 
 Reads `config.json` and `model.safetensors`, sharded `*.safetensors` with

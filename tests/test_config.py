@@ -183,7 +183,8 @@ def test_from_hf_reads_yarn_old_and_new():
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(model_type="mistral"), "model_type='mistral'"),
+    (dict(model_type="qwen2"), r"model_type='qwen2'; supported: \('llama', 'mistral'\)"),
+    (dict(model_type="mistral", sliding_window=0), "sliding_window=0 must be a positive int"),
     # _hf_dict's rope_parameters say "default"
     (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling and rope_parameters disagree"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),

@@ -1,8 +1,9 @@
 """Hugging Face parity and converter refusals.
 
-Random `transformers.LlamaForCausalLM` models (float32, eager attention) are saved the ways HF
-checkpoints come (single safetensors, sharded safetensors with an index, pytorch_model.bin),
-converted through scripts/convert_hf.py and loaded with `jllm.load`. HF is ground truth.
+Random `transformers.LlamaForCausalLM` models (and a `MistralForCausalLM`, the same architecture;
+float32, eager attention) are saved the ways HF checkpoints come (single safetensors, sharded
+safetensors with an index, pytorch_model.bin), converted through scripts/convert_hf.py and loaded
+with `jllm.load`. HF is ground truth.
 """
 import json
 import os
@@ -39,15 +40,21 @@ HF_CONFIGS = {
     "gqa": dict(num_attention_heads=4, num_key_value_heads=2),
     "gqa_tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
     "gqa_theta1e6": dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6),
+    # Mistral-7B v0.2/v0.3: GQA, theta 1e6, no sliding window
+    "mistral": dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, sliding_window=None),
 }
 
 
-def hf_model(name: str, seed: int = 0) -> transformers.LlamaForCausalLM:
+def hf_model(name: str, seed: int = 0, **config) -> transformers.LlamaForCausalLM:
     kw = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, vocab_size=512,
               max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.1,
               tie_word_embeddings=False, attn_implementation="eager")
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**kw, **HF_CONFIGS[name]}))
+    kw = {**kw, **HF_CONFIGS[name], **config}
+    if name == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**kw))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
     with torch.no_grad():  # norms away from one, so a skipped or swapped norm shows
         for key, p in model.named_parameters():
             if "norm" in key:
@@ -130,6 +137,22 @@ def test_converted_checkpoint_greedy_matches_hf(case):
     [r] = jllm.generate(model, [prompt.tolist()], max_new_tokens=GREEDY_TOKENS, stop_token_ids=[])
     assert r.tokens == hf_greedy(case["hf"], prompt, GREEDY_TOKENS)
     assert r.finish_reason == "length"
+
+
+def test_mistral_sliding_window_caps_the_context(tmp_path, tokenizer_path):
+    """Mistral-7B v0.1's sliding window: within a context that fits the window every key is in
+    every query's window, so jllm caps the context there and matches HF; past it, it refuses."""
+    hf = hf_model("mistral", sliding_window=24)
+    hf.save_pretrained(tmp_path / "hf")
+    shutil.copyfile(tokenizer_path, tmp_path / "hf" / "tokenizer.model")
+    model = jllm.load(convert_script(tmp_path / "hf", tmp_path / "jllm"), "float32", progress=False)
+    assert (model.cfg.max_seq_len, hf.config.max_position_embeddings) == (24, 256)
+    tokens = prompts(hf.config.vocab_size)
+    assert_close(jllm_logits(model, tokens), hf_logits(hf, tokens), REL_TOL, ABS_TOL)
+    [r] = jllm.generate(model, [tokens[0].tolist()], max_new_tokens=4, stop_token_ids=[])
+    assert r.tokens == hf_greedy(hf, tokens[0], 4)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        jllm.generate(model, [tokens[0].tolist()], max_new_tokens=5, stop_token_ids=[])
 
 
 def test_in_memory_load_of_hf_directory_matches_converted(case):
@@ -244,7 +267,7 @@ def _corrupt(d, truncate: bool):
 
 
 BREAKAGES = {
-    "model_type": (lambda d: _edit_config(d, model_type="mistral"), ValueError, "model_type='mistral'"),
+    "model_type": (lambda d: _edit_config(d, model_type="qwen2"), ValueError, "model_type='qwen2'"),
     "rope_scaling": (lambda d: _edit_config(d, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
                      ValueError, "rope_scaling"),
     "attention_bias": (lambda d: _edit_config(d, attention_bias=True), ValueError, "attention_bias"),
@@ -307,7 +330,7 @@ def test_failed_save_leaves_no_temporary_directory(tiny_hf, tmp_path, monkeypatc
 def test_script_refusal_exits_nonzero_and_writes_nothing(tiny_hf, tmp_path):
     src = tmp_path / "hf"
     shutil.copytree(tiny_hf, src)
-    _edit_config(str(src), model_type="mistral")
+    _edit_config(str(src), model_type="qwen2")
     r = run_script(str(src), str(tmp_path / "ckpt"), "--dtype", "float32")
     assert r.returncode != 0 and "model_type" in r.stderr
     assert sorted(os.listdir(tmp_path)) == ["hf"]
