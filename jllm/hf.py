@@ -1,5 +1,5 @@
-"""Hugging Face Llama (and Mistral) directories: the reader (`load_hf`, which `jllm.load` uses for an HF
-directory) and `convert`, which writes what it reads as a jllm checkpoint.
+"""Hugging Face Llama (and Mistral) directories: the reader (`load_hf`, which `jllm.load` uses for
+an HF directory) and `convert`, which writes what it reads as a jllm checkpoint.
 
 Reads `config.json` and `model.safetensors`, sharded `*.safetensors` with
 `model.safetensors.index.json`, or `pytorch_model*.bin` (needs torch). Every tensor is mapped
