@@ -111,10 +111,11 @@ class RopeScaling:
             raise ValueError(f"config.json {field} rope_type={kind!r} is missing {missing}")
         fields = {ours: params[hf] for hf, ours in names.items() if hf in params}
         try:
-            if kind == "yarn" and "attention_factor" not in fields and params.get("mscale") and params.get("mscale_all_dim"):
+            mscales = params.get("mscale"), params.get("mscale_all_dim")
+            if kind == "yarn" and "attention_factor" not in fields and all(mscales):  # as transformers does
                 _check_positive(f"config.json {field} factor", params["factor"])
-                fields["attention_factor"] = (yarn_mscale(params["factor"], params["mscale"])
-                                              / yarn_mscale(params["factor"], params["mscale_all_dim"]))
+                fields["attention_factor"] = (yarn_mscale(params["factor"], mscales[0])
+                                              / yarn_mscale(params["factor"], mscales[1]))
             return cls(kind, **fields)
         except (ValueError, TypeError) as e:
             raise ValueError(f"config.json {field}={params!r}: {e}") from None
