@@ -33,14 +33,15 @@ def local_corpus() -> list[str]:
     return lines
 
 
-def train_tokenizer(out_path: str, vocab_size: int) -> None:
-    """Train a Llama-style SentencePiece BPE model (byte fallback, <unk>=0 <s>=1 </s>=2)."""
+def train_tokenizer(out_path: str, vocab_size: int, control_symbols: tuple[str, ...] = ()) -> None:
+    """Train a Llama-style SentencePiece BPE model (byte fallback, <unk>=0 <s>=1 </s>=2), with
+    control_symbols after those (as Mistral's v3 tokenizer holds [INST] and [/INST])."""
     prefix = os.path.join(tempfile.mkdtemp(), "sp")
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(local_corpus()), model_prefix=prefix, vocab_size=vocab_size,
         model_type="bpe", byte_fallback=True, character_coverage=0.9995, unk_id=0, bos_id=1,
         eos_id=2, pad_id=-1, split_digits=True, add_dummy_prefix=True, minloglevel=2,
-        num_threads=1)
+        num_threads=1, control_symbols=list(control_symbols))
     shutil.move(prefix + ".model", out_path)
     shutil.rmtree(os.path.dirname(prefix), ignore_errors=True)
 

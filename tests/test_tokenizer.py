@@ -152,3 +152,24 @@ def test_ids_past_the_tokenizer_decode_to_nothing(tokenizer):
     assert tokenizer.decode(ids[:1] + [n, n + 5] + ids[1:]) == tokenizer.decode(ids)
     assert tokenizer.decode_after(n, ids) == tokenizer.decode(ids)
     assert tokenizer.decode_after(ids[0], [n] + ids[1:]) == tokenizer.decode_after(ids[0], ids[1:])
+
+
+def test_a_templates_control_pieces_become_their_ids(tmp_path):
+    """A SentencePiece model with control pieces, as Mistral's v3 tokenizer holds [INST] and
+    [/INST]: the ones a chat template writes become their ids (SentencePiece never makes them from
+    text); the same strings typed in a message stay text."""
+    from convert.tiny import train_tokenizer
+    from jllm.chat import ChatTemplate
+    path = str(tmp_path / "tokenizer.model")
+    train_tokenizer(path, 512, control_symbols=("[INST]", "[/INST]"))
+    tok = Tokenizer(path)
+    inst, end = tok.special_tokens()["[INST]"], tok.special_tokens()["[/INST]"]
+    assert (inst, end) == (3, 4) and tok.is_special(inst) and tok.decode([inst, end]) == ""
+    assert inst not in tok.encode("[INST] hi [/INST]", bos=False)  # text never makes a control piece
+    template = ChatTemplate("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+                            "{{ m['content'] }}[/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}"
+                            "{% endfor %}", tok)
+    ids = template.encode([{"role": "user", "content": "say [INST] twice"}, {"role": "assistant", "content": "ok"},
+                           {"role": "user", "content": "again"}])
+    assert ids.count(inst) == 2 and ids.count(end) == 2 and ids.count(tok.eos_id) == 1 and ids[0] == tok.bos_id
+    assert tok.decode(ids).count("[INST]") == 1  # the typed one, as text
