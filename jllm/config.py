@@ -102,6 +102,9 @@ class RopeScaling:
         unknown = sorted(set(params) - set(names) - hf_only - _HF_ROPE_IGNORED)
         if unknown:
             raise ValueError(f"config.json {field} rope_type={kind!r} has fields jllm does not handle: {unknown}")
+        raw = params
+        if kind == "yarn" and "truncate" in params and params["truncate"] is None:
+            params = {**params, "truncate": False}  # transformers reads a null truncate as false
         params = {k: v for k, v in params.items() if v is not None}  # transformers writes unset fields as null
         if "original_max_position_embeddings" in names and max_position is not None:
             params.setdefault("original_max_position_embeddings", max_position)
@@ -118,7 +121,7 @@ class RopeScaling:
                                               / yarn_mscale(params["factor"], mscales[1]))
             return cls(kind, **fields)
         except (ValueError, TypeError) as e:
-            raise ValueError(f"config.json {field}={params!r}: {e}") from None
+            raise ValueError(f"config.json {field}={raw!r}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)

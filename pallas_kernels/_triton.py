@@ -5,6 +5,7 @@ deprecates it and warns at every Triton lowering; `quiet()` silences exactly tho
 our own calls and nothing else.
 """
 import contextlib
+import threading
 import warnings
 
 import jax.numpy as jnp
@@ -21,9 +22,13 @@ def tf32_ok(x) -> bool:
     return x.dtype != jnp.float32
 
 
+_QUIET = threading.RLock()  # catch_warnings swaps process-wide state: one block at a time
+
+
 @contextlib.contextmanager
 def quiet():
-    """Ignore the Pallas-Triton deprecation warnings raised while tracing or lowering our kernels."""
-    with warnings.catch_warnings():
+    """Ignore the Pallas-Triton deprecation warnings raised while tracing or lowering our kernels
+    (thread-safe: threads that trace at once, as a threaded compile does, take turns here)."""
+    with _QUIET, warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*[Tt]riton.*")
         yield

@@ -178,6 +178,11 @@ def test_from_hf_reads_yarn_old_and_new():
         "mscale": 2.0, "mscale_all_dim": 1.0}))
     assert new.rope_scaling == RopeScaling("yarn", 4.0, original_max_position=4096, beta_fast=32.0, beta_slow=1.0,
                                            attention_factor=(0.2 * math.log(4) + 1) / (0.1 * math.log(4) + 1))
+    # A null truncate is false in transformers (its ramp ends are not rounded), not the default true.
+    untruncated = LlamaConfig.from_hf(_hf_dict(rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 2048,
+        "truncate": None}))
+    assert untruncated.rope_scaling.truncate is False
     back = LlamaConfig(**json.loads(new.to_json()))
     assert back == new and back.rope.attention_scale == pytest.approx(new.rope_scaling.attention_factor ** 2)
 
@@ -192,8 +197,9 @@ def test_from_hf_reads_yarn_old_and_new():
     (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 5e5, "factor": 4.0}),
      r"rope_parameters rope_type='longrope' is not supported; supported: \('default', 'linear', 'llama3', 'yarn'\)"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 5e5}), r"rope_type='yarn' is missing \['factor'\]"),
-    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 1, "beta_slow": 32}),
-     "beta_fast=1 must be > beta_slow=32"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 1, "beta_slow": 32, "mscale": None}),
+     r"rope_parameters=\{'rope_type': 'yarn', 'factor': 4.0, 'beta_fast': 1, 'beta_slow': 32, 'mscale': None\}: "
+     r".*beta_fast=1 must be > beta_slow=32"),  # the fields as written
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 0.0, "extra": 1}),
      r"rope_type='yarn' has fields jllm does not handle: \['extra'\]"),
     (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0}), "rope_type='dynamic' is not supported"),

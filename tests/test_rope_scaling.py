@@ -81,7 +81,8 @@ def _yarn_bands(inv_freq: np.ndarray, s: RopeScaling) -> tuple[int, int, int]:
     dict(factor=8.0, original_max_position_embeddings=2048, mscale=0.707, mscale_all_dim=0.707),
     dict(factor=8.0, original_max_position_embeddings=2048, mscale=1.0, mscale_all_dim=0.5),
     dict(factor=2.0, original_max_position_embeddings=4096, attention_factor=1.5),
-], ids=["defaults", "betas_untruncated", "mscale_equal", "mscale_ratio", "attention_factor"])
+    dict(factor=4.0, original_max_position_embeddings=2048, truncate=None),  # null: not truncated
+], ids=["defaults", "betas_untruncated", "mscale_equal", "mscale_ratio", "attention_factor", "truncate_null"])
 def test_yarn_frequencies_and_attention_factor_match_transformers(head_dim, params):
     s = RopeScaling.from_hf({"rope_type": "yarn", **params}, "rope_scaling")
     got = np.asarray(rope_frequencies(head_dim, Rope(5e5, s)))

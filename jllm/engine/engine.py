@@ -86,7 +86,8 @@ def pages_from_memory(model: Model, page_size: int, dtype, memory_fraction: floa
 def default_compile_workers() -> int:
     """Start-up compile threads: 8 (at most the CPU count) on a GPU; 1 elsewhere, where the
     programs compile in seconds and each thread's compiler holds its own memory."""
-    return min(8, os.cpu_count() or 1) if jax.default_backend() == "gpu" else 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cpus) if jax.default_backend() == "gpu" else 1
 
 
 class Engine:
@@ -115,7 +116,9 @@ class Engine:
     (at most the CPU count) on a GPU, 1 elsewhere. 8 halved an H100's start-up (Llama-3.2-1B shape,
     19 programs: 122 -> 60 s; docs/PERFORMANCE.md, fifteenth round). If the threaded compile fails
     (say, device memory for several autotuners at once), a warning says so and the programs compile
-    one at a time.
+    one at a time. The threads run under the engine's mesh but not under other thread-local jax
+    settings of the caller (`jax.default_device`, `jax.default_matmul_precision`): under those,
+    pass compile_workers=1, or each program compiles twice.
     """
 
     def __init__(self, model: Model, max_seqs: int = 64, page_size: int = 16, num_pages: int | None = None,

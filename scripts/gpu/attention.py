@@ -78,6 +78,8 @@ def decode(args) -> None:
     ]
     if args.shape:  # many short rows (fifteenth round): the pipeline depth, block and warps
         batch, seq_len, length = args.shape
+        if not (batch >= 1 and 1 <= length <= seq_len):
+            raise SystemExit(f"--shape {batch} {seq_len} {length}: need B >= 1 and 1 <= L <= S")
         shapes, tuned = [(batch, seq_len, 32, 32, 128, length)], {(batch, seq_len)}
         candidates = [BlockSizes(block_k=bk, num_warps=w, num_stages=st) for bk, w, st in [
             (64, 4, 4), (64, 4, 2), (64, 4, 1), (32, 4, 2), (32, 2, 2), (128, 4, 2), (64, 2, 2)]]
