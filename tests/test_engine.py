@@ -370,6 +370,17 @@ def test_compile_workers_compile_each_program_once(tiny_model):
     assert counts[0] == counts[1] > 8 and tokens[0] == tokens[1]
 
 
+def test_default_compile_workers(monkeypatch):
+    """8 threads on a GPU, fewer where the process may use fewer CPUs; 1 elsewhere."""
+    from jllm.engine import engine as engine_module
+    assert engine_module.default_compile_workers() == 1  # the CPU
+    monkeypatch.setattr(engine_module.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(engine_module.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert engine_module.default_compile_workers() == 8
+    monkeypatch.setattr(engine_module.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert engine_module.default_compile_workers() == 3
+
+
 def test_a_failed_threaded_compile_goes_on_one_at_a_time(tiny_model, monkeypatch):
     """If compiling in threads fails (e.g. device memory for several autotuners at once), the engine
     warns and compiles one at a time: it starts, and serves."""
