@@ -350,10 +350,11 @@ def test_bench_engine_runs_the_offline_benchmark_and_writes_json(tmp_path, capsy
     assert cli.main(["bench", "engine", "--config", "tiny", "--dtype", "float32", "--requests", "6",
                      "--prompt-len", "4", "12", "--output-len", "3", "6", "--max-seqs", "4",
                      "--max-tokens-per-step", "32", "--num-pages", "32", "--max-prompts-per-step", "3",
-                     "--json", str(out)]) == 0
+                     "--compile-workers", "2", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["n_requests"] == 6 and r["output_tokens"] == sum(r["output_lens"])
     assert made[0]["max_prompts_per_step"] == 3 and made[0]["max_tokens_per_step"] == 32
+    assert made[0]["compile_workers"] == 2
     assert r["baseline_output_tokens_per_s"] > 0 and r["speedup"] > 0
     assert "engine / generate" in capsys.readouterr().out
 

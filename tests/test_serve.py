@@ -1221,9 +1221,11 @@ def test_cli_checks_flags_a_busy_port_and_the_template_before_loading(tiny_check
     assert serve_cli.served_name(args) == os.path.basename(tiny_checkpoint)
     assert (args.host, args.port, args.shutdown_timeout) == ("127.0.0.1", 8000, 30.0)
     assert (args.max_seqs, args.max_tokens_per_step, args.max_prompts_per_step) == (64, 512, 16)
+    assert args.compile_workers is None  # the Engine's default: 8 threads on a GPU, 1 elsewhere
     for bad in (["--port", "70000"], ["--max-seqs", "0"], ["--memory-fraction", "1.5"],
                 ["--device-memory-fraction", "0"], ["--shutdown-timeout", "-1"], ["--quantize", "int3"], ["--decode-buckets", "0"],
-                ["--speculate", "0"], ["--prompt-lookup", "-1"], ["--max-prompts-per-step", "0"]):
+                ["--speculate", "0"], ["--prompt-lookup", "-1"], ["--max-prompts-per-step", "0"],
+                ["--compile-workers", "0"]):
         with pytest.raises(SystemExit):
             p.parse_args(["--model", tiny_checkpoint, *bad])
     busy = bind("127.0.0.1", 0)
@@ -1269,10 +1271,11 @@ def test_engine_flags_reach_the_engine(tiny_checkpoint, monkeypatch, capsys):
 
     monkeypatch.setattr(jllm.engine, "Engine", engine)
     assert serve_cli.main(["--model", tiny_checkpoint, "--port", "0", "--max-prompts-per-step", "16",
-                           "--max-tokens-per-step", "256", "--max-seqs", "8", "--decode-buckets", "2", "8"]) == 2
+                           "--max-tokens-per-step", "256", "--max-seqs", "8", "--decode-buckets", "2", "8",
+                           "--compile-workers", "3"]) == 2
     assert "stop before serving" in capsys.readouterr().err
-    assert (seen["max_prompts_per_step"], seen["max_tokens_per_step"], seen["max_seqs"], seen["decode_buckets"]) \
-        == (16, 256, 8, [2, 8])
+    assert (seen["max_prompts_per_step"], seen["max_tokens_per_step"], seen["max_seqs"], seen["decode_buckets"],
+            seen["compile_workers"]) == (16, 256, 8, [2, 8], 3)
 
 
 def test_load_generator_reports_sane_metrics(srv, tmp_path):
