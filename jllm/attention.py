@@ -64,7 +64,7 @@ def rope_frequencies(head_dim: int, rotary: Rope | float) -> jax.Array:
     if s.kind == "linear":  # positions / factor
         return inv_freq / s.factor
     if s.kind == "yarn":
-        return _yarn(head_dim, rotary.theta, s)
+        return _yarn(inv_freq, head_dim, rotary.theta, s)
     # llama3 (Meta's Llama 3.1 reference): pairs whose wavelength fits original_max_position
     # high_freq_factor times keep their frequency, those it fits fewer than low_freq_factor times
     # (long waves: the context the model never saw a full turn of) turn factor times slower, and
@@ -76,7 +76,7 @@ def rope_frequencies(head_dim: int, rotary: Rope | float) -> jax.Array:
                      jnp.where(wavelen > s.original_max_position / s.low_freq_factor, inv_freq / s.factor, blended))
 
 
-def _yarn(head_dim: int, theta: float, s) -> jax.Array:
+def _yarn(inv_freq: jax.Array, head_dim: int, theta: float, s) -> jax.Array:
     """YaRN: pair i keeps inv_freq[i] below the ramp, takes inv_freq[i] / factor above it, and
     blends linearly in i across it. The ramp runs over the pair indices whose wavelength fits
     original_max_position beta_fast down to beta_slow times (in transformers' float32 order)."""
@@ -91,8 +91,7 @@ def _yarn(head_dim: int, theta: float, s) -> jax.Array:
         high += 0.001  # no zero-width ramp
     ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
     keep = 1 - ramp
-    pos_freqs = theta ** (jnp.arange(0, head_dim // 2, dtype=jnp.float32) / (head_dim // 2))
-    return 1.0 / (s.factor * pos_freqs) * (1 - keep) + 1.0 / pos_freqs * keep
+    return inv_freq / s.factor * (1 - keep) + inv_freq * keep
 
 
 def rope(x: jax.Array, pos: jax.Array, rotary: Rope | float) -> jax.Array:

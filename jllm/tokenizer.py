@@ -209,8 +209,8 @@ class SentencePieceTokenizer(Tokenizer):
         """BOS, EOS, UNK and every other control piece (Mistral's [INST], [/INST], ...), which
         SentencePiece never makes from text: a chat template's written ones become these ids."""
         sp = self.sp
-        control = {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_control(i)}
-        return {**control, **{sp.id_to_piece(i): i for i in (sp.bos_id(), sp.eos_id(), sp.unk_id()) if i >= 0}}
+        ids = [i for i in range(sp.get_piece_size()) if sp.is_control(i)] + [sp.unk_id()]
+        return {sp.id_to_piece(i): i for i in ids if i >= 0}
 
     def template_tokens(self) -> dict[str, str | None]:
         sp = self.sp
